@@ -1,0 +1,3 @@
+"""perdure.actors."""
+
+__all__: list[str] = []

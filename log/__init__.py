@@ -1,0 +1,3 @@
+"""perdure.log."""
+
+__all__: list[str] = []

@@ -1,0 +1,220 @@
+"""The event log's contract: records, stream metadata and the ``EventLog`` protocol.
+
+Every store (memory, LMDB, and later PostgreSQL) implements :class:`EventLog` and passes
+the one conformance suite in ``tests/log/``. Nothing here is LMDB-specific: expected-seq
+appends, atomic per-stream metadata, a stream index and cross-process wake-ups all map
+onto a SQL table with a primary key and NOTIFY.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+__all__ = [
+    "ANY",
+    "SIGNAL_STREAM_PREFIX",
+    "Durability",
+    "EventLog",
+    "Fault",
+    "NewRecord",
+    "Record",
+    "RecordTypes",
+    "StreamInfo",
+    "is_signal_stream",
+]
+
+#: Streams whose names start with this prefix may be appended to by client processes
+#: (the CLI) while another process owns the data dir. Everything else is owner-only.
+SIGNAL_STREAM_PREFIX = "signals/"
+
+#: Pass as ``expect`` to append at the end of a stream whatever its last seq is. Meant
+#: for signal streams, where many independent writers add to one inbox.
+ANY: None = None
+
+Durability = Literal["fsync", "process"]
+
+
+def is_signal_stream(stream: str) -> bool:
+    """True if client processes may append to ``stream``."""
+    return stream.startswith(SIGNAL_STREAM_PREFIX)
+
+
+@dataclass(frozen=True, slots=True)
+class NewRecord:
+    """A record to append: the log assigns its seq and timestamp."""
+
+    type: str
+    payload: Any
+    version: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A stored record: the envelope every store reads back.
+
+    ``seq`` starts at 1 and is contiguous within a stream. ``timestamp`` is the wall
+    clock (seconds since the epoch) at which the batch holding the record was accepted.
+    ``payload`` is whatever CBOR value was appended (usually a dict).
+    """
+
+    stream: str
+    seq: int
+    type: str
+    version: int
+    timestamp: float
+    payload: Any
+
+
+@dataclass(frozen=True, slots=True)
+class StreamInfo:
+    """One entry of the stream index.
+
+    ``meta`` is small, opaque to the log, and replaced key by key (a shallow merge) by
+    the ``meta`` argument of the append that changes it.
+    """
+
+    stream: str
+    last_seq: int
+    created_at: float
+    updated_at: float
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """One problem found by an integrity scan."""
+
+    stream: str | None
+    seq: int | None
+    kind: str  # "checksum", "decode", "unknown_type", "unknown_version", "gap", "index", ...
+    detail: str
+
+    def __str__(self) -> str:
+        where = "store" if self.stream is None else f"stream {self.stream!r}"
+        if self.seq is not None:
+            where += f" seq {self.seq}"
+        return f"{where}: {self.kind}: {self.detail}"
+
+
+class RecordTypes:
+    """The record types a program understands, each with its newest schema version.
+
+    A store decodes a record only if its type is registered and its version is at most
+    the registered one; otherwise it raises ``UnknownRecordTypeError`` or
+    ``UnknownRecordVersionError`` naming the stream and seq. Older versions are passed
+    through with their version so the reader can upcast them.
+    """
+
+    __slots__ = ("_known",)
+
+    def __init__(self, known: Mapping[str, int] | None = None) -> None:
+        self._known: dict[str, int] = dict(known or {})
+
+    def register(self, type: str, version: int = 1) -> None:
+        """Declare that records of ``type`` up to schema ``version`` can be read."""
+        if version < 1:
+            raise ValueError(f"record type {type!r}: version must be >= 1, got {version}")
+        self._known[type] = max(version, self._known.get(type, 0))
+
+    def newest(self, type: str) -> int | None:
+        """The newest understood version of ``type``, or None if it is unknown."""
+        return self._known.get(type)
+
+    def __contains__(self, type: object) -> bool:
+        return type in self._known
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._known)
+
+    def copy(self) -> RecordTypes:
+        """An independent copy (stores keep their own)."""
+        return RecordTypes(self._known)
+
+
+@runtime_checkable
+class EventLog(Protocol):
+    """An append-only log of streams, each a contiguous sequence of records.
+
+    All methods are async and safe to call from many tasks of one event loop at once.
+    """
+
+    @property
+    def is_owner(self) -> bool:
+        """True if this handle owns the data (may append anywhere); False for clients."""
+        ...
+
+    async def append(
+        self,
+        stream: str,
+        records: Sequence[NewRecord],
+        expect: int | None,
+        meta: Mapping[str, Any] | None = None,
+    ) -> int:
+        """Append ``records`` atomically and return the stream's new last seq.
+
+        ``expect`` is the last seq the writer saw (0 for a stream that does not exist
+        yet), or :data:`ANY`. On mismatch nothing is written and ``ConflictError`` is
+        raised. ``meta`` is shallow-merged into the stream's index entry in the same
+        transaction. Returns once the batch is as durable as the log's durability mode
+        promises.
+        """
+        ...
+
+    def read(self, stream: str, after: int = 0) -> AsyncIterator[Record]:
+        """Yield the stream's records with seq > ``after``, in order.
+
+        Reads in chunks and yields to the event loop between chunks, so replaying a long
+        stream never stalls other tasks. A corrupt or unknown record raises the named
+        error; nothing is skipped.
+        """
+        ...
+
+    async def last_seq(self, stream: str) -> int:
+        """The stream's last seq, 0 if it does not exist."""
+        ...
+
+    async def stream_info(self, stream: str) -> StreamInfo | None:
+        """The stream's index entry, or None if it does not exist."""
+        ...
+
+    def streams(
+        self, prefix: str = "", where: Mapping[str, Any] | None = None
+    ) -> AsyncIterator[StreamInfo]:
+        """Yield index entries whose name starts with ``prefix``, in name order.
+
+        ``where`` keeps only entries whose meta has each given key equal to the given
+        value; keys the store was told to index are answered from a secondary index
+        rather than by scanning every entry.
+        """
+        ...
+
+    async def set_meta(self, stream: str, meta: Mapping[str, Any]) -> None:
+        """Shallow-merge ``meta`` into an existing stream's index entry (owner only)."""
+        ...
+
+    async def wait_for_append(self, stream: str, after: int, timeout: float | None = None) -> int:
+        """Wait until ``stream``'s last seq exceeds ``after``; return the new last seq.
+
+        Wakes at once for appends made through this handle, and promptly (by default
+        within about 50 ms) for appends made by another process. Returns the current last
+        seq without waiting if it already exceeds ``after``; returns it unchanged when
+        ``timeout`` elapses first.
+        """
+        ...
+
+    async def check(self) -> list[Fault]:
+        """Scan the whole store: checksums, decoding, seq gaps, index vs streams.
+
+        Returns every fault found (empty when healthy); never raises for a fault.
+        """
+        ...
+
+    async def stats(self) -> Mapping[str, Any]:
+        """Store-level figures, e.g. streams, records, bytes used and map size."""
+        ...
+
+    async def aclose(self) -> None:
+        """Flush pending appends, stop background threads, release the data dir."""
+        ...

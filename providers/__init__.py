@@ -1,0 +1,3 @@
+"""perdure.providers."""
+
+__all__: list[str] = []
