@@ -1,0 +1,512 @@
+"""The live path of one execution: call the model, gate and run tools, record everything.
+
+The loop is ``plan(state)`` → act → record, until the plan says to stop. Every effect is
+preceded by the record that allows it and followed by the record of its outcome:
+
+- an LLM step appends the model's answer together with the start (``tool.started``,
+  carrying the idempotency key) of every call it admits, in ONE batch;
+- each tool call then appends its outcome (``tool.completed``) as soon as it finishes;
+  concurrent siblings coalesce into shared appends.
+
+So a durable tool step costs two ordered appends, and nothing here grows with the
+length of the conversation: requests are built over the live message list without
+copying it, and a request's fingerprint is computed once per agent definition.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import secrets
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
+
+import anyio
+
+from perdure.agent import Agent
+from perdure.context import SuspendExecution, ToolContext, _current
+from perdure.drift import describe_changes, diff_definitions
+from perdure.errors import ToolError
+from perdure.events import (
+    ApprovalRequested,
+    DriftAccepted,
+    DriftDetected,
+    ExecutionCompleted,
+    ExecutionFailed,
+    ExecutionSuspended,
+    LLMCompleted,
+    SignalAwaited,
+    ToolCompleted,
+    ToolStarted,
+)
+from perdure.journal import Journal
+from perdure.providers.errors import ProviderError
+from perdure.providers.types import (
+    LLMRequest,
+    LLMResponse,
+    Message,
+    ResponseCompleted,
+    StreamEvent,
+)
+from perdure.state import Call, CallLLM, Fail, Idle, Run, Suspend, plan
+from perdure.tools import Tool
+
+__all__ = ["Conversation", "Engine", "EngineServices", "plain_value"]
+
+log = logging.getLogger("perdure.engine")
+
+
+class EngineServices(Protocol):
+    """What the engine needs from the runtime around it."""
+
+    def cost(self, model: str, response: LLMResponse) -> float | None:
+        """Dollars for one response, or None if the model's price is unknown."""
+        ...
+
+    def step_done(self, state: Any, step: Mapping[str, Any]) -> None:
+        """A step's outcome is durable (fires ``on_step`` callbacks)."""
+        ...
+
+    async def delegate(self, ctx: ToolContext, agent: Agent, task: str) -> Any:
+        """Run ``agent`` on ``task`` as a child execution (see DelegateTool)."""
+        ...
+
+
+class Conversation(Sequence[Message]):
+    """The messages of a request: the system message, then the live conversation.
+
+    A view, not a copy: building a request is O(1) however long the conversation is.
+    """
+
+    __slots__ = ("_messages", "_system")
+
+    def __init__(self, system: Message | None, messages: list[Message]) -> None:
+        self._system = system
+        self._messages = messages
+
+    def __len__(self) -> int:
+        return len(self._messages) + (self._system is not None)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return list(self)[index]
+        n = len(self)
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError(index)
+        if self._system is not None:
+            return self._system if index == 0 else self._messages[index - 1]
+        return self._messages[index]
+
+    def __iter__(self) -> Iterator[Message]:
+        if self._system is not None:
+            yield self._system
+        yield from self._messages
+
+
+def plain_value(value: Any, where: str = "result") -> Any:
+    """``value`` as plain data the log can record (dataclasses and tuples converted).
+
+    Raises TypeError naming the offending part when something cannot be recorded.
+    """
+    if value is None or isinstance(value, str | int | float | bool | bytes):
+        return value
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TypeError(f"{where}: dict key {k!r} is not a str")
+            out[k] = plain_value(v, f"{where}.{k}")
+        return out
+    if isinstance(value, list | tuple):
+        return [plain_value(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return plain_value(dataclasses.asdict(value), where)
+    raise TypeError(
+        f"{where}: a {type(value).__name__} cannot be recorded in the log; return str, "
+        f"numbers, bools, None, lists, dicts or dataclasses of those"
+    )
+
+
+def _error(exc: BaseException) -> dict[str, Any]:
+    return {"type": type(exc).__name__, "message": str(exc)}
+
+
+StreamSink = Callable[[StreamEvent | dict[str, Any]], None]
+
+
+class Engine:
+    """Drives one execution from its journal until it finishes, suspends or is stopped."""
+
+    def __init__(
+        self,
+        agent: Agent,
+        journal: Journal,
+        services: EngineServices,
+        *,
+        sink: StreamSink | None = None,
+    ) -> None:
+        self.agent = agent
+        self.journal = journal
+        self.services = services
+        self.sink = sink
+        self._system = Message("system", agent.instructions) if agent.instructions else None
+
+    @property
+    def state(self) -> Any:
+        """The execution state (owned by the journal)."""
+        return self.journal.state
+
+    async def run(self, stopping: Callable[[], bool] = lambda: False) -> None:
+        """Drive until ``plan`` says stop, or ``stopping()`` turns true between steps."""
+        if not await self._check_drift():
+            return
+        state = self.journal.state
+        while not stopping():
+            action = plan(state)
+            if isinstance(action, CallLLM):
+                await self._llm_step()
+            elif isinstance(action, Run):
+                await self._run_calls(action)
+            elif isinstance(action, Suspend):
+                if state.status != "suspended" or state.suspend_reason != action.reason:
+                    self.journal.stage(ExecutionSuspended(action.reason))
+                    await self.journal.flush()
+                return
+            elif isinstance(action, Fail):
+                self.journal.stage(
+                    ExecutionFailed(
+                        action.kind,
+                        {"type": "MaxStepsExceeded", "message": action.message},
+                        state.step,
+                    )
+                )
+                await self.journal.flush()
+                return
+            elif isinstance(action, Idle):
+                return
+
+    # -- drift --------------------------------------------------------------------------
+
+    async def _check_drift(self) -> bool:
+        """Compare the recorded definition with the agent's; apply the policy."""
+        state = self.journal.state
+        current = self.agent.definition()
+        if state.definition == current:
+            return True
+        changes = diff_definitions(state.definition, current)
+        if not changes:
+            return True
+        if state.usage.llm_calls == 0 and not state.calls:
+            # Nothing was recorded under the old definition yet: nothing to drift from.
+            self.journal.stage(DriftAccepted(current, by="runtime"))
+            await self.journal.flush()
+            return True
+        policy = self.agent.drift
+        step = state.step
+        summary = describe_changes(changes)
+        if policy in ("accept", "warn"):
+            if policy == "warn":
+                log.warning(
+                    "execution %s step %d: agent %r changed since its log was written (%s); "
+                    "continuing under drift policy 'warn'",
+                    state.execution_id,
+                    step,
+                    self.agent.name,
+                    summary,
+                )
+            action = "accepted" if policy == "accept" else "warned"
+            self.journal.stage(DriftDetected(step, changes, action))
+            self.journal.stage(DriftAccepted(current, by=f"policy:{policy}"))
+            await self.journal.flush()
+            return True
+        self.journal.stage(
+            DriftDetected(step, changes, "failed" if policy == "fail" else "suspended")
+        )
+        message = (
+            f"execution {state.execution_id!r} step {step}: agent {self.agent.name!r} changed "
+            f"since its log was written: {summary}"
+        )
+        if policy == "fail":
+            self.journal.stage(
+                ExecutionFailed("drift", {"type": "DriftError", "message": message}, step)
+            )
+        else:
+            self.journal.stage(
+                ExecutionSuspended(
+                    {"kind": "drift", "step": step, "changes": changes, "message": message}
+                )
+            )
+        await self.journal.flush()
+        log.warning("%s; policy %r", message, policy)
+        return False
+
+    # -- the model ------------------------------------------------------------------------
+
+    async def _llm_step(self) -> None:
+        state = self.journal.state
+        agent = self.agent
+        request = LLMRequest(
+            model=agent.model,
+            messages=Conversation(self._system, state.messages),
+            tools=agent.tool_specs,
+            params=agent.params,
+        )
+        llm = agent.llm
+        if llm is None:
+            raise RuntimeError(f"agent {agent.name!r} has no llm")
+        started = time.perf_counter()
+        try:
+            response = await self._ask(llm, request)
+        except ProviderError as exc:
+            await self._fail_llm(exc, getattr(exc, "provider", None) or llm.name)
+            return
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception as exc:
+            # A custom provider raising something else is still the provider's failure,
+            # not an engine crash: surface it on the execution at once.
+            await self._fail_llm(exc, getattr(llm, "name", "llm"))
+            return
+        latency_ms = (time.perf_counter() - started) * 1000.0
+        step = state.step + 1
+        cost = self.services.cost(response.model or request.model, response)
+        self.journal.stage(
+            LLMCompleted(step, response.to_dict(), agent.request_fingerprint, cost, latency_ms)
+        )
+        if not response.message.tool_calls:
+            self.journal.stage(ExecutionCompleted(response.message.content))
+            await self.journal.flush()
+            self._step_done({"step": step, "kind": "llm", "final": True})
+            return
+        action = plan(state)
+        to_run = self._admit(action.admit) if isinstance(action, Run) else []
+        await self.journal.flush()
+        self._step_done({"step": step, "kind": "llm", "tool_calls": len(state.calls)})
+        await self._run_started(to_run)
+
+    async def _ask(self, llm: Any, request: LLMRequest) -> LLMResponse:
+        sink = self.sink
+        if sink is None:
+            return await llm.complete(request)
+        response: LLMResponse | None = None
+        async for event in llm.stream(request):
+            if isinstance(event, ResponseCompleted):
+                response = event.response
+            else:
+                sink(event)
+        if response is None:
+            raise RuntimeError(f"provider {llm.name!r} ended a stream without a response")
+        return response
+
+    async def _fail_llm(self, exc: BaseException, provider: str) -> None:
+        state = self.journal.state
+        error = _error(exc)
+        error["provider"] = provider
+        for attr in ("model", "status"):
+            value = getattr(exc, attr, None)
+            if value is not None:
+                error[attr] = value
+        log.warning(
+            "execution %s step %d: LLM call failed: %s", state.execution_id, state.step + 1, exc
+        )
+        self.journal.stage(ExecutionFailed("llm", error, state.step + 1))
+        await self.journal.flush()
+
+    # -- tools --------------------------------------------------------------------------
+
+    def _admit(self, calls: Sequence[Call]) -> list[Call]:
+        """Run the gates on calls that never started; stage their records.
+
+        Gates, in order: the tool exists; the arguments fit its schema; every contract
+        passes (else ``contract`` approval); the tool needs no confirmation (else
+        ``approval``). Calls that pass get ``tool.started`` and are returned to be run.
+        """
+        agent = self.agent
+        to_run: list[Call] = []
+        for call in calls:
+            tool = agent.tools.get(call.tool)
+            if tool is None:
+                known = ", ".join(agent.tools) or "none"
+                self.journal.stage(
+                    ToolCompleted(
+                        call.step,
+                        "error",
+                        error={
+                            "type": "UnknownTool",
+                            "message": f"there is no tool named {call.tool!r}; tools: {known}",
+                        },
+                    )
+                )
+                continue
+            if call.status == "planned":
+                try:
+                    arguments = tool.check_arguments(call.arguments)
+                except ToolError as exc:
+                    self.journal.stage(ToolCompleted(call.step, "error", error=_error(exc)))
+                    continue
+                blocked = self._contract_block(tool, arguments)
+                if blocked is not None:
+                    name, message = blocked
+                    self.journal.stage(
+                        ApprovalRequested(
+                            call.step,
+                            _confirmation_id(),
+                            tool.name,
+                            arguments,
+                            "contract",
+                            contract=name,
+                            message=message,
+                        )
+                    )
+                    continue
+                if tool.requires_confirmation:
+                    self.journal.stage(
+                        ApprovalRequested(
+                            call.step,
+                            _confirmation_id(),
+                            tool.name,
+                            arguments,
+                            "approval",
+                            message=f"tool {tool.name!r} requires confirmation",
+                        )
+                    )
+                    continue
+            self._stage_start(call, tool, attempt=1)
+            to_run.append(call)
+        return to_run
+
+    def _contract_block(self, tool: Tool, arguments: Mapping[str, Any]) -> tuple[str, str] | None:
+        for name, check in self.agent.contracts.items():
+            try:
+                verdict = check(tool.name, arguments)
+            except Exception as exc:
+                return name, str(exc) or type(exc).__name__
+            if verdict is False:
+                return name, f"contract {name!r} refused the call"
+        return None
+
+    def _stage_start(self, call: Call, tool: Tool, attempt: int) -> None:
+        state = self.journal.state
+        key = call.key or f"{state.execution_id}:{call.step}:{state.run_id}"
+        self.journal.stage(
+            ToolStarted(
+                step=call.step,
+                turn=call.turn,
+                index=call.index,
+                call_id=call.call_id,
+                tool=call.tool,
+                arguments=call.arguments,
+                key=key,
+                fingerprint=tool.fingerprint_digest,
+                idempotent=tool.idempotent,
+                attempt=attempt,
+            )
+        )
+
+    async def _run_calls(self, action: Run) -> None:
+        to_run = self._admit(action.admit)
+        for call in action.rerun:
+            tool = self.agent.tools.get(call.tool)
+            if tool is None:
+                self.journal.stage(
+                    ToolCompleted(
+                        call.step,
+                        "error",
+                        error={
+                            "type": "UnknownTool",
+                            "message": f"tool {call.tool!r} no longer exists in agent "
+                            f"{self.agent.name!r}",
+                        },
+                    )
+                )
+                continue
+            self._stage_start(call, tool, attempt=call.attempts + 1)
+            to_run.append(call)
+        await self.journal.flush()
+        await self._run_started(to_run)
+
+    async def _run_started(self, calls: list[Call]) -> None:
+        if not calls:
+            return
+        if len(calls) == 1:
+            await self._run_one(calls[0])
+            return
+        # Each call is its own durable step keyed by its position; one failing never
+        # cancels its siblings (every error is caught and recorded in _run_one).
+        async with anyio.create_task_group() as tg:
+            for call in calls:
+                tg.start_soon(self._run_one, call)
+
+    async def _run_one(self, call: Call) -> None:
+        state = self.journal.state
+        tool = self.agent.tools[call.tool]
+        ctx = ToolContext(
+            execution_id=state.execution_id,
+            step=call.step,
+            tool=call.tool,
+            idempotency_key=call.key or "",
+            attempt=call.attempts,
+            signals=state.signals,
+            services=self.services,
+        )
+        token = _current.set(ctx)
+        started = time.perf_counter()
+        status, output, error = "ok", None, None
+        try:
+            output = plain_value(await self._invoke(tool, call.arguments))
+        except SuspendExecution as suspend:
+            self.journal.stage(
+                SignalAwaited(
+                    call.step, suspend.kind, suspend.detail.get("name", ""), suspend.detail
+                )
+            )
+            await self.journal.flush()
+            return
+        except anyio.get_cancelled_exc_class():
+            raise
+        except TimeoutError:
+            status, error = (
+                "error",
+                {
+                    "type": "TimeoutError",
+                    "message": f"tool {tool.name!r} did not finish within {tool.timeout}s",
+                },
+            )
+        except Exception as exc:
+            status, error = "error", _error(exc)
+        finally:
+            _current.reset(token)
+        latency_ms = (time.perf_counter() - started) * 1000.0
+        self.journal.stage(ToolCompleted(call.step, status, output, error, latency_ms))
+        await self.journal.flush()
+        self._step_done({"step": call.step, "kind": "tool", "tool": call.tool, "status": status})
+
+    async def _invoke(self, tool: Tool, arguments: Any) -> Any:
+        attempts = tool.retries + 1
+        delay = tool.retry_delay
+        for attempt in range(1, attempts + 1):
+            try:
+                if tool.timeout is None:
+                    return await tool.invoke(arguments)
+                with anyio.fail_after(tool.timeout):
+                    return await tool.invoke(arguments)
+            except (ToolError, anyio.get_cancelled_exc_class(), SuspendExecution):
+                raise
+            except Exception:
+                if attempt == attempts:
+                    raise
+            await anyio.sleep(delay)
+            delay *= 2
+        raise AssertionError("unreachable")
+
+    def _step_done(self, step: Mapping[str, Any]) -> None:
+        self.services.step_done(self.journal.state, step)
+        if self.sink is not None:
+            self.sink({"event": "step", **step})
+
+
+def _confirmation_id() -> str:
+    return "c-" + secrets.token_hex(4)

@@ -1,0 +1,201 @@
+"""Each execution is an actor under the runtime's supervisor.
+
+An execution actor exists only while there is something to do: driving the engine, or
+recording a signal. A suspended execution has no actor, no task and no state in memory
+(its state is its log); the runtime starts an actor again when a signal arrives.
+
+The actor's own task handles its mailbox (signals, one at a time, each acknowledged once
+durable); the engine runs in a task of its own so a signal, a cancellation above all,
+is handled while a tool is running. If anything in here raises, the actor crashes and
+its supervisor restarts it: the new incarnation replays the log and carries on, which
+is exactly what happens after the process dies.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from perdure.actors import Actor, StopReason
+from perdure.agent import Agent
+from perdure.engine import Engine
+from perdure.events import ExecutionCancelled, SignalIgnored
+from perdure.journal import Journal
+from perdure.signals import canonical_name, translate
+
+if TYPE_CHECKING:
+    from perdure.runtime import Runtime
+
+__all__ = ["Deliver", "ExecutionActor"]
+
+log = logging.getLogger("perdure.runtime")
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    """Command: record the inbox signal ``seq`` on this execution, then act on it."""
+
+    seq: int
+    name: str
+    payload: Any
+    by: str
+
+
+class ExecutionActor(Actor):
+    """Replays one execution, drives it while it can run, and records its signals."""
+
+    def __init__(
+        self, runtime: Runtime, execution_id: str, agent: Agent | None, drive: bool
+    ) -> None:
+        self.runtime = runtime
+        self.execution_id = execution_id
+        self.agent = agent
+        self.want_drive = drive
+        self.journal: Journal | None = None
+        self.driving = False
+        self._drive_scope: anyio.CancelScope | None = None
+        self._drive_done: anyio.Event | None = None
+        self.stop_requested = False
+        self.stopped = anyio.Event()
+
+    async def on_start(self) -> None:
+        self.journal = await Journal.open(self.runtime.log, self.execution_id)
+        self.runtime._actor_started(self.execution_id, self)
+        state = self.journal.state
+        if state.status == "running" and self.want_drive:
+            self._start_drive()
+        elif state.status != "running" and self.want_drive:
+            # Started to drive but there is nothing to do (it settled meanwhile).
+            self.runtime._settled(self.execution_id, state)
+            self._stop()
+
+    async def on_stop(self, reason: StopReason) -> None:
+        self.stopped.set()
+        self.runtime._actor_stopped(self.execution_id, self, reason)
+
+    def _stop(self) -> None:
+        # Hibernate: the actor (and its task) goes away; the log is the state.
+        self.stop_requested = True
+        self.ctx.stop()
+
+    def drive_now(self) -> None:
+        """Start driving if idle and runnable (the runtime just gave this execution a slot)."""
+        journal = self.journal
+        if (
+            not self.driving
+            and not self.stop_requested
+            and self.agent is not None
+            and journal is not None
+            and journal.state.status == "running"
+        ):
+            self._start_drive()
+
+    async def receive(self, message: object) -> object:
+        if isinstance(message, Deliver):
+            await self._deliver(message)
+            return self.journal.state.status if self.journal else None
+        raise TypeError(f"execution actor {self.execution_id!r} got {message!r}")
+
+    async def _deliver(self, message: Deliver) -> None:
+        journal = self.journal
+        assert journal is not None
+        state = journal.state
+        if message.seq and message.seq <= state.last_signal_seq:
+            return  # delivered before (the inbox cursor lags the executions by design)
+        if canonical_name(message.name) == "cancel" and state.status not in (
+            "completed",
+            "cancelled",
+        ):
+            await self._cancel(message)
+            return
+        definition = self.agent.definition() if self.agent is not None else None
+        before = state.status
+        for event in translate(
+            state, message.name, message.payload, message.by, message.seq, definition
+        ):
+            journal.stage(event)
+            if isinstance(event, SignalIgnored):
+                log.warning(
+                    "execution %s: signal %r from %s ignored: %s",
+                    self.execution_id,
+                    message.name,
+                    message.by,
+                    event.reason,
+                )
+        await journal.flush()
+        if self.driving:
+            return
+        if state.status == "running":
+            if self.agent is None:
+                log.warning(
+                    "execution %s can run again but its agent %r is not registered; it "
+                    "resumes once the agent is registered",
+                    self.execution_id,
+                    state.agent,
+                )
+                self.runtime._settled(self.execution_id, state)
+                self._stop()
+            elif self.runtime._try_acquire(self.execution_id):
+                self._start_drive()
+            else:
+                await self.runtime._enqueue(self.execution_id)
+                self._stop()
+        else:
+            if before != state.status or state.status != "suspended":
+                self.runtime._settled(self.execution_id, state)
+            self._stop()
+
+    async def _cancel(self, message: Deliver) -> None:
+        journal = self.journal
+        assert journal is not None
+        if self.driving and self._drive_scope is not None and self._drive_done is not None:
+            self._drive_scope.cancel()
+            await self._drive_done.wait()
+        journal.stage(
+            ExecutionCancelled(
+                str((message.payload or {}).get("reason") or ""), message.by, message.seq
+            )
+        )
+        await journal.flush()
+        self.runtime._settled(self.execution_id, journal.state)
+        self._stop()
+
+    def _start_drive(self) -> None:
+        self.driving = True
+        self._drive_done = anyio.Event()
+        self.ctx.start_soon(self._drive, name=f"perdure-exec-{self.execution_id}")
+
+    async def _drive(self) -> None:
+        journal = self.journal
+        assert journal is not None and self.agent is not None
+        state = journal.state
+        engine = Engine(
+            self.agent,
+            journal,
+            self.runtime._services,
+            sink=self.runtime._sink_for(self.execution_id),
+        )
+        ctx = self.ctx
+        try:
+            with anyio.CancelScope() as scope:
+                self._drive_scope = scope
+                while not ctx.stopping:
+                    await engine.run(lambda: ctx.stopping)
+                    # A signal handled while the engine was suspending can make the
+                    # execution runnable again: go round instead of hibernating.
+                    if state.status != "running":
+                        break
+        finally:
+            self.driving = False
+            self._drive_scope = None
+            if self._drive_done is not None:
+                self._drive_done.set()
+        if scope.cancelled_caught:
+            return  # cancelled by a Cancel signal; _cancel records and settles
+        if ctx.stopping:
+            return  # runtime shutdown: stays "running" in the index, resumes at next start
+        self.runtime._settled(self.execution_id, state)
+        self._stop()

@@ -1,0 +1,149 @@
+"""One execution's view of the log: its state, and the only door to its stream.
+
+``stage(event)`` folds an event into the in-memory state at once (synchronously, so no
+other task can interleave); ``flush()`` appends everything staged, in staging order, as
+one atomic batch at the expected seq, with the index entry (status, usage, ...) computed
+from the new state in the same transaction. Effects happen only after ``flush``
+returns, so the log is always ahead of the world (write-ahead).
+
+If an append fails the in-memory state is ahead of the log; the journal is then broken
+and every later call raises, so the actor crashes and its restart rebuilds the state
+from the log. Concurrent flushes (sibling tool calls finishing together) coalesce: one
+append carries everyone's events, and the log's group commit does the rest.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+
+from perdure.events import Event, decode, encode, execution_stream
+from perdure.log.protocol import EventLog, NewRecord
+from perdure.state import ExecutionState, apply
+
+__all__ = ["Journal", "index_meta", "load_state"]
+
+
+def index_meta(state: ExecutionState) -> dict[str, Any]:
+    """The small summary of an execution kept in the stream index.
+
+    Status is computed here and only here (from ``state``), so the CLI's list and its
+    detail views never disagree.
+    """
+    reason = state.suspend_reason
+    usage = state.usage
+    return {
+        "kind": "execution",
+        "agent": state.agent,
+        "status": state.status,
+        "reason": reason["kind"] if reason else None,
+        "confirmations": [
+            p["confirmation_id"] for p in reason.get("pending", ()) if p.get("confirmation_id")
+        ]
+        if reason
+        else [],
+        "steps": state.step,
+        "llm_calls": usage.llm_calls,
+        "tool_calls": usage.tool_calls,
+        "tokens": usage.total_tokens,
+        "dollars": round(usage.dollars, 6),
+        "parent": state.parent["execution_id"] if state.parent else None,
+        "signal_seq": state.last_signal_seq,
+    }
+
+
+async def load_state(log: EventLog, execution_id: str) -> ExecutionState:
+    """Replay an execution's stream into a fresh state (calls nothing, writes nothing)."""
+    state = ExecutionState()
+    seq = 0
+    async for record in log.read(execution_stream(execution_id)):
+        apply(state, decode(record))
+        seq = record.seq
+    state.seq = seq
+    return state
+
+
+class Journal:
+    """Stages and appends one execution's events; owns its expected seq."""
+
+    __slots__ = (
+        "_broken",
+        "_flushed",
+        "_flushing",
+        "_log",
+        "_meta_extra",
+        "_staged",
+        "state",
+        "stream",
+    )
+
+    def __init__(self, log: EventLog, state: ExecutionState, execution_id: str) -> None:
+        self._log = log
+        self.state = state
+        self.stream = execution_stream(execution_id)
+        self._staged: list[NewRecord] = []
+        self._flushing = False
+        self._flushed: anyio.Event | None = None
+        self._broken: BaseException | None = None
+        self._meta_extra: dict[str, Any] | None = None
+
+    @classmethod
+    async def open(cls, log: EventLog, execution_id: str) -> Journal:
+        """Replay the stream and return a journal positioned at its end."""
+        state = await load_state(log, execution_id)
+        return cls(log, state, execution_id)
+
+    @property
+    def pending(self) -> bool:
+        """True if events are staged but not yet appended."""
+        return bool(self._staged)
+
+    def stage(self, event: Event) -> None:
+        """Apply ``event`` to the state now; it is appended by the next ``flush``."""
+        if self._broken is not None:
+            raise RuntimeError(f"journal of {self.stream!r} is broken") from self._broken
+        self._staged.append(encode(event))
+        apply(self.state, event)
+
+    def override_meta(self, **meta: Any) -> None:
+        """Extra index fields for the next append only (e.g. status ``queued``)."""
+        self._meta_extra = {**(self._meta_extra or {}), **meta}
+
+    async def flush(self) -> None:
+        """Append everything staged so far; returns once it is durable."""
+        while True:
+            if self._broken is not None:
+                raise RuntimeError(f"journal of {self.stream!r} is broken") from self._broken
+            if not self._staged:
+                return
+            if not self._flushing:
+                break
+            # Someone else's append is in flight: ours goes in the next one (which this
+            # task or the current flusher will make).
+            if self._flushed is None:
+                self._flushed = anyio.Event()
+            await self._flushed.wait()
+        self._flushing = True
+        try:
+            while self._staged and self._broken is None:
+                batch, self._staged = self._staged, []
+                meta = index_meta(self.state)
+                if self._meta_extra:
+                    meta.update(self._meta_extra)
+                    self._meta_extra = None
+                try:
+                    # Shielded: a cancelled caller must not leave us unsure whether the
+                    # batch was written (the writer thread may commit it regardless).
+                    with anyio.CancelScope(shield=True):
+                        self.state.seq = await self._log.append(
+                            self.stream, batch, expect=self.state.seq, meta=meta
+                        )
+                except BaseException as exc:
+                    self._broken = exc
+                    raise
+        finally:
+            self._flushing = False
+            waiters, self._flushed = self._flushed, None
+            if waiters is not None:
+                waiters.set()

@@ -1,0 +1,988 @@
+"""The Runtime: owns a data dir, runs executions as supervised actors, routes signals.
+
+``async with Runtime("./data") as rt`` (services, under asyncio or trio) or
+``with Runtime("./data") as rt`` (scripts: the event loop runs in a background thread
+and every method is a plain blocking call; see :class:`~perdure.sync.SyncRuntime`).
+
+The supervisor tree::
+
+    root (one_for_one)
+    ├── inbox            the signal pump (permanent)
+    └── executions       (one_for_one, dynamic children, no tree-wide intensity)
+        ├── order-123    one actor per execution that has something to do
+        └── ...
+
+Each execution child is ``transient`` with a per-child restart limit: an unexpected
+crash replays the log and carries on; repeated crashes give up on that execution alone
+(recorded as failed with the cause) without touching any other.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import os
+import re
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import anyio
+import anyio.abc
+
+from perdure.actors import ChildSpec, LifecycleEvent, Supervisor
+from perdure.agent import Agent
+from perdure.budget import Budget
+from perdure.context import SuspendExecution, ToolContext
+from perdure.errors import (
+    AgentDefinitionError,
+    ExecutionNotFoundError,
+    InvalidExecutionIdError,
+    InvalidSignalError,
+    PromptMismatchError,
+    RuntimeClosedError,
+    ToolError,
+    UnknownAgentError,
+)
+from perdure.events import (
+    INBOX_STREAM,
+    ExecutionFailed,
+    ExecutionStarted,
+    SignalSent,
+    decode,
+    encode,
+    execution_stream,
+    record_types,
+)
+from perdure.execution_actor import Deliver, ExecutionActor
+from perdure.fingerprint import digest
+from perdure.inbox import InboxPump
+from perdure.journal import Journal, load_state
+from perdure.log import ConflictError, EventLog, LmdbLog
+from perdure.log.protocol import ANY, Durability
+from perdure.providers.pricing import Pricing
+from perdure.providers.types import LLMResponse
+from perdure.result import ExecutionInfo, Result
+from perdure.signals import precheck
+from perdure.state import TERMINAL, ExecutionState
+
+__all__ = ["ExecutionHandle", "Runtime"]
+
+log = logging.getLogger("perdure.runtime")
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+=/~-]*$")
+_MAX_ID = 255
+_SETTLED = ("completed", "failed", "cancelled", "suspended")
+
+Callback = Callable[..., Any]
+
+
+def _check_id(execution_id: str) -> str:
+    if not isinstance(execution_id, str) or not execution_id:
+        raise InvalidExecutionIdError("an execution id must be a non-empty string")
+    if len(execution_id) > _MAX_ID or not _ID.match(execution_id):
+        shown = execution_id if len(execution_id) <= 80 else execution_id[:77] + "..."
+        raise InvalidExecutionIdError(
+            f"execution id {shown!r} is not accepted: use 1-{_MAX_ID} characters from "
+            f"letters, digits and . _ : @ + = / ~ -, starting with a letter or digit",
+            execution_id,
+        )
+    return execution_id
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionHandle:
+    """A spawned execution: its id, and a way to wait for it."""
+
+    execution_id: str
+    runtime: Runtime
+
+    async def result(self) -> Result:
+        """Wait until the execution completes, suspends or fails; return its Result."""
+        return await self.runtime.wait(self.execution_id)
+
+
+class _Services:
+    """What the engine asks of the runtime (kept apart so the engine sees only this)."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._rt = runtime
+        self._unpriced: set[str] = set()
+
+    def cost(self, model: str, response: LLMResponse) -> float | None:
+        cost = self._rt.pricing.cost(model, response.usage)
+        if cost is None and model not in self._unpriced:
+            self._unpriced.add(model)
+            log.warning(
+                "no price known for model %r: its dollars are not counted in usage or "
+                "budgets; pass Runtime(pricing=Pricing.default().with_prices({...}))",
+                model,
+            )
+        return cost
+
+    def step_done(self, state: ExecutionState, step: Mapping[str, Any]) -> None:
+        self._rt._fire("step", state, dict(step))
+
+    async def delegate(self, ctx: ToolContext, agent: Agent, task: str) -> Any:
+        return await self._rt._delegate(ctx, agent, task)
+
+
+class Runtime:
+    """A durable runtime over one data dir. See the module docstring.
+
+    - ``path``: the data dir (an LMDB environment is created in it). Ignored if ``log``
+      is given (e.g. ``MemoryLog`` for unit tests).
+    - ``durability``: ``"fsync"`` (default: a step is on disk before the next begins) or
+      ``"process"`` (survives a process crash, not a power loss; much faster).
+    - ``agents``: agents to register at once (their interrupted executions resume).
+    - ``max_concurrency``: at most this many executions run at once; the rest wait in a
+      durable queue and start in order as slots free.
+    - ``pricing``: dollars per model (default ``Pricing.default()``).
+    - ``max_restarts`` / ``restart_within``: how many unexpected crashes of one
+      execution's engine are retried (replaying its log) before it is failed.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = "./perdure-data",
+        *,
+        durability: Durability = "fsync",
+        log: EventLog | None = None,
+        agents: Iterable[Agent] = (),
+        max_concurrency: int | None = None,
+        pricing: Pricing | None = None,
+        shutdown_timeout: float = 10.0,
+        max_restarts: int = 3,
+        restart_within: float = 60.0,
+        backend: Literal["asyncio", "trio"] = "asyncio",
+    ) -> None:
+        if max_concurrency is not None and max_concurrency < 1:
+            raise ValueError("max_concurrency must be >= 1 or None")
+        self.path = None if path is None else os.fspath(path)
+        self.durability: Durability = durability
+        self._given_log = log
+        self.log: EventLog = log  # type: ignore[assignment]  # set in __aenter__
+        self.pricing = pricing or Pricing.default()
+        self.max_concurrency = max_concurrency
+        self.shutdown_timeout = shutdown_timeout
+        self.max_restarts = max_restarts
+        self.restart_within = restart_within
+        self.backend = backend
+        self._agents: dict[str, Agent] = {}
+        for agent in agents:
+            self.register(agent)
+        self._services = _Services(self)
+        self._callbacks: dict[str, list[Callback]] = {
+            k: [] for k in ("complete", "suspend", "fail", "cancel", "step")
+        }
+        self._open = False
+        self._root: Supervisor | None = None
+        self._executions: Supervisor | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._live: dict[str, ExecutionActor] = {}
+        self._starting: dict[str, anyio.Event] = {}
+        self._slots: set[str] = set()
+        self._queue: deque[str] = deque()
+        self._queued: set[str] = set()
+        self._waiters: dict[str, anyio.Event] = {}
+        self._sinks: dict[str, Callable[[Any], None]] = {}
+        self._inbox_cursor = 0
+        self._inbox_waiters: list[tuple[int, anyio.Event]] = []
+        self._sync: Any = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Runtime:
+        if self._open:
+            raise RuntimeError("this Runtime is already open")
+        if self._given_log is not None:
+            self.log = self._given_log
+        else:
+            if self.path is None:
+                raise ValueError("Runtime needs a data dir path or a log")
+            self.log = await LmdbLog.open(
+                self.path, types=record_types(), durability=self.durability
+            )
+        try:
+            self._root = Supervisor(
+                strategy="one_for_one", intensity=5, period=10.0, name="perdure"
+            )
+            await self._root.__aenter__()
+            self._executions = Supervisor(strategy="one_for_one", intensity=None, name="executions")
+            await self._root.start_child(
+                ChildSpec(
+                    "executions",
+                    lambda: self._executions,
+                    restart="permanent",
+                    shutdown=self.shutdown_timeout + 1.0,
+                )
+            )
+            self._executions.observe(self._on_lifecycle)
+            self._tg = anyio.create_task_group()
+            await self._tg.__aenter__()
+            self._open = True
+            await self._recover()
+            await self._root.start_child(
+                ChildSpec("inbox", lambda: InboxPump(self), restart="permanent", shutdown=1.0)
+            )
+        except BaseException:
+            await self._close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self._close()
+
+    async def _close(self) -> None:
+        self._open = False
+        for event in self._waiters.values():
+            event.set()
+        for _, event in self._inbox_waiters:
+            event.set()
+        try:
+            if self._tg is not None:
+                self._tg.cancel_scope.cancel()
+                await self._tg.__aexit__(None, None, None)
+                self._tg = None
+            if self._root is not None:
+                root, self._root = self._root, None
+                await root.__aexit__(None, None, None)
+        finally:
+            if self._given_log is None and self.log is not None:
+                await self.log.aclose()
+
+    def __enter__(self) -> Any:
+        from perdure.sync import SyncRuntime
+
+        self._sync = SyncRuntime(self)
+        return self._sync.__enter__()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        sync, self._sync = self._sync, None
+        sync.__exit__(*exc_info)
+
+    def _require_open(self) -> None:
+        if not self._open:
+            raise RuntimeClosedError(
+                "the Runtime is not open: use it inside 'async with Runtime(...)' or "
+                "'with Runtime(...)'"
+            )
+
+    # -- agents ---------------------------------------------------------------------------
+
+    def register(self, agent: Agent) -> None:
+        """Make ``agent`` (and its sub-agents) runnable; its interrupted executions resume.
+
+        Registering a different agent object under a name already registered replaces it
+        (that is how a deploy brings new code); drift detection then compares the new
+        definition against each execution's log.
+        """
+        todo = [agent]
+        while todo:
+            a = todo.pop()
+            if self._agents.get(a.name) is a:
+                continue
+            self._agents[a.name] = a
+            todo.extend(a.agents)
+            if self._open and self._tg is not None:
+                self._tg.start_soon(self._recover_agent, a.name)
+
+    def agent(self, name: str) -> Agent:
+        """The registered agent called ``name``."""
+        try:
+            return self._agents[name]
+        except KeyError:
+            raise UnknownAgentError(
+                f"no agent named {name!r} is registered; call rt.register(agent) first"
+            ) from None
+
+    # -- callbacks ------------------------------------------------------------------------
+
+    def on_complete(self, fn: Callback) -> Callback:
+        """Call ``fn(result)`` (sync or async) each time an execution completes."""
+        self._callbacks["complete"].append(fn)
+        return fn
+
+    def on_suspend(self, fn: Callback) -> Callback:
+        """Call ``fn(result, reason)`` each time an execution suspends."""
+        self._callbacks["suspend"].append(fn)
+        return fn
+
+    def on_fail(self, fn: Callback) -> Callback:
+        """Call ``fn(result, error)`` each time an execution fails."""
+        self._callbacks["fail"].append(fn)
+        return fn
+
+    def on_cancel(self, fn: Callback) -> Callback:
+        """Call ``fn(result)`` each time an execution is cancelled."""
+        self._callbacks["cancel"].append(fn)
+        return fn
+
+    def on_step(self, fn: Callback) -> Callback:
+        """Call ``fn(execution_id, step)`` after each durable step (LLM or tool)."""
+        self._callbacks["step"].append(fn)
+        return fn
+
+    def _fire(self, kind: str, state: ExecutionState, extra: Any = None) -> None:
+        callbacks = self._callbacks[kind]
+        if not callbacks:
+            return
+        if kind == "step":
+            args: tuple[Any, ...] = (state.execution_id, extra)
+        else:
+            result = Result.from_state(state)
+            if kind == "suspend":
+                args = (result, result.suspend_reason)
+            elif kind == "fail":
+                args = (result, result.error)
+            else:
+                args = (result,)
+        for fn in callbacks:
+            if inspect.iscoroutinefunction(fn):
+                if self._tg is not None:
+                    self._tg.start_soon(self._run_callback, fn, args, state.execution_id, kind)
+                continue
+            try:
+                outcome = fn(*args)
+                if inspect.isawaitable(outcome) and self._tg is not None:
+                    self._tg.start_soon(self._await_callback, outcome, state.execution_id, kind)
+            except Exception:
+                log.exception(
+                    "execution %s: on_%s callback %r raised", state.execution_id, kind, fn
+                )
+
+    async def _run_callback(self, fn: Callback, args: tuple[Any, ...], eid: str, kind: str) -> None:
+        try:
+            await fn(*args)
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception:
+            log.exception("execution %s: on_%s callback %r raised", eid, kind, fn)
+
+    async def _await_callback(self, awaitable: Awaitable[Any], eid: str, kind: str) -> None:
+        try:
+            await awaitable
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception:
+            log.exception("execution %s: on_%s callback raised", eid, kind)
+
+    # -- spawning ---------------------------------------------------------------------------
+
+    async def spawn(
+        self,
+        agent: Agent | str,
+        prompt: str,
+        *,
+        execution_id: str | None = None,
+        budget: Budget | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        _parent: Mapping[str, Any] | None = None,
+    ) -> ExecutionHandle:
+        """Start an execution; returns once its first record is durable.
+
+        An existing ``execution_id`` with the same prompt resumes that execution (or
+        returns it, if it is finished); with a different prompt it is an error.
+        """
+        self._require_open()
+        if isinstance(agent, Agent):
+            self.register(agent)
+            definition_agent = agent
+        else:
+            definition_agent = self.agent(agent)
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+        eid = _check_id(execution_id) if execution_id is not None else uuid.uuid4().hex
+        if definition_agent.llm is None:
+            raise AgentDefinitionError(f"agent {definition_agent.name!r} has no llm to call")
+        existing = await self.log.stream_info(execution_stream(eid))
+        if existing is not None:
+            await self._check_same(eid, definition_agent, prompt)
+            if existing.meta.get("status") in ("running", "queued") and eid not in self._live:
+                await self._schedule(eid)
+            return ExecutionHandle(eid, self)
+        effective = budget if budget is not None else definition_agent.budget
+        started = ExecutionStarted(
+            execution_id=eid,
+            agent=definition_agent.name,
+            prompt=prompt,
+            run_id=uuid.uuid4().hex[:8],
+            definition=definition_agent.definition(),
+            max_steps=definition_agent.max_steps,
+            budget=effective.to_dict() if effective else None,
+            parent=dict(_parent) if _parent else None,
+            metadata=dict(metadata or {}),
+        )
+        journal = Journal(self.log, ExecutionState(), eid)
+        journal.stage(started)
+        has_slot = self._try_acquire(eid)
+        if not has_slot:
+            journal.override_meta(status="queued")
+        if started.parent:
+            journal.override_meta(parent=started.parent["execution_id"])
+        try:
+            await journal.flush()
+        except ConflictError:
+            # Spawned concurrently under the same id: that one won; this is the same
+            # execution if the prompt matches.
+            self._release(eid)
+            await self._check_same(eid, definition_agent, prompt)
+            return ExecutionHandle(eid, self)
+        except BaseException:
+            self._release(eid)
+            raise
+        if has_slot:
+            await self._start_actor(eid, drive=True)
+        else:
+            self._push_queue(eid)
+        return ExecutionHandle(eid, self)
+
+    async def _check_same(self, eid: str, agent: Agent, prompt: str) -> None:
+        first = None
+        async for record in self.log.read(execution_stream(eid)):
+            first = decode(record)
+            break
+        if not isinstance(first, ExecutionStarted):
+            raise ExecutionNotFoundError(f"execution {eid!r} has no start record", eid)
+        if first.prompt != prompt:
+            raise PromptMismatchError(
+                f"execution {eid!r} already exists with prompt {_clip(first.prompt)!r}; it "
+                f"was spawned again with prompt {_clip(prompt)!r}. Use a new execution id, "
+                f"or pass the original prompt to resume it",
+                eid,
+            )
+        if first.agent != agent.name:
+            raise PromptMismatchError(
+                f"execution {eid!r} belongs to agent {first.agent!r}, not {agent.name!r}", eid
+            )
+
+    async def run(
+        self,
+        agent: Agent | str,
+        prompt: str,
+        *,
+        execution_id: str | None = None,
+        budget: Budget | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Result:
+        """Spawn, then wait until the execution completes, suspends or fails."""
+        handle = await self.spawn(
+            agent, prompt, execution_id=execution_id, budget=budget, metadata=metadata
+        )
+        return await self.wait(handle.execution_id)
+
+    # -- scheduling -------------------------------------------------------------------------
+
+    def _try_acquire(self, eid: str) -> bool:
+        if eid in self._slots:
+            return True
+        if self.max_concurrency is None or len(self._slots) < self.max_concurrency:
+            self._slots.add(eid)
+            return True
+        return False
+
+    def _release(self, eid: str) -> None:
+        if eid in self._slots:
+            self._slots.discard(eid)
+            self._start_queued()
+
+    def _push_queue(self, eid: str) -> None:
+        if eid not in self._queued:
+            self._queued.add(eid)
+            self._queue.append(eid)
+
+    async def _enqueue(self, eid: str) -> None:
+        """An execution that can run but has no slot waits in the queue (no task)."""
+        self._push_queue(eid)
+        await self.log.set_meta(execution_stream(eid), {"status": "queued"})
+
+    def _start_queued(self) -> None:
+        while self._queue and self._tg is not None and self._open:
+            if self.max_concurrency is not None and len(self._slots) >= self.max_concurrency:
+                return
+            eid = self._queue.popleft()
+            self._queued.discard(eid)
+            self._slots.add(eid)
+            self._tg.start_soon(self._start_actor, eid, True)
+
+    async def _schedule(self, eid: str) -> None:
+        if self._try_acquire(eid):
+            await self._start_actor(eid, drive=True)
+        else:
+            await self._enqueue(eid)
+
+    async def _start_actor(self, eid: str, drive: bool) -> Any:
+        """The ref of the execution's actor, starting one if there is none."""
+        assert self._executions is not None
+        while True:
+            ref = self._executions.ref(eid)
+            if ref is not None:
+                actor = self._live.get(eid)
+                if not drive or actor is None or actor.driving:
+                    return ref
+                if actor.stop_requested:
+                    await actor.stopped.wait()  # hibernating: start a fresh one below
+                    continue
+                actor.drive_now()
+                return ref
+            pending = self._starting.get(eid)
+            if pending is None:
+                break
+            await pending.wait()
+        meta = await self.log.stream_info(execution_stream(eid))
+        agent = self._agents.get(meta.meta.get("agent", "")) if meta else None
+        if drive and agent is None:
+            self._release(eid)
+            return None
+        done = self._starting[eid] = anyio.Event()
+        try:
+            spec = ChildSpec(
+                eid,
+                lambda: ExecutionActor(self, eid, agent, drive=eid in self._slots),
+                restart="transient",
+                shutdown=self.shutdown_timeout,
+                max_restarts=self.max_restarts,
+                within=self.restart_within,
+                mailbox_size=16,
+            )
+            return await self._executions.start_child(spec)
+        except BaseException:
+            self._release(eid)
+            raise
+        finally:
+            del self._starting[eid]
+            done.set()
+
+    # -- actor callbacks ----------------------------------------------------------------------
+
+    def _actor_started(self, eid: str, actor: ExecutionActor) -> None:
+        self._live[eid] = actor
+
+    def _actor_stopped(self, eid: str, actor: ExecutionActor, reason: Any) -> None:
+        if self._live.get(eid) is actor:
+            del self._live[eid]
+
+    def _on_lifecycle(self, event: LifecycleEvent) -> None:
+        if event.kind != "stopped" or event.will_restart:
+            return
+        eid = event.child_id
+        self._release(eid)
+        error = event.error
+        if error is not None and self._tg is not None and self._open:
+            self._tg.start_soon(self._record_crash, eid, error)
+
+    async def _record_crash(self, eid: str, error: BaseException) -> None:
+        """The engine crashed more often than allowed: fail the execution, with the cause."""
+        stream = execution_stream(eid)
+        try:
+            last = await self.log.last_seq(stream)
+            failed = ExecutionFailed(
+                "crash",
+                {
+                    "type": type(error).__name__,
+                    "message": f"{error} (the execution crashed {self.max_restarts + 1} times "
+                    f"within {self.restart_within:g}s; fix the cause, then "
+                    f"'perdure resume {eid}')",
+                },
+            )
+            await self.log.append(stream, [encode(failed)], expect=last, meta={"status": "failed"})
+            state = await load_state(self.log, eid)
+        except Exception:
+            log.exception("execution %s: could not record its failure", eid)
+            return
+        log.error("execution %s failed after repeated crashes: %r", eid, error)
+        self._settled(eid, state)
+
+    def _settled(self, eid: str, state: ExecutionState) -> None:
+        """The execution stopped running (completed, suspended, failed or cancelled)."""
+        if state.status == "running":
+            return
+        self._release(eid)
+        event = self._waiters.pop(eid, None)
+        if event is not None:
+            event.set()
+        status = state.status
+        kind = {"completed": "complete", "suspended": "suspend", "failed": "fail"}.get(
+            status, "cancel" if status == "cancelled" else None
+        )
+        if kind is not None:
+            self._fire(kind, state)
+        sink = self._sinks.get(eid)
+        if sink is not None:
+            sink(Result.from_state(state))
+        parent = state.parent
+        if parent and status in ("completed", "failed", "cancelled") and self._tg is not None:
+            payload = {"status": status, "output": state.output, "error": state.error}
+            self._tg.start_soon(
+                self._post, parent["execution_id"], f"child:{eid}", payload, "runtime"
+            )
+
+    # -- waiting and reading ----------------------------------------------------------------
+
+    async def wait(self, execution_id: str) -> Result:
+        """Wait until the execution is no longer running or queued; return its Result."""
+        self._require_open()
+        while True:
+            event = self._waiters.get(execution_id)
+            if event is None:
+                event = self._waiters[execution_id] = anyio.Event()
+            status = await self._status(execution_id)
+            if status not in ("running", "queued"):
+                return await self.result(execution_id)
+            await event.wait()
+            self._require_open()
+
+    async def _status(self, eid: str) -> str:
+        actor = self._live.get(eid)
+        if actor is not None and actor.journal is not None:
+            status = actor.journal.state.status
+            if status == "running" and not actor.driving and eid in self._queued:
+                return "queued"
+            return status
+        info = await self.log.stream_info(execution_stream(eid))
+        if info is None:
+            raise ExecutionNotFoundError(f"no execution {eid!r} in this data dir", eid)
+        return str(info.meta.get("status", "unknown"))
+
+    async def result(self, execution_id: str) -> Result:
+        """The execution's Result as of now (replays its log if it is not in memory)."""
+        self._require_open()
+        actor = self._live.get(execution_id)
+        if actor is not None and actor.journal is not None:
+            return Result.from_state(actor.journal.state)
+        info = await self.log.stream_info(execution_stream(execution_id))
+        if info is None:
+            raise ExecutionNotFoundError(
+                f"no execution {execution_id!r} in this data dir", execution_id
+            )
+        state = await load_state(self.log, execution_id)
+        status = info.meta.get("status")
+        return Result.from_state(state, "queued" if status == "queued" else None)
+
+    async def state(self, execution_id: str) -> ExecutionState:
+        """The full replayed state of an execution (a copy if it is live)."""
+        self._require_open()
+        if await self.log.stream_info(execution_stream(execution_id)) is None:
+            raise ExecutionNotFoundError(
+                f"no execution {execution_id!r} in this data dir", execution_id
+            )
+        return await load_state(self.log, execution_id)
+
+    async def executions(
+        self, status: str | None = None, agent: str | None = None
+    ) -> list[ExecutionInfo]:
+        """Executions from the index (no replay), optionally filtered."""
+        self._require_open()
+        where: dict[str, Any] = {"kind": "execution"}
+        if status is not None:
+            where["status"] = status
+        if agent is not None:
+            where["agent"] = agent
+        out = []
+        async for info in self.log.streams(prefix="exec/", where=where):
+            out.append(
+                ExecutionInfo.from_index(
+                    info.stream[len("exec/") :], info.meta, info.created_at, info.updated_at
+                )
+            )
+        return out
+
+    # -- signals ------------------------------------------------------------------------------
+
+    async def signal(
+        self, execution_id: str, name: str, payload: Any = None, *, by: str = "api"
+    ) -> None:
+        """Send a durable signal; returns once the execution has recorded it.
+
+        Built-in names: ``approve``/``approval``, ``reject``/``rejection``, ``budget``,
+        ``cancel``, ``resolve``, ``resume``, ``accept_drift``. Any other name is a user
+        signal, handed to tools waiting in ``wait_for_signal(name)``. A suspended
+        execution that the signal unblocks resumes by itself (auto-resume).
+        """
+        self._require_open()
+        info = await self.log.stream_info(execution_stream(execution_id))
+        if info is None:
+            raise ExecutionNotFoundError(
+                f"no execution {execution_id!r} in this data dir", execution_id
+            )
+        meta = info.meta
+        problem = precheck(
+            execution_id,
+            str(meta.get("status")),
+            list(meta.get("confirmations", ())),
+            name,
+            payload if isinstance(payload, Mapping) else {},
+        )
+        if problem is not None:
+            raise InvalidSignalError(problem, execution_id)
+        seq = await self._post(execution_id, name, payload, by)
+        await self._delivered(seq)
+
+    async def _post(self, target: str, name: str, payload: Any, by: str) -> int:
+        record = encode(SignalSent(target, name, payload, by))
+        return await self.log.append(INBOX_STREAM, [record], expect=ANY)
+
+    async def _delivered(self, seq: int) -> None:
+        if self._inbox_cursor >= seq:
+            return
+        event = anyio.Event()
+        self._inbox_waiters.append((seq, event))
+        await event.wait()
+
+    def _inbox_delivered(self, cursor: int) -> None:
+        self._inbox_cursor = cursor
+        keep = []
+        for seq, event in self._inbox_waiters:
+            if seq <= cursor:
+                event.set()
+            else:
+                keep.append((seq, event))
+        self._inbox_waiters = keep
+
+    async def _deliver(self, target: str, seq: int, signal: SignalSent) -> None:
+        """Hand one inbox signal to its execution (starting an actor if needed)."""
+        info = await self.log.stream_info(execution_stream(target))
+        if info is None:
+            log.warning("signal %r (inbox seq %d) names no execution %r", signal.name, seq, target)
+            return
+        if int(info.meta.get("signal_seq", 0)) >= seq:
+            return
+        if info.meta.get("status") in TERMINAL:
+            log.info(
+                "signal %r to execution %s ignored: it is %s",
+                signal.name,
+                target,
+                info.meta.get("status"),
+            )
+            return
+        from perdure.actors import MailboxClosed
+
+        for _ in range(10):
+            ref = await self._start_actor(target, drive=False)
+            if ref is None:
+                return
+            try:
+                await ref.ask(Deliver(seq, signal.name, signal.payload, signal.by), timeout=None)
+                return
+            except MailboxClosed:
+                continue  # the actor stopped between lookup and ask: start a fresh one
+        raise RuntimeError(f"execution {target}: could not deliver signal {signal.name!r}")
+
+    async def approve(
+        self, execution_id: str, confirmation_id: str, note: str | None = None, *, by: str = "api"
+    ) -> None:
+        """Approve a pending tool call (or override a contract); it runs, exactly once."""
+        await self.signal(
+            execution_id, "approve", {"confirmation_id": confirmation_id, "note": note}, by=by
+        )
+
+    async def reject(
+        self, execution_id: str, confirmation_id: str, reason: str, *, by: str = "api"
+    ) -> None:
+        """Reject a pending tool call; the model is told, as that call's result."""
+        await self.signal(
+            execution_id, "reject", {"confirmation_id": confirmation_id, "reason": reason}, by=by
+        )
+
+    async def cancel(self, execution_id: str, reason: str = "", *, by: str = "api") -> None:
+        """Cancel for good: a running execution stops at once (its running tool too)."""
+        await self.signal(execution_id, "cancel", {"reason": reason}, by=by)
+
+    async def resolve(
+        self,
+        execution_id: str,
+        *,
+        retry: bool = False,
+        complete: Any = None,
+        fail: str | None = None,
+        by: str = "api",
+    ) -> None:
+        """Decide an in-doubt, non-idempotent tool call (reason ``unknown_outcome``).
+
+        Exactly one of: ``retry=True`` (run it again, same idempotency key),
+        ``complete=<result>`` (record this result as its outcome), ``fail="why"``
+        (record a failure, returned to the model).
+        """
+        chosen = [retry, complete is not None, fail is not None]
+        if sum(bool(c) for c in chosen) != 1:
+            raise ValueError("resolve needs exactly one of retry=True, complete=..., fail=...")
+        if retry:
+            payload: dict[str, Any] = {"action": "retry"}
+        elif complete is not None:
+            payload = {"action": "complete", "output": complete}
+        else:
+            payload = {"action": "fail", "reason": fail}
+        await self.signal(execution_id, "resolve", payload, by=by)
+
+    async def resume(
+        self,
+        execution_id: str,
+        *,
+        budget: Budget | None = None,
+        accept_drift: bool = False,
+        wait: bool = True,
+        by: str = "api",
+    ) -> Result | None:
+        """Resume an execution, optionally raising its budget or accepting drift.
+
+        Raising the budget or accepting drift is recorded durably; a failed execution (or
+        one suspended for drift) is retried from its log. Then, unless ``wait=False``,
+        waits for the execution to complete, suspend or fail.
+        """
+        self._require_open()
+        if budget is not None:
+            await self.signal(execution_id, "budget", {"budget": budget.to_dict()}, by=by)
+        if accept_drift:
+            await self.signal(execution_id, "accept_drift", {}, by=by)
+        info = await self.log.stream_info(execution_stream(execution_id))
+        if info is None:
+            raise ExecutionNotFoundError(
+                f"no execution {execution_id!r} in this data dir", execution_id
+            )
+        status, reason = info.meta.get("status"), info.meta.get("reason")
+        if status == "failed" or (status == "suspended" and reason == "drift"):
+            await self.signal(execution_id, "resume", {}, by=by)
+        elif (
+            status in ("running", "queued")
+            and execution_id not in self._live
+            and execution_id not in self._queued
+        ):
+            await self._schedule(execution_id)
+        return await self.wait(execution_id) if wait else None
+
+    # -- delegation ---------------------------------------------------------------------------
+
+    async def _delegate(self, ctx: ToolContext, agent: Agent, task: str) -> Any:
+        child = f"{ctx.execution_id}/{ctx.step}"
+        if len(child) > _MAX_ID:
+            child = f"{ctx.execution_id[:200]}~{digest(ctx.execution_id)}/{ctx.step}"
+        signal = f"child:{child}"
+        if signal in ctx.signals:
+            return _child_outcome(child, ctx.signals[signal])
+        info = await self.log.stream_info(execution_stream(child))
+        if info is None:
+            await self.spawn(
+                agent,
+                task,
+                execution_id=child,
+                _parent={"execution_id": ctx.execution_id, "step": ctx.step},
+            )
+        elif info.meta.get("status") in ("completed", "failed", "cancelled"):
+            state = await load_state(self.log, child)
+            return _child_outcome(
+                child, {"status": state.status, "output": state.output, "error": state.error}
+            )
+        raise SuspendExecution("child", {"name": signal, "child_id": child, "agent": agent.name})
+
+    # -- recovery -----------------------------------------------------------------------------
+
+    async def _recover(self) -> None:
+        """At open: resume running and queued executions; re-wake parents of finished children."""
+        waiting: dict[str, list[str]] = {}
+        found: list[tuple[float, str]] = []
+        for status in ("running", "queued"):
+            async for info in self.log.streams(prefix="exec/", where={"status": status}):
+                eid = info.stream[len("exec/") :]
+                agent = info.meta.get("agent", "")
+                if agent in self._agents:
+                    found.append((info.created_at, eid))
+                else:
+                    waiting.setdefault(agent, []).append(eid)
+        for _, eid in sorted(found):
+            await self._schedule(eid)
+        for agent, ids in waiting.items():
+            shown = ", ".join(ids[:10]) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
+            log.warning(
+                "%d interrupted execution(s) of agent %r are left alone until it is "
+                "registered (rt.register): %s",
+                len(ids),
+                agent,
+                shown,
+            )
+        async for info in self.log.streams(prefix="exec/", where={"status": "suspended"}):
+            if info.meta.get("reason") != "child":
+                continue
+            parent = info.stream[len("exec/") :]
+            async for child in self.log.streams(prefix=f"exec/{parent}/"):
+                if child.meta.get("parent") == parent and child.meta.get("status") in (
+                    "completed",
+                    "failed",
+                    "cancelled",
+                ):
+                    state = await load_state(self.log, child.stream[len("exec/") :])
+                    payload = {"status": state.status, "output": state.output, "error": state.error}
+                    await self._post(parent, f"child:{state.execution_id}", payload, "runtime")
+
+    async def _recover_agent(self, name: str) -> None:
+        """An agent was registered on an open runtime: resume its interrupted executions."""
+        found: list[tuple[float, str]] = []
+        for status in ("running", "queued"):
+            async for info in self.log.streams(
+                prefix="exec/", where={"status": status, "agent": name}
+            ):
+                found.append((info.created_at, info.stream[len("exec/") :]))
+        for _, eid in sorted(found):
+            if eid not in self._live and eid not in self._queued and eid not in self._starting:
+                await self._schedule(eid)
+
+    # -- streaming ----------------------------------------------------------------------------
+
+    def _sink_for(self, eid: str) -> Callable[[Any], None] | None:
+        return self._sinks.get(eid)
+
+    async def stream(
+        self,
+        agent: Agent | str,
+        prompt: str,
+        *,
+        execution_id: str | None = None,
+        budget: Budget | None = None,
+    ) -> AsyncIterator[Any]:
+        """Run an execution and yield what happens as it happens.
+
+        Yields ``TextDelta`` / ``ToolCallDelta`` pieces of model output while it streams,
+        a ``{"event": "step", ...}`` dict after each durable step, and finally the
+        :class:`Result`. The completed message, not the pieces, is what is recorded, so
+        a crash mid-stream re-runs only that model call; replaying a completed
+        execution streams nothing and calls nothing.
+        """
+        self._require_open()
+        eid = _check_id(execution_id) if execution_id is not None else uuid.uuid4().hex
+        send, receive = anyio.create_memory_object_stream[Any](math.inf)
+
+        def sink(item: Any) -> None:
+            try:
+                send.send_nowait(item)
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                pass
+            if isinstance(item, Result):
+                send.close()
+
+        self._sinks[eid] = sink
+        try:
+            await self.spawn(agent, prompt, execution_id=eid, budget=budget)
+            status = await self._status(eid)
+            if status not in ("running", "queued"):
+                yield await self.result(eid)
+                return
+            async with receive:
+                async for item in receive:
+                    yield item
+        finally:
+            self._sinks.pop(eid, None)
+            send.close()
+
+
+def _child_outcome(child: str, payload: Mapping[str, Any]) -> Any:
+    status = payload.get("status")
+    if status == "completed":
+        return payload.get("output")
+    error = payload.get("error") or {}
+    raise ToolError(f"delegated execution {child!r} {status}: {error.get('message', 'no detail')}")
+
+
+def _clip(text: str, n: int = 60) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."

@@ -1,0 +1,156 @@
+"""Signals: what they are called, how they are checked, and what they become.
+
+Every signal travels the same way, whether ``rt.approve`` sent it in this process or
+``perdure approve`` sent it from an operator's terminal: it is appended to the inbox
+stream (durable at once), then the owning runtime delivers it to its execution, where
+``translate`` turns it into events (an approval, a raised budget, a named signal...).
+A signal that cannot apply is recorded as ``signal.ignored`` with the reason, so the
+timeline shows every signal that ever arrived.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from perdure.budget import Budget
+from perdure.events import (
+    ApprovalGranted,
+    ApprovalRejected,
+    BudgetRaised,
+    DriftAccepted,
+    Event,
+    ExecutionCancelled,
+    ExecutionResumed,
+    SignalIgnored,
+    SignalReceived,
+    ToolResolved,
+)
+from perdure.state import TERMINAL, ExecutionState
+
+__all__ = ["BUILTIN", "canonical_name", "precheck", "translate"]
+
+#: Built-in signal names (and the aliases users may send them under).
+BUILTIN: dict[str, str] = {
+    "approve": "approve",
+    "approval": "approve",
+    "reject": "reject",
+    "rejection": "reject",
+    "budget": "budget",
+    "cancel": "cancel",
+    "resolve": "resolve",
+    "resume": "resume",
+    "accept_drift": "accept_drift",
+}
+
+
+def canonical_name(name: str) -> str:
+    """The built-in a signal name stands for, or the name itself (a user signal)."""
+    return BUILTIN.get(name, name)
+
+
+def precheck(
+    execution_id: str, status: str, confirmations: list[str], name: str, payload: Mapping[str, Any]
+) -> str | None:
+    """Why the signal cannot apply, judged from the index entry; None if it may.
+
+    This is the fast check made before a signal is sent (by the runtime and the CLI),
+    so an operator hears at once that a confirmation id is wrong. Delivery checks again
+    against the full state, since things may change in between.
+    """
+    kind = canonical_name(name)
+    if status in TERMINAL:
+        return f"execution {execution_id!r} is {status}; it takes no more signals"
+    if kind in ("approve", "reject"):
+        cid = payload.get("confirmation_id")
+        if not cid:
+            return f"a {kind} signal needs a confirmation_id"
+        if cid not in confirmations:
+            pending = ", ".join(confirmations) or "none"
+            return (
+                f"execution {execution_id!r} has no pending confirmation {cid!r} "
+                f"(pending: {pending}); see 'perdure inspect {execution_id}'"
+            )
+    if kind == "resolve" and payload.get("action") not in ("retry", "complete", "fail"):
+        return "resolve needs action 'retry', 'complete' (with output) or 'fail'"
+    if kind == "budget" and not isinstance(payload.get("budget"), Mapping):
+        return "a budget signal needs a budget (max_dollars, max_llm_calls, ...)"
+    return None
+
+
+def translate(
+    state: ExecutionState,
+    name: str,
+    payload: Any,
+    by: str,
+    seq: int,
+    definition: Mapping[str, Any] | None = None,
+) -> list[Event]:
+    """The events one delivered signal becomes, judged against the full state.
+
+    ``definition`` is the current agent definition (needed to accept drift).
+    Cancellation is not handled here: a live execution must stop first (the actor does
+    that), then record ``ExecutionCancelled``.
+    """
+    kind = canonical_name(name)
+    data: Mapping[str, Any] = payload if isinstance(payload, Mapping) else {}
+
+    def ignored(reason: str) -> list[Event]:
+        return [SignalIgnored(name, reason, by, seq)]
+
+    if state.status in TERMINAL:
+        return ignored(f"execution is {state.status}")
+    if kind in ("approve", "reject"):
+        cid = data.get("confirmation_id")
+        call = state.call_for_confirmation(cid) if cid else None
+        if call is None or call.status != "approval":
+            return ignored(f"no pending confirmation {cid!r}")
+        if kind == "approve":
+            override = bool(call.gate and call.gate.get("kind") == "contract")
+            return [ApprovalGranted(cid, by, data.get("note"), override, seq)]
+        return [ApprovalRejected(cid, by, str(data.get("reason") or "rejected"), seq)]
+    if kind == "budget":
+        raw = data.get("budget")
+        if not isinstance(raw, Mapping):
+            return ignored("budget signal without a budget")
+        new = Budget.from_dict(raw) or Budget()
+        merged = state.budget.raised(new) if state.budget else new
+        return [BudgetRaised(merged.to_dict(), by, seq)]
+    if kind == "resolve":
+        action = data.get("action")
+        target = _in_doubt_step(state, data.get("step"))
+        if target is None:
+            return ignored("no tool call is in doubt")
+        if action == "retry":
+            return [ToolResolved(target, "retry", by, signal_seq=seq)]
+        if action == "complete":
+            return [ToolResolved(target, "complete", by, output=data.get("output"), signal_seq=seq)]
+        if action == "fail":
+            message = str(data.get("reason") or f"marked failed by {by}")
+            return [
+                ToolResolved(
+                    target, "fail", by, error={"type": "Failed", "message": message}, signal_seq=seq
+                )
+            ]
+        return ignored(f"unknown resolve action {action!r}")
+    if kind == "accept_drift":
+        if definition is None:
+            return ignored("the execution's agent is not registered; cannot accept drift")
+        return [DriftAccepted(dict(definition), by, seq)]
+    if kind == "resume":
+        reason = state.suspend_reason or {}
+        if state.status == "failed" or reason.get("kind") == "drift":
+            return [ExecutionResumed(by, seq)]
+        if state.status == "suspended":
+            return ignored(f"still waiting ({reason.get('kind')}); resolve that first")
+        return ignored(f"execution is {state.status}; nothing to resume")
+    if kind == "cancel":
+        return [ExecutionCancelled(str(data.get("reason") or ""), by, seq)]
+    return [SignalReceived(name, payload, by, seq)]
+
+
+def _in_doubt_step(state: ExecutionState, step: Any) -> int | None:
+    for call in state.calls:
+        if call.status == "started" and not call.idempotent and (step is None or call.step == step):
+            return call.step
+    return None

@@ -1,0 +1,530 @@
+"""An execution's state, rebuilt from its events by a pure ``apply``; and ``plan``.
+
+``apply(state, event)`` is the only code that runs during replay. It performs no I/O,
+reads nothing but its arguments, and never calls a model, a tool or a callback: effects
+happen on the live path (``engine.py``), after the event that allows them is durable.
+For speed it updates the state object it is given in place and returns it; replaying
+the same events into a fresh state always gives an equal state.
+
+``plan(state)`` says what the execution must do next (call the model, run or re-run
+tool calls, admit new calls, suspend, fail, or nothing). It too is pure, so the
+suspension status written to the index, the CLI and the engine all agree.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from perdure.budget import Budget, ExecutionUsage
+from perdure.events import (
+    ApprovalGranted,
+    ApprovalRejected,
+    ApprovalRequested,
+    BudgetRaised,
+    DriftAccepted,
+    DriftDetected,
+    Event,
+    ExecutionCancelled,
+    ExecutionCompleted,
+    ExecutionFailed,
+    ExecutionResumed,
+    ExecutionStarted,
+    ExecutionSuspended,
+    LLMCompleted,
+    SignalAwaited,
+    SignalIgnored,
+    SignalReceived,
+    SignalSent,
+    ToolCompleted,
+    ToolResolved,
+    ToolStarted,
+)
+from perdure.providers.types import Message, ToolCall
+
+__all__ = [
+    "TERMINAL",
+    "Call",
+    "CallLLM",
+    "ExecutionState",
+    "Fail",
+    "Idle",
+    "Run",
+    "Suspend",
+    "apply",
+    "plan",
+    "tool_message",
+]
+
+#: Statuses an execution never leaves (a failed one can be resumed by an operator).
+TERMINAL = frozenset({"completed", "cancelled"})
+
+
+@dataclass(slots=True)
+class Call:
+    """One tool call of the current turn.
+
+    ``status``: ``planned`` (requested, not yet admitted), ``approval`` (waiting for a
+    decision), ``approved``, ``started`` (running, or in doubt after a crash), ``waiting``
+    (for a signal), ``retry`` (an operator asked for a re-run), ``done``.
+    """
+
+    step: int
+    turn: int
+    index: int
+    call_id: str
+    tool: str
+    arguments: Any
+    status: str = "planned"
+    key: str | None = None
+    idempotent: bool = True
+    attempts: int = 0
+    fingerprint: str | None = None
+    confirmation_id: str | None = None
+    gate: dict[str, Any] | None = None
+    override: bool = False
+    waiting: dict[str, Any] | None = None
+    outcome: str | None = None
+    output: Any = None
+    error: dict[str, Any] | None = None
+    rejected_by: str | None = None
+
+
+@dataclass(slots=True)
+class ExecutionState:
+    """Everything an execution's stream says about it, folded into one object."""
+
+    execution_id: str = ""
+    agent: str = ""
+    prompt: str = ""
+    run_id: str = ""
+    definition: dict[str, Any] = field(default_factory=dict)
+    max_steps: int = 0
+    budget: Budget | None = None
+    parent: dict[str, Any] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    #: The conversation, without the system message (instructions come from the agent).
+    messages: list[Message] = field(default_factory=list)
+    #: The last step number handed out (an LLM call takes one, each of its tool calls one).
+    step: int = 0
+    calls: list[Call] = field(default_factory=list)
+    usage: ExecutionUsage = field(default_factory=ExecutionUsage)
+    status: str = "new"
+    suspend_reason: dict[str, Any] | None = None
+    output: str | None = None
+    error: dict[str, Any] | None = None
+    failure_kind: str | None = None
+    last_signal_seq: int = 0
+    signals: dict[str, Any] = field(default_factory=dict)
+    drift: list[dict[str, Any]] = field(default_factory=list)
+    cancel_reason: str | None = None
+    #: Seq of the last record applied (set by the reader, not by ``apply``).
+    seq: int = 0
+
+    def call_at(self, step: int) -> Call | None:
+        """The current turn's call with this step number."""
+        calls = self.calls
+        if calls:
+            i = step - calls[0].step
+            if 0 <= i < len(calls) and calls[i].step == step:
+                return calls[i]
+        return None
+
+    def call_for_confirmation(self, confirmation_id: str) -> Call | None:
+        """The current turn's call awaiting (or given) this confirmation id."""
+        for c in self.calls:
+            if c.confirmation_id == confirmation_id:
+                return c
+        return None
+
+    @property
+    def pending_confirmations(self) -> list[Call]:
+        """Calls waiting for a person's decision."""
+        return [c for c in self.calls if c.status == "approval"]
+
+
+# -- rendering tool results for the model ----------------------------------------------
+
+
+def tool_message(call: Call) -> Message:
+    """The tool message the model sees for a finished call (deterministic)."""
+    if call.outcome == "ok":
+        out = call.output
+        content = out if isinstance(out, str) else json.dumps(out, ensure_ascii=False, default=repr)
+        return Message("tool", content, tool_call_id=call.call_id, name=call.tool)
+    err = call.error or {}
+    if call.outcome == "rejected":
+        content = f"REJECTED by {call.rejected_by or 'an operator'}: {err.get('message', '')}"
+    else:
+        content = f"ERROR ({err.get('type', 'Error')}): {err.get('message', '')}"
+    return Message("tool", content, tool_call_id=call.call_id, name=call.tool, is_error=True)
+
+
+# -- apply -------------------------------------------------------------------------------
+
+
+def apply(state: ExecutionState, event: Event) -> ExecutionState:
+    """Fold one event into ``state`` and return it. Pure: no I/O, no effects."""
+    handler = _HANDLERS.get(type(event))
+    if handler is None:
+        raise TypeError(f"no apply rule for {type(event).__name__}")
+    handler(state, event)
+    seq = getattr(event, "signal_seq", 0)
+    if seq > state.last_signal_seq:
+        state.last_signal_seq = seq
+    return state
+
+
+def _started(s: ExecutionState, e: ExecutionStarted) -> None:
+    s.execution_id = e.execution_id
+    s.agent = e.agent
+    s.prompt = e.prompt
+    s.run_id = e.run_id
+    s.definition = e.definition
+    s.max_steps = e.max_steps
+    s.budget = Budget.from_dict(e.budget)
+    s.parent = e.parent
+    s.metadata = e.metadata
+    s.messages.append(Message("user", e.prompt))
+    s.status = "running"
+
+
+def _llm_completed(s: ExecutionState, e: LLMCompleted) -> None:
+    response = e.response
+    msg = response["message"]
+    tool_calls = msg.get("tool_calls") or ()
+    calls = tuple(ToolCall(c["id"], c["name"], c["arguments"]) for c in tool_calls)
+    s.messages.append(Message("assistant", msg.get("content") or "", tool_calls=calls))
+    usage = response.get("usage") or {}
+    s.usage.add_llm_call(
+        response.get("provider", ""),
+        response.get("model", ""),
+        usage.get("input", 0),
+        usage.get("output", 0),
+        e.cost or 0.0,
+    )
+    s.calls = [
+        Call(
+            step=e.step + 1 + i,
+            turn=e.step,
+            index=i,
+            call_id=c.id,
+            tool=c.name,
+            arguments=c.arguments,
+        )
+        for i, c in enumerate(calls)
+    ]
+    s.step = e.step + len(calls)
+
+
+def _tool_started(s: ExecutionState, e: ToolStarted) -> None:
+    call = _call(s, e.step)
+    call.status = "started"
+    call.key = e.key
+    call.idempotent = e.idempotent
+    call.fingerprint = e.fingerprint
+    if e.attempt == 1:
+        s.usage.tool_calls += 1
+    call.attempts = e.attempt
+
+
+def _tool_completed(s: ExecutionState, e: ToolCompleted) -> None:
+    call = _call(s, e.step)
+    _finish(s, call, e.status, e.output, e.error)
+
+
+def _finish(
+    s: ExecutionState, call: Call, outcome: str, output: Any, error: dict[str, Any] | None
+) -> None:
+    call.status = "done"
+    call.outcome = outcome
+    call.output = output
+    call.error = error
+    calls = s.calls
+    if all(c.status == "done" for c in calls):
+        # Results join the conversation in call order once the whole turn is done, so
+        # the transcript never depends on which concurrent call finished first.
+        s.messages.extend(tool_message(c) for c in calls)
+        s.calls = []
+
+
+def _approval_requested(s: ExecutionState, e: ApprovalRequested) -> None:
+    call = _call(s, e.step)
+    call.status = "approval"
+    call.confirmation_id = e.confirmation_id
+    call.gate = {"kind": e.kind, "contract": e.contract, "message": e.message}
+
+
+def _approval_granted(s: ExecutionState, e: ApprovalGranted) -> None:
+    call = s.call_for_confirmation(e.confirmation_id)
+    if call is not None and call.status == "approval":
+        call.status = "approved"
+        call.override = e.override
+    _recheck(s)
+
+
+def _approval_rejected(s: ExecutionState, e: ApprovalRejected) -> None:
+    call = s.call_for_confirmation(e.confirmation_id)
+    if call is not None and call.status == "approval":
+        call.rejected_by = e.by
+        _finish(s, call, "rejected", None, {"type": "Rejected", "message": e.reason})
+    _recheck(s)
+
+
+def _signal_awaited(s: ExecutionState, e: SignalAwaited) -> None:
+    call = _call(s, e.step)
+    call.status = "waiting"
+    call.waiting = {"kind": e.kind, "name": e.name, **e.detail}
+
+
+def _signal_received(s: ExecutionState, e: SignalReceived) -> None:
+    s.signals.setdefault(e.name, e.payload)
+    _recheck(s)
+
+
+def _signal_ignored(s: ExecutionState, e: SignalIgnored) -> None:
+    pass
+
+
+def _budget_raised(s: ExecutionState, e: BudgetRaised) -> None:
+    s.budget = Budget.from_dict(e.budget)
+    _recheck(s)
+
+
+def _drift_detected(s: ExecutionState, e: DriftDetected) -> None:
+    s.drift.append({"step": e.step, "changes": e.changes, "action": e.action})
+
+
+def _drift_accepted(s: ExecutionState, e: DriftAccepted) -> None:
+    s.definition = e.definition
+    _recheck(s, drift_settled=True)
+
+
+def _tool_resolved(s: ExecutionState, e: ToolResolved) -> None:
+    call = _call(s, e.step)
+    if e.action == "retry":
+        call.status = "retry"
+    elif e.action == "complete":
+        _finish(s, call, "ok", e.output, None)
+    else:
+        _finish(s, call, "error", None, e.error or {"type": "Failed", "message": "by operator"})
+    _recheck(s)
+
+
+def _suspended(s: ExecutionState, e: ExecutionSuspended) -> None:
+    s.status = "suspended"
+    s.suspend_reason = e.reason
+
+
+def _resumed(s: ExecutionState, e: ExecutionResumed) -> None:
+    s.status = "running"
+    s.error = None
+    s.failure_kind = None
+    s.suspend_reason = None
+
+
+def _completed(s: ExecutionState, e: ExecutionCompleted) -> None:
+    s.status = "completed"
+    s.output = e.output
+    s.suspend_reason = None
+
+
+def _failed(s: ExecutionState, e: ExecutionFailed) -> None:
+    s.status = "failed"
+    s.error = e.error
+    s.failure_kind = e.kind
+    s.suspend_reason = None
+
+
+def _cancelled(s: ExecutionState, e: ExecutionCancelled) -> None:
+    s.status = "cancelled"
+    s.cancel_reason = e.reason
+    s.suspend_reason = None
+
+
+def _signal_sent(s: ExecutionState, e: SignalSent) -> None:
+    raise TypeError("signal.sent belongs to the inbox stream, not to an execution")
+
+
+def _call(s: ExecutionState, step: int) -> Call:
+    call = s.call_at(step)
+    if call is None:
+        raise ValueError(f"execution {s.execution_id!r}: no call at step {step} in this turn")
+    return call
+
+
+def _recheck(s: ExecutionState, drift_settled: bool = False) -> None:
+    # A signal may unblock a suspended execution; the status must say so at once (it is
+    # written to the index with the signal, so a restart knows to resume it). Drift is
+    # not visible to ``plan`` (it needs the current code), so only accepting the drift
+    # (or an explicit resume) lifts a drift suspension.
+    if s.status != "suspended":
+        return
+    if not drift_settled and (s.suspend_reason or {}).get("kind") == "drift":
+        return
+    action = plan(s)
+    if isinstance(action, Suspend):
+        s.suspend_reason = action.reason
+    else:
+        s.status = "running"
+        s.suspend_reason = None
+
+
+_HANDLERS: dict[type[Event], Callable[[ExecutionState, Any], None]] = {
+    ExecutionStarted: _started,
+    LLMCompleted: _llm_completed,
+    ToolStarted: _tool_started,
+    ToolCompleted: _tool_completed,
+    ApprovalRequested: _approval_requested,
+    ApprovalGranted: _approval_granted,
+    ApprovalRejected: _approval_rejected,
+    SignalAwaited: _signal_awaited,
+    SignalReceived: _signal_received,
+    SignalIgnored: _signal_ignored,
+    BudgetRaised: _budget_raised,
+    DriftDetected: _drift_detected,
+    DriftAccepted: _drift_accepted,
+    ToolResolved: _tool_resolved,
+    ExecutionSuspended: _suspended,
+    ExecutionResumed: _resumed,
+    ExecutionCompleted: _completed,
+    ExecutionFailed: _failed,
+    ExecutionCancelled: _cancelled,
+    SignalSent: _signal_sent,
+}
+
+
+# -- plan --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Idle:
+    """Nothing to do: the execution is finished (or failed and not resumed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CallLLM:
+    """Ask the model for the next step."""
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """Admit ``admit`` (never started: gates then start) and re-run ``rerun``."""
+
+    admit: tuple[Call, ...]
+    rerun: tuple[Call, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Suspend:
+    """Wait: ``reason`` says for what (``kind`` plus details)."""
+
+    reason: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    """The execution cannot go on."""
+
+    kind: str
+    message: str
+
+
+Action = Idle | CallLLM | Run | Suspend | Fail
+
+
+def plan(state: ExecutionState) -> Action:
+    """What ``state`` calls for next. Pure."""
+    if state.status in TERMINAL or state.status == "failed" or state.status == "new":
+        return Idle()
+    if state.calls:
+        return _plan_calls(state)
+    if state.usage.llm_calls >= state.max_steps:
+        return Fail(
+            "max_steps",
+            f"the agent made {state.usage.llm_calls} LLM calls, its max_steps; raise "
+            f"Agent(max_steps=...) if this is expected",
+        )
+    budget = state.budget
+    if budget is not None:
+        hit = budget.exhausted(state.usage)
+        if hit is not None:
+            return Suspend(_budget_reason(state, *hit))
+    return CallLLM()
+
+
+def _plan_calls(state: ExecutionState) -> Action:
+    admit: list[Call] = []
+    rerun: list[Call] = []
+    blockers: list[dict[str, Any]] = []
+    budget = state.budget
+    left = float("inf")
+    if budget is not None and budget.max_tool_calls is not None:
+        left = budget.max_tool_calls - state.usage.tool_calls
+    for c in state.calls:
+        status = c.status
+        if status == "done":
+            continue
+        if status in ("planned", "approved"):
+            # A first start consumes tool budget; re-runs of a started call do not.
+            if left <= 0:
+                blockers.append(
+                    _budget_reason(
+                        state, "max_tool_calls", budget.max_tool_calls, state.usage.tool_calls
+                    )  # type: ignore[union-attr]
+                )
+                continue
+            left -= 1
+            admit.append(c)
+        elif status == "retry":
+            rerun.append(c)
+        elif status == "started":
+            if c.idempotent:
+                rerun.append(c)
+            else:
+                blockers.append(
+                    {
+                        "kind": "unknown_outcome",
+                        "step": c.step,
+                        "tool": c.tool,
+                        "key": c.key,
+                        "attempts": c.attempts,
+                        "arguments": c.arguments,
+                    }
+                )
+        elif status == "waiting":
+            waiting = c.waiting or {}
+            if waiting.get("name") in state.signals:
+                rerun.append(c)
+            else:
+                blockers.append({**waiting, "step": c.step, "tool": c.tool})
+        elif status == "approval":
+            gate = c.gate or {}
+            blockers.append(
+                {
+                    "kind": gate.get("kind", "approval"),
+                    "step": c.step,
+                    "tool": c.tool,
+                    "arguments": c.arguments,
+                    "confirmation_id": c.confirmation_id,
+                    "contract": gate.get("contract"),
+                    "message": gate.get("message", ""),
+                }
+            )
+    if admit or rerun:
+        return Run(tuple(admit), tuple(rerun))
+    reason = dict(blockers[0])
+    reason["pending"] = blockers
+    return Suspend(reason)
+
+
+def _budget_reason(state: ExecutionState, limit: str, value: Any, used: Any) -> dict[str, Any]:
+    return {
+        "kind": "budget",
+        "limit": limit,
+        "limit_value": value,
+        "used": used,
+        "usage": state.usage.to_dict(),
+    }

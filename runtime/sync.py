@@ -1,0 +1,174 @@
+"""The blocking face of a Runtime, for scripts: ``with Runtime("./data") as rt``.
+
+The event loop (asyncio by default, or trio) runs in a background thread started with
+anyio's blocking portal; every method here is the async method of the same name, called
+through the portal and waited for. Callbacks still run on the loop thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+
+from perdure.agent import Agent
+from perdure.budget import Budget
+from perdure.result import ExecutionInfo, Result
+
+if TYPE_CHECKING:
+    from perdure.runtime import ExecutionHandle, Runtime
+
+__all__ = ["SyncRuntime"]
+
+_END = object()
+
+
+class SyncRuntime:
+    """Blocking versions of the Runtime's methods (see :class:`perdure.Runtime`)."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self._stack = contextlib.ExitStack()
+        self._portal: BlockingPortal | None = None
+
+    def __enter__(self) -> SyncRuntime:
+        try:
+            self._portal = self._stack.enter_context(start_blocking_portal(self.runtime.backend))
+            self._stack.enter_context(self._portal.wrap_async_context_manager(self.runtime))
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._stack.__exit__(*exc_info)
+        self._portal = None
+
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if self._portal is None:
+            from perdure.errors import RuntimeClosedError
+
+            raise RuntimeClosedError("the Runtime is closed: use it inside 'with Runtime(...)'")
+        return self._portal.call(lambda: fn(*args, **kwargs))
+
+    def register(self, agent: Agent) -> None:
+        """See :meth:`Runtime.register` (run on the loop thread: it may start recovery)."""
+        self._call(self.runtime.register, agent)
+
+    def on_complete(self, fn: Any) -> Any:
+        """See :meth:`Runtime.on_complete`."""
+        return self.runtime.on_complete(fn)
+
+    def on_suspend(self, fn: Any) -> Any:
+        """See :meth:`Runtime.on_suspend`."""
+        return self.runtime.on_suspend(fn)
+
+    def on_fail(self, fn: Any) -> Any:
+        """See :meth:`Runtime.on_fail`."""
+        return self.runtime.on_fail(fn)
+
+    def on_cancel(self, fn: Any) -> Any:
+        """See :meth:`Runtime.on_cancel`."""
+        return self.runtime.on_cancel(fn)
+
+    def on_step(self, fn: Any) -> Any:
+        """See :meth:`Runtime.on_step`."""
+        return self.runtime.on_step(fn)
+
+    def spawn(self, agent: Agent | str, prompt: str, **kwargs: Any) -> ExecutionHandle:
+        """See :meth:`Runtime.spawn`."""
+        return self._call(self.runtime.spawn, agent, prompt, **kwargs)
+
+    def run(self, agent: Agent | str, prompt: str, **kwargs: Any) -> Result:
+        """See :meth:`Runtime.run`."""
+        return self._call(self.runtime.run, agent, prompt, **kwargs)
+
+    def wait(self, execution_id: str) -> Result:
+        """See :meth:`Runtime.wait`."""
+        return self._call(self.runtime.wait, execution_id)
+
+    def result(self, execution_id: str) -> Result:
+        """See :meth:`Runtime.result`."""
+        return self._call(self.runtime.result, execution_id)
+
+    def executions(
+        self, status: str | None = None, agent: str | None = None
+    ) -> list[ExecutionInfo]:
+        """See :meth:`Runtime.executions`."""
+        return self._call(self.runtime.executions, status=status, agent=agent)
+
+    def signal(self, execution_id: str, name: str, payload: Any = None, **kwargs: Any) -> None:
+        """See :meth:`Runtime.signal`."""
+        self._call(self.runtime.signal, execution_id, name, payload, **kwargs)
+
+    def approve(
+        self, execution_id: str, confirmation_id: str, note: str | None = None, **kwargs: Any
+    ) -> None:
+        """See :meth:`Runtime.approve`."""
+        self._call(self.runtime.approve, execution_id, confirmation_id, note, **kwargs)
+
+    def reject(self, execution_id: str, confirmation_id: str, reason: str, **kwargs: Any) -> None:
+        """See :meth:`Runtime.reject`."""
+        self._call(self.runtime.reject, execution_id, confirmation_id, reason, **kwargs)
+
+    def cancel(self, execution_id: str, reason: str = "", **kwargs: Any) -> None:
+        """See :meth:`Runtime.cancel`."""
+        self._call(self.runtime.cancel, execution_id, reason, **kwargs)
+
+    def resolve(self, execution_id: str, **kwargs: Any) -> None:
+        """See :meth:`Runtime.resolve`."""
+        self._call(self.runtime.resolve, execution_id, **kwargs)
+
+    def resume(
+        self,
+        execution_id: str,
+        *,
+        budget: Budget | None = None,
+        accept_drift: bool = False,
+        wait: bool = True,
+        **kwargs: Any,
+    ) -> Result | None:
+        """See :meth:`Runtime.resume`."""
+        return self._call(
+            self.runtime.resume,
+            execution_id,
+            budget=budget,
+            accept_drift=accept_drift,
+            wait=wait,
+            **kwargs,
+        )
+
+    def stream(self, agent: Agent | str, prompt: str, **kwargs: Any) -> Iterator[Any]:
+        """See :meth:`Runtime.stream`: the same items, as a blocking iterator."""
+        items: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+        async def pump() -> None:
+            try:
+                async for item in self.runtime.stream(agent, prompt, **kwargs):
+                    items.put(item)
+            except BaseException as exc:  # handed to the consuming thread, then re-raised
+                items.put(_Failure(exc))
+                raise
+            finally:
+                items.put(_END)
+
+        assert self._portal is not None
+        future = self._portal.start_task_soon(pump)
+        while True:
+            item = items.get()
+            if item is _END:
+                break
+            if isinstance(item, _Failure):
+                raise item.exc
+            yield item
+        future.result()
+
+
+class _Failure:
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc

@@ -1,0 +1,193 @@
+"""Tools: plain Python functions the model may call, each call a durable step.
+
+``@tool`` turns a function into a :class:`Tool` with a JSON Schema derived from its type
+hints and docstring. Arguments from the model are validated against that schema before
+the tool runs; invalid ones are returned to the model as an error, never passed on.
+Sync tools run in worker threads so they never block the event loop; async tools run in
+the execution's task group.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, overload
+
+import anyio
+
+from perdure.errors import AgentDefinitionError, ToolArgumentsError
+from perdure.fingerprint import code_digest, digest
+from perdure.json_schema import doc_summary, schema_for_callable, validate
+from perdure.providers.types import ToolSpec
+
+__all__ = ["Tool", "tool"]
+
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class Tool:
+    """A function the model may call, with everything the runtime needs to call it safely.
+
+    Calling the tool object directly (``get_weather("Paris")``) calls the function, which
+    keeps tools easy to unit-test.
+    """
+
+    __slots__ = (
+        "__dict__",
+        "description",
+        "fn",
+        "idempotent",
+        "is_async",
+        "name",
+        "parameters",
+        "requires_confirmation",
+        "retries",
+        "retry_delay",
+        "timeout",
+    )
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        *,
+        name: str | None = None,
+        description: str | None = None,
+        requires_confirmation: bool = False,
+        idempotent: bool = True,
+        timeout: float | None = None,
+        retries: int = 0,
+        retry_delay: float = 0.5,
+        parameters: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.fn = fn
+        self.name = name or fn.__name__
+        if not _NAME.match(self.name):
+            raise AgentDefinitionError(
+                f"tool name {self.name!r} is not accepted by model APIs: use 1-64 letters, "
+                f"digits, '_' or '-'"
+            )
+        self.description = description if description is not None else doc_summary(fn.__doc__)
+        self.requires_confirmation = requires_confirmation
+        self.idempotent = idempotent
+        if timeout is not None and timeout <= 0:
+            raise AgentDefinitionError(f"tool {self.name!r}: timeout must be > 0, got {timeout}")
+        self.timeout = timeout
+        if retries < 0:
+            raise AgentDefinitionError(f"tool {self.name!r}: retries must be >= 0")
+        self.retries = retries
+        self.retry_delay = retry_delay
+        self.parameters = (
+            dict(parameters)
+            if parameters is not None
+            else schema_for_callable(fn, tool_name=self.name)
+        )
+        self.is_async = inspect.iscoroutinefunction(inspect.unwrap(fn))
+        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"Tool({self.name!r})"
+
+    def spec(self) -> ToolSpec:
+        """What the model is told about this tool."""
+        return ToolSpec(self.name, self.description, self.parameters)
+
+    def check_arguments(self, arguments: Any) -> dict[str, Any]:
+        """The arguments as a dict if they match the schema; else ToolArgumentsError."""
+        if isinstance(arguments, str):
+            raise ToolArgumentsError(
+                f"arguments for tool {self.name!r} must be a JSON object; got text that is "
+                f"not one: {arguments[:80]!r}"
+            )
+        if not isinstance(arguments, dict):
+            raise ToolArgumentsError(
+                f"arguments for tool {self.name!r} must be a JSON object, got "
+                f"{type(arguments).__name__}"
+            )
+        validate(arguments, self.parameters)
+        return arguments
+
+    @functools.cached_property
+    def fingerprint(self) -> dict[str, str]:
+        """Digests of each part of the tool a recorded call depends on."""
+        return {
+            "description": digest(self.description),
+            "schema": digest(self.parameters),
+            "code": code_digest(self.fn),
+        }
+
+    @functools.cached_property
+    def fingerprint_digest(self) -> str:
+        """One digest over the whole fingerprint (recorded with every call)."""
+        return digest([self.name, self.fingerprint])
+
+    async def invoke(self, arguments: Mapping[str, Any]) -> Any:
+        """Run the function once with ``arguments`` (sync functions in a worker thread)."""
+        if self.is_async:
+            return await self.fn(**arguments)
+        # abandon_on_cancel: a timeout or a cancel must be able to give up on a thread
+        # we cannot interrupt; the thread finishes on its own, its result discarded.
+        return await anyio.to_thread.run_sync(
+            functools.partial(self.fn, **arguments), abandon_on_cancel=True
+        )
+
+
+@overload
+def tool(fn: Callable[..., Any], /) -> Tool: ...
+
+
+@overload
+def tool(
+    name: str | None = None,
+    *,
+    description: str | None = None,
+    requires_confirmation: bool = False,
+    idempotent: bool = True,
+    timeout: float | None = None,
+    retries: int = 0,
+    retry_delay: float = 0.5,
+) -> Callable[[Callable[..., Any]], Tool]: ...
+
+
+def tool(
+    name: str | Callable[..., Any] | None = None,
+    *,
+    description: str | None = None,
+    requires_confirmation: bool = False,
+    idempotent: bool = True,
+    timeout: float | None = None,
+    retries: int = 0,
+    retry_delay: float = 0.5,
+) -> Tool | Callable[[Callable[..., Any]], Tool]:
+    """Declare a tool: ``@tool`` or ``@tool("name", description=..., ...)``.
+
+    - ``requires_confirmation``: the execution suspends before the call until a person
+      approves (``rt.approve``) or rejects it (``rt.reject``, returned to the model).
+    - ``idempotent``: if the process dies inside the call, re-invoke it with the same
+      idempotency key on recovery (True), or suspend with reason ``unknown_outcome`` for
+      a person to decide (False).
+    - ``timeout``: seconds before the call is abandoned and reported to the model as a
+      timeout (a sync tool's thread cannot be interrupted and finishes in the background).
+    - ``retries``: extra attempts after an exception (``ToolError`` excepted), with
+      exponential delays from ``retry_delay``, all under the same idempotency key.
+    """
+    if callable(name):
+        return Tool(name)
+
+    def wrap(fn: Callable[..., Any]) -> Tool:
+        return Tool(
+            fn,
+            name=name,
+            description=description,
+            requires_confirmation=requires_confirmation,
+            idempotent=idempotent,
+            timeout=timeout,
+            retries=retries,
+            retry_delay=retry_delay,
+        )
+
+    return wrap
