@@ -1,0 +1,485 @@
+"""``Anthropic``: Claude models through the Messages API, on the official ``anthropic`` client.
+
+The ``anthropic`` package is an optional extra (``pip install 'perdure[anthropic]'``),
+imported when a provider is constructed. The canonical chat format maps onto the
+Messages API like this:
+
+- system messages become the ``system`` parameter (several are joined by blank lines);
+- an assistant message becomes a text block followed by one ``tool_use`` block per
+  tool call;
+- tool results become ``tool_result`` blocks (with ``is_error``) in a user message;
+  consecutive messages that land on the same role (several tool results, or tool
+  results followed by user text) are merged into one message, as the API requires.
+
+The client is created with ``max_retries=0``: our :class:`RetryPolicy` is the only
+retry loop. As with :class:`~perdure.providers.OpenAI`, use one instance from one event
+loop and ``aclose()`` it when done.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import ssl
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from perdure.providers.errors import (
+    AuthenticationError,
+    MalformedResponseError,
+    ProviderError,
+    ProviderUnavailableError,
+    RateLimitError,
+    TerminalProviderError,
+    error_for_status,
+    redact,
+)
+from perdure.providers.retry import RetryPolicy, parse_retry_after, retry_stream
+from perdure.providers.streams import ResponseAssembler, parse_arguments
+from perdure.providers.types import (
+    LLMRequest,
+    LLMResponse,
+    Message,
+    ResponseCompleted,
+    StreamEvent,
+    TextDelta,
+    ToolCall,
+    ToolCallDelta,
+    ToolSpec,
+    Usage,
+)
+from perdure.providers.wire import field as _field
+from perdure.providers.wire import integer as _int
+from perdure.providers.wire import text as _text
+
+if TYPE_CHECKING:
+    import anthropic as anthropic_sdk
+
+__all__ = ["Anthropic", "to_anthropic_messages", "to_anthropic_tools"]
+
+# Anthropic's stop reasons in the canonical (OpenAI) vocabulary.
+_STOP_REASONS = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "tool_use": "tool_calls",
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "refusal": "content_filter",
+}
+
+
+class Anthropic:
+    """A Claude model through Anthropic's Messages API.
+
+    ``api_key`` and ``base_url`` fall back to what the ``anthropic`` client resolves
+    (``ANTHROPIC_API_KEY``, ``ANTHROPIC_BASE_URL``, its profiles). ``max_tokens`` is
+    required by the API; a request's ``params["max_tokens"]`` overrides it, and other
+    ``params`` (``temperature``, ``tool_choice``, ...) are sent as body fields.
+    ``client`` is an existing ``anthropic.AsyncAnthropic`` to use (retries turned off).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        max_tokens: int = 4096,
+        timeout: float = 60.0,
+        retry: RetryPolicy = RetryPolicy(),  # noqa: B008 - frozen, sharing it is safe
+        name: str = "anthropic",
+        client: anthropic_sdk.AsyncAnthropic | None = None,
+    ) -> None:
+        sdk = _import_sdk(name, model)
+        self.model = model
+        self.name = name
+        self.max_tokens = max_tokens
+        self.timeout = timeout
+        self.retry = retry
+        self._sdk = sdk
+        if client is not None:
+            self._client = client.with_options(max_retries=0)
+            self._owns_client = False
+        else:
+            self._client = sdk.AsyncAnthropic(
+                api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0
+            )
+            self._owns_client = True
+        self.base_url = str(self._client.base_url)
+        # Kept only to scrub them from error messages; never logged.
+        secrets = (
+            api_key,
+            getattr(self._client, "api_key", None),
+            getattr(self._client, "auth_token", None),
+            os.environ.get("ANTHROPIC_API_KEY"),
+        )
+        self._secrets = tuple(s for s in secrets if isinstance(s, str) and s)
+        self._transport_errors = _transport_errors()
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Close the HTTP client (if this provider created it)."""
+        if self._owns_client:
+            await self._client.close()
+
+    async def __aenter__(self) -> Anthropic:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"Anthropic({self.model!r}, base_url={self.base_url!r}, name={self.name!r})"
+
+    # -- the protocol ------------------------------------------------------------
+
+    async def complete(self, request: LLMRequest) -> LLMResponse:
+        """One Messages call, retried per ``retry``."""
+        return await self.retry.call(functools.partial(self._complete_once, request))
+
+    async def stream(self, request: LLMRequest) -> AsyncIterator[StreamEvent]:
+        """A streamed Messages call; retried only until the first event."""
+        async for event in retry_stream(self.retry, functools.partial(self._stream_once, request)):
+            yield event
+
+    # -- one attempt -------------------------------------------------------------
+
+    def _arguments(self, request: LLMRequest, model: str) -> dict[str, Any]:
+        system, messages = to_anthropic_messages(request.messages)
+        params = dict(request.params)
+        kwargs: dict[str, Any] = {
+            "model": model,
+            "max_tokens": params.pop("max_tokens", self.max_tokens),
+            "messages": messages,
+        }
+        if system is not None:
+            kwargs["system"] = system
+        if request.tools:
+            kwargs["tools"] = to_anthropic_tools(request.tools)
+        if params:
+            kwargs["extra_body"] = params
+        return kwargs
+
+    async def _complete_once(self, request: LLMRequest) -> LLMResponse:
+        model = request.model or self.model
+        failure: ProviderError | None = None
+        reply: Any = None
+        try:
+            reply = await self._client.messages.create(**self._arguments(request, model))
+        except Exception as err:
+            failure = self._error(err, model)
+        # Raised outside the except block so the SDK's exception (whose request holds
+        # the credentials) is not attached as __context__.
+        if failure is not None:
+            raise failure
+        return self._response(reply, model)
+
+    async def _stream_once(self, request: LLMRequest) -> AsyncIterator[StreamEvent]:
+        model = request.model or self.model
+        failure: ProviderError | None = None
+        stream: Any = None
+        try:
+            stream = await self._client.messages.create(
+                **self._arguments(request, model), stream=True
+            )
+        except Exception as err:
+            failure = self._error(err, model)
+        if failure is not None:
+            raise failure
+
+        assembler = ResponseAssembler()
+        tool_index: dict[int, int] = {}  # content block index -> position among tool calls
+        stop_reason: Any = None
+        input_tokens = output_tokens = 0
+        served = ""
+        async with stream:
+            events = stream.__aiter__()
+            while True:
+                try:
+                    event = await events.__anext__()
+                except StopAsyncIteration:
+                    break
+                except Exception as err:
+                    failure = self._error(err, model)
+                if failure is not None:
+                    raise failure
+                kind = _field(event, "type")
+                if kind == "message_start":
+                    message = _field(event, "message")
+                    served = _text(_field(message, "model"))
+                    usage = _field(message, "usage")
+                    input_tokens = _input_tokens(usage)
+                    output_tokens = _int(_field(usage, "output_tokens"))
+                elif kind == "content_block_start":
+                    block = _field(event, "content_block")
+                    block_kind = _field(block, "type")
+                    if block_kind == "text":
+                        text = _text(_field(block, "text"))
+                        if text:
+                            assembler.addtext(text)
+                            yield TextDelta(text)
+                    elif block_kind == "tool_use":
+                        position = len(tool_index)
+                        tool_index[_int(_field(event, "index"))] = position
+                        tool_input = _field(block, "input")
+                        delta = ToolCallDelta(
+                            index=position,
+                            id=_text(_field(block, "id")) or None,
+                            name=_text(_field(block, "name")) or None,
+                            # Normally {} here with the JSON following in deltas.
+                            arguments=json.dumps(tool_input) if tool_input else "",
+                        )
+                        assembler.add_tool_call(delta)
+                        yield delta
+                elif kind == "content_block_delta":
+                    delta_obj = _field(event, "delta")
+                    delta_kind = _field(delta_obj, "type")
+                    if delta_kind == "text_delta":
+                        text = _text(_field(delta_obj, "text"))
+                        if text:
+                            assembler.addtext(text)
+                            yield TextDelta(text)
+                    elif delta_kind == "input_json_delta":
+                        position = tool_index.get(_int(_field(event, "index")))
+                        if position is not None:
+                            piece = ToolCallDelta(
+                                index=position,
+                                arguments=_text(_field(delta_obj, "partial_json")),
+                            )
+                            assembler.add_tool_call(piece)
+                            yield piece
+                elif kind == "message_delta":
+                    stop_reason = _field(_field(event, "delta"), "stop_reason") or stop_reason
+                    usage = _field(event, "usage")
+                    output_tokens = _int(_field(usage, "output_tokens")) or output_tokens
+                    if _field(usage, "input_tokens") is not None:
+                        input_tokens = _input_tokens(usage)
+        if stop_reason is None:
+            raise ProviderUnavailableError(
+                "the stream ended before the model finished (no stop_reason): the "
+                "connection was probably cut",
+                provider=self.name,
+                model=model,
+            )
+        yield ResponseCompleted(
+            assembler.build(
+                finish_reason=_finish_reason(stop_reason),
+                usage=Usage(input_tokens, output_tokens),
+                model=served or model,
+                provider=self.name,
+            )
+        )
+
+    # -- wire format -> canonical ------------------------------------------------
+
+    def _response(self, reply: Any, model: str) -> LLMResponse:
+        blocks = _field(reply, "content")
+        if not isinstance(blocks, list):
+            raise MalformedResponseError(
+                f"the response has no 'content' list (from {self.base_url})",
+                provider=self.name,
+                model=model,
+            )
+        texts: list[str] = []
+        calls: list[ToolCall] = []
+        for block in blocks:
+            kind = _field(block, "type")
+            if kind == "text":
+                texts.append(_text(_field(block, "text")))
+            elif kind == "tool_use":
+                tool_input = _field(block, "input")
+                calls.append(
+                    ToolCall(
+                        id=_text(_field(block, "id")) or f"toolu_{len(calls)}",
+                        name=_text(_field(block, "name")),
+                        arguments=dict(tool_input)
+                        if isinstance(tool_input, Mapping)
+                        else parse_arguments(_text(tool_input)),
+                    )
+                )
+            # Thinking and server-tool blocks carry nothing the canonical format holds.
+        usage = _field(reply, "usage")
+        return LLMResponse(
+            message=Message(role="assistant", content="".join(texts), tool_calls=tuple(calls)),
+            finish_reason=_finish_reason(_field(reply, "stop_reason")),
+            usage=Usage(_input_tokens(usage), _int(_field(usage, "output_tokens"))),
+            model=_text(_field(reply, "model")) or model,
+            provider=self.name,
+        )
+
+    # -- SDK exceptions -> ours --------------------------------------------------
+
+    def _error(self, err: Exception, model: str) -> ProviderError:
+        sdk = self._sdk
+        common: dict[str, Any] = {"provider": self.name, "model": model}
+        if isinstance(err, sdk.APIStatusError):
+            detail = redact(_api_message(err), self._secrets)
+            error_type = _text(getattr(err, "type", None)) or _error_type(err.body)
+            code = _text(getattr(err, "error_code", None)) or error_type or None
+            if err.status_code < 400:
+                # An ``error`` event inside a 200 stream: the server gave up mid-answer.
+                cls = (
+                    RateLimitError if error_type == "rate_limit_error" else ProviderUnavailableError
+                )
+                return cls(detail, code=code, **common)
+            return error_for_status(
+                err.status_code,
+                detail,
+                code=code,
+                retry_after=parse_retry_after(err.response.headers),
+                **common,
+            )
+        if isinstance(err, sdk.APITimeoutError):
+            return ProviderUnavailableError(
+                f"no response within the {self.timeout:g} s timeout from {self.base_url}",
+                **common,
+            )
+        if isinstance(err, sdk.APIConnectionError | self._transport_errors):
+            cause = err.__cause__ if isinstance(err, sdk.APIConnectionError) else err
+            reason = f"{type(cause).__name__}: {cause}" if cause is not None else str(err)
+            return ProviderUnavailableError(
+                redact(f"connection to {self.base_url} failed ({reason})", self._secrets),
+                **common,
+            )
+        if isinstance(err, sdk.APIResponseValidationError | ValueError):
+            return MalformedResponseError(
+                redact(f"the body is not a valid response: {err}", self._secrets), **common
+            )
+        credentials_error = getattr(sdk, "CredentialsError", None)
+        if credentials_error is not None and isinstance(err, credentials_error):
+            return AuthenticationError(
+                redact(f"no usable credentials: {err}", self._secrets), **common
+            )
+        if isinstance(err, sdk.APIError):
+            return ProviderUnavailableError(
+                redact(f"the server reported an error: {err.message}", self._secrets), **common
+            )
+        if isinstance(err, sdk.AnthropicError):
+            return TerminalProviderError(redact(str(err), self._secrets), **common)
+        raise err
+
+
+def to_anthropic_messages(
+    messages: Sequence[Message],
+) -> tuple[str | None, list[dict[str, Any]]]:
+    """``(system, messages)`` for the Messages API from canonical messages."""
+    system: list[str] = []
+    wire: list[dict[str, Any]] = []
+    for message in messages:
+        if message.role == "system":
+            system.append(message.content)
+            continue
+        blocks: list[dict[str, Any]] = []
+        if message.role == "tool":
+            role = "user"
+            result: dict[str, Any] = {
+                "type": "tool_result",
+                "tool_use_id": message.tool_call_id or "",
+                "content": message.content,
+            }
+            if message.is_error:
+                result["is_error"] = True
+            blocks.append(result)
+        else:
+            role = message.role
+            # The API rejects empty text blocks.
+            if message.content:
+                blocks.append({"type": "text", "text": message.content})
+            for call in message.tool_calls:
+                blocks.append(
+                    {
+                        "type": "tool_use",
+                        "id": call.id,
+                        "name": call.name,
+                        "input": _tool_input(call.arguments),
+                    }
+                )
+        if not blocks:
+            continue
+        if wire and wire[-1]["role"] == role:
+            # The API wants roles to alternate: merge, tool results first as they came.
+            wire[-1]["content"].extend(blocks)
+        else:
+            wire.append({"role": role, "content": blocks})
+    return ("\n\n".join(system) if system else None), wire
+
+
+def to_anthropic_tools(tools: Sequence[ToolSpec]) -> list[dict[str, Any]]:
+    """``tools`` as Messages API tool definitions."""
+    return [
+        {"name": t.name, "description": t.description, "input_schema": dict(t.parameters)}
+        for t in tools
+    ]
+
+
+def _tool_input(arguments: dict[str, Any] | str) -> dict[str, Any]:
+    # tool_use input must be an object; arguments another model sent as invalid JSON
+    # (kept verbatim) travel under one key rather than being dropped.
+    if isinstance(arguments, dict):
+        return arguments
+    parsed = parse_arguments(arguments)
+    return parsed if isinstance(parsed, dict) else {"_invalid_arguments": arguments}
+
+
+def _finish_reason(stop_reason: Any) -> str:
+    if not isinstance(stop_reason, str) or not stop_reason:
+        return "stop"
+    return _STOP_REASONS.get(stop_reason, stop_reason)
+
+
+def _api_message(err: Any) -> str:
+    message = getattr(err, "api_message", None)
+    if isinstance(message, str) and message:
+        return message
+    error = _field(err.body, "error")
+    message = _field(error, "message")
+    return message if isinstance(message, str) and message else str(err.message)
+
+
+def _error_type(body: Any) -> str:
+    return _text(_field(_field(body, "error"), "type"))
+
+
+def _input_tokens(usage: Any) -> int:
+    # Cached prompt tokens are prompt tokens too (billed at other rates; see README).
+    return (
+        _int(_field(usage, "input_tokens"))
+        + _int(_field(usage, "cache_creation_input_tokens"))
+        + _int(_field(usage, "cache_read_input_tokens"))
+    )
+
+
+def _import_sdk(name: str, model: str) -> Any:
+    try:
+        import anthropic as sdk
+    except ImportError:
+        err = TerminalProviderError(
+            "the 'anthropic' package is not installed", provider=name, model=model
+        )
+        err.hint = "install the optional extra: pip install 'perdure[anthropic]'"
+        raise err from None
+    return sdk
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    # The SDK does not wrap errors raised while reading a stream's body: a connection
+    # cut mid-stream surfaces as the HTTP library's own transport error.
+    errors: list[type[BaseException]] = [
+        OSError,
+        ssl.SSLError,
+        anyio.EndOfStream,
+        anyio.BrokenResourceError,
+    ]
+    for module_name in ("httpx2", "httpx", "httpcore2", "httpcore"):
+        try:
+            module = __import__(module_name)
+        except ImportError:
+            continue
+        for attr in ("TransportError", "NetworkError", "RemoteProtocolError", "ProtocolError"):
+            cls = getattr(module, attr, None)
+            if isinstance(cls, type) and issubclass(cls, BaseException):
+                errors.append(cls)
+    return tuple(errors)

@@ -1,0 +1,89 @@
+"""``Fallback``: a chain of providers where the next one serves when one is down."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
+
+from perdure.providers.errors import ProviderError, RetryableProviderError
+from perdure.providers.types import LLMRequest, LLMResponse, Provider, StreamEvent
+
+__all__ = ["Fallback"]
+
+log = logging.getLogger("perdure.providers")
+
+
+class Fallback:
+    """Try each provider in turn; the first that answers serves the request.
+
+    A member that fails with a :class:`RetryableProviderError` (after its own retries)
+    hands the request to the next member; a terminal error (bad key, bad request)
+    surfaces at once, since the next member would most likely reject the same request.
+    Each member is asked for its own ``model`` (the request's model is replaced), and
+    the response's ``provider`` and ``model`` say which member served. ``model`` is the
+    primary's model.
+
+    When every member fails, the last member's error is raised with ``failures`` set to
+    every member's error in order (and each chained to the one before as
+    ``__cause__``). Streaming falls back only while the failing member has not yielded
+    anything: once part of an answer has been seen, the failure is raised.
+    """
+
+    def __init__(self, providers: Sequence[Provider], *, name: str = "fallback") -> None:
+        self.providers: tuple[Provider, ...] = tuple(providers)
+        if not self.providers:
+            raise ValueError("Fallback needs at least one provider")
+        self.name = name
+
+    @property
+    def model(self) -> str:
+        """The primary's model."""
+        return self.providers[0].model
+
+    async def complete(self, request: LLMRequest) -> LLMResponse:
+        """The first member's answer that does not fail retryably."""
+        failures: list[RetryableProviderError] = []
+        for member in self.providers:
+            try:
+                return await member.complete(replace(request, model=member.model))
+            except RetryableProviderError as err:
+                failures.append(err)
+                self._log_fallback(member, err)
+        raise self._all_failed(failures)
+
+    async def stream(self, request: LLMRequest) -> AsyncIterator[StreamEvent]:
+        """The first member's stream that does not fail retryably before its first event."""
+        failures: list[RetryableProviderError] = []
+        for member in self.providers:
+            started = False
+            try:
+                async for event in member.stream(replace(request, model=member.model)):
+                    started = True
+                    yield event
+                return
+            except RetryableProviderError as err:
+                if started:
+                    raise
+                failures.append(err)
+                self._log_fallback(member, err)
+        raise self._all_failed(failures)
+
+    def _log_fallback(self, member: Provider, error: ProviderError) -> None:
+        log.warning("%s: member %r failed, trying the next one: %s", self.name, member.name, error)
+
+    def _all_failed(self, failures: list[RetryableProviderError]) -> ProviderError:
+        last = failures[-1]
+        last.failures = tuple(failures)
+        for earlier, later in itertools.pairwise(failures):
+            if later.__cause__ is None and later is not earlier:
+                later.__cause__ = earlier
+        note = f"{self.name}: every member failed: " + "; ".join(str(f) for f in failures)
+        if note not in getattr(last, "__notes__", ()):
+            last.add_note(note)
+        return last
+
+    def __repr__(self) -> str:
+        members = ", ".join(f"{p.name}:{p.model}" for p in self.providers)
+        return f"Fallback([{members}], name={self.name!r})"

@@ -1,0 +1,383 @@
+"""``OpenAI``: OpenAI and any OpenAI-compatible server, on the official ``openai`` client.
+
+It speaks the Chat Completions API, which vLLM, Ollama, llama.cpp's server and LM
+Studio also speak, so ``base_url`` is all it takes to point it at a local model. The
+``openai`` package is imported when a provider is constructed (it is the optional
+``perdure[openai]`` extra); its async client runs on httpx2/anyio, so it works under
+asyncio and trio alike. The client is created with ``max_retries=0``: our
+:class:`~perdure.providers.retry.RetryPolicy` is the only retry loop.
+
+A client's connection pool belongs to the event loop that first used it: use one
+``OpenAI`` instance from one event loop (the runtime does), and ``aclose()`` it, or use
+it as an async context manager, when done.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import AsyncIterator, Mapping
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from perdure.providers.errors import (
+    AuthenticationError,
+    MalformedResponseError,
+    ProviderError,
+    ProviderUnavailableError,
+    TerminalProviderError,
+    error_for_status,
+    redact,
+)
+from perdure.providers.openai_format import (
+    finish_reason_from_openai,
+    to_openai_messages,
+    to_openai_tools,
+)
+from perdure.providers.retry import RetryPolicy, parse_retry_after, retry_stream
+from perdure.providers.streams import ResponseAssembler, parse_arguments
+from perdure.providers.types import (
+    LLMRequest,
+    LLMResponse,
+    Message,
+    ResponseCompleted,
+    StreamEvent,
+    TextDelta,
+    ToolCall,
+    ToolCallDelta,
+    Usage,
+)
+from perdure.providers.wire import field as _field
+from perdure.providers.wire import text as _text
+
+if TYPE_CHECKING:
+    import openai as openai_sdk
+
+__all__ = ["OpenAI"]
+
+#: What local servers get as a key when none is configured: the client insists on one.
+PLACEHOLDER_API_KEY = "not-needed"
+
+
+class OpenAI:
+    """A model served by the OpenAI API or any OpenAI-compatible server.
+
+    ``api_key`` falls back to ``OPENAI_API_KEY`` and ``base_url`` to ``OPENAI_BASE_URL``.
+    Without a key, construction fails only when the endpoint is OpenAI's own; local
+    servers usually need none and get a placeholder. ``params`` are default request
+    parameters (``temperature``, ``max_tokens``, ...) that each request's ``params``
+    override; they are sent as fields of the request body. ``client`` is an existing
+    ``openai.AsyncOpenAI`` to use instead of creating one (its retries are turned off).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        organization: str | None = None,
+        timeout: float = 60.0,
+        retry: RetryPolicy = RetryPolicy(),  # noqa: B008 - frozen, sharing it is safe
+        params: Mapping[str, Any] | None = None,
+        name: str = "openai",
+        client: openai_sdk.AsyncOpenAI | None = None,
+    ) -> None:
+        sdk = _import_sdk(name, model)
+        self.model = model
+        self.name = name
+        self.retry = retry
+        self.timeout = timeout
+        self.params: dict[str, Any] = dict(params or {})
+        self._sdk = sdk
+        if client is not None:
+            # with_options copies the client and shares its connection pool.
+            self._client = client.with_options(max_retries=0)
+            self._owns_client = False
+            key = getattr(client, "api_key", None)
+            self.base_url = str(client.base_url)
+        else:
+            base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
+            key = api_key or os.environ.get("OPENAI_API_KEY") or None
+            if key is None:
+                if _is_openai_host(base_url):
+                    raise AuthenticationError(
+                        "no API key: pass OpenAI(..., api_key=...) or set OPENAI_API_KEY "
+                        "(or set base_url / OPENAI_BASE_URL to an OpenAI-compatible server "
+                        "that needs no key)",
+                        provider=name,
+                        model=model,
+                    )
+                key = PLACEHOLDER_API_KEY
+            self._client = sdk.AsyncOpenAI(
+                api_key=key,
+                base_url=base_url,
+                organization=organization,
+                timeout=timeout,
+                max_retries=0,
+            )
+            self._owns_client = True
+            self.base_url = str(self._client.base_url)
+        # Kept only to scrub it from error messages; never logged.
+        self._secrets: tuple[str, ...] = (key,) if isinstance(key, str) else ()
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Close the HTTP client (if this provider created it)."""
+        if self._owns_client:
+            await self._client.close()
+
+    async def __aenter__(self) -> OpenAI:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"OpenAI({self.model!r}, base_url={self.base_url!r}, name={self.name!r})"
+
+    # -- the protocol ------------------------------------------------------------
+
+    async def complete(self, request: LLMRequest) -> LLMResponse:
+        """One Chat Completions call, retried per ``retry``."""
+        return await self.retry.call(functools.partial(self._complete_once, request))
+
+    async def stream(self, request: LLMRequest) -> AsyncIterator[StreamEvent]:
+        """A streamed Chat Completions call; retried only until the first event."""
+        async for event in retry_stream(self.retry, functools.partial(self._stream_once, request)):
+            yield event
+
+    # -- one attempt -------------------------------------------------------------
+
+    def _arguments(self, request: LLMRequest, model: str) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "model": model,
+            "messages": to_openai_messages(request.messages),
+        }
+        if request.tools:
+            kwargs["tools"] = to_openai_tools(request.tools)
+        params = {**self.params, **request.params}
+        if params:
+            # As body fields: any server-specific parameter passes through unchanged.
+            kwargs["extra_body"] = params
+        return kwargs
+
+    async def _complete_once(self, request: LLMRequest) -> LLMResponse:
+        model = request.model or self.model
+        failure: ProviderError | None = None
+        completion: Any = None
+        try:
+            completion = await self._client.chat.completions.create(
+                **self._arguments(request, model)
+            )
+        except Exception as err:
+            failure = self._error(err, model)
+        # Raised outside the except block: the SDK's exception (whose request carries
+        # the Authorization header) must not ride along as __context__.
+        if failure is not None:
+            raise failure
+        return self._response(completion, model)
+
+    async def _stream_once(self, request: LLMRequest) -> AsyncIterator[StreamEvent]:
+        model = request.model or self.model
+        failure: ProviderError | None = None
+        stream: Any = None
+        try:
+            stream = await self._client.chat.completions.create(
+                **self._arguments(request, model),
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        except Exception as err:
+            failure = self._error(err, model)
+        if failure is not None:
+            raise failure
+
+        assembler = ResponseAssembler()
+        finish: Any = None
+        usage = Usage()
+        served = ""
+        async with stream:
+            chunks = stream.__aiter__()
+            while True:
+                try:
+                    chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    break
+                except Exception as err:
+                    failure = self._error(err, model)
+                if failure is not None:
+                    raise failure
+                served = served or _text(_field(chunk, "model"))
+                chunk_usage = _field(chunk, "usage")
+                if chunk_usage is not None:
+                    usage = self._usage(chunk_usage, model)
+                choices = _field(chunk, "choices") or []
+                for choice in choices[:1]:
+                    delta = _field(choice, "delta")
+                    text = _field(delta, "content")
+                    if isinstance(text, str) and text:
+                        assembler.addtext(text)
+                        yield TextDelta(text)
+                    for position, piece in enumerate(_field(delta, "tool_calls") or []):
+                        event = self._tool_call_delta(piece, position, model)
+                        assembler.add_tool_call(event)
+                        yield event
+                    reason = _field(choice, "finish_reason")
+                    if reason is not None:
+                        finish = reason
+        if finish is None:
+            raise ProviderUnavailableError(
+                "the stream ended before the model finished (no finish_reason): the "
+                "connection was probably cut",
+                provider=self.name,
+                model=model,
+            )
+        response = assembler.build(
+            finish_reason=finish_reason_from_openai(
+                finish, has_tool_calls=bool(assembler.tool_calls())
+            ),
+            usage=usage,
+            model=served or model,
+            provider=self.name,
+        )
+        yield ResponseCompleted(response)
+
+    # -- wire format -> canonical ------------------------------------------------
+
+    def _malformed(self, what: str, model: str) -> MalformedResponseError:
+        return MalformedResponseError(
+            f"{what} (from {self.base_url})", provider=self.name, model=model
+        )
+
+    def _response(self, completion: Any, model: str) -> LLMResponse:
+        choices = _field(completion, "choices")
+        if not isinstance(choices, list) or not choices:
+            raise self._malformed("the response has no 'choices'", model)
+        choice = choices[0]
+        message = _field(choice, "message")
+        if message is None:
+            raise self._malformed("the first choice has no 'message'", model)
+        content = _field(message, "content")
+        if content is None:
+            # A refusal comes instead of content; the caller should see it as text.
+            content = _field(message, "refusal") or ""
+        if not isinstance(content, str):
+            raise self._malformed(f"'content' is a {type(content).__name__}, not text", model)
+        calls = tuple(
+            self._tool_call(raw, position, model)
+            for position, raw in enumerate(_field(message, "tool_calls") or [])
+        )
+        return LLMResponse(
+            message=Message(role="assistant", content=content, tool_calls=calls),
+            finish_reason=finish_reason_from_openai(
+                _field(choice, "finish_reason"), has_tool_calls=bool(calls)
+            ),
+            usage=self._usage(_field(completion, "usage"), model),
+            model=_text(_field(completion, "model")) or model,
+            provider=self.name,
+        )
+
+    def _tool_call(self, raw: Any, position: int, model: str) -> ToolCall:
+        function = _field(raw, "function") or _field(raw, "custom")
+        name = _field(function, "name")
+        if not isinstance(name, str) or not name:
+            raise self._malformed(f"tool call {position} has no function name", model)
+        arguments = _field(function, "arguments")
+        if arguments is None:
+            arguments = _field(function, "input")
+        if isinstance(arguments, Mapping):
+            parsed: dict[str, Any] | str = dict(arguments)
+        elif isinstance(arguments, str):
+            parsed = parse_arguments(arguments)
+        elif arguments is None:
+            parsed = {}
+        else:
+            parsed = str(arguments)
+        call_id = _field(raw, "id")
+        return ToolCall(
+            id=call_id if isinstance(call_id, str) and call_id else f"call_{position}",
+            name=name,
+            arguments=parsed,
+        )
+
+    def _tool_call_delta(self, piece: Any, position: int, model: str) -> ToolCallDelta:
+        index = _field(piece, "index")
+        function = _field(piece, "function")
+        arguments = _field(function, "arguments")
+        return ToolCallDelta(
+            index=index if isinstance(index, int) else position,
+            id=_text(_field(piece, "id")) or None,
+            name=_text(_field(function, "name")) or None,
+            arguments=arguments if isinstance(arguments, str) else "",
+        )
+
+    def _usage(self, raw: Any, model: str) -> Usage:
+        if raw is None:
+            return Usage()
+        prompt = _field(raw, "prompt_tokens") or 0
+        completion = _field(raw, "completion_tokens") or 0
+        if not isinstance(prompt, int) or not isinstance(completion, int):
+            raise self._malformed(f"usage is not a pair of token counts: {raw!r}", model)
+        return Usage(prompt, completion)
+
+    # -- SDK exceptions -> ours --------------------------------------------------
+
+    def _error(self, err: Exception, model: str) -> ProviderError:
+        sdk = self._sdk
+        common: dict[str, Any] = {"provider": self.name, "model": model}
+        if isinstance(err, sdk.APIStatusError):
+            body = err.body
+            message = _field(body, "message") if isinstance(body, Mapping) else None
+            detail = redact(message if isinstance(message, str) else err.message, self._secrets)
+            return error_for_status(
+                err.status_code,
+                detail,
+                code=err.code,
+                retry_after=parse_retry_after(err.response.headers),
+                **common,
+            )
+        if isinstance(err, sdk.APITimeoutError):
+            return ProviderUnavailableError(
+                f"no response within the {self.timeout:g} s timeout from {self.base_url}",
+                **common,
+            )
+        if isinstance(err, sdk.APIConnectionError):
+            cause = err.__cause__
+            reason = f"{type(cause).__name__}: {cause}" if cause is not None else err.message
+            return ProviderUnavailableError(
+                redact(f"connection to {self.base_url} failed ({reason})", self._secrets),
+                **common,
+            )
+        if isinstance(err, sdk.APIResponseValidationError | ValueError):
+            return self._malformed(
+                redact(f"the body is not a valid response: {err}", self._secrets), model
+            )
+        if isinstance(err, sdk.APIError):
+            # An error event inside a stream: the server gave up mid-answer.
+            return ProviderUnavailableError(
+                redact(f"the server reported an error: {err.message}", self._secrets), **common
+            )
+        if isinstance(err, sdk.OpenAIError):
+            return TerminalProviderError(redact(str(err), self._secrets), **common)
+        raise err
+
+
+def _import_sdk(name: str, model: str) -> Any:
+    try:
+        import openai as sdk
+    except ImportError:
+        err = TerminalProviderError(
+            "the 'openai' package is not installed", provider=name, model=model
+        )
+        err.hint = "install it with: pip install 'perdure[openai]'"
+        raise err from None
+    return sdk
+
+
+def _is_openai_host(base_url: str | None) -> bool:
+    if base_url is None:
+        return True
+    host = urlsplit(base_url).hostname or ""
+    return host == "openai.com" or host.endswith(".openai.com")

@@ -1,0 +1,73 @@
+"""The canonical chat format in OpenAI's Chat Completions wire shape, and back.
+
+Pure functions with no dependency on the ``openai`` package: the OpenAI adapter sends
+these dicts over HTTP, and :class:`~perdure.providers.CallableProvider` hands them to
+user functions, so a function can forward them to any OpenAI-compatible API unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from perdure.providers.streams import arguments_json
+from perdure.providers.types import Message, ToolSpec
+
+__all__ = ["finish_reason_from_openai", "to_openai_messages", "to_openai_tools"]
+
+
+def to_openai_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
+    """``messages`` as Chat Completions message dicts.
+
+    Assistant tool calls carry their arguments as a JSON string (raw strings, kept when
+    a model sent invalid JSON, go back verbatim); tool results become ``tool`` messages
+    with their ``tool_call_id``. The Chat Completions format has no error flag on tool
+    results, so ``is_error`` must already be visible in the content.
+    """
+    return [_message(m) for m in messages]
+
+
+def _message(message: Message) -> dict[str, Any]:
+    role = message.role
+    if role == "tool":
+        return {
+            "role": "tool",
+            "tool_call_id": message.tool_call_id or "",
+            "content": message.content,
+        }
+    if role == "assistant" and message.tool_calls:
+        return {
+            "role": "assistant",
+            # OpenAI's own shape for a turn that only calls tools is content: null.
+            "content": message.content or None,
+            "tool_calls": [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.name, "arguments": arguments_json(call.arguments)},
+                }
+                for call in message.tool_calls
+            ],
+        }
+    wire: dict[str, Any] = {"role": role, "content": message.content}
+    if message.name is not None and role in ("user", "system"):
+        wire["name"] = message.name
+    return wire
+
+
+def to_openai_tools(tools: Sequence[ToolSpec]) -> list[dict[str, Any]]:
+    """``tools`` as Chat Completions ``function`` tools."""
+    return [{"type": "function", "function": tool.to_dict()} for tool in tools]
+
+
+def finish_reason_from_openai(reason: object, *, has_tool_calls: bool) -> str:
+    """The canonical finish reason (OpenAI's vocabulary is the canonical one).
+
+    Some OpenAI-compatible servers answer ``"stop"`` (or nothing) for a turn that calls
+    tools; such a turn is reported as ``"tool_calls"`` so callers need check one value.
+    """
+    if has_tool_calls and reason in (None, "stop", "function_call"):
+        return "tool_calls"
+    if isinstance(reason, str) and reason:
+        return reason
+    return "stop"

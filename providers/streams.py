@@ -1,0 +1,136 @@
+"""Building streams from responses and responses from streams.
+
+- :func:`events_from_response` turns a whole response into the events of a stream
+  (word-sized text deltas, one delta per tool call, then ``ResponseCompleted``): what
+  providers without native streaming (Scripted, CallableProvider) yield.
+- :class:`ResponseAssembler` accumulates text and tool-call deltas (by index) into the
+  final response: what the OpenAI and Anthropic adapters build while streaming.
+- :func:`parse_arguments` decodes tool-call arguments, keeping invalid JSON verbatim.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from perdure.providers.types import (
+    LLMResponse,
+    Message,
+    ResponseCompleted,
+    StreamEvent,
+    TextDelta,
+    ToolCall,
+    ToolCallDelta,
+    Usage,
+)
+
+__all__ = [
+    "ResponseAssembler",
+    "arguments_json",
+    "events_from_response",
+    "parse_arguments",
+    "split_words",
+]
+
+_WORD = re.compile(r"\s*\S+|\s+")
+
+
+def split_words(text: str) -> list[str]:
+    """``text`` cut into word-sized pieces (each word with its leading whitespace).
+
+    The pieces join back to ``text`` exactly.
+    """
+    return _WORD.findall(text)
+
+
+def parse_arguments(text: str) -> dict[str, Any] | str:
+    """Tool-call arguments from their JSON text.
+
+    A JSON object becomes a dict; empty text means no arguments (``{}``); anything else
+    (invalid JSON, a JSON list or number) is kept verbatim as a ``str`` so the runtime
+    can tell the model its arguments were invalid instead of failing the step.
+    """
+    if not text.strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, dict) else text
+
+
+def arguments_json(arguments: dict[str, Any] | str) -> str:
+    """The JSON text of tool-call arguments (a raw string is sent back verbatim)."""
+    if isinstance(arguments, str):
+        return arguments
+    return json.dumps(arguments, ensure_ascii=False, separators=(",", ":"))
+
+
+def events_from_response(response: LLMResponse) -> Iterator[StreamEvent]:
+    """The stream a provider without native streaming yields for ``response``."""
+    for word in split_words(response.message.content):
+        yield TextDelta(word)
+    for index, call in enumerate(response.message.tool_calls):
+        yield ToolCallDelta(
+            index=index, id=call.id, name=call.name, arguments=arguments_json(call.arguments)
+        )
+    yield ResponseCompleted(response)
+
+
+class ResponseAssembler:
+    """Accumulates streamed deltas into an :class:`LLMResponse`.
+
+    Tool-call pieces are keyed by their index in the turn: the first piece of a call
+    carries its id and name, later pieces append to its JSON arguments.
+    """
+
+    def __init__(self) -> None:
+        self._text: list[str] = []
+        self._calls: dict[int, list[Any]] = {}  # index -> [id, name, [argument pieces]]
+
+    def add_text(self, text: str) -> None:
+        """Append assistant text."""
+        if text:
+            self._text.append(text)
+
+    def add_tool_call(self, delta: ToolCallDelta) -> None:
+        """Merge one tool-call piece."""
+        entry = self._calls.setdefault(delta.index, [None, None, []])
+        if delta.id:
+            entry[0] = delta.id
+        if delta.name and not entry[1]:
+            entry[1] = delta.name
+        if delta.arguments:
+            entry[2].append(delta.arguments)
+
+    @property
+    def text(self) -> str:
+        """The text so far."""
+        return "".join(self._text)
+
+    def tool_calls(self) -> tuple[ToolCall, ...]:
+        """The tool calls so far, in index order, arguments decoded."""
+        calls = []
+        for position, index in enumerate(sorted(self._calls)):
+            call_id, name, pieces = self._calls[index]
+            calls.append(
+                ToolCall(
+                    # A server that never sent an id still gets a stable, unique one.
+                    id=call_id or f"call_{position}",
+                    name=name or "",
+                    arguments=parse_arguments("".join(pieces)),
+                )
+            )
+        return tuple(calls)
+
+    def build(self, *, finish_reason: str, usage: Usage, model: str, provider: str) -> LLMResponse:
+        """The assembled response."""
+        return LLMResponse(
+            message=Message(role="assistant", content=self.text, tool_calls=self.tool_calls()),
+            finish_reason=finish_reason,
+            usage=usage,
+            model=model,
+            provider=provider,
+        )
