@@ -13,8 +13,8 @@ from perdure.context import current_execution_id as current_execution_id
 from perdure.context import current_idempotency_key as current_idempotency_key
 from perdure.context import current_step as current_step
 from perdure.context import wait_for_signal as wait_for_signal
-from perdure.drift import ReplayReport as ReplayReport
 from perdure.drift import Replayer as Replayer
+from perdure.drift import ReplayReport as ReplayReport
 from perdure.errors import AgentDefinitionError as AgentDefinitionError
 from perdure.errors import DriftError as DriftError
 from perdure.errors import ExecutionError as ExecutionError

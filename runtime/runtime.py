@@ -29,6 +29,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
+from urllib.parse import quote, unquote
 
 import anyio
 import anyio.abc
@@ -61,9 +62,9 @@ from perdure.execution_actor import Deliver, ExecutionActor
 from perdure.fingerprint import digest
 from perdure.inbox import InboxPump
 from perdure.journal import Journal, load_state
-from perdure.log import ConflictError, EventLog, LmdbLog
+from perdure.log import ConflictError, EventLog
 from perdure.log.protocol import ANY, Durability
-from perdure.providers.pricing import Pricing
+from perdure.providers.pricing import Price, Pricing
 from perdure.providers.types import LLMResponse
 from perdure.result import ExecutionInfo, Result
 from perdure.signals import precheck
@@ -165,7 +166,8 @@ class Runtime:
         self.durability: Durability = durability
         self._given_log = log
         self.log: EventLog = log  # type: ignore[assignment]  # set in __aenter__
-        self.pricing = pricing or Pricing.default()
+        # Scripted runs are free unless a test prices its model on purpose.
+        self.pricing = pricing or Pricing.default().with_prices({"scripted": Price(0.0, 0.0)})
         self.max_concurrency = max_concurrency
         self.shutdown_timeout = shutdown_timeout
         self.max_restarts = max_restarts
@@ -203,6 +205,8 @@ class Runtime:
         else:
             if self.path is None:
                 raise ValueError("Runtime needs a data dir path or a log")
+            from perdure.log import LmdbLog
+
             self.log = await LmdbLog.open(
                 self.path, types=record_types(), durability=self.durability
             )
@@ -517,8 +521,9 @@ class Runtime:
     async def _start_actor(self, eid: str, drive: bool) -> Any:
         """The ref of the execution's actor, starting one if there is none."""
         assert self._executions is not None
+        key = _child_key(eid)
         while True:
-            ref = self._executions.ref(eid)
+            ref = self._executions.ref(key)
             if ref is not None:
                 actor = self._live.get(eid)
                 if not drive or actor is None or actor.driving:
@@ -540,7 +545,7 @@ class Runtime:
         done = self._starting[eid] = anyio.Event()
         try:
             spec = ChildSpec(
-                eid,
+                key,
                 lambda: ExecutionActor(self, eid, agent, drive=eid in self._slots),
                 restart="transient",
                 shutdown=self.shutdown_timeout,
@@ -566,12 +571,12 @@ class Runtime:
             del self._live[eid]
 
     def _on_lifecycle(self, event: LifecycleEvent) -> None:
-        if event.kind != "stopped" or event.will_restart:
+        if event.kind not in ("stopped", "crashed") or event.will_restart:
             return
-        eid = event.child_id
+        eid = _execution_id(event.child)
         self._release(eid)
-        error = event.error
-        if error is not None and self._tg is not None and self._open:
+        error = event.reason.error if event.reason is not None else None
+        if event.kind == "crashed" and error is not None and self._tg is not None and self._open:
             self._tg.start_soon(self._record_crash, eid, error)
 
     async def _record_crash(self, eid: str, error: BaseException) -> None:
@@ -974,6 +979,15 @@ class Runtime:
         finally:
             self._sinks.pop(eid, None)
             send.close()
+
+
+def _child_key(execution_id: str) -> str:
+    # Supervisor child ids are path segments; execution ids may contain "/".
+    return quote(execution_id, safe="")
+
+
+def _execution_id(child_key: str) -> str:
+    return unquote(child_key)
 
 
 def _child_outcome(child: str, payload: Mapping[str, Any]) -> Any:

@@ -1,0 +1,227 @@
+"""The pure core: apply folds events into state, plan decides what comes next."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from perdure.events import (
+    ApprovalGranted,
+    ApprovalRejected,
+    ApprovalRequested,
+    BudgetRaised,
+    Event,
+    ExecutionStarted,
+    ExecutionSuspended,
+    LLMCompleted,
+    SignalAwaited,
+    SignalReceived,
+    ToolCompleted,
+    ToolResolved,
+    ToolStarted,
+    decode,
+    encode,
+)
+from perdure.log.protocol import Record
+from perdure.state import CallLLM, ExecutionState, Fail, Run, Suspend, apply, plan
+
+
+def started(**kw: Any) -> ExecutionStarted:
+    base: dict[str, Any] = dict(
+        execution_id="x1",
+        agent="a",
+        prompt="hi",
+        run_id="r",
+        definition={},
+        max_steps=10,
+    )
+    base.update(kw)
+    return ExecutionStarted(**base)
+
+
+def llm(step: int, *calls: tuple[str, dict[str, Any]], text: str = "") -> LLMCompleted:
+    tool_calls = [{"id": f"c{step}-{i}", "name": n, "arguments": a} for i, (n, a) in enumerate(calls)]
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    response = {
+        "message": message,
+        "finish_reason": "tool_calls" if calls else "stop",
+        "usage": {"input": 10, "output": 5},
+        "model": "m",
+        "provider": "p",
+    }
+    return LLMCompleted(step, response, "fp", 0.01, 1.0)
+
+
+def tstart(step: int, *, idempotent: bool = True, attempt: int = 1) -> ToolStarted:
+    return ToolStarted(step, 1, step - 2, f"c1-{step - 2}", "t", {}, f"k{step}", "fp", idempotent, attempt)
+
+
+def fold(*events: Event) -> ExecutionState:
+    state = ExecutionState()
+    for e in events:
+        apply(state, e)
+    return state
+
+
+def test_fresh_execution_calls_the_model() -> None:
+    state = fold(started())
+    assert state.status == "running"
+    assert [m.content for m in state.messages] == ["hi"]
+    assert plan(state) == CallLLM()
+
+
+def test_tool_calls_get_positional_steps_and_are_admitted() -> None:
+    state = fold(started(), llm(1, ("t", {"a": 1}), ("t", {"a": 2})))
+    assert [c.step for c in state.calls] == [2, 3]
+    assert state.step == 3
+    action = plan(state)
+    assert isinstance(action, Run)
+    assert [c.step for c in action.admit] == [2, 3] and action.rerun == ()
+
+
+def test_results_join_the_transcript_in_call_order_not_completion_order() -> None:
+    head = [started(), llm(1, ("t", {}), ("t", {})), tstart(2), tstart(3)]
+    a = fold(*head, ToolCompleted(2, "ok", "first"), ToolCompleted(3, "ok", "second"))
+    b = fold(*head, ToolCompleted(3, "ok", "second"), ToolCompleted(2, "ok", "first"))
+    assert a.messages == b.messages
+    assert [m.content for m in a.messages[-2:]] == ["first", "second"]
+    assert a.calls == [] and plan(a) == CallLLM()
+
+
+def test_tool_errors_are_marked_as_errors_for_the_model() -> None:
+    state = fold(
+        started(),
+        llm(1, ("t", {})),
+        tstart(2),
+        ToolCompleted(2, "error", error={"type": "ValueError", "message": "boom"}),
+    )
+    last = state.messages[-1]
+    assert last.role == "tool" and last.is_error
+    assert last.content == "ERROR (ValueError): boom"
+
+
+def test_in_doubt_idempotent_call_is_rerun_with_its_key() -> None:
+    state = fold(started(), llm(1, ("t", {})), tstart(2))
+    action = plan(state)
+    assert isinstance(action, Run) and [c.key for c in action.rerun] == ["k2"]
+
+
+def test_in_doubt_non_idempotent_call_suspends_for_a_person() -> None:
+    state = fold(started(), llm(1, ("t", {})), tstart(2, idempotent=False))
+    action = plan(state)
+    assert isinstance(action, Suspend)
+    assert action.reason["kind"] == "unknown_outcome"
+    assert action.reason["key"] == "k2" and action.reason["step"] == 2
+    # an operator's retry makes it runnable again
+    state = fold(
+        started(), llm(1, ("t", {})), tstart(2, idempotent=False),
+        ExecutionSuspended(action.reason), ToolResolved(2, "retry", "ops"),
+    )
+    assert state.status == "running"
+    assert isinstance(plan(state), Run)
+
+
+def test_approval_suspends_and_a_signal_unblocks_at_once() -> None:
+    req = ApprovalRequested(2, "c-1", "t", {}, "approval", message="needs ok")
+    state = fold(started(), llm(1, ("t", {})), req)
+    action = plan(state)
+    assert isinstance(action, Suspend) and action.reason["confirmation_id"] == "c-1"
+    apply(state, ExecutionSuspended(action.reason))
+    assert state.status == "suspended"
+    apply(state, ApprovalGranted("c-1", "ops", signal_seq=7))
+    # status flips in apply, so the index written with this event says "running"
+    assert state.status == "running" and state.last_signal_seq == 7
+    assert isinstance(plan(state), Run)
+
+
+def test_rejection_reaches_the_model_marked_as_rejected() -> None:
+    req = ApprovalRequested(2, "c-1", "transfer", {}, "approval")
+    state = fold(started(), llm(1, ("transfer", {})), req)
+    apply(state, ExecutionSuspended(plan(state).reason))  # type: ignore[union-attr]
+    apply(state, ApprovalRejected("c-1", "alice", "too much money"))
+    assert state.status == "running"
+    last = state.messages[-1]
+    assert last.is_error and last.content == "REJECTED by alice: too much money"
+    assert plan(state) == CallLLM()
+
+
+def test_budget_exhaustion_and_raise() -> None:
+    state = fold(started(budget={"max_llm_calls": 1}), llm(1, text="partial"))
+    # (a final answer would have completed it; pretend the turn had no calls and went on)
+    action = plan(state)
+    assert isinstance(action, Suspend) and action.reason["limit"] == "max_llm_calls"
+    apply(state, ExecutionSuspended(action.reason))
+    apply(state, BudgetRaised({"max_llm_calls": 3}, "ops"))
+    assert state.status == "running" and plan(state) == CallLLM()
+
+
+def test_tool_budget_defers_calls_beyond_it() -> None:
+    state = fold(started(budget={"max_tool_calls": 1}), llm(1, ("t", {}), ("t", {})))
+    action = plan(state)
+    assert isinstance(action, Run) and [c.step for c in action.admit] == [2]
+    apply(state, tstart(2))
+    apply(state, ToolCompleted(2, "ok", 1))
+    action = plan(state)
+    assert isinstance(action, Suspend) and action.reason["limit"] == "max_tool_calls"
+
+
+def test_max_steps_fails() -> None:
+    state = fold(started(max_steps=1), llm(1, ("t", {})), tstart(2), ToolCompleted(2, "ok", 1))
+    action = plan(state)
+    assert isinstance(action, Fail) and action.kind == "max_steps"
+
+
+def test_waiting_tool_resumes_when_its_signal_arrives() -> None:
+    state = fold(started(), llm(1, ("t", {})), tstart(2), SignalAwaited(2, "signal", "paid", {"name": "paid"}))
+    action = plan(state)
+    assert isinstance(action, Suspend) and action.reason == {
+        "kind": "signal", "name": "paid", "step": 2, "tool": "t",
+        "pending": [{"kind": "signal", "name": "paid", "step": 2, "tool": "t"}],
+    }
+    apply(state, ExecutionSuspended(action.reason))
+    apply(state, SignalReceived("other", 1, "ops"))
+    assert state.status == "suspended"
+    apply(state, SignalReceived("paid", {"ok": True}, "ops"))
+    assert state.status == "running"
+    action = plan(state)
+    assert isinstance(action, Run) and action.rerun[0].step == 2
+
+
+# -- codec and determinism ---------------------------------------------------------------
+
+_EVENTS = st.sampled_from(
+    [
+        started(),
+        llm(1, ("t", {"q": [1, 2.5, None, "x"]})),
+        tstart(2),
+        ToolCompleted(2, "ok", {"nested": {"list": [True, b"bytes"]}}),
+        ApprovalRequested(2, "c-1", "t", {"a": 1}, "contract", contract="limit", message="no"),
+        BudgetRaised({"max_dollars": 1.5}, "ops", 3),
+    ]
+)
+
+
+@given(_EVENTS)
+def test_events_round_trip_through_records(event: Event) -> None:
+    new = encode(event)
+    record = Record("exec/x1", 1, new.type, new.version, 0.0, new.payload)
+    assert decode(record) == event
+
+
+@given(st.permutations([2, 3, 4]), st.lists(st.sampled_from(["ok", "error"]), min_size=3, max_size=3))
+def test_replaying_the_same_log_gives_the_same_state(order: list[int], outcomes: list[str]) -> None:
+    events: list[Event] = [started(), llm(1, ("t", {}), ("t", {}), ("t", {}))]
+    events += [tstart(s) for s in (2, 3, 4)]
+    events += [
+        ToolCompleted(s, o, s if o == "ok" else None, None if o == "ok" else {"type": "E", "message": "m"})
+        for s, o in zip(order, outcomes, strict=True)
+    ]
+    live = fold(*events)
+    replayed = ExecutionState()
+    for e in events:
+        apply(replayed, decode(Record("s", 1, encode(e).type, 1, 0.0, encode(e).payload)))
+    assert replayed == live

@@ -1,0 +1,161 @@
+"""Tools: schemas derived from hints and docstrings, and argument validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Annotated, Literal, TypedDict
+
+import pytest
+
+from perdure import AgentDefinitionError, Tool, ToolArgumentsError, tool
+from perdure.fingerprint import code_digest
+
+
+class Unit(enum.Enum):
+    C = "celsius"
+    F = "fahrenheit"
+
+
+@dataclasses.dataclass
+class Address:
+    street: str
+    zip: str | None = None
+
+
+class Line(TypedDict):
+    sku: str
+    qty: int
+
+
+def test_schema_from_hints_defaults_and_docstring() -> None:
+    @tool("quote", description="Quote an order")
+    def quote(
+        customer: str,
+        lines: list[Line],
+        unit: Unit = Unit.C,
+        express: bool = False,
+        note: Annotated[str, "free text for the courier"] = "",
+        address: Address | None = None,
+        mode: Literal["air", "sea"] = "air",
+    ) -> dict:
+        """Quote.
+
+        Args:
+            customer: Who pays.
+            lines: What they buy.
+        """
+        return {}
+
+    schema = quote.parameters
+    props = schema["properties"]
+    assert schema["required"] == ["customer", "lines"]
+    assert schema["additionalProperties"] is False
+    assert props["customer"] == {"type": "string", "description": "Who pays."}
+    assert props["lines"]["items"]["properties"]["qty"] == {"type": "integer"}
+    assert props["lines"]["description"] == "What they buy."
+    assert props["unit"]["enum"] == ["celsius", "fahrenheit"]
+    assert props["express"] == {"type": "boolean", "default": False}
+    assert props["note"]["description"] == "free text for the courier"
+    assert props["mode"] == {"enum": ["air", "sea"], "type": "string", "default": "air"}
+    assert props["address"]["anyOf"][1] == {"type": "null"}
+    assert props["address"]["anyOf"][0]["required"] == ["street"]
+
+
+def test_bare_decorator_uses_name_and_docstring() -> None:
+    @tool
+    def lookup(order_id: int) -> str:
+        """Find an order by id.
+
+        More detail that the model does not need.
+        """
+        return str(order_id)
+
+    assert isinstance(lookup, Tool)
+    assert lookup.name == "lookup"
+    assert lookup.description == "Find an order by id."
+    assert lookup(7) == "7"  # still callable directly, for unit tests
+
+
+@pytest.mark.parametrize(
+    ("arguments", "fragment"),
+    [
+        ({"location": 3}, "arguments.location: expected string, got integer 3"),
+        ({}, "missing required 'location'"),
+        ({"location": "x", "extra": 1}, "unexpected 'extra'"),
+        ({"location": "x", "days": "3"}, "arguments.days"),
+        ({"location": "x", "unit": "k"}, "'k' is not one of 'c', 'f'"),
+        ('{"location": ', "must be a JSON object"),
+        ([1, 2], "must be a JSON object, got list"),
+    ],
+)
+def test_invalid_arguments_name_the_problem(arguments: object, fragment: str) -> None:
+    @tool("get_weather")
+    def get_weather(location: str, unit: Literal["c", "f"] = "c", days: int | None = None) -> dict:
+        return {}
+
+    with pytest.raises(ToolArgumentsError) as info:
+        get_weather.check_arguments(arguments)
+    assert fragment in str(info.value)
+
+
+def test_valid_arguments_pass_including_int_for_number() -> None:
+    @tool
+    def charge(amount: float, currency: str = "EUR") -> None: ...
+
+    assert charge.check_arguments({"amount": 5}) == {"amount": 5}
+    with pytest.raises(ToolArgumentsError):
+        charge.check_arguments({"amount": True})  # a bool is not a number in JSON
+
+
+def test_unsupported_definitions_are_refused_clearly() -> None:
+    with pytest.raises(AgentDefinitionError, match="name every parameter"):
+
+        @tool
+        def variadic(*args: int) -> None: ...
+
+    with pytest.raises(AgentDefinitionError, match="cannot be described as JSON Schema"):
+
+        @tool
+        def opaque(thing: object) -> None: ...
+
+    with pytest.raises(AgentDefinitionError, match="not accepted by model APIs"):
+
+        @tool("has spaces")
+        def fine(x: int) -> None: ...
+
+
+def test_code_digest_ignores_formatting_comments_docstring_and_decorators() -> None:
+    def a(x: int) -> int:
+        """One."""
+        return x + 1  # comment
+
+    def b(x: int) -> int:
+        """Two, reworded."""
+        # different comment
+        return (x + 1)
+
+    def c(x: int) -> int:
+        return x + 2
+
+    assert code_digest(a) == code_digest(b)
+    assert code_digest(a) != code_digest(c)
+
+
+def test_fingerprint_changes_per_field() -> None:
+    def make(description: str, body_plus: int) -> Tool:
+        if body_plus == 1:
+
+            def f(x: int) -> int:
+                return x + 1
+        else:
+
+            def f(x: int) -> int:
+                return x + 2
+
+        return Tool(f, name="f", description=description)
+
+    base = make("adds", 1)
+    assert make("adds", 1).fingerprint == base.fingerprint
+    assert make("adds one", 1).fingerprint["description"] != base.fingerprint["description"]
+    assert make("adds", 2).fingerprint["code"] != base.fingerprint["code"]
