@@ -7,6 +7,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+
 from perdure.log import EventLog, LogError, MemoryLog, NewRecord, RecordTypes
 
 from .conformance import TYPES, EventLogConformance, note

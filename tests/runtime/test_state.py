@@ -42,7 +42,9 @@ def started(**kw: Any) -> ExecutionStarted:
 
 
 def llm(step: int, *calls: tuple[str, dict[str, Any]], text: str = "") -> LLMCompleted:
-    tool_calls = [{"id": f"c{step}-{i}", "name": n, "arguments": a} for i, (n, a) in enumerate(calls)]
+    tool_calls = [
+        {"id": f"c{step}-{i}", "name": n, "arguments": a} for i, (n, a) in enumerate(calls)
+    ]
     message: dict[str, Any] = {"role": "assistant", "content": text}
     if tool_calls:
         message["tool_calls"] = tool_calls
@@ -57,7 +59,9 @@ def llm(step: int, *calls: tuple[str, dict[str, Any]], text: str = "") -> LLMCom
 
 
 def tstart(step: int, *, idempotent: bool = True, attempt: int = 1) -> ToolStarted:
-    return ToolStarted(step, 1, step - 2, f"c1-{step - 2}", "t", {}, f"k{step}", "fp", idempotent, attempt)
+    return ToolStarted(
+        step, 1, step - 2, f"c1-{step - 2}", "t", {}, f"k{step}", "fp", idempotent, attempt
+    )
 
 
 def fold(*events: Event) -> ExecutionState:
@@ -118,8 +122,11 @@ def test_in_doubt_non_idempotent_call_suspends_for_a_person() -> None:
     assert action.reason["key"] == "k2" and action.reason["step"] == 2
     # an operator's retry makes it runnable again
     state = fold(
-        started(), llm(1, ("t", {})), tstart(2, idempotent=False),
-        ExecutionSuspended(action.reason), ToolResolved(2, "retry", "ops"),
+        started(),
+        llm(1, ("t", {})),
+        tstart(2, idempotent=False),
+        ExecutionSuspended(action.reason),
+        ToolResolved(2, "retry", "ops"),
     )
     assert state.status == "running"
     assert isinstance(plan(state), Run)
@@ -176,10 +183,18 @@ def test_max_steps_fails() -> None:
 
 
 def test_waiting_tool_resumes_when_its_signal_arrives() -> None:
-    state = fold(started(), llm(1, ("t", {})), tstart(2), SignalAwaited(2, "signal", "paid", {"name": "paid"}))
+    state = fold(
+        started(),
+        llm(1, ("t", {})),
+        tstart(2),
+        SignalAwaited(2, "signal", "paid", {"name": "paid"}),
+    )
     action = plan(state)
     assert isinstance(action, Suspend) and action.reason == {
-        "kind": "signal", "name": "paid", "step": 2, "tool": "t",
+        "kind": "signal",
+        "name": "paid",
+        "step": 2,
+        "tool": "t",
         "pending": [{"kind": "signal", "name": "paid", "step": 2, "tool": "t"}],
     }
     apply(state, ExecutionSuspended(action.reason))
@@ -212,12 +227,16 @@ def test_events_round_trip_through_records(event: Event) -> None:
     assert decode(record) == event
 
 
-@given(st.permutations([2, 3, 4]), st.lists(st.sampled_from(["ok", "error"]), min_size=3, max_size=3))
+@given(
+    st.permutations([2, 3, 4]), st.lists(st.sampled_from(["ok", "error"]), min_size=3, max_size=3)
+)
 def test_replaying_the_same_log_gives_the_same_state(order: list[int], outcomes: list[str]) -> None:
     events: list[Event] = [started(), llm(1, ("t", {}), ("t", {}), ("t", {}))]
     events += [tstart(s) for s in (2, 3, 4)]
     events += [
-        ToolCompleted(s, o, s if o == "ok" else None, None if o == "ok" else {"type": "E", "message": "m"})
+        ToolCompleted(
+            s, o, s if o == "ok" else None, None if o == "ok" else {"type": "E", "message": "m"}
+        )
         for s, o in zip(order, outcomes, strict=True)
     ]
     live = fold(*events)

@@ -133,7 +133,7 @@ def test_code_digest_ignores_formatting_comments_docstring_and_decorators() -> N
     def b(x: int) -> int:
         """Two, reworded."""
         # different comment
-        return (x + 1)
+        return x + 1
 
     def c(x: int) -> int:
         return x + 2

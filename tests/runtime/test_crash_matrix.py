@@ -1,0 +1,125 @@
+"""Real crashes: a worker process SIGKILLs itself at points hypothesis chooses.
+
+After every sequence of crashes and restarts, the final transcript must equal an
+uncrashed run's, every tool call that completed without interruption must have run
+exactly once, and an interrupted call at most twice, with the same idempotency key.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_worker(data_dir: Path, side: Path, crash: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tests.runtime.crash_worker", str(data_dir), str(side), crash],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def run_until_done(data_dir: Path, side: Path, crashes: list[str]) -> dict[str, Any]:
+    """Run the worker with each crash spec in turn, then without, until it completes."""
+    for crash in [*crashes, "none"]:
+        proc = run_worker(data_dir, side, crash)
+        if proc.returncode == 0:
+            return json.loads(proc.stdout.strip().splitlines()[-1])
+        assert proc.returncode == -signal.SIGKILL, (
+            f"worker with crash={crash} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
+        )
+    raise AssertionError("the worker never completed")
+
+
+def side_effects(side: Path) -> list[tuple[str, str, str]]:
+    if not side.exists():
+        return []
+    return [tuple(line.split("\t")) for line in side.read_text().splitlines()]  # type: ignore[misc]
+
+
+def attempts_by_key(data_dir: Path) -> dict[str, int]:
+    """How many times the log says each tool call was started (by idempotency key)."""
+    import anyio
+
+    from perdure.events import execution_stream, record_types
+    from perdure.log import LmdbLog
+
+    async def read() -> dict[str, int]:
+        log = await LmdbLog.open(data_dir, types=record_types(), client=True)
+        try:
+            out: dict[str, int] = {}
+            async for rec in log.read(execution_stream("order-1")):
+                if rec.type == "tool.started":
+                    out[rec.payload["key"]] = rec.payload["attempt"]
+            return out
+        finally:
+            await log.aclose()
+
+    return anyio.run(read)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    base = tmp_path_factory.mktemp("reference")
+    result = run_until_done(base / "data", base / "side.txt", [])
+    assert result["status"] == "completed"
+    assert len(side_effects(base / "side.txt")) == 4
+    return result
+
+
+CRASH = st.one_of(
+    st.tuples(st.sampled_from(["llm", "step"]), st.integers(1, 7)),
+    st.tuples(st.sampled_from(["tool-before", "tool-after"]), st.integers(1, 4)),
+).map(lambda t: f"{t[0]}:{t[1]}")
+
+
+@settings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(crashes=st.lists(CRASH, min_size=1, max_size=3))
+def test_crash_anywhere_same_transcript_each_effect_once(
+    crashes: list[str], reference: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    base = tmp_path_factory.mktemp("crash")
+    data_dir, side = base / "data", base / "side.txt"
+    result = run_until_done(data_dir, side, crashes)
+    assert result == reference
+    effects = side_effects(side)
+    per_key = Counter(key for key, _, _ in effects)
+    attempts = attempts_by_key(data_dir)
+    assert set(per_key) <= set(attempts), "a side effect ran under a key the log never issued"
+    assert len(attempts) == 4  # four tool calls, whatever the crashes
+    for key, count in per_key.items():
+        if attempts[key] == 1:
+            assert count == 1, f"{key} completed without interruption yet ran {count} times"
+        else:
+            assert count <= min(2, attempts[key]), f"in-doubt {key} ran {count} times"
+    # every call that the final transcript reports ran at least once, under its one key
+    assert len(per_key) == 4
+    names = Counter(name for _, name, _ in {(k, n, a) for k, n, a in effects})
+    assert names == Counter({"reserve": 2, "charge": 1, "notify": 1})
+
+
+def test_crash_during_recovery_then_restart_at_once(
+    reference: dict[str, Any], tmp_path: Path
+) -> None:
+    """Crash, restart and crash again immediately, restart: no lockout, same result."""
+    data_dir, side = tmp_path / "data", tmp_path / "side.txt"
+    result = run_until_done(data_dir, side, ["tool-after:2", "tool-before:1", "llm:1", "step:1"])
+    assert result == reference
+    assert Counter(n for _, n, _ in side_effects(side))["charge"] == 1

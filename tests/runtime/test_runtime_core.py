@@ -1,0 +1,317 @@
+"""The step engine through a real Runtime: steps, tools, keys, ids, bad input, replay."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import anyio
+import pytest
+
+from perdure import (
+    Agent,
+    InvalidExecutionIdError,
+    PromptMismatchError,
+    ToolError,
+    current_idempotency_key,
+    tool,
+)
+from perdure.events import execution_stream
+from perdure.providers import LLMRequest, Message, RateLimitError, Scripted, ToolCall
+from perdure.providers.types import LLMResponse, Usage
+
+pytestmark = pytest.mark.anyio
+
+
+async def records(rt: Any, eid: str) -> list[Any]:
+    return [r async for r in rt.log.read(execution_stream(eid))]
+
+
+async def test_a_run_records_every_step_and_completes(open_runtime: Any) -> None:
+    seen: list[tuple[str, str]] = []
+
+    @tool
+    def get_weather(city: str) -> dict:
+        seen.append(("weather", current_idempotency_key()))
+        return {"city": city, "celsius": 21}
+
+    llm = Scripted([Scripted.call("get_weather", city="Paris"), "Sunny, 21."])
+    agent = Agent("weather", instructions="Be brief.", tools=[get_weather], llm=llm)
+    async with open_runtime() as rt:
+        r = await rt.run(agent, "Weather in Paris?", execution_id="w-1")
+        assert r.status == "completed" and r.output == "Sunny, 21."
+        assert r.usage.llm_calls == 2 and r.usage.tool_calls == 1
+        assert r.usage.total_tokens == 30 and r.steps == 2
+        types = [rec.type for rec in await records(rt, "w-1")]
+    assert types == [
+        "execution.started",
+        "llm.completed",
+        "tool.started",
+        "tool.completed",
+        "llm.completed",
+        "execution.completed",
+    ]
+    # one call; its idempotency key is derived from the execution id and its step
+    assert len(seen) == 1 and seen[0][1].startswith("w-1:2:")
+    # the model saw the system prompt, the user prompt and the tool result
+    second = llm.requests[1]
+    assert [m.role for m in second.messages] == ["system", "user", "assistant", "tool"]
+    assert second.messages[0].content == "Be brief."
+    assert second.messages[3].content == '{"city": "Paris", "celsius": 21}'
+
+
+async def test_spawn_returns_once_the_first_record_is_durable(open_runtime: Any) -> None:
+    release = anyio.Event()
+
+    @tool
+    async def slow() -> str:
+        await release.wait()
+        return "done"
+
+    agent = Agent("slow", tools=[slow], llm=Scripted([Scripted.call("slow"), "ok"]))
+    async with open_runtime() as rt:
+        handle = await rt.spawn(agent, "go")
+        info = await rt.log.stream_info(execution_stream(handle.execution_id))
+        assert info is not None and info.last_seq >= 1
+        release.set()
+        assert (await handle.result()).output == "ok"
+
+
+async def test_tool_calls_in_one_turn_run_concurrently_and_failures_stay_local(
+    open_runtime: Any,
+) -> None:
+    a_started, b_started = anyio.Event(), anyio.Event()
+
+    @tool
+    async def a() -> str:
+        a_started.set()
+        await b_started.wait()  # deadlocks unless b runs at the same time
+        return "a"
+
+    @tool
+    async def b() -> str:
+        b_started.set()
+        await a_started.wait()
+        return "b"
+
+    @tool
+    async def boom() -> str:
+        raise ValueError("kaput")
+
+    llm = Scripted([[Scripted.call("b"), Scripted.call("boom"), Scripted.call("a")], "done"])
+    agent = Agent("par", tools=[a, b, boom], llm=llm)
+    async with open_runtime() as rt:
+        with anyio.fail_after(10):
+            r = await rt.run(agent, "go")
+    assert r.status == "completed"
+    tool_messages = [m for m in r.transcript if m.role == "tool"]
+    # in call order (b, boom, a), whatever the completion order; the failure is marked
+    assert [(m.name, m.is_error) for m in tool_messages] == [
+        ("b", False),
+        ("boom", True),
+        ("a", False),
+    ]
+    assert tool_messages[1].content == "ERROR (ValueError): kaput"
+
+
+async def test_sync_tools_run_in_worker_threads(open_runtime: Any) -> None:
+    threads: list[int] = []
+
+    @tool
+    def where() -> str:
+        threads.append(threading.get_ident())
+        return "here"
+
+    agent = Agent("t", tools=[where], llm=Scripted([Scripted.call("where"), "ok"]))
+    async with open_runtime() as rt:
+        await rt.run(agent, "go")
+    assert threads and threads[0] != threading.get_ident()
+
+
+async def test_idempotency_key_is_stable_across_retries_and_unique_per_call(
+    open_runtime: Any,
+) -> None:
+    keys: list[str] = []
+    attempts = {"n": 0}
+
+    @tool(retries=2, retry_delay=0.001)
+    def flaky(x: int) -> int:
+        keys.append(current_idempotency_key())
+        attempts["n"] += 1
+        if attempts["n"] < 3:
+            raise ConnectionError("try again")
+        return x
+
+    @tool
+    def other(x: int) -> int:
+        keys.append(current_idempotency_key())
+        return x
+
+    llm = Scripted([[Scripted.call("flaky", x=1), Scripted.call("other", x=2)], "ok"])
+    async with open_runtime() as rt:
+        r = await rt.run(Agent("k", tools=[flaky, other], llm=llm), "go", execution_id="keys")
+    assert r.status == "completed"
+    flaky_keys = keys[:1] + [k for k in keys if k.startswith("keys:2:")]
+    assert len(set(flaky_keys)) == 1 and len([k for k in keys if k.startswith("keys:2:")]) == 3
+    assert any(k.startswith("keys:3:") for k in keys)
+    assert len(set(keys)) == 2
+
+
+async def test_bad_input_is_recorded_and_returned_to_the_model(open_runtime: Any) -> None:
+    @tool(timeout=0.05)
+    async def sleepy() -> str:
+        await anyio.sleep(10)
+        return "never"
+
+    @tool
+    def strict(n: int) -> int:
+        return n
+
+    @tool
+    def raises() -> None:
+        raise ToolError("card declined")
+
+    turn = [
+        Scripted.call("nope"),
+        Scripted.call("strict", n="three"),
+        Scripted.call("strict", '{"n": 1'),  # malformed JSON from the model
+        Scripted.call("raises"),
+        Scripted.call("sleepy"),
+    ]
+    llm = Scripted([turn, "handled"])
+    async with open_runtime() as rt:
+        r = await rt.run(Agent("bad", tools=[sleepy, strict, raises], llm=llm), "go")
+    assert r.status == "completed"
+    results = [m for m in r.transcript if m.role == "tool"]
+    assert all(m.is_error for m in results)
+    texts = [m.content for m in results]
+    assert "UnknownTool" in texts[0] and "no tool named 'nope'" in texts[0]
+    assert "arguments.n: expected integer" in texts[1]
+    assert "must be a JSON object" in texts[2]
+    assert texts[3] == "ERROR (ToolError): card declined"
+    assert "did not finish within 0.05s" in texts[4]
+
+
+async def test_provider_errors_fail_the_execution_at_once_with_a_typed_error(
+    open_runtime: Any,
+) -> None:
+    llm = Scripted([RateLimitError("slow down", retry_after=1.0)])
+    async with open_runtime() as rt:
+        with anyio.fail_after(10):
+            r = await rt.run(Agent("e", llm=llm), "go", execution_id="err-1")
+    assert r.status == "failed"
+    assert r.error is not None and r.error["type"] == "RateLimitError"
+    assert r.error["provider"] == "scripted"
+
+
+async def test_execution_ids(open_runtime: Any) -> None:
+    agent = Agent("ids", llm=Scripted(["one", "two"]))
+    async with open_runtime() as rt:
+        for bad in ("", " x", "a\nb", "x" * 300, "../../etc"):
+            with pytest.raises(InvalidExecutionIdError):
+                await rt.spawn(agent, "p", execution_id=bad)
+        first = await rt.run(agent, "the prompt", execution_id="order-123")
+        again = await rt.run(agent, "the prompt", execution_id="order-123")
+        assert again.output == first.output == "one"
+        with pytest.raises(PromptMismatchError) as info:
+            await rt.spawn(agent, "another prompt", execution_id="order-123")
+        assert "the prompt" in str(info.value) and "another prompt" in str(info.value)
+
+
+async def test_replaying_a_completed_execution_calls_and_writes_nothing(
+    open_runtime: Any,
+) -> None:
+    ran = {"n": 0}
+
+    @tool
+    def side_effect() -> str:
+        ran["n"] += 1
+        return "done"
+
+    def agent_with(llm: Scripted) -> Agent:
+        return Agent("replay", tools=[side_effect], llm=llm)
+
+    first_llm = Scripted([Scripted.call("side_effect"), "finished"])
+    async with open_runtime() as rt:
+        r = await rt.run(agent_with(first_llm), "go", execution_id="done-1")
+        assert r.output == "finished"
+    second_llm = Scripted([Scripted.call("side_effect"), "finished"])
+    async with open_runtime(agents=[agent_with(second_llm)]) as rt:
+        before = await rt.log.last_seq(execution_stream("done-1"))
+        again = await rt.run(agent_with(second_llm), "go", execution_id="done-1")
+        after = await rt.log.last_seq(execution_stream("done-1"))
+    assert again.output == "finished" and again.transcript == r.transcript
+    assert second_llm.calls == 0 and ran["n"] == 1 and before == after
+
+
+async def test_an_llm_step_records_only_what_is_new(open_runtime: Any) -> None:
+    @tool
+    def echo(text: str) -> str:
+        return text
+
+    def script(request: LLMRequest) -> Any:
+        n = sum(1 for m in request.messages if m.role == "assistant")
+        return Scripted.call("echo", text=f"step {n:03d} " + "x" * 200) if n < 40 else "end"
+
+    async with open_runtime() as rt:
+        r = await rt.run(
+            Agent("growth", tools=[echo], llm=Scripted(script, record=False), max_steps=100),
+            "go",
+            execution_id="grow",
+        )
+        assert r.status == "completed"
+        sizes = [
+            len(repr(rec.payload))
+            for rec in await records(rt, "grow")
+            if rec.type == "llm.completed"
+        ]
+    # the 40th answer is recorded with no more bytes than the 2nd: history is not re-stored
+    assert max(sizes[1:-1]) - min(sizes[1:-1]) <= 8
+
+
+async def test_engine_crashes_restart_the_actor_and_then_fail_it(open_runtime: Any) -> None:
+    from perdure.providers import Pricing
+
+    class FlakyPricing(Pricing):
+        failures = 1
+
+        def cost(self, model: str, usage: Usage) -> float | None:
+            if FlakyPricing.failures > 0:
+                FlakyPricing.failures -= 1
+                raise RuntimeError("engine bug")
+            return 0.0
+
+    agent = Agent("crashy", llm=Scripted(["fine"]))
+    async with open_runtime(pricing=FlakyPricing()) as rt:
+        r = await rt.run(agent, "go")
+        assert r.status == "completed"  # crashed once, restarted, replayed, carried on
+        FlakyPricing.failures = 100
+        with anyio.fail_after(20):
+            r = await rt.run(agent, "go again")
+        assert r.status == "failed"
+        assert r.error is not None and "engine bug" in r.error["message"]
+        assert r.error["type"] == "RuntimeError"
+
+
+async def test_custom_provider_returning_garbage_fails_clearly(open_runtime: Any) -> None:
+    class Broken:
+        name = "broken"
+        model = "m"
+
+        async def complete(self, request: LLMRequest) -> LLMResponse:
+            raise ValueError("not a response")
+
+        async def stream(self, request: LLMRequest) -> Any:
+            raise ValueError("not a response")
+            yield  # pragma: no cover
+
+    async with open_runtime() as rt:
+        r = await rt.run(Agent("b", llm=Broken()), "go")
+    assert r.status == "failed" and r.error is not None
+    assert r.error["type"] == "ValueError" and r.error["provider"] == "broken"
+
+
+def test_message_types_are_plain() -> None:
+    # The transcript uses the provider layer's canonical types.
+    assert Message("tool", "x", tool_call_id="1").to_dict()["tool_call_id"] == "1"
+    assert ToolCall("1", "t", {}).to_dict() == {"id": "1", "name": "t", "arguments": {}}
