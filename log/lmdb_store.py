@@ -86,12 +86,12 @@ from .codec import (
     check_indexed_fields,
     check_stream_name,
     decode_record,
+    encode_entry,
     encode_records,
     meta_matches,
     meta_value_key,
     normalize_meta,
     record_fault,
-    seal,
     unseal,
     where_conditions,
 )
@@ -239,7 +239,11 @@ class _Pending:
 
 
 class _StreamState:
-    """A stream's index entry while a write transaction changes it."""
+    """A stream's index entry while a write transaction changes it.
+
+    ``meta`` is never mutated in place (an update makes a new dict), so ``old_meta``
+    and the writer's cached entries can share it safely.
+    """
 
     __slots__ = (
         "created_at",
@@ -247,6 +251,7 @@ class _StreamState:
         "id_prefix",
         "last_seq",
         "meta",
+        "meta_cbor",
         "name",
         "name_key",
         "old_meta",
@@ -263,6 +268,7 @@ class _StreamState:
         created_at: float,
         updated_at: float,
         meta: dict[str, Any],
+        meta_cbor: bytes | None = None,
     ) -> None:
         self.name = name
         self.name_key = name_key
@@ -272,8 +278,32 @@ class _StreamState:
         self.created_at = created_at
         self.updated_at = updated_at
         self.meta = meta
-        self.old_meta = dict(meta)
+        self.old_meta = meta
+        self.meta_cbor = cbor2.dumps(meta) if meta_cbor is None else meta_cbor
         self.dirty = False
+
+    def entry(self) -> _Entry:
+        """The index entry as the writer caches it."""
+        if self.meta is not self.old_meta:
+            self.meta_cbor = cbor2.dumps(self.meta)
+            self.old_meta = self.meta
+        return (
+            self.sid,
+            self.last_seq,
+            self.created_at,
+            self.updated_at,
+            self.meta,
+            self.meta_cbor,
+        )
+
+    def encoded(self) -> bytes:
+        """The sealed index entry to store."""
+        meta_cbor = self.meta_cbor if self.meta is self.old_meta else cbor2.dumps(self.meta)
+        return encode_entry(self.sid, self.last_seq, self.created_at, self.updated_at, meta_cbor)
+
+
+# (id, last_seq, created_at, updated_at, meta, meta as CBOR)
+_Entry = tuple[int, int, float, float, dict[str, Any], bytes]
 
 
 def _index_value(value_key: bytes) -> bytes:
@@ -382,6 +412,16 @@ class LmdbLog:
         self._guard = _MapGuard()
         self._cond = threading.Condition(threading.Lock())
         self._queue: deque[_Pending] = deque()
+        # Group commit waits for each event loop's burst of work to end (see _submit):
+        # the writer takes only appends "released" by a kick, counted since open.
+        self._enqueued = 0
+        self._released = 0
+        self._taken = 0
+        self._kicks: set[int] = set()
+        # The writer's copy of stream index entries, valid while no other process
+        # commits (checked by transaction id): saves a get and a decode per append.
+        self._entries: dict[str, _Entry] = {}
+        self._entries_txnid = -1
         self._writer_idle = False
         self._stopping = False
         self._closing = False
@@ -609,15 +649,27 @@ class LmdbLog:
         await self._submit(pending)
 
     async def _submit(self, pending: _Pending) -> Any:
+        # The writer is not told about this append at once: a callback scheduled on
+        # the caller's loop tells it once the tasks that are ready now have run (a kick).
+        # So a burst of appends from many tasks becomes one batch, and the writer does
+        # its work while the loop waits instead of fighting it for the GIL (py-lmdb
+        # drops the GIL around every put; taking it back from a busy loop thread costs
+        # up to the 5 ms switch interval).
         cond = self._cond
+        completion = pending.completion
+        loop_key = id(completion.loop)
         with cond:
             if self._stopping:
                 raise self._closed_error()
             self._queue.append(pending)
-            if self._writer_idle:
-                cond.notify()
+            self._enqueued += 1
+            kick = loop_key not in self._kicks
+            if kick:
+                self._kicks.add(loop_key)
+        if kick:
+            completion.call_soon(self._kick, loop_key)
         try:
-            return await pending.completion.wait()
+            return await completion.wait()
         except BaseException:
             # Cancelled: take it back if the writer has not started on it.
             if pending.state == _QUEUED:
@@ -626,6 +678,14 @@ class LmdbLog:
                         pending.state = _WITHDRAWN
             raise
 
+    def _kick(self, loop_key: int) -> None:
+        """Release every append queued so far to the writer (runs on a caller's loop)."""
+        with self._cond:
+            self._kicks.discard(loop_key)
+            self._released = self._enqueued
+            if self._writer_idle:
+                self._cond.notify()
+
     # -- the writer thread ---------------------------------------------------------------
 
     def _writer_main(self) -> None:
@@ -633,19 +693,22 @@ class LmdbLog:
         queue = self._queue
         while True:
             with cond:
-                while not queue and not self._stopping:
+                while not (queue and (self._taken < self._released or self._stopping)):
+                    if self._stopping and not queue:
+                        return  # everything queued is done
                     self._writer_idle = True
                     cond.wait()
                 self._writer_idle = False
-                if not queue:
-                    return  # stopping, and everything queued is done
+                available = len(queue) if self._stopping else self._released - self._taken
                 batch: list[_Pending] = []
                 nbytes = 0
-                while queue and len(batch) < MAX_BATCH_APPENDS:
+                while available and len(batch) < MAX_BATCH_APPENDS:
                     pending = queue[0]
                     if batch and nbytes + pending.nbytes > MAX_BATCH_BYTES:
                         break
                     queue.popleft()
+                    available -= 1
+                    self._taken += 1
                     if pending.state == _WITHDRAWN:
                         continue
                     pending.state = _TAKEN
@@ -682,7 +745,12 @@ class LmdbLog:
             txn = None
             try:
                 txn = self._env.begin(write=True)
-                outcomes, states = self._apply(txn, batch)
+                txnid = txn.id()
+                if txnid != self._entries_txnid + 1:
+                    # Another process committed since our last transaction: the cached
+                    # index entries may be stale.
+                    self._entries = {}
+                outcomes, states = self._apply(txn, batch, self._entries)
                 txn.commit()
                 txn = None
             except lmdb.MapFullError:
@@ -720,30 +788,37 @@ class LmdbLog:
                     ], []
                 probed = True  # the probe reserved the space: try once more
 
+        cache = self._entries
+        if len(cache) > _MAX_CACHED_ENTRIES:
+            cache.clear()
+        self._entries_txnid = txnid
+        touched = []
+        for name, state in states.items():
+            cache[name] = state.entry()
+            if state.dirty:
+                touched.append((name, state.last_seq))
         counters = self._counters
         counters["commits"] += 1
         counters["largest_batch"] = max(counters["largest_batch"], len(batch))
-        touched = []
-        for state in states.values():
-            if state.dirty:
-                touched.append((state.name, state.last_seq))
-        for outcome in outcomes:
+        for pending, outcome in zip(batch, outcomes, strict=True):
             if type(outcome) is int:
                 counters["appends"] += 1
+                counters["records_appended"] += len(pending.values)
             elif isinstance(outcome, ConflictError):
                 counters["conflicts"] += 1
-        counters["records_appended"] += sum(
-            len(p.values) for p, o in zip(batch, outcomes, strict=True) if type(o) is int
-        )
         return outcomes, touched
 
     def _apply(
-        self, txn: lmdb.Transaction, batch: list[_Pending]
+        self,
+        txn: lmdb.Transaction,
+        batch: list[_Pending],
+        cache: dict[str, _Entry],
     ) -> tuple[list[Any], dict[str, _StreamState]]:
         """Apply every pending write of the batch in ``txn``; return their outcomes.
 
         Runs again from scratch when a batch is retried (after growing the map), so
         expects are checked against what is committed, never against a failed attempt.
+        ``cache`` holds committed index entries; it is only read here.
         """
         records_db = self._records
         streams_db = self._streams
@@ -757,16 +832,17 @@ class LmdbLog:
             stream = pending.stream
             state = states.get(stream)
             if state is None:
-                raw = get(pending.stream_key, db=streams_db)
-                if raw is not None:
-                    try:
-                        sid, last_seq, created_at, updated_at, meta = _decode_entry(stream, raw)
-                    except CorruptRecordError as exc:
-                        outcomes.append(exc)  # fails this stream's writes, not the batch
-                        continue
-                    state = _StreamState(
-                        stream, pending.stream_key, sid, last_seq, created_at, updated_at, meta
-                    )
+                entry = cache.get(stream)
+                if entry is None:
+                    raw = get(pending.stream_key, db=streams_db)
+                    if raw is not None:
+                        try:
+                            entry = _decode_entry(stream, raw)  # type: ignore[assignment]
+                        except CorruptRecordError as exc:
+                            outcomes.append(exc)  # fails this stream's writes, not the batch
+                            continue
+                if entry is not None:
+                    state = _StreamState(stream, pending.stream_key, *entry)
                     states[stream] = state
             current = state.last_seq if state is not None else 0
             if pending.kind == _SET_META:
@@ -779,7 +855,7 @@ class LmdbLog:
                         )
                     )
                     continue
-                state.meta.update(pending.meta)  # type: ignore[arg-type]
+                state.meta = {**state.meta, **pending.meta}  # type: ignore[dict-item]
                 state.updated_at = pending.timestamp
                 state.dirty = True
                 outcomes.append(current)
@@ -795,8 +871,7 @@ class LmdbLog:
                     outcomes.append(LogError(f"stream {stream!r}: out of stream ids"))
                     continue
                 ts = pending.timestamp
-                state = _StreamState(stream, pending.stream_key, next_id, 0, ts, ts, {})
-                state.old_meta = {}
+                state = _StreamState(stream, pending.stream_key, next_id, 0, ts, ts, _NO_META)
                 states[stream] = state
                 next_id += 1
             prefix = state.id_prefix
@@ -824,7 +899,7 @@ class LmdbLog:
             state.last_seq = seq
             state.updated_at = pending.timestamp
             if pending.meta:
-                state.meta.update(pending.meta)
+                state.meta = {**state.meta, **pending.meta}
             state.dirty = True
             outcomes.append(seq)
 
@@ -832,11 +907,9 @@ class LmdbLog:
         for state in states.values():
             if not state.dirty:
                 continue
-            put(
-                state.name_key,
-                seal([state.sid, state.last_seq, state.created_at, state.updated_at, state.meta]),
-                db=streams_db,
-            )
+            put(state.name_key, state.encoded(), db=streams_db)
+            if state.meta is state.old_meta:
+                continue
             for field in self._indexed:
                 old = state.old_meta.get(field, _MISSING)
                 new = state.meta.get(field, _MISSING)
@@ -1255,6 +1328,8 @@ class LmdbLog:
 
 _DB_NAMES: Final = (b"records", b"streams", b"by_meta", b"meta")
 _MISSING: Final = object()
+_NO_META: Final[dict[str, Any]] = {}  # shared, never mutated: see _StreamState
+_MAX_CACHED_ENTRIES: Final = 100_000
 
 
 def _info(stream: str, raw: bytes) -> StreamInfo:
