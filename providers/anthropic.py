@@ -219,7 +219,7 @@ class Anthropic:
                     if block_kind == "text":
                         text = _text(_field(block, "text"))
                         if text:
-                            assembler.addtext(text)
+                            assembler.add_text(text)
                             yield TextDelta(text)
                     elif block_kind == "tool_use":
                         position = len(tool_index)
@@ -240,7 +240,7 @@ class Anthropic:
                     if delta_kind == "text_delta":
                         text = _text(_field(delta_obj, "text"))
                         if text:
-                            assembler.addtext(text)
+                            assembler.add_text(text)
                             yield TextDelta(text)
                     elif delta_kind == "input_json_delta":
                         position = tool_index.get(_int(_field(event, "index")))

@@ -218,7 +218,7 @@ class OpenAI:
                     delta = _field(choice, "delta")
                     text = _field(delta, "content")
                     if isinstance(text, str) and text:
-                        assembler.addtext(text)
+                        assembler.add_text(text)
                         yield TextDelta(text)
                     for position, piece in enumerate(_field(delta, "tool_calls") or []):
                         event = self._tool_call_delta(piece, position, model)
