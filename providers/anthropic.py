@@ -337,7 +337,7 @@ class Anthropic:
                 f"no response within the {self.timeout:g} s timeout from {self.base_url}",
                 **common,
             )
-        if isinstance(err, sdk.APIConnectionError | self._transport_errors):
+        if isinstance(err, (sdk.APIConnectionError, *self._transport_errors)):
             cause = err.__cause__ if isinstance(err, sdk.APIConnectionError) else err
             reason = f"{type(cause).__name__}: {cause}" if cause is not None else str(err)
             return ProviderUnavailableError(
