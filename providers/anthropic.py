@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
+from perdure.providers.clients import LoopClient, plain_http_client
 from perdure.providers.errors import (
     AuthenticationError,
     MalformedResponseError,
@@ -100,19 +101,26 @@ class Anthropic:
         self.retry = retry
         self._sdk = sdk
         if client is not None:
-            self._client = client.with_options(max_retries=0)
-            self._owns_client = False
+            self._clients: LoopClient[Any] = LoopClient(client.with_options(max_retries=0), None)
         else:
-            self._client = sdk.AsyncAnthropic(
-                api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0
-            )
-            self._owns_client = True
-        self.base_url = str(self._client.base_url)
+
+            def factory() -> Any:
+                return sdk.AsyncAnthropic(
+                    api_key=api_key,
+                    base_url=base_url,
+                    timeout=timeout,
+                    max_retries=0,
+                    http_client=plain_http_client(sdk),
+                )
+
+            self._clients = LoopClient(factory(), factory)
+        current = self._clients.current
+        self.base_url = str(current.base_url)
         # Kept only to scrub them from error messages; never logged.
         secrets = (
             api_key,
-            getattr(self._client, "api_key", None),
-            getattr(self._client, "auth_token", None),
+            getattr(current, "api_key", None),
+            getattr(current, "auth_token", None),
             os.environ.get("ANTHROPIC_API_KEY"),
         )
         self._secrets = tuple(s for s in secrets if isinstance(s, str) and s)
@@ -122,8 +130,7 @@ class Anthropic:
 
     async def aclose(self) -> None:
         """Close the HTTP client (if this provider created it)."""
-        if self._owns_client:
-            await self._client.close()
+        await self._clients.aclose()
 
     async def __aenter__(self) -> Anthropic:
         return self
@@ -168,7 +175,7 @@ class Anthropic:
         failure: ProviderError | None = None
         reply: Any = None
         try:
-            reply = await self._client.messages.create(**self._arguments(request, model))
+            reply = await self._clients.get().messages.create(**self._arguments(request, model))
         except Exception as err:
             failure = self._error(err, model)
         # Raised outside the except block so the SDK's exception (whose request holds
@@ -182,7 +189,7 @@ class Anthropic:
         failure: ProviderError | None = None
         stream: Any = None
         try:
-            stream = await self._client.messages.create(
+            stream = await self._clients.get().messages.create(
                 **self._arguments(request, model), stream=True
             )
         except Exception as err:
