@@ -200,6 +200,9 @@ class CallableProvider:
             provider=self.name,
         )
 
+    async def aclose(self) -> None:
+        """Nothing to release (present so every provider can be closed alike)."""
+
     def __repr__(self) -> str:
         return f"CallableProvider({_fn_name(self.fn)}, name={self.name!r}, model={self.model!r})"
 

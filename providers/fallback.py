@@ -70,6 +70,13 @@ class Fallback:
                 self._log_fallback(member, err)
         raise self._all_failed(failures)
 
+    async def aclose(self) -> None:
+        """Close every member that can be closed."""
+        for member in self.providers:
+            close = getattr(member, "aclose", None)
+            if close is not None:
+                await close()
+
     def _log_fallback(self, member: Provider, error: ProviderError) -> None:
         log.warning("%s: member %r failed, trying the next one: %s", self.name, member.name, error)
 

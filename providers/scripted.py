@@ -167,6 +167,9 @@ class Scripted:
             provider=self.name,
         )
 
+    async def aclose(self) -> None:
+        """Nothing to release (present so every provider can be closed alike)."""
+
     def __repr__(self) -> str:
         mode = "function" if self._function is not None else f"{len(self._script)} replies"
         return f"Scripted({mode}, model={self.model!r}, name={self.name!r})"

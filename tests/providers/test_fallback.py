@@ -135,3 +135,15 @@ async def test_stream_does_not_fall_back_once_it_has_started(
             async for event in Fallback([primary, backup]).stream(REQUEST):
                 seen.append(event)
     assert seen and backup.calls == 0
+
+
+async def test_aclose_closes_every_member() -> None:
+    closed: list[str] = []
+
+    class Closable(Scripted):
+        async def aclose(self) -> None:
+            closed.append(self.name)
+
+    chain = Fallback([Closable(["a"], name="a"), Scripted(["b"]), Closable(["c"], name="c")])
+    await chain.aclose()
+    assert closed == ["a", "c"]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 import traceback
 from collections.abc import AsyncIterator
 
+import anyio
 import pytest
 from perdure.providers import (
     AuthenticationError,
@@ -14,6 +16,7 @@ from perdure.providers import (
     MalformedResponseError,
     Message,
     OpenAI,
+    ProviderError,
     ProviderUnavailableError,
     RateLimitError,
     ResponseCompleted,
@@ -28,7 +31,15 @@ from perdure.providers import (
 )
 
 from tests.providers.conftest import SleepRecorder
-from tests.support.http_server import DropConnection, Hang, JSONReply, RawReply, SSEEvent, SSEReply
+from tests.support.http_server import (
+    DropConnection,
+    Hang,
+    JSONReply,
+    RawReply,
+    RecordedRequest,
+    SSEEvent,
+    SSEReply,
+)
 from tests.support.openai_server import OpenAIServer, completion, error
 
 pytestmark = pytest.mark.anyio
@@ -471,3 +482,49 @@ async def test_exhausted_quota_is_terminal(
     with pytest.raises(TerminalProviderError, match="quota"):
         await provider.complete(ask())
     assert sleeps.delays == []
+
+
+# -- cancellation --------------------------------------------------------------------
+
+
+async def test_cancelling_a_call_cancels_it_and_is_not_a_provider_error(
+    provider: OpenAI, openai_server: OpenAIServer
+) -> None:
+    arrived = threading.Event()
+    hang = Hang()
+
+    def hang_after_arrival(request: RecordedRequest) -> Hang:
+        arrived.set()
+        return hang
+
+    openai_server.handler = hang_after_arrival
+    outcome: list[object] = []
+
+    async def call() -> None:
+        try:
+            outcome.append(await provider.complete(ask()))
+        except ProviderError as err:  # pragma: no cover - the failure this test guards
+            outcome.append(err)
+            raise
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call)
+            await anyio.to_thread.run_sync(arrived.wait)
+            tg.cancel_scope.cancel()
+    hang.release.set()
+    assert outcome == []  # cancelled: neither a response nor a provider error
+    assert len(openai_server.chat_requests) == 1  # and not retried
+
+
+async def test_cancelling_a_stream_midway(provider: OpenAI, openai_server: OpenAIServer) -> None:
+    openai_server.push(completion("one two three four five"))
+    seen: list[StreamEvent] = []
+    with anyio.CancelScope() as scope:
+        async for event in provider.stream(ask()):
+            seen.append(event)
+            if len(seen) == 2:
+                scope.cancel()
+                await anyio.sleep(0)  # a checkpoint: the cancellation lands here
+    assert scope.cancelled_caught
+    assert [e.text for e in seen if isinstance(e, TextDelta)] == ["one", " two"]
