@@ -297,6 +297,12 @@ class Anthropic:
             if kind == "text":
                 texts.append(_text(_field(block, "text")))
             elif kind == "tool_use":
+                if not _text(_field(block, "name")):
+                    raise MalformedResponseError(
+                        f"tool_use block {len(calls)} has no name (from {self.base_url})",
+                        provider=self.name,
+                        model=model,
+                    )
                 tool_input = _field(block, "input")
                 calls.append(
                     ToolCall(

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 
 from perdure.providers.errors import ProviderError, RetryableProviderError
+from perdure.providers.streams import closing
 from perdure.providers.types import LLMRequest, LLMResponse, Provider, StreamEvent
 
 __all__ = ["Fallback"]
@@ -59,9 +60,11 @@ class Fallback:
         for member in self.providers:
             started = False
             try:
-                async for event in member.stream(replace(request, model=member.model)):
-                    started = True
-                    yield event
+                stream = member.stream(replace(request, model=member.model))
+                async with closing(stream) as events:
+                    async for event in events:
+                        started = True
+                        yield event
                 return
             except RetryableProviderError as err:
                 if started:

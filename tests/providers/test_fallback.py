@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import aclosing as closing
+
 import pytest
 from perdure.providers import (
     Anthropic,
@@ -15,6 +18,7 @@ from perdure.providers import (
     ResponseCompleted,
     RetryPolicy,
     Scripted,
+    StreamEvent,
     TextDelta,
 )
 
@@ -147,3 +151,21 @@ async def test_aclose_closes_every_member() -> None:
     chain = Fallback([Closable(["a"], name="a"), Scripted(["b"]), Closable(["c"], name="c")])
     await chain.aclose()
     assert closed == ["a", "c"]
+
+
+async def test_abandoning_the_stream_closes_the_members_stream_at_once() -> None:
+    closed: list[str] = []
+
+    class Tracked(Scripted):
+        async def stream(self, request: LLMRequest) -> AsyncIterator[StreamEvent]:
+            try:
+                async for event in super().stream(request):
+                    yield event
+            finally:
+                closed.append(self.name)
+
+    chain = Fallback([Tracked(["many words in this answer"], name="tracked")])
+    async with closing(chain.stream(REQUEST)) as events:
+        async for _ in events:
+            break
+    assert closed == ["tracked"]
