@@ -113,7 +113,19 @@ class Anthropic:
                     http_client=plain_http_client(sdk),
                 )
 
-            self._clients = LoopClient(factory(), factory)
+            credentials_error = getattr(sdk, "CredentialsError", ())
+            try:
+                first = factory()
+            except credentials_error as err:
+                # The client found no key, token or profile to use.
+                failure = AuthenticationError(
+                    f"no credentials: pass Anthropic(..., api_key=...) or set "
+                    f"ANTHROPIC_API_KEY ({err})",
+                    provider=name,
+                    model=model,
+                )
+                raise failure from None
+            self._clients = LoopClient(first, factory)
         current = self._clients.current
         self.base_url = str(current.base_url)
         # Kept only to scrub them from error messages; never logged.

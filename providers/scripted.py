@@ -50,7 +50,9 @@ class Scripted:
     fallbacks; provider errors get this provider's name and model filled in).
 
     ``calls`` counts calls; with ``record=True`` ``requests`` keeps a snapshot of every
-    request (its messages copied into a tuple) for tests to inspect.
+    request (its messages copied into a tuple) for tests to inspect. Each snapshot
+    costs O(len(messages)) time and memory, so a run of *n* turns keeps O(n^2)
+    references: pass ``record=False`` for long runs and benchmarks.
     """
 
     def __init__(

@@ -410,3 +410,21 @@ async def test_context_length(provider: Anthropic, anthropic_server: AnthropicSe
         await provider.complete(ask())
     assert caught.value.status == 400
     assert "shorten the conversation" in str(caught.value)
+
+
+def test_no_credentials_at_all_is_a_clear_error() -> None:
+    # The fixture emptied the environment and pointed the client at an empty config dir.
+    with pytest.raises(AuthenticationError, match="ANTHROPIC_API_KEY"):
+        Anthropic("claude-test")
+
+
+async def test_key_from_the_environment(
+    anthropic_server: AnthropicServer, retry: RetryPolicy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", anthropic_server.base_url)
+    anthropic_server.push(message("from env"))
+    async with Anthropic("claude-test", retry=retry) as provider:
+        assert (await provider.complete(ask())).message.content == "from env"
+    headers = anthropic_server.message_requests[0].headers
+    assert KEY in headers.get("x-api-key", "") + headers.get("authorization", "")
