@@ -16,6 +16,7 @@ from .errors import (
     UnknownRecordTypeError,
     UnknownRecordVersionError,
 )
+from .lmdb_store import LmdbLog
 from .memory_store import MemoryLog
 from .protocol import (
     ANY,
@@ -40,6 +41,7 @@ __all__ = [
     "Durability",
     "EventLog",
     "Fault",
+    "LmdbLog",
     "LogClosedError",
     "LogError",
     "MemoryLog",

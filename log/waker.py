@@ -30,7 +30,7 @@ class Completion:
     exception instance, which :meth:`wait` raises.
     """
 
-    __slots__ = ("_done", "_future", "_outcome", "_task", "loop", "schedule")
+    __slots__ = ("_done", "_future", "_outcome", "_task", "call_soon", "loop", "schedule")
 
     def __init__(self) -> None:
         self._done = False
@@ -45,6 +45,8 @@ class Completion:
             self.loop: object = loop
             #: Thread-safe, non-blocking: schedules ``fn(arg)`` on :attr:`loop`.
             self.schedule: Callable[[Callable[[Any], None], Any], Any] = loop.call_soon_threadsafe
+            #: Not thread-safe: schedules ``fn(arg)`` on :attr:`loop` from the loop's thread.
+            self.call_soon: Callable[[Callable[[Any], None], Any], Any] = loop.call_soon
             self._future: asyncio.Future[Any] | None = loop.create_future()
         else:
             # anyio runs on asyncio or trio; not asyncio, so trio.
@@ -53,6 +55,7 @@ class Completion:
             token = trio.lowlevel.current_trio_token()
             self.loop = token
             self.schedule = token.run_sync_soon
+            self.call_soon = token.run_sync_soon
             self._future = None
 
     async def wait(self) -> Any:

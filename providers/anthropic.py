@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
+from perdure.providers.clients import LoopClient, plain_http_client
 from perdure.providers.errors import (
     AuthenticationError,
     MalformedResponseError,
@@ -100,19 +101,38 @@ class Anthropic:
         self.retry = retry
         self._sdk = sdk
         if client is not None:
-            self._client = client.with_options(max_retries=0)
-            self._owns_client = False
+            self._clients: LoopClient[Any] = LoopClient(client.with_options(max_retries=0), None)
         else:
-            self._client = sdk.AsyncAnthropic(
-                api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0
-            )
-            self._owns_client = True
-        self.base_url = str(self._client.base_url)
+
+            def factory() -> Any:
+                return sdk.AsyncAnthropic(
+                    api_key=api_key,
+                    base_url=base_url,
+                    timeout=timeout,
+                    max_retries=0,
+                    http_client=plain_http_client(sdk),
+                )
+
+            credentials_error = getattr(sdk, "CredentialsError", ())
+            try:
+                first = factory()
+            except credentials_error as err:
+                # The client found no key, token or profile to use.
+                failure = AuthenticationError(
+                    f"no credentials: pass Anthropic(..., api_key=...) or set "
+                    f"ANTHROPIC_API_KEY ({err})",
+                    provider=name,
+                    model=model,
+                )
+                raise failure from None
+            self._clients = LoopClient(first, factory)
+        current = self._clients.current
+        self.base_url = str(current.base_url)
         # Kept only to scrub them from error messages; never logged.
         secrets = (
             api_key,
-            getattr(self._client, "api_key", None),
-            getattr(self._client, "auth_token", None),
+            getattr(current, "api_key", None),
+            getattr(current, "auth_token", None),
             os.environ.get("ANTHROPIC_API_KEY"),
         )
         self._secrets = tuple(s for s in secrets if isinstance(s, str) and s)
@@ -122,8 +142,7 @@ class Anthropic:
 
     async def aclose(self) -> None:
         """Close the HTTP client (if this provider created it)."""
-        if self._owns_client:
-            await self._client.close()
+        await self._clients.aclose()
 
     async def __aenter__(self) -> Anthropic:
         return self
@@ -168,7 +187,7 @@ class Anthropic:
         failure: ProviderError | None = None
         reply: Any = None
         try:
-            reply = await self._client.messages.create(**self._arguments(request, model))
+            reply = await self._clients.get().messages.create(**self._arguments(request, model))
         except Exception as err:
             failure = self._error(err, model)
         # Raised outside the except block so the SDK's exception (whose request holds
@@ -182,7 +201,7 @@ class Anthropic:
         failure: ProviderError | None = None
         stream: Any = None
         try:
-            stream = await self._client.messages.create(
+            stream = await self._clients.get().messages.create(
                 **self._arguments(request, model), stream=True
             )
         except Exception as err:
@@ -219,7 +238,7 @@ class Anthropic:
                     if block_kind == "text":
                         text = _text(_field(block, "text"))
                         if text:
-                            assembler.addtext(text)
+                            assembler.add_text(text)
                             yield TextDelta(text)
                     elif block_kind == "tool_use":
                         position = len(tool_index)
@@ -240,7 +259,7 @@ class Anthropic:
                     if delta_kind == "text_delta":
                         text = _text(_field(delta_obj, "text"))
                         if text:
-                            assembler.addtext(text)
+                            assembler.add_text(text)
                             yield TextDelta(text)
                     elif delta_kind == "input_json_delta":
                         position = tool_index.get(_int(_field(event, "index")))
@@ -290,6 +309,12 @@ class Anthropic:
             if kind == "text":
                 texts.append(_text(_field(block, "text")))
             elif kind == "tool_use":
+                if not _text(_field(block, "name")):
+                    raise MalformedResponseError(
+                        f"tool_use block {len(calls)} has no name (from {self.base_url})",
+                        provider=self.name,
+                        model=model,
+                    )
                 tool_input = _field(block, "input")
                 calls.append(
                     ToolCall(
@@ -337,7 +362,7 @@ class Anthropic:
                 f"no response within the {self.timeout:g} s timeout from {self.base_url}",
                 **common,
             )
-        if isinstance(err, sdk.APIConnectionError | self._transport_errors):
+        if isinstance(err, (sdk.APIConnectionError, *self._transport_errors)):
             cause = err.__cause__ if isinstance(err, sdk.APIConnectionError) else err
             reason = f"{type(cause).__name__}: {cause}" if cause is not None else str(err)
             return ProviderUnavailableError(

@@ -67,9 +67,11 @@ class CallableProvider:
 
     async def complete(self, request: LLMRequest) -> LLMResponse:
         """Call the function and check what it returned."""
-        if self.retry is None:
-            return await self._complete_once(request)
-        return await self.retry.call(functools.partial(self._complete_once, request))
+        model = request.model or self.model
+        invoke = functools.partial(self._invoke, request, model)
+        # Only the call is retried; checking its return value is not (see above).
+        result = await (invoke() if self.retry is None else self.retry.call(invoke))
+        return self._parse(result, model, len(request.messages))
 
     async def stream(self, request: LLMRequest) -> AsyncIterator[StreamEvent]:
         """The function's answer as a stream (the function itself does not stream)."""
@@ -77,11 +79,9 @@ class CallableProvider:
         for event in events_from_response(response):
             yield event
 
-    async def _complete_once(self, request: LLMRequest) -> LLMResponse:
-        model = request.model or self.model
+    async def _invoke(self, request: LLMRequest, model: str) -> Any:
         messages = to_openai_messages(request.messages)
         tools = to_openai_tools(request.tools)
-        failure: ProviderError | None = None
         try:
             if self._is_async:
                 result = await self.fn(messages, tools, model)
@@ -103,9 +103,9 @@ class CallableProvider:
                 "fix the function, or raise RetryableProviderError from it for failures "
                 "worth retrying"
             )
-        if failure is not None:
-            raise failure
-        return self._parse(result, model, len(request.messages))
+            # Chained on purpose: the traceback into the user's function is the clue.
+            raise failure from err
+        return result
 
     def _parse(self, result: Any, model: str, turn: int) -> LLMResponse:
         def bad(what: str) -> MalformedResponseError:
@@ -199,6 +199,9 @@ class CallableProvider:
             model=served,
             provider=self.name,
         )
+
+    async def aclose(self) -> None:
+        """Nothing to release (present so every provider can be closed alike)."""
 
     def __repr__(self) -> str:
         return f"CallableProvider({_fn_name(self.fn)}, name={self.name!r}, model={self.model!r})"

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 
 from perdure.providers.errors import ProviderError, RetryableProviderError
+from perdure.providers.streams import closing
 from perdure.providers.types import LLMRequest, LLMResponse, Provider, StreamEvent
 
 __all__ = ["Fallback"]
@@ -59,9 +60,11 @@ class Fallback:
         for member in self.providers:
             started = False
             try:
-                async for event in member.stream(replace(request, model=member.model)):
-                    started = True
-                    yield event
+                stream = member.stream(replace(request, model=member.model))
+                async with closing(stream) as events:
+                    async for event in events:
+                        started = True
+                        yield event
                 return
             except RetryableProviderError as err:
                 if started:
@@ -69,6 +72,13 @@ class Fallback:
                 failures.append(err)
                 self._log_fallback(member, err)
         raise self._all_failed(failures)
+
+    async def aclose(self) -> None:
+        """Close every member that can be closed."""
+        for member in self.providers:
+            close = getattr(member, "aclose", None)
+            if close is not None:
+                await close()
 
     def _log_fallback(self, member: Provider, error: ProviderError) -> None:
         log.warning("%s: member %r failed, trying the next one: %s", self.name, member.name, error)

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from perdure.providers.clients import LoopClient, plain_http_client
 from perdure.providers.errors import (
     AuthenticationError,
     MalformedResponseError,
@@ -92,10 +93,8 @@ class OpenAI:
         self._sdk = sdk
         if client is not None:
             # with_options copies the client and shares its connection pool.
-            self._client = client.with_options(max_retries=0)
-            self._owns_client = False
+            self._clients: LoopClient[Any] = LoopClient(client.with_options(max_retries=0), None)
             key = getattr(client, "api_key", None)
-            self.base_url = str(client.base_url)
         else:
             base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
             key = api_key or os.environ.get("OPENAI_API_KEY") or None
@@ -109,15 +108,19 @@ class OpenAI:
                         model=model,
                     )
                 key = PLACEHOLDER_API_KEY
-            self._client = sdk.AsyncOpenAI(
-                api_key=key,
-                base_url=base_url,
-                organization=organization,
-                timeout=timeout,
-                max_retries=0,
-            )
-            self._owns_client = True
-            self.base_url = str(self._client.base_url)
+
+            def factory() -> Any:
+                return sdk.AsyncOpenAI(
+                    api_key=key,
+                    base_url=base_url,
+                    organization=organization,
+                    timeout=timeout,
+                    max_retries=0,
+                    http_client=plain_http_client(sdk),
+                )
+
+            self._clients = LoopClient(factory(), factory)
+        self.base_url = str(self._clients.current.base_url)
         # Kept only to scrub it from error messages; never logged.
         self._secrets: tuple[str, ...] = (key,) if isinstance(key, str) else ()
 
@@ -125,8 +128,7 @@ class OpenAI:
 
     async def aclose(self) -> None:
         """Close the HTTP client (if this provider created it)."""
-        if self._owns_client:
-            await self._client.close()
+        await self._clients.aclose()
 
     async def __aenter__(self) -> OpenAI:
         return self
@@ -168,7 +170,7 @@ class OpenAI:
         failure: ProviderError | None = None
         completion: Any = None
         try:
-            completion = await self._client.chat.completions.create(
+            completion = await self._clients.get().chat.completions.create(
                 **self._arguments(request, model)
             )
         except Exception as err:
@@ -184,7 +186,7 @@ class OpenAI:
         failure: ProviderError | None = None
         stream: Any = None
         try:
-            stream = await self._client.chat.completions.create(
+            stream = await self._clients.get().chat.completions.create(
                 **self._arguments(request, model),
                 stream=True,
                 stream_options={"include_usage": True},
@@ -218,7 +220,7 @@ class OpenAI:
                     delta = _field(choice, "delta")
                     text = _field(delta, "content")
                     if isinstance(text, str) and text:
-                        assembler.addtext(text)
+                        assembler.add_text(text)
                         yield TextDelta(text)
                     for position, piece in enumerate(_field(delta, "tool_calls") or []):
                         event = self._tool_call_delta(piece, position, model)

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import anyio
 from perdure.providers.errors import RetryableProviderError
+from perdure.providers.streams import closing
 
 __all__ = ["RetryPolicy", "parse_retry_after", "retry_stream"]
 
@@ -126,9 +127,12 @@ async def retry_stream(
     while True:
         started = False
         try:
-            async for event in open_stream():
-                started = True
-                yield event
+            # Closing: if our consumer stops early, the attempt's HTTP response is
+            # closed now rather than whenever the garbage collector gets to it.
+            async with closing(open_stream()) as events:
+                async for event in events:
+                    started = True
+                    yield event
             return
         except RetryableProviderError as err:
             if started:
@@ -144,7 +148,7 @@ async def retry_stream(
 
 def _log_retry(error: RetryableProviderError, attempt: int, limit: int, delay: float) -> None:
     # The error's message is already redacted: safe to log.
-    log.warning("attempt %d/%d failed, retrying in %.2f s: %s", attempt, limit, delay, error)
+    log.info("attempt %d/%d failed, retrying in %.2f s: %s", attempt, limit, delay, error)
 
 
 def parse_retry_after(

@@ -50,7 +50,9 @@ class Scripted:
     fallbacks; provider errors get this provider's name and model filled in).
 
     ``calls`` counts calls; with ``record=True`` ``requests`` keeps a snapshot of every
-    request (its messages copied into a tuple) for tests to inspect.
+    request (its messages copied into a tuple) for tests to inspect. Each snapshot
+    costs O(len(messages)) time and memory, so a run of *n* turns keeps O(n^2)
+    references: pass ``record=False`` for long runs and benchmarks.
     """
 
     def __init__(
@@ -166,6 +168,9 @@ class Scripted:
             model=model,
             provider=self.name,
         )
+
+    async def aclose(self) -> None:
+        """Nothing to release (present so every provider can be closed alike)."""
 
     def __repr__(self) -> str:
         mode = "function" if self._function is not None else f"{len(self._script)} replies"

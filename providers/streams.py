@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
 
 from perdure.providers.types import (
     LLMResponse,
@@ -28,11 +29,14 @@ from perdure.providers.types import (
 
 __all__ = [
     "ResponseAssembler",
+    "closing",
     "arguments_json",
     "events_from_response",
     "parse_arguments",
     "split_words",
 ]
+
+T = TypeVar("T")
 
 _WORD = re.compile(r"\s*\S+|\s+")
 
@@ -134,3 +138,20 @@ class ResponseAssembler:
             model=model,
             provider=provider,
         )
+
+
+@asynccontextmanager
+async def closing(stream: AsyncIterator[T]) -> AsyncGenerator[AsyncIterator[T], None]:
+    """Use ``stream``, then close it (if it can be closed) however the block ends.
+
+    Like :func:`contextlib.aclosing`, but a stream without ``aclose`` (any async
+    iterator satisfies the provider protocol) is accepted. Closing at once matters: an
+    abandoned stream would otherwise hold its HTTP response open until garbage
+    collection.
+    """
+    try:
+        yield stream
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()

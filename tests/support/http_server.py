@@ -164,8 +164,13 @@ class ScriptedHTTPServer:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
+        # A short poll interval: stop() waits for the serving loop to notice, and the
+        # stdlib default (0.5 s) would add that much to every test's teardown.
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name="scripted-http", daemon=True
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.01},
+            name="scripted-http",
+            daemon=True,
         )
         self._thread.start()
 

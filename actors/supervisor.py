@@ -1,0 +1,731 @@
+"""Supervisor: an OTP-style supervisor of actors and of nested supervisors.
+
+The reference is Erlang/OTP's ``supervisor.erl``; the names (strategies, restart
+types, intensity/period) are OTP's. How a child is run, by one task per child (its
+*runner*) in the supervisor's task group::
+
+    runner:  factory() -> on_start -> [receive ...] -> on_stop -> decide
+             decide: forget it (temporary, transient after a normal stop, per-child
+             limit), restart it here after its backoff delay (one_for_one), hand it
+             to a group restart task (one_for_all / rest_for_one), or fail the
+             supervisor (intensity exceeded)
+
+Each decision is taken synchronously by the runner of the child that exited, so one
+slow restart (a backoff delay, an ``on_start``) never blocks the supervisor from
+handling its other children. Group restarts and shutdown are serialised by one lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from types import TracebackType
+from typing import Any, Literal
+
+import anyio
+from anyio.abc import TaskGroup
+from perdure.actors.actor import Actor, StopReason
+from perdure.actors.context import ActorContext
+from perdure.actors.errors import ActorCrashed, ActorError, MailboxClosed, RestartIntensityExceeded
+from perdure.actors.mailbox import EMPTY, AskEnvelope
+from perdure.actors.ref import ActorRef
+from perdure.actors.spec import Backoff, ChildInfo, ChildSpec, LifecycleEvent, LifecycleKind
+
+__all__ = ["Strategy", "Supervisor"]
+
+logger = logging.getLogger("perdure.actors")
+
+Strategy = Literal["one_for_one", "one_for_all", "rest_for_one"]
+SupervisorState = Literal["new", "running", "stopping", "failed", "stopped"]
+
+_STRATEGIES = ("one_for_one", "one_for_all", "rest_for_one")
+
+# What a runner does after an incarnation ended.
+_EXIT = 0  # the runner returns (child forgotten, or someone else takes over)
+_RESTART = 1  # the runner restarts the child itself, after its backoff delay
+
+
+def _requested(ctx: ActorContext) -> StopReason:
+    return StopReason.NORMAL if ctx._stop_kind == "normal" else StopReason.SHUTDOWN
+
+
+def _over_limit(history: deque[float], now: float, period: float, limit: int) -> bool:
+    """Record a restart at ``now``; True if more than ``limit`` fall within ``period``."""
+    history.append(now)
+    threshold = now - period
+    while history[0] < threshold:
+        history.popleft()
+    return len(history) > limit
+
+
+class Supervisor:
+    """Supervises children: starts them in order, restarts them, stops them in reverse.
+
+    Use it as an async context manager; every task of the tree lives in the task
+    groups of the supervisors, so none outlives ``async with``::
+
+        async with Supervisor(name="root", children=[ChildSpec("db", Db)]) as root:
+            ref = await root.start_child(ChildSpec("order-1", Order, restart="transient"))
+            await ref.ask("status")
+
+    ``strategy``: which children restart when one must restart — ``one_for_one``
+    (just that one), ``one_for_all`` (all: the others are stopped in reverse start
+    order, then all are restarted in start order), ``rest_for_one`` (that one and
+    those started after it). Temporary children stopped by a sibling's restart are
+    removed, not restarted (as in OTP).
+
+    ``intensity``/``period``: more than ``intensity`` restarts within ``period``
+    seconds and the supervisor stops all its children in reverse order and fails
+    with :class:`RestartIntensityExceeded` (its ``__cause__`` is the last crash).
+    Nested in a parent, that failure is a crash of this child, so escalation travels
+    up the tree. At the root, the body of ``async with`` is cancelled and
+    ``RestartIntensityExceeded`` itself (not an exception group) is raised out of
+    ``async with``: catch that. ``intensity=None`` means unlimited.
+
+    ``backoff``: the delay before a restart, per child (see :class:`Backoff`).
+
+    Exiting ``async with`` (normally, with an error or by cancellation) stops the
+    children gracefully in reverse start order, each within its ``shutdown``
+    timeout, then cancelled; this shutdown is shielded from the caller's
+    cancellation so that it always completes (bounded by the sum of the timeouts).
+    """
+
+    def __init__(
+        self,
+        *,
+        strategy: Strategy = "one_for_one",
+        children: Sequence[ChildSpec] = (),
+        intensity: int | None = 3,
+        period: float = 5.0,
+        backoff: Backoff = Backoff(),  # noqa: B008 (a frozen dataclass: safe to share)
+        name: str = "supervisor",
+    ) -> None:
+        if strategy not in _STRATEGIES:
+            raise ValueError(f"supervisor {name!r}: strategy must be one of {_STRATEGIES}")
+        if intensity is not None and not (isinstance(intensity, int) and intensity >= 0):
+            raise ValueError(f"supervisor {name!r}: intensity must be None or an int >= 0")
+        if not period > 0:
+            raise ValueError(f"supervisor {name!r}: period must be > 0, got {period}")
+        if not isinstance(backoff, Backoff):
+            raise TypeError(f"supervisor {name!r}: backoff must be a Backoff, got {backoff!r}")
+        seen: set[str] = set()
+        for spec in children:
+            if spec.id in seen:
+                raise ValueError(f"supervisor {name!r}: two children have the id {spec.id!r}")
+            seen.add(spec.id)
+        self._strategy: Strategy = strategy
+        self._specs = tuple(children)
+        self._intensity = intensity
+        self._period = float(period)
+        self._backoff = backoff
+        self._name = name
+        self._path = name
+        self._parent: Supervisor | None = None
+        self._children: dict[str, ActorContext] = {}
+        self._observers: list[Callable[[LifecycleEvent], None]] = []
+        self._restarts: deque[float] = deque()
+        self._state: SupervisorState = "new"
+        self._tg: TaskGroup | None = None
+        self._failure: RestartIntensityExceeded | None = None
+        self._brutal = False  # set by a parent whose shutdown timeout for us expired
+        self._group_lock: anyio.Lock | None = None
+        self._closing_event: anyio.Event | None = None
+        self._shutdown_done: anyio.Event | None = None
+        self._random = random.Random()
+
+    def __repr__(self) -> str:
+        return (
+            f"<Supervisor {self._path!r} {self._strategy} {self._state} "
+            f"children={len(self._children)}>"
+        )
+
+    # ---- public API --------------------------------------------------------------
+
+    @property
+    def path(self) -> str:
+        """This supervisor's path in the tree (its name at the root)."""
+        return self._path
+
+    @property
+    def strategy(self) -> Strategy:
+        """The restart strategy."""
+        return self._strategy
+
+    @property
+    def state(self) -> SupervisorState:
+        """``new``, ``running``, ``stopping``, ``failed`` or ``stopped``."""
+        return self._state
+
+    async def __aenter__(self) -> Supervisor:
+        """Start the static children in order, each once its predecessor's on_start returned.
+
+        If one fails to start, those already started are stopped in reverse order and
+        :class:`ActorCrashed` is raised (its ``__cause__`` is the error).
+        """
+        if self._state != "new":
+            raise ActorError(
+                f"supervisor {self._path!r} is {self._state}; a Supervisor can be entered "
+                f"once — create a new one (a ChildSpec factory must return a fresh one)"
+            )
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        self._tg = tg
+        self._state = "running"
+        try:
+            for spec in self._specs:
+                await self._start(spec)
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await self._shutdown()
+            self._state = "stopped"
+            await tg.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        """Stop all children in reverse start order, then raise the failure if there was one."""
+        assert self._tg is not None
+        try:
+            with anyio.CancelScope(shield=True):
+                await self._shutdown()
+        finally:
+            if self._state != "failed":
+                self._state = "stopped"
+            suppress = await self._tg.__aexit__(exc_type, exc, tb)
+        if self._failure is not None:
+            raise self._failure
+        return suppress
+
+    async def start_child(self, spec: ChildSpec) -> ActorRef:
+        """Start a dynamic child; return its ref once its ``on_start`` returned.
+
+        Raises :class:`ActorCrashed` (cause: the error) if the factory or
+        ``on_start`` raised — the child is then not added — and :class:`ActorError`
+        if the id is taken or the supervisor is not running. If the caller is
+        cancelled while ``on_start`` runs, the child is cancelled and removed.
+        """
+        return await self._start(spec)
+
+    async def stop_child(self, id: str) -> None:
+        """Stop a child for good (gracefully, within its shutdown timeout) and remove it.
+
+        Returns once it has stopped; does nothing if there is no such child. The stop
+        completes even if the caller is cancelled meanwhile.
+        """
+        ctx = self._children.get(id)
+        if ctx is None:
+            return
+        with anyio.CancelScope(shield=True):
+            await self._terminate(ctx, final=True)
+        self._forget(ctx, "it was stopped by stop_child")
+
+    def ref(self, id: str) -> ActorRef | None:
+        """The ref of child ``id``, or None if there is no such child (O(1))."""
+        ctx = self._children.get(id)
+        return None if ctx is None else ctx.ref
+
+    def child_supervisor(self, id: str) -> Supervisor | None:
+        """The current incarnation of nested supervisor ``id``, or None.
+
+        A restart creates a new Supervisor from the spec's factory: look it up again
+        rather than keeping it (and observe an ancestor, whose observers see the
+        events of the whole subtree).
+        """
+        ctx = self._children.get(id)
+        return None if ctx is None else ctx._nested
+
+    def children(self) -> list[ChildInfo]:
+        """A snapshot of the children (ids and states), in start order."""
+        return [
+            ChildInfo(ctx.spec.id, ctx.path, ctx._state, ctx.restart_count, ctx._nested is not None)
+            for ctx in self._children.values()
+        ]
+
+    def __len__(self) -> int:
+        return len(self._children)
+
+    def observe(self, fn: Callable[[LifecycleEvent], None]) -> Callable[[], None]:
+        """Call ``fn(event)`` for every lifecycle event of this supervisor's subtree.
+
+        ``fn`` runs synchronously in the supervisor's task; an exception from it is
+        logged and swallowed. Returns a function that unsubscribes ``fn``.
+        """
+        self._observers.append(fn)
+
+        def unsubscribe() -> None:
+            try:
+                self._observers.remove(fn)
+            except ValueError:
+                pass
+
+        return unsubscribe
+
+    # ---- starting ----------------------------------------------------------------
+
+    def _spawn_task(
+        self, fn: Callable[..., Awaitable[Any]], *args: object, name: str | None = None
+    ) -> None:
+        assert self._tg is not None
+        self._tg.start_soon(fn, *args, name=name)
+
+    async def _start(self, spec: ChildSpec) -> ActorRef:
+        if self._state != "running":
+            raise ActorError(
+                f"supervisor {self._path!r} is {self._state}; children can only be started "
+                f"while it runs (inside its 'async with')"
+            )
+        if spec.id in self._children:
+            raise ActorError(
+                f"supervisor {self._path!r} already has a child {spec.id!r}; child ids are "
+                f"unique — stop that child first or choose another id"
+            )
+        ctx = ActorContext(self, spec)
+        self._children[spec.id] = ctx
+        try:
+            error = await self._launch(ctx)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._terminate(ctx, final=True, brutal=True)
+            self._forget(ctx, "its start was cancelled")
+            raise
+        if error is not None:
+            self._forget(ctx, "it failed to start")
+            raise ActorCrashed(ctx.path, error, during="on_start") from error
+        return ctx.ref
+
+    async def _launch(self, ctx: ActorContext) -> BaseException | None:
+        """Run a new runner for ``ctx``; wait until on_start returned (None) or failed."""
+        handshake = ctx._handshake = anyio.Event()
+        ctx._start_error = None
+        ctx._held = False
+        ctx._state = "starting"
+        ctx._runner_alive = True
+        ctx._runner_done = None
+        self._spawn_task(self._run_child, ctx, name=ctx.path)
+        await handshake.wait()
+        return ctx._start_error
+
+    def _on_started(self, ctx: ActorContext) -> None:
+        ctx._state = "running"
+        ctx._initial = False
+        handshake, ctx._handshake = ctx._handshake, None
+        if handshake is not None:
+            handshake.set()
+        kind: LifecycleKind = "started" if ctx.restart_count == 0 else "restarted"
+        self._emit(kind, ctx, None, False)
+
+    # ---- the runner ----------------------------------------------------------------
+
+    async def _run_child(self, ctx: ActorContext) -> None:
+        """The task that owns one child: one incarnation after another, until it is done."""
+        try:
+            while True:
+                reason = await self._incarnation(ctx)
+                if ctx._handshake is not None:
+                    # It ended before on_start returned: tell whoever waits to start it.
+                    ctx._start_error = reason.error or ActorError(
+                        f"actor {ctx.path!r} stopped before its on_start returned ({reason})"
+                    )
+                    handshake, ctx._handshake = ctx._handshake, None
+                    handshake.set()
+                if self._after_exit(ctx, reason) != _RESTART:
+                    return
+                await self._backoff_wait(ctx)
+                if ctx._final:
+                    self._emit("stopped", ctx, StopReason.SHUTDOWN, False)
+                    return
+                ctx.restart_count += 1
+        finally:
+            ctx._runner_alive = False
+            if ctx._handshake is not None:
+                ctx._start_error = ActorError(f"actor {ctx.path!r}: runner cancelled before start")
+                ctx._handshake.set()
+                ctx._handshake = None
+            if ctx._runner_done is not None:
+                ctx._runner_done.set()
+
+    async def _incarnation(self, ctx: ActorContext) -> StopReason:
+        """Run one incarnation of ``ctx`` to its end and return why it ended."""
+        ctx._begin_incarnation()
+        if ctx._final:
+            ctx.stopping = True
+        ctx._started_at = anyio.current_time()
+        try:
+            made = ctx.spec.factory()
+        except Exception as exc:
+            return StopReason.crashed(exc)
+        if isinstance(made, Supervisor):
+            return await self._run_nested(ctx, made)
+        if not isinstance(made, Actor):
+            return StopReason.crashed(
+                TypeError(
+                    f"child {ctx.path!r}: factory returned {made!r}; it must return a new "
+                    f"Actor or a new Supervisor"
+                )
+            )
+        actor = made
+        actor.ctx = ctx
+        ctx._actor = actor
+        reason: StopReason | None = None
+        started = False
+        on_stop_ran = False
+        with anyio.CancelScope() as scope:
+            ctx._scope = scope
+            ctx._in_main = True
+            if ctx._forced:
+                scope.cancel()
+            try:
+                await actor.on_start()
+                started = True
+                self._on_started(ctx)
+                reason = await self._serve(ctx, actor)
+            except Exception as exc:
+                reason = StopReason.crashed(exc)
+            ctx._in_main = False
+            if reason is not None:
+                ctx._request_stop(reason.kind)
+                if reason.is_crash:
+                    ctx._cancel_background()
+                if started and not scope.cancel_called:
+                    on_stop_ran = True
+                    await self._call_on_stop(ctx, actor, reason)
+        ctx._in_main = False
+        if reason is None:
+            # Our scope was cancelled: the shutdown timeout expired, or a task started
+            # with ctx.start_soon crashed.
+            reason = StopReason.crashed(ctx._crash) if ctx._crash is not None else _requested(ctx)
+            ctx._request_stop(reason.kind)
+        if started and not on_stop_ran:
+            with anyio.CancelScope() as scope:
+                ctx._scope = scope
+                if ctx._forced:
+                    scope.cancel()
+                await self._call_on_stop(ctx, actor, reason)
+        await self._drain_background(ctx, reason)
+        if ctx._crash is not None and not reason.is_crash:
+            reason = StopReason.crashed(ctx._crash)
+        current, ctx._current = ctx._current, None
+        if current is not None:
+            if ctx._crash is not None:
+                error: BaseException = ActorCrashed(ctx.path, ctx._crash)
+                error.__cause__ = ctx._crash
+            else:
+                error = MailboxClosed(ctx.path, f"it stopped ({reason}) before replying")
+            current.fail(error)
+        ctx._scope = None
+        ctx._actor = None
+        return reason
+
+    async def _serve(self, ctx: ActorContext, actor: Actor) -> StopReason:
+        """Handle messages one at a time until a stop is requested or receive raises."""
+        mailbox = ctx._mailbox
+        receive = actor.receive
+        while not ctx.stopping:
+            item = mailbox.take()
+            if item is EMPTY:
+                await mailbox.wait()
+                continue
+            if type(item) is AskEnvelope:
+                ctx._current = item
+                try:
+                    value = await receive(item.message)
+                except Exception as exc:
+                    ctx._current = None
+                    crashed = ActorCrashed(ctx.path, exc)
+                    crashed.__cause__ = exc
+                    item.fail(crashed)
+                    return StopReason.crashed(exc)
+                ctx._current = None
+                item.reply(value)
+            else:
+                try:
+                    await receive(item)
+                except Exception as exc:
+                    return StopReason.crashed(exc)
+        return _requested(ctx)
+
+    async def _call_on_stop(self, ctx: ActorContext, actor: Actor, reason: StopReason) -> None:
+        try:
+            await actor.on_stop(reason)
+        except Exception:
+            logger.exception("%s: on_stop(%s) raised; ignored", ctx.path, reason)
+
+    async def _drain_background(self, ctx: ActorContext, reason: StopReason) -> None:
+        """Give the incarnation's tasks the shutdown timeout (none after a crash), then cancel."""
+        if ctx._bg_n == 0:
+            return
+        ctx._bg_idle = idle = anyio.Event()
+        if reason.is_crash or ctx._forced:
+            ctx._cancel_background()
+        else:
+            with anyio.move_on_after(ctx.spec.shutdown):
+                await idle.wait()
+            if ctx._bg_n:
+                logger.warning(
+                    "%s: tasks still running %gs after the stop began; cancelling them",
+                    ctx.path,
+                    ctx.spec.shutdown,
+                )
+                ctx._cancel_background()
+        if ctx._bg_n:
+            await idle.wait()
+
+    async def _run_nested(self, ctx: ActorContext, sup: Supervisor) -> StopReason:
+        """Run a child that is a supervisor: ``async with`` it until asked to stop."""
+        if sup._state != "new" or sup._parent is not None:
+            return StopReason.crashed(
+                ActorError(
+                    f"child {ctx.path!r}: factory returned a Supervisor that was already used; "
+                    f"it must return a new one at every (re)start"
+                )
+            )
+        sup._parent = self
+        sup._path = ctx.path
+        ctx._nested = sup
+        ctx._mailbox.close(f"{ctx.path!r} is a supervisor, which has no mailbox")
+        reason: StopReason | None = None
+        with anyio.CancelScope() as scope:
+            ctx._scope = scope
+            if ctx._forced:
+                scope.cancel()
+            try:
+                async with sup:
+                    self._on_started(ctx)
+                    if not ctx.stopping:
+                        if ctx._stop_event is None:
+                            ctx._stop_event = anyio.Event()
+                        await ctx._stop_event.wait()
+                reason = _requested(ctx)
+            except Exception as exc:
+                reason = StopReason.crashed(exc)
+        ctx._scope = None
+        if reason is None:
+            reason = _requested(ctx)
+        ctx._request_stop(reason.kind)
+        return reason
+
+    # ---- deciding what happens after an exit -------------------------------------
+
+    def _after_exit(self, ctx: ActorContext, reason: StopReason) -> int:
+        """Apply the restart type, the per-child limit, intensity and strategy."""
+        crashed = reason.is_crash
+        kind: LifecycleKind = "crashed" if crashed else "stopped"
+        if ctx._final:  # stop_child, supervisor shutdown or escalation: the stopper forgets it
+            self._emit(kind, ctx, reason, False)
+            return _EXIT
+        if ctx._held:  # stopped by a sibling's group restart, which will restart it
+            self._emit(kind, ctx, reason, ctx.spec.restart != "temporary")
+            return _EXIT
+        if ctx._initial:  # never started: its starter reports the error and forgets it
+            self._emit(kind, ctx, reason, False)
+            return _EXIT
+        if crashed:
+            logger.warning("%s crashed: %r", ctx.path, reason.error, exc_info=reason.error)
+        if self._state != "running":
+            self._forget(ctx, f"it {kind} while its supervisor was stopping")
+            self._emit(kind, ctx, reason, False)
+            return _EXIT
+        restart = ctx.spec.restart
+        if restart == "temporary" or (restart == "transient" and not crashed):
+            self._forget(ctx, f"it {kind} ({reason}) and is {restart}")
+            self._emit(kind, ctx, reason, False)
+            return _EXIT
+        now = anyio.current_time()
+        spec = ctx.spec
+        if spec.max_restarts is not None:
+            if ctx._restarts is None:
+                ctx._restarts = deque()
+            if _over_limit(ctx._restarts, now, spec.within, spec.max_restarts):
+                logger.error(
+                    "%s: more than %d restarts within %gs; giving it up (last: %s)",
+                    ctx.path,
+                    spec.max_restarts,
+                    spec.within,
+                    reason,
+                )
+                self._forget(
+                    ctx,
+                    f"it was given up after more than {spec.max_restarts} restarts within "
+                    f"{spec.within:g}s",
+                )
+                self._emit(kind, ctx, reason, False)
+                return _EXIT
+        if self._intensity is not None and _over_limit(
+            self._restarts, now, self._period, self._intensity
+        ):
+            ctx._state = "stopped"
+            self._emit(kind, ctx, reason, False)
+            self._spawn_task(self._fail, ctx, reason, name=f"{self._path}:fail")
+            return _EXIT
+        ctx._state = "restarting"
+        self._emit(kind, ctx, reason, True)
+        if self._strategy == "one_for_one":
+            return _RESTART
+        ctx._pending_group = True
+        self._spawn_task(self._group_restart, ctx, name=f"{self._path}:restart:{spec.id}")
+        return _EXIT
+
+    def _delay(self, ctx: ActorContext) -> float:
+        policy = ctx.spec.backoff or self._backoff
+        if anyio.current_time() - ctx._started_at >= policy.healthy_after:
+            ctx._backoff_n = 0
+        delay = policy.delay(ctx._backoff_n, self._random.random())
+        ctx._backoff_n += 1
+        return delay
+
+    async def _backoff_wait(self, ctx: ActorContext) -> None:
+        """Wait before restarting ``ctx`` (one_for_one); a stop request cuts it short."""
+        ctx.stopping = False
+        ctx._stop_event = None
+        delay = self._delay(ctx)
+        if delay <= 0:
+            return
+        ctx._stop_event = event = anyio.Event()
+        with anyio.move_on_after(delay):
+            await event.wait()
+
+    async def _group_restart(self, ctx: ActorContext) -> None:
+        """one_for_all / rest_for_one: stop the affected children in reverse, restart in order."""
+        if self._group_lock is None:
+            self._group_lock = anyio.Lock()
+        async with self._group_lock:
+            if not ctx._pending_group or self._state != "running":
+                return
+            if self._children.get(ctx.id) is not ctx:
+                return
+            order = list(self._children.values())
+            affected = order if self._strategy == "one_for_all" else order[order.index(ctx) :]
+            for child in affected:
+                # A sibling that crashed on its own meanwhile is restarted by this round.
+                child._pending_group = False
+            for child in reversed(affected):
+                if child is ctx:
+                    continue
+                if child._runner_alive:
+                    await self._terminate(child, hold=True)
+                if child._state != "stopped":
+                    child._state = "restarting"
+                if child.spec.restart == "temporary":
+                    self._forget(child, "a sibling's restart stopped it; temporary: not restarted")
+            delay = self._delay(ctx)
+            if delay > 0:
+                if self._closing_event is None:
+                    self._closing_event = anyio.Event()
+                with anyio.move_on_after(delay):
+                    await self._closing_event.wait()
+            for child in affected:
+                if self._state != "running":
+                    return
+                if self._children.get(child.id) is not child or child._final:
+                    continue
+                if child._runner_alive:
+                    continue
+                child.restart_count += 1
+                if await self._launch(child) is not None:
+                    # Its runner has already decided what follows (another group
+                    # restart, giving it up, or escalation); stop this round here.
+                    return
+
+    async def _fail(self, ctx: ActorContext, reason: StopReason) -> None:
+        """Intensity exceeded: stop every child in reverse order, then fail the supervisor."""
+        assert self._intensity is not None
+        error = RestartIntensityExceeded(
+            self._path, ctx.id, self._intensity, self._period, reason.error
+        )
+        error.__cause__ = reason.error
+        self._failure = error
+        self._state = "failed"
+        logger.error("%s", error)
+        with anyio.CancelScope(shield=True):
+            self._forget(ctx, "its supervisor exceeded its restart intensity")
+            await self._shutdown()
+        self._emit("escalated", ctx, StopReason.crashed(error), False)
+        assert self._tg is not None
+        self._tg.cancel_scope.cancel()
+
+    # ---- stopping ------------------------------------------------------------------
+
+    async def _terminate(
+        self, ctx: ActorContext, *, final: bool = False, hold: bool = False, brutal: bool = False
+    ) -> None:
+        """Stop the current incarnation of ``ctx``: gracefully within its timeout, then cancel."""
+        if final:
+            ctx._final = True
+        if hold:
+            ctx._held = True
+        ctx._request_stop("shutdown")
+        if not ctx._runner_alive:
+            if final and ctx._state != "stopped":
+                self._emit("stopped", ctx, StopReason.SHUTDOWN, False)
+            return
+        done = ctx._runner_done
+        if done is None:
+            done = ctx._runner_done = anyio.Event()
+        if not (brutal or self._brutal):
+            timeout = ctx.spec.shutdown
+            with anyio.move_on_after(timeout):
+                await done.wait()
+            if not ctx._runner_alive:
+                return
+            logger.warning("%s did not stop within %gs; cancelling it", ctx.path, timeout)
+        ctx._force()
+        await done.wait()
+
+    def _forget(self, ctx: ActorContext, detail: str) -> None:
+        """Remove ``ctx`` for good: it leaves the registry and its mailbox closes."""
+        if self._children.get(ctx.spec.id) is ctx:
+            del self._children[ctx.spec.id]
+        ctx._state = "stopped"
+        ctx._mailbox.close(detail)
+
+    async def _shutdown(self) -> None:
+        """Stop every child for good, in reverse start order (once; later callers wait)."""
+        if self._shutdown_done is not None:
+            await self._shutdown_done.wait()
+            return
+        self._shutdown_done = done = anyio.Event()
+        if self._state == "running":
+            self._state = "stopping"
+        if self._closing_event is not None:
+            self._closing_event.set()
+        if self._group_lock is None:
+            self._group_lock = anyio.Lock()
+        try:
+            async with self._group_lock:
+                while self._children:
+                    for ctx in reversed(list(self._children.values())):
+                        await self._terminate(ctx, final=True)
+                        self._forget(ctx, "its supervisor stopped")
+        finally:
+            done.set()
+
+    # ---- events --------------------------------------------------------------------
+
+    def _emit(
+        self,
+        kind: LifecycleKind,
+        ctx: ActorContext,
+        reason: StopReason | None,
+        will_restart: bool,
+    ) -> None:
+        event: LifecycleEvent | None = None
+        sup: Supervisor | None = self
+        while sup is not None:
+            if sup._observers:
+                if event is None:
+                    event = LifecycleEvent(
+                        kind, self._path, ctx.spec.id, reason, ctx.restart_count, will_restart
+                    )
+                for fn in tuple(sup._observers):
+                    try:
+                        fn(event)
+                    except Exception:
+                        logger.exception("%s: lifecycle observer %r raised; ignored", sup.path, fn)
+            sup = sup._parent

@@ -1,0 +1,1337 @@
+"""``LmdbLog``: the event log on LMDB, with one writer thread doing group commit.
+
+Layout
+------
+``path`` is a directory holding the LMDB environment (``data.mdb``, ``lock.mdb``) and
+``owner.lock``. The environment has four named databases:
+
+``records``
+    key ``stream id (u32) | seq (u64)``, big-endian, so a cursor walks one stream in
+    order; value the sealed record envelope (see :mod:`perdure.log.codec`). Small
+    integer stream ids keep the 12-byte keys short.
+``streams``
+    the stream index: key the stream name (UTF-8), value the sealed
+    ``[id, last_seq, created_at, updated_at, meta]``.
+``by_meta``
+    the secondary index for the ``indexed`` meta keys: key
+    ``len|field|len|value|stream name``, empty value. ``value`` is the canonical CBOR
+    of the meta value, or a BLAKE2b digest of it when longer than 32 bytes (matches are
+    then confirmed against the stream's meta).
+``meta``
+    the format marker and the next stream id.
+
+Group commit
+------------
+Every write goes through ONE writer thread. It takes whatever appends are queued (up
+to :data:`MAX_BATCH_APPENDS` appends or :data:`MAX_BATCH_BYTES` bytes), applies them
+in order inside one write transaction, commits, and then wakes the waiting tasks with
+one thread-safe callback per event loop. An append whose ``expect`` does not match
+fails alone with ``ConflictError``; appends to the same stream within a batch see each
+other. Records are encoded (and checksummed) on the caller's thread, so the writer
+holds the GIL only to put bytes.
+
+Durability
+----------
+``"fsync"`` (the default)
+    LMDB ``sync`` and ``metasync`` on: ``append`` returns only after the transaction
+    holding the batch is on disk. Survives a process crash and a power loss.
+``"process"``
+    No sync: ``append`` returns once the batch is committed to the OS page cache. It
+    survives a crash of the process (SIGKILL included), not a power loss or a kernel
+    crash, which may lose the last transactions (never corrupt the rest: LMDB keeps
+    its two meta pages consistent).
+
+Map size
+--------
+The map starts at ``map_size`` bytes and grows by itself: on ``MDB_MAP_FULL`` the
+writer aborts the transaction, doubles the map (bounded by the free disk) and applies
+the same batch again from scratch, expects included. When the disk is full, every
+append of the batch fails with ``StorageFullError`` and nothing of it is written.
+
+Ownership
+---------
+One process owns a data dir: it holds an exclusive ``flock`` on ``owner.lock`` (whose
+content is its pid) for as long as the log is open. The kernel drops the lock when the
+process dies, even by SIGKILL, so a restarted process is never locked out. Other
+processes may open the dir with ``client=True``: they read everything and may append
+only to signal streams (``signals/...``); LMDB's own lock serialises their write
+transactions with the owner's. A task in ``wait_for_append`` notices another
+process's append by polling LMDB's last transaction id every
+:data:`POLL_INTERVAL` seconds, only while someone waits.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import shutil
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Mapping, Sequence
+from functools import partial
+from itertools import islice
+from typing import Any, Final
+
+import anyio
+import cbor2
+import lmdb
+
+from .codec import (
+    check_after,
+    check_expect,
+    check_indexed_fields,
+    check_stream_name,
+    decode_record,
+    encode_entry,
+    encode_records,
+    meta_matches,
+    meta_value_key,
+    normalize_meta,
+    record_fault,
+    unseal,
+    where_conditions,
+)
+from .errors import (
+    ClientWriteError,
+    ConflictError,
+    CorruptRecordError,
+    DataDirLockedError,
+    LogClosedError,
+    LogError,
+    StorageFullError,
+)
+from .protocol import (
+    SIGNAL_STREAM_PREFIX,
+    Durability,
+    Fault,
+    NewRecord,
+    Record,
+    RecordTypes,
+    StreamInfo,
+)
+from .waker import AppendWaiters, Completion, wake
+
+__all__ = ["LmdbLog"]
+
+#: The most appends one write transaction takes from the queue.
+MAX_BATCH_APPENDS: Final = 4096
+#: The most record bytes one write transaction takes (one larger append goes alone).
+MAX_BATCH_BYTES: Final = 8 << 20
+#: Records or index entries read per read transaction, between yields to the loop.
+READ_CHUNK: Final = 256
+#: How often a waiting task's poller looks for other processes' commits, in seconds.
+POLL_INTERVAL: Final = 0.025
+#: The map size a new environment starts with; it grows on demand.
+DEFAULT_MAP_SIZE: Final = 64 << 20
+#: The name of the owner's lock file inside the data dir.
+LOCK_FILE: Final = "owner.lock"
+
+_FORMAT_KEY: Final = b"format"
+_FORMAT: Final = b"perdure.log/1"
+_NEXT_ID_KEY: Final = b"next_stream_id"
+_RECORD_KEY: Final = struct.Struct(">IQ")
+_ID: Final = struct.Struct(">I")
+_pack_seq = struct.Struct(">Q").pack
+_MAX_STREAM_ID: Final = 2**32 - 1
+_RAW_INDEX_VALUE: Final = 32  # longer canonical meta values are indexed by digest
+_PAGE: Final = 4096
+
+# Pending states: QUEUED -> TAKEN by the writer, or QUEUED -> WITHDRAWN by a cancelled
+# caller. Both transitions happen under the queue lock, so exactly one wins.
+_QUEUED: Final = 0
+_TAKEN: Final = 1
+_WITHDRAWN: Final = 2
+
+_APPEND: Final = 0
+_SET_META: Final = 1
+
+_STORAGE_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+_checkpoint = anyio.lowlevel.checkpoint
+_checkpoint_if_cancelled = anyio.lowlevel.checkpoint_if_cancelled
+_time = time.time
+
+
+class _MapGuard:
+    """Readers-writer lock between LMDB transactions and remapping the environment.
+
+    ``set_mapsize`` (growing the map, or adopting another process's growth) and
+    ``close`` replace or drop the memory map under every open transaction of the
+    process, so they take the exclusive side; every transaction holds the shared side.
+    Writers of the exclusive side are preferred, so a stream of readers cannot starve
+    a map growth.
+    """
+
+    __slots__ = ("_cond", "_exclusive", "_readers", "_waiting")
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._exclusive = False
+        self._waiting = 0
+
+    def acquire_shared(self) -> None:
+        with self._cond:
+            while self._exclusive or self._waiting:
+                self._cond.wait()
+            self._readers += 1
+
+    def release_shared(self) -> None:
+        with self._cond:
+            self._readers -= 1
+            if not self._readers and self._waiting:
+                self._cond.notify_all()
+
+    def acquire_exclusive(self) -> None:
+        with self._cond:
+            self._waiting += 1
+            while self._exclusive or self._readers:
+                self._cond.wait()
+            self._waiting -= 1
+            self._exclusive = True
+
+    def release_exclusive(self) -> None:
+        with self._cond:
+            self._exclusive = False
+            self._cond.notify_all()
+
+
+class _Pending:
+    """One queued write, from the caller to the writer thread and back."""
+
+    __slots__ = (
+        "completion",
+        "expect",
+        "kind",
+        "meta",
+        "nbytes",
+        "state",
+        "stream",
+        "stream_key",
+        "timestamp",
+        "values",
+    )
+
+    def __init__(
+        self,
+        kind: int,
+        stream: str,
+        stream_key: bytes,
+        values: list[bytes],
+        expect: int | None,
+        meta: dict[str, Any] | None,
+        timestamp: float,
+        completion: Completion,
+    ) -> None:
+        self.kind = kind
+        self.stream = stream
+        self.stream_key = stream_key
+        self.values = values
+        self.nbytes = sum(map(len, values))
+        self.expect = expect
+        self.meta = meta
+        self.timestamp = timestamp
+        self.completion = completion
+        self.state = _QUEUED
+
+
+class _StreamState:
+    """A stream's index entry while a write transaction changes it.
+
+    ``meta`` is never mutated in place (an update makes a new dict), so ``old_meta``
+    and the writer's cached entries can share it safely.
+    """
+
+    __slots__ = (
+        "created_at",
+        "dirty",
+        "id_prefix",
+        "last_seq",
+        "meta",
+        "meta_cbor",
+        "name",
+        "name_key",
+        "old_meta",
+        "sid",
+        "updated_at",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        name_key: bytes,
+        sid: int,
+        last_seq: int,
+        created_at: float,
+        updated_at: float,
+        meta: dict[str, Any],
+        meta_cbor: bytes | None = None,
+    ) -> None:
+        self.name = name
+        self.name_key = name_key
+        self.sid = sid
+        self.id_prefix = _ID.pack(sid)
+        self.last_seq = last_seq
+        self.created_at = created_at
+        self.updated_at = updated_at
+        self.meta = meta
+        self.old_meta = meta
+        self.meta_cbor = cbor2.dumps(meta) if meta_cbor is None else meta_cbor
+        self.dirty = False
+
+    def entry(self) -> _Entry:
+        """The index entry as the writer caches it."""
+        if self.meta is not self.old_meta:
+            self.meta_cbor = cbor2.dumps(self.meta)
+            self.old_meta = self.meta
+        return (
+            self.sid,
+            self.last_seq,
+            self.created_at,
+            self.updated_at,
+            self.meta,
+            self.meta_cbor,
+        )
+
+    def encoded(self) -> bytes:
+        """The sealed index entry to store."""
+        meta_cbor = self.meta_cbor if self.meta is self.old_meta else cbor2.dumps(self.meta)
+        return encode_entry(self.sid, self.last_seq, self.created_at, self.updated_at, meta_cbor)
+
+
+# (id, last_seq, created_at, updated_at, meta, meta as CBOR)
+_Entry = tuple[int, int, float, float, dict[str, Any], bytes]
+
+
+def _index_value(value_key: bytes) -> bytes:
+    if len(value_key) <= _RAW_INDEX_VALUE:
+        return b"\x00" + value_key
+    return b"\x01" + hashlib.blake2b(value_key, digest_size=16).digest()
+
+
+def _index_prefix(field: str, value_key: bytes) -> bytes:
+    """The by_meta key prefix of every stream whose meta ``field`` has this value."""
+    field_bytes = field.encode("utf-8")
+    value = _index_value(value_key)
+    return bytes((len(field_bytes),)) + field_bytes + bytes((len(value),)) + value
+
+
+def _decode_entry(name: str, raw: bytes) -> list[Any]:
+    """Unseal a stream index entry: ``[id, last_seq, created_at, updated_at, meta]``."""
+    try:
+        entry = unseal(raw, 5)
+    except ValueError as exc:
+        raise CorruptRecordError(name, 0, f"stream index entry: {exc}") from None
+    sid, last_seq, _, _, meta = entry
+    if type(sid) is not int or type(last_seq) is not int or not isinstance(meta, dict):
+        raise CorruptRecordError(name, 0, "stream index entry: malformed")
+    return entry
+
+
+class LmdbLog:
+    """An :class:`~perdure.log.EventLog` on LMDB with group commit; see the module doc.
+
+    Open with ``await LmdbLog.open(path, types=...)`` (or ``async with await
+    LmdbLog.open(...) as log``) and close with :meth:`aclose`.
+    """
+
+    def __init__(self) -> None:
+        # Use LmdbLog.open(): opening touches the disk and must not block the loop.
+        raise TypeError("use 'await LmdbLog.open(path, types=...)' to open an LmdbLog")
+
+    # -- opening and closing -----------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        types: RecordTypes,
+        durability: Durability = "fsync",
+        client: bool = False,
+        indexed: Sequence[str] = ("status", "kind"),
+        map_size: int = DEFAULT_MAP_SIZE,
+    ) -> LmdbLog:
+        """Open (creating if needed) the log in directory ``path``.
+
+        ``types`` is copied (see :attr:`types`). ``durability`` is ``"fsync"`` or
+        ``"process"`` (see the module doc). ``client=True`` opens without owning the
+        dir: read everything, append only to signal streams. ``indexed`` names the meta
+        keys ``streams(where=...)`` answers from a secondary index; changing it for an
+        existing dir rebuilds that index. ``map_size`` is the initial map size in bytes.
+
+        Raises ``DataDirLockedError`` if another process owns the dir.
+        """
+        if durability not in ("fsync", "process"):
+            raise LogError(f"durability must be 'fsync' or 'process', got {durability!r}")
+        fields = check_indexed_fields(indexed)
+        if type(map_size) is not int or map_size < _PAGE * 16:
+            raise LogError(f"map_size must be an int of at least {_PAGE * 16} bytes")
+        self = object.__new__(cls)
+        await anyio.to_thread.run_sync(
+            partial(self._open_sync, os.fspath(path), types, durability, client, fields, map_size)
+        )
+        return self
+
+    def _open_sync(
+        self,
+        path: str,
+        types: RecordTypes,
+        durability: Durability,
+        client: bool,
+        indexed: tuple[str, ...],
+        map_size: int,
+    ) -> None:
+        self._path = os.path.abspath(path)
+        self._data_file = os.path.join(self._path, "data.mdb")
+        self._types = types.copy()
+        # The live dict of our own RecordTypes: registrations through .types are seen.
+        self._known: dict[str, int] = self._types._known
+        self._durability = durability
+        self._client = client
+        self._indexed = indexed
+        self._lock_fd: int | None = None
+        if client:
+            if not os.path.exists(self._data_file):
+                raise LogError(
+                    f"data dir {self._path!r} holds no perdure log; a client can only open a "
+                    f"dir an owner has created"
+                )
+        else:
+            os.makedirs(self._path, exist_ok=True)
+            self._lock_fd = self._take_owner_lock()
+        try:
+            self._open_env(map_size)
+        except BaseException:
+            self._release_owner_lock()
+            raise
+
+        self._guard = _MapGuard()
+        self._cond = threading.Condition(threading.Lock())
+        self._queue: deque[_Pending] = deque()
+        # Group commit waits for each event loop's burst of work to end (see _submit):
+        # the writer takes only appends "released" by a kick, counted since open.
+        self._enqueued = 0
+        self._released = 0
+        self._taken = 0
+        self._kicks: set[int] = set()
+        # The writer's copy of stream index entries, valid while no other process
+        # commits (checked by transaction id): saves a get and a decode per append.
+        self._entries: dict[str, _Entry] = {}
+        self._entries_txnid = -1
+        self._writer_idle = False
+        self._stopping = False
+        self._closing = False
+        self._closed = False
+        self._waiters = AppendWaiters()
+        self._poller: threading.Thread | None = None
+        self._poll_stop = threading.Event()
+        self._counters = {
+            "commits": 0,
+            "appends": 0,
+            "records_appended": 0,
+            "conflicts": 0,
+            "wake_callbacks": 0,
+            "largest_batch": 0,
+            "map_growths": 0,
+        }
+        self._writer = threading.Thread(
+            target=self._writer_main, name=f"perdure-log-writer {self._path}", daemon=True
+        )
+        self._writer.start()
+
+    def _take_owner_lock(self) -> int:
+        lock_path = os.path.join(self._path, LOCK_FILE)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = self._read_owner_pid(fd)
+            os.close(fd)
+            raise DataDirLockedError(self._path, pid) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
+
+    @staticmethod
+    def _read_owner_pid(fd: int) -> int | None:
+        # The holder writes its pid right after taking the lock; give it a moment.
+        for _ in range(20):
+            text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            if text.isdigit():
+                return int(text)
+            time.sleep(0.005)
+        return None
+
+    def _release_owner_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the last descriptor drops the flock
+            self._lock_fd = None
+
+    def _open_env(self, map_size: int) -> None:
+        sync = self._durability == "fsync"
+        # An existing environment keeps the map size it has grown to (0 adopts it);
+        # asking for less would shrink the map back to the used size.
+        existing = os.path.exists(self._data_file)
+        try:
+            env = lmdb.open(
+                self._path,
+                map_size=0 if existing else map_size,
+                subdir=True,
+                max_dbs=8,
+                max_readers=512,
+                sync=sync,
+                metasync=sync,
+                create=not self._client,
+            )
+        except lmdb.Error as exc:
+            if "already open in this process" in str(exc):
+                raise LogError(
+                    f"data dir {self._path!r} is already open in this process; LMDB allows "
+                    f"one handle per process — share that LmdbLog instead of opening another"
+                ) from None
+            raise LogError(f"data dir {self._path!r}: cannot open the LMDB environment ({exc})")
+        try:
+            if self._client:
+                with env.begin() as txn:
+                    dbs = [env.open_db(name, txn=txn, create=False) for name in _DB_NAMES]
+                    marker = txn.get(_FORMAT_KEY, db=dbs[3])
+            else:
+                with env.begin(write=True) as txn:
+                    dbs = [env.open_db(name, txn=txn) for name in _DB_NAMES]
+                    marker = txn.get(_FORMAT_KEY, db=dbs[3])
+                    if marker is None:
+                        if txn.stat(dbs[0])["entries"] or txn.stat(dbs[1])["entries"]:
+                            raise LogError(f"data dir {self._path!r}: records but no format marker")
+                        txn.put(_FORMAT_KEY, _FORMAT, db=dbs[3])
+                        txn.put(_NEXT_ID_KEY, _ID.pack(1), db=dbs[3])
+                        marker = _FORMAT
+                    self._sync_secondary_index(txn, dbs)
+        except lmdb.NotFoundError:
+            env.close()
+            raise LogError(f"data dir {self._path!r} holds no perdure log") from None
+        except BaseException:
+            env.close()
+            raise
+        if marker != _FORMAT:
+            env.close()
+            raise LogError(
+                f"data dir {self._path!r} was written in log format {marker!r}; this perdure "
+                f"reads {_FORMAT!r} — upgrade perdure"
+            )
+        if not self._client and env.info()["map_size"] < map_size:
+            env.set_mapsize(map_size)
+        self._env = env
+        self._records, self._streams, self._by_meta, self._meta = dbs
+
+    def _sync_secondary_index(self, txn: lmdb.Transaction, dbs: list[Any]) -> None:
+        """Rebuild ``by_meta`` if the set of indexed meta keys changed since last open."""
+        wanted = cbor2.dumps(list(self._indexed))
+        if txn.get(b"indexed", db=dbs[3]) == wanted:
+            return
+        txn.drop(dbs[2], delete=False)
+        for name_key, raw in txn.cursor(db=dbs[1]):
+            name = name_key.decode("utf-8")
+            meta = _decode_entry(name, raw)[4]
+            for field in self._indexed:
+                if field in meta:
+                    key = _index_prefix(field, meta_value_key(meta[field])) + name_key
+                    txn.put(key, b"", db=dbs[2])
+        txn.put(b"indexed", wanted, db=dbs[3])
+
+    async def __aenter__(self) -> LmdbLog:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Commit what is queued, stop the threads, close LMDB and release the dir.
+
+        Later calls raise ``LogClosedError``; tasks in ``wait_for_append`` get it too.
+        Calling ``aclose`` again does nothing.
+        """
+        if self._closing:
+            return
+        self._closing = True
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        await anyio.to_thread.run_sync(self._writer.join)
+        self._poll_stop.set()
+        poller = self._poller
+        if poller is not None:
+            await anyio.to_thread.run_sync(poller.join)
+        waiters = self._waiters.pop_all()
+        wake((c, self._closed_error("closed while waiting for an append")) for c in waiters)
+        self._guard.acquire_exclusive()
+        try:
+            self._closed = True
+            self._env.close()
+        finally:
+            self._guard.release_exclusive()
+            self._release_owner_lock()
+
+    def _closed_error(self, what: str = "used after aclose()") -> LogClosedError:
+        return LogClosedError(f"log at {self._path!r}: {what}; open it again to continue")
+
+    # -- properties --------------------------------------------------------------------
+
+    @property
+    def is_owner(self) -> bool:
+        """True if this process owns the dir; False when opened with ``client=True``."""
+        return not self._client
+
+    @property
+    def path(self) -> str:
+        """The data dir."""
+        return self._path
+
+    @property
+    def durability(self) -> Durability:
+        """``"fsync"`` or ``"process"``."""
+        return self._durability
+
+    @property
+    def types(self) -> RecordTypes:
+        """The record types this log reads and accepts (its own copy; register more here)."""
+        return self._types
+
+    # -- writing -----------------------------------------------------------------------
+
+    async def append(
+        self,
+        stream: str,
+        records: Sequence[NewRecord],
+        expect: int | None,
+        meta: Mapping[str, Any] | None = None,
+    ) -> int:
+        """Append ``records`` atomically; see :meth:`perdure.log.EventLog.append`.
+
+        Cancellation: an append cancelled before the writer thread took it writes
+        nothing; once taken it is committed (or fails) whatever happens to the caller,
+        who then learns the outcome from ``last_seq``.
+        """
+        if self._closing:
+            raise self._closed_error()
+        stream_key = check_stream_name(stream)
+        if self._client and not stream.startswith(SIGNAL_STREAM_PREFIX):
+            raise ClientWriteError(stream)
+        if expect is not None and (type(expect) is not int or expect < 0):
+            check_expect(stream, expect)
+        timestamp = _time()
+        values = encode_records(self._known, stream, records, timestamp)
+        new_meta = normalize_meta(stream, meta) if meta else None
+        # An append made in an already-cancelled scope must not reach the writer.
+        await _checkpoint_if_cancelled()
+        completion = Completion()
+        pending = _Pending(
+            _APPEND, stream, stream_key, values, expect, new_meta, timestamp, completion
+        )
+        return await self._submit(pending)  # type: ignore[no-any-return]
+
+    async def set_meta(self, stream: str, meta: Mapping[str, Any]) -> None:
+        """Shallow-merge ``meta`` into an existing stream's index entry (owner only)."""
+        if self._closing:
+            raise self._closed_error()
+        stream_key = check_stream_name(stream)
+        if self._client:
+            raise ClientWriteError(stream)
+        new_meta = normalize_meta(stream, meta)
+        await _checkpoint_if_cancelled()
+        pending = _Pending(_SET_META, stream, stream_key, [], None, new_meta, _time(), Completion())
+        await self._submit(pending)
+
+    async def _submit(self, pending: _Pending) -> Any:
+        # The writer is not told about this append at once: a callback scheduled on
+        # the caller's loop tells it once the tasks that are ready now have run (a kick).
+        # So a burst of appends from many tasks becomes one batch, and the writer does
+        # its work while the loop waits instead of fighting it for the GIL (py-lmdb
+        # drops the GIL around every put; taking it back from a busy loop thread costs
+        # up to the 5 ms switch interval).
+        cond = self._cond
+        completion = pending.completion
+        loop_key = id(completion.loop)
+        with cond:
+            if self._stopping:
+                raise self._closed_error()
+            self._queue.append(pending)
+            self._enqueued += 1
+            kick = loop_key not in self._kicks
+            if kick:
+                self._kicks.add(loop_key)
+        if kick:
+            completion.call_soon(self._kick, loop_key)
+        try:
+            return await completion.wait()
+        except BaseException:
+            # Cancelled: take it back if the writer has not started on it.
+            if pending.state == _QUEUED:
+                with cond:
+                    if pending.state == _QUEUED:
+                        pending.state = _WITHDRAWN
+            raise
+
+    def _kick(self, loop_key: int) -> None:
+        """Release every append queued so far to the writer (runs on a caller's loop)."""
+        with self._cond:
+            self._kicks.discard(loop_key)
+            self._released = self._enqueued
+            if self._writer_idle:
+                self._cond.notify()
+
+    # -- the writer thread ---------------------------------------------------------------
+
+    def _writer_main(self) -> None:
+        cond = self._cond
+        queue = self._queue
+        while True:
+            with cond:
+                while not (queue and (self._taken < self._released or self._stopping)):
+                    if self._stopping and not queue:
+                        return  # everything queued is done
+                    self._writer_idle = True
+                    cond.wait()
+                self._writer_idle = False
+                available = len(queue) if self._stopping else self._released - self._taken
+                batch: list[_Pending] = []
+                nbytes = 0
+                while available and len(batch) < MAX_BATCH_APPENDS:
+                    pending = queue[0]
+                    if batch and nbytes + pending.nbytes > MAX_BATCH_BYTES:
+                        break
+                    queue.popleft()
+                    available -= 1
+                    self._taken += 1
+                    if pending.state == _WITHDRAWN:
+                        continue
+                    pending.state = _TAKEN
+                    batch.append(pending)
+                    nbytes += pending.nbytes
+            if not batch:
+                continue
+            try:
+                outcomes, touched = self._commit(batch, nbytes)
+            except BaseException as exc:  # never let the writer die with callers waiting
+                detail = f"{exc.__class__.__name__}: {exc}"
+                outcomes = [
+                    LogError(f"log at {self._path!r}: the write failed ({detail})") for _ in batch
+                ]
+                touched = []
+            self._finish(batch, outcomes, touched)
+
+    def _finish(self, batch: list[_Pending], outcomes: list[Any], touched: list[Any]) -> None:
+        items: list[tuple[Completion, Any]] = [
+            (pending.completion, outcome) for pending, outcome in zip(batch, outcomes, strict=True)
+        ]
+        if touched and self._waiters:
+            items += self._waiters.due(touched)
+        self._counters["wake_callbacks"] += wake(items)
+
+    def _commit(
+        self, batch: list[_Pending], nbytes: int
+    ) -> tuple[list[Any], list[tuple[str, int]]]:
+        """Apply ``batch`` in one write transaction, growing the map as needed."""
+        probed = False
+        while True:
+            guard = self._guard
+            guard.acquire_shared()
+            txn = None
+            try:
+                txn = self._env.begin(write=True)
+                txnid = txn.id()
+                if txnid != self._entries_txnid + 1:
+                    # Another process committed since our last transaction: the cached
+                    # index entries may be stale.
+                    self._entries = {}
+                outcomes, states = self._apply(txn, batch, self._entries)
+                txn.commit()
+                txn = None
+            except lmdb.MapFullError:
+                failure = "map_full"
+            except lmdb.MapResizedError:
+                failure = "resized"
+            except lmdb.Error as exc:
+                failure = f"{exc}"
+            else:
+                failure = ""
+            finally:
+                if txn is not None:
+                    try:
+                        txn.abort()
+                    except lmdb.Error:
+                        pass  # a failed commit already ended the transaction
+                guard.release_shared()
+            if not failure:
+                break
+            if failure == "map_full":
+                reason = self._grow_map()
+                if reason is not None:
+                    return [StorageFullError(self._path, reason) for _ in batch], []
+            elif failure == "resized":
+                self._adopt_map_size()
+            else:
+                # LMDB reports a short write as EIO, so ask the filesystem itself whether
+                # the data file can grow by this batch.
+                reason = self._probe_space(nbytes)
+                if reason is not None:
+                    return [StorageFullError(self._path, reason) for _ in batch], []
+                if probed:
+                    return [
+                        LogError(f"log at {self._path!r}: commit failed ({failure})") for _ in batch
+                    ], []
+                probed = True  # the probe reserved the space: try once more
+
+        cache = self._entries
+        if len(cache) > _MAX_CACHED_ENTRIES:
+            cache.clear()
+        self._entries_txnid = txnid
+        touched = []
+        for name, state in states.items():
+            cache[name] = state.entry()
+            if state.dirty:
+                touched.append((name, state.last_seq))
+        counters = self._counters
+        counters["commits"] += 1
+        counters["largest_batch"] = max(counters["largest_batch"], len(batch))
+        for pending, outcome in zip(batch, outcomes, strict=True):
+            if type(outcome) is int:
+                counters["appends"] += 1
+                counters["records_appended"] += len(pending.values)
+            elif isinstance(outcome, ConflictError):
+                counters["conflicts"] += 1
+        return outcomes, touched
+
+    def _apply(
+        self,
+        txn: lmdb.Transaction,
+        batch: list[_Pending],
+        cache: dict[str, _Entry],
+    ) -> tuple[list[Any], dict[str, _StreamState]]:
+        """Apply every pending write of the batch in ``txn``; return their outcomes.
+
+        Runs again from scratch when a batch is retried (after growing the map), so
+        expects are checked against what is committed, never against a failed attempt.
+        ``cache`` holds committed index entries; it is only read here.
+        """
+        records_db = self._records
+        streams_db = self._streams
+        get = txn.get
+        put = txn.put
+        states: dict[str, _StreamState] = {}
+        outcomes: list[Any] = []
+        next_id: int | None = None
+        first_new_id = 0
+        for pending in batch:
+            stream = pending.stream
+            state = states.get(stream)
+            if state is None:
+                entry = cache.get(stream)
+                if entry is None:
+                    raw = get(pending.stream_key, db=streams_db)
+                    if raw is not None:
+                        try:
+                            entry = _decode_entry(stream, raw)  # type: ignore[assignment]
+                        except CorruptRecordError as exc:
+                            outcomes.append(exc)  # fails this stream's writes, not the batch
+                            continue
+                if entry is not None:
+                    state = _StreamState(stream, pending.stream_key, *entry)
+                    states[stream] = state
+            current = state.last_seq if state is not None else 0
+            if pending.kind == _SET_META:
+                if state is None:
+                    outcomes.append(
+                        LogError(
+                            f"stream {stream!r} does not exist, so it has no metadata to "
+                            f"update; append to it first (append(..., meta=...) sets meta "
+                            f"on creation)"
+                        )
+                    )
+                    continue
+                state.meta = {**state.meta, **pending.meta}  # type: ignore[dict-item]
+                state.updated_at = pending.timestamp
+                state.dirty = True
+                outcomes.append(current)
+                continue
+            expect = pending.expect
+            if expect is not None and expect != current:
+                outcomes.append(ConflictError(stream, expect, current))
+                continue
+            if state is None:
+                if next_id is None:
+                    next_id = first_new_id = _ID.unpack(get(_NEXT_ID_KEY, db=self._meta))[0]
+                if next_id > _MAX_STREAM_ID:
+                    outcomes.append(LogError(f"stream {stream!r}: out of stream ids"))
+                    continue
+                ts = pending.timestamp
+                state = _StreamState(stream, pending.stream_key, next_id, 0, ts, ts, _NO_META)
+                states[stream] = state
+                next_id += 1
+            prefix = state.id_prefix
+            seq = current
+            refused = None
+            for value in pending.values:
+                seq += 1
+                if not put(prefix + _pack_seq(seq), value, db=records_db, overwrite=False):
+                    refused = seq
+                    break
+            if refused is not None:
+                # A record already sits where the index says the stream ends: the store
+                # is inconsistent. Never overwrite; undo this append's puts.
+                for undo in range(current + 1, refused):
+                    txn.delete(prefix + _pack_seq(undo), db=records_db)
+                outcomes.append(
+                    CorruptRecordError(
+                        stream,
+                        refused,
+                        f"a record already exists at this seq although the stream index "
+                        f"ends at {current}; refusing to overwrite it",
+                    )
+                )
+                continue
+            state.last_seq = seq
+            state.updated_at = pending.timestamp
+            if pending.meta:
+                state.meta = {**state.meta, **pending.meta}
+            state.dirty = True
+            outcomes.append(seq)
+
+        by_meta = self._by_meta
+        for state in states.values():
+            if not state.dirty:
+                continue
+            put(state.name_key, state.encoded(), db=streams_db)
+            if state.meta is state.old_meta:
+                continue
+            for field in self._indexed:
+                old = state.old_meta.get(field, _MISSING)
+                new = state.meta.get(field, _MISSING)
+                old_key = None if old is _MISSING else meta_value_key(old)
+                new_key = None if new is _MISSING else meta_value_key(new)
+                if old_key == new_key:
+                    continue
+                if old_key is not None:
+                    txn.delete(_index_prefix(field, old_key) + state.name_key, db=by_meta)
+                if new_key is not None:
+                    put(_index_prefix(field, new_key) + state.name_key, b"", db=by_meta)
+        if next_id is not None and next_id != first_new_id:
+            put(_NEXT_ID_KEY, _ID.pack(next_id), db=self._meta)
+        return outcomes, states
+
+    def _grow_map(self) -> str | None:
+        """Double the map, bounded by the free disk; return why not, or None if grown."""
+        self._guard.acquire_shared()
+        try:
+            current = self._env.info()["map_size"]
+        finally:
+            self._guard.release_shared()
+        free = shutil.disk_usage(self._path).free
+        ceiling = os.path.getsize(self._data_file) + free
+        target = min(current * 2, ceiling // _PAGE * _PAGE)
+        if target <= current:
+            return f"the map is full at {current} bytes and the disk has {free} bytes free"
+        self._guard.acquire_exclusive()
+        try:
+            self._env.set_mapsize(target)
+        finally:
+            self._guard.release_exclusive()
+        self._counters["map_growths"] += 1
+        return None
+
+    def _adopt_map_size(self) -> None:
+        """Take up the map size another process grew the environment to."""
+        self._guard.acquire_exclusive()
+        try:
+            self._env.set_mapsize(0)
+        finally:
+            self._guard.release_exclusive()
+
+    def _probe_space(self, nbytes: int) -> str | None:
+        """Ask the filesystem whether data.mdb can grow by a batch; return why not."""
+        try:
+            fd = os.open(self._data_file, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                # Reserves blocks past the end; harmless, LMDB fills them as it grows.
+                os.posix_fallocate(fd, os.fstat(fd).st_size, max(2 * nbytes, 1 << 20))
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            if exc.errno in _STORAGE_ERRNOS:
+                return os.strerror(exc.errno)
+        return None
+
+    # -- reading -------------------------------------------------------------------------
+
+    def _begin_read(self) -> lmdb.Transaction:
+        """Begin a read transaction holding the shared map guard (release both after)."""
+        guard = self._guard
+        while True:
+            guard.acquire_shared()
+            if self._closed:
+                guard.release_shared()
+                raise self._closed_error()
+            try:
+                return self._env.begin()
+            except lmdb.MapResizedError:
+                guard.release_shared()
+                self._adopt_map_size()
+            except BaseException:
+                guard.release_shared()
+                raise
+
+    def _end_read(self, txn: lmdb.Transaction) -> None:
+        txn.abort()
+        self._guard.release_shared()
+
+    # Reads run on the event loop thread: a chunk of READ_CHUNK records costs well under
+    # a millisecond, while a hop to a worker thread and back costs more than that on
+    # every chunk and halves replay speed (measured by bench/log_bench.py's replay row
+    # against a to_thread variant). Each chunk has its own short read transaction, so a
+    # long replay neither pins old pages nor blocks map growth for long.
+
+    async def read(self, stream: str, after: int = 0) -> AsyncIterator[Record]:
+        """Yield records with seq > ``after`` in order, yielding to the loop between chunks."""
+        stream_key = check_stream_name(stream)
+        check_after(stream, after)
+        known = self._known
+        seq = after
+        while True:
+            values = self._read_chunk(stream, stream_key, seq)
+            for value in values:
+                seq += 1
+                yield decode_record(known, stream, seq, value)
+            if len(values) < READ_CHUNK:
+                return
+            await _checkpoint()
+
+    def _read_chunk(self, stream: str, stream_key: bytes, after: int) -> list[bytes]:
+        txn = self._begin_read()
+        try:
+            raw = txn.get(stream_key, db=self._streams)
+            if raw is None:
+                return []
+            sid, last_seq = _decode_entry(stream, raw)[:2]
+            count = min(READ_CHUNK, last_seq - after)
+            if count <= 0:
+                return []
+            first_key = _RECORD_KEY.pack(sid, after + 1)
+            last_key = _RECORD_KEY.pack(sid, after + count)
+            cursor = txn.cursor(db=self._records)
+            if not cursor.set_range(first_key) or cursor.key() != first_key:
+                raise CorruptRecordError(
+                    stream, after + 1, f"record missing (the stream index says it has {last_seq})"
+                )
+            values = list(islice(cursor.iternext(keys=False, values=True), count))
+            # Keys are unique and ordered: `count` values running from first_key to
+            # last_key are exactly the contiguous seqs after+1 .. after+count.
+            if len(values) != count or cursor.key() != last_key:
+                self._raise_gap(stream, txn, sid, after, count, last_seq)
+            return values
+        finally:
+            self._end_read(txn)
+
+    def _raise_gap(
+        self, stream: str, txn: lmdb.Transaction, sid: int, after: int, count: int, last: int
+    ) -> None:
+        cursor = txn.cursor(db=self._records)
+        for seq in range(after + 1, after + count + 1):
+            if not cursor.set_key(_RECORD_KEY.pack(sid, seq)):
+                raise CorruptRecordError(
+                    stream, seq, f"record missing (the stream index says it has {last})"
+                )
+        raise CorruptRecordError(stream, after + 1, "records out of order")  # unreachable
+
+    async def last_seq(self, stream: str) -> int:
+        """The stream's last seq, 0 if it does not exist."""
+        stream_key = check_stream_name(stream)
+        return self._last_seq_now(stream, stream_key)
+
+    def _last_seq_now(self, stream: str, stream_key: bytes) -> int:
+        txn = self._begin_read()
+        try:
+            raw = txn.get(stream_key, db=self._streams)
+        finally:
+            self._end_read(txn)
+        return 0 if raw is None else _decode_entry(stream, raw)[1]  # type: ignore[no-any-return]
+
+    async def stream_info(self, stream: str) -> StreamInfo | None:
+        """The stream's index entry, or None if it does not exist."""
+        stream_key = check_stream_name(stream)
+        txn = self._begin_read()
+        try:
+            raw = txn.get(stream_key, db=self._streams)
+        finally:
+            self._end_read(txn)
+        return None if raw is None else _info(stream, raw)
+
+    async def streams(
+        self, prefix: str = "", where: Mapping[str, Any] | None = None
+    ) -> AsyncIterator[StreamInfo]:
+        """Yield index entries by name prefix and ``where`` filter, in name order.
+
+        A ``where`` on an indexed meta key walks the ``by_meta`` index instead of every
+        stream.
+        """
+        if type(prefix) is not str:
+            raise LogError(f"prefix must be a str, got {prefix!r}")
+        conditions = where_conditions(where)
+        driver = next((c for c in conditions if c[0] in self._indexed), None)
+        scan_prefix = b"" if driver is None else _index_prefix(*driver)
+        full_prefix = scan_prefix + prefix.encode("utf-8")
+        position: bytes | None = full_prefix
+        exclusive = False
+        while position is not None:
+            if exclusive:
+                await _checkpoint()
+            chunk, position = self._list_chunk(
+                len(scan_prefix), full_prefix, position, exclusive, driver is not None
+            )
+            exclusive = True
+            for name, raw in chunk:
+                info = _info(name, raw)
+                if meta_matches(info.meta, conditions):
+                    yield info
+
+    def _list_chunk(
+        self, skip: int, full_prefix: bytes, start: bytes, exclusive: bool, by_index: bool
+    ) -> tuple[list[tuple[str, bytes]], bytes | None]:
+        """Up to READ_CHUNK (name, index entry) pairs with keys from ``start`` on.
+
+        Returns them and the key to continue after, or None when the listing is done.
+        """
+        chunk: list[tuple[str, bytes]] = []
+        streams_db = self._streams
+        txn = self._begin_read()
+        try:
+            cursor = txn.cursor(db=self._by_meta if by_index else streams_db)
+            if not cursor.set_range(start):
+                return chunk, None
+            last = start
+            for key, value in cursor.iternext(keys=True, values=True):
+                if not key.startswith(full_prefix):
+                    return chunk, None
+                if exclusive and key == start:
+                    continue
+                if len(chunk) == READ_CHUNK:
+                    return chunk, last
+                name_key = key[skip:]
+                raw = txn.get(name_key, db=streams_db) if by_index else value
+                if raw is not None:
+                    chunk.append((name_key.decode("utf-8"), raw))
+                last = key
+            return chunk, None
+        finally:
+            self._end_read(txn)
+
+    # -- waiting for appends ---------------------------------------------------------------
+
+    async def wait_for_append(self, stream: str, after: int, timeout: float | None = None) -> int:
+        """Wait until ``stream``'s last seq exceeds ``after``; return it.
+
+        Appends through this log wake the waiter at once; appends by another process
+        are seen within about :data:`POLL_INTERVAL` seconds. On timeout, returns the
+        last seq unchanged.
+        """
+        stream_key = check_stream_name(stream)
+        check_after(stream, after)
+        if self._closing:
+            raise self._closed_error()
+        # Register before looking, so a commit between the look and the wait still wakes.
+        completion = self._waiters.add(stream, after)
+        try:
+            self._ensure_poller()
+            current = self._last_seq_now(stream, stream_key)
+            if current > after:
+                return current
+            with anyio.move_on_after(timeout):
+                return await completion.wait()  # type: ignore[no-any-return]
+            return self._last_seq_now(stream, stream_key)
+        finally:
+            self._waiters.remove(stream, completion)
+
+    def _ensure_poller(self) -> None:
+        with self._cond:
+            if self._poller is not None and self._poller.is_alive():
+                return
+            self._poller = threading.Thread(
+                target=self._poll_main, name=f"perdure-log-poller {self._path}", daemon=True
+            )
+            self._poller.start()
+
+    def _poll_main(self) -> None:
+        """While anyone waits, wake them for commits made by other processes."""
+        seen_txnid = -1
+        while not self._poll_stop.wait(POLL_INTERVAL):
+            with self._cond:
+                if not self._waiters:
+                    self._poller = None
+                    return
+            streams = self._waiters.streams()
+            try:
+                txn = self._begin_read()
+            except LogClosedError:
+                return
+            try:
+                txnid = txn.id()
+                if txnid == seen_txnid:
+                    continue
+                seen_txnid = txnid
+                last_seqs = []
+                for stream in streams:
+                    raw = txn.get(stream.encode("utf-8"), db=self._streams)
+                    if raw is not None:
+                        last_seqs.append((stream, _decode_entry(stream, raw)[1]))
+            except CorruptRecordError:
+                continue  # check() reports it; the waiter's own read will raise it
+            finally:
+                self._end_read(txn)
+            due = self._waiters.due(last_seqs)
+            if due:
+                self._counters["wake_callbacks"] += wake(due)
+
+    # -- health ------------------------------------------------------------------------------
+
+    async def check(self) -> list[Fault]:
+        """Full scan (in a worker thread, one read snapshot): see the protocol."""
+        if self._closed:
+            raise self._closed_error()
+        return await anyio.to_thread.run_sync(self._check_sync)
+
+    def _check_sync(self) -> list[Fault]:
+        faults: list[Fault] = []
+        known = self._known
+        txn = self._begin_read()
+        try:
+            by_id: dict[int, tuple[str, int, dict[str, Any]]] = {}
+            for name_key, raw in txn.cursor(db=self._streams):
+                try:
+                    name = name_key.decode("utf-8")
+                except UnicodeDecodeError:
+                    faults.append(Fault(None, None, "index", f"undecodable name {name_key!r}"))
+                    continue
+                try:
+                    sid, last_seq, _, _, meta = _decode_entry(name, raw)
+                except CorruptRecordError as exc:
+                    faults.append(Fault(name, None, "index", exc.detail))
+                    continue
+                if sid in by_id:
+                    faults.append(
+                        Fault(
+                            name, None, "index", f"stream id {sid} also used by {by_id[sid][0]!r}"
+                        )
+                    )
+                by_id[sid] = (name, last_seq, meta)
+
+            next_id = _ID.unpack(txn.get(_NEXT_ID_KEY, db=self._meta))[0]
+            if by_id and max(by_id) >= next_id:
+                faults.append(Fault(None, None, "index", f"next stream id {next_id} is in use"))
+
+            expected: dict[int, int] = {}
+            orphans: dict[int, int] = {}
+            for key, value in txn.cursor(db=self._records):
+                if len(key) != _RECORD_KEY.size:
+                    faults.append(Fault(None, None, "orphan", f"malformed record key {key!r}"))
+                    continue
+                sid, seq = _RECORD_KEY.unpack(key)
+                owner = by_id.get(sid)
+                if owner is None:
+                    orphans[sid] = orphans.get(sid, 0) + 1
+                    continue
+                name, last_seq, _ = owner
+                want = expected.get(sid, 1)
+                if seq != want:
+                    faults.append(Fault(name, want, "gap", f"records {want}..{seq - 1} missing"))
+                expected[sid] = seq + 1
+                if seq > last_seq:
+                    faults.append(
+                        Fault(name, seq, "index", f"record beyond the index's last seq {last_seq}")
+                    )
+                fault = record_fault(known, name, seq, value)
+                if fault is not None:
+                    faults.append(fault)
+            for sid, count in sorted(orphans.items()):
+                faults.append(
+                    Fault(None, None, "orphan", f"{count} records of unknown stream id {sid}")
+                )
+            for sid, (name, last_seq, _) in by_id.items():
+                have = expected.get(sid, 1) - 1
+                if have < last_seq:
+                    faults.append(
+                        Fault(
+                            name,
+                            have + 1,
+                            "gap",
+                            f"records {have + 1}..{last_seq} missing (index says {last_seq})",
+                        )
+                    )
+
+            faults.extend(self._check_secondary(txn, by_id))
+        finally:
+            self._end_read(txn)
+        return faults
+
+    def _check_secondary(
+        self, txn: lmdb.Transaction, by_id: dict[int, tuple[str, int, dict[str, Any]]]
+    ) -> list[Fault]:
+        faults: list[Fault] = []
+        wanted: set[bytes] = set()
+        for name, _, meta in by_id.values():
+            for field in self._indexed:
+                if field in meta:
+                    key = _index_prefix(field, meta_value_key(meta[field])) + name.encode("utf-8")
+                    wanted.add(key)
+                    if txn.get(key, db=self._by_meta) is None:
+                        faults.append(
+                            Fault(name, None, "index", f"meta {field!r} is missing from its index")
+                        )
+        for key in txn.cursor(db=self._by_meta).iternext(keys=True, values=False):
+            if key not in wanted:
+                faults.append(Fault(None, None, "index", f"stale secondary index entry {key!r}"))
+        return faults
+
+    async def stats(self) -> Mapping[str, Any]:
+        """Streams, records, map usage and writer counters."""
+        return await anyio.to_thread.run_sync(self._stats_sync)
+
+    def _stats_sync(self) -> dict[str, Any]:
+        txn = self._begin_read()
+        try:
+            info = self._env.info()
+            streams = txn.stat(self._streams)["entries"]
+            records = txn.stat(self._records)["entries"]
+            page_size = self._env.stat()["psize"]
+        finally:
+            self._end_read(txn)
+        used = (info["last_pgno"] + 1) * page_size
+        return {
+            "backend": "lmdb",
+            "path": self._path,
+            "durability": self._durability,
+            "owner": not self._client,
+            "streams": streams,
+            "records": records,
+            "map_size": info["map_size"],
+            "map_used_bytes": used,
+            "map_used_fraction": used / info["map_size"],
+            "file_bytes": os.path.getsize(self._data_file),
+            "last_txnid": info["last_txnid"],
+            **self._counters,
+        }
+
+
+_DB_NAMES: Final = (b"records", b"streams", b"by_meta", b"meta")
+_MISSING: Final = object()
+_NO_META: Final[dict[str, Any]] = {}  # shared, never mutated: see _StreamState
+_MAX_CACHED_ENTRIES: Final = 100_000
+
+
+def _info(stream: str, raw: bytes) -> StreamInfo:
+    _, last_seq, created_at, updated_at, meta = _decode_entry(stream, raw)
+    return StreamInfo(stream, last_seq, created_at, updated_at, meta)

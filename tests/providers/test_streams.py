@@ -1,0 +1,86 @@
+"""Streams from responses and responses from streams."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from perdure.providers import LLMResponse, Message, ResponseCompleted, TextDelta, ToolCall
+from perdure.providers.streams import (
+    ResponseAssembler,
+    events_from_response,
+    parse_arguments,
+    split_words,
+)
+from perdure.providers.types import ToolCallDelta, Usage
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text())
+def test_split_words_joins_back_exactly(text: str) -> None:
+    pieces = split_words(text)
+    assert "".join(pieces) == text
+    assert all(piece for piece in pieces)
+
+
+def test_split_words_is_word_sized() -> None:
+    assert split_words("Hello  big world\n") == ["Hello", "  big", " world", "\n"]
+
+
+def test_parse_arguments() -> None:
+    assert parse_arguments('{"a": 1}') == {"a": 1}
+    assert parse_arguments("") == {}
+    assert parse_arguments("  ") == {}
+    assert parse_arguments('{"a": ') == '{"a": '
+    assert parse_arguments("[1, 2]") == "[1, 2]"
+
+
+arguments = st.dictionaries(st.text(max_size=5), st.integers() | st.text(max_size=5), max_size=3)
+calls = st.lists(
+    st.builds(
+        ToolCall,
+        id=st.text(min_size=1, max_size=5),
+        name=st.text(min_size=1, max_size=8),
+        arguments=arguments | st.just("{not json"),
+    ),
+    max_size=3,
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(content=st.text(max_size=50), tool_calls=calls)
+def test_assembling_the_events_of_a_response_gives_it_back(
+    content: str, tool_calls: list[ToolCall]
+) -> None:
+    response = LLMResponse(
+        Message("assistant", content, tool_calls=tuple(tool_calls)),
+        finish_reason="tool_calls" if tool_calls else "stop",
+        usage=Usage(3, 4),
+        model="m",
+        provider="p",
+    )
+    events = list(events_from_response(response))
+    assert events[-1] == ResponseCompleted(response)
+    assembler = ResponseAssembler()
+    for event in events[:-1]:
+        if isinstance(event, TextDelta):
+            assembler.add_text(event.text)
+        else:
+            assert isinstance(event, ToolCallDelta)
+            assembler.add_tool_call(event)
+    rebuilt = assembler.build(
+        finish_reason=response.finish_reason, usage=Usage(3, 4), model="m", provider="p"
+    )
+    assert rebuilt == response
+
+
+def test_assembler_merges_pieces_by_index() -> None:
+    assembler = ResponseAssembler()
+    assembler.add_tool_call(ToolCallDelta(index=1, id="b", name="g", arguments='{"y"'))
+    assembler.add_tool_call(ToolCallDelta(index=0, id="a", name="f", arguments=""))
+    assembler.add_tool_call(ToolCallDelta(index=1, arguments=": 2}"))
+    assembler.add_tool_call(ToolCallDelta(index=2, name="h"))  # no id from the server
+    assert assembler.tool_calls() == (
+        ToolCall("a", "f", {}),
+        ToolCall("b", "g", {"y": 2}),
+        ToolCall("call_2", "h", {}),
+    )
