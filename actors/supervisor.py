@@ -354,6 +354,7 @@ class Supervisor:
     async def _incarnation(self, ctx: ActorContext) -> StopReason:
         """Run one incarnation of ``ctx`` to its end and return why it ended."""
         ctx._begin_incarnation()
+        ctx._state = "starting"
         if ctx._final:
             ctx.stopping = True
         ctx._started_at = anyio.current_time()

@@ -48,6 +48,9 @@ def code_digest(fn: Callable[..., Any]) -> str:
         return digest([code.co_code.hex(), repr(code.co_consts), list(code.co_names)])
     for node in ast.walk(tree):
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            # The tool's name is fingerprinted on its own; renaming the Python function
+            # behind it changes no behaviour.
+            node.name = "_"
             node.decorator_list = []
             _drop_docstring(node)
             break

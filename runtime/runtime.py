@@ -167,15 +167,17 @@ class Runtime:
         self._given_log = log
         self.log: EventLog = log  # type: ignore[assignment]  # set in __aenter__
         # Scripted runs are free unless a test prices its model on purpose.
-        self.pricing = pricing or Pricing.default().with_prices({"scripted": Price(0.0, 0.0)})
+        self.pricing = (
+            pricing
+            if pricing is not None
+            else Pricing.default().with_prices({"scripted": Price(0.0, 0.0)})
+        )
         self.max_concurrency = max_concurrency
         self.shutdown_timeout = shutdown_timeout
         self.max_restarts = max_restarts
         self.restart_within = restart_within
         self.backend = backend
         self._agents: dict[str, Agent] = {}
-        for agent in agents:
-            self.register(agent)
         self._services = _Services(self)
         self._callbacks: dict[str, list[Callback]] = {
             k: [] for k in ("complete", "suspend", "fail", "cancel", "step")
@@ -194,6 +196,8 @@ class Runtime:
         self._inbox_cursor = 0
         self._inbox_waiters: list[tuple[int, anyio.Event]] = []
         self._sync: Any = None
+        for agent in agents:
+            self.register(agent)
 
     # -- lifecycle ------------------------------------------------------------------------
 
