@@ -499,7 +499,9 @@ class LmdbLog:
             raise LogError(f"data dir {self._path!r}: cannot open the LMDB environment ({exc})")
         try:
             if self._client:
-                with env.begin() as txn:
+                # Database handles opened in a read transaction die with it: use a
+                # (write) transaction that commits, though a client changes nothing.
+                with env.begin(write=True) as txn:
                     dbs = [env.open_db(name, txn=txn, create=False) for name in _DB_NAMES]
                     marker = txn.get(_FORMAT_KEY, db=dbs[3])
             else:

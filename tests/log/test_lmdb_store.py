@@ -2,12 +2,35 @@
 
 from __future__ import annotations
 
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from perdure.log import EventLog, RecordTypes
+import anyio
+import lmdb
+import pytest
+from perdure.log import (
+    ANY,
+    ClientWriteError,
+    ConflictError,
+    CorruptRecordError,
+    DataDirLockedError,
+    EventLog,
+    LogError,
+    NewRecord,
+    RecordTypes,
+)
 from perdure.log.lmdb_store import LmdbLog
 
-from .conformance import EventLogConformance
+from .conformance import TYPES, EventLogConformance, collect, note
 
 
 def flip_byte_in_file(path: Path, needle: bytes) -> int:
@@ -52,3 +75,440 @@ class TestLmdbFsync(LmdbConformance):
 
 class TestLmdbProcess(LmdbConformance):
     durability = "process"
+
+
+# -- LMDB-only behaviour ---------------------------------------------------------------
+
+PROCS = Path(__file__).with_name("procs.py")
+
+
+class Child:
+    """A child process running procs.py, read line by line with a timeout."""
+
+    def __init__(self, *args: str, preexec_fn: Callable[[], None] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(PROCS), *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+            preexec_fn=preexec_fn,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put("")  # EOF
+
+    def line(self, timeout: float = 30) -> str:
+        return self.lines.get(timeout=timeout)
+
+    def expect(self, first_word: str, timeout: float = 30) -> list[str]:
+        words = self.line(timeout).split()
+        assert words and words[0] == first_word, f"child said {words!r}, wanted {first_word!r}"
+        return words[1:]
+
+    def send(self, text: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text + "\n")
+        self.proc.stdin.flush()
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def finish(self) -> int:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        return self.proc.wait(30)
+
+
+async def open_log(path: Path, **kwargs: Any) -> LmdbLog:
+    kwargs.setdefault("durability", "process")
+    return await LmdbLog.open(path, types=TYPES, **kwargs)
+
+
+def test_lmdb_log_cannot_be_constructed_directly() -> None:
+    with pytest.raises(TypeError, match=r"LmdbLog\.open"):
+        LmdbLog()
+
+
+@pytest.mark.anyio
+async def test_open_validates_arguments(tmp_path: Path) -> None:
+    with pytest.raises(LogError, match="durability"):
+        await LmdbLog.open(tmp_path, types=TYPES, durability="sometimes")  # type: ignore[arg-type]
+    with pytest.raises(LogError, match="map_size"):
+        await LmdbLog.open(tmp_path, types=TYPES, map_size=100)
+    with pytest.raises(LogError, match="indexed"):
+        await LmdbLog.open(tmp_path, types=TYPES, indexed="status")
+    with pytest.raises(LogError, match="no perdure log"):
+        await LmdbLog.open(tmp_path / "nothing", types=TYPES, client=True)
+
+
+@pytest.mark.anyio
+async def test_group_commit_wakes_each_batch_with_one_callback(tmp_path: Path) -> None:
+    async with await open_log(tmp_path, durability="fsync") as log:
+
+        async def writer(w: int) -> None:
+            last = 0
+            for k in range(5):
+                last = await log.append(f"s/{w}", [note(k)], expect=last)
+
+        async with anyio.create_task_group() as tg:
+            for w in range(200):
+                tg.start_soon(writer, w)
+        stats = await log.stats()
+    summary = {k: stats[k] for k in ("appends", "commits", "largest_batch", "wake_callbacks")}
+    assert stats["appends"] == 1000, summary
+    # Many appends share a transaction...
+    assert stats["commits"] < stats["appends"] // 10, summary
+    assert stats["largest_batch"] >= 100, summary
+    # ...and each committed batch woke its single event loop with ONE callback, not one
+    # per waiting task.
+    assert stats["wake_callbacks"] == stats["commits"], summary
+
+
+def test_group_commit_serves_asyncio_and_trio_at_once(tmp_path: Path) -> None:
+    """Two event loops (asyncio and trio, each in its own thread) share one log."""
+    holder: dict[str, Any] = {}
+    opened = threading.Event()
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    async def owner_loop() -> None:
+        holder["log"] = await open_log(tmp_path)
+        opened.set()
+        await anyio.to_thread.run_sync(done.wait)
+        holder["stats"] = await holder["log"].stats()
+        await holder["log"].aclose()
+
+    async def writers(prefix: str) -> None:
+        log = holder["log"]
+
+        async def writer(w: int) -> None:
+            last = 0
+            for k in range(20):
+                last = await log.append(f"{prefix}/{w}", [note(k)], expect=last)
+                await log.append("signals/all", [note(k, who=f"{prefix}/{w}")], expect=ANY)
+
+        async with anyio.create_task_group() as tg:
+            for w in range(20):
+                tg.start_soon(writer, w)
+
+    def run(backend: str) -> None:
+        try:
+            anyio.run(writers, backend, backend=backend)
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    owner = threading.Thread(target=anyio.run, args=(owner_loop,))
+    owner.start()
+    assert opened.wait(30)
+    threads = [threading.Thread(target=run, args=(b,)) for b in ("asyncio", "trio")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    done.set()
+    owner.join(30)
+    assert errors == []
+    stats = holder["stats"]
+    assert stats["appends"] == 2 * 20 * 20 * 2
+    assert stats["records"] == 2 * 20 * 20 * 2
+    # At most one callback per loop per batch: two loops, so at most two per commit.
+    assert stats["wake_callbacks"] <= 2 * stats["commits"]
+    assert stats["commits"] < stats["appends"]
+
+    async def verify() -> None:
+        async with await open_log(tmp_path) as log:
+            for backend in ("asyncio", "trio"):
+                for w in range(20):
+                    got = [r.payload["i"] for r in await collect(log, f"{backend}/{w}")]
+                    assert got == list(range(20))
+            assert await log.last_seq("signals/all") == 800
+            assert await log.check() == []
+
+    anyio.run(verify)
+
+
+@pytest.mark.anyio
+async def test_map_grows_from_tiny_with_concurrent_appends(tmp_path: Path) -> None:
+    async with await open_log(tmp_path, map_size=64 * 1024) as log:
+
+        async def writer(w: int) -> None:
+            last = 0
+            for k in range(20):
+                last = await log.append(
+                    f"w/{w}", [note(k, pad="z" * 1000)], expect=last, meta={"status": f"k{k}"}
+                )
+
+        async with anyio.create_task_group() as tg:
+            for w in range(30):
+                tg.start_soon(writer, w)
+        stats = await log.stats()
+        assert stats["map_growths"] >= 3
+        assert stats["map_size"] > 64 * 1024 * 4
+        for w in range(30):
+            assert [r.payload["i"] for r in await collect(log, f"w/{w}")] == list(range(20))
+        assert stats["records"] == 600
+        assert await log.check() == []
+    async with await open_log(tmp_path, map_size=64 * 1024) as log:
+        # Reopening with a smaller map_size keeps the grown map.
+        assert (await log.stats())["map_size"] == stats["map_size"]
+        assert await log.append("w/0", [note(20)], expect=20) == 21
+
+
+@pytest.mark.anyio
+async def test_batch_retried_after_map_full_checks_expects_afresh(tmp_path: Path) -> None:
+    async with await open_log(tmp_path, map_size=64 * 1024) as log:
+        outcomes: dict[str, Any] = {}
+
+        async def append(name: str) -> None:
+            try:
+                outcomes[name] = await log.append(
+                    "s", [note(0, who=name, pad="p" * 300_000)], expect=0
+                )
+            except ConflictError as exc:
+                outcomes[name] = exc
+
+        # Both land in one batch (same loop burst); either overflows the 64 KiB map,
+        # so the batch is aborted, the map grown and the batch applied again from
+        # scratch: exactly one wins, whichever ran first.
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(append, "one")
+            tg.start_soon(append, "two")
+        stats = await log.stats()
+        assert stats["map_growths"] >= 1
+        assert stats["commits"] == 1
+        won = [name for name, outcome in outcomes.items() if outcome == 1]
+        lost = [outcome for outcome in outcomes.values() if isinstance(outcome, ConflictError)]
+        assert len(won) == 1 and len(lost) == 1
+        assert lost[0].actual == 1
+        records = await collect(log, "s")
+        assert [r.payload["who"] for r in records] == won
+
+
+def _limit_file_size() -> None:
+    import resource
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write with EFBIG instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+
+def test_storage_full_when_the_file_cannot_grow(tmp_path: Path) -> None:
+    """RLIMIT_FSIZE caps data.mdb at 1 MiB: the batch that crosses it fails whole."""
+    child = Child("fill", str(tmp_path / "data"), str(4 << 20), preexec_fn=_limit_file_size)
+    report = json.loads(child.line(120))
+    assert child.finish() == 0
+    assert "disk full" in report["error"]
+    assert report["error_path"] == str(tmp_path / "data")
+    assert report["acked"] >= 10
+    # Nothing of the failed batch was written; everything acknowledged is there.
+    assert report["last_seq_after_error"] == report["acked"]
+    assert report["records"] == list(range(report["acked"]))
+    assert report["faults_after_error"] == []
+    assert report["faults"] == []
+
+
+def _unshare_works() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "true"],
+        capture_output=True,
+    )
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _unshare_works(), reason="needs unprivileged user namespaces")
+def test_storage_full_on_a_full_filesystem(tmp_path: Path) -> None:
+    """A real ENOSPC: the data dir on a 2 MiB tmpfs, half taken by a ballast file."""
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    data = mount / "data"
+    ballast = mount / "ballast"
+    script = (
+        f"mount -t tmpfs -o size=2m tmpfs {mount} && "
+        f"dd if=/dev/zero of={ballast} bs=1k count=1024 status=none && "
+        f"PERDURE_TEST_BALLAST={ballast} exec {sys.executable} {PROCS} fill {data} {1 << 20}"
+    )
+    result = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "disk full" in report["error"]
+    assert report["error_path"] == str(data)
+    assert report["acked"] >= 5
+    assert report["last_seq_after_error"] == report["acked"]
+    assert report["faults_after_error"] == []
+    # Once space is freed, the log carries on where it stopped.
+    assert report["appended_after_freeing"] == report["acked"] + 1
+    assert report["records"] == [*range(report["acked"]), -1]
+    assert report["faults"] == []
+
+
+@pytest.mark.anyio
+async def test_second_owner_in_this_process_is_refused(tmp_path: Path) -> None:
+    async with await open_log(tmp_path):
+        with pytest.raises(DataDirLockedError) as caught:
+            await open_log(tmp_path)
+        assert caught.value.pid == os.getpid()
+        assert str(os.getpid()) in str(caught.value)
+        with pytest.raises(LogError, match="already open in this process"):
+            await open_log(tmp_path, client=True)
+    # Closing released the dir.
+    async with await open_log(tmp_path) as log:
+        assert log.is_owner
+
+
+@pytest.mark.anyio
+async def test_lock_client_and_restart_across_processes(tmp_path: Path) -> None:
+    async with await open_log(tmp_path) as log:
+        await log.append("exec/1", [note(1), note(2)], expect=0)
+    owner = Child("owner", str(tmp_path))
+    try:
+        pid = int(owner.expect("ready")[0])
+        assert (tmp_path / "owner.lock").read_text().strip() == str(pid)
+        with pytest.raises(DataDirLockedError) as caught:
+            await open_log(tmp_path)
+        assert caught.value.pid == pid
+        assert f"process {pid}" in str(caught.value)
+
+        async with await open_log(tmp_path, client=True) as client:
+            assert not client.is_owner
+            assert [r.payload["i"] for r in await collect(client, "exec/1")] == [1, 2]
+            assert await client.append("signals/approve", [NewRecord("signal", {})], ANY) == 1
+            with pytest.raises(ClientWriteError, match="'exec/1'"):
+                await client.append("exec/1", [note(3)], expect=2)
+            with pytest.raises(ClientWriteError):
+                await client.set_meta("signals/approve", {"status": "x"})
+            # The owner's appends are visible to the client.
+            owner.send("append exec/1 3")
+            assert owner.expect("appended") == ["5"]
+            seen = await client.last_seq("exec/1")
+            assert seen == 5, f"client saw last seq {seen} after the owner said 5"
+    finally:
+        owner.kill()
+    # SIGKILL released the flock: a new owner opens at once and sees everything.
+    async with await open_log(tmp_path) as log:
+        assert log.is_owner
+        assert await log.last_seq("exec/1") == 5
+        assert await log.last_seq("signals/approve") == 1
+        assert await log.check() == []
+
+
+@pytest.mark.anyio
+async def test_owner_is_woken_by_a_client_process_append(tmp_path: Path) -> None:
+    async with await open_log(tmp_path) as log:
+        await log.append("signals/inbox", [NewRecord("signal", {})], expect=0)
+        woken: list[int] = []
+
+        async def wait() -> None:
+            with anyio.fail_after(20):
+                woken.append(await log.wait_for_append("signals/inbox", 1))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait)
+            await anyio.wait_all_tasks_blocked()
+            child = await anyio.to_thread.run_sync(
+                lambda: Child("client-append", str(tmp_path), "signals/inbox")
+            )
+            said = await anyio.to_thread.run_sync(child.expect, "appended")
+            assert said == ["2"]
+            assert await anyio.to_thread.run_sync(child.finish) == 0
+        assert woken == [2]
+
+
+@pytest.mark.anyio
+async def test_client_survives_the_owner_growing_the_map(tmp_path: Path) -> None:
+    async with await open_log(tmp_path, map_size=64 * 1024) as log:
+        await log.append("big", [note(0)], expect=0)
+        child = await anyio.to_thread.run_sync(lambda: Child("client", str(tmp_path)))
+        await anyio.to_thread.run_sync(child.expect, "ready")
+        before = (await log.stats())["map_size"]
+        last = 1
+        for k in range(40):
+            last = await log.append("big", [note(k, pad="g" * 4000)], expect=last)
+        assert (await log.stats())["map_size"] >= 4 * before
+        child.send("go big")
+        said = await anyio.to_thread.run_sync(child.expect, "read")
+        assert said == ["41", "signalled", "1"]
+        assert await anyio.to_thread.run_sync(child.finish) == 0
+        assert await log.last_seq("signals/from-client") == 1
+        # The owner adopts the client's commit (and any map size it set) too.
+        assert await log.append("big", [note(99)], expect=41) == 42
+
+
+def _raw_env(path: Path) -> tuple[lmdb.Environment, list[Any]]:
+    env = lmdb.open(str(path), max_dbs=8)
+    return env, [env.open_db(n) for n in (b"records", b"streams", b"by_meta", b"meta")]
+
+
+@pytest.mark.anyio
+async def test_check_finds_gaps_orphans_and_index_faults(tmp_path: Path) -> None:
+    async with await open_log(tmp_path) as log:
+        await log.append("a", [note(i) for i in range(5)], expect=0, meta={"status": "x"})
+        await log.append("b", [note(1)], expect=0, meta={"status": "y"})
+    env, (records, _, by_meta, _) = _raw_env(tmp_path)
+    with env.begin(write=True) as txn:
+        keys = [k for k, _ in txn.cursor(db=records)]
+        assert len(keys) == 6
+        txn.delete(keys[2], db=records)  # a's seq 3
+        txn.put(b"\x00\x00\x03\xe7" + (1).to_bytes(8, "big"), b"orphan", db=records)
+        stale = [k for k, _ in txn.cursor(db=by_meta) if k.endswith(b"b")]
+        txn.delete(stale[0], db=by_meta)
+        txn.put(stale[0][:-1] + b"ghost", b"", db=by_meta)
+    env.close()
+    async with await open_log(tmp_path) as log:
+        faults = await log.check()
+        kinds = sorted((f.stream, f.seq, f.kind) for f in faults if f.stream is not None)
+        assert ("a", 3, "gap") in kinds
+        assert ("b", None, "index") in kinds
+        assert any(f.kind == "orphan" and "999" in f.detail for f in faults)
+        assert any(f.kind == "index" and "ghost" in f.detail for f in faults)
+        with pytest.raises(CorruptRecordError) as caught:
+            await collect(log, "a")
+        assert (caught.value.stream, caught.value.seq) == ("a", 3)
+        assert "missing" in str(caught.value)
+        assert [r.seq for r in await collect(log, "a", after=3)] == [4, 5]
+
+
+@pytest.mark.anyio
+async def test_changing_indexed_keys_rebuilds_the_index(tmp_path: Path) -> None:
+    async with await open_log(tmp_path, indexed=("status",)) as log:
+        for i in range(10):
+            meta = {"status": "on" if i % 2 else "off", "owner": f"o{i % 3}"}
+            await log.append(f"s/{i}", [note(i)], expect=0, meta=meta)
+    async with await open_log(tmp_path, indexed=("owner", "status")) as log:
+        names = [i.stream async for i in log.streams(where={"owner": "o1"})]
+        assert names == ["s/1", "s/4", "s/7"]
+        assert await log.check() == []
+        env_stats = await log.stats()
+        assert env_stats["streams"] == 10
+
+
+@pytest.mark.anyio
+async def test_append_withdrawn_when_cancelled_before_the_writer_takes_it(
+    tmp_path: Path,
+) -> None:
+    async with await open_log(tmp_path) as log:
+        # Appends queued in the same loop burst are only released to the writer by a
+        # callback that runs after this task yields; cancel them before that.
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                for i in range(5):
+                    tg.start_soon(log.append, f"c/{i}", [note(i)], 0)
+                await anyio.lowlevel.checkpoint()
+                scope.cancel()
+        for i in range(5):
+            assert await log.last_seq(f"c/{i}") in (0, 1)
+        assert await log.check() == []
+        # The log is healthy and takes appends afterwards.
+        assert await log.append("after", [note(0)], expect=0) == 1

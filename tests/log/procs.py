@@ -1,0 +1,145 @@
+"""Child processes for the LMDB tests: run as ``python procs.py MODE DIR [ARGS...]``.
+
+Each mode opens the data dir at ``DIR`` the way another process would (an owner, a
+client, a writer about to be SIGKILLed) and talks to the parent over stdin/stdout, one
+line per message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+
+import anyio
+from perdure.log import ANY, LmdbLog, NewRecord, RecordTypes, StorageFullError
+
+TYPES = RecordTypes({"note": 1, "step": 2, "signal": 1})
+
+
+def say(*words: object) -> None:
+    """One line to the parent, flushed at once (the parent may kill us any moment)."""
+    sys.stdout.write(" ".join(str(w) for w in words) + "\n")
+    sys.stdout.flush()
+
+
+async def next_line() -> str:
+    """The parent's next line on stdin ('' when it closed stdin)."""
+    return await anyio.to_thread.run_sync(sys.stdin.readline)
+
+
+async def owner(path: str) -> None:
+    """Own the dir and append on command: 'append STREAM N' or 'quit'."""
+    async with await LmdbLog.open(path, types=TYPES, durability="process") as log:
+        say("ready", os.getpid())
+        while True:
+            words = (await next_line()).split()
+            if not words or words[0] == "quit":
+                return
+            if words[0] == "append":
+                stream, count = words[1], int(words[2])
+                seq = await log.append(
+                    stream, [NewRecord("note", {"i": i}) for i in range(count)], expect=ANY
+                )
+                say("appended", seq)
+
+
+async def client(path: str) -> None:
+    """Open as a client; on 'go STREAM', read STREAM and append one signal."""
+    async with await LmdbLog.open(path, types=TYPES, client=True) as log:
+        say("ready", os.getpid())
+        words = (await next_line()).split()
+        if words and words[0] == "go":
+            count = 0
+            async for record in log.read(words[1]):
+                assert record.seq == count + 1
+                count += 1
+            seq = await log.append("signals/from-client", [NewRecord("signal", {})], expect=ANY)
+            say("read", count, "signalled", seq)
+
+
+async def client_append(path: str, stream: str) -> None:
+    """Open as a client, append one signal to ``stream``, say its seq."""
+    async with await LmdbLog.open(path, types=TYPES, client=True) as log:
+        seq = await log.append(stream, [NewRecord("signal", {"from": os.getpid()})], expect=ANY)
+        say("appended", seq)
+
+
+async def crash_writer(path: str, round_id: str, seed: str) -> None:
+    """Append batches from many tasks forever, saying each acknowledged batch.
+
+    Each line is ``ack STREAM LAST_SEQ BATCH_ID SIZE``: the batch's records carry
+    ``{"batch": BATCH_ID, "i": 0..SIZE-1}``. The parent SIGKILLs us at a random moment.
+    """
+    rng = random.Random(seed)
+    pad = "x" * 200
+    async with await LmdbLog.open(path, types=TYPES, durability="fsync") as log:
+
+        async def own_stream(task: int) -> None:
+            stream = f"exec/{task}"
+            last = await log.last_seq(stream)
+            for n in range(10**9):
+                size = rng.randint(1, 4)
+                batch = f"{round_id}-{task}-{n}"
+                records = [
+                    NewRecord("note", {"batch": batch, "i": i, "pad": pad}) for i in range(size)
+                ]
+                last = await log.append(stream, records, expect=last, meta={"status": batch})
+                say("ack", stream, last, batch, size)
+
+        async def shared_stream(task: int) -> None:
+            for n in range(10**9):
+                size = rng.randint(1, 3)
+                batch = f"{round_id}-s{task}-{n}"
+                records = [NewRecord("signal", {"batch": batch, "i": i}) for i in range(size)]
+                last = await log.append("signals/shared", records, expect=ANY)
+                say("ack", "signals/shared", last, batch, size)
+
+        say("ready", os.getpid())
+        async with anyio.create_task_group() as tg:
+            for task in range(8):
+                tg.start_soon(own_stream, task)
+            for task in range(4):
+                tg.start_soon(shared_stream, task)
+
+
+async def fill(path: str, map_size: str) -> None:
+    """Append 20 KiB batches until the storage is full; report what happened as JSON."""
+    report: dict[str, object] = {"acked": 0}
+    async with await LmdbLog.open(path, types=TYPES, map_size=int(map_size)) as log:
+        blob = "y" * 20_000
+        last = 0
+        for n in range(100_000):
+            try:
+                last = await log.append(
+                    "fill", [NewRecord("note", {"n": n, "b": blob})], expect=last
+                )
+            except StorageFullError as exc:
+                report["error"] = str(exc)
+                report["error_path"] = exc.path
+                break
+            report["acked"] = last
+        report["last_seq_after_error"] = await log.last_seq("fill")
+        report["faults_after_error"] = [str(f) for f in await log.check()]
+        # Free space (the parent's ballast file) and show the log carries on.
+        ballast = os.environ.get("PERDURE_TEST_BALLAST")
+        if ballast:
+            os.unlink(ballast)
+            last = await log.append("fill", [NewRecord("note", {"n": -1})], expect=last)
+            report["appended_after_freeing"] = last
+        report["records"] = [r.payload["n"] async for r in log.read("fill")]
+        report["faults"] = [str(f) for f in await log.check()]
+    say(json.dumps(report))
+
+
+MODES = {
+    "owner": owner,
+    "client": client,
+    "client-append": client_append,
+    "crash-writer": crash_writer,
+    "fill": fill,
+}
+
+if __name__ == "__main__":
+    anyio.run(MODES[sys.argv[1]], *sys.argv[2:])
