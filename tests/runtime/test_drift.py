@@ -1,0 +1,189 @@
+"""Drift: the agent changes between an interruption and the resume.
+
+The interruption is a runtime closed while a tool is running (its task is cancelled at
+the shutdown timeout, so the log shows the call started and never finished, exactly as
+after a crash). The runtime is then reopened with a changed agent.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import pytest
+
+from perdure import Agent, Replayer, tool
+from perdure.events import decode, execution_stream
+from perdure.journal import load_state
+from perdure.providers import Scripted
+
+pytestmark = pytest.mark.anyio
+
+
+async def _gate(gate: dict[str, Any]) -> None:
+    if "block" in gate:
+        gate["started"].set()
+        await gate["block"].wait()
+
+
+def make_agent(
+    *,
+    instructions: str = "Be brief.",
+    model: str = "scripted",
+    description: str = "Look something up",
+    schema_extra: bool = False,
+    body: int = 1,
+    drift: Any = "suspend",
+    gate: dict[str, Any] | None = None,
+) -> Agent:
+    gate = gate if gate is not None else {}
+
+    if schema_extra:
+
+        async def lookup(q: str, limit: int = 3) -> str:
+            await _gate(gate)
+            return f"found {q}" if body == 1 else f"FOUND {q}"
+    elif body == 1:
+
+        async def lookup(q: str) -> str:
+            await _gate(gate)
+            return f"found {q}"
+    else:
+
+        async def lookup(q: str) -> str:
+            await _gate(gate)
+            return f"FOUND {q}"
+
+    lookup_tool = tool("lookup", description=description)(lookup)
+    llm = Scripted([Scripted.call("lookup", q="x"), "done"], model=model)
+    return Agent("drifty", instructions=instructions, tools=[lookup_tool], llm=llm, drift=drift)
+
+
+async def interrupt(open_runtime: Any, eid: str) -> None:
+    """Leave ``eid`` interrupted inside its tool call."""
+    started = anyio.Event()
+    agent = make_agent(gate={"started": started, "block": anyio.Event()})
+    async with open_runtime(shutdown_timeout=0.05) as rt:
+        await rt.spawn(agent, "find x", execution_id=eid)
+        await started.wait()
+    # closed: the tool call was started and never completed
+
+
+CHANGES: list[tuple[str, Callable[..., Agent], dict[str, Any]]] = [
+    (
+        "instructions",
+        lambda **kw: make_agent(instructions="Be verbose.", **kw),
+        {"what": "instructions", "before": "Be brief.", "after": "Be verbose."},
+    ),
+    (
+        "model",
+        lambda **kw: make_agent(model="bigger", **kw),
+        {"what": "model", "before": "scripted", "after": "bigger"},
+    ),
+    (
+        "description",
+        lambda **kw: make_agent(description="Search the web", **kw),
+        {
+            "what": "tool",
+            "tool": "lookup",
+            "field": "description",
+            "before": "Look something up",
+            "after": "Search the web",
+        },
+    ),
+    (
+        "schema",
+        lambda **kw: make_agent(schema_extra=True, **kw),
+        {"what": "tool", "tool": "lookup", "field": "schema"},
+    ),
+    (
+        "body",
+        lambda **kw: make_agent(body=2, **kw),
+        {"what": "tool", "tool": "lookup", "field": "code"},
+    ),
+]
+
+
+@pytest.mark.parametrize(("label", "changed", "expected"), CHANGES, ids=[c[0] for c in CHANGES])
+async def test_drift_suspends_by_default_naming_what_changed(
+    open_runtime: Any, label: str, changed: Callable[..., Agent], expected: dict[str, Any]
+) -> None:
+    await interrupt(open_runtime, "d-1")
+    agent = changed()
+    async with open_runtime() as rt:
+        rt.register(agent)
+        r = await rt.wait("d-1")
+        assert r.status == "suspended" and r.suspend_reason is not None
+        assert r.suspend_reason.kind == "drift"
+        changes = r.suspend_reason.changes
+        match = [c for c in changes if all(c.get(k) == v for k, v in expected.items())]
+        assert match, f"{expected} not in {changes}"
+        assert "d-1" in r.suspend_reason.message and "step" in r.suspend_reason.message
+        # the operator accepts the new definition: it resumes and completes
+        r = await rt.resume("d-1", accept_drift=True)
+        assert r.status == "completed"
+        state = await load_state(rt.log, "d-1")
+        assert [d["action"] for d in state.drift] == ["suspended"]
+
+
+async def test_drift_warn_logs_and_continues(
+    open_runtime: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    await interrupt(open_runtime, "d-2")
+    caplog.set_level(logging.WARNING, logger="perdure.engine")
+    async with open_runtime(agents=[make_agent(instructions="Be verbose.", drift="warn")]) as rt:
+        r = await rt.wait("d-2")
+        assert r.status == "completed"
+        state = await load_state(rt.log, "d-2")
+    assert [d["action"] for d in state.drift] == ["warned"]
+    assert any(
+        "d-2" in rec.getMessage() and "instructions" in rec.getMessage() for rec in caplog.records
+    )
+
+
+async def test_drift_accept_records_and_continues_silently(open_runtime: Any) -> None:
+    await interrupt(open_runtime, "d-3")
+    async with open_runtime(agents=[make_agent(body=2, drift="accept")]) as rt:
+        r = await rt.wait("d-3")
+        assert r.status == "completed"
+        types = [decode(rec).type async for rec in rt.log.read(execution_stream("d-3"))]
+    assert "drift.detected" in types and "drift.accepted" in types
+
+
+async def test_drift_fail_policy_fails_the_execution(open_runtime: Any) -> None:
+    await interrupt(open_runtime, "d-4")
+    async with open_runtime(agents=[make_agent(model="other", drift="fail")]) as rt:
+        r = await rt.wait("d-4")
+    assert r.status == "failed" and r.error is not None
+    assert r.error["type"] == "DriftError" and "model" in r.error["message"]
+
+
+async def test_no_drift_no_report(open_runtime: Any) -> None:
+    await interrupt(open_runtime, "d-5")
+    async with open_runtime(agents=[make_agent()]) as rt:
+        r = await rt.wait("d-5")
+        assert r.status == "completed"
+        assert (await load_state(rt.log, "d-5")).drift == []
+
+
+async def test_replayer_reports_drift_per_step_without_calling_anything(
+    open_runtime: Any,
+) -> None:
+    agent = make_agent()
+    async with open_runtime() as rt:
+        await rt.run(agent, "find x", execution_id="d-6")
+        events = [decode(rec) async for rec in rt.log.read(execution_stream("d-6"))]
+    same = Replayer([make_agent()]).replay(events)
+    assert same.ok and same.status == "completed"
+    drifted = Replayer([make_agent(description="Search the web", body=2)]).replay(events)
+    assert not drifted.ok
+    tool_items = [d for d in drifted.drift if d["kind"] == "tool"]
+    assert tool_items and tool_items[0]["step"] == 2
+    fields = {c["field"] for c in tool_items[0]["changes"]}
+    assert fields == {"description", "code"}
+    llm_items = [d for d in drifted.drift if d["kind"] == "llm"]
+    assert [d["step"] for d in llm_items] == [1, 3]  # the tool spec is part of every request
+    renamed = Replayer([make_agent(schema_extra=True)]).replay(events)
+    assert any(d["kind"] == "tool" for d in renamed.drift)
