@@ -191,6 +191,7 @@ class Runtime:
         self._slots: set[str] = set()
         self._queue: deque[str] = deque()
         self._queued: set[str] = set()
+        self._draining = False
         self._waiters: dict[str, anyio.Event] = {}
         self._sinks: dict[str, Callable[[Any], None]] = {}
         self._inbox_cursor = 0
@@ -487,6 +488,8 @@ class Runtime:
     def _try_acquire(self, eid: str) -> bool:
         if eid in self._slots:
             return True
+        if self._queue:
+            return False  # first come, first served: nobody overtakes the queue
         if self.max_concurrency is None or len(self._slots) < self.max_concurrency:
             self._slots.add(eid)
             return True
@@ -508,13 +511,23 @@ class Runtime:
         await self.log.set_meta(execution_stream(eid), {"status": "queued"})
 
     def _start_queued(self) -> None:
-        while self._queue and self._tg is not None and self._open:
-            if self.max_concurrency is not None and len(self._slots) >= self.max_concurrency:
-                return
-            eid = self._queue.popleft()
-            self._queued.discard(eid)
-            self._slots.add(eid)
-            self._tg.start_soon(self._start_actor, eid, True)
+        if self._queue and not self._draining and self._tg is not None and self._open:
+            self._draining = True
+            self._tg.start_soon(self._drain_queue)
+
+    async def _drain_queue(self) -> None:
+        # One task admits queued executions, one after another, so they start in the
+        # order they were queued whatever the event loop's scheduling order.
+        try:
+            while self._queue and self._open:
+                if self.max_concurrency is not None and len(self._slots) >= self.max_concurrency:
+                    return
+                eid = self._queue.popleft()
+                self._queued.discard(eid)
+                self._slots.add(eid)
+                await self._start_actor(eid, True)
+        finally:
+            self._draining = False
 
     async def _schedule(self, eid: str) -> None:
         if self._try_acquire(eid):
@@ -631,26 +644,32 @@ class Runtime:
 
     # -- waiting and reading ----------------------------------------------------------------
 
-    async def wait(self, execution_id: str) -> Result:
-        """Wait until the execution is no longer running or queued; return its Result."""
+    async def wait(
+        self, execution_id: str, *, until: Literal["settled", "finished"] = "settled"
+    ) -> Result:
+        """Wait for an execution and return its Result.
+
+        ``until="settled"`` (default) returns as soon as it is not running or queued:
+        completed, failed, cancelled, or suspended. ``until="finished"`` keeps waiting
+        through suspensions until it is completed, failed or cancelled (use it for a
+        parent whose children, approvals or signals will resume it).
+        """
         self._require_open()
+        done = ("running", "queued") if until == "settled" else ("running", "queued", "suspended")
         while True:
             event = self._waiters.get(execution_id)
             if event is None:
                 event = self._waiters[execution_id] = anyio.Event()
             status = await self._status(execution_id)
-            if status not in ("running", "queued"):
+            if status not in done:
                 return await self.result(execution_id)
             await event.wait()
             self._require_open()
 
     async def _status(self, eid: str) -> str:
-        actor = self._live.get(eid)
-        if actor is not None and actor.journal is not None:
-            status = actor.journal.state.status
-            if status == "running" and not actor.driving and eid in self._queued:
-                return "queued"
-            return status
+        # The index entry, never the live state: the live state runs ahead of the log
+        # (events are applied when staged), the index is written with each append, so
+        # a status read here is always durable.
         info = await self.log.stream_info(execution_stream(eid))
         if info is None:
             raise ExecutionNotFoundError(f"no execution {eid!r} in this data dir", eid)

@@ -86,9 +86,9 @@ class SyncRuntime:
         """See :meth:`Runtime.run`."""
         return self._call(self.runtime.run, agent, prompt, **kwargs)
 
-    def wait(self, execution_id: str) -> Result:
+    def wait(self, execution_id: str, *, until: str = "settled") -> Result:
         """See :meth:`Runtime.wait`."""
-        return self._call(self.runtime.wait, execution_id)
+        return self._call(self.runtime.wait, execution_id, until=until)
 
     def result(self, execution_id: str) -> Result:
         """See :meth:`Runtime.result`."""

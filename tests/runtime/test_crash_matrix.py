@@ -2,7 +2,8 @@
 
 After every sequence of crashes and restarts, the final transcript must equal an
 uncrashed run's, every tool call that completed without interruption must have run
-exactly once, and an interrupted call at most twice, with the same idempotency key.
+exactly once, and an interrupted call at most once more per crash that hit it, always
+with the same idempotency key.
 """
 
 from __future__ import annotations
@@ -108,7 +109,9 @@ def test_crash_anywhere_same_transcript_each_effect_once(
         if attempts[key] == 1:
             assert count == 1, f"{key} completed without interruption yet ran {count} times"
         else:
-            assert count <= min(2, attempts[key]), f"in-doubt {key} ran {count} times"
+            # Each re-run follows a crash inside the call, and every attempt is recorded
+            # before the call is made: at most one extra run per crash, same key.
+            assert count <= attempts[key] <= 1 + len(crashes), f"in-doubt {key} ran {count}x"
     # every call that the final transcript reports ran at least once, under its one key
     assert len(per_key) == 4
     names = Counter(name for _, name, _ in {(k, n, a) for k, n, a in effects})

@@ -1,0 +1,458 @@
+"""Suspension and signals in one process: approvals, contracts, budgets, signals,
+callbacks, cancellation, delegation, fleets, and in-doubt tool calls.
+
+Where a restart matters the runtime is closed and reopened on the same data dir (the
+process-boundary versions, with SIGKILL, live in test_signals_cross_process.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import anyio
+import pytest
+
+from perdure import (
+    Agent,
+    Budget,
+    ContractViolation,
+    InvalidSignalError,
+    Result,
+    current_idempotency_key,
+    tool,
+    wait_for_signal,
+)
+from perdure.events import decode, execution_stream
+from perdure.journal import load_state
+from perdure.providers import LLMRequest, Price, Pricing, Scripted, Usage
+
+pytestmark = pytest.mark.anyio
+
+
+def transfer_agent(ran: list[tuple[str, float]], *, final: str = "moved") -> Agent:
+    @tool("transfer_funds", requires_confirmation=True)
+    def transfer_funds(dst: str, amount: float) -> dict:
+        ran.append((dst, amount))
+        return {"ok": True, "key": current_idempotency_key()}
+
+    llm = Scripted([Scripted.call("transfer_funds", dst="savings", amount=5000.0), final])
+    return Agent("banker", tools=[transfer_funds], llm=llm)
+
+
+async def types_of(rt: Any, eid: str) -> list[str]:
+    return [rec.type async for rec in rt.log.read(execution_stream(eid))]
+
+
+async def test_approval_suspends_before_the_tool_and_runs_it_once_approved(
+    open_runtime: Any,
+) -> None:
+    ran: list[tuple[str, float]] = []
+    agent = transfer_agent(ran)
+    async with open_runtime() as rt:
+        r = await rt.run(agent, "Move $5000 to savings", execution_id="t-1")
+        assert r.is_suspended and r.suspend_reason is not None
+        reason = r.suspend_reason
+        assert reason.kind == "approval" and reason.tool == "transfer_funds"
+        assert reason.arguments == {"dst": "savings", "amount": 5000.0}
+        assert ran == []  # suspended BEFORE the tool ran
+        await anyio.wait_all_tasks_blocked()
+        assert "t-1" not in rt._live  # hibernated: no actor, no task
+        with pytest.raises(InvalidSignalError, match="no pending confirmation"):
+            await rt.approve("t-1", "c-wrong")
+        await rt.approve("t-1", reason.confirmation_id, note="fine", by="alice")
+        r = await rt.wait("t-1")
+        assert r.status == "completed" and r.output == "moved"
+        assert ran == [("savings", 5000.0)]
+        with pytest.raises(InvalidSignalError, match="completed"):
+            await rt.approve("t-1", reason.confirmation_id)
+        state = await load_state(rt.log, "t-1")
+    assert ran == [("savings", 5000.0)]
+    granted = [e for e in state.messages if e.role == "tool"]
+    assert len(granted) == 1 and not granted[0].is_error
+
+
+async def test_approve_after_a_restart(open_runtime: Any) -> None:
+    ran: list[tuple[str, float]] = []
+    async with open_runtime() as rt:
+        r = await rt.run(transfer_agent(ran), "Move it", execution_id="t-2")
+        cid = r.suspend_reason.confirmation_id  # type: ignore[union-attr]
+    async with open_runtime(agents=[transfer_agent(ran)]) as rt:
+        assert "t-2" not in rt._live  # stays hibernated across the restart
+        await rt.approve("t-2", cid)
+        r = await rt.wait("t-2")
+    assert r.status == "completed" and ran == [("savings", 5000.0)]
+
+
+async def test_rejection_reaches_the_model_which_carries_on(open_runtime: Any) -> None:
+    ran: list[tuple[str, float]] = []
+    seen: list[str] = []
+
+    def script(request: LLMRequest) -> Any:
+        turn = sum(1 for m in request.messages if m.role == "assistant")
+        if turn == 0:
+            return Scripted.call("transfer_funds", dst="savings", amount=5000.0)
+        seen.append(request.messages[-1].content)
+        return "Understood, I did not move the money."
+
+    agent = transfer_agent(ran)
+    agent.llm = Scripted(script)
+    async with open_runtime() as rt:
+        r = await rt.run(agent, "Move it", execution_id="t-3")
+        await rt.reject("t-3", r.suspend_reason.confirmation_id, "too much", by="bob")  # type: ignore[union-attr]
+        r = await rt.wait("t-3")
+    assert r.status == "completed" and ran == []
+    assert seen == ["REJECTED by bob: too much"]
+    tool_msg = next(m for m in r.transcript if m.role == "tool")
+    assert tool_msg.is_error
+
+
+async def test_contract_blocks_and_an_override_is_recorded_with_who_and_why(
+    open_runtime: Any,
+) -> None:
+    charged: list[float] = []
+
+    @tool
+    def charge(amount: float) -> str:
+        charged.append(amount)
+        return "charged"
+
+    llm = Scripted([Scripted.call("charge", amount=900.0), "done"])
+    agent = Agent("shop", tools=[charge], llm=llm)
+
+    @agent.contract("max-charge")
+    def max_charge(tool_name: str, args: dict[str, Any]) -> None:
+        if tool_name == "charge" and args["amount"] > 500:
+            raise ContractViolation(f"charge of {args['amount']} exceeds 500")
+
+    async with open_runtime() as rt:
+        r = await rt.run(agent, "charge", execution_id="k-1")
+        reason = r.suspend_reason
+        assert r.is_suspended and reason is not None and reason.kind == "contract"
+        assert reason.contract == "max-charge" and "exceeds 500" in reason.message
+        assert charged == []
+        await rt.approve("k-1", reason.confirmation_id, note="VIP customer", by="carol")
+        r = await rt.wait("k-1")
+        assert r.status == "completed" and charged == [900.0]
+        events = [decode(rec) async for rec in rt.log.read(execution_stream("k-1"))]
+    grant = next(e for e in events if e.type == "approval.granted")
+    assert grant.override is True and grant.by == "carol" and grant.note == "VIP customer"
+
+
+async def test_contract_rejection_goes_back_to_the_model(open_runtime: Any) -> None:
+    @tool
+    def charge(amount: float) -> str:
+        raise AssertionError("must not run")
+
+    agent = Agent(
+        "shop2", tools=[charge], llm=Scripted([Scripted.call("charge", amount=1e6), "ok"])
+    )
+    agent.contract("never")(lambda name, args: False)
+    async with open_runtime() as rt:
+        r = await rt.run(agent, "charge")
+        await rt.reject(r.execution_id, r.suspend_reason.confirmation_id, "no")  # type: ignore[union-attr]
+        r = await rt.wait(r.execution_id)
+    assert r.status == "completed"
+    assert [m.content for m in r.transcript if m.role == "tool"] == ["REJECTED by api: no"]
+
+
+async def test_budget_exhaustion_survives_a_restart_and_a_raise_resumes(
+    open_runtime: Any,
+) -> None:
+    @tool
+    def step(n: int) -> int:
+        return n
+
+    def script(request: LLMRequest) -> Any:
+        turn = sum(1 for m in request.messages if m.role == "assistant")
+        return Scripted.call("step", n=turn) if turn < 4 else "done"
+
+    def make() -> Agent:
+        return Agent("budgeted", tools=[step], llm=Scripted(script), budget=Budget(max_llm_calls=2))
+
+    async with open_runtime() as rt:
+        r = await rt.run(make(), "go", execution_id="b-1")
+        assert r.is_suspended and r.suspend_reason.kind == "budget"  # type: ignore[union-attr]
+        assert r.suspend_reason.limit == "max_llm_calls" and r.suspend_reason.used == 2  # type: ignore[union-attr]
+        assert r.usage.llm_calls == 2
+    async with open_runtime(agents=[make()]) as rt:
+        r = await rt.result("b-1")
+        assert r.usage.llm_calls == 2  # usage survives the restart (it is the log)
+        r = await rt.resume("b-1", budget=Budget(max_llm_calls=10))
+    assert r is not None and r.status == "completed" and r.usage.llm_calls == 5
+
+
+async def test_dollar_budget_uses_reported_tokens_and_the_pricing_table(open_runtime: Any) -> None:
+    pricing = Pricing({"pricey": Price(1_000_000.0, 0.0)})  # $1 per input token
+    llm = Scripted(
+        [Scripted.call("t"), Scripted.call("t"), "done"], model="pricey", usage=Usage(3, 1)
+    )
+
+    @tool
+    def t() -> str:
+        return "ok"
+
+    agent = Agent("dollars", tools=[t], llm=llm, budget=Budget(max_dollars=5.0))
+    async with open_runtime(pricing=pricing) as rt:
+        r = await rt.run(agent, "go")
+    assert r.is_suspended and r.suspend_reason.limit == "max_dollars"  # type: ignore[union-attr]
+    assert r.usage.dollars == pytest.approx(6.0)
+    assert r.usage.by_model == {"scripted/pricey": {"calls": 2, "tokens": 8, "dollars": 6.0}}
+
+
+async def test_a_tool_waits_for_a_named_signal_and_auto_resumes(open_runtime: Any) -> None:
+    invocations: list[Any] = []
+
+    @tool
+    def await_payment(order: str) -> str:
+        payment = wait_for_signal(f"paid:{order}")
+        invocations.append(payment)
+        return f"payment {payment['ref']} received"
+
+    llm = Scripted([Scripted.call("await_payment", order="o-9"), "all set"])
+    agent = Agent("waiter", tools=[await_payment], llm=llm)
+    async with open_runtime() as rt:
+        r = await rt.run(agent, "wait for payment", execution_id="s-1")
+        assert r.is_suspended and r.suspend_reason.kind == "signal"  # type: ignore[union-attr]
+        assert r.suspend_reason.name == "paid:o-9"  # type: ignore[union-attr]
+        await rt.signal("s-1", "unrelated", {"x": 1})
+        assert (await rt.result("s-1")).is_suspended
+        await rt.signal("s-1", "paid:o-9", {"ref": "tx-7"})
+        r = await rt.wait("s-1")
+    assert r.status == "completed" and invocations == [{"ref": "tx-7"}]
+
+
+async def test_callbacks_fire_and_a_raising_callback_harms_nothing(
+    open_runtime: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    events: list[tuple[str, Any]] = []
+    ran: list[tuple[str, float]] = []
+    caplog.set_level(logging.ERROR, logger="perdure.runtime")
+    async with open_runtime() as rt:
+
+        @rt.on_suspend
+        def suspended(result: Result, reason: Any) -> None:
+            events.append(("suspend", reason.kind))
+            raise RuntimeError("callback bug")
+
+        @rt.on_complete
+        async def completed(result: Result) -> None:
+            events.append(("complete", result.output))
+
+        @rt.on_step
+        def stepped(execution_id: str, step: dict[str, Any]) -> None:
+            events.append(("step", step["kind"]))
+            raise ValueError("another callback bug")
+
+        @rt.on_fail
+        def failed(result: Result, error: Any) -> None:
+            events.append(("fail", error["type"]))
+
+        r = await rt.run(transfer_agent(ran), "go", execution_id="cb-1")
+        await rt.approve("cb-1", r.suspend_reason.confirmation_id)  # type: ignore[union-attr]
+        r = await rt.wait("cb-1")
+        await rt.run(Agent("failing", llm=Scripted([RuntimeError("provider down")])), "x")
+        await anyio.wait_all_tasks_blocked()
+    assert r.status == "completed"
+    assert events == [
+        ("step", "llm"),
+        ("suspend", "approval"),
+        ("step", "tool"),
+        ("step", "llm"),
+        ("complete", "moved"),
+        ("fail", "RuntimeError"),
+    ]
+    logged = " ".join(rec.getMessage() for rec in caplog.records)
+    assert "cb-1" in logged and "on_suspend" in logged and "on_step" in logged
+
+
+async def test_cancel_stops_a_running_execution_and_it_never_resumes(open_runtime: Any) -> None:
+    started = anyio.Event()
+    cancelled = anyio.Event()
+
+    @tool
+    async def long_job() -> str:
+        started.set()
+        try:
+            await anyio.sleep_forever()
+        finally:
+            cancelled.set()
+        return "unreachable"
+
+    def make() -> Agent:
+        return Agent("longrunner", tools=[long_job], llm=Scripted([Scripted.call("long_job"), "x"]))
+
+    async with open_runtime() as rt:
+        await rt.spawn(make(), "go", execution_id="c-1")
+        await started.wait()
+        await rt.cancel("c-1", "changed my mind", by="dave")
+        assert cancelled.is_set()  # the running tool was cancelled
+        r = await rt.wait("c-1")
+        assert r.status == "cancelled"
+        with pytest.raises(InvalidSignalError, match="cancelled"):
+            await rt.signal("c-1", "anything")
+    async with open_runtime(agents=[make()]) as rt:
+        assert "c-1" not in rt._live
+        assert (await rt.result("c-1")).status == "cancelled"
+        assert (await types_of(rt, "c-1"))[-1] == "execution.cancelled"
+
+
+async def test_cancel_a_suspended_execution(open_runtime: Any) -> None:
+    ran: list[tuple[str, float]] = []
+    async with open_runtime() as rt:
+        r = await rt.run(transfer_agent(ran), "go")
+        await rt.cancel(r.execution_id)
+        assert (await rt.wait(r.execution_id)).status == "cancelled" and ran == []
+
+
+async def test_delegation_parent_hibernates_and_resumes_with_the_childs_answer(
+    open_runtime: Any,
+) -> None:
+    ran: list[tuple[str, float]] = []
+
+    def make() -> Agent:
+        researcher = Agent(
+            "researcher",
+            tools=[],
+            llm=Scripted(["Paris has 2.1 million people."]),
+            description="Finds facts.",
+        )
+        banker = transfer_agent(ran, final="child done")
+        manager_llm = Scripted(
+            [
+                [
+                    Scripted.call("delegate_to_researcher", task="population of Paris?"),
+                    Scripted.call("delegate_to_banker", task="move the money"),
+                ],
+                "Summary: found it and moved it.",
+            ]
+        )
+        return Agent("manager", llm=manager_llm, agents=[researcher, banker])
+
+    async with open_runtime() as rt:
+        r = await rt.run(make(), "research and pay", execution_id="p-1")
+        assert r.is_suspended and r.suspend_reason.kind == "child"  # type: ignore[union-attr]
+        # the banker child waits for an approval, visible from the parent's side
+        children = {e.execution_id: e for e in await rt.executions()}
+        assert children["p-1/2"].status == "completed"
+        assert children["p-1/3"].status == "suspended" and children["p-1/3"].reason == "approval"
+        assert children["p-1/3"].parent == "p-1"
+        await anyio.wait_all_tasks_blocked()
+        assert "p-1" not in rt._live
+        child = await rt.result("p-1/3")
+        await rt.approve("p-1/3", child.suspend_reason.confirmation_id)  # type: ignore[union-attr]
+        r = await rt.wait("p-1/3")
+        assert r.status == "completed"
+        with anyio.fail_after(10):
+            r = await rt.wait("p-1", until="finished")
+    assert r.output == "Summary: found it and moved it."
+    tool_results = [m.content for m in r.transcript if m.role == "tool"]
+    assert tool_results == ["Paris has 2.1 million people.", "child done"]
+    assert ran == [("savings", 5000.0)]
+
+
+async def test_fleet_listing_and_max_concurrency(open_runtime: Any) -> None:
+    running = 0
+    peak = 0
+    gate = anyio.Event()
+
+    @tool
+    async def work(n: int) -> int:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await gate.wait()
+        running -= 1
+        return n
+
+    def script(request: LLMRequest) -> Any:
+        if any(m.role == "tool" for m in request.messages):
+            return "done"
+        return Scripted.call("work", n=int(request.messages[-1].content))
+
+    agent = Agent("worker", tools=[work], llm=Scripted(script, record=False))
+    other = Agent("other", llm=Scripted(["hi"]))
+    async with open_runtime(max_concurrency=3) as rt:
+        for n in range(20):
+            await rt.spawn(agent, str(n), execution_id=f"f-{n:02d}")
+        await rt.spawn(other, "x", execution_id="o-1")
+        await anyio.wait_all_tasks_blocked()
+        assert peak == 3
+        queued = await rt.executions(status="queued")
+        assert len(queued) == 18  # 17 workers and "other" wait, durably, for a slot
+        assert [e.execution_id for e in await rt.executions(agent="other")] == ["o-1"]
+        gate.set()
+        assert (await rt.wait("o-1")).status == "completed"
+        for n in range(20):
+            assert (await rt.wait(f"f-{n:02d}")).status == "completed"
+        done = await rt.executions(status="completed", agent="worker")
+    assert len(done) == 20 and peak == 3
+
+
+async def test_queued_executions_start_in_the_order_they_were_spawned(
+    open_runtime: Any,
+) -> None:
+    order: list[int] = []
+
+    @tool
+    def work(n: int) -> int:
+        order.append(n)
+        return n
+
+    def script(request: LLMRequest) -> Any:
+        if any(m.role == "tool" for m in request.messages):
+            return "done"
+        return Scripted.call("work", n=int(request.messages[-1].content))
+
+    agent = Agent("serial", tools=[work], llm=Scripted(script, record=False))
+    async with open_runtime(max_concurrency=1) as rt:
+        for n in range(15):
+            await rt.spawn(agent, str(n), execution_id=f"q-{n:02d}")
+        for n in range(15):
+            await rt.wait(f"q-{n:02d}")
+    assert order == list(range(15))
+
+
+async def test_in_doubt_non_idempotent_tool_suspends_and_an_operator_resolves(
+    open_runtime: Any,
+) -> None:
+    attempts: list[str] = []
+    started = anyio.Event()
+
+    def make(block: bool) -> Agent:
+        @tool(idempotent=False)
+        async def wire_money(amount: float) -> str:
+            attempts.append(current_idempotency_key())
+            if block:
+                started.set()
+                await anyio.sleep_forever()
+            return "wired"
+
+        llm = Scripted([Scripted.call("wire_money", amount=10.0), "finished"])
+        return Agent("wirer", tools=[wire_money], llm=llm)
+
+    for action in ("retry", "complete", "fail"):
+        eid = f"w-{action}"
+        async with open_runtime(shutdown_timeout=0.05) as rt:
+            await rt.spawn(make(True), "wire", execution_id=eid)
+            await started.wait()
+        started = anyio.Event()
+        async with open_runtime(agents=[make(False)]) as rt:
+            r = await rt.wait(eid)
+            assert r.is_suspended and r.suspend_reason.kind == "unknown_outcome"  # type: ignore[union-attr]
+            assert r.suspend_reason.tool == "wire_money" and r.suspend_reason.step == 2  # type: ignore[union-attr]
+            if action == "retry":
+                await rt.resolve(eid, retry=True, by="ops")
+            elif action == "complete":
+                await rt.resolve(eid, complete={"wired": "by hand"})
+            else:
+                await rt.resolve(eid, fail="bank says no")
+            r = await rt.wait(eid)
+            assert r.status == "completed"
+            tool_msg = next(m for m in r.transcript if m.role == "tool")
+        if action == "retry":
+            assert tool_msg.content == "wired" and attempts[-1] == attempts[-2]  # same key
+        elif action == "complete":
+            assert tool_msg.content == '{"wired": "by hand"}'
+        else:
+            assert tool_msg.is_error and "bank says no" in tool_msg.content
