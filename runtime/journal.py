@@ -18,9 +18,9 @@ from typing import Any
 
 import anyio
 
-from perdure.events import Event, decode, encode, execution_stream
+from perdure.events import Event, encode, execution_stream
 from perdure.log.protocol import EventLog, NewRecord
-from perdure.state import ExecutionState, apply
+from perdure.state import ExecutionState, apply_record
 
 __all__ = ["Journal", "index_meta", "load_state"]
 
@@ -58,7 +58,7 @@ async def load_state(log: EventLog, execution_id: str) -> ExecutionState:
     state = ExecutionState()
     seq = 0
     async for record in log.read(execution_stream(execution_id)):
-        apply(state, decode(record))
+        apply_record(state, record.type, record.payload)
         seq = record.seq
     state.seq = seq
     return state
@@ -69,6 +69,7 @@ class Journal:
 
     __slots__ = (
         "_broken",
+        "_last_meta",
         "_flushed",
         "_flushing",
         "_log",
@@ -87,6 +88,10 @@ class Journal:
         self._flushed: anyio.Event | None = None
         self._broken: BaseException | None = None
         self._meta_extra: dict[str, Any] | None = None
+        # What the index entry holds, as far as this journal knows: only changed fields
+        # are sent with an append (the index merges them), which keeps each append's
+        # index update small. Empty until the first append: that one sends everything.
+        self._last_meta: dict[str, Any] = {}
 
     @classmethod
     async def open(cls, log: EventLog, execution_id: str) -> Journal:
@@ -103,8 +108,9 @@ class Journal:
         """Apply ``event`` to the state now; it is appended by the next ``flush``."""
         if self._broken is not None:
             raise RuntimeError(f"journal of {self.stream!r} is broken") from self._broken
-        self._staged.append(encode(event))
-        apply(self.state, event)
+        record = encode(event)
+        self._staged.append(record)
+        apply_record(self.state, record.type, record.payload)
 
     def override_meta(self, **meta: Any) -> None:
         """Extra index fields for the next append only (e.g. status ``queued``)."""
@@ -128,17 +134,20 @@ class Journal:
         try:
             while self._staged and self._broken is None:
                 batch, self._staged = self._staged, []
-                meta = index_meta(self.state)
+                full = index_meta(self.state)
                 if self._meta_extra:
-                    meta.update(self._meta_extra)
+                    full.update(self._meta_extra)
                     self._meta_extra = None
+                last = self._last_meta
+                meta = {k: v for k, v in full.items() if k not in last or last[k] != v}
                 try:
                     # Shielded: a cancelled caller must not leave us unsure whether the
                     # batch was written (the writer thread may commit it regardless).
                     with anyio.CancelScope(shield=True):
                         self.state.seq = await self._log.append(
-                            self.stream, batch, expect=self.state.seq, meta=meta
+                            self.stream, batch, expect=self.state.seq, meta=meta or None
                         )
+                    self._last_meta = full
                 except BaseException as exc:
                     self._broken = exc
                     raise

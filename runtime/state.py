@@ -14,7 +14,7 @@ suspension status written to the index, the CLI and the engine all agree.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +41,7 @@ from perdure.events import (
     ToolCompleted,
     ToolResolved,
     ToolStarted,
+    encode,
 )
 from perdure.providers.types import Message, ToolCall
 
@@ -54,6 +55,7 @@ __all__ = [
     "Run",
     "Suspend",
     "apply",
+    "apply_record",
     "plan",
     "tool_message",
 ]
@@ -152,7 +154,14 @@ def tool_message(call: Call) -> Message:
     """The tool message the model sees for a finished call (deterministic)."""
     if call.outcome == "ok":
         out = call.output
-        content = out if isinstance(out, str) else json.dumps(out, ensure_ascii=False, default=repr)
+        if isinstance(out, str):
+            content = out
+        elif out is None or isinstance(out, bool):
+            content = "null" if out is None else ("true" if out else "false")
+        elif type(out) is int:
+            content = str(out)  # what json.dumps gives, without its machinery
+        else:
+            content = json.dumps(out, ensure_ascii=False, default=repr)
         return Message("tool", content, tool_call_id=call.call_id, name=call.tool)
     err = call.error or {}
     if call.outcome == "rejected":
@@ -163,76 +172,85 @@ def tool_message(call: Call) -> Message:
 
 
 # -- apply -------------------------------------------------------------------------------
+#
+# The handlers fold a record's PAYLOAD (the plain data that is stored), not an event
+# object: the live path applies exactly what it appends, and replay folds exactly what
+# it reads, through the same code, without building an event object per record.
 
 
 def apply(state: ExecutionState, event: Event) -> ExecutionState:
     """Fold one event into ``state`` and return it. Pure: no I/O, no effects."""
-    handler = _HANDLERS.get(type(event))
+    record = encode(event)
+    return apply_record(state, record.type, record.payload)
+
+
+def apply_record(state: ExecutionState, type: str, payload: Mapping[str, Any]) -> ExecutionState:
+    """Fold one recorded event (its type and payload) into ``state``; see :func:`apply`."""
+    handler = _HANDLERS.get(type)
     if handler is None:
-        raise TypeError(f"no apply rule for {type(event).__name__}")
-    handler(state, event)
-    seq = getattr(event, "signal_seq", 0)
+        raise TypeError(f"no apply rule for record type {type!r}")
+    handler(state, payload)
+    seq = payload.get("signal_seq", 0)
     if seq > state.last_signal_seq:
         state.last_signal_seq = seq
     return state
 
 
-def _started(s: ExecutionState, e: ExecutionStarted) -> None:
-    s.execution_id = e.execution_id
-    s.agent = e.agent
-    s.prompt = e.prompt
-    s.run_id = e.run_id
-    s.definition = e.definition
-    s.max_steps = e.max_steps
-    s.budget = Budget.from_dict(e.budget)
-    s.parent = e.parent
-    s.metadata = e.metadata
-    s.messages.append(Message("user", e.prompt))
+def _started(s: ExecutionState, p: Mapping[str, Any]) -> None:
+    s.execution_id = p["execution_id"]
+    s.agent = p["agent"]
+    s.prompt = p["prompt"]
+    s.run_id = p["run_id"]
+    s.definition = p["definition"]
+    s.max_steps = p["max_steps"]
+    s.budget = Budget.from_dict(p.get("budget"))
+    s.parent = p.get("parent")
+    s.metadata = p.get("metadata") or {}
+    s.messages.append(Message("user", p["prompt"]))
     s.status = "running"
 
 
-def _llm_completed(s: ExecutionState, e: LLMCompleted) -> None:
-    response = e.response
+def _llm_completed(s: ExecutionState, p: Mapping[str, Any]) -> None:
+    step = p["step"]
+    response = p["response"]
     msg = response["message"]
-    tool_calls = msg.get("tool_calls") or ()
-    calls = tuple(ToolCall(c["id"], c["name"], c["arguments"]) for c in tool_calls)
-    s.messages.append(Message("assistant", msg.get("content") or "", tool_calls=calls))
+    raw_calls = msg.get("tool_calls")
+    if raw_calls:
+        calls = tuple(ToolCall(c["id"], c["name"], c["arguments"]) for c in raw_calls)
+        s.calls = [
+            Call(step + 1 + i, step, i, c.id, c.name, c.arguments) for i, c in enumerate(calls)
+        ]
+        s.step = step + len(calls)
+    else:
+        calls = ()
+        s.calls = []
+        s.step = step
+    s.messages.append(Message("assistant", msg.get("content") or "", calls))
     usage = response.get("usage") or {}
     s.usage.add_llm_call(
         response.get("provider", ""),
         response.get("model", ""),
         usage.get("input", 0),
         usage.get("output", 0),
-        e.cost or 0.0,
+        p.get("cost") or 0.0,
     )
-    s.calls = [
-        Call(
-            step=e.step + 1 + i,
-            turn=e.step,
-            index=i,
-            call_id=c.id,
-            tool=c.name,
-            arguments=c.arguments,
-        )
-        for i, c in enumerate(calls)
-    ]
-    s.step = e.step + len(calls)
 
 
-def _tool_started(s: ExecutionState, e: ToolStarted) -> None:
-    call = _call(s, e.step)
+def _tool_started(s: ExecutionState, p: Mapping[str, Any]) -> None:
+    call = _call(s, p["step"])
     call.status = "started"
-    call.key = e.key
-    call.idempotent = e.idempotent
-    call.fingerprint = e.fingerprint
-    if e.attempt == 1:
+    call.key = p["key"]
+    call.idempotent = p["idempotent"]
+    call.fingerprint = p["fingerprint"]
+    attempt = p["attempt"]
+    if attempt == 1:
         s.usage.tool_calls += 1
-    call.attempts = e.attempt
+    call.attempts = attempt
 
 
-def _tool_completed(s: ExecutionState, e: ToolCompleted) -> None:
-    call = _call(s, e.step)
-    _finish(s, call, e.status, e.output, e.error)
+def _tool_completed(s: ExecutionState, p: Mapping[str, Any]) -> None:
+    call = _call(s, p["step"])
+    _finish(s, call, p["status"], p.get("output"), p.get("error"))
 
 
 def _finish(
@@ -250,101 +268,103 @@ def _finish(
         s.calls = []
 
 
-def _approval_requested(s: ExecutionState, e: ApprovalRequested) -> None:
-    call = _call(s, e.step)
+def _approval_requested(s: ExecutionState, p: Mapping[str, Any]) -> None:
+    call = _call(s, p["step"])
     call.status = "approval"
-    call.confirmation_id = e.confirmation_id
-    call.gate = {"kind": e.kind, "contract": e.contract, "message": e.message}
+    call.confirmation_id = p["confirmation_id"]
+    call.gate = {"kind": p["kind"], "contract": p.get("contract"), "message": p.get("message", "")}
 
 
-def _approval_granted(s: ExecutionState, e: ApprovalGranted) -> None:
-    call = s.call_for_confirmation(e.confirmation_id)
+def _approval_granted(s: ExecutionState, p: Mapping[str, Any]) -> None:
+    call = s.call_for_confirmation(p["confirmation_id"])
     if call is not None and call.status == "approval":
         call.status = "approved"
-        call.override = e.override
+        call.override = p.get("override", False)
     _recheck(s)
 
 
-def _approval_rejected(s: ExecutionState, e: ApprovalRejected) -> None:
-    call = s.call_for_confirmation(e.confirmation_id)
+def _approval_rejected(s: ExecutionState, p: Mapping[str, Any]) -> None:
+    call = s.call_for_confirmation(p["confirmation_id"])
     if call is not None and call.status == "approval":
-        call.rejected_by = e.by
-        _finish(s, call, "rejected", None, {"type": "Rejected", "message": e.reason})
+        call.rejected_by = p["by"]
+        _finish(s, call, "rejected", None, {"type": "Rejected", "message": p["reason"]})
     _recheck(s)
 
 
-def _signal_awaited(s: ExecutionState, e: SignalAwaited) -> None:
-    call = _call(s, e.step)
+def _signal_awaited(s: ExecutionState, p: Mapping[str, Any]) -> None:
+    call = _call(s, p["step"])
     call.status = "waiting"
-    call.waiting = {"kind": e.kind, "name": e.name, **e.detail}
+    call.waiting = {"kind": p["kind"], "name": p["name"], **(p.get("detail") or {})}
 
 
-def _signal_received(s: ExecutionState, e: SignalReceived) -> None:
-    s.signals.setdefault(e.name, e.payload)
+def _signal_received(s: ExecutionState, p: Mapping[str, Any]) -> None:
+    s.signals.setdefault(p["name"], p.get("payload"))
     _recheck(s)
 
 
-def _signal_ignored(s: ExecutionState, e: SignalIgnored) -> None:
+def _signal_ignored(s: ExecutionState, p: Mapping[str, Any]) -> None:
     pass
 
 
-def _budget_raised(s: ExecutionState, e: BudgetRaised) -> None:
-    s.budget = Budget.from_dict(e.budget)
+def _budget_raised(s: ExecutionState, p: Mapping[str, Any]) -> None:
+    s.budget = Budget.from_dict(p["budget"])
     _recheck(s)
 
 
-def _drift_detected(s: ExecutionState, e: DriftDetected) -> None:
-    s.drift.append({"step": e.step, "changes": e.changes, "action": e.action})
+def _drift_detected(s: ExecutionState, p: Mapping[str, Any]) -> None:
+    s.drift.append({"step": p["step"], "changes": p["changes"], "action": p["action"]})
 
 
-def _drift_accepted(s: ExecutionState, e: DriftAccepted) -> None:
-    s.definition = e.definition
+def _drift_accepted(s: ExecutionState, p: Mapping[str, Any]) -> None:
+    s.definition = p["definition"]
     _recheck(s, drift_settled=True)
 
 
-def _tool_resolved(s: ExecutionState, e: ToolResolved) -> None:
-    call = _call(s, e.step)
-    if e.action == "retry":
+def _tool_resolved(s: ExecutionState, p: Mapping[str, Any]) -> None:
+    call = _call(s, p["step"])
+    action = p["action"]
+    if action == "retry":
         call.status = "retry"
-    elif e.action == "complete":
-        _finish(s, call, "ok", e.output, None)
+    elif action == "complete":
+        _finish(s, call, "ok", p.get("output"), None)
     else:
-        _finish(s, call, "error", None, e.error or {"type": "Failed", "message": "by operator"})
+        error = p.get("error") or {"type": "Failed", "message": "by operator"}
+        _finish(s, call, "error", None, error)
     _recheck(s)
 
 
-def _suspended(s: ExecutionState, e: ExecutionSuspended) -> None:
+def _suspended(s: ExecutionState, p: Mapping[str, Any]) -> None:
     s.status = "suspended"
-    s.suspend_reason = e.reason
+    s.suspend_reason = p["reason"]
 
 
-def _resumed(s: ExecutionState, e: ExecutionResumed) -> None:
+def _resumed(s: ExecutionState, p: Mapping[str, Any]) -> None:
     s.status = "running"
     s.error = None
     s.failure_kind = None
     s.suspend_reason = None
 
 
-def _completed(s: ExecutionState, e: ExecutionCompleted) -> None:
+def _completed(s: ExecutionState, p: Mapping[str, Any]) -> None:
     s.status = "completed"
-    s.output = e.output
+    s.output = p["output"]
     s.suspend_reason = None
 
 
-def _failed(s: ExecutionState, e: ExecutionFailed) -> None:
+def _failed(s: ExecutionState, p: Mapping[str, Any]) -> None:
     s.status = "failed"
-    s.error = e.error
-    s.failure_kind = e.kind
+    s.error = p["error"]
+    s.failure_kind = p["kind"]
     s.suspend_reason = None
 
 
-def _cancelled(s: ExecutionState, e: ExecutionCancelled) -> None:
+def _cancelled(s: ExecutionState, p: Mapping[str, Any]) -> None:
     s.status = "cancelled"
-    s.cancel_reason = e.reason
+    s.cancel_reason = p["reason"]
     s.suspend_reason = None
 
 
-def _signal_sent(s: ExecutionState, e: SignalSent) -> None:
+def _signal_sent(s: ExecutionState, p: Mapping[str, Any]) -> None:
     raise TypeError("signal.sent belongs to the inbox stream, not to an execution")
 
 
@@ -372,27 +392,27 @@ def _recheck(s: ExecutionState, drift_settled: bool = False) -> None:
         s.suspend_reason = None
 
 
-_HANDLERS: dict[type[Event], Callable[[ExecutionState, Any], None]] = {
-    ExecutionStarted: _started,
-    LLMCompleted: _llm_completed,
-    ToolStarted: _tool_started,
-    ToolCompleted: _tool_completed,
-    ApprovalRequested: _approval_requested,
-    ApprovalGranted: _approval_granted,
-    ApprovalRejected: _approval_rejected,
-    SignalAwaited: _signal_awaited,
-    SignalReceived: _signal_received,
-    SignalIgnored: _signal_ignored,
-    BudgetRaised: _budget_raised,
-    DriftDetected: _drift_detected,
-    DriftAccepted: _drift_accepted,
-    ToolResolved: _tool_resolved,
-    ExecutionSuspended: _suspended,
-    ExecutionResumed: _resumed,
-    ExecutionCompleted: _completed,
-    ExecutionFailed: _failed,
-    ExecutionCancelled: _cancelled,
-    SignalSent: _signal_sent,
+_HANDLERS: dict[str, Callable[[ExecutionState, Mapping[str, Any]], None]] = {
+    ExecutionStarted.type: _started,
+    LLMCompleted.type: _llm_completed,
+    ToolStarted.type: _tool_started,
+    ToolCompleted.type: _tool_completed,
+    ApprovalRequested.type: _approval_requested,
+    ApprovalGranted.type: _approval_granted,
+    ApprovalRejected.type: _approval_rejected,
+    SignalAwaited.type: _signal_awaited,
+    SignalReceived.type: _signal_received,
+    SignalIgnored.type: _signal_ignored,
+    BudgetRaised.type: _budget_raised,
+    DriftDetected.type: _drift_detected,
+    DriftAccepted.type: _drift_accepted,
+    ToolResolved.type: _tool_resolved,
+    ExecutionSuspended.type: _suspended,
+    ExecutionResumed.type: _resumed,
+    ExecutionCompleted.type: _completed,
+    ExecutionFailed.type: _failed,
+    ExecutionCancelled.type: _cancelled,
+    SignalSent.type: _signal_sent,
 }
 
 
