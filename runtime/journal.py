@@ -69,9 +69,9 @@ class Journal:
 
     __slots__ = (
         "_broken",
-        "_last_meta",
         "_flushed",
         "_flushing",
+        "_last_meta",
         "_log",
         "_meta_extra",
         "_staged",
