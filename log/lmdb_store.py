@@ -85,7 +85,7 @@ from .codec import (
     check_expect,
     check_indexed_fields,
     check_stream_name,
-    decode_record,
+    decode_chunk,
     encode_entry,
     encode_records,
     meta_matches,
@@ -1006,11 +1006,11 @@ class LmdbLog:
         seq = after
         while True:
             values = self._read_chunk(stream, stream_key, seq)
-            for value in values:
-                seq += 1
-                yield decode_record(known, stream, seq, value)
+            for record in decode_chunk(known, stream, seq + 1, values):
+                yield record
             if len(values) < READ_CHUNK:
                 return
+            seq += len(values)
             await _checkpoint()
 
     def _read_chunk(self, stream: str, stream_key: bytes, after: int) -> list[bytes]:
