@@ -123,6 +123,9 @@ MAX_BATCH_APPENDS: Final = 4096
 MAX_BATCH_BYTES: Final = 8 << 20
 #: Records or index entries read per read transaction, between yields to the loop.
 READ_CHUNK: Final = 256
+#: The longest queued appends wait for their event loop's kick before the writer takes
+#: them anyway, in seconds (a safety net: see _submit).
+RELEASE_TIMEOUT: Final = 0.1
 #: How often a waiting task's poller looks for other processes' commits, in seconds.
 POLL_INTERVAL: Final = 0.025
 #: The map size a new environment starts with; it grows on demand.
@@ -437,6 +440,7 @@ class LmdbLog:
             "wake_callbacks": 0,
             "largest_batch": 0,
             "map_growths": 0,
+            "poll_wake_callbacks": 0,
         }
         self._writer = threading.Thread(
             target=self._writer_main, name=f"perdure-log-writer {self._path}", daemon=True
@@ -699,7 +703,14 @@ class LmdbLog:
                     if self._stopping and not queue:
                         return  # everything queued is done
                     self._writer_idle = True
-                    cond.wait()
+                    # Appends wait for their loop's kick. If none comes within
+                    # RELEASE_TIMEOUT (its loop was closed with the kick pending, or is
+                    # blocked), release everything queued and forget the kicks expected.
+                    # (So an idle writer wakes ten times a second; that costs nothing.)
+                    timed_out = not cond.wait(RELEASE_TIMEOUT)
+                    if timed_out and queue and self._taken >= self._released:
+                        self._released = self._enqueued
+                        self._kicks.clear()
                 self._writer_idle = False
                 available = len(queue) if self._stopping else self._released - self._taken
                 batch: list[_Pending] = []
@@ -1196,7 +1207,8 @@ class LmdbLog:
                 self._end_read(txn)
             due = self._waiters.due(last_seqs)
             if due:
-                self._counters["wake_callbacks"] += wake(due)
+                # Its own counter: the writer thread updates the others.
+                self._counters["poll_wake_callbacks"] += wake(due)
 
     # -- health ------------------------------------------------------------------------------
 
