@@ -1014,8 +1014,9 @@ class LmdbLog:
 
     # Reads run on the event loop thread. Reading a chunk of READ_CHUNK records from
     # the map costs about 0.3 us a record (under 0.1 ms a chunk); a hop to a worker
-    # thread and back costs more than that per chunk, and bench/log_bench.py measures
-    # replay through anyio.to_thread about 15% slower than on the loop thread. Decoding
+    # thread and back costs more than that per chunk: bench/log_bench.py measured replay
+    # through anyio.to_thread between as fast and 35% slower than on the loop thread
+    # (never faster) across our runs. Decoding
     # (cbor2, the CRC) stays on the loop thread either way: under the GIL a worker
     # thread would not make it cheaper. Each chunk has its own short read transaction,
     # so a long replay neither pins old pages nor blocks map growth for long.
