@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from functools import lru_cache
 from typing import Any, Final
 
@@ -46,6 +46,7 @@ __all__ = [
     "check_expect",
     "check_indexed_fields",
     "check_stream_name",
+    "decode_chunk",
     "decode_record",
     "encode_entry",
     "encode_record",
@@ -260,6 +261,54 @@ def decode_record(known: Mapping[str, int], stream: str, seq: int, value: bytes)
     if version > newest:
         raise UnknownRecordVersionError(stream, seq, rtype, version, newest)
     return make_record(stream, seq, rtype, version, timestamp, payload)
+
+
+def decode_chunk(
+    known: Mapping[str, int], stream: str, first_seq: int, values: list[bytes]
+) -> Iterator[Record]:
+    """Decode consecutive stored values (seqs from ``first_seq``), one at a time.
+
+    Each record is checked exactly as :func:`decode_record` checks it and raises the
+    same errors, at the same position. This is the same work with the per-record call
+    overhead taken out, for replay. Records are built lazily, one per ``next``, so a
+    consumer that drops each record before taking the next lets the allocator reuse
+    its memory (measurably faster than decoding a whole chunk into a list first).
+    """
+    crc32 = _crc32
+    loads = _loads
+    residue = CRC_RESIDUE
+    get = known.get
+    new = _new
+    set_stream, set_seq, set_type = _set_stream, _set_seq, _set_type
+    set_version, set_timestamp, set_payload = _set_version, _set_timestamp, _set_payload
+    seq = first_seq - 1
+    for value in values:
+        seq += 1
+        # The fast path takes a record only when every check decode_record makes
+        # passes; anything else goes to decode_record for its precise error.
+        if crc32(value) == residue:
+            try:
+                items = loads(value)
+            except Exception:
+                items = None
+            if type(items) is list and len(items) == 5:
+                rtype, version, timestamp, payload, _ = items
+                if (
+                    type(rtype) is str
+                    and type(version) is int
+                    and type(timestamp) is float
+                    and 1 <= version <= get(rtype, 0)
+                ):
+                    record = new(Record)
+                    set_stream(record, stream)
+                    set_seq(record, seq)
+                    set_type(record, rtype)
+                    set_version(record, version)
+                    set_timestamp(record, timestamp)
+                    set_payload(record, payload)
+                    yield record
+                    continue
+        yield decode_record(known, stream, seq, value)
 
 
 def check_stream_name(stream: object) -> bytes:

@@ -28,7 +28,16 @@ in order inside one write transaction, commits, and then wakes the waiting tasks
 one thread-safe callback per event loop. An append whose ``expect`` does not match
 fails alone with ``ConflictError``; appends to the same stream within a batch see each
 other. Records are encoded (and checksummed) on the caller's thread, so the writer
-holds the GIL only to put bytes.
+holds the GIL only to put bytes; the caller also learns at once that a record cannot
+be encoded or has an unregistered type.
+
+The writer is told about new appends by a "kick": a callback the first append of a
+burst schedules on its own event loop, which runs once the tasks that are ready now
+have run. So the appends of many tasks woken by one commit become the next batch, and
+the writer applies it while the loop waits. py-lmdb releases the GIL around every put,
+and taking it back from a busy loop thread can cost the interpreter's 5 ms switch
+interval, so a writer that raced the loop would crawl. If a kick never comes (its loop
+ended first), the writer takes the queue after :data:`RELEASE_TIMEOUT` anyway.
 
 Durability
 ----------
@@ -85,7 +94,7 @@ from .codec import (
     check_expect,
     check_indexed_fields,
     check_stream_name,
-    decode_record,
+    decode_chunk,
     encode_entry,
     encode_records,
     meta_matches,
@@ -123,6 +132,9 @@ MAX_BATCH_APPENDS: Final = 4096
 MAX_BATCH_BYTES: Final = 8 << 20
 #: Records or index entries read per read transaction, between yields to the loop.
 READ_CHUNK: Final = 256
+#: The longest queued appends wait for their event loop's kick before the writer takes
+#: them anyway, in seconds (a safety net: see _submit).
+RELEASE_TIMEOUT: Final = 0.1
 #: How often a waiting task's poller looks for other processes' commits, in seconds.
 POLL_INTERVAL: Final = 0.025
 #: The map size a new environment starts with; it grows on demand.
@@ -437,6 +449,7 @@ class LmdbLog:
             "wake_callbacks": 0,
             "largest_batch": 0,
             "map_growths": 0,
+            "poll_wake_callbacks": 0,
         }
         self._writer = threading.Thread(
             target=self._writer_main, name=f"perdure-log-writer {self._path}", daemon=True
@@ -699,7 +712,14 @@ class LmdbLog:
                     if self._stopping and not queue:
                         return  # everything queued is done
                     self._writer_idle = True
-                    cond.wait()
+                    # Appends wait for their loop's kick. If none comes within
+                    # RELEASE_TIMEOUT (its loop was closed with the kick pending, or is
+                    # blocked), release everything queued and forget the kicks expected.
+                    # (So an idle writer wakes ten times a second; that costs nothing.)
+                    timed_out = not cond.wait(RELEASE_TIMEOUT)
+                    if timed_out and queue and self._taken >= self._released:
+                        self._released = self._enqueued
+                        self._kicks.clear()
                 self._writer_idle = False
                 available = len(queue) if self._stopping else self._released - self._taken
                 batch: list[_Pending] = []
@@ -992,11 +1012,14 @@ class LmdbLog:
         txn.abort()
         self._guard.release_shared()
 
-    # Reads run on the event loop thread: a chunk of READ_CHUNK records costs well under
-    # a millisecond, while a hop to a worker thread and back costs more than that on
-    # every chunk and halves replay speed (measured by bench/log_bench.py's replay row
-    # against a to_thread variant). Each chunk has its own short read transaction, so a
-    # long replay neither pins old pages nor blocks map growth for long.
+    # Reads run on the event loop thread. Reading a chunk of READ_CHUNK records from
+    # the map costs about 0.3 us a record (under 0.1 ms a chunk); a hop to a worker
+    # thread and back costs more than that per chunk: bench/log_bench.py measured replay
+    # through anyio.to_thread between as fast and 35% slower than on the loop thread
+    # (never faster) across our runs. Decoding
+    # (cbor2, the CRC) stays on the loop thread either way: under the GIL a worker
+    # thread would not make it cheaper. Each chunk has its own short read transaction,
+    # so a long replay neither pins old pages nor blocks map growth for long.
 
     async def read(self, stream: str, after: int = 0) -> AsyncIterator[Record]:
         """Yield records with seq > ``after`` in order, yielding to the loop between chunks."""
@@ -1006,11 +1029,11 @@ class LmdbLog:
         seq = after
         while True:
             values = self._read_chunk(stream, stream_key, seq)
-            for value in values:
-                seq += 1
-                yield decode_record(known, stream, seq, value)
+            for record in decode_chunk(known, stream, seq + 1, values):
+                yield record
             if len(values) < READ_CHUNK:
                 return
+            seq += len(values)
             await _checkpoint()
 
     def _read_chunk(self, stream: str, stream_key: bytes, after: int) -> list[bytes]:
@@ -1196,7 +1219,8 @@ class LmdbLog:
                 self._end_read(txn)
             due = self._waiters.due(last_seqs)
             if due:
-                self._counters["wake_callbacks"] += wake(due)
+                # Its own counter: the writer thread updates the others.
+                self._counters["poll_wake_callbacks"] += wake(due)
 
     # -- health ------------------------------------------------------------------------------
 

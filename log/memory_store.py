@@ -21,7 +21,7 @@ from .codec import (
     check_expect,
     check_indexed_fields,
     check_stream_name,
-    decode_record,
+    decode_chunk,
     encode_records,
     meta_matches,
     meta_value_key,
@@ -188,11 +188,11 @@ class MemoryLog:
                 if entry is None:
                     return
                 chunk = entry.values[seq : seq + READ_CHUNK]
-            for value in chunk:
-                seq += 1
-                yield decode_record(known, stream, seq, value)
+            for record in decode_chunk(known, stream, seq + 1, chunk):
+                yield record
             if len(chunk) < READ_CHUNK:
                 return
+            seq += len(chunk)
             await _checkpoint()
 
     async def last_seq(self, stream: str) -> int:

@@ -24,6 +24,7 @@ from perdure.log import (
     CorruptRecordError,
     DataDirLockedError,
     EventLog,
+    LogClosedError,
     LogError,
     NewRecord,
     RecordTypes,
@@ -163,9 +164,10 @@ async def test_group_commit_wakes_each_batch_with_one_callback(tmp_path: Path) -
         stats = await log.stats()
     summary = {k: stats[k] for k in ("appends", "commits", "largest_batch", "wake_callbacks")}
     assert stats["appends"] == 1000, summary
-    # Many appends share a transaction...
-    assert stats["commits"] < stats["appends"] // 10, summary
-    assert stats["largest_batch"] >= 100, summary
+    # Many appends share a transaction (how many depends on the machine's load: a
+    # loop burst slower than RELEASE_TIMEOUT is split)...
+    assert stats["commits"] <= stats["appends"] // 4, summary
+    assert stats["largest_batch"] >= 20, summary
     # ...and each committed batch woke its single event loop with ONE callback, not one
     # per waiting task.
     assert stats["wake_callbacks"] == stats["commits"], summary
@@ -512,3 +514,47 @@ async def test_append_withdrawn_when_cancelled_before_the_writer_takes_it(
         assert await log.check() == []
         # The log is healthy and takes appends afterwards.
         assert await log.append("after", [note(0)], expect=0) == 1
+
+
+@pytest.mark.anyio
+async def test_aclose_commits_what_is_queued(tmp_path: Path) -> None:
+    log = await open_log(tmp_path)
+    results: dict[int, Any] = {}
+
+    async def append(i: int) -> None:
+        try:
+            results[i] = await log.append(f"q/{i}", [note(i)], expect=0)
+        except LogError as exc:
+            results[i] = exc
+
+    async with anyio.create_task_group() as tg:
+        for i in range(50):
+            tg.start_soon(append, i)
+        # Every task is now parked in append(): its record is queued or committing.
+        await anyio.wait_all_tasks_blocked()
+        await log.aclose()
+        with pytest.raises(LogClosedError):
+            await log.append("late", [note(0)], expect=0)
+    # Everything handed to the log before aclose() was committed.
+    assert results == {i: 1 for i in range(50)}
+    async with await open_log(tmp_path) as log:
+        for i in range(50):
+            assert await log.last_seq(f"q/{i}") == 1
+        assert await log.last_seq("late") == 0
+
+
+@pytest.mark.anyio
+async def test_an_append_whose_kick_never_comes_is_still_committed(tmp_path: Path) -> None:
+    """The safety net behind the kick: if a loop's kick is believed scheduled but never
+    runs (its loop ended first, and a new loop got the same id()), the writer takes
+    the queued append after RELEASE_TIMEOUT and forgets the stale kicks."""
+    from perdure.log.waker import Completion
+
+    async with await open_log(tmp_path) as log:
+        log._kicks.add(id(Completion().loop))  # a kick that will never run
+        with anyio.fail_after(10):
+            assert await log.append("s", [note(0)], expect=0) == 1
+        assert log._kicks == set()
+        # And the next burst is released by its own kick again.
+        with anyio.fail_after(10):
+            assert await log.append("s", [note(1)], expect=1) == 2
