@@ -1,0 +1,251 @@
+"""Crash an agent in your own tests and check that it comes back exactly.
+
+``check_crash_replay(make_agent, prompt, crash_after=[3, 7])`` runs the agent once to the
+end (the reference), then runs it again on a fresh in-memory log, crashing the runtime
+right after the 3rd durable step, resuming it in a new runtime, crashing after 7 more,
+and resuming it to the end. It reports whether the final transcripts are equal and how
+many times every tool call actually ran, by idempotency key. With hypothesis::
+
+    from hypothesis import given
+    from perdure.testing import check_crash_replay, crash_points
+
+    @given(crash_points(max_step=12))
+    def test_my_agent_survives_crashes(points):
+        check = anyio.run(check_crash_replay, make_agent, "Book a table", points)
+        check.assert_ok()
+
+A crash here is the runtime being torn down mid-flight in-process (every task cancelled
+at once, the log kept): what was appended stays, what was not is lost, exactly the
+durability boundary a SIGKILL draws. perdure's own suite also kills real processes; this
+helper is the fast, in-process version for your agents. ``make_agent`` must build the
+same agent each time, with a deterministic model (``Scripted``, or recorded answers).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from perdure.agent import Agent, DelegateTool
+from perdure.context import current_idempotency_key
+from perdure.events import execution_stream, record_types
+from perdure.journal import load_state
+from perdure.log import MemoryLog
+from perdure.result import Result
+from perdure.runtime import Runtime
+from perdure.tools import Tool
+
+__all__ = ["ReplayCheck", "check_crash_replay", "crash_points"]
+
+
+@dataclass(slots=True)
+class ReplayCheck:
+    """What one crash-and-replay run found."""
+
+    crash_after: list[int]
+    reference: Result
+    crashed: Result
+    #: idempotency key -> how many times the tool body ran (in the crashed run)
+    invocations: dict[str, int] = field(default_factory=dict)
+    #: idempotency key -> how many attempts the log recorded (``tool.started``)
+    attempts: dict[str, int] = field(default_factory=dict)
+    crashes_happened: int = 0
+
+    @property
+    def same_transcript(self) -> bool:
+        """True if the crashed run ended with the reference's status and transcript."""
+        return (
+            self.crashed.status == self.reference.status
+            and self.crashed.transcript == self.reference.transcript
+            and self.crashed.output == self.reference.output
+        )
+
+    @property
+    def problems(self) -> list[str]:
+        """Every way the crashed run differs from what exactly-once promises."""
+        out: list[str] = []
+        if not self.same_transcript:
+            out.append(
+                f"final state differs: reference {self.reference.status} "
+                f"{_clip(self.reference.output)!r}, crashed {self.crashed.status} "
+                f"{_clip(self.crashed.output)!r}"
+                + _first_difference(self.reference.transcript, self.crashed.transcript)
+            )
+        for key, count in sorted(self.invocations.items()):
+            recorded = self.attempts.get(key, 0)
+            if recorded == 0:
+                out.append(f"tool call {key} ran {count}x but the log never started it")
+            elif recorded == 1 and count > 1:
+                out.append(f"tool call {key} ran {count}x though it was never interrupted")
+            elif count > recorded:
+                out.append(f"tool call {key} ran {count}x but only {recorded} attempts began")
+        return out
+
+    def assert_ok(self) -> None:
+        """Raise AssertionError listing every problem, if there is any."""
+        problems = self.problems
+        if problems:
+            raise AssertionError(
+                f"crash/replay check with crashes after steps {self.crash_after} failed:\n- "
+                + "\n- ".join(problems)
+            )
+
+
+def crash_points(max_step: int = 20, max_crashes: int = 3) -> Any:
+    """A hypothesis strategy: up to ``max_crashes`` step counts in ``1..max_step``."""
+    from hypothesis import strategies as st
+
+    return st.lists(st.integers(1, max_step), min_size=1, max_size=max_crashes)
+
+
+class _Counting:
+    """Counts tool-body runs by idempotency key, around an agent's own tools."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def agent(self, agent: Agent) -> Agent:
+        clone = Agent(
+            agent.name,
+            agent.instructions,
+            tools=[self._tool(t) for t in agent.tools.values() if not isinstance(t, DelegateTool)],
+            llm=agent.llm,
+            model=agent._model,
+            max_steps=agent.max_steps,
+            budget=agent.budget,
+            drift=agent.drift,
+            agents=[self.agent(a) for a in agent.agents],
+            params=agent.params,
+            description=agent.description,
+        )
+        clone.contracts.update(agent.contracts)
+        return clone
+
+    def _tool(self, t: Tool) -> Tool:
+        fn = t.fn
+        counts = self.counts
+        if inspect.iscoroutinefunction(inspect.unwrap(fn)):
+
+            @functools.wraps(fn)
+            async def counted(**kwargs: Any) -> Any:
+                counts[current_idempotency_key()] += 1
+                return await fn(**kwargs)
+        else:
+
+            @functools.wraps(fn)
+            def counted(**kwargs: Any) -> Any:  # type: ignore[misc]
+                counts[current_idempotency_key()] += 1
+                return fn(**kwargs)
+
+        # functools.wraps keeps __wrapped__, so the code fingerprint is the tool's own.
+        return Tool(
+            counted,
+            name=t.name,
+            description=t.description,
+            requires_confirmation=t.requires_confirmation,
+            idempotent=t.idempotent,
+            timeout=t.timeout,
+            retries=t.retries,
+            retry_delay=t.retry_delay,
+            parameters=t.parameters,
+        )
+
+
+async def check_crash_replay(
+    make_agent: Callable[[], Agent],
+    prompt: str,
+    crash_after: Sequence[int] = (),
+    *,
+    execution_id: str = "replay-check",
+    approve: bool = False,
+) -> ReplayCheck:
+    """Run the reference, then the crashed-and-resumed run; return what they showed.
+
+    ``crash_after[i]`` counts durable steps (each model answer, each tool outcome)
+    within the i-th process lifetime. With ``approve=True`` pending confirmations are
+    approved as they appear, so agents with ``requires_confirmation`` tools run to the
+    end; otherwise a suspension ends the run (and is compared like any final state).
+    """
+    reference = await _run(
+        make_agent(), prompt, execution_id, None, approve, MemoryLog(record_types())
+    )
+    log = MemoryLog(record_types())
+    counting = _Counting()
+    agent = counting.agent(make_agent())
+    crashes = 0
+    for steps in crash_after:
+        if await _run(agent, prompt, execution_id, steps, approve, log) is None:
+            crashes += 1
+    final = await _run(agent, prompt, execution_id, None, approve, log)
+    assert final is not None
+    attempts: dict[str, int] = {}
+    async for record in log.read(execution_stream(execution_id)):
+        if record.type == "tool.started":
+            attempts[record.payload["key"]] = record.payload["attempt"]
+    state = await load_state(log, execution_id)
+    return ReplayCheck(
+        crash_after=list(crash_after),
+        reference=reference,  # type: ignore[arg-type]
+        crashed=Result.from_state(state),
+        invocations=dict(counting.counts),
+        attempts=attempts,
+        crashes_happened=crashes,
+    )
+
+
+async def _run(
+    agent: Agent,
+    prompt: str,
+    execution_id: str,
+    crash_after: int | None,
+    approve: bool,
+    log: MemoryLog,
+) -> Result | None:
+    """One process lifetime; None if it was crashed before the execution settled."""
+    outcome: Result | None = None
+    with anyio.CancelScope() as crash:
+        async with Runtime(None, log=log, agents=[agent], shutdown_timeout=0.0) as rt:
+            steps = 0
+
+            @rt.on_step
+            def count(eid: str, step: Any) -> None:
+                nonlocal steps
+                steps += 1
+                if crash_after is not None and steps >= crash_after:
+                    crash.cancel()
+
+            await rt.spawn(agent, prompt, execution_id=execution_id)
+            while True:
+                result = await rt.wait(execution_id)
+                if approve and result.is_suspended and result.suspend_reason is not None:
+                    pending = [p for p in result.suspend_reason.pending if p.get("confirmation_id")]
+                    if pending:
+                        for p in pending:
+                            await rt.approve(
+                                execution_id, p["confirmation_id"], by="perdure.testing"
+                            )
+                        continue
+                outcome = result
+                break
+    return None if crash.cancelled_caught else outcome
+
+
+def _clip(text: str | None, n: int = 60) -> str | None:
+    if text is None or len(text) <= n:
+        return text
+    return text[: n - 3] + "..."
+
+
+def _first_difference(a: Sequence[Any], b: Sequence[Any]) -> str:
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return f"; first difference at message {i}: {x!r} != {y!r}"
+    if len(a) != len(b):
+        return f"; transcripts have {len(a)} and {len(b)} messages"
+    return ""
