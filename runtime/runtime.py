@@ -237,6 +237,10 @@ class Runtime:
             await self._root.start_child(
                 ChildSpec("inbox", lambda: InboxPump(self), restart="permanent", shutdown=1.0)
             )
+            # Signals sent while no runtime owned the dir (e.g. 'perdure approve') are
+            # delivered before the runtime is handed over, so what callers see first
+            # already reflects them.
+            await self._delivered(await self.log.last_seq(INBOX_STREAM))
         except BaseException:
             await self._close()
             raise
