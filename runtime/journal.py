@@ -116,17 +116,26 @@ class Journal:
         """Extra index fields for the next append only (e.g. status ``queued``)."""
         self._meta_extra = {**(self._meta_extra or {}), **meta}
 
+    async def settle(self) -> None:
+        """Return once everything staged before or during the call is durable.
+
+        After it returns (and before the caller's next await) the state holds nothing
+        that is not in the log.
+        """
+        while self._staged or self._flushing:
+            await self.flush()
+
     async def flush(self) -> None:
         """Append everything staged so far; returns once it is durable."""
         while True:
             if self._broken is not None:
                 raise RuntimeError(f"journal of {self.stream!r} is broken") from self._broken
-            if not self._staged:
+            if not self._staged and not self._flushing:
                 return
             if not self._flushing:
                 break
-            # Someone else's append is in flight: ours goes in the next one (which this
-            # task or the current flusher will make).
+            # Someone else's append is in flight: ours (if any) goes in the next one,
+            # which the current flusher makes before it returns.
             if self._flushed is None:
                 self._flushed = anyio.Event()
             await self._flushed.wait()

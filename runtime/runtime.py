@@ -684,7 +684,13 @@ class Runtime:
         self._require_open()
         actor = self._live.get(execution_id)
         if actor is not None and actor.journal is not None:
-            return Result.from_state(actor.journal.state)
+            journal = actor.journal
+            try:
+                await journal.settle()  # report only what is on disk
+            except RuntimeError:
+                pass  # a broken journal: its actor is crashing; read the log instead
+            else:
+                return Result.from_state(journal.state)
         info = await self.log.stream_info(execution_stream(execution_id))
         if info is None:
             raise ExecutionNotFoundError(
