@@ -42,6 +42,7 @@ from typing import Any
 import anyio
 import cbor2
 import lmdb
+
 from perdure.log import ANY, LmdbLog, NewRecord, RecordTypes, lmdb_store
 from perdure.log.codec import decode_record, encode_record
 

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["machine", "print_machine", "print_table", "rss_kb", "write_json"]
+__all__ = ["machine", "print_machine", "print_table", "rss_kb", "rss_parts_kb", "write_json"]
 
 
 def machine() -> dict[str, str]:
@@ -76,6 +76,17 @@ def rss_kb() -> int:
     """This process's resident set size in KiB (Linux)."""
     pages = int(Path("/proc/self/statm").read_text().split()[1])
     return pages * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def rss_parts_kb() -> dict[str, int]:
+    """RSS split into anonymous (heap: what objects cost) and file-backed (mapped files,
+    e.g. LMDB pages that were read, which the kernel can drop at will), in KiB."""
+    parts = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+            parts[key] = int(value.split()[0])
+    return parts
 
 
 def write_json(path: str, figures: Mapping[str, Any]) -> None:

@@ -30,6 +30,8 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import itertools
+
 from bench.machine import print_machine, print_table, write_json
 from perdure import Agent, Runtime, tool
 from perdure.events import execution_stream, record_types
@@ -180,7 +182,7 @@ async def growth_and_replay(steps: int) -> dict[str, float]:
             state = await load_state(rt.log, "long")
             replay_s = time.perf_counter() - t
             assert state.usage.tool_calls == steps
-    per_step = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    per_step = [b - a for a, b in itertools.pairwise(stamps)]
     tool_steps = sorted(sizes)  # tool step numbers are 2, 4, 6, ...
 
     def window(at: int, width: int = 20) -> tuple[float, float]:

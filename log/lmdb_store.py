@@ -1355,7 +1355,10 @@ class LmdbLog:
 _DB_NAMES: Final = (b"records", b"streams", b"by_meta", b"meta")
 _MISSING: Final = object()
 _NO_META: Final[dict[str, Any]] = {}  # shared, never mutated: see _StreamState
-_MAX_CACHED_ENTRIES: Final = 100_000
+# The writer's cache only needs the streams appended to right now (a fleet's running
+# executions); each entry costs ~2 KB, and a runtime living for months touches millions
+# of streams, so the cache is cleared when it outgrows this.
+_MAX_CACHED_ENTRIES: Final = 4096
 
 
 def _info(stream: str, raw: bytes) -> StreamInfo:

@@ -192,7 +192,7 @@ class Runtime:
         self._queue: deque[str] = deque()
         self._queued: set[str] = set()
         self._draining = False
-        self._waiters: dict[str, anyio.Event] = {}
+        self._waiters: dict[str, list[anyio.Event]] = {}
         self._sinks: dict[str, Callable[[Any], None]] = {}
         self._inbox_cursor = 0
         self._inbox_waiters: list[tuple[int, anyio.Event]] = []
@@ -251,8 +251,9 @@ class Runtime:
 
     async def _close(self) -> None:
         self._open = False
-        for event in self._waiters.values():
-            event.set()
+        for waiters in self._waiters.values():
+            for event in waiters:
+                event.set()
         for _, event in self._inbox_waiters:
             event.set()
         try:
@@ -627,8 +628,7 @@ class Runtime:
         if state.status == "running":
             return
         self._release(eid)
-        event = self._waiters.pop(eid, None)
-        if event is not None:
+        for event in self._waiters.pop(eid, ()):
             event.set()
         status = state.status
         kind = {"completed": "complete", "suspended": "suspend", "failed": "fail"}.get(
@@ -661,13 +661,21 @@ class Runtime:
         self._require_open()
         done = ("running", "queued") if until == "settled" else ("running", "queued", "suspended")
         while True:
-            event = self._waiters.get(execution_id)
-            if event is None:
-                event = self._waiters[execution_id] = anyio.Event()
-            status = await self._status(execution_id)
-            if status not in done:
-                return await self.result(execution_id)
-            await event.wait()
+            # Register before reading the status, so a settle in between is not missed;
+            # and unregister when not waiting after all (no entry outlives its waiter).
+            event = anyio.Event()
+            waiters = self._waiters.setdefault(execution_id, [])
+            waiters.append(event)
+            try:
+                status = await self._status(execution_id)
+                if status not in done:
+                    return await self.result(execution_id)
+                await event.wait()
+            finally:
+                if not event.is_set():
+                    waiters.remove(event)
+                    if not waiters and self._waiters.get(execution_id) is waiters:
+                        del self._waiters[execution_id]
             self._require_open()
 
     async def _status(self, eid: str) -> str:
