@@ -39,13 +39,13 @@ class ActorContext:
         "_bg_cancel",
         "_bg_idle",
         "_bg_n",
+        "_busy",
         "_crash",
         "_current",
         "_final",
         "_forced",
         "_handshake",
         "_held",
-        "_in_main",
         "_initial",
         "_mailbox",
         "_nested",
@@ -73,7 +73,7 @@ class ActorContext:
         """The child spec this child was started from."""
         self.path = f"{supervisor.path}/{spec.id}"
         """The child's path in the supervision tree, for logs."""
-        self._mailbox = Mailbox(spec.mailbox_size, self.path)
+        self._mailbox = Mailbox(spec.mailbox_size, self.path, supervisor._parking)
         self.ref = ActorRef(self, self._mailbox, spec.id, self.path)
         """This actor's restart-stable ref."""
         self.restart_count = 0
@@ -87,7 +87,7 @@ class ActorContext:
         self._held = False  # being stopped by a one_for_all/rest_for_one restart
         self._initial = True  # no incarnation has started yet
         self._scope: anyio.CancelScope | None = None
-        self._in_main = False
+        self._busy = False  # running on_start or messages, in self._scope
         self._forced = False
         self._crash: BaseException | None = None
         self._bg: set[anyio.CancelScope] | None = None
@@ -99,7 +99,7 @@ class ActorContext:
         self._actor: Actor | None = None
         self._runner_alive = False
         self._runner_done: anyio.Event | None = None
-        self._handshake: anyio.Event | None = None
+        self._handshake: Any = None  # a parking waiter while someone waits for on_start
         self._start_error: BaseException | None = None
         self._restarts: deque[float] | None = None
         self._backoff_n = 0
@@ -187,8 +187,9 @@ class ActorContext:
                 self.path,
                 exc_info=exc,
             )
-        if self._in_main and self._scope is not None:
+        if self._busy and self._scope is not None:
             self._scope.cancel()
+        self._mailbox.wake()  # if idle, the runner wakes up and sees the crash
         self._cancel_background()
 
     def _cancel_background(self) -> None:
@@ -216,7 +217,9 @@ class ActorContext:
         self._cancel_background()
 
     def _begin_incarnation(self) -> None:
-        self.stopping = False
+        # A stop for good requested while the child was between incarnations stands.
+        self.stopping = self._final
+        self._started_at = self._mailbox.parking.now()
         self._stop_kind = "shutdown"
         self._stop_event = None
         self._held = False
@@ -230,4 +233,4 @@ class ActorContext:
         self._nested = None
         self._actor = None
         self._scope = None
-        self._in_main = False
+        self._busy = False

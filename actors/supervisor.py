@@ -30,6 +30,7 @@ from perdure.actors.actor import Actor, StopReason
 from perdure.actors.context import ActorContext
 from perdure.actors.errors import ActorCrashed, ActorError, MailboxClosed, RestartIntensityExceeded
 from perdure.actors.mailbox import EMPTY, AskEnvelope
+from perdure.actors.parking import Parking, current_parking
 from perdure.actors.ref import ActorRef
 from perdure.actors.spec import Backoff, ChildInfo, ChildSpec, LifecycleEvent, LifecycleKind
 
@@ -134,6 +135,7 @@ class Supervisor:
         self._closing_event: anyio.Event | None = None
         self._shutdown_done: anyio.Event | None = None
         self._random = random.Random()
+        self._parking: Parking = current_parking()
 
     def __repr__(self) -> str:
         return (
@@ -169,6 +171,7 @@ class Supervisor:
                 f"supervisor {self._path!r} is {self._state}; a Supervisor can be entered "
                 f"once — create a new one (a ChildSpec factory must return a fresh one)"
             )
+        self._parking = current_parking()
         tg = anyio.create_task_group()
         await tg.__aenter__()
         self._tg = tg
@@ -301,15 +304,32 @@ class Supervisor:
         return ctx.ref
 
     async def _launch(self, ctx: ActorContext) -> BaseException | None:
-        """Run a new runner for ``ctx``; wait until on_start returned (None) or failed."""
-        handshake = ctx._handshake = anyio.Event()
+        """Start a new incarnation of ``ctx`` in a new runner task.
+
+        Returns None once its ``on_start`` returned, or the error that prevented the
+        start. The factory runs here, in the caller's task; when the actor does not
+        override ``on_start`` there is nothing to wait for, so the runner is spawned
+        without a hand-shake (a task switch saved per spawn).
+        """
+        ctx._begin_incarnation()
         ctx._start_error = None
-        ctx._held = False
         ctx._state = "starting"
+        try:
+            made = ctx.spec.factory()
+        except Exception as exc:
+            self._after_exit(ctx, StopReason.crashed(exc))
+            return exc
         ctx._runner_alive = True
         ctx._runner_done = None
-        self._spawn_task(self._run_child, ctx, name=ctx.path)
-        await handshake.wait()
+        if isinstance(made, Actor) and type(made).on_start is Actor.on_start:
+            made.ctx = ctx
+            self._on_started(ctx)
+            self._spawn_task(self._run_child, ctx, made, True, name=ctx.path)
+            return None
+        parking = self._parking
+        handshake = ctx._handshake = parking.waiter()
+        self._spawn_task(self._run_child, ctx, made, False, name=ctx.path)
+        await parking.wait(handshake)
         return ctx._start_error
 
     def _on_started(self, ctx: ActorContext) -> None:
@@ -317,24 +337,30 @@ class Supervisor:
         ctx._initial = False
         handshake, ctx._handshake = ctx._handshake, None
         if handshake is not None:
-            handshake.set()
+            self._parking.wake(handshake)
         kind: LifecycleKind = "started" if ctx.restart_count == 0 else "restarted"
         self._emit(kind, ctx, None, False)
 
     # ---- the runner ----------------------------------------------------------------
 
-    async def _run_child(self, ctx: ActorContext) -> None:
-        """The task that owns one child: one incarnation after another, until it is done."""
+    async def _run_child(self, ctx: ActorContext, made: object, started: bool) -> None:
+        """The task that owns one child: one incarnation after another, until it is done.
+
+        ``made`` is what the launcher's factory call returned for the first
+        incarnation; ``started`` says the launcher has already completed its start.
+        """
         try:
             while True:
-                reason = await self._incarnation(ctx)
+                reason = await self._incarnation(ctx, made, started)
+                made = None
+                started = False
                 if ctx._handshake is not None:
                     # It ended before on_start returned: tell whoever waits to start it.
                     ctx._start_error = reason.error or ActorError(
                         f"actor {ctx.path!r} stopped before its on_start returned ({reason})"
                     )
                     handshake, ctx._handshake = ctx._handshake, None
-                    handshake.set()
+                    self._parking.wake(handshake)
                 if self._after_exit(ctx, reason) != _RESTART:
                     return
                 await self._backoff_wait(ctx)
@@ -342,25 +368,29 @@ class Supervisor:
                     self._emit("stopped", ctx, StopReason.SHUTDOWN, False)
                     return
                 ctx.restart_count += 1
+                ctx._begin_incarnation()
         finally:
             ctx._runner_alive = False
             if ctx._handshake is not None:
                 ctx._start_error = ActorError(f"actor {ctx.path!r}: runner cancelled before start")
-                ctx._handshake.set()
+                self._parking.wake(ctx._handshake)
                 ctx._handshake = None
             if ctx._runner_done is not None:
                 ctx._runner_done.set()
 
-    async def _incarnation(self, ctx: ActorContext) -> StopReason:
-        """Run one incarnation of ``ctx`` to its end and return why it ended."""
-        ctx._begin_incarnation()
-        if ctx._final:
-            ctx.stopping = True
-        ctx._started_at = anyio.current_time()
-        try:
-            made = ctx.spec.factory()
-        except Exception as exc:
-            return StopReason.crashed(exc)
+    async def _incarnation(self, ctx: ActorContext, made: object, started: bool) -> StopReason:
+        """Run one incarnation of ``ctx`` to its end and return why it ended.
+
+        An idle actor waits for mail outside any cancel scope of ours (a stop request
+        wakes it), so an idle child costs no scope; each busy stretch (on_start, a run
+        of messages, on_stop) runs in its own scope, which a shutdown timeout or a
+        crashed ``ctx.start_soon`` task cancels.
+        """
+        if made is None:
+            try:
+                made = ctx.spec.factory()
+            except Exception as exc:
+                return StopReason.crashed(exc)
         if isinstance(made, Supervisor):
             return await self._run_nested(ctx, made)
         if not isinstance(made, Actor):
@@ -374,82 +404,107 @@ class Supervisor:
         actor.ctx = ctx
         ctx._actor = actor
         reason: StopReason | None = None
-        started = False
-        on_stop_ran = False
-        with anyio.CancelScope() as scope:
-            ctx._scope = scope
-            ctx._in_main = True
-            if ctx._forced:
-                scope.cancel()
-            try:
-                await actor.on_start()
-                started = True
-                self._on_started(ctx)
-                reason = await self._serve(ctx, actor)
-            except Exception as exc:
-                reason = StopReason.crashed(exc)
-            ctx._in_main = False
+        if not started and type(actor).on_start is not Actor.on_start:
+            # (Skipped when not overridden: a scope per spawn is measurable at 10^5.)
+            with anyio.CancelScope() as scope:
+                ctx._scope = scope
+                ctx._busy = True
+                if ctx._forced or ctx._crash is not None:
+                    scope.cancel()
+                try:
+                    await actor.on_start()
+                except Exception as exc:
+                    reason = StopReason.crashed(exc)
+                ctx._busy = False
+            ctx._scope = None
+            if reason is None and scope.cancelled_caught:
+                reason = _requested(ctx) if ctx._crash is None else StopReason.crashed(ctx._crash)
             if reason is not None:
+                # on_start did not complete: no on_stop (as OTP skips terminate after init).
                 ctx._request_stop(reason.kind)
-                if reason.is_crash:
-                    ctx._cancel_background()
-                if started and not scope.cancel_called:
-                    on_stop_ran = True
-                    await self._call_on_stop(ctx, actor, reason)
-        ctx._in_main = False
+                await self._drain_background(ctx, reason)
+                ctx._actor = None
+                return reason
+        if not started:
+            self._on_started(ctx)
+
+        # Serve one message at a time until a stop is requested or something crashes.
+        # Until its first message an actor waits outside any scope of ours (a stop
+        # request wakes it): a started-but-unused child costs no cancel scope. The
+        # first message enters the scope that a shutdown timeout or a crashed
+        # ctx.start_soon task cancels; it lasts for the rest of the incarnation, so a
+        # message costs no scope either.
+        mailbox = ctx._mailbox
+        parking = mailbox.parking
+        while not (ctx.stopping or ctx._crash is not None or mailbox._items):
+            waiter = mailbox.park()
+            try:
+                await parking.wait(waiter)
+            finally:
+                mailbox.unpark(waiter)
+        if not (ctx.stopping or ctx._crash is not None):
+            receive = actor.receive
+            with anyio.CancelScope() as scope:
+                ctx._scope = scope
+                ctx._busy = True
+                while not (ctx.stopping or ctx._crash is not None):
+                    item = mailbox.take()
+                    if item is EMPTY:
+                        waiter = mailbox.park()
+                        try:
+                            await parking.wait(waiter)
+                        finally:
+                            mailbox.unpark(waiter)
+                    elif type(item) is AskEnvelope:
+                        ctx._current = item
+                        try:
+                            value = await receive(item.message)
+                        except Exception as exc:
+                            ctx._current = None
+                            crashed = ActorCrashed(ctx.path, exc)
+                            crashed.__cause__ = exc
+                            item.fail(crashed)
+                            reason = StopReason.crashed(exc)
+                            break
+                        ctx._current = None
+                        item.reply(value)
+                    else:
+                        try:
+                            await receive(item)
+                        except Exception as exc:
+                            reason = StopReason.crashed(exc)
+                            break
+                ctx._busy = False
+            ctx._scope = None
         if reason is None:
-            # Our scope was cancelled: the shutdown timeout expired, or a task started
-            # with ctx.start_soon crashed.
+            # Stop requested, shutdown timeout expired, or a ctx.start_soon task crashed.
             reason = StopReason.crashed(ctx._crash) if ctx._crash is not None else _requested(ctx)
-            ctx._request_stop(reason.kind)
-        if started and not on_stop_ran:
+
+        # Stop: on_stop, then the incarnation's tasks.
+        ctx._request_stop(reason.kind)
+        if reason.is_crash:
+            ctx._cancel_background()
+        if type(actor).on_stop is not Actor.on_stop:
             with anyio.CancelScope() as scope:
                 ctx._scope = scope
                 if ctx._forced:
                     scope.cancel()
                 await self._call_on_stop(ctx, actor, reason)
+            ctx._scope = None
         await self._drain_background(ctx, reason)
         if ctx._crash is not None and not reason.is_crash:
             reason = StopReason.crashed(ctx._crash)
         current, ctx._current = ctx._current, None
         if current is not None:
+            # The message being handled when the incarnation was cancelled.
             if ctx._crash is not None:
                 error: BaseException = ActorCrashed(ctx.path, ctx._crash)
                 error.__cause__ = ctx._crash
             else:
                 error = MailboxClosed(ctx.path, f"it stopped ({reason}) before replying")
             current.fail(error)
-        ctx._scope = None
         ctx._actor = None
         return reason
-
-    async def _serve(self, ctx: ActorContext, actor: Actor) -> StopReason:
-        """Handle messages one at a time until a stop is requested or receive raises."""
-        mailbox = ctx._mailbox
-        receive = actor.receive
-        while not ctx.stopping:
-            item = mailbox.take()
-            if item is EMPTY:
-                await mailbox.wait()
-                continue
-            if type(item) is AskEnvelope:
-                ctx._current = item
-                try:
-                    value = await receive(item.message)
-                except Exception as exc:
-                    ctx._current = None
-                    crashed = ActorCrashed(ctx.path, exc)
-                    crashed.__cause__ = exc
-                    item.fail(crashed)
-                    return StopReason.crashed(exc)
-                ctx._current = None
-                item.reply(value)
-            else:
-                try:
-                    await receive(item)
-                except Exception as exc:
-                    return StopReason.crashed(exc)
-        return _requested(ctx)
 
     async def _call_on_stop(self, ctx: ActorContext, actor: Actor, reason: StopReason) -> None:
         try:
@@ -537,7 +592,7 @@ class Supervisor:
             self._forget(ctx, f"it {kind} ({reason}) and is {restart}")
             self._emit(kind, ctx, reason, False)
             return _EXIT
-        now = anyio.current_time()
+        now = self._parking.now()
         spec = ctx.spec
         if spec.max_restarts is not None:
             if ctx._restarts is None:
@@ -574,7 +629,7 @@ class Supervisor:
 
     def _delay(self, ctx: ActorContext) -> float:
         policy = ctx.spec.backoff or self._backoff
-        if anyio.current_time() - ctx._started_at >= policy.healthy_after:
+        if self._parking.now() - ctx._started_at >= policy.healthy_after:
             ctx._backoff_n = 0
         delay = policy.delay(ctx._backoff_n, self._random.random())
         ctx._backoff_n += 1
