@@ -219,6 +219,7 @@ class ActorContext:
     def _begin_incarnation(self) -> None:
         # A stop for good requested while the child was between incarnations stands.
         self.stopping = self._final
+        self._state = "starting"
         self._started_at = self._mailbox.parking.now()
         self._stop_kind = "shutdown"
         self._stop_event = None

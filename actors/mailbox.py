@@ -184,17 +184,6 @@ class Mailbox:
             self._items = None
         return item
 
-    async def wait(self) -> None:
-        """Wait until a message arrives or :meth:`wake` is called (single consumer)."""
-        if self._items:
-            return
-        waiter = self._getter = self.parking.waiter()
-        try:
-            await self.parking.wait(waiter)
-        finally:
-            if self._getter is waiter:
-                self._getter = None
-
     def park(self) -> Any:
         """Register the consumer as waiting; return the waiter to await (then :meth:`unpark`)."""
         waiter = self._getter = self.parking.waiter()

@@ -25,6 +25,7 @@ from types import TracebackType
 from typing import Any, Literal
 
 import anyio
+import anyio.abc
 from anyio.abc import TaskGroup
 from perdure.actors.actor import Actor, StopReason
 from perdure.actors.context import ActorContext
@@ -128,7 +129,9 @@ class Supervisor:
         self._observers: list[Callable[[LifecycleEvent], None]] = []
         self._restarts: deque[float] = deque()
         self._state: SupervisorState = "new"
-        self._tg: TaskGroup | None = None
+        self._tg: TaskGroup | None = None  # the children's, hosted by _host
+        self._outer: TaskGroup  # the body's: set by __aenter__
+        self._released: anyio.Event  # lets _host return: set by __aexit__
         self._failure: RestartIntensityExceeded | None = None
         self._brutal = False  # set by a parent whose shutdown timeout for us expired
         self._group_lock: anyio.Lock | None = None
@@ -172,18 +175,20 @@ class Supervisor:
                 f"once — create a new one (a ChildSpec factory must return a fresh one)"
             )
         self._parking = current_parking()
-        tg = anyio.create_task_group()
-        await tg.__aenter__()
-        self._tg = tg
-        self._state = "running"
+        outer = anyio.create_task_group()
+        await outer.__aenter__()
+        self._outer = outer
+        self._released = anyio.Event()
         try:
+            self._tg = await outer.start(self._host, name=f"{self._path}:host")
+            self._state = "running"
             for spec in self._specs:
                 await self._start(spec)
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 await self._shutdown()
             self._state = "stopped"
-            await tg.__aexit__(type(exc), exc, exc.__traceback__)
+            await self._close_task_group(exc)
             raise
         return self
 
@@ -194,17 +199,43 @@ class Supervisor:
         tb: TracebackType | None,
     ) -> bool | None:
         """Stop all children in reverse start order, then raise the failure if there was one."""
-        assert self._tg is not None
         try:
             with anyio.CancelScope(shield=True):
                 await self._shutdown()
         finally:
             if self._state != "failed":
                 self._state = "stopped"
-            suppress = await self._tg.__aexit__(exc_type, exc, tb)
+            suppress = await self._close_task_group(exc)
         if self._failure is not None:
             raise self._failure
         return suppress
+
+    async def _host(self, *, task_status: anyio.abc.TaskStatus[TaskGroup]) -> None:
+        """Host the children's task group, shielded from cancellation of the body.
+
+        The children do not live in the caller's task (the body of ``async with``) but
+        in this one, under a shield: when the body is cancelled from outside, the
+        children are not torn down at random; ``__aexit__`` stops them gracefully,
+        in reverse start order within their timeouts, and only then does the
+        cancellation carry on. Nothing is lost: ``__aexit__`` always releases us.
+        """
+        with anyio.CancelScope(shield=True):
+            async with anyio.create_task_group() as tg:
+                task_status.started(tg)
+                await self._released.wait()
+
+    async def _close_task_group(self, exc: BaseException | None) -> bool | None:
+        """Release the host task and exit the outer task group (every child has finished).
+
+        A cancellation is handed to the group (its own scope absorbs the one our
+        failure caused); any other exception from the body is not, so that it
+        propagates as itself rather than wrapped in an exception group.
+        """
+        self._released.set()
+        if exc is not None and isinstance(exc, anyio.get_cancelled_exc_class()):
+            return await self._outer.__aexit__(type(exc), exc, exc.__traceback__)
+        await self._outer.__aexit__(None, None, None)
+        return None
 
     async def start_child(self, spec: ChildSpec) -> ActorRef:
         """Start a dynamic child; return its ref once its ``on_start`` returned.
@@ -225,6 +256,12 @@ class Supervisor:
         ctx = self._children.get(id)
         if ctx is None:
             return
+        if ctx._runner_alive and anyio.get_current_task().name == ctx.path:
+            # Waiting for our own runner to finish would never return.
+            raise ActorError(
+                f"actor {ctx.path!r} called stop_child on itself, which would wait for "
+                f"itself forever; call ctx.stop() to stop after the current message"
+            )
         with anyio.CancelScope(shield=True):
             await self._terminate(ctx, final=True)
         self._forget(ctx, "it was stopped by stop_child")
@@ -251,7 +288,8 @@ class Supervisor:
             for ctx in self._children.values()
         ]
 
-    def __len__(self) -> int:
+    def count_children(self) -> int:
+        """How many children this supervisor has (running, starting or restarting); O(1)."""
         return len(self._children)
 
     def observe(self, fn: Callable[[LifecycleEvent], None]) -> Callable[[], None]:
@@ -702,8 +740,7 @@ class Supervisor:
             self._forget(ctx, "its supervisor exceeded its restart intensity")
             await self._shutdown()
         self._emit("escalated", ctx, StopReason.crashed(error), False)
-        assert self._tg is not None
-        self._tg.cancel_scope.cancel()
+        self._outer.cancel_scope.cancel()  # cancels the body of async with
 
     # ---- stopping ------------------------------------------------------------------
 
