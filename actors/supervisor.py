@@ -138,7 +138,7 @@ class Supervisor:
         self._closing_event: anyio.Event | None = None
         self._shutdown_done: anyio.Event | None = None
         self._random = random.Random()
-        self._parking: Parking = current_parking()
+        self._parking: Parking  # the running backend's: set by __aenter__
 
     def __repr__(self) -> str:
         return (

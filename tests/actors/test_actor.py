@@ -6,7 +6,6 @@ import logging
 
 import anyio
 import pytest
-
 from perdure.actors import (
     Actor,
     ActorCrashed,
@@ -17,6 +16,7 @@ from perdure.actors import (
     StopReason,
     Supervisor,
 )
+
 from tests.actors.probes import NO_BACKOFF, Boom, Journal, Probe, Recorder, probe, settle
 
 pytestmark = pytest.mark.anyio
