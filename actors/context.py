@@ -211,7 +211,7 @@ class ActorContext:
         """Cancel everything the current incarnation is doing (shutdown timeout expired)."""
         self._forced = True
         if self._nested is not None:
-            self._nested._brutal = True
+            self._nested._hurry()
         if self._scope is not None:
             self._scope.cancel()
         self._cancel_background()

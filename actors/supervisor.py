@@ -134,6 +134,7 @@ class Supervisor:
         self._released: anyio.Event  # lets _host return: set by __aexit__
         self._failure: RestartIntensityExceeded | None = None
         self._brutal = False  # set by a parent whose shutdown timeout for us expired
+        self._graces: set[anyio.CancelScope] = set()  # graceful stop waits in progress
         self._group_lock: anyio.Lock | None = None
         self._closing_event: anyio.Event | None = None
         self._shutdown_done: anyio.Event | None = None
@@ -762,13 +763,23 @@ class Supervisor:
             done = ctx._runner_done = anyio.Event()
         if not (brutal or self._brutal):
             timeout = ctx.spec.shutdown
-            with anyio.move_on_after(timeout):
-                await done.wait()
+            with anyio.move_on_after(timeout) as grace:
+                self._graces.add(grace)
+                try:
+                    await done.wait()
+                finally:
+                    self._graces.discard(grace)
             if not ctx._runner_alive:
                 return
             logger.warning("%s did not stop within %gs; cancelling it", ctx.path, timeout)
         ctx._force()
         await done.wait()
+
+    def _hurry(self) -> None:
+        """Our parent's shutdown timeout for us expired: cancel children at once from now on."""
+        self._brutal = True
+        for grace in tuple(self._graces):
+            grace.cancel()
 
     def _forget(self, ctx: ActorContext, detail: str) -> None:
         """Remove ``ctx`` for good: it leaves the registry and its mailbox closes."""

@@ -574,3 +574,52 @@ async def test_outer_cancellation_waits_for_busy_children_then_cancels_them() ->
     # stop, given its shutdown timeout, then cancelled; and the cancellation went on.
     assert log == ["cancelled while stopping=True"]
     assert outer.cancelled_caught
+
+
+async def test_a_parents_timeout_for_a_nested_supervisor_cancels_its_children_too() -> None:
+    log: list[str] = []
+
+    class Stuck(Actor):
+        async def receive(self, message: object) -> object:
+            try:
+                await anyio.sleep_forever()
+            except anyio.get_cancelled_exc_class():
+                log.append("stuck cancelled")
+                raise
+            return None
+
+    def middle() -> Supervisor:
+        # Its child would get 5 s to stop; the parent gives the whole subtree 0.05 s.
+        return Supervisor(children=[ChildSpec("stuck", Stuck, shutdown=5)])
+
+    started = anyio.current_time()
+    async with Supervisor(children=[ChildSpec("mid", middle, shutdown=0.05)]) as root:
+        mid = root.child_supervisor("mid")
+        assert mid is not None
+        stuck = mid.ref("stuck")
+        assert stuck is not None
+        await stuck.tell("hang")
+        await anyio.wait_all_tasks_blocked()
+    assert log == ["stuck cancelled"]
+    assert anyio.current_time() - started < 2.5
+    assert mid.state == "stopped"
+
+
+async def test_cancelling_start_child_removes_the_half_started_child() -> None:
+    entered = anyio.Event()
+
+    class SlowStart(Actor):
+        async def on_start(self) -> None:
+            entered.set()
+            await anyio.sleep_forever()
+
+    async with Supervisor() as sup:
+        recorder = Recorder(sup)
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(sup.start_child, ChildSpec("slow", SlowStart))
+                await entered.wait()
+                scope.cancel()
+        assert scope.cancelled_caught
+        assert sup.ref("slow") is None and sup.count_children() == 0
+        assert "started" not in recorder.kinds()
