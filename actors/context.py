@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -40,8 +41,10 @@ class ActorContext:
         "_bg_idle",
         "_bg_n",
         "_busy",
+        "_context",
         "_crash",
         "_current",
+        "_dormant",
         "_final",
         "_forced",
         "_handshake",
@@ -73,7 +76,7 @@ class ActorContext:
         """The child spec this child was started from."""
         self.path = f"{supervisor.path}/{spec.id}"
         """The child's path in the supervision tree, for logs."""
-        self._mailbox = Mailbox(spec.mailbox_size, self.path, supervisor._parking)
+        self._mailbox = Mailbox(spec.mailbox_size, self.path, supervisor._parking, self)
         self.ref = ActorRef(self, self._mailbox, spec.id, self.path)
         """This actor's restart-stable ref."""
         self.restart_count = 0
@@ -105,6 +108,9 @@ class ActorContext:
         self._backoff_n = 0
         self._started_at = 0.0
         self._pending_group = False
+        # Dormant: started, but no runner task yet (see Supervisor._launch).
+        self._dormant = False
+        self._context: contextvars.Context | None = None  # to give the runner, once woken
 
     def __repr__(self) -> str:
         return f"<ActorContext {self.path!r} {self._state} restarts={self.restart_count}>"
@@ -146,11 +152,13 @@ class ActorContext:
         still running are given the child's shutdown timeout to finish (they can
         watch :meth:`wait_stopping`), then cancelled.
         """
-        if self._scope is None or self._state in ("stopped", "restarting"):
+        if self._actor is None or self._state in ("stopped", "restarting"):
             raise ActorError(
                 f"actor {self.path!r}: start_soon called outside a live incarnation "
                 f"(state {self._state}); call it from on_start, receive or their tasks"
             )
+        if self._dormant:
+            self._sup._activate(self)
         if self._bg is None:
             self._bg = set()
         self._bg_n += 1
@@ -205,7 +213,14 @@ class ActorContext:
         self._stop_kind = kind
         if self._stop_event is not None:
             self._stop_event.set()
-        self._mailbox.wake()
+        if self._dormant:
+            self._sup._activate(self)  # the runner runs the stop (and any restart)
+        else:
+            self._mailbox.wake()
+
+    def _mail_arrived(self) -> None:
+        if self._dormant:
+            self._sup._activate(self)
 
     def _force(self) -> None:
         """Cancel everything the current incarnation is doing (shutdown timeout expired)."""
@@ -217,6 +232,9 @@ class ActorContext:
         self._cancel_background()
 
     def _begin_incarnation(self) -> None:
+        self._dormant = False
+        self._mailbox.dormant = False
+        self._context = None
         # A stop for good requested while the child was between incarnations stands.
         self.stopping = self._final
         self._state = "starting"

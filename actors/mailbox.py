@@ -79,14 +79,20 @@ class Mailbox:
         "_items",
         "_putters",
         "_reserved",
+        "consumer",
+        "dormant",
         "owner",
         "parking",
     )
 
-    def __init__(self, capacity: int, owner: str, parking: Parking) -> None:
+    def __init__(self, capacity: int, owner: str, parking: Parking, consumer: Any) -> None:
         self._capacity = capacity
         self.owner = owner
         self.parking = parking
+        # When ``dormant``, the consumer has no task waiting: the first message put in
+        # calls ``consumer._mail_arrived()`` (once) to give it one.
+        self.consumer = consumer
+        self.dormant = False
         self._items: deque[object] | None = None
         self._getter: Any = None  # the consumer's parking waiter while it waits
         self._putters: deque[anyio.Event] | None = None
@@ -126,6 +132,9 @@ class Mailbox:
         if getter is not None:
             self._getter = None
             self.parking.wake(getter)
+        elif self.dormant:
+            self.dormant = False
+            self.consumer._mail_arrived()
 
     async def put(self, item: object) -> None:
         """Append ``item``, waiting in FIFO order while the mailbox is full.
@@ -164,6 +173,9 @@ class Mailbox:
         if getter is not None:
             self._getter = None
             self.parking.wake(getter)
+        elif self.dormant:
+            self.dormant = False
+            self.consumer._mail_arrived()
 
     def _wake_putter(self) -> None:
         putters = self._putters

@@ -17,6 +17,7 @@ handling its other children. Group restarts and shutdown are serialised by one l
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import random
 from collections import deque
@@ -358,18 +359,43 @@ class Supervisor:
         except Exception as exc:
             self._after_exit(ctx, StopReason.crashed(exc))
             return exc
-        ctx._runner_alive = True
-        ctx._runner_done = None
         if isinstance(made, Actor) and type(made).on_start is Actor.on_start:
             made.ctx = ctx
+            ctx._actor = made
             self._on_started(ctx)
+            if type(made).on_stop is Actor.on_stop:
+                # No hook to run: the child stays dormant, without a task, until its
+                # first message (or a stop, or ctx.start_soon) wakes it. The runner
+                # it then gets starts from this context, as if spawned now.
+                ctx._context = contextvars.copy_context()
+                ctx._dormant = True
+                ctx._mailbox.dormant = True
+                if len(ctx._mailbox):
+                    self._activate(ctx)
+                return None
+            ctx._runner_alive = True
+            ctx._runner_done = None
             self._spawn_task(self._run_child, ctx, made, True, name=ctx.path)
             return None
+        ctx._runner_alive = True
+        ctx._runner_done = None
         parking = self._parking
         handshake = ctx._handshake = parking.waiter()
         self._spawn_task(self._run_child, ctx, made, False, name=ctx.path)
         await parking.wait(handshake)
         return ctx._start_error
+
+    def _activate(self, ctx: ActorContext) -> None:
+        """Give a dormant child its runner task (its first message has arrived)."""
+        if not ctx._dormant:
+            return
+        ctx._dormant = False
+        ctx._mailbox.dormant = False
+        context, ctx._context = ctx._context, None
+        ctx._runner_alive = True
+        ctx._runner_done = None
+        assert context is not None
+        context.run(self._spawn_task, self._run_child, ctx, ctx._actor, True, name=ctx.path)
 
     def _on_started(self, ctx: ActorContext) -> None:
         ctx._state = "running"
@@ -702,7 +728,7 @@ class Supervisor:
             for child in reversed(affected):
                 if child is ctx:
                     continue
-                if child._runner_alive:
+                if child._runner_alive or child._dormant:
                     await self._terminate(child, hold=True)
                 if child._state != "stopped":
                     child._state = "restarting"
@@ -719,7 +745,7 @@ class Supervisor:
                     return
                 if self._children.get(child.id) is not child or child._final:
                     continue
-                if child._runner_alive:
+                if child._runner_alive or child._dormant:
                     continue
                 child.restart_count += 1
                 if await self._launch(child) is not None:
@@ -753,6 +779,15 @@ class Supervisor:
             ctx._final = True
         if hold:
             ctx._held = True
+        if ctx._dormant:
+            # No task and no hook to run: the incarnation ends right here.
+            ctx._dormant = False
+            ctx._mailbox.dormant = False
+            ctx._context = None
+            ctx._actor = None
+            ctx._request_stop("shutdown")
+            self._after_exit(ctx, StopReason.SHUTDOWN)
+            return
         ctx._request_stop("shutdown")
         if not ctx._runner_alive:
             if final and ctx._state != "stopped":

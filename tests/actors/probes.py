@@ -26,6 +26,14 @@ class Journal:
         """How many times ``id``'s on_start ran."""
         return sum(1 for kind, who, _ in self.entries if kind == "start" and who == id)
 
+    def hooks(self) -> list[tuple[str, str, object]]:
+        """The on_start/on_stop entries only, in order."""
+        return [e for e in self.entries if e[0] in ("start", "stop")]
+
+    def made(self, id: str) -> int:
+        """How many times ``id``'s factory ran (one per incarnation)."""
+        return sum(1 for kind, who, _ in self.entries if kind == "made" and who == id)
+
     def of(self, kind: str) -> list[tuple[str, object]]:
         """The (id, detail) of every entry of ``kind``, in order."""
         return [(who, detail) for k, who, detail in self.entries if k == kind]
@@ -64,9 +72,24 @@ class Probe(Actor):
         self.journal.entries.append(("stop", self.id, reason.kind))
 
 
-def probe(id: str, journal: Journal) -> Callable[[], Probe]:
-    """A ChildSpec factory making Probes named ``id``."""
-    return lambda: Probe(id, journal)
+class Quiet(Actor):
+    """Like Probe, but with no on_start/on_stop: a child that starts dormant (no task)."""
+
+    def __init__(self, id: str, journal: Journal) -> None:
+        self.id = id
+        self.journal = journal
+
+    receive = Probe.receive
+
+
+def probe(id: str, journal: Journal, *, quiet: bool = False) -> Callable[[], Actor]:
+    """A ChildSpec factory making Probes (or Quiet actors) named ``id``; journals ("made", id)."""
+
+    def make() -> Actor:
+        journal.entries.append(("made", id, None))
+        return Quiet(id, journal) if quiet else Probe(id, journal)
+
+    return make
 
 
 class Recorder:

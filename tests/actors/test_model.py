@@ -30,6 +30,7 @@ from tests.actors.probes import NO_BACKOFF, Journal, probe
 
 RESTART_TYPES = st.sampled_from(["permanent", "transient", "temporary"])
 LIMITS = st.one_of(st.none(), st.integers(min_value=0, max_value=2))
+QUIET = st.booleans()  # an actor without hooks starts dormant (no task until woken)
 FOREVER = 1e9  # a period no test outlives: every restart counts
 
 
@@ -110,12 +111,12 @@ class SupervisorMachine(RuleBasedStateMachine):
         finally:
             ready.set()
 
-    def spec(self, restart: str, max_restarts: int | None) -> ChildSpec:
+    def spec(self, restart: str, max_restarts: int | None, quiet: bool = False) -> ChildSpec:
         id = f"c{self.next_id}"
         self.next_id += 1
         return ChildSpec(
             id,
-            probe(id, self.journal),
+            probe(id, self.journal, quiet=quiet),
             restart=restart,
             max_restarts=max_restarts,
             within=FOREVER,  # type: ignore[arg-type]
@@ -124,17 +125,17 @@ class SupervisorMachine(RuleBasedStateMachine):
     @initialize(
         strategy=st.sampled_from(["one_for_one", "one_for_all", "rest_for_one"]),
         intensity=st.one_of(st.none(), st.integers(min_value=0, max_value=6)),
-        kinds=st.lists(st.tuples(RESTART_TYPES, LIMITS), min_size=1, max_size=4),
+        kinds=st.lists(st.tuples(RESTART_TYPES, LIMITS, QUIET), min_size=1, max_size=4),
     )
     def start(
-        self, strategy: str, intensity: int | None, kinds: list[tuple[str, int | None]]
+        self, strategy: str, intensity: int | None, kinds: list[tuple[str, int | None, bool]]
     ) -> None:
         self.portal_cm = start_blocking_portal(self.backend)
         self.portal = self.portal_cm.__enter__()
         self.model = Model(strategy, intensity)
         specs = []
-        for restart, limit in kinds:
-            spec = self.spec(restart, limit)
+        for restart, limit, quiet in kinds:
+            spec = self.spec(restart, limit, quiet)
             specs.append(spec)
             self.model.children.append(ModelChild(spec.id, restart, limit))
         sup = Supervisor(
@@ -196,10 +197,10 @@ class SupervisorMachine(RuleBasedStateMachine):
         self.model.exit(i, crashed=False)
 
     @precondition(lambda self: self.model is not None and not self.model.failed)
-    @rule(restart=RESTART_TYPES, limit=LIMITS)
-    def start_child(self, restart: str, limit: int | None) -> None:
+    @rule(restart=RESTART_TYPES, limit=LIMITS, quiet=QUIET)
+    def start_child(self, restart: str, limit: int | None, quiet: bool) -> None:
         assert self.model is not None and self.sup is not None
-        spec = self.spec(restart, limit)
+        spec = self.spec(restart, limit, quiet)
         self.call(self.sup.start_child, spec)
         self.model.children.append(ModelChild(spec.id, restart, limit))
 
@@ -234,7 +235,7 @@ class SupervisorMachine(RuleBasedStateMachine):
         assert [c.restart_count for c in live] == [c.restarts for c in self.model.children]
         assert all(c.state == "running" for c in live)
         for child in self.model.children:
-            assert self.journal.starts(child.id) == child.restarts + 1
+            assert self.journal.made(child.id) == child.restarts + 1
 
 
 async def new_event() -> anyio.Event:
