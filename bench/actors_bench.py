@@ -8,8 +8,10 @@ allocations do not pollute the next one's RSS):
 * tell throughput beside a bare memory-stream send throughput;
 * spawn: 100k idle actors started one after another with ``start_child`` (the clock
   stops once every actor is idle, i.e. all tasks are blocked);
-* RSS per idle actor at 10k and 100k (``/proc/self/statm``), mailbox included; plus,
-  at 10k, per actor that has handled one message ("warm": it then holds a cancel scope).
+* RSS per idle actor at 10k and 100k (``/proc/self/statm``), mailbox included;
+* both for the minimal actor (only ``receive``: it starts dormant, without a task,
+  until its first message) and for an actor with ``on_start`` (its task runs from the
+  start); plus, at 10k, per minimal actor after it has handled one message ("warm").
 
 Usage::
 
@@ -178,14 +180,24 @@ async def messaging(quick: bool) -> dict[str, Any]:
     }
 
 
-async def idle_actors(n: int, warm: bool, shutdown: bool) -> dict[str, Any]:
+async def idle_actors(n: int, hooked: bool, shutdown: bool) -> dict[str, Any]:
+    """Start ``n`` actors one after another; measure time, RSS, and (at 10k) more."""
     import anyio
     from perdure.actors import Actor, ChildSpec, Supervisor
 
     class Idle(Actor):
+        """The minimal actor: no hooks, so it starts dormant (no task until a message)."""
+
         async def receive(self, message: object) -> object:
             return message
 
+    class Hooked(Idle):
+        """An actor with on_start: it gets its task (and a start hand-shake) at once."""
+
+        async def on_start(self) -> None:
+            pass
+
+    kind = Hooked if hooked else Idle
     result: dict[str, Any] = {"n": n}
     async with Supervisor(name="bench", intensity=None) as sup:
         await anyio.wait_all_tasks_blocked()
@@ -194,12 +206,13 @@ async def idle_actors(n: int, warm: bool, shutdown: bool) -> dict[str, Any]:
         wall, cpu = time.perf_counter(), time.process_time()
         refs = []
         for i in range(n):
-            refs.append(await sup.start_child(ChildSpec(f"idle-{i}", Idle)))
+            refs.append(await sup.start_child(ChildSpec(f"idle-{i}", kind)))
         await anyio.wait_all_tasks_blocked()
         result["spawn_s"] = time.perf_counter() - wall
         result["spawn_cpu_s"] = time.process_time() - cpu
         result["rss_kb_per_actor"] = (rss_kb() - rss0) / n
-        if warm:
+        if shutdown:
+            # Warm: every actor handles one message, then idles (with its task).
             for ref in refs:
                 await ref.ask(None)
             await anyio.wait_all_tasks_blocked()
@@ -221,9 +234,8 @@ def child_main(args: argparse.Namespace) -> None:
     if args.child == "messaging":
         result = anyio.run(messaging, args.quick, backend=args.backend)
     else:
-        result = anyio.run(
-            idle_actors, args.n, args.child == "warm", args.n <= 10_000, backend=args.backend
-        )
+        hooked = args.child == "hooked"
+        result = anyio.run(idle_actors, args.n, hooked, args.n <= 10_000, backend=args.backend)
     print(json.dumps(result), flush=True)
 
 
@@ -285,15 +297,13 @@ def main() -> None:
     for backend in BACKENDS:
         prefix = "" if backend == "asyncio" else "trio_"
         msg = run_child("messaging", backend, quick=args.quick)
-        idle10 = run_child("warm", backend, n=10_000)
-        idle100 = None if args.quick else run_child("idle", backend, n=100_000)
+        idle10 = run_child("idle", backend, n=10_000)
+        hooked10 = run_child("hooked", backend, n=10_000)
+        idle100 = hooked100 = None
+        if not args.quick:
+            idle100 = run_child("idle", backend, n=100_000)
+            hooked100 = run_child("hooked", backend, n=100_000)
         ratio = msg["ask"]["p50_us"] / msg["bare"]["p50_us"]
-        if idle100 is not None:
-            spawn_100k, spawn_cpu_100k = idle100["spawn_s"], idle100["spawn_cpu_s"]
-            rss = idle100["rss_kb_per_actor"]
-        else:
-            spawn_100k, spawn_cpu_100k = idle10["spawn_s"] * 10, idle10["spawn_cpu_s"] * 10
-            rss = idle10["rss_kb_per_actor"]
         values = {
             "ask_roundtrip_us": msg["ask"]["p50_us"],
             "ask_roundtrip_p99_us": msg["ask"]["p99_us"],
@@ -306,18 +316,30 @@ def main() -> None:
             "tell_us_per_msg": msg["tell_us_per_msg"],
             "tell_msgs_per_s": 1e6 / msg["tell_us_per_msg"],
             "bare_send_us_per_msg": msg["bare_send_us_per_msg"],
-            "idle_actor_rss_kb": rss,
             "idle_actor_rss_kb_10k": idle10["rss_kb_per_actor"],
             "warm_actor_rss_kb_10k": idle10["warm_rss_kb_per_actor"],
+            "hooked_actor_rss_kb_10k": hooked10["rss_kb_per_actor"],
             "spawn_10k_s": idle10["spawn_s"],
-            "spawn_100k_s": spawn_100k,
-            "spawn_100k_cpu_s": spawn_cpu_100k,
-            "spawn_per_s": 100_000 / spawn_100k,
+            "hooked_spawn_10k_s": hooked10["spawn_s"],
             "shutdown_10k_s": idle10["shutdown_s"],
+            "warm_shutdown_10k_s": hooked10["shutdown_s"],
             "spawn_100k_extrapolated": 1.0 if idle100 is None else 0.0,
         }
-        if idle100 is not None:
-            values["idle_actor_rss_kb_100k"] = idle100["rss_kb_per_actor"]
+        for name, point10, point100 in (("", idle10, idle100), ("hooked_", hooked10, hooked100)):
+            if point100 is not None:
+                values[f"{name}spawn_100k_s"] = point100["spawn_s"]
+                values[f"{name}spawn_100k_cpu_s"] = point100["spawn_cpu_s"]
+                values[f"{name}idle_actor_rss_kb_100k"] = point100["rss_kb_per_actor"]
+            else:  # --quick: linear extrapolation from 10k (GC makes the real one worse)
+                values[f"{name}spawn_100k_s"] = point10["spawn_s"] * 10
+                values[f"{name}spawn_100k_cpu_s"] = point10["spawn_cpu_s"] * 10
+        values["idle_actor_rss_kb"] = values.get(
+            "idle_actor_rss_kb_100k", values["idle_actor_rss_kb_10k"]
+        )
+        values["hooked_actor_rss_kb"] = values.get(
+            "hooked_idle_actor_rss_kb_100k", values["hooked_actor_rss_kb_10k"]
+        )
+        values["spawn_per_s"] = 100_000 / values["spawn_100k_s"]
         per_backend[backend] = values
         flat.update({prefix + k: float(v) for k, v in values.items()})
 
@@ -330,7 +352,7 @@ def main() -> None:
         ok = all(per_backend[b][key] <= limit for b in BACKENDS)
         return "ok" if ok else "MISSED"
 
-    spawn_label = "spawn 100k idle actors, s" + (" (extrapolated from 10k)" if args.quick else "")
+    spawn_label = "spawn 100k, s" + (" (extrapolated from 10k)" if args.quick else "")
     rows = [
         (
             "bare memory-stream ping-pong, us (p50)",
@@ -356,23 +378,30 @@ def main() -> None:
         ("tell, us per message", cell("tell_us_per_msg", "{:.1f}"), ""),
         ("tell throughput, msgs/s", cell("tell_msgs_per_s", "{:,.0f}"), ""),
         ("bare stream send, us per item", cell("bare_send_us_per_msg", "{:.1f}"), ""),
-        ("RSS per idle actor, KB (10k)", cell("idle_actor_rss_kb_10k", "{:.2f}"), ""),
+        ("idle actor (no hooks: dormant, no task)", {b: "" for b in BACKENDS}, ""),
+        ("  RSS per actor, KB (10k)", cell("idle_actor_rss_kb_10k", "{:.2f}"), ""),
         (
-            "RSS per idle actor, KB (100k)",
+            "  RSS per actor, KB (100k)",
             cell("idle_actor_rss_kb_100k", "{:.2f}"),
             ""
             if args.quick
             else f"<= {TARGET_RSS_KB} {verdict('idle_actor_rss_kb', TARGET_RSS_KB)}",
         ),
-        ("RSS per actor after 1 message, KB (10k)", cell("warm_actor_rss_kb_10k", "{:.2f}"), ""),
-        ("spawn 10k idle actors, s", cell("spawn_10k_s", "{:.2f}"), ""),
+        ("  RSS per actor after 1 message, KB (10k)", cell("warm_actor_rss_kb_10k", "{:.2f}"), ""),
+        ("  spawn 10k, s", cell("spawn_10k_s", "{:.2f}"), ""),
         (
-            spawn_label,
+            "  " + spawn_label,
             cell("spawn_100k_s", "{:.2f}"),
             f"<= {TARGET_SPAWN_100K_S} {verdict('spawn_100k_s', TARGET_SPAWN_100K_S)}",
         ),
-        ("  of which CPU time, s", cell("spawn_100k_cpu_s", "{:.2f}"), ""),
-        ("graceful shutdown of 10k actors, s", cell("shutdown_10k_s", "{:.2f}"), ""),
+        ("  graceful shutdown of 10k (dormant), s", cell("shutdown_10k_s", "{:.2f}"), ""),
+        ("actor with on_start (has its task at once)", {b: "" for b in BACKENDS}, ""),
+        ("  RSS per actor, KB (10k)", cell("hooked_actor_rss_kb_10k", "{:.2f}"), ""),
+        ("  RSS per actor, KB (100k)", cell("hooked_idle_actor_rss_kb_100k", "{:.2f}"), ""),
+        ("  spawn 10k, s", cell("hooked_spawn_10k_s", "{:.2f}"), ""),
+        ("  " + spawn_label, cell("hooked_spawn_100k_s", "{:.2f}"), ""),
+        ("    of which CPU time, s", cell("hooked_spawn_100k_cpu_s", "{:.2f}"), ""),
+        ("  graceful shutdown of 10k (each awake), s", cell("warm_shutdown_10k_s", "{:.2f}"), ""),
     ]
     width = max(len(r[0]) for r in rows)
     print(f"{'':{width}}  {'asyncio':>14}  {'trio':>14}  target")
