@@ -394,14 +394,14 @@ def main() -> None:
             cell("spawn_100k_s", "{:.2f}"),
             f"<= {TARGET_SPAWN_100K_S} {verdict('spawn_100k_s', TARGET_SPAWN_100K_S)}",
         ),
-        ("  graceful shutdown of 10k (dormant), s", cell("shutdown_10k_s", "{:.2f}"), ""),
+        ("  shut down 10k (1 message each), s", cell("shutdown_10k_s", "{:.2f}"), ""),
         ("actor with on_start (has its task at once)", {b: "" for b in BACKENDS}, ""),
         ("  RSS per actor, KB (10k)", cell("hooked_actor_rss_kb_10k", "{:.2f}"), ""),
         ("  RSS per actor, KB (100k)", cell("hooked_idle_actor_rss_kb_100k", "{:.2f}"), ""),
         ("  spawn 10k, s", cell("hooked_spawn_10k_s", "{:.2f}"), ""),
         ("  " + spawn_label, cell("hooked_spawn_100k_s", "{:.2f}"), ""),
         ("    of which CPU time, s", cell("hooked_spawn_100k_cpu_s", "{:.2f}"), ""),
-        ("  graceful shutdown of 10k (each awake), s", cell("warm_shutdown_10k_s", "{:.2f}"), ""),
+        ("  shut down 10k (1 message each), s", cell("warm_shutdown_10k_s", "{:.2f}"), ""),
     ]
     width = max(len(r[0]) for r in rows)
     print(f"{'':{width}}  {'asyncio':>14}  {'trio':>14}  target")
