@@ -37,6 +37,7 @@ from anyio.abc import TaskGroup
 from perdure.actors.actor import Actor, StopReason
 from perdure.actors.context import ActorContext
 from perdure.actors.errors import ActorCrashed, ActorError, MailboxClosed, RestartIntensityExceeded
+from perdure.actors.incontext import InContext
 from perdure.actors.mailbox import EMPTY, AskEnvelope
 from perdure.actors.parking import Parking, current_parking
 from perdure.actors.ref import ActorRef
@@ -54,6 +55,12 @@ _STRATEGIES = ("one_for_one", "one_for_all", "rest_for_one")
 # What a runner does after an incarnation ended.
 _EXIT = 0  # the runner returns (child forgotten, or someone else takes over)
 _RESTART = 1  # the runner restarts the child itself, after its backoff delay
+
+
+_current_child: contextvars.ContextVar[ActorContext] = contextvars.ContextVar(
+    "perdure_actors_current_child"
+)
+"""The child whose code is running (its hooks, receive, tasks): set in its context."""
 
 
 def _requested(ctx: ActorContext) -> StopReason:
@@ -264,8 +271,8 @@ class Supervisor:
         ctx = self._children.get(id)
         if ctx is None:
             return
-        if ctx._runner_alive and anyio.get_current_task().name == ctx.path:
-            # Waiting for our own runner to finish would never return.
+        if _current_child.get(None) is ctx:
+            # Waiting for our own incarnation to finish would never return.
             raise ActorError(
                 f"actor {ctx.path!r} called stop_child on itself, which would wait for "
                 f"itself forever; call ctx.stop() to stop after the current message"
@@ -350,12 +357,16 @@ class Supervisor:
         return ctx.ref
 
     async def _launch(self, ctx: ActorContext) -> BaseException | None:
-        """Start a new incarnation of ``ctx`` in a new runner task.
+        """Start a new incarnation of ``ctx``; return None once its ``on_start`` returned.
 
-        Returns None once its ``on_start`` returned, or the error that prevented the
-        start. The factory runs here, in the caller's task; when the actor does not
-        override ``on_start`` there is nothing to wait for, so the runner is spawned
-        without a hand-shake (a task switch saved per spawn).
+        Returns the error that prevented the start otherwise (the restart decision for
+        it has been taken by then). The factory and an actor's first ``on_start`` run
+        here, in the caller's task — but in a copy of the caller's context, which the
+        child's runner later starts from, so the child sees what its ``on_start`` set
+        and the caller does not. A child then gets its runner task at once only if it
+        needs one (an ``on_stop`` to run, tasks or mail pending, a stop requested);
+        otherwise it stays dormant until its first message. A nested supervisor is
+        started by its runner, which hands the result back.
         """
         ctx._begin_incarnation()
         ctx._start_error = None
@@ -365,31 +376,81 @@ class Supervisor:
         except Exception as exc:
             self._after_exit(ctx, StopReason.crashed(exc))
             return exc
-        if isinstance(made, Actor) and type(made).on_start is Actor.on_start:
-            made.ctx = ctx
-            ctx._actor = made
-            self._on_started(ctx)
-            if type(made).on_stop is Actor.on_stop:
-                # No hook to run: the child stays dormant, without a task, until its
-                # first message (or a stop, or ctx.start_soon) wakes it. The runner
-                # it then gets starts from this context, as if spawned now.
-                ctx._context = contextvars.copy_context()
-                ctx._dormant = True
-                ctx._mailbox.dormant = True
-                if len(ctx._mailbox):
-                    self._activate(ctx)
-                return None
+        context = contextvars.copy_context()
+        context.run(_current_child.set, ctx)
+        parking = self._parking
+        if not isinstance(made, Actor):
+            # A supervisor (or a wrong value, which its runner reports as a crash).
             ctx._runner_alive = True
             ctx._runner_done = None
-            self._spawn_task(self._run_child, ctx, made, True, name=ctx.path)
+            handshake = ctx._handshake = parking.waiter()
+            context.run(self._spawn_task, self._run_child, ctx, made, False, name=ctx.path)
+            await parking.wait(handshake)
+            return ctx._start_error
+        made.ctx = ctx
+        ctx._actor = made
+        if type(made).on_start is not Actor.on_start:
+            # This task stands in for the runner while on_start runs: a stop waits for
+            # it, or cancels its scope.
+            ctx._runner_alive = True
+            ctx._runner_done = None
+            reason: StopReason | None = None
+            try:
+                with anyio.CancelScope() as scope:
+                    ctx._scope = scope
+                    ctx._busy = True
+                    try:
+                        await InContext(context, made.on_start())
+                    except Exception as exc:
+                        reason = StopReason.crashed(exc)
+                    ctx._busy = False
+            except BaseException:
+                # The caller was cancelled: the child never started.
+                ctx._scope = None
+                ctx._busy = False
+                ctx._actor = None
+                ctx._cancel_background()
+                self._stand_in_done(ctx)
+                raise
+            ctx._scope = None
+            if reason is None and scope.cancelled_caught:
+                reason = _requested(ctx) if ctx._crash is None else StopReason.crashed(ctx._crash)
+            if reason is not None:
+                # on_start did not complete: no on_stop (as OTP skips terminate after init).
+                ctx._request_stop(reason.kind)
+                await self._drain_background(ctx, reason)
+                ctx._actor = None
+                self._stand_in_done(ctx)
+                self._after_exit(ctx, reason)
+                return reason.error or ActorError(
+                    f"actor {ctx.path!r} stopped before its on_start returned ({reason})"
+                )
+        self._on_started(ctx)
+        mailbox = ctx._mailbox
+        if type(made).on_stop is Actor.on_stop and not (
+            ctx.stopping or ctx._crash is not None or ctx._bg_n or len(mailbox)
+        ):
+            # Nothing for a task to do yet: stay dormant until the first message (or a
+            # stop, or ctx.start_soon) wakes the child; its runner starts from
+            # ``context``, as if spawned now.
+            ctx._runner_alive = False
+            ctx._context = context
+            ctx._dormant = True
+            mailbox.dormant = True
             return None
-        ctx._runner_alive = True
-        ctx._runner_done = None
-        parking = self._parking
-        handshake = ctx._handshake = parking.waiter()
-        self._spawn_task(self._run_child, ctx, made, False, name=ctx.path)
-        await parking.wait(handshake)
-        return ctx._start_error
+        if not ctx._runner_alive:
+            ctx._runner_alive = True
+            ctx._runner_done = None
+        # (Otherwise a stop may already wait on _runner_done: the runner sets it.)
+        context.run(self._spawn_task, self._run_child, ctx, made, True, name=ctx.path)
+        return None
+
+    def _stand_in_done(self, ctx: ActorContext) -> None:
+        """The launcher stood in for a runner and is done: release whoever waits."""
+        ctx._runner_alive = False
+        done = ctx._runner_done
+        if done is not None:
+            done.set()
 
     def _activate(self, ctx: ActorContext) -> None:
         """Give a dormant child its runner task (its first message has arrived)."""

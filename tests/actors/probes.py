@@ -82,12 +82,24 @@ class Quiet(Actor):
     receive = Probe.receive
 
 
-def probe(id: str, journal: Journal, *, quiet: bool = False) -> Callable[[], Actor]:
-    """A ChildSpec factory making Probes (or Quiet actors) named ``id``; journals ("made", id)."""
+class StartOnly(Quiet):
+    """Like Probe, with on_start but no on_stop: it starts, then goes dormant."""
+
+    on_start = Probe.on_start
+
+
+KINDS: dict[str, type[Actor]] = {"probe": Probe, "quiet": Quiet, "start-only": StartOnly}
+
+
+def probe(
+    id: str, journal: Journal, *, quiet: bool = False, kind: str | None = None
+) -> Callable[[], Actor]:
+    """A ChildSpec factory making Probes (or ``kind``) named ``id``; journals ("made", id)."""
+    cls = KINDS[kind if kind is not None else "quiet" if quiet else "probe"]
 
     def make() -> Actor:
         journal.entries.append(("made", id, None))
-        return Quiet(id, journal) if quiet else Probe(id, journal)
+        return cls(id, journal)  # type: ignore[call-arg]
 
     return make
 

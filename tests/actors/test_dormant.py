@@ -177,3 +177,46 @@ async def test_a_crash_of_a_woken_child_restarts_it_dormant() -> None:
         assert await ref.ask(1) == 1
         assert tasks() == before + 1
         assert sup.children()[0].restart_count == 1
+
+
+async def test_on_start_sets_context_variables_for_the_child_not_for_the_caller() -> None:
+    class Setter(Actor):
+        async def on_start(self) -> None:
+            who.set(f"set by {self.ctx.id}")
+            await anyio.sleep(0)  # across a real suspension too
+
+        async def receive(self, message: object) -> object:
+            return who.get()
+
+    async with Supervisor() as sup:
+        who.set("caller")
+        ref = await sup.start_child(ChildSpec("s", Setter))
+        assert who.get() == "caller"
+        assert await ref.ask(None) == "set by s"
+
+
+async def test_a_child_cannot_stop_itself_through_its_supervisor_from_any_of_its_code() -> None:
+    errors: list[str] = []
+
+    class SelfStopper(Actor):
+        async def on_start(self) -> None:
+            try:
+                await self.ctx.supervisor.stop_child(self.ctx.id)
+            except Exception as exc:
+                errors.append(f"on_start: {type(exc).__name__}")
+            self.ctx.start_soon(self.task)
+
+        async def task(self) -> None:
+            try:
+                await self.ctx.supervisor.stop_child(self.ctx.id)
+            except Exception as exc:
+                errors.append(f"task: {type(exc).__name__}")
+
+        async def receive(self, message: object) -> object:
+            return None
+
+    async with Supervisor() as sup:
+        await sup.start_child(ChildSpec("me", SelfStopper))
+        await anyio.wait_all_tasks_blocked()
+        assert errors == ["on_start: ActorError", "task: ActorError"]
+        assert sup.count_children() == 1

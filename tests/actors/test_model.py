@@ -30,7 +30,9 @@ from tests.actors.probes import NO_BACKOFF, Journal, probe
 
 RESTART_TYPES = st.sampled_from(["permanent", "transient", "temporary"])
 LIMITS = st.one_of(st.none(), st.integers(min_value=0, max_value=2))
-QUIET = st.booleans()  # an actor without hooks starts dormant (no task until woken)
+# Actor kinds: with on_start and on_stop; with none (dormant from the start); with
+# on_start only (started in the caller's task, then dormant until its first message).
+KIND = st.sampled_from(["probe", "quiet", "start-only"])
 FOREVER = 1e9  # a period no test outlives: every restart counts
 
 
@@ -111,12 +113,12 @@ class SupervisorMachine(RuleBasedStateMachine):
         finally:
             ready.set()
 
-    def spec(self, restart: str, max_restarts: int | None, quiet: bool = False) -> ChildSpec:
+    def spec(self, restart: str, max_restarts: int | None, kind: str = "probe") -> ChildSpec:
         id = f"c{self.next_id}"
         self.next_id += 1
         return ChildSpec(
             id,
-            probe(id, self.journal, quiet=quiet),
+            probe(id, self.journal, kind=kind),
             restart=restart,
             max_restarts=max_restarts,
             within=FOREVER,  # type: ignore[arg-type]
@@ -125,17 +127,17 @@ class SupervisorMachine(RuleBasedStateMachine):
     @initialize(
         strategy=st.sampled_from(["one_for_one", "one_for_all", "rest_for_one"]),
         intensity=st.one_of(st.none(), st.integers(min_value=0, max_value=6)),
-        kinds=st.lists(st.tuples(RESTART_TYPES, LIMITS, QUIET), min_size=1, max_size=4),
+        kinds=st.lists(st.tuples(RESTART_TYPES, LIMITS, KIND), min_size=1, max_size=4),
     )
     def start(
-        self, strategy: str, intensity: int | None, kinds: list[tuple[str, int | None, bool]]
+        self, strategy: str, intensity: int | None, kinds: list[tuple[str, int | None, str]]
     ) -> None:
         self.portal_cm = start_blocking_portal(self.backend)
         self.portal = self.portal_cm.__enter__()
         self.model = Model(strategy, intensity)
         specs = []
-        for restart, limit, quiet in kinds:
-            spec = self.spec(restart, limit, quiet)
+        for restart, limit, kind in kinds:
+            spec = self.spec(restart, limit, kind)
             specs.append(spec)
             self.model.children.append(ModelChild(spec.id, restart, limit))
         sup = Supervisor(
@@ -197,10 +199,10 @@ class SupervisorMachine(RuleBasedStateMachine):
         self.model.exit(i, crashed=False)
 
     @precondition(lambda self: self.model is not None and not self.model.failed)
-    @rule(restart=RESTART_TYPES, limit=LIMITS, quiet=QUIET)
-    def start_child(self, restart: str, limit: int | None, quiet: bool) -> None:
+    @rule(restart=RESTART_TYPES, limit=LIMITS, kind=KIND)
+    def start_child(self, restart: str, limit: int | None, kind: str) -> None:
         assert self.model is not None and self.sup is not None
-        spec = self.spec(restart, limit, quiet)
+        spec = self.spec(restart, limit, kind)
         self.call(self.sup.start_child, spec)
         self.model.children.append(ModelChild(spec.id, restart, limit))
 
