@@ -427,12 +427,11 @@ class Supervisor:
                 )
         self._on_started(ctx)
         mailbox = ctx._mailbox
-        if type(made).on_stop is Actor.on_stop and not (
-            ctx.stopping or ctx._crash is not None or ctx._bg_n or len(mailbox)
-        ):
-            # Nothing for a task to do yet: stay dormant until the first message (or a
-            # stop, or ctx.start_soon) wakes the child; its runner starts from
-            # ``context``, as if spawned now.
+        if not (ctx.stopping or ctx._crash is not None or ctx._bg_n or len(mailbox)):
+            # Nothing for a task to do yet: stay dormant until the first message (or
+            # ctx.stop(), or ctx.start_soon) wakes the child; its runner starts from
+            # ``context``, as if spawned now. If its supervisor stops it first, its
+            # on_stop runs in the stopper's task (see _stop_dormant).
             ctx._runner_alive = False
             ctx._context = context
             ctx._dormant = True
@@ -847,13 +846,7 @@ class Supervisor:
         if hold:
             ctx._held = True
         if ctx._dormant:
-            # No task and no hook to run: the incarnation ends right here.
-            ctx._dormant = False
-            ctx._mailbox.dormant = False
-            ctx._context = None
-            ctx._actor = None
-            ctx._request_stop("shutdown")
-            self._after_exit(ctx, StopReason.SHUTDOWN)
+            await self._stop_dormant(ctx, brutal or self._brutal)
             return
         ctx._request_stop("shutdown")
         if not ctx._runner_alive:
@@ -876,6 +869,37 @@ class Supervisor:
             logger.warning("%s did not stop within %gs; cancelling it", ctx.path, timeout)
         ctx._force()
         await done.wait()
+
+    async def _stop_dormant(self, ctx: ActorContext, brutal: bool) -> None:
+        """End the incarnation of a dormant child here: run its on_stop, if any.
+
+        The child has no task, so this one stands in for its runner: on_stop runs in
+        the child's context, within the child's shutdown timeout (it is cancelled
+        after it, or at once when ``brutal``), and a concurrent stop waits for it.
+        """
+        ctx._dormant = False
+        ctx._mailbox.dormant = False
+        context, ctx._context = ctx._context, None
+        actor, ctx._actor = ctx._actor, None
+        ctx._request_stop("shutdown")
+        if actor is not None and type(actor).on_stop is not Actor.on_stop:
+            assert context is not None
+            ctx._runner_alive = True
+            ctx._runner_done = None
+            try:
+                with anyio.CancelScope() as scope:
+                    ctx._scope = scope
+                    self._graces.add(scope)
+                    if brutal:
+                        scope.cancel()
+                    else:
+                        scope.deadline = anyio.current_time() + ctx.spec.shutdown
+                    await InContext(context, self._call_on_stop(ctx, actor, StopReason.SHUTDOWN))
+            finally:
+                self._graces.discard(scope)
+                ctx._scope = None
+                self._stand_in_done(ctx)
+        self._after_exit(ctx, StopReason.SHUTDOWN)
 
     def _hurry(self) -> None:
         """Our parent's shutdown timeout for us expired: cancel children at once from now on."""

@@ -180,24 +180,33 @@ async def messaging(quick: bool) -> dict[str, Any]:
     }
 
 
-async def idle_actors(n: int, hooked: bool, shutdown: bool) -> dict[str, Any]:
-    """Start ``n`` actors one after another; measure time, RSS, and (at 10k) more."""
-    import anyio
-    from perdure.actors import Actor, ChildSpec, Supervisor
+KINDS = ("minimal", "on_start", "on_stop")
 
-    class Idle(Actor):
-        """The minimal actor: no hooks, so it starts dormant (no task until a message)."""
+
+async def idle_actors(n: int, kind: str, shutdown: bool) -> dict[str, Any]:
+    """Start ``n`` actors of ``kind`` one after another; measure time, RSS, and more at 10k."""
+    import anyio
+    from perdure.actors import Actor, ChildSpec, StopReason, Supervisor
+
+    class Minimal(Actor):
+        """Only receive: it starts dormant (no task until its first message)."""
 
         async def receive(self, message: object) -> object:
             return message
 
-    class Hooked(Idle):
-        """An actor with on_start: it gets its task (and a start hand-shake) at once."""
+    class WithOnStart(Minimal):
+        """on_start runs in the starter's task; then dormant as well."""
 
         async def on_start(self) -> None:
-            pass
+            self.ready = True
 
-    kind = Hooked if hooked else Idle
+    class WithOnStop(WithOnStart):
+        """on_stop must run in the actor's task: it gets its runner task at once."""
+
+        async def on_stop(self, reason: StopReason) -> None:
+            self.ready = False
+
+    actor = {"minimal": Minimal, "on_start": WithOnStart, "on_stop": WithOnStop}[kind]
     result: dict[str, Any] = {"n": n}
     async with Supervisor(name="bench", intensity=None) as sup:
         await anyio.wait_all_tasks_blocked()
@@ -206,7 +215,7 @@ async def idle_actors(n: int, hooked: bool, shutdown: bool) -> dict[str, Any]:
         wall, cpu = time.perf_counter(), time.process_time()
         refs = []
         for i in range(n):
-            refs.append(await sup.start_child(ChildSpec(f"idle-{i}", kind)))
+            refs.append(await sup.start_child(ChildSpec(f"idle-{i}", actor)))
         await anyio.wait_all_tasks_blocked()
         result["spawn_s"] = time.perf_counter() - wall
         result["spawn_cpu_s"] = time.process_time() - cpu
@@ -234,8 +243,7 @@ def child_main(args: argparse.Namespace) -> None:
     if args.child == "messaging":
         result = anyio.run(messaging, args.quick, backend=args.backend)
     else:
-        hooked = args.child == "hooked"
-        result = anyio.run(idle_actors, args.n, hooked, args.n <= 10_000, backend=args.backend)
+        result = anyio.run(idle_actors, args.n, args.child, args.n <= 10_000, backend=args.backend)
     print(json.dumps(result), flush=True)
 
 
@@ -297,12 +305,10 @@ def main() -> None:
     for backend in BACKENDS:
         prefix = "" if backend == "asyncio" else "trio_"
         msg = run_child("messaging", backend, quick=args.quick)
-        idle10 = run_child("idle", backend, n=10_000)
-        hooked10 = run_child("hooked", backend, n=10_000)
-        idle100 = hooked100 = None
-        if not args.quick:
-            idle100 = run_child("idle", backend, n=100_000)
-            hooked100 = run_child("hooked", backend, n=100_000)
+        points10 = {kind: run_child(kind, backend, n=10_000) for kind in KINDS}
+        points100 = {
+            kind: None if args.quick else run_child(kind, backend, n=100_000) for kind in KINDS
+        }
         ratio = msg["ask"]["p50_us"] / msg["bare"]["p50_us"]
         values = {
             "ask_roundtrip_us": msg["ask"]["p50_us"],
@@ -316,16 +322,16 @@ def main() -> None:
             "tell_us_per_msg": msg["tell_us_per_msg"],
             "tell_msgs_per_s": 1e6 / msg["tell_us_per_msg"],
             "bare_send_us_per_msg": msg["bare_send_us_per_msg"],
-            "idle_actor_rss_kb_10k": idle10["rss_kb_per_actor"],
-            "warm_actor_rss_kb_10k": idle10["warm_rss_kb_per_actor"],
-            "hooked_actor_rss_kb_10k": hooked10["rss_kb_per_actor"],
-            "spawn_10k_s": idle10["spawn_s"],
-            "hooked_spawn_10k_s": hooked10["spawn_s"],
-            "shutdown_10k_s": idle10["shutdown_s"],
-            "warm_shutdown_10k_s": hooked10["shutdown_s"],
-            "spawn_100k_extrapolated": 1.0 if idle100 is None else 0.0,
+            "spawn_100k_extrapolated": 1.0 if args.quick else 0.0,
         }
-        for name, point10, point100 in (("", idle10, idle100), ("hooked_", hooked10, hooked100)):
+        for kind in KINDS:
+            # Keys for the minimal actor are unprefixed: it is "the idle actor".
+            name = "" if kind == "minimal" else f"{kind}_"
+            point10, point100 = points10[kind], points100[kind]
+            values[f"{name}idle_actor_rss_kb_10k"] = point10["rss_kb_per_actor"]
+            values[f"{name}warm_actor_rss_kb_10k"] = point10["warm_rss_kb_per_actor"]
+            values[f"{name}spawn_10k_s"] = point10["spawn_s"]
+            values[f"{name}shutdown_10k_s"] = point10["shutdown_s"]
             if point100 is not None:
                 values[f"{name}spawn_100k_s"] = point100["spawn_s"]
                 values[f"{name}spawn_100k_cpu_s"] = point100["spawn_cpu_s"]
@@ -333,12 +339,9 @@ def main() -> None:
             else:  # --quick: linear extrapolation from 10k (GC makes the real one worse)
                 values[f"{name}spawn_100k_s"] = point10["spawn_s"] * 10
                 values[f"{name}spawn_100k_cpu_s"] = point10["spawn_cpu_s"] * 10
-        values["idle_actor_rss_kb"] = values.get(
-            "idle_actor_rss_kb_100k", values["idle_actor_rss_kb_10k"]
-        )
-        values["hooked_actor_rss_kb"] = values.get(
-            "hooked_idle_actor_rss_kb_100k", values["hooked_actor_rss_kb_10k"]
-        )
+            values[f"{name}idle_actor_rss_kb"] = values.get(
+                f"{name}idle_actor_rss_kb_100k", values[f"{name}idle_actor_rss_kb_10k"]
+            )
         values["spawn_per_s"] = 100_000 / values["spawn_100k_s"]
         per_backend[backend] = values
         flat.update({prefix + k: float(v) for k, v in values.items()})
@@ -378,31 +381,39 @@ def main() -> None:
         ("tell, us per message", cell("tell_us_per_msg", "{:.1f}"), ""),
         ("tell throughput, msgs/s", cell("tell_msgs_per_s", "{:,.0f}"), ""),
         ("bare stream send, us per item", cell("bare_send_us_per_msg", "{:.1f}"), ""),
-        ("idle actor (no hooks: dormant, no task)", {b: "" for b in BACKENDS}, ""),
-        ("  RSS per actor, KB (10k)", cell("idle_actor_rss_kb_10k", "{:.2f}"), ""),
-        (
-            "  RSS per actor, KB (100k)",
-            cell("idle_actor_rss_kb_100k", "{:.2f}"),
-            ""
-            if args.quick
-            else f"<= {TARGET_RSS_KB} {verdict('idle_actor_rss_kb', TARGET_RSS_KB)}",
-        ),
-        ("  RSS per actor after 1 message, KB (10k)", cell("warm_actor_rss_kb_10k", "{:.2f}"), ""),
-        ("  spawn 10k, s", cell("spawn_10k_s", "{:.2f}"), ""),
-        (
-            "  " + spawn_label,
-            cell("spawn_100k_s", "{:.2f}"),
-            f"<= {TARGET_SPAWN_100K_S} {verdict('spawn_100k_s', TARGET_SPAWN_100K_S)}",
-        ),
-        ("  shut down 10k (1 message each), s", cell("shutdown_10k_s", "{:.2f}"), ""),
-        ("actor with on_start (has its task at once)", {b: "" for b in BACKENDS}, ""),
-        ("  RSS per actor, KB (10k)", cell("hooked_actor_rss_kb_10k", "{:.2f}"), ""),
-        ("  RSS per actor, KB (100k)", cell("hooked_idle_actor_rss_kb_100k", "{:.2f}"), ""),
-        ("  spawn 10k, s", cell("hooked_spawn_10k_s", "{:.2f}"), ""),
-        ("  " + spawn_label, cell("hooked_spawn_100k_s", "{:.2f}"), ""),
-        ("    of which CPU time, s", cell("hooked_spawn_100k_cpu_s", "{:.2f}"), ""),
-        ("  shut down 10k (1 message each), s", cell("warm_shutdown_10k_s", "{:.2f}"), ""),
     ]
+    titles = {
+        "minimal": "idle actor, receive only (dormant: no task)",
+        "on_start": "idle actor with on_start (then dormant)",
+        "on_stop": "idle actor with on_start + on_stop (a task each)",
+    }
+    for kind in KINDS:
+        name = "" if kind == "minimal" else f"{kind}_"
+        headline = kind == "minimal"
+        rows += [
+            (titles[kind], {b: "" for b in BACKENDS}, ""),
+            ("  RSS per actor, KB (10k)", cell(f"{name}idle_actor_rss_kb_10k", "{:.2f}"), ""),
+            (
+                "  RSS per actor, KB (100k)",
+                cell(f"{name}idle_actor_rss_kb_100k", "{:.2f}"),
+                f"<= {TARGET_RSS_KB} {verdict(f'{name}idle_actor_rss_kb', TARGET_RSS_KB)}"
+                if headline and not args.quick
+                else "",
+            ),
+            (
+                "  RSS per actor after 1 message, KB (10k)",
+                cell(f"{name}warm_actor_rss_kb_10k", "{:.2f}"),
+                "",
+            ),
+            ("  spawn 10k, s", cell(f"{name}spawn_10k_s", "{:.2f}"), ""),
+            (
+                "  " + spawn_label,
+                cell(f"{name}spawn_100k_s", "{:.2f}"),
+                f"<= {TARGET_SPAWN_100K_S} {verdict(f'{name}spawn_100k_s', TARGET_SPAWN_100K_S)}",
+            ),
+            ("    of which CPU time, s", cell(f"{name}spawn_100k_cpu_s", "{:.2f}"), ""),
+            ("  shut down 10k (1 message each), s", cell(f"{name}shutdown_10k_s", "{:.2f}"), ""),
+        ]
     width = max(len(r[0]) for r in rows)
     print(f"{'':{width}}  {'asyncio':>14}  {'trio':>14}  target")
     for label, values, target in rows:

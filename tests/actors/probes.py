@@ -88,7 +88,23 @@ class StartOnly(Quiet):
     on_start = Probe.on_start
 
 
-KINDS: dict[str, type[Actor]] = {"probe": Probe, "quiet": Quiet, "start-only": StartOnly}
+class WithTask(Probe):
+    """Like Probe, and on_start starts a task that runs until the incarnation stops.
+
+    Having a task, it gets its runner at once instead of starting dormant.
+    """
+
+    async def on_start(self) -> None:
+        await super().on_start()
+        self.ctx.start_soon(self.ctx.wait_stopping)
+
+
+KINDS: dict[str, type[Actor]] = {
+    "probe": Probe,
+    "quiet": Quiet,
+    "start-only": StartOnly,
+    "with-task": WithTask,
+}
 
 
 def probe(

@@ -10,7 +10,7 @@ import contextvars
 
 import anyio
 import pytest
-from perdure.actors import Actor, ActorCrashed, ChildSpec, Supervisor
+from perdure.actors import Actor, ActorCrashed, ChildSpec, StopReason, Supervisor
 
 from tests.actors.probes import NO_BACKOFF, Journal, Quiet, Recorder, probe, settle
 
@@ -220,3 +220,31 @@ async def test_a_child_cannot_stop_itself_through_its_supervisor_from_any_of_its
         await anyio.wait_all_tasks_blocked()
         assert errors == ["on_start: ActorError", "task: ActorError"]
         assert sup.count_children() == 1
+
+
+async def test_a_dormant_childs_on_stop_runs_in_its_context_within_its_timeout() -> None:
+    log: list[str] = []
+
+    class SlowToStop(Actor):
+        async def on_start(self) -> None:
+            who.set("the child")
+
+        async def receive(self, message: object) -> object:
+            return None
+
+        async def on_stop(self, reason: StopReason) -> None:
+            log.append(f"on_stop {reason.kind} as {who.get()}")
+            try:
+                await anyio.sleep_forever()
+            except anyio.get_cancelled_exc_class():
+                log.append("on_stop cancelled")
+                raise
+
+    async with Supervisor() as sup:
+        await anyio.wait_all_tasks_blocked()
+        before = tasks()
+        await sup.start_child(ChildSpec("s", SlowToStop, shutdown=0.01))
+        assert tasks() == before  # dormant, although it has hooks
+        who.set("the stopper")
+        await sup.stop_child("s")
+    assert log == ["on_stop shutdown as the child", "on_stop cancelled"]

@@ -30,9 +30,10 @@ from tests.actors.probes import NO_BACKOFF, Journal, probe
 
 RESTART_TYPES = st.sampled_from(["permanent", "transient", "temporary"])
 LIMITS = st.one_of(st.none(), st.integers(min_value=0, max_value=2))
-# Actor kinds: with on_start and on_stop; with none (dormant from the start); with
-# on_start only (started in the caller's task, then dormant until its first message).
-KIND = st.sampled_from(["probe", "quiet", "start-only"])
+# Actor kinds: with on_start and on_stop, with neither, with on_start only (all three
+# dormant, without a task, until their first message), and with a task started in
+# on_start (which gets its runner task at once).
+KIND = st.sampled_from(["probe", "quiet", "start-only", "with-task"])
 FOREVER = 1e9  # a period no test outlives: every restart counts
 
 
