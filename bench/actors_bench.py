@@ -9,9 +9,10 @@ allocations do not pollute the next one's RSS):
 * spawn: 100k idle actors started one after another with ``start_child`` (the clock
   stops once every actor is idle, i.e. all tasks are blocked);
 * RSS per idle actor at 10k and 100k (``/proc/self/statm``), mailbox included;
-* both for the minimal actor (only ``receive``: it starts dormant, without a task,
-  until its first message) and for an actor with ``on_start`` (its task runs from the
-  start); plus, at 10k, per minimal actor after it has handled one message ("warm").
+* for three actors: only ``receive``; with ``on_start``; with ``on_start`` and
+  ``on_stop`` (each starts dormant, without a task of its own, until its first
+  message); plus, at 10k, the time to send each its first message (which gives it its
+  task) and the RSS per actor after that ("warm").
 
 Usage::
 
@@ -201,7 +202,7 @@ async def idle_actors(n: int, kind: str, shutdown: bool) -> dict[str, Any]:
             self.ready = True
 
     class WithOnStop(WithOnStart):
-        """on_stop must run in the actor's task: it gets its runner task at once."""
+        """With on_stop too: dormant as well (a stop before any message runs it inline)."""
 
         async def on_stop(self, reason: StopReason) -> None:
             self.ready = False
@@ -221,10 +222,13 @@ async def idle_actors(n: int, kind: str, shutdown: bool) -> dict[str, Any]:
         result["spawn_cpu_s"] = time.process_time() - cpu
         result["rss_kb_per_actor"] = (rss_kb() - rss0) / n
         if shutdown:
-            # Warm: every actor handles one message, then idles (with its task).
+            # Warm: every actor handles one message (its first: it gets its task),
+            # then idles.
+            wall = time.perf_counter()
             for ref in refs:
                 await ref.ask(None)
             await anyio.wait_all_tasks_blocked()
+            result["wake_s"] = time.perf_counter() - wall
             result["warm_rss_kb_per_actor"] = (rss_kb() - rss0) / n
         del refs
         if not shutdown:
@@ -332,6 +336,7 @@ def main() -> None:
             values[f"{name}warm_actor_rss_kb_10k"] = point10["warm_rss_kb_per_actor"]
             values[f"{name}spawn_10k_s"] = point10["spawn_s"]
             values[f"{name}shutdown_10k_s"] = point10["shutdown_s"]
+            values[f"{name}first_ask_10k_s"] = point10["wake_s"]
             if point100 is not None:
                 values[f"{name}spawn_100k_s"] = point100["spawn_s"]
                 values[f"{name}spawn_100k_cpu_s"] = point100["spawn_cpu_s"]
@@ -383,9 +388,9 @@ def main() -> None:
         ("bare stream send, us per item", cell("bare_send_us_per_msg", "{:.1f}"), ""),
     ]
     titles = {
-        "minimal": "idle actor, receive only (dormant: no task)",
-        "on_start": "idle actor with on_start (then dormant)",
-        "on_stop": "idle actor with on_start + on_stop (a task each)",
+        "minimal": "idle actor, receive only",
+        "on_start": "idle actor with on_start",
+        "on_stop": "idle actor with on_start and on_stop",
     }
     for kind in KINDS:
         name = "" if kind == "minimal" else f"{kind}_"
@@ -399,6 +404,11 @@ def main() -> None:
                 f"<= {TARGET_RSS_KB} {verdict(f'{name}idle_actor_rss_kb', TARGET_RSS_KB)}"
                 if headline and not args.quick
                 else "",
+            ),
+            (
+                "  first ask to each of 10k (gives each its task), s",
+                cell(f"{name}first_ask_10k_s", "{:.2f}"),
+                "",
             ),
             (
                 "  RSS per actor after 1 message, KB (10k)",
