@@ -269,7 +269,9 @@ class Supervisor:
         """Stop a child for good (gracefully, within its shutdown timeout) and remove it.
 
         Returns once it has stopped; does nothing if there is no such child. The stop
-        completes even if the caller is cancelled meanwhile.
+        completes even if the caller is cancelled meanwhile. A child stops itself with
+        ``ctx.stop()``: calling this on itself raises :class:`ActorError` (and calling
+        it on one of its ancestors would wait for itself until the timeouts expire).
         """
         ctx = self._children.get(id)
         if ctx is None:
