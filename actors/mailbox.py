@@ -8,8 +8,10 @@ waiting producer, so a later ``put_nowait`` cannot overtake it.
 
 Why not an anyio memory object stream: the consumer must also be woken without a
 message (to begin a graceful stop after the current message), the mailbox must fail
-queued asks when the child is gone for good, and an idle mailbox should cost almost
-nothing (the buffer is created on first use and dropped when it drains).
+queued asks when the child is gone for good, a *dormant* consumer (a child with no
+task yet) must be told when its first message arrives, and an idle mailbox should
+cost almost nothing (the buffer is created on first use and dropped when it drains;
+the consumer waits on a :mod:`~perdure.actors.parking` waiter, not an anyio.Event).
 """
 
 from __future__ import annotations
