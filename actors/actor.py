@@ -57,6 +57,11 @@ class Actor:
     (never concurrently) until the incarnation stops, and finally awaits
     :meth:`on_stop`. The mailbox and the :class:`~perdure.actors.ActorRef` outlive
     incarnations: messages sent while the actor restarts wait for the next one.
+
+    All of an actor's code runs in its own contextvars context (a copy of its
+    starter's), though not always in the same task: a first ``on_start`` runs in the
+    task that starts the child, and an ``on_stop`` before any message in the task that
+    stops it; messages are handled by the child's own task, created at the first one.
     """
 
     # Only the base attribute is slotted: subclasses without __slots__ still get a

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -39,13 +40,15 @@ class ActorContext:
         "_bg_cancel",
         "_bg_idle",
         "_bg_n",
+        "_busy",
+        "_context",
         "_crash",
         "_current",
+        "_dormant",
         "_final",
         "_forced",
         "_handshake",
         "_held",
-        "_in_main",
         "_initial",
         "_mailbox",
         "_nested",
@@ -73,7 +76,7 @@ class ActorContext:
         """The child spec this child was started from."""
         self.path = f"{supervisor.path}/{spec.id}"
         """The child's path in the supervision tree, for logs."""
-        self._mailbox = Mailbox(spec.mailbox_size, self.path)
+        self._mailbox = Mailbox(spec.mailbox_size, self.path, supervisor._parking, self)
         self.ref = ActorRef(self, self._mailbox, spec.id, self.path)
         """This actor's restart-stable ref."""
         self.restart_count = 0
@@ -87,7 +90,7 @@ class ActorContext:
         self._held = False  # being stopped by a one_for_all/rest_for_one restart
         self._initial = True  # no incarnation has started yet
         self._scope: anyio.CancelScope | None = None
-        self._in_main = False
+        self._busy = False  # running on_start or messages, in self._scope
         self._forced = False
         self._crash: BaseException | None = None
         self._bg: set[anyio.CancelScope] | None = None
@@ -99,12 +102,15 @@ class ActorContext:
         self._actor: Actor | None = None
         self._runner_alive = False
         self._runner_done: anyio.Event | None = None
-        self._handshake: anyio.Event | None = None
+        self._handshake: Any = None  # a parking waiter while someone waits for on_start
         self._start_error: BaseException | None = None
         self._restarts: deque[float] | None = None
         self._backoff_n = 0
         self._started_at = 0.0
         self._pending_group = False
+        # Dormant: started, but no runner task yet (see Supervisor._launch).
+        self._dormant = False
+        self._context: contextvars.Context | None = None  # to give the runner, once woken
 
     def __repr__(self) -> str:
         return f"<ActorContext {self.path!r} {self._state} restarts={self.restart_count}>"
@@ -146,11 +152,13 @@ class ActorContext:
         still running are given the child's shutdown timeout to finish (they can
         watch :meth:`wait_stopping`), then cancelled.
         """
-        if self._scope is None or self._state in ("stopped", "restarting"):
+        if self._actor is None or self._state in ("stopped", "restarting"):
             raise ActorError(
                 f"actor {self.path!r}: start_soon called outside a live incarnation "
                 f"(state {self._state}); call it from on_start, receive or their tasks"
             )
+        if self._dormant:
+            self._sup._activate(self)
         if self._bg is None:
             self._bg = set()
         self._bg_n += 1
@@ -187,8 +195,9 @@ class ActorContext:
                 self.path,
                 exc_info=exc,
             )
-        if self._in_main and self._scope is not None:
+        if self._busy and self._scope is not None:
             self._scope.cancel()
+        self._mailbox.wake()  # if idle, the runner wakes up and sees the crash
         self._cancel_background()
 
     def _cancel_background(self) -> None:
@@ -204,19 +213,32 @@ class ActorContext:
         self._stop_kind = kind
         if self._stop_event is not None:
             self._stop_event.set()
-        self._mailbox.wake()
+        if self._dormant:
+            self._sup._activate(self)  # the runner runs the stop (and any restart)
+        else:
+            self._mailbox.wake()
+
+    def _mail_arrived(self) -> None:
+        if self._dormant:
+            self._sup._activate(self)
 
     def _force(self) -> None:
         """Cancel everything the current incarnation is doing (shutdown timeout expired)."""
         self._forced = True
         if self._nested is not None:
-            self._nested._brutal = True
+            self._nested._hurry()
         if self._scope is not None:
             self._scope.cancel()
         self._cancel_background()
 
     def _begin_incarnation(self) -> None:
-        self.stopping = False
+        self._dormant = False
+        self._mailbox.dormant = False
+        self._context = None
+        # A stop for good requested while the child was between incarnations stands.
+        self.stopping = self._final
+        self._state = "starting"
+        self._started_at = self._mailbox.parking.now()
         self._stop_kind = "shutdown"
         self._stop_event = None
         self._held = False
@@ -230,4 +252,4 @@ class ActorContext:
         self._nested = None
         self._actor = None
         self._scope = None
-        self._in_main = False
+        self._busy = False

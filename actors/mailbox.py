@@ -8,17 +8,20 @@ waiting producer, so a later ``put_nowait`` cannot overtake it.
 
 Why not an anyio memory object stream: the consumer must also be woken without a
 message (to begin a graceful stop after the current message), the mailbox must fail
-queued asks when the child is gone for good, and an idle mailbox should cost almost
-nothing (the buffer is created on first use and dropped when it drains).
+queued asks when the child is gone for good, a *dormant* consumer (a child with no
+task yet) must be told when its first message arrives, and an idle mailbox should
+cost almost nothing (the buffer is created on first use and dropped when it drains;
+the consumer waits on a :mod:`~perdure.actors.parking` waiter, not an anyio.Event).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from typing import Final
+from typing import Any, Final
 
 import anyio
 from perdure.actors.errors import MailboxClosed
+from perdure.actors.parking import Parking
 
 __all__ = ["EMPTY", "AskEnvelope", "Mailbox"]
 
@@ -35,13 +38,14 @@ EMPTY: Final = _Empty()
 
 
 class AskEnvelope:
-    """One ``ask`` in flight: the message, and a slot + event for its reply."""
+    """One ``ask`` in flight: the message, and a reply slot with a one-shot waiter."""
 
-    __slots__ = ("done", "error", "event", "message", "value")
+    __slots__ = ("done", "error", "message", "parking", "value", "waiter")
 
-    def __init__(self, message: object) -> None:
+    def __init__(self, message: object, parking: Parking) -> None:
         self.message = message
-        self.event = anyio.Event()
+        self.parking = parking
+        self.waiter = parking.waiter()
         self.done = False
         self.value: object = None
         self.error: BaseException | None = None
@@ -51,14 +55,14 @@ class AskEnvelope:
         if not self.done:
             self.done = True
             self.value = value
-            self.event.set()
+            self.parking.wake(self.waiter)
 
     def fail(self, error: BaseException) -> None:
         """Deliver an error instead of a reply (first outcome wins)."""
         if not self.done:
             self.done = True
             self.error = error
-            self.event.set()
+            self.parking.wake(self.waiter)
 
     def outcome(self) -> object:
         """Return the reply or raise the error (only once :attr:`done`)."""
@@ -70,13 +74,29 @@ class AskEnvelope:
 class Mailbox:
     """A bounded FIFO of messages with a single consumer; see the module docstring."""
 
-    __slots__ = ("_capacity", "_closed", "_getter", "_items", "_putters", "_reserved", "owner")
+    __slots__ = (
+        "_capacity",
+        "_closed",
+        "_getter",
+        "_items",
+        "_putters",
+        "_reserved",
+        "consumer",
+        "dormant",
+        "owner",
+        "parking",
+    )
 
-    def __init__(self, capacity: int, owner: str) -> None:
+    def __init__(self, capacity: int, owner: str, parking: Parking, consumer: Any) -> None:
         self._capacity = capacity
         self.owner = owner
+        self.parking = parking
+        # When ``dormant``, the consumer has no task waiting: the first message put in
+        # calls ``consumer._mail_arrived()`` (once) to give it one.
+        self.consumer = consumer
+        self.dormant = False
         self._items: deque[object] | None = None
-        self._getter: anyio.Event | None = None
+        self._getter: Any = None  # the consumer's parking waiter while it waits
         self._putters: deque[anyio.Event] | None = None
         # Slots freed by the consumer and promised to woken (not yet resumed) putters.
         self._reserved = 0
@@ -113,7 +133,10 @@ class Mailbox:
         getter = self._getter
         if getter is not None:
             self._getter = None
-            getter.set()
+            self.parking.wake(getter)
+        elif self.dormant:
+            self.dormant = False
+            self.consumer._mail_arrived()
 
     async def put(self, item: object) -> None:
         """Append ``item``, waiting in FIFO order while the mailbox is full.
@@ -151,7 +174,10 @@ class Mailbox:
         getter = self._getter
         if getter is not None:
             self._getter = None
-            getter.set()
+            self.parking.wake(getter)
+        elif self.dormant:
+            self.dormant = False
+            self.consumer._mail_arrived()
 
     def _wake_putter(self) -> None:
         putters = self._putters
@@ -172,23 +198,22 @@ class Mailbox:
             self._items = None
         return item
 
-    async def wait(self) -> None:
-        """Wait until a message arrives or :meth:`wake` is called (single consumer)."""
-        if self._items:
-            return
-        event = self._getter = anyio.Event()
-        try:
-            await event.wait()
-        finally:
-            if self._getter is event:
-                self._getter = None
+    def park(self) -> Any:
+        """Register the consumer as waiting; return the waiter to await (then :meth:`unpark`)."""
+        waiter = self._getter = self.parking.waiter()
+        return waiter
+
+    def unpark(self, waiter: Any) -> None:
+        """Unregister the consumer's ``waiter`` after its wait ended (woken or cancelled)."""
+        if self._getter is waiter:
+            self._getter = None
 
     def wake(self) -> None:
         """Wake the consumer if it is waiting, without a message."""
         getter = self._getter
         if getter is not None:
             self._getter = None
-            getter.set()
+            self.parking.wake(getter)
 
     def close(self, detail: str) -> None:
         """Close for good: fail queued asks and waiting senders, drop queued tells."""

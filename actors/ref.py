@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import anyio
@@ -66,15 +67,21 @@ class ActorRef:
         error as ``__cause__``) if ``receive`` raised while handling this message,
         and :class:`MailboxClosed` if the child is gone or stopped before replying.
         """
-        envelope = AskEnvelope(message)
         mailbox = self._mailbox
-        if timeout is None:
-            await mailbox.put(envelope)
-            await envelope.event.wait()
-            return envelope.outcome()
-        with anyio.move_on_after(timeout):
-            await mailbox.put(envelope)
-            await envelope.event.wait()
+        parking = mailbox.parking
+        envelope = AskEnvelope(message, parking)
+        try:
+            mailbox.put_nowait(envelope)
+        except anyio.WouldBlock:
+            # Full: wait for room and for the reply under one deadline.
+            with anyio.move_on_after(math.inf if timeout is None else timeout):
+                await mailbox.put(envelope)
+                await parking.wait(envelope.waiter)
+        else:
+            if timeout is None:
+                await parking.wait(envelope.waiter)
+            else:
+                await parking.wait_for(envelope.waiter, timeout)
         if not envelope.done:
-            raise AskTimeout(self.path, timeout)
+            raise AskTimeout(self.path, math.inf if timeout is None else timeout)
         return envelope.outcome()

@@ -1,8 +1,8 @@
 """Supervisor: an OTP-style supervisor of actors and of nested supervisors.
 
 The reference is Erlang/OTP's ``supervisor.erl``; the names (strategies, restart
-types, intensity/period) are OTP's. How a child is run, by one task per child (its
-*runner*) in the supervisor's task group::
+types, intensity/period) are OTP's. Each child is run by one task (its *runner*) in
+the supervisor's task group::
 
     runner:  factory() -> on_start -> [receive ...] -> on_stop -> decide
              decide: forget it (temporary, transient after a normal stop, per-child
@@ -13,10 +13,20 @@ types, intensity/period) are OTP's. How a child is run, by one task per child (i
 Each decision is taken synchronously by the runner of the child that exited, so one
 slow restart (a backoff delay, an ``on_start``) never blocks the supervisor from
 handling its other children. Group restarts and shutdown are serialised by one lock.
+
+A child gets its runner task only once it needs one. The first ``on_start`` of an
+actor runs in the task that starts it (``start_child``, ``async with``, a group
+restart), but in the child's own copy of that task's context, which its runner later
+starts from. Then the child is *dormant* — no task at all — until its first message,
+``ctx.stop()`` or ``ctx.start_soon`` wakes it; if its supervisor stops it before that,
+its ``on_stop`` runs in the stopping task (in the child's context, within its shutdown
+timeout). So 10^5 started-but-idle children cost about a kilobyte each instead of a
+task's five, and a start costs no task spawn and no task switch. Nothing else differs.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import random
 from collections import deque
@@ -25,11 +35,14 @@ from types import TracebackType
 from typing import Any, Literal
 
 import anyio
+import anyio.abc
 from anyio.abc import TaskGroup
 from perdure.actors.actor import Actor, StopReason
 from perdure.actors.context import ActorContext
 from perdure.actors.errors import ActorCrashed, ActorError, MailboxClosed, RestartIntensityExceeded
+from perdure.actors.incontext import InContext
 from perdure.actors.mailbox import EMPTY, AskEnvelope
+from perdure.actors.parking import Parking, current_parking
 from perdure.actors.ref import ActorRef
 from perdure.actors.spec import Backoff, ChildInfo, ChildSpec, LifecycleEvent, LifecycleKind
 
@@ -45,6 +58,12 @@ _STRATEGIES = ("one_for_one", "one_for_all", "rest_for_one")
 # What a runner does after an incarnation ended.
 _EXIT = 0  # the runner returns (child forgotten, or someone else takes over)
 _RESTART = 1  # the runner restarts the child itself, after its backoff delay
+
+
+_current_child: contextvars.ContextVar[ActorContext] = contextvars.ContextVar(
+    "perdure_actors_current_child"
+)
+"""The child whose code is running (its hooks, receive, tasks): set in its context."""
 
 
 def _requested(ctx: ActorContext) -> StopReason:
@@ -127,13 +146,17 @@ class Supervisor:
         self._observers: list[Callable[[LifecycleEvent], None]] = []
         self._restarts: deque[float] = deque()
         self._state: SupervisorState = "new"
-        self._tg: TaskGroup | None = None
+        self._tg: TaskGroup | None = None  # the children's, hosted by _host
+        self._outer: TaskGroup  # the body's: set by __aenter__
+        self._released: anyio.Event  # lets _host return: set by __aexit__
         self._failure: RestartIntensityExceeded | None = None
         self._brutal = False  # set by a parent whose shutdown timeout for us expired
+        self._graces: set[anyio.CancelScope] = set()  # graceful stop waits in progress
         self._group_lock: anyio.Lock | None = None
         self._closing_event: anyio.Event | None = None
         self._shutdown_done: anyio.Event | None = None
         self._random = random.Random()
+        self._parking: Parking  # the running backend's: set by __aenter__
 
     def __repr__(self) -> str:
         return (
@@ -169,18 +192,21 @@ class Supervisor:
                 f"supervisor {self._path!r} is {self._state}; a Supervisor can be entered "
                 f"once — create a new one (a ChildSpec factory must return a fresh one)"
             )
-        tg = anyio.create_task_group()
-        await tg.__aenter__()
-        self._tg = tg
-        self._state = "running"
+        self._parking = current_parking()
+        outer = anyio.create_task_group()
+        await outer.__aenter__()
+        self._outer = outer
+        self._released = anyio.Event()
         try:
+            self._tg = await outer.start(self._host, name=f"{self._path}:host")
+            self._state = "running"
             for spec in self._specs:
                 await self._start(spec)
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 await self._shutdown()
             self._state = "stopped"
-            await tg.__aexit__(type(exc), exc, exc.__traceback__)
+            await self._close_task_group(exc)
             raise
         return self
 
@@ -191,17 +217,43 @@ class Supervisor:
         tb: TracebackType | None,
     ) -> bool | None:
         """Stop all children in reverse start order, then raise the failure if there was one."""
-        assert self._tg is not None
         try:
             with anyio.CancelScope(shield=True):
                 await self._shutdown()
         finally:
             if self._state != "failed":
                 self._state = "stopped"
-            suppress = await self._tg.__aexit__(exc_type, exc, tb)
+            suppress = await self._close_task_group(exc)
         if self._failure is not None:
             raise self._failure
         return suppress
+
+    async def _host(self, *, task_status: anyio.abc.TaskStatus[TaskGroup]) -> None:
+        """Host the children's task group, shielded from cancellation of the body.
+
+        The children do not live in the caller's task (the body of ``async with``) but
+        in this one, under a shield: when the body is cancelled from outside, the
+        children are not torn down at random; ``__aexit__`` stops them gracefully,
+        in reverse start order within their timeouts, and only then does the
+        cancellation carry on. Nothing is lost: ``__aexit__`` always releases us.
+        """
+        with anyio.CancelScope(shield=True):
+            async with anyio.create_task_group() as tg:
+                task_status.started(tg)
+                await self._released.wait()
+
+    async def _close_task_group(self, exc: BaseException | None) -> bool | None:
+        """Release the host task and exit the outer task group (every child has finished).
+
+        A cancellation is handed to the group (its own scope absorbs the one our
+        failure caused); any other exception from the body is not, so that it
+        propagates as itself rather than wrapped in an exception group.
+        """
+        self._released.set()
+        if exc is not None and isinstance(exc, anyio.get_cancelled_exc_class()):
+            return await self._outer.__aexit__(type(exc), exc, exc.__traceback__)
+        await self._outer.__aexit__(None, None, None)
+        return None
 
     async def start_child(self, spec: ChildSpec) -> ActorRef:
         """Start a dynamic child; return its ref once its ``on_start`` returned.
@@ -217,11 +269,19 @@ class Supervisor:
         """Stop a child for good (gracefully, within its shutdown timeout) and remove it.
 
         Returns once it has stopped; does nothing if there is no such child. The stop
-        completes even if the caller is cancelled meanwhile.
+        completes even if the caller is cancelled meanwhile. A child stops itself with
+        ``ctx.stop()``: calling this on itself raises :class:`ActorError` (and calling
+        it on one of its ancestors would wait for itself until the timeouts expire).
         """
         ctx = self._children.get(id)
         if ctx is None:
             return
+        if _current_child.get(None) is ctx:
+            # Waiting for our own incarnation to finish would never return.
+            raise ActorError(
+                f"actor {ctx.path!r} called stop_child on itself, which would wait for "
+                f"itself forever; call ctx.stop() to stop after the current message"
+            )
         with anyio.CancelScope(shield=True):
             await self._terminate(ctx, final=True)
         self._forget(ctx, "it was stopped by stop_child")
@@ -248,7 +308,8 @@ class Supervisor:
             for ctx in self._children.values()
         ]
 
-    def __len__(self) -> int:
+    def count_children(self) -> int:
+        """How many children this supervisor has (running, starting or restarting); O(1)."""
         return len(self._children)
 
     def observe(self, fn: Callable[[LifecycleEvent], None]) -> Callable[[], None]:
@@ -301,40 +362,141 @@ class Supervisor:
         return ctx.ref
 
     async def _launch(self, ctx: ActorContext) -> BaseException | None:
-        """Run a new runner for ``ctx``; wait until on_start returned (None) or failed."""
-        handshake = ctx._handshake = anyio.Event()
+        """Start a new incarnation of ``ctx``; return None once its ``on_start`` returned.
+
+        Returns the error that prevented the start otherwise (the restart decision for
+        it has been taken by then). The factory and an actor's first ``on_start`` run
+        here, in the caller's task — but in a copy of the caller's context, which the
+        child's runner later starts from, so the child sees what its ``on_start`` set
+        and the caller does not. A child then gets its runner task at once only if it
+        needs one (an ``on_stop`` to run, tasks or mail pending, a stop requested);
+        otherwise it stays dormant until its first message. A nested supervisor is
+        started by its runner, which hands the result back.
+        """
+        ctx._begin_incarnation()
         ctx._start_error = None
-        ctx._held = False
         ctx._state = "starting"
+        try:
+            made = ctx.spec.factory()
+        except Exception as exc:
+            self._after_exit(ctx, StopReason.crashed(exc))
+            return exc
+        context = contextvars.copy_context()
+        context.run(_current_child.set, ctx)
+        parking = self._parking
+        if not isinstance(made, Actor):
+            # A supervisor (or a wrong value, which its runner reports as a crash).
+            ctx._runner_alive = True
+            ctx._runner_done = None
+            handshake = ctx._handshake = parking.waiter()
+            context.run(self._spawn_task, self._run_child, ctx, made, False, name=ctx.path)
+            await parking.wait(handshake)
+            return ctx._start_error
+        made.ctx = ctx
+        ctx._actor = made
+        if type(made).on_start is not Actor.on_start:
+            # This task stands in for the runner while on_start runs: a stop waits for
+            # it, or cancels its scope.
+            ctx._runner_alive = True
+            ctx._runner_done = None
+            reason: StopReason | None = None
+            try:
+                with anyio.CancelScope() as scope:
+                    ctx._scope = scope
+                    ctx._busy = True
+                    try:
+                        await InContext(context, made.on_start())
+                    except Exception as exc:
+                        reason = StopReason.crashed(exc)
+                    ctx._busy = False
+            except BaseException:
+                # The caller was cancelled: the child never started.
+                ctx._scope = None
+                ctx._busy = False
+                ctx._actor = None
+                ctx._cancel_background()
+                self._stand_in_done(ctx)
+                raise
+            ctx._scope = None
+            if reason is None and scope.cancelled_caught:
+                reason = _requested(ctx) if ctx._crash is None else StopReason.crashed(ctx._crash)
+            if reason is not None:
+                # on_start did not complete: no on_stop (as OTP skips terminate after init).
+                ctx._request_stop(reason.kind)
+                await self._drain_background(ctx, reason)
+                ctx._actor = None
+                self._stand_in_done(ctx)
+                self._after_exit(ctx, reason)
+                return reason.error or ActorError(
+                    f"actor {ctx.path!r} stopped before its on_start returned ({reason})"
+                )
+        self._on_started(ctx)
+        mailbox = ctx._mailbox
+        if not (ctx.stopping or ctx._crash is not None or ctx._bg_n or len(mailbox)):
+            # Nothing for a task to do yet: stay dormant until the first message (or
+            # ctx.stop(), or ctx.start_soon) wakes the child; its runner starts from
+            # ``context``, as if spawned now. If its supervisor stops it first, its
+            # on_stop runs in the stopper's task (see _stop_dormant).
+            ctx._runner_alive = False
+            ctx._context = context
+            ctx._dormant = True
+            mailbox.dormant = True
+            return None
+        if not ctx._runner_alive:
+            ctx._runner_alive = True
+            ctx._runner_done = None
+        # (Otherwise a stop may already wait on _runner_done: the runner sets it.)
+        context.run(self._spawn_task, self._run_child, ctx, made, True, name=ctx.path)
+        return None
+
+    def _stand_in_done(self, ctx: ActorContext) -> None:
+        """The launcher stood in for a runner and is done: release whoever waits."""
+        ctx._runner_alive = False
+        done = ctx._runner_done
+        if done is not None:
+            done.set()
+
+    def _activate(self, ctx: ActorContext) -> None:
+        """Give a dormant child its runner task (its first message has arrived)."""
+        if not ctx._dormant:
+            return
+        ctx._dormant = False
+        ctx._mailbox.dormant = False
+        context, ctx._context = ctx._context, None
         ctx._runner_alive = True
         ctx._runner_done = None
-        self._spawn_task(self._run_child, ctx, name=ctx.path)
-        await handshake.wait()
-        return ctx._start_error
+        assert context is not None
+        context.run(self._spawn_task, self._run_child, ctx, ctx._actor, True, name=ctx.path)
 
     def _on_started(self, ctx: ActorContext) -> None:
         ctx._state = "running"
         ctx._initial = False
         handshake, ctx._handshake = ctx._handshake, None
         if handshake is not None:
-            handshake.set()
+            self._parking.wake(handshake)
         kind: LifecycleKind = "started" if ctx.restart_count == 0 else "restarted"
         self._emit(kind, ctx, None, False)
 
     # ---- the runner ----------------------------------------------------------------
 
-    async def _run_child(self, ctx: ActorContext) -> None:
-        """The task that owns one child: one incarnation after another, until it is done."""
+    async def _run_child(self, ctx: ActorContext, made: object, started: bool) -> None:
+        """The task that owns one child: one incarnation after another, until it is done.
+
+        ``made`` is what the launcher's factory call returned for the first
+        incarnation; ``started`` says the launcher has already completed its start.
+        """
         try:
             while True:
-                reason = await self._incarnation(ctx)
+                reason = await self._incarnation(ctx, made, started)
+                made = None
+                started = False
                 if ctx._handshake is not None:
                     # It ended before on_start returned: tell whoever waits to start it.
                     ctx._start_error = reason.error or ActorError(
                         f"actor {ctx.path!r} stopped before its on_start returned ({reason})"
                     )
                     handshake, ctx._handshake = ctx._handshake, None
-                    handshake.set()
+                    self._parking.wake(handshake)
                 if self._after_exit(ctx, reason) != _RESTART:
                     return
                 await self._backoff_wait(ctx)
@@ -342,26 +504,29 @@ class Supervisor:
                     self._emit("stopped", ctx, StopReason.SHUTDOWN, False)
                     return
                 ctx.restart_count += 1
+                ctx._begin_incarnation()
         finally:
             ctx._runner_alive = False
             if ctx._handshake is not None:
                 ctx._start_error = ActorError(f"actor {ctx.path!r}: runner cancelled before start")
-                ctx._handshake.set()
+                self._parking.wake(ctx._handshake)
                 ctx._handshake = None
             if ctx._runner_done is not None:
                 ctx._runner_done.set()
 
-    async def _incarnation(self, ctx: ActorContext) -> StopReason:
-        """Run one incarnation of ``ctx`` to its end and return why it ended."""
-        ctx._begin_incarnation()
-        ctx._state = "starting"
-        if ctx._final:
-            ctx.stopping = True
-        ctx._started_at = anyio.current_time()
-        try:
-            made = ctx.spec.factory()
-        except Exception as exc:
-            return StopReason.crashed(exc)
+    async def _incarnation(self, ctx: ActorContext, made: object, started: bool) -> StopReason:
+        """Run one incarnation of ``ctx`` to its end and return why it ended.
+
+        An idle actor waits for mail outside any cancel scope of ours (a stop request
+        wakes it), so an idle child costs no scope; each busy stretch (on_start, a run
+        of messages, on_stop) runs in its own scope, which a shutdown timeout or a
+        crashed ``ctx.start_soon`` task cancels.
+        """
+        if made is None:
+            try:
+                made = ctx.spec.factory()
+            except Exception as exc:
+                return StopReason.crashed(exc)
         if isinstance(made, Supervisor):
             return await self._run_nested(ctx, made)
         if not isinstance(made, Actor):
@@ -375,82 +540,107 @@ class Supervisor:
         actor.ctx = ctx
         ctx._actor = actor
         reason: StopReason | None = None
-        started = False
-        on_stop_ran = False
-        with anyio.CancelScope() as scope:
-            ctx._scope = scope
-            ctx._in_main = True
-            if ctx._forced:
-                scope.cancel()
-            try:
-                await actor.on_start()
-                started = True
-                self._on_started(ctx)
-                reason = await self._serve(ctx, actor)
-            except Exception as exc:
-                reason = StopReason.crashed(exc)
-            ctx._in_main = False
+        if not started and type(actor).on_start is not Actor.on_start:
+            # (Skipped when not overridden: a scope per spawn is measurable at 10^5.)
+            with anyio.CancelScope() as scope:
+                ctx._scope = scope
+                ctx._busy = True
+                if ctx._forced or ctx._crash is not None:
+                    scope.cancel()
+                try:
+                    await actor.on_start()
+                except Exception as exc:
+                    reason = StopReason.crashed(exc)
+                ctx._busy = False
+            ctx._scope = None
+            if reason is None and scope.cancelled_caught:
+                reason = _requested(ctx) if ctx._crash is None else StopReason.crashed(ctx._crash)
             if reason is not None:
+                # on_start did not complete: no on_stop (as OTP skips terminate after init).
                 ctx._request_stop(reason.kind)
-                if reason.is_crash:
-                    ctx._cancel_background()
-                if started and not scope.cancel_called:
-                    on_stop_ran = True
-                    await self._call_on_stop(ctx, actor, reason)
-        ctx._in_main = False
+                await self._drain_background(ctx, reason)
+                ctx._actor = None
+                return reason
+        if not started:
+            self._on_started(ctx)
+
+        # Serve one message at a time until a stop is requested or something crashes.
+        # Until its first message an actor waits outside any scope of ours (a stop
+        # request wakes it): a started-but-unused child costs no cancel scope. The
+        # first message enters the scope that a shutdown timeout or a crashed
+        # ctx.start_soon task cancels; it lasts for the rest of the incarnation, so a
+        # message costs no scope either.
+        mailbox = ctx._mailbox
+        parking = mailbox.parking
+        while not (ctx.stopping or ctx._crash is not None or mailbox._items):
+            waiter = mailbox.park()
+            try:
+                await parking.wait(waiter)
+            finally:
+                mailbox.unpark(waiter)
+        if not (ctx.stopping or ctx._crash is not None):
+            receive = actor.receive
+            with anyio.CancelScope() as scope:
+                ctx._scope = scope
+                ctx._busy = True
+                while not (ctx.stopping or ctx._crash is not None):
+                    item = mailbox.take()
+                    if item is EMPTY:
+                        waiter = mailbox.park()
+                        try:
+                            await parking.wait(waiter)
+                        finally:
+                            mailbox.unpark(waiter)
+                    elif type(item) is AskEnvelope:
+                        ctx._current = item
+                        try:
+                            value = await receive(item.message)
+                        except Exception as exc:
+                            ctx._current = None
+                            crashed = ActorCrashed(ctx.path, exc)
+                            crashed.__cause__ = exc
+                            item.fail(crashed)
+                            reason = StopReason.crashed(exc)
+                            break
+                        ctx._current = None
+                        item.reply(value)
+                    else:
+                        try:
+                            await receive(item)
+                        except Exception as exc:
+                            reason = StopReason.crashed(exc)
+                            break
+                ctx._busy = False
+            ctx._scope = None
         if reason is None:
-            # Our scope was cancelled: the shutdown timeout expired, or a task started
-            # with ctx.start_soon crashed.
+            # Stop requested, shutdown timeout expired, or a ctx.start_soon task crashed.
             reason = StopReason.crashed(ctx._crash) if ctx._crash is not None else _requested(ctx)
-            ctx._request_stop(reason.kind)
-        if started and not on_stop_ran:
+
+        # Stop: on_stop, then the incarnation's tasks.
+        ctx._request_stop(reason.kind)
+        if reason.is_crash:
+            ctx._cancel_background()
+        if type(actor).on_stop is not Actor.on_stop:
             with anyio.CancelScope() as scope:
                 ctx._scope = scope
                 if ctx._forced:
                     scope.cancel()
                 await self._call_on_stop(ctx, actor, reason)
+            ctx._scope = None
         await self._drain_background(ctx, reason)
         if ctx._crash is not None and not reason.is_crash:
             reason = StopReason.crashed(ctx._crash)
         current, ctx._current = ctx._current, None
         if current is not None:
+            # The message being handled when the incarnation was cancelled.
             if ctx._crash is not None:
                 error: BaseException = ActorCrashed(ctx.path, ctx._crash)
                 error.__cause__ = ctx._crash
             else:
                 error = MailboxClosed(ctx.path, f"it stopped ({reason}) before replying")
             current.fail(error)
-        ctx._scope = None
         ctx._actor = None
         return reason
-
-    async def _serve(self, ctx: ActorContext, actor: Actor) -> StopReason:
-        """Handle messages one at a time until a stop is requested or receive raises."""
-        mailbox = ctx._mailbox
-        receive = actor.receive
-        while not ctx.stopping:
-            item = mailbox.take()
-            if item is EMPTY:
-                await mailbox.wait()
-                continue
-            if type(item) is AskEnvelope:
-                ctx._current = item
-                try:
-                    value = await receive(item.message)
-                except Exception as exc:
-                    ctx._current = None
-                    crashed = ActorCrashed(ctx.path, exc)
-                    crashed.__cause__ = exc
-                    item.fail(crashed)
-                    return StopReason.crashed(exc)
-                ctx._current = None
-                item.reply(value)
-            else:
-                try:
-                    await receive(item)
-                except Exception as exc:
-                    return StopReason.crashed(exc)
-        return _requested(ctx)
 
     async def _call_on_stop(self, ctx: ActorContext, actor: Actor, reason: StopReason) -> None:
         try:
@@ -538,7 +728,7 @@ class Supervisor:
             self._forget(ctx, f"it {kind} ({reason}) and is {restart}")
             self._emit(kind, ctx, reason, False)
             return _EXIT
-        now = anyio.current_time()
+        now = self._parking.now()
         spec = ctx.spec
         if spec.max_restarts is not None:
             if ctx._restarts is None:
@@ -575,7 +765,7 @@ class Supervisor:
 
     def _delay(self, ctx: ActorContext) -> float:
         policy = ctx.spec.backoff or self._backoff
-        if anyio.current_time() - ctx._started_at >= policy.healthy_after:
+        if self._parking.now() - ctx._started_at >= policy.healthy_after:
             ctx._backoff_n = 0
         delay = policy.delay(ctx._backoff_n, self._random.random())
         ctx._backoff_n += 1
@@ -609,7 +799,7 @@ class Supervisor:
             for child in reversed(affected):
                 if child is ctx:
                     continue
-                if child._runner_alive:
+                if child._runner_alive or child._dormant:
                     await self._terminate(child, hold=True)
                 if child._state != "stopped":
                     child._state = "restarting"
@@ -626,7 +816,7 @@ class Supervisor:
                     return
                 if self._children.get(child.id) is not child or child._final:
                     continue
-                if child._runner_alive:
+                if child._runner_alive or child._dormant:
                     continue
                 child.restart_count += 1
                 if await self._launch(child) is not None:
@@ -648,8 +838,7 @@ class Supervisor:
             self._forget(ctx, "its supervisor exceeded its restart intensity")
             await self._shutdown()
         self._emit("escalated", ctx, StopReason.crashed(error), False)
-        assert self._tg is not None
-        self._tg.cancel_scope.cancel()
+        self._outer.cancel_scope.cancel()  # cancels the body of async with
 
     # ---- stopping ------------------------------------------------------------------
 
@@ -661,6 +850,9 @@ class Supervisor:
             ctx._final = True
         if hold:
             ctx._held = True
+        if ctx._dormant:
+            await self._stop_dormant(ctx, brutal or self._brutal)
+            return
         ctx._request_stop("shutdown")
         if not ctx._runner_alive:
             if final and ctx._state != "stopped":
@@ -671,13 +863,54 @@ class Supervisor:
             done = ctx._runner_done = anyio.Event()
         if not (brutal or self._brutal):
             timeout = ctx.spec.shutdown
-            with anyio.move_on_after(timeout):
-                await done.wait()
+            with anyio.move_on_after(timeout) as grace:
+                self._graces.add(grace)
+                try:
+                    await done.wait()
+                finally:
+                    self._graces.discard(grace)
             if not ctx._runner_alive:
                 return
             logger.warning("%s did not stop within %gs; cancelling it", ctx.path, timeout)
         ctx._force()
         await done.wait()
+
+    async def _stop_dormant(self, ctx: ActorContext, brutal: bool) -> None:
+        """End the incarnation of a dormant child here: run its on_stop, if any.
+
+        The child has no task, so this one stands in for its runner: on_stop runs in
+        the child's context, within the child's shutdown timeout (it is cancelled
+        after it, or at once when ``brutal``), and a concurrent stop waits for it.
+        """
+        ctx._dormant = False
+        ctx._mailbox.dormant = False
+        context, ctx._context = ctx._context, None
+        actor, ctx._actor = ctx._actor, None
+        ctx._request_stop("shutdown")
+        if actor is not None and type(actor).on_stop is not Actor.on_stop:
+            assert context is not None
+            ctx._runner_alive = True
+            ctx._runner_done = None
+            try:
+                with anyio.CancelScope() as scope:
+                    ctx._scope = scope
+                    self._graces.add(scope)
+                    if brutal:
+                        scope.cancel()
+                    else:
+                        scope.deadline = anyio.current_time() + ctx.spec.shutdown
+                    await InContext(context, self._call_on_stop(ctx, actor, StopReason.SHUTDOWN))
+            finally:
+                self._graces.discard(scope)
+                ctx._scope = None
+                self._stand_in_done(ctx)
+        self._after_exit(ctx, StopReason.SHUTDOWN)
+
+    def _hurry(self) -> None:
+        """Our parent's shutdown timeout for us expired: cancel children at once from now on."""
+        self._brutal = True
+        for grace in tuple(self._graces):
+            grace.cancel()
 
     def _forget(self, ctx: ActorContext, detail: str) -> None:
         """Remove ``ctx`` for good: it leaves the registry and its mailbox closes."""

@@ -1,0 +1,191 @@
+"""Restart backoff and restart intensity over time, on trio's virtual clock.
+
+``MockClock(autojump_threshold=0)`` jumps to the next deadline as soon as every task
+is blocked, so minutes of backoff pass instantly and every delay is exact.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import anyio
+import pytest
+from perdure.actors import (
+    Actor,
+    ActorCrashed,
+    ActorRef,
+    Backoff,
+    ChildSpec,
+    RestartIntensityExceeded,
+    Supervisor,
+)
+from trio.testing import MockClock
+
+from tests.actors.probes import Boom
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> tuple[str, dict[str, object]]:
+    """Trio with a virtual clock that jumps whenever all tasks are blocked."""
+    return ("trio", {"clock": MockClock(autojump_threshold=0)})
+
+
+class Flaky(Actor):
+    """Starts fine the first time; crashes on "crash"; later starts fail ``fails`` times."""
+
+    def __init__(self, log: list[float], fails: int) -> None:
+        self.log = log
+        self.fails = fails
+
+    async def on_start(self) -> None:
+        self.log.append(anyio.current_time())
+        if 1 <= self.ctx.restart_count <= self.fails:
+            raise Boom(f"start {self.ctx.restart_count}")
+
+    async def receive(self, message: object) -> object:
+        if message == "crash":
+            raise Boom("crash")
+        return self.ctx.restart_count
+
+
+def gaps(times: list[float]) -> list[float]:
+    return [round(b - a, 6) for a, b in itertools.pairwise(times)]
+
+
+async def crash(ref: ActorRef) -> None:
+    with pytest.raises(ActorCrashed):
+        await ref.ask("crash", timeout=None)
+
+
+async def test_delays_grow_exponentially_up_to_the_bound_with_no_real_sleeping() -> None:
+    log: list[float] = []
+    backoff = Backoff(initial=1.0, multiplier=2.0, max=20.0, jitter=0.0)
+    wall = time.perf_counter()
+    async with Supervisor(backoff=backoff, intensity=None) as sup:
+        ref = await sup.start_child(ChildSpec("f", lambda: Flaky(log, fails=7)))
+        crashed_at = anyio.current_time()
+        await crash(ref)
+        # Messages wait in the mailbox through the whole restart storm.
+        assert await ref.ask("n", timeout=None) == 8
+    assert gaps([crashed_at, *log[1:]]) == [1.0, 2.0, 4.0, 8.0, 16.0, 20.0, 20.0, 20.0]
+    assert time.perf_counter() - wall < 5.0  # 91 virtual seconds, next to no real ones
+
+
+async def test_jittered_delays_stay_within_their_bounds() -> None:
+    log: list[float] = []
+    backoff = Backoff(initial=1.0, multiplier=2.0, max=10.0, jitter=0.5)
+    async with Supervisor(backoff=backoff, intensity=None) as sup:
+        ref = await sup.start_child(ChildSpec("f", lambda: Flaky(log, fails=9)))
+        crashed_at = anyio.current_time()
+        await crash(ref)
+        await ref.ask("n", timeout=None)
+    for attempt, delay in enumerate(gaps([crashed_at, *log[1:]])):
+        base = min(10.0, 2.0**attempt)
+        assert base * 0.5 - 1e-6 <= delay <= min(10.0, base * 1.5) + 1e-6
+    assert max(gaps(log[1:])) <= 10.0 + 1e-6
+
+
+async def test_a_healthy_run_resets_the_delay() -> None:
+    waits: list[float] = []
+    backoff = Backoff(initial=1.0, multiplier=2.0, max=8.0, jitter=0.0, reset_after=60.0)
+    async with Supervisor(backoff=backoff, intensity=None) as sup:
+        ref = await sup.start_child(ChildSpec("f", lambda: Flaky([], fails=0)))
+
+        async def crash_and_time_the_restart() -> None:
+            before = anyio.current_time()
+            await crash(ref)
+            await ref.ask("n", timeout=None)
+            waits.append(round(anyio.current_time() - before, 6))
+
+        for _ in range(3):  # quick crashes: the delay doubles
+            await crash_and_time_the_restart()
+        await anyio.sleep(61.0)  # a healthy stretch longer than reset_after
+        await crash_and_time_the_restart()
+    assert waits == [1.0, 2.0, 4.0, 1.0]
+
+
+async def test_a_child_in_backoff_does_not_hold_up_its_siblings() -> None:
+    log: list[float] = []
+    backoff = Backoff(initial=3600.0, multiplier=1.0, max=3600.0, jitter=0.0)
+
+    class Echo(Actor):
+        async def receive(self, message: object) -> object:
+            return message
+
+    async with Supervisor(backoff=backoff, intensity=None) as sup:
+        slow = await sup.start_child(ChildSpec("slow", lambda: Flaky(log, fails=0)))
+        echo = await sup.start_child(ChildSpec("echo", Echo))
+        t0 = anyio.current_time()
+        await crash(slow)
+        assert [c.state for c in sup.children()] == ["restarting", "running"]
+        for i in range(10):
+            assert await echo.ask(i, timeout=None) == i
+        assert anyio.current_time() == t0  # no time passed: nothing waited on the backoff
+        more = await sup.start_child(ChildSpec("more", Echo))
+        assert await more.ask("x") == "x"
+        await sup.stop_child("slow")  # a stop request cuts the backoff short
+        assert anyio.current_time() == t0 and not slow.alive
+
+
+async def test_group_restart_waits_for_the_crashed_childs_backoff() -> None:
+    log: list[float] = []
+    backoff = Backoff(initial=5.0, multiplier=2.0, max=60.0, jitter=0.0)
+
+    class Echo(Actor):
+        async def on_start(self) -> None:
+            log.append(anyio.current_time())
+
+        async def receive(self, message: object) -> object:
+            return message
+
+    async with Supervisor(strategy="one_for_all", backoff=backoff, intensity=None) as sup:
+        flaky = await sup.start_child(ChildSpec("f", lambda: Flaky([], fails=0)))
+        echo = await sup.start_child(ChildSpec("e", Echo))
+        t0 = anyio.current_time()
+        await crash(flaky)
+        await anyio.sleep(30.0)  # virtual: the group restart happens at t0 + 5
+        assert [c.restart_count for c in sup.children()] == [1, 1]
+        await crash(flaky)
+        await anyio.sleep(30.0)  # at t0 + 30 + 10: the crashed child's delay doubled
+        assert await echo.ask("back", timeout=None) == "back"
+    assert [round(t - t0, 6) for t in log[1:]] == [5.0, 40.0]
+
+
+async def test_restarts_older_than_the_period_do_not_count() -> None:
+    log: list[float] = []
+    no_wait = Backoff(initial=0.0, multiplier=1.0, max=0.0, jitter=0.0)
+    async with Supervisor(intensity=2, period=10.0, backoff=no_wait) as sup:
+        ref = await sup.start_child(ChildSpec("f", lambda: Flaky(log, fails=0)))
+        for _ in range(6):  # 6 restarts, but never more than 2 within 10 s
+            await crash(ref)
+            await ref.ask("n", timeout=None)
+            await anyio.sleep(6.0)
+        assert sup.state == "running"
+    with pytest.raises(RestartIntensityExceeded) as caught:
+        async with Supervisor(intensity=2, period=10.0, backoff=no_wait) as sup:
+            ref = await sup.start_child(ChildSpec("f", lambda: Flaky(log, fails=0)))
+            for _ in range(3):
+                await crash(ref)
+                await ref.ask("n", timeout=None)
+                await anyio.sleep(4.0)  # the third lands within 10 s of the first
+    assert caught.value.period == 10.0
+
+
+async def test_ask_timeout_on_virtual_time() -> None:
+    gate = anyio.Event()
+
+    class Slow(Actor):
+        async def receive(self, message: object) -> object:
+            await gate.wait()
+            return message
+
+    async with Supervisor() as sup:
+        ref = await sup.start_child(ChildSpec("s", Slow))
+        t0 = anyio.current_time()
+        with pytest.raises(Exception, match="no reply within 30s"):
+            await ref.ask("x", timeout=30.0)
+        assert anyio.current_time() - t0 == pytest.approx(30.0)
+        gate.set()

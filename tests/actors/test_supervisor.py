@@ -1,0 +1,625 @@
+"""Supervisors: strategies, restart types, intensity, limits, shutdown, structure."""
+
+from __future__ import annotations
+
+import logging
+
+import anyio
+import pytest
+from perdure.actors import (
+    Actor,
+    ActorCrashed,
+    ActorError,
+    ChildSpec,
+    LifecycleEvent,
+    MailboxClosed,
+    RestartIntensityExceeded,
+    StopReason,
+    Supervisor,
+)
+
+from tests.actors.probes import NO_BACKOFF, Boom, Journal, Recorder, probe, settle
+
+pytestmark = pytest.mark.anyio
+
+
+def specs(journal: Journal, *ids: str, **kwargs: object) -> list[ChildSpec]:
+    return [ChildSpec(i, probe(i, journal), **kwargs) for i in ids]  # type: ignore[arg-type]
+
+
+async def crash(sup: Supervisor, id: str) -> None:
+    ref = sup.ref(id)
+    assert ref is not None
+    with pytest.raises(ActorCrashed):
+        await ref.ask("crash")
+    await settle()
+
+
+# ---- strategies ---------------------------------------------------------------------
+
+
+async def test_one_for_one_restarts_only_the_crashed_child() -> None:
+    journal = Journal()
+    async with Supervisor(children=specs(journal, "a", "b", "c"), backoff=NO_BACKOFF) as sup:
+        journal.entries.clear()
+        await crash(sup, "b")
+        assert journal.hooks() == [("stop", "b", "crashed"), ("start", "b", 1)]
+        assert [c.restart_count for c in sup.children()] == [0, 1, 0]
+
+
+async def test_one_for_all_stops_the_others_in_reverse_and_restarts_all_in_order() -> None:
+    journal = Journal()
+    async with Supervisor(
+        strategy="one_for_all", children=specs(journal, "a", "b", "c"), backoff=NO_BACKOFF
+    ) as sup:
+        recorder = Recorder(sup)
+        journal.entries.clear()
+        await crash(sup, "b")
+        assert journal.hooks() == [
+            ("stop", "b", "crashed"),
+            ("stop", "c", "shutdown"),
+            ("stop", "a", "shutdown"),
+            ("start", "a", 1),
+            ("start", "b", 1),
+            ("start", "c", 1),
+        ]
+        assert [c.state for c in sup.children()] == ["running"] * 3
+        assert [(e.kind, e.child, e.will_restart) for e in recorder.events] == [
+            ("crashed", "b", True),
+            ("stopped", "c", True),
+            ("stopped", "a", True),
+            ("restarted", "a", False),
+            ("restarted", "b", False),
+            ("restarted", "c", False),
+        ]
+
+
+async def test_rest_for_one_restarts_the_crashed_child_and_those_started_after_it() -> None:
+    journal = Journal()
+    async with Supervisor(
+        strategy="rest_for_one", children=specs(journal, "a", "b", "c", "d"), backoff=NO_BACKOFF
+    ) as sup:
+        journal.entries.clear()
+        await crash(sup, "b")
+        assert journal.hooks() == [
+            ("stop", "b", "crashed"),
+            ("stop", "d", "shutdown"),
+            ("stop", "c", "shutdown"),
+            ("start", "b", 1),
+            ("start", "c", 1),
+            ("start", "d", 1),
+        ]
+        assert [c.restart_count for c in sup.children()] == [0, 1, 1, 1]
+
+
+@pytest.mark.parametrize("strategy", ["one_for_all", "rest_for_one"])
+async def test_temporary_siblings_stopped_by_a_group_restart_are_removed(strategy: str) -> None:
+    journal = Journal()
+    children = [
+        ChildSpec("a", probe("a", journal)),
+        ChildSpec("t", probe("t", journal), restart="temporary"),
+        ChildSpec("c", probe("c", journal), restart="transient"),
+    ]
+    async with Supervisor(strategy=strategy, children=children, backoff=NO_BACKOFF) as sup:  # type: ignore[arg-type]
+        crashed = "a"
+        temporary_ref = sup.ref("t")
+        await crash(sup, crashed)
+        assert [c.id for c in sup.children()] == ["a", "c"]
+        assert temporary_ref is not None and not temporary_ref.alive
+        assert journal.starts("c") == 2  # transient siblings are restarted (as in OTP)
+
+
+@pytest.mark.parametrize("strategy", ["one_for_one", "one_for_all", "rest_for_one"])
+@pytest.mark.parametrize(
+    ("restart", "exit_with", "restarted"),
+    [
+        ("permanent", "crash", True),
+        ("permanent", "stop", True),
+        ("transient", "crash", True),
+        ("transient", "stop", False),
+        ("temporary", "crash", False),
+        ("temporary", "stop", False),
+    ],
+)
+async def test_restart_types(strategy: str, restart: str, exit_with: str, restarted: bool) -> None:
+    journal = Journal()
+    children = [
+        ChildSpec("x", probe("x", journal), restart=restart),  # type: ignore[arg-type]
+        ChildSpec("y", probe("y", journal)),
+    ]
+    async with Supervisor(strategy=strategy, children=children, backoff=NO_BACKOFF) as sup:  # type: ignore[arg-type]
+        recorder = Recorder(sup)
+        ref = sup.ref("x")
+        assert ref is not None
+        if exit_with == "crash":
+            with pytest.raises(ActorCrashed):
+                await ref.ask("crash")
+        else:
+            assert await ref.ask("stop") == "stopping"
+        await settle()
+        assert ref.alive is restarted
+        assert journal.starts("x") == (2 if restarted else 1)
+        assert (sup.ref("x") is not None) is restarted
+        # A child that is not restarted never triggers its siblings' restart.
+        sibling_restarted = restarted and strategy != "one_for_one"  # y starts after x
+        assert journal.starts("y") == (2 if sibling_restarted else 1)
+        exit_event = recorder.events[0]
+        assert exit_event.kind == ("crashed" if exit_with == "crash" else "stopped")
+        assert exit_event.will_restart is restarted
+
+
+# ---- intensity ----------------------------------------------------------------------
+
+
+async def test_intensity_exceeded_stops_children_in_reverse_and_raises_out_of_async_with() -> None:
+    journal = Journal()
+    events: list[LifecycleEvent] = []
+    reached_end_of_body = False
+    with pytest.raises(RestartIntensityExceeded) as caught:
+        async with Supervisor(
+            name="root",
+            children=specs(journal, "a", "b", "c"),
+            intensity=2,
+            period=3600,
+            backoff=NO_BACKOFF,
+        ) as sup:
+            sup.observe(events.append)
+            for _ in range(2):
+                await crash(sup, "b")
+            journal.entries.clear()
+            ref = sup.ref("b")
+            assert ref is not None
+            with pytest.raises(ActorCrashed):
+                await ref.ask("crash")  # the third restart within the period: too many
+            await anyio.sleep_forever()  # the failure cancels the body
+            reached_end_of_body = True
+    assert not reached_end_of_body
+    error = caught.value
+    assert isinstance(error.__cause__, Boom) and error.error is error.__cause__
+    assert (error.supervisor, error.child, error.intensity) == ("root", "b", 2)
+    assert journal.hooks() == [
+        ("stop", "b", "crashed"),
+        ("stop", "c", "shutdown"),
+        ("stop", "a", "shutdown"),
+    ]
+    assert [(e.kind, e.child, e.will_restart) for e in events[-4:]] == [
+        ("crashed", "b", False),
+        ("stopped", "c", False),
+        ("stopped", "a", False),
+        ("escalated", "b", False),
+    ]
+    assert events[-1].error is error
+
+
+async def test_escalation_travels_through_two_levels() -> None:
+    journal = Journal()
+    events: list[tuple[str, str, str]] = []
+
+    def middle() -> Supervisor:
+        return Supervisor(
+            name="ignored",
+            children=[
+                ChildSpec("leaf", probe("leaf", journal)),
+                ChildSpec("peer", probe("peer", journal)),
+            ],
+            intensity=1,
+            period=3600,
+            backoff=NO_BACKOFF,
+        )
+
+    with pytest.raises(RestartIntensityExceeded) as caught:
+        async with Supervisor(
+            name="root",
+            children=[ChildSpec("mid", middle), ChildSpec("side", probe("side", journal))],
+            intensity=0,
+            backoff=NO_BACKOFF,
+        ) as root:
+            root.observe(lambda e: events.append((e.kind, e.supervisor, e.child)))
+            mid = root.child_supervisor("mid")
+            assert mid is not None and mid.path == "root/mid"
+            await crash(mid, "leaf")  # one restart: within mid's intensity
+            leaf = mid.ref("leaf")
+            assert leaf is not None and leaf.path == "root/mid/leaf"
+            await leaf.tell("crash")  # the second: mid fails, then root (intensity 0)
+            await anyio.sleep_forever()
+    top = caught.value
+    assert top.supervisor == "root" and top.child == "mid"
+    middle_failure = top.__cause__
+    assert isinstance(middle_failure, RestartIntensityExceeded)
+    assert middle_failure.supervisor == "root/mid" and middle_failure.child == "leaf"
+    assert isinstance(middle_failure.__cause__, Boom)
+    assert ("escalated", "root/mid", "leaf") in events
+    assert events[-1] == ("escalated", "root", "mid")
+    # Everything was stopped: mid's children in reverse order, then root's other child.
+    assert journal.of("stop") == [
+        ("leaf", "crashed"),
+        ("leaf", "crashed"),
+        ("peer", "shutdown"),
+        ("side", "shutdown"),
+    ]
+
+
+async def test_a_parent_restarts_a_failed_nested_supervisor_as_a_fresh_one() -> None:
+    journal = Journal()
+
+    def middle() -> Supervisor:
+        return Supervisor(
+            children=[ChildSpec("leaf", probe("leaf", journal))], intensity=0, backoff=NO_BACKOFF
+        )
+
+    async with Supervisor(
+        name="root", children=[ChildSpec("mid", middle, shutdown=float("inf"))], backoff=NO_BACKOFF
+    ) as root:
+        recorder = Recorder(root)
+        first = root.child_supervisor("mid")
+        assert first is not None
+        leaf = first.ref("leaf")
+        assert leaf is not None
+        with pytest.raises(ActorCrashed):
+            await leaf.ask("crash")
+        await settle()
+        second = root.child_supervisor("mid")
+        assert second is not None and second is not first and second.state == "running"
+        assert first.state == "failed"
+        assert not leaf.alive  # the old incarnation's child is gone for good
+        new_leaf = second.ref("leaf")
+        assert new_leaf is not None and await new_leaf.ask(("echo", 1)) == 1
+        assert ("crashed", "mid") in [(e.kind, e.child) for e in recorder.events]
+        assert root.children()[0].is_supervisor
+        mid_ref = root.ref("mid")
+        assert mid_ref is not None and mid_ref.alive
+        with pytest.raises(MailboxClosed, match="supervisor"):
+            await mid_ref.tell("hello")
+
+
+async def test_intensity_none_is_unlimited() -> None:
+    journal = Journal()
+    async with Supervisor(children=specs(journal, "a"), intensity=None, backoff=NO_BACKOFF) as sup:
+        for _ in range(20):
+            await crash(sup, "a")
+        assert journal.starts("a") == 21 and sup.state == "running"
+
+
+async def test_per_child_limit_gives_the_child_up_without_escalating() -> None:
+    journal = Journal()
+    children = [
+        ChildSpec("flaky", probe("flaky", journal), max_restarts=2, within=3600),
+        ChildSpec("steady", probe("steady", journal)),
+    ]
+    async with Supervisor(children=children, intensity=None, backoff=NO_BACKOFF) as sup:
+        recorder = Recorder(sup)
+        flaky = sup.ref("flaky")
+        assert flaky is not None
+        for _ in range(3):
+            await crash(sup, "flaky")
+        assert not flaky.alive and sup.ref("flaky") is None
+        assert journal.starts("flaky") == 3
+        last = recorder.events[-1]
+        assert (last.kind, last.child, last.will_restart) == ("crashed", "flaky", False)
+        assert isinstance(last.error, Boom)
+        assert sup.state == "running"
+        steady = sup.ref("steady")
+        assert steady is not None and await steady.ask(("echo", "ok")) == "ok"
+
+
+async def test_per_child_limit_does_not_count_against_intensity() -> None:
+    journal = Journal()
+    children = [ChildSpec("f", probe("f", journal), max_restarts=0)]
+    async with Supervisor(children=children, intensity=0, backoff=NO_BACKOFF) as sup:
+        await crash(sup, "f")  # given up at once; intensity 0 would have failed the supervisor
+        assert sup.count_children() == 0 and sup.state == "running"
+
+
+# ---- starting and stopping ----------------------------------------------------------
+
+
+async def test_shutdown_stops_children_in_reverse_start_order() -> None:
+    journal = Journal()
+    async with Supervisor(children=specs(journal, "a", "b")) as sup:
+        await sup.start_child(ChildSpec("c", probe("c", journal)))
+        await sup.start_child(ChildSpec("d", probe("d", journal)))
+        assert [c.id for c in sup.children()] == ["a", "b", "c", "d"]
+    assert journal.of("start") == [("a", 0), ("b", 0), ("c", 0), ("d", 0)]
+    assert journal.of("stop") == [
+        ("d", "shutdown"),
+        ("c", "shutdown"),
+        ("b", "shutdown"),
+        ("a", "shutdown"),
+    ]
+    assert sup.state == "stopped"
+
+
+async def test_shutdown_timeout_cancels_a_child_that_does_not_stop() -> None:
+    log: list[str] = []
+
+    class Stuck(Actor):
+        async def receive(self, message: object) -> object:
+            try:
+                await anyio.sleep_forever()
+            finally:
+                log.append("handler cancelled")
+            return None
+
+        async def on_stop(self, reason: StopReason) -> None:
+            log.append(f"on_stop {reason.kind}")
+
+    async with Supervisor(children=[ChildSpec("s", Stuck, shutdown=0.01)]) as sup:
+        ref = sup.ref("s")
+        assert ref is not None
+        await ref.tell("hang")
+        await anyio.wait_all_tasks_blocked()
+    assert log[0] == "handler cancelled"
+    # on_stop still runs, but inside the expired deadline (cancelled at its first await).
+    assert log[1:] == ["on_stop shutdown"]
+
+
+async def test_a_child_stopped_by_timeout_fails_the_ask_it_was_handling() -> None:
+    class Stuck(Actor):
+        async def receive(self, message: object) -> object:
+            await anyio.sleep_forever()
+            return None
+
+    async with Supervisor() as sup:
+        ref = await sup.start_child(ChildSpec("s", Stuck, shutdown=0.01))
+        errors: list[BaseException] = []
+
+        async def asker() -> None:
+            try:
+                await ref.ask("hang", timeout=None)
+            except MailboxClosed as exc:
+                errors.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(asker)
+            await anyio.wait_all_tasks_blocked()
+            await sup.stop_child("s")
+        assert len(errors) == 1 and "before replying" in str(errors[0])
+
+
+async def test_dynamic_children_that_stop_for_good_are_removed() -> None:
+    class Once(Actor):
+        async def receive(self, message: object) -> object:
+            self.ctx.stop()
+            return message
+
+    async with Supervisor() as sup:
+        for i in range(300):
+            ref = await sup.start_child(ChildSpec(f"job-{i}", Once, restart="transient"))
+            assert await ref.ask(i) == i
+        await settle()
+        assert sup.count_children() == 0 and sup.children() == []
+        assert len(sup._children) == 0
+
+
+async def test_start_child_failure_is_raised_and_leaves_no_child() -> None:
+    class BadStart(Actor):
+        async def on_start(self) -> None:
+            raise Boom("cannot start")
+
+    def bad_factory() -> Actor:
+        raise Boom("cannot build")
+
+    async with Supervisor() as sup:
+        recorder = Recorder(sup)
+        with pytest.raises(ActorCrashed) as caught:
+            await sup.start_child(ChildSpec("bad", BadStart))
+        assert isinstance(caught.value.__cause__, Boom) and caught.value.during == "on_start"
+        with pytest.raises(ActorCrashed):
+            await sup.start_child(ChildSpec("worse", bad_factory))
+        assert sup.count_children() == 0 and sup.ref("bad") is None
+        assert [(e.kind, e.will_restart) for e in recorder.events] == [("crashed", False)] * 2
+        with pytest.raises(ActorCrashed, match="factory returned"):
+            await sup.start_child(ChildSpec("odd", lambda: object()))  # type: ignore[arg-type,return-value]
+
+
+async def test_static_child_failure_fails_async_with_after_stopping_the_others() -> None:
+    journal = Journal()
+
+    class BadStart(Actor):
+        async def on_start(self) -> None:
+            raise Boom("cannot start")
+
+    children = [*specs(journal, "a", "b"), ChildSpec("bad", BadStart), *specs(journal, "z")]
+    entered = False
+    with pytest.raises(ActorCrashed):
+        async with Supervisor(children=children):
+            entered = True
+    assert not entered
+    assert journal.of("start") == [("a", 0), ("b", 0)]
+    assert journal.of("stop") == [("b", "shutdown"), ("a", "shutdown")]
+
+
+async def test_misuse_is_reported() -> None:
+    journal = Journal()
+    sup = Supervisor(children=specs(journal, "a"))
+    with pytest.raises(ActorError, match="is new"):
+        await sup.start_child(ChildSpec("x", probe("x", journal)))
+    async with sup:
+        with pytest.raises(ActorError, match="already has a child 'a'"):
+            await sup.start_child(ChildSpec("a", probe("a", journal)))
+        await sup.stop_child("does-not-exist")  # idempotent
+    with pytest.raises(ActorError, match="stopped"):
+        await sup.start_child(ChildSpec("x", probe("x", journal)))
+    with pytest.raises(ActorError, match="entered once"):
+        async with sup:
+            pass
+    with pytest.raises(ValueError, match="two children"):
+        Supervisor(children=specs(journal, "a", "a"))
+    with pytest.raises(ValueError):
+        ChildSpec("a/b", probe("x", journal))
+    with pytest.raises(ValueError):
+        ChildSpec("a", probe("x", journal), restart="sometimes")  # type: ignore[arg-type]
+
+
+async def test_stop_child_on_itself_is_refused() -> None:
+    outcome: list[BaseException] = []
+
+    class SelfStopper(Actor):
+        async def receive(self, message: object) -> object:
+            try:
+                await self.ctx.supervisor.stop_child(self.ctx.id)
+            except ActorError as exc:
+                outcome.append(exc)
+            return None
+
+    async with Supervisor() as sup:
+        ref = await sup.start_child(ChildSpec("me", SelfStopper))
+        await ref.ask(None)
+        assert len(outcome) == 1 and "ctx.stop()" in str(outcome[0])
+
+
+async def test_a_broken_observer_is_logged_and_does_not_break_the_supervisor(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    journal = Journal()
+    caplog.set_level(logging.ERROR, logger="perdure.actors")
+
+    def broken(event: LifecycleEvent) -> None:
+        raise RuntimeError("observer bug")
+
+    async with Supervisor(backoff=NO_BACKOFF) as sup:
+        sup.observe(broken)
+        recorder = Recorder(sup)
+        await sup.start_child(ChildSpec("a", probe("a", journal)))
+        await crash(sup, "a")
+        assert recorder.kinds() == ["started", "crashed", "restarted"]
+        recorder.unsubscribe()
+        recorder.unsubscribe()  # idempotent
+        await crash(sup, "a")
+        assert recorder.kinds() == ["started", "crashed", "restarted"]
+    assert "observer bug" in caplog.text
+
+
+# ---- structured concurrency ---------------------------------------------------------
+
+
+async def test_no_task_outlives_the_tree() -> None:
+    journal = Journal()
+
+    class WithTasks(Actor):
+        async def on_start(self) -> None:
+            self.ctx.start_soon(anyio.sleep_forever)
+
+        async def receive(self, message: object) -> object:
+            return None
+
+    def middle() -> Supervisor:
+        return Supervisor(children=specs(journal, "m1", "m2"), strategy="one_for_all")
+
+    before = len(anyio.get_running_tasks())
+    async with Supervisor(
+        children=[
+            *specs(journal, "a"),
+            ChildSpec("mid", middle),
+            ChildSpec("t", WithTasks, shutdown=0.01),
+        ],
+        backoff=NO_BACKOFF,
+    ) as sup:
+        for i in range(20):
+            await sup.start_child(ChildSpec(f"d{i}", WithTasks, shutdown=0.01))
+        await crash(sup, "a")
+        during = len(anyio.get_running_tasks())
+    after = len(anyio.get_running_tasks())
+    assert during > before + 20
+    assert after == before
+
+
+async def test_outer_cancellation_is_not_swallowed_and_children_stop_gracefully() -> None:
+    journal = Journal()
+    after_sleep = False
+    with anyio.CancelScope() as outer:
+        async with Supervisor(children=specs(journal, "a", "b")) as sup:
+            ref = sup.ref("a")
+            assert ref is not None
+            outer.cancel()
+            await anyio.sleep_forever()
+            after_sleep = True
+    assert outer.cancelled_caught and not after_sleep
+    assert journal.of("stop") == [("b", "shutdown"), ("a", "shutdown")]
+
+
+async def test_cancellation_inside_an_actor_reaches_its_scope_not_the_tree() -> None:
+    class Canceller(Actor):
+        async def receive(self, message: object) -> object:
+            with anyio.move_on_after(0) as scope:
+                await anyio.sleep_forever()
+            return scope.cancelled_caught
+
+    async with Supervisor() as sup:
+        ref = await sup.start_child(ChildSpec("c", Canceller))
+        assert await ref.ask(None) is True
+        assert ref.alive and sup.children()[0].restart_count == 0
+
+
+async def test_outer_cancellation_waits_for_busy_children_then_cancels_them() -> None:
+    log: list[str] = []
+
+    class Busy(Actor):
+        async def receive(self, message: object) -> object:
+            try:
+                await anyio.sleep_forever()
+            except anyio.get_cancelled_exc_class():
+                log.append(f"cancelled while stopping={self.ctx.stopping}")
+                raise
+            return None
+
+    with anyio.CancelScope() as outer:
+        async with Supervisor() as sup:
+            ref = await sup.start_child(ChildSpec("busy", Busy, shutdown=0.01))
+            await ref.tell("work")
+            await anyio.wait_all_tasks_blocked()
+            outer.cancel()
+            await anyio.sleep_forever()
+    # The child was not torn down by the outer cancellation itself: it was asked to
+    # stop, given its shutdown timeout, then cancelled; and the cancellation went on.
+    assert log == ["cancelled while stopping=True"]
+    assert outer.cancelled_caught
+
+
+async def test_a_parents_timeout_for_a_nested_supervisor_cancels_its_children_too() -> None:
+    log: list[str] = []
+
+    class Stuck(Actor):
+        async def receive(self, message: object) -> object:
+            try:
+                await anyio.sleep_forever()
+            except anyio.get_cancelled_exc_class():
+                log.append("stuck cancelled")
+                raise
+            return None
+
+    def middle() -> Supervisor:
+        # Its child would get 5 s to stop; the parent gives the whole subtree 0.05 s.
+        return Supervisor(children=[ChildSpec("stuck", Stuck, shutdown=5)])
+
+    started = anyio.current_time()
+    async with Supervisor(children=[ChildSpec("mid", middle, shutdown=0.05)]) as root:
+        mid = root.child_supervisor("mid")
+        assert mid is not None
+        stuck = mid.ref("stuck")
+        assert stuck is not None
+        await stuck.tell("hang")
+        await anyio.wait_all_tasks_blocked()
+    assert log == ["stuck cancelled"]
+    assert anyio.current_time() - started < 2.5
+    assert mid.state == "stopped"
+
+
+async def test_cancelling_start_child_removes_the_half_started_child() -> None:
+    entered = anyio.Event()
+
+    class SlowStart(Actor):
+        async def on_start(self) -> None:
+            entered.set()
+            await anyio.sleep_forever()
+
+    async with Supervisor() as sup:
+        recorder = Recorder(sup)
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(sup.start_child, ChildSpec("slow", SlowStart))
+                await entered.wait()
+                scope.cancel()
+        assert scope.cancelled_caught
+        assert sup.ref("slow") is None and sup.count_children() == 0
+        assert "started" not in recorder.kinds()
