@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.lowlevel import checkpoint
+
 from perdure.actors.errors import ActorError
 from perdure.actors.mailbox import AskEnvelope, Mailbox
 from perdure.actors.ref import ActorRef

@@ -20,6 +20,7 @@ from collections import deque
 from typing import Any, Final
 
 import anyio
+
 from perdure.actors.errors import MailboxClosed
 from perdure.actors.parking import Parking
 

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 from anyio.lowlevel import checkpoint
+
 from perdure.actors.errors import AskTimeout
 from perdure.actors.mailbox import AskEnvelope, Mailbox
 

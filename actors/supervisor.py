@@ -37,6 +37,7 @@ from typing import Any, Literal
 import anyio
 import anyio.abc
 from anyio.abc import TaskGroup
+
 from perdure.actors.actor import Actor, StopReason
 from perdure.actors.context import ActorContext
 from perdure.actors.errors import ActorCrashed, ActorError, MailboxClosed, RestartIntensityExceeded

@@ -187,6 +187,7 @@ KINDS = ("minimal", "on_start", "on_stop")
 async def idle_actors(n: int, kind: str, shutdown: bool) -> dict[str, Any]:
     """Start ``n`` actors of ``kind`` one after another; measure time, RSS, and more at 10k."""
     import anyio
+
     from perdure.actors import Actor, ChildSpec, StopReason, Supervisor
 
     class Minimal(Actor):

@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
+
 from perdure.providers.clients import LoopClient, plain_http_client
 from perdure.providers.errors import (
     AuthenticationError,

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import anyio.to_thread
+
 from perdure.providers.errors import MalformedResponseError, ProviderError, TerminalProviderError
 from perdure.providers.openai_format import to_openai_messages, to_openai_tools
 from perdure.providers.retry import RetryPolicy

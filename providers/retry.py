@@ -19,6 +19,7 @@ from datetime import UTC
 from typing import Any, TypeVar
 
 import anyio
+
 from perdure.providers.errors import RetryableProviderError
 from perdure.providers.streams import closing
 

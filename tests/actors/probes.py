@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import anyio
+
 from perdure.actors import Actor, Backoff, LifecycleEvent, StopReason, Supervisor
 
 NO_BACKOFF = Backoff(initial=0.0, multiplier=1.0, max=0.0, jitter=0.0)

@@ -11,6 +11,8 @@ import time
 
 import anyio
 import pytest
+from trio.testing import MockClock
+
 from perdure.actors import (
     Actor,
     ActorCrashed,
@@ -20,8 +22,6 @@ from perdure.actors import (
     RestartIntensityExceeded,
     Supervisor,
 )
-from trio.testing import MockClock
-
 from tests.actors.probes import Boom
 
 pytestmark = pytest.mark.anyio

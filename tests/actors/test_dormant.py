@@ -10,8 +10,8 @@ import contextvars
 
 import anyio
 import pytest
-from perdure.actors import Actor, ActorCrashed, ChildSpec, StopReason, Supervisor
 
+from perdure.actors import Actor, ActorCrashed, ChildSpec, StopReason, Supervisor
 from tests.actors.probes import NO_BACKOFF, Journal, Quiet, Recorder, probe, settle
 
 pytestmark = pytest.mark.anyio

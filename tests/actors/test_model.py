@@ -24,8 +24,8 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
-from perdure.actors import ActorCrashed, ActorError, ChildSpec, RestartIntensityExceeded, Supervisor
 
+from perdure.actors import ActorCrashed, ActorError, ChildSpec, RestartIntensityExceeded, Supervisor
 from tests.actors.probes import NO_BACKOFF, Journal, probe
 
 RESTART_TYPES = st.sampled_from(["permanent", "transient", "temporary"])

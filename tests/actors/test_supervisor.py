@@ -6,6 +6,7 @@ import logging
 
 import anyio
 import pytest
+
 from perdure.actors import (
     Actor,
     ActorCrashed,
@@ -17,7 +18,6 @@ from perdure.actors import (
     StopReason,
     Supervisor,
 )
-
 from tests.actors.probes import NO_BACKOFF, Boom, Journal, Recorder, probe, settle
 
 pytestmark = pytest.mark.anyio

@@ -13,6 +13,7 @@ import random
 import sys
 
 import anyio
+
 from perdure.log import ANY, LmdbLog, NewRecord, RecordTypes, StorageFullError
 
 TYPES = RecordTypes({"note": 1, "step": 2, "signal": 1})

@@ -10,6 +10,7 @@ import cbor2
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from perdure.log import (
     CorruptRecordError,
     LogError,

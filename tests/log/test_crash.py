@@ -8,6 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import anyio
+
 from perdure.log import LmdbLog, Record
 
 from .conformance import TYPES, collect

@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 import lmdb
 import pytest
+
 from perdure.log import (
     ANY,
     ClientWriteError,

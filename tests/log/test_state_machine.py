@@ -18,6 +18,7 @@ from anyio.from_thread import start_blocking_portal
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
 from perdure.log import ANY, ConflictError, EventLog, LmdbLog, MemoryLog, NewRecord
 
 from .conformance import TYPES, collect

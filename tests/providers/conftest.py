@@ -6,8 +6,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from perdure.providers import RetryPolicy
 
+from perdure.providers import RetryPolicy
 from tests.support.anthropic_server import anthropic_server as anthropic_server
 from tests.support.openai_server import openai_server as openai_server
 

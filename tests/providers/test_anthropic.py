@@ -33,7 +33,6 @@ from perdure.providers import (
     Usage,
 )
 from perdure.providers.anthropic import to_anthropic_messages
-
 from tests.providers.conftest import SleepRecorder
 from tests.support.anthropic_server import AnthropicServer, error, message
 from tests.support.http_server import (

@@ -6,6 +6,7 @@ import threading
 from typing import Any
 
 import pytest
+
 from perdure.providers import (
     CallableProvider,
     LLMRequest,
@@ -18,7 +19,6 @@ from perdure.providers import (
     ToolSpec,
     Usage,
 )
-
 from tests.providers.conftest import SleepRecorder
 
 pytestmark = pytest.mark.anyio

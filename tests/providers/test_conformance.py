@@ -15,6 +15,7 @@ from typing import Any
 
 import cbor2
 import pytest
+
 from perdure.providers import (
     Anthropic,
     AuthenticationError,
@@ -40,7 +41,6 @@ from perdure.providers import (
     ToolSpec,
     Usage,
 )
-
 from tests.providers.conftest import SleepRecorder
 from tests.support import anthropic_server as anthropic_wire
 from tests.support import openai_server as openai_wire

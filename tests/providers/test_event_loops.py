@@ -11,8 +11,8 @@ import importlib.util
 
 import anyio
 import pytest
-from perdure.providers import LLMRequest, Message, OpenAI
 
+from perdure.providers import LLMRequest, Message, OpenAI
 from tests.support.anthropic_server import AnthropicServer, message
 from tests.support.openai_server import OpenAIServer, completion
 

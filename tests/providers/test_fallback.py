@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing as closing
 
 import pytest
+
 from perdure.providers import (
     Anthropic,
     AuthenticationError,
@@ -21,7 +22,6 @@ from perdure.providers import (
     StreamEvent,
     TextDelta,
 )
-
 from tests.providers.conftest import SleepRecorder
 from tests.support.anthropic_server import AnthropicServer, message
 from tests.support.openai_server import OpenAIServer, completion, error

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import anyio
 import pytest
+
 from perdure.providers import (
     AuthenticationError,
     BadRequestError,
@@ -29,7 +30,6 @@ from perdure.providers import (
     ToolSpec,
     Usage,
 )
-
 from tests.providers.conftest import SleepRecorder
 from tests.support.http_server import (
     DropConnection,

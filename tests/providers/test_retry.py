@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from perdure.providers import (
     AuthenticationError,
     ProviderUnavailableError,
@@ -15,7 +16,6 @@ from perdure.providers import (
     RetryPolicy,
 )
 from perdure.providers.retry import parse_retry_after, retry_stream
-
 from tests.providers.conftest import SleepRecorder
 
 

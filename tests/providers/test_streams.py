@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from perdure.providers import LLMResponse, Message, ResponseCompleted, TextDelta, ToolCall
 from perdure.providers.streams import (
     ResponseAssembler,
