@@ -40,6 +40,18 @@ def transfer_agent(ran: list[tuple[str, float]], *, final: str = "moved") -> Age
     return Agent("banker", tools=[transfer_funds], llm=llm)
 
 
+async def hibernated(rt: Any, eid: str) -> bool:
+    """Wait until ``eid`` has no actor (a suspended execution hibernates), then True.
+
+    Waits on the actor's own stop event: the log writer is a thread, so
+    ``wait_all_tasks_blocked`` cannot tell when the actor is done.
+    """
+    with anyio.fail_after(10):
+        while (actor := rt._live.get(eid)) is not None:
+            await actor.stopped.wait()
+    return eid not in rt._live
+
+
 async def types_of(rt: Any, eid: str) -> list[str]:
     return [rec.type async for rec in rt.log.read(execution_stream(eid))]
 
@@ -56,8 +68,7 @@ async def test_approval_suspends_before_the_tool_and_runs_it_once_approved(
         assert reason.kind == "approval" and reason.tool == "transfer_funds"
         assert reason.arguments == {"dst": "savings", "amount": 5000.0}
         assert ran == []  # suspended BEFORE the tool ran
-        await anyio.wait_all_tasks_blocked()
-        assert "t-1" not in rt._live  # hibernated: no actor, no task
+        assert await hibernated(rt, "t-1")  # hibernated: no actor, no task
         with pytest.raises(InvalidSignalError, match="no pending confirmation"):
             await rt.approve("t-1", "c-wrong")
         await rt.approve("t-1", reason.confirmation_id, note="fine", by="alice")
@@ -78,7 +89,7 @@ async def test_approve_after_a_restart(open_runtime: Any) -> None:
         r = await rt.run(transfer_agent(ran), "Move it", execution_id="t-2")
         cid = r.suspend_reason.confirmation_id  # type: ignore[union-attr]
     async with open_runtime(agents=[transfer_agent(ran)]) as rt:
-        assert "t-2" not in rt._live  # stays hibernated across the restart
+        assert await hibernated(rt, "t-2")  # stays hibernated across the restart
         await rt.approve("t-2", cid)
         r = await rt.wait("t-2")
     assert r.status == "completed" and ran == [("savings", 5000.0)]
@@ -235,9 +246,12 @@ async def test_callbacks_fire_and_a_raising_callback_harms_nothing(
             events.append(("suspend", reason.kind))
             raise RuntimeError("callback bug")
 
+        completed_seen = anyio.Event()
+
         @rt.on_complete
         async def completed(result: Result) -> None:
             events.append(("complete", result.output))
+            completed_seen.set()
 
         @rt.on_step
         def stepped(execution_id: str, step: dict[str, Any]) -> None:
@@ -251,8 +265,9 @@ async def test_callbacks_fire_and_a_raising_callback_harms_nothing(
         r = await rt.run(transfer_agent(ran), "go", execution_id="cb-1")
         await rt.approve("cb-1", r.suspend_reason.confirmation_id)  # type: ignore[union-attr]
         r = await rt.wait("cb-1")
+        with anyio.fail_after(10):
+            await completed_seen.wait()  # async callbacks run in their own task
         await rt.run(Agent("failing", llm=Scripted([RuntimeError("provider down")])), "x")
-        await anyio.wait_all_tasks_blocked()
     assert r.status == "completed"
     assert events == [
         ("step", "llm"),
@@ -292,7 +307,7 @@ async def test_cancel_stops_a_running_execution_and_it_never_resumes(open_runtim
         with pytest.raises(InvalidSignalError, match="cancelled"):
             await rt.signal("c-1", "anything")
     async with open_runtime(agents=[make()]) as rt:
-        assert "c-1" not in rt._live
+        assert await hibernated(rt, "c-1")
         assert (await rt.result("c-1")).status == "cancelled"
         assert (await types_of(rt, "c-1"))[-1] == "execution.cancelled"
 
@@ -337,8 +352,7 @@ async def test_delegation_parent_hibernates_and_resumes_with_the_childs_answer(
         assert children["p-1/2"].status == "completed"
         assert children["p-1/3"].status == "suspended" and children["p-1/3"].reason == "approval"
         assert children["p-1/3"].parent == "p-1"
-        await anyio.wait_all_tasks_blocked()
-        assert "p-1" not in rt._live
+        assert await hibernated(rt, "p-1")
         child = await rt.result("p-1/3")
         await rt.approve("p-1/3", child.suspend_reason.confirmation_id)  # type: ignore[union-attr]
         r = await rt.wait("p-1/3")
@@ -355,12 +369,15 @@ async def test_fleet_listing_and_max_concurrency(open_runtime: Any) -> None:
     running = 0
     peak = 0
     gate = anyio.Event()
+    three_running = anyio.Event()
 
     @tool
     async def work(n: int) -> int:
         nonlocal running, peak
         running += 1
         peak = max(peak, running)
+        if running == 3:
+            three_running.set()
         await gate.wait()
         running -= 1
         return n
@@ -376,7 +393,8 @@ async def test_fleet_listing_and_max_concurrency(open_runtime: Any) -> None:
         for n in range(20):
             await rt.spawn(agent, str(n), execution_id=f"f-{n:02d}")
         await rt.spawn(other, "x", execution_id="o-1")
-        await anyio.wait_all_tasks_blocked()
+        with anyio.fail_after(10):
+            await three_running.wait()
         assert peak == 3
         queued = await rt.executions(status="queued")
         assert len(queued) == 18  # 17 workers and "other" wait, durably, for a slot
