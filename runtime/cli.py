@@ -42,6 +42,7 @@ from perdure.budget import Budget
 from perdure.cli_export import export_document, record_to_json, to_json_value
 from perdure.cli_render import (
     fmt_bytes,
+    fmt_clock,
     fmt_dollars,
     fmt_json,
     fmt_time,
@@ -139,9 +140,10 @@ def run(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     except SystemExit as exc:  # --help and --version print and exit 0
         return exc.code if isinstance(exc.code, int) else 0
     data_dir = args.data_dir or os.environ.get("PERDURE_DATA_DIR") or DEFAULT_DATA_DIR
-    ctx = _Ctx(data_dir, bool(args.json), out)
+    ctx = _Ctx(data_dir, os.path.abspath(data_dir), bool(args.json), out)
     command: Callable[[_Ctx, argparse.Namespace], Awaitable[int]] = args.handler
     try:
+        _check_data_dir(data_dir)
         return anyio.run(command, ctx, args)
     except CliError as exc:
         return _report(out, ctx.json, str(exc), exc.kind, exc.code)
@@ -169,9 +171,7 @@ def _has_broken_pipe(exc: BaseException) -> bool:
     return False
 
 
-def _report(
-    out: TextIO, as_json: bool, message: str, kind: str, code: int, usage: str = ""
-) -> int:
+def _report(out: TextIO, as_json: bool, message: str, kind: str, code: int, usage: str = "") -> int:
     if as_json:
         _write_json(out, {"error": {"kind": kind, "message": message}})
     else:
@@ -186,7 +186,8 @@ def _write_json(out: TextIO, doc: Any) -> None:
 
 @dataclass(slots=True)
 class _Ctx:
-    data_dir: str
+    data_dir: str  # as the user spelled it, for messages
+    abs_dir: str
     json: bool
     out: TextIO
 
@@ -323,7 +324,15 @@ def build_parser() -> argparse.ArgumentParser:
 @asynccontextmanager
 async def _open(ctx: _Ctx) -> AsyncIterator[LmdbLog]:
     """The data dir's log, opened as a client (never the owner lock; signals only)."""
-    path = ctx.data_dir
+    log = await LmdbLog.open(ctx.data_dir, types=record_types(), client=True)
+    try:
+        yield log
+    finally:
+        await log.aclose()
+
+
+def _check_data_dir(path: str) -> None:
+    """A clear error for a data dir that is missing or holds no log (before opening)."""
     if not os.path.isdir(path):
         raise CliError(
             f"data dir {path!r} does not exist; pass --data-dir DIR or set "
@@ -335,11 +344,6 @@ async def _open(ctx: _Ctx) -> AsyncIterator[LmdbLog]:
             f"data dir {path!r} holds no perdure log (no data.mdb); is it the right dir?",
             "no_data_dir",
         )
-    log = await LmdbLog.open(path, types=record_types(), client=True)
-    try:
-        yield log
-    finally:
-        await log.aclose()
 
 
 async def _find(log: LmdbLog, ctx: _Ctx, execution_id: str) -> StreamInfo:
@@ -433,7 +437,7 @@ async def _status(ctx: _Ctx, args: argparse.Namespace) -> int:
     if ctx.json:
         ctx.emit(
             {
-                "data_dir": os.path.abspath(ctx.data_dir),
+                "data_dir": ctx.abs_dir,
                 "owner_pid": owner,
                 "filters": {"status": args.status, "agent": args.agent},
                 "executions": rows,
@@ -553,6 +557,14 @@ async def _inspect(ctx: _Ctx, args: argparse.Namespace) -> int:
         "pending_signals": [p.to_dict() for p in pending],
         "next_steps": next_steps(eid, status, state.suspend_reason),
     }
+    in_doubt = [c for c in open_calls if c["status"] == "started" and not c["idempotent"]]
+    if in_doubt and status in ("running", "queued") and not owned:
+        # Not suspended yet (that happens when a runtime next opens the dir), but the
+        # operator may decide the call now; the decision waits in the inbox.
+        doc["next_steps"] = [
+            f"step {in_doubt[0]['step']} ({in_doubt[0]['tool']}) is in doubt; decide it now: "
+            f"perdure resolve {eid} --retry | --complete JSON | --fail [REASON]"
+        ]
     if ctx.json:
         ctx.emit(doc)
     else:
@@ -570,7 +582,8 @@ def _inspect_lines(d: Mapping[str, Any]) -> list[str]:
         ("updated", fmt_time(d["updated_at"])),
     ]
     if d["parent"]:
-        pairs.append(("parent", f"{d['parent'].get('execution_id')} (step {d['parent'].get('step')})"))
+        parent = d["parent"]
+        pairs.append(("parent", f"{parent.get('execution_id')} (step {parent.get('step')})"))
     pairs.append(("prompt", fmt_json(d["prompt"])))
     if d["output"] is not None:
         pairs.append(("output", fmt_json(d["output"])))
@@ -579,11 +592,12 @@ def _inspect_lines(d: Mapping[str, Any]) -> list[str]:
         pairs.append(("error", f"{d['failure_kind']}: {err.get('type')}: {err.get('message')}"))
     if d["cancel_reason"] is not None:
         pairs.append(("cancelled", d["cancel_reason"] or "(no reason given)"))
-    pairs.append(("steps", f"{d['steps']} (max {d['max_steps']} LLM calls), {d['records']} records"))
+    steps = f"{d['steps']} (max {d['max_steps']} LLM calls), {d['records']} records"
+    pairs.append(("steps", steps))
     pairs.append(
         (
             "usage",
-            f"{usage['llm_calls']} LLM calls, {usage['tool_calls']} tool calls, "
+            f"{_n(usage['llm_calls'], 'LLM call')}, {_n(usage['tool_calls'], 'tool call')}, "
             f"{usage['total_tokens']} tokens ({usage['input_tokens']} in, "
             f"{usage['output_tokens']} out), {fmt_dollars(usage['dollars'])}",
         )
@@ -592,7 +606,7 @@ def _inspect_lines(d: Mapping[str, Any]) -> list[str]:
         pairs.append(
             (
                 "",
-                f"{model}: {u['calls']:g} calls, {u['tokens']:g} tokens, "
+                f"{model}: {_n(int(u['calls']), 'call')}, {u['tokens']:g} tokens, "
                 f"{fmt_dollars(u['dollars'])}",
             )
         )
@@ -607,7 +621,11 @@ def _inspect_lines(d: Mapping[str, Any]) -> list[str]:
     definition = d["definition"] or {}
     lines.append("fingerprints (at start, or at the last accepted drift)")
     fp = [
-        ("instructions", f"{definition.get('instructions')}  {fmt_json(definition.get('instructions_text'), 80)}"),
+        (
+            "instructions",
+            f"{definition.get('instructions')}  "
+            f"{fmt_json(definition.get('instructions_text'), 80)}",
+        ),
         ("model", str(definition.get("model"))),
         ("params", str(definition.get("params"))),
     ]
@@ -685,6 +703,10 @@ def _inspect_lines(d: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _blocker(b: Mapping[str, Any]) -> str:
     kind = b.get("kind")
     if kind in ("approval", "contract"):
@@ -694,9 +716,7 @@ def _blocker(b: Mapping[str, Any]) -> str:
             return f"{head}; contract {b.get('contract')!r} blocked it: {b.get('message')}"
         return head
     if kind == "budget":
-        return (
-            f"budget: {b.get('limit')} {b.get('limit_value')} reached (used {b.get('used')})"
-        )
+        return f"budget: {b.get('limit')} {b.get('limit_value')} reached (used {b.get('used')})"
     if kind == "unknown_outcome":
         return (
             f"unknown_outcome: step {b.get('step')} {b.get('tool')} "
@@ -737,7 +757,7 @@ async def _steps(ctx: _Ctx, args: argparse.Namespace) -> int:
     rows = []
     for e in entries:
         step, kind, detail = render_entry(e)
-        rows.append((str(e["seq"]), fmt_time(e["time"])[11:], step, kind, detail))
+        rows.append((str(e["seq"]), fmt_clock(e["time"]), step, kind, detail))
     lines = [f"execution {eid}: {status_text}"]
     lines += table(("SEQ", "TIME", "STEP", "KIND", "DETAIL"), rows, right=(0, 2))
     ctx.lines(lines)
@@ -777,23 +797,31 @@ async def _export(ctx: _Ctx, args: argparse.Namespace) -> int:
         ctx.out.write(json.dumps(doc, ensure_ascii=False, allow_nan=False) + "\n")
         return 0
     target = args.output
+    try:
+        await anyio.to_thread.run_sync(_write_file, target, doc)
+    except OSError as exc:
+        raise CliError(f"cannot write the export of {eid!r} to {target!r}: {exc}") from None
+    if ctx.json:
+        ctx.emit({"execution_id": eid, "file": target, "records": len(records)})
+    else:
+        ctx.lines([f"exported {len(records)} records of execution {eid} to {target}"])
+    return 0
+
+
+def _write_file(target: str, doc: Any) -> None:
+    # Written aside and renamed: a reader never sees half an export.
     tmp = f"{target}.tmp-{os.getpid()}"
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(doc, f, ensure_ascii=False, allow_nan=False)
             f.write("\n")
         os.replace(tmp, target)
-    except OSError as exc:
+    except BaseException:
         try:
             os.unlink(tmp)
         except OSError:
             pass
-        raise CliError(f"cannot write the export of {eid!r} to {target!r}: {exc}") from None
-    if ctx.json:
-        ctx.emit({"execution_id": eid, "file": os.path.abspath(target), "records": len(records)})
-    else:
-        ctx.lines([f"exported {len(records)} records of execution {eid} to {target}"])
-    return 0
+        raise
 
 
 # -- health ---------------------------------------------------------------------------------
@@ -812,7 +840,7 @@ async def _health(ctx: _Ctx, args: argparse.Namespace) -> int:
         disk_free = None
     doc = {
         "ok": not faults,
-        "data_dir": os.path.abspath(ctx.data_dir),
+        "data_dir": ctx.abs_dir,
         "owner_pid": owner,
         "checked": [
             "record checksums and decoding",
@@ -1043,7 +1071,7 @@ async def _resolve(ctx: _Ctx, args: argparse.Namespace) -> int:
         state = _fold(info, await _history(log, info))
         if not any(c.status == "started" and not c.idempotent for c in state.calls):
             raise CliError(
-                f"execution {info.stream[len(_PREFIX):]!r} has no tool call in doubt "
+                f"execution {info.stream[len(_PREFIX) :]!r} has no tool call in doubt "
                 f"(status {info.meta.get('status')}); resolve decides a non-idempotent tool "
                 f"call that started but never finished",
                 "invalid_signal",
@@ -1075,7 +1103,8 @@ async def _resume(ctx: _Ctx, args: argparse.Namespace) -> int:
             todo.append(("budget", {"budget": budget.to_dict()}))
         if args.accept_drift:
             todo.append(("accept_drift", {}))
-        if status == "failed" or (status == "suspended" and reason == "drift" and not todo):
+        drift_held = status == "suspended" and reason == "drift" and not args.accept_drift
+        if status == "failed" or drift_held:
             todo.append(("resume", {}))
         if todo or status in TERMINAL:
             return todo or [("resume", {})]  # a terminal status: precheck says why not
@@ -1216,17 +1245,33 @@ async def _replay(ctx: _Ctx, args: argparse.Namespace) -> int:
     ]
     if not reports:
         lines.append("nothing to replay: no executions of these agents in " + ctx.data_dir)
-    for r in reports:
-        verdict = "ok" if r.ok else ("ERROR" if r.error else "DRIFT")
-        lines.append(f"{r.execution_id}  {r.agent}  {r.status}  {r.steps} steps  {verdict}")
+    rows = table(
+        ("EXECUTION", "AGENT", "STATUS", "STEPS", "REPLAY"),
+        (
+            (
+                r.execution_id,
+                r.agent,
+                r.status,
+                str(r.steps),
+                "ok" if r.ok else ("ERROR" if r.error else "DRIFT"),
+            )
+            for r in reports
+        ),
+        right=(3,),
+    )
+    if reports:
+        lines.append(rows[0])
+    for r, row in zip(reports, rows[1:], strict=True):
+        lines.append(row)
         if r.error:
             lines.append(f"  {r.error}")
         for item in r.drift:
             lines += ["  " + line for line in _drift_lines(item)]
     if bad:
         lines.append(
-            f"{len(bad)} of {len(reports)} executions drifted or failed to replay: deploying "
-            f"this code would suspend (or fail) them on resume, per each agent's drift policy"
+            f"{len(bad)} of {len(reports)} executions drifted or failed to replay: under this "
+            f"code, unfinished ones would suspend (or fail) on resume, per their agent's drift "
+            f"policy"
         )
     else:
         lines.append("no drift")
@@ -1243,9 +1288,7 @@ def _drift_lines(item: Mapping[str, Any]) -> list[str]:
             f"{fmt_json(item.get('arguments'), 80)} no longer fit: {item.get('error')}"
         ]
     what = "LLM request" if kind == "llm" else f"tool {item.get('tool')}"
-    head = (
-        f"step {step} ({what}): fingerprint {item.get('recorded')} -> {item.get('current')}"
-    )
+    head = f"step {step} ({what}): fingerprint {item.get('recorded')} -> {item.get('current')}"
     changes = item.get("changes") or []
     return [head] + ["  " + render_change(c) for c in changes]
 

@@ -215,8 +215,9 @@ def _tool(e: Mapping[str, Any]) -> str:
     notes = []
     if e.get("key"):
         notes.append(f"key {e['key']}")
-    if e.get("attempts"):
-        notes.append(f"attempt {e['attempts']}" if e["attempts"] == 1 else f"{e['attempts']} attempts")
+    attempts = e.get("attempts")
+    if attempts:
+        notes.append("attempt 1" if attempts == 1 else f"{attempts} attempts")
     if e.get("idempotent") is False:
         notes.append("not idempotent")
     if e.get("latency_ms") is not None and status not in ("started", "planned"):
@@ -253,9 +254,7 @@ def _suspended(e: Mapping[str, Any]) -> str:
     reason = e.get("reason") or {}
     kind = reason.get("kind")
     if kind in ("approval", "contract"):
-        ids = ", ".join(
-            str(p.get("confirmation_id")) for p in reason.get("pending") or [reason]
-        )
+        ids = ", ".join(str(p.get("confirmation_id")) for p in reason.get("pending") or [reason])
         return f"{kind} {ids}"
     if kind == "budget":
         return (
