@@ -115,6 +115,20 @@ reporter = Agent(
     llm=Scripted([Scripted.call("report", size=300_000), "Report written."]),
 )
 
+
+@tool("snapshot", description="Take a binary snapshot")
+def snapshot() -> dict:
+    """Values JSON lacks (bytes, NaN) and a key that looks like an export tag."""
+    return {"blob": b"\x00\xffdata", "ratio": float("nan"), "$bytes": "not a tag", "n": [1, 2.5]}
+
+
+archiver = Agent(
+    "archiver",
+    instructions="You archive.",
+    tools=[snapshot],
+    llm=Scripted([Scripted.call("snapshot"), "Archived."]),
+)
+
 helper = Agent("helper", instructions="You help.", llm=Scripted(["Helped."]))
 
 boss = Agent(
@@ -124,4 +138,4 @@ boss = Agent(
     llm=Scripted([Scripted.call("delegate_to_helper", task="help me"), "Boss done."]),
 )
 
-ALL = [weather, banker, guarded, budgeted, charger, waiter, failing, reporter, boss]
+ALL = [weather, banker, guarded, budgeted, charger, waiter, failing, reporter, archiver, boss]
