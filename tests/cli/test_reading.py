@@ -233,8 +233,14 @@ def test_data_dir_from_the_environment_and_the_console_script(store: Store) -> N
 
 def test_piping_into_head_is_quiet(store: Store) -> None:
     # report-1 holds a 300 kB tool output: far more than a pipe buffers, so the CLI is
-    # still writing when head exits, and its next write hits the closed pipe.
-    for command in ("events report-1", "export report-1", "status", "steps report-1"):
+    # still writing line by line when head exits, and its next write hits the closed
+    # pipe (exit 141, as SIGPIPE would). Export writes one large block, which the kernel
+    # may accept in part without an error: 0 is quiet too.
+    for command, codes in (
+        ("events report-1", ("rc=141",)),
+        ("steps report-1", ("rc=141",)),
+        ("export report-1", ("rc=0", "rc=141")),
+    ):
         script = (
             f"set -o pipefail; {sys.executable} -m perdure.cli --data-dir {store.path} "
             f"{command} | head -c 10; rc=$?; echo; echo rc=$rc"
@@ -243,7 +249,7 @@ def test_piping_into_head_is_quiet(store: Store) -> None:
             ["bash", "-c", script], capture_output=True, text=True, timeout=60, env=cli_env()
         )
         assert proc.stderr == "", (command, proc.stderr)
-        assert proc.stdout.splitlines()[-1] in ("rc=0", "rc=141"), proc.stdout
+        assert proc.stdout.splitlines()[-1] in codes, (command, proc.stdout[-200:])
     line = subprocess.run(
         [
             "sh",
