@@ -208,8 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
     # --data-dir and --json work before or after the command; SUPPRESS keeps a
     # subcommand from overwriting the value given before it.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--data-dir", metavar="DIR", default=argparse.SUPPRESS)
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+    common.add_argument("--data-dir", metavar="DIR", default=argparse.SUPPRESS, help="the data dir")
+    common.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="print one JSON document (errors too)",
+    )
 
     parser = _Parser(
         prog="perdure",
@@ -222,7 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the data dir (default: $PERDURE_DATA_DIR, else ./perdure-data)",
     )
-    parser.add_argument("--json", action="store_true", default=False, help="one JSON document")
+    parser.add_argument(
+        "--json", action="store_true", default=False, help="print one JSON document (errors too)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -238,13 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--agent", help="only executions of this agent")
 
     p = command("inspect", _inspect, "one execution: prompt, usage, suspension, children")
-    p.add_argument("execution_id", metavar="ID")
+    p.add_argument("execution_id", metavar="ID", help="the execution id")
     p = command("steps", _steps, "the step timeline: LLM calls, tool calls, approvals, signals")
-    p.add_argument("execution_id", metavar="ID")
+    p.add_argument("execution_id", metavar="ID", help="the execution id")
     p = command("events", _events, "the raw records of an execution")
-    p.add_argument("execution_id", metavar="ID")
+    p.add_argument("execution_id", metavar="ID", help="the execution id")
     p = command("export", _export, "the whole history as JSON that round-trips")
-    p.add_argument("execution_id", metavar="ID")
+    p.add_argument("execution_id", metavar="ID", help="the execution id")
     p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
     command("health", _health, "full integrity scan; exits 1 naming every fault")
 
@@ -259,25 +266,25 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     p = command("approve", _approve, "approve a pending tool call (or override a contract)")
-    p.add_argument("execution_id", metavar="ID")
-    p.add_argument("confirmation_id", metavar="CID")
+    p.add_argument("execution_id", metavar="ID", help="the execution id")
+    p.add_argument("confirmation_id", metavar="CID", help="the confirmation id (see inspect)")
     p.add_argument("--note", help="recorded with the approval")
     signal_options(p)
 
     p = command("reject", _reject, "reject a pending tool call; the model is told why")
-    p.add_argument("execution_id", metavar="ID")
-    p.add_argument("confirmation_id", metavar="CID")
+    p.add_argument("execution_id", metavar="ID", help="the execution id")
+    p.add_argument("confirmation_id", metavar="CID", help="the confirmation id (see inspect)")
     p.add_argument("--reason", required=True, help="returned to the model as the call's result")
     signal_options(p)
 
     p = command("signal", _signal, "send a named signal with an optional JSON payload")
-    p.add_argument("execution_id", metavar="ID")
+    p.add_argument("execution_id", metavar="ID", help="the execution id")
     p.add_argument("name", metavar="NAME")
     p.add_argument("payload", metavar="JSON", nargs="?", help="the payload, as JSON")
     signal_options(p)
 
     p = command("resume", _resume, "raise the budget, accept drift, or retry a failed execution")
-    p.add_argument("execution_id", metavar="ID")
+    p.add_argument("execution_id", metavar="ID", help="the execution id")
     p.add_argument("--max-dollars", type=float, metavar="N")
     p.add_argument("--max-llm-calls", type=int, metavar="N")
     p.add_argument("--max-tool-calls", type=int, metavar="N")
@@ -288,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     signal_options(p)
 
     p = command("resolve", _resolve, "decide an in-doubt (unknown_outcome) tool call")
-    p.add_argument("execution_id", metavar="ID")
+    p.add_argument("execution_id", metavar="ID", help="the execution id")
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--retry", action="store_true", help="run it again, same idempotency key")
     how.add_argument("--complete", metavar="JSON", help="record this result as its outcome")
@@ -298,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     signal_options(p)
 
     p = command("cancel", _cancel, "cancel an execution for good")
-    p.add_argument("execution_id", metavar="ID")
+    p.add_argument("execution_id", metavar="ID", help="the execution id")
     p.add_argument("--reason", default="", help="recorded with the cancellation")
     signal_options(p)
 
@@ -1009,6 +1016,8 @@ async def _send(
             )
         elif settled is None:
             lines.append(f"runtime pid {owner} delivers it and resumes the execution")
+        elif settled:
+            lines.append(f"runtime pid {owner} took it; the execution has settled")
         lines.append(f"status: {status_text}")
         if settled is False:
             lines.append(f"not settled within {args.wait:g}s")
