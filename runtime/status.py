@@ -85,8 +85,14 @@ def owner_pid(data_dir: str | os.PathLike[str]) -> int | None:
         return pid if pid is not None and _alive(pid) else None
     if not holders:
         return None
-    # The pid the owner wrote, unless a new owner has locked but not yet written it.
-    return pid if pid in holders else holders[0]
+    if pid in holders:
+        return pid
+    # A new owner that has locked but not yet written its pid; or (pid 0) a holder in
+    # another pid namespace, where the pid it wrote is the best name we have for it.
+    seen = [h for h in holders if h > 0]
+    if seen:
+        return seen[0]
+    return pid if pid is not None else 0
 
 
 def _flock_holders(st: os.stat_result, pid: int | None) -> list[int] | None:
