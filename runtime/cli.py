@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
             type=float,
             metavar="SECONDS",
             help="wait until the owning runtime has taken the signal and the execution "
-            "has settled; exit 1 if it has not within SECONDS",
+            "has settled; exit 1 if it has not within SECONDS (or no runtime owns the dir)",
         )
 
     p = command("approve", _approve, "approve a pending tool call (or override a contract)")
@@ -989,8 +989,11 @@ async def _send(
         ]
         owner = owner_pid(ctx.data_dir)
         settled: bool | None = None
-        if args.wait is not None and owner is not None:
-            info, settled = await _wait_settled(log, eid, last, args.wait)
+        if args.wait is not None:
+            # With no owner nothing will take the signal before a runtime starts.
+            settled = False
+            if owner is not None:
+                info, settled = await _wait_settled(log, eid, last, args.wait)
         pending = (await pending_signals(log)).get(eid, [])
     status_text = describe(info.meta, owned=owner is not None, pending=len(pending))
     if ctx.json:
@@ -1020,7 +1023,11 @@ async def _send(
             lines.append(f"runtime pid {owner} took it; the execution has settled")
         lines.append(f"status: {status_text}")
         if settled is False:
-            lines.append(f"not settled within {args.wait:g}s")
+            lines.append(
+                f"not settled within {args.wait:g}s"
+                if owner is not None
+                else "not waiting: no runtime is there to take it"
+            )
         ctx.lines(lines)
     return 1 if settled is False else 0
 

@@ -97,9 +97,11 @@ async def test_approve_with_no_runtime_is_durable_and_applies_at_the_next_start(
     fresh_store: Store,
 ) -> None:
     path, cid = fresh_store.path, fresh_store.cids["pay-1"]
-    ran = perdure(path, "approve", "pay-1", cid, "--note", "later", "--by", "alice")
-    assert ran.code == 0, ran.err
+    ran = perdure(path, "approve", "pay-1", cid, "--note", "later", "--by", "alice", "--wait", "5")
+    # Stored, but nothing will take it before a runtime starts: --wait says so at once.
+    assert ran.code == 1, ran.err
     assert f"no runtime owns {path}: the signal is stored" in ran.out
+    assert ran.out.splitlines()[-1] == "not waiting: no runtime is there to take it"
     detail = perdure(path, "inspect", "pay-1", "--json").json()
     assert detail["status_text"] == (
         f"suspended (approval {cid}; 1 signal pending, delivered at next start)"
