@@ -1,0 +1,1313 @@
+"""The ``perdure`` command: inspect, verify and operate a data dir.
+
+    perdure [--data-dir DIR] [--json] COMMAND [ARGS]
+
+The data dir defaults to ``$PERDURE_DATA_DIR``, else ``./perdure-data``.
+
+Reading commands (``status``, ``inspect``, ``steps``, ``events``, ``export``,
+``health``, ``replay``) open the log as a client: they never take the owner lock, so
+they work while a service owns the dir, and they write nothing. Signal commands
+(``approve``, ``reject``, ``signal``, ``resume``, ``resolve``, ``cancel``) check the
+signal against the execution's index entry, then append it to the inbox stream
+through the same client path, exactly as ``Runtime.approve`` and friends do: the
+owning runtime notices within ~50 ms, delivers it and auto-resumes the execution; with
+no runtime running the signal waits in the inbox and takes effect at the next start.
+
+Every command takes ``--json`` (one JSON document on stdout, errors included) and
+otherwise prints aligned text for people. Exit status: 0 success; 1 an error, a fault
+(``health``), drift (``replay``) or a signal that was not sent; 2 a usage error; 141
+when stdout was closed early (``perdure events ID | head``), quietly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import importlib
+import json
+import os
+import shutil
+import socket
+import sys
+import traceback
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, NoReturn, TextIO
+
+import anyio
+
+from perdure.agent import Agent
+from perdure.budget import Budget
+from perdure.cli_export import export_document, record_to_json, to_json_value
+from perdure.cli_render import (
+    fmt_bytes,
+    fmt_clock,
+    fmt_dollars,
+    fmt_json,
+    fmt_time,
+    key_values,
+    next_steps,
+    render_change,
+    render_entry,
+    table,
+)
+from perdure.cli_timeline import timeline
+from perdure.drift import Replayer, ReplayReport
+from perdure.errors import PerdureError
+from perdure.events import (
+    INBOX_STREAM,
+    Event,
+    EventDecodeError,
+    SignalSent,
+    decode,
+    encode,
+    execution_stream,
+    record_types,
+)
+from perdure.journal import index_meta
+from perdure.log import ANY, Fault, LmdbLog, LogError, Record, StreamInfo
+from perdure.result import ExecutionInfo
+from perdure.signals import precheck
+from perdure.state import TERMINAL, ExecutionState, apply
+from perdure.status import STATUSES, describe, owner_pid, pending_signals
+
+__all__ = ["CliError", "build_parser", "main", "run"]
+
+DEFAULT_DATA_DIR = "./perdure-data"
+_PREFIX = "exec/"
+
+
+class CliError(Exception):
+    """A command cannot do what was asked; the message says why and what to do."""
+
+    def __init__(self, message: str, kind: str = "error", code: int = 1) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.code = code
+
+
+class _UsageError(Exception):
+    def __init__(self, message: str, usage: str) -> None:
+        super().__init__(message)
+        self.usage = usage
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that raises on bad usage instead of exiting, so that a usage
+    error can be reported as JSON when ``--json`` was asked for."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(f"{self.prog}: error: {message}", self.format_usage())
+
+
+# -- entry points ---------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """The console script: run the command line and exit with its status."""
+    try:
+        code = run(argv)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        code = _closed_pipe()
+    sys.exit(code)
+
+
+def _closed_pipe() -> int:
+    # The reader went away (``| head``). Point stdout at /dev/null so that the final
+    # flush at interpreter exit cannot raise again, and exit as SIGPIPE would, quietly.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+    return 141
+
+
+def run(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    """Run one command line; returns the exit status. ``out`` defaults to stdout."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    # Known before parsing, so that a usage error can be reported as JSON too.
+    wants_json = "--json" in args_list
+    out = out if out is not None else sys.stdout
+    parser = build_parser()
+    try:
+        args = parser.parse_args(args_list)
+    except _UsageError as exc:
+        return _report(out, wants_json, str(exc), "usage", 2, usage=exc.usage)
+    except SystemExit as exc:  # --help and --version print and exit 0
+        return exc.code if isinstance(exc.code, int) else 0
+    data_dir = args.data_dir or os.environ.get("PERDURE_DATA_DIR") or DEFAULT_DATA_DIR
+    ctx = _Ctx(data_dir, os.path.abspath(data_dir), bool(args.json), out)
+    command: Callable[[_Ctx, argparse.Namespace], Awaitable[int]] = args.handler
+    try:
+        _check_data_dir(data_dir)
+        return anyio.run(command, ctx, args)
+    except CliError as exc:
+        return _report(out, ctx.json, str(exc), exc.kind, exc.code)
+    except (PerdureError, EventDecodeError) as exc:
+        return _report(out, ctx.json, str(exc), type(exc).__name__, 1)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        if _has_broken_pipe(exc):
+            raise BrokenPipeError from None
+        if os.environ.get("PERDURE_DEBUG"):
+            traceback.print_exc()
+        message = (
+            f"unexpected {type(exc).__name__}: {exc} (set PERDURE_DEBUG=1 for a traceback, "
+            f"and please report it)"
+        )
+        return _report(out, ctx.json, message, "internal", 1)
+
+
+def _has_broken_pipe(exc: BaseException) -> bool:
+    if isinstance(exc, BrokenPipeError):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        return any(_has_broken_pipe(e) for e in exc.exceptions)
+    return False
+
+
+def _report(out: TextIO, as_json: bool, message: str, kind: str, code: int, usage: str = "") -> int:
+    if as_json:
+        _write_json(out, {"error": {"kind": kind, "message": message}})
+    else:
+        sys.stderr.write(f"{usage}{message if usage else 'perdure: error: ' + message}\n")
+    return code
+
+
+def _write_json(out: TextIO, doc: Any) -> None:
+    out.write(json.dumps(to_json_value(doc), ensure_ascii=False, indent=2, allow_nan=False))
+    out.write("\n")
+
+
+@dataclass(slots=True)
+class _Ctx:
+    data_dir: str  # as the user spelled it, for messages
+    abs_dir: str
+    json: bool
+    out: TextIO
+
+    def emit(self, doc: Any) -> None:
+        _write_json(self.out, doc)
+
+    def lines(self, lines: Iterable[str]) -> None:
+        write = self.out.write
+        for line in lines:
+            write(line + "\n")
+
+
+# -- the parser -----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``perdure`` argument parser (each subcommand's ``handler`` is its coroutine)."""
+    # --data-dir and --json work before or after the command; SUPPRESS keeps a
+    # subcommand from overwriting the value given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-dir", metavar="DIR", default=argparse.SUPPRESS, help="the data dir")
+    common.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="print one JSON document (errors too)",
+    )
+
+    parser = _Parser(
+        prog="perdure",
+        description="Inspect, verify and operate a perdure data dir.",
+        epilog="The data dir defaults to $PERDURE_DATA_DIR, else ./perdure-data.",
+    )
+    parser.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        default=None,
+        help="the data dir (default: $PERDURE_DATA_DIR, else ./perdure-data)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", default=False, help="print one JSON document (errors too)"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    def command(
+        name: str, handler: Callable[..., Awaitable[int]], help: str
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help, description=help)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = command("status", _status, "list executions: agent, status, steps, cost, last update")
+    p.add_argument("--status", choices=STATUSES, help="only executions with this status")
+    p.add_argument("--agent", help="only executions of this agent")
+
+    p = command("inspect", _inspect, "one execution: prompt, usage, suspension, children")
+    p.add_argument("execution_id", metavar="ID", help="the execution id")
+    p = command("steps", _steps, "the step timeline: LLM calls, tool calls, approvals, signals")
+    p.add_argument("execution_id", metavar="ID", help="the execution id")
+    p = command("events", _events, "the raw records of an execution")
+    p.add_argument("execution_id", metavar="ID", help="the execution id")
+    p = command("export", _export, "the whole history as JSON that round-trips")
+    p.add_argument("execution_id", metavar="ID", help="the execution id")
+    p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+    command("health", _health, "full integrity scan; exits 1 naming every fault")
+
+    def signal_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--by", help="who is acting (default: cli:USER@HOST)")
+        p.add_argument(
+            "--wait",
+            type=float,
+            metavar="SECONDS",
+            help="wait until the owning runtime has taken the signal and the execution "
+            "has settled; exit 1 if it has not within SECONDS (or no runtime owns the dir)",
+        )
+
+    p = command("approve", _approve, "approve a pending tool call (or override a contract)")
+    p.add_argument("execution_id", metavar="ID", help="the execution id")
+    p.add_argument("confirmation_id", metavar="CID", help="the confirmation id (see inspect)")
+    p.add_argument("--note", help="recorded with the approval")
+    signal_options(p)
+
+    p = command("reject", _reject, "reject a pending tool call; the model is told why")
+    p.add_argument("execution_id", metavar="ID", help="the execution id")
+    p.add_argument("confirmation_id", metavar="CID", help="the confirmation id (see inspect)")
+    p.add_argument("--reason", required=True, help="returned to the model as the call's result")
+    signal_options(p)
+
+    p = command("signal", _signal, "send a named signal with an optional JSON payload")
+    p.add_argument("execution_id", metavar="ID", help="the execution id")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("payload", metavar="JSON", nargs="?", help="the payload, as JSON")
+    signal_options(p)
+
+    p = command("resume", _resume, "raise the budget, accept drift, or retry a failed execution")
+    p.add_argument("execution_id", metavar="ID", help="the execution id")
+    p.add_argument("--max-dollars", type=float, metavar="N")
+    p.add_argument("--max-llm-calls", type=int, metavar="N")
+    p.add_argument("--max-tool-calls", type=int, metavar="N")
+    p.add_argument("--max-tokens", type=int, metavar="N")
+    p.add_argument(
+        "--accept-drift", action="store_true", help="make the current agent definition its baseline"
+    )
+    signal_options(p)
+
+    p = command("resolve", _resolve, "decide an in-doubt (unknown_outcome) tool call")
+    p.add_argument("execution_id", metavar="ID", help="the execution id")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--retry", action="store_true", help="run it again, same idempotency key")
+    how.add_argument("--complete", metavar="JSON", help="record this result as its outcome")
+    how.add_argument(
+        "--fail", nargs="?", const="", metavar="REASON", help="record a failure (told the model)"
+    )
+    signal_options(p)
+
+    p = command("cancel", _cancel, "cancel an execution for good")
+    p.add_argument("execution_id", metavar="ID", help="the execution id")
+    p.add_argument("--reason", default="", help="recorded with the cancellation")
+    signal_options(p)
+
+    p = command(
+        "replay",
+        _replay,
+        "replay recorded executions against the current agent code; exit 1 on drift",
+    )
+    p.add_argument(
+        "--agent",
+        action="append",
+        required=True,
+        metavar="MODULE:ATTRIBUTE",
+        help="an Agent, or an iterable of Agents, to replay against (repeatable)",
+    )
+    p.add_argument("execution_ids", metavar="ID", nargs="*", help="default: all of those agents")
+    return parser
+
+
+# -- shared pieces --------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def _open(ctx: _Ctx) -> AsyncIterator[LmdbLog]:
+    """The data dir's log, opened as a client (never the owner lock; signals only)."""
+    log = await LmdbLog.open(ctx.data_dir, types=record_types(), client=True)
+    try:
+        yield log
+    finally:
+        await log.aclose()
+
+
+def _check_data_dir(path: str) -> None:
+    """A clear error for a data dir that is missing or holds no log (before opening)."""
+    if not os.path.isdir(path):
+        raise CliError(
+            f"data dir {path!r} does not exist; pass --data-dir DIR or set "
+            f"PERDURE_DATA_DIR (default {DEFAULT_DATA_DIR})",
+            "no_data_dir",
+        )
+    if not os.path.exists(os.path.join(path, "data.mdb")):
+        raise CliError(
+            f"data dir {path!r} holds no perdure log (no data.mdb); is it the right dir?",
+            "no_data_dir",
+        )
+
+
+async def _find(log: LmdbLog, ctx: _Ctx, execution_id: str) -> StreamInfo:
+    try:
+        info = await log.stream_info(execution_stream(execution_id))
+    except LogError:
+        info = None  # a name the log cannot even hold is no execution either
+    if info is None:
+        raise CliError(
+            f"no execution {execution_id!r} in {ctx.data_dir}; see 'perdure status'", "not_found"
+        )
+    return info
+
+
+async def _history(log: LmdbLog, info: StreamInfo) -> list[tuple[Record, Event]]:
+    """Every record of the stream up to the index entry's last seq, with its event."""
+    out: list[tuple[Record, Event]] = []
+    async for record in log.read(info.stream):
+        if record.seq > info.last_seq:
+            break  # appended after we read the index entry: keep the snapshot consistent
+        out.append((record, decode(record)))
+    return out
+
+
+def _fold(info: StreamInfo, history: Iterable[tuple[Record, Event]]) -> ExecutionState:
+    state = ExecutionState()
+    for record, event in history:
+        try:
+            apply(state, event)
+        except Exception as exc:
+            raise CliError(
+                f"stream {info.stream!r} seq {record.seq}: cannot apply {record.type!r} "
+                f"({exc}); run 'perdure health'",
+                "corrupt",
+            ) from None
+        state.seq = record.seq
+    return state
+
+
+def _eid(info: StreamInfo) -> str:
+    return info.stream[len(_PREFIX) :]
+
+
+def _operator() -> str:
+    try:
+        user = getpass.getuser()
+    except Exception:  # no login name in the environment or the password database
+        user = "unknown"
+    return f"cli:{user}@{socket.gethostname()}"
+
+
+def _parse_json(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CliError(
+            f"{what} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}): "
+            f"{text[:80]!r}; quote it for the shell, e.g. '{{\"key\": 1}}' or '\"text\"'",
+            "bad_json",
+        ) from None
+
+
+def _owner_text(ctx: _Ctx, owner: int | None) -> str:
+    if owner is None:
+        return f"data dir {ctx.data_dir}: no runtime owns it"
+    return f"data dir {ctx.data_dir}: owned by runtime pid {owner}"
+
+
+# -- status ---------------------------------------------------------------------------------
+
+
+async def _status(ctx: _Ctx, args: argparse.Namespace) -> int:
+    async with _open(ctx) as log:
+        where: dict[str, Any] = {"kind": "execution"}
+        if args.status:
+            where["status"] = args.status
+        if args.agent:
+            where["agent"] = args.agent
+        infos = [info async for info in log.streams(prefix=_PREFIX, where=where)]
+        pending = await pending_signals(log)
+    infos.sort(key=lambda i: (i.created_at, i.stream))
+    owner = owner_pid(ctx.data_dir)
+    rows = []
+    for info in infos:
+        eid = _eid(info)
+        item = ExecutionInfo.from_index(eid, info.meta, info.created_at, info.updated_at).to_dict()
+        n = len(pending.get(eid, ()))
+        item["status_text"] = describe(info.meta, owned=owner is not None, pending=n)
+        item["pending_signals"] = n
+        rows.append(item)
+    if ctx.json:
+        ctx.emit(
+            {
+                "data_dir": ctx.abs_dir,
+                "owner_pid": owner,
+                "filters": {"status": args.status, "agent": args.agent},
+                "executions": rows,
+            }
+        )
+        return 0
+    lines = [_owner_text(ctx, owner)]
+    if not rows:
+        filters = " and ".join(
+            f"{k} {v!r}" for k, v in (("status", args.status), ("agent", args.agent)) if v
+        )
+        lines.append(f"no executions{' with ' + filters if filters else ''}")
+        ctx.lines(lines)
+        return 0
+    lines += table(
+        ("EXECUTION", "AGENT", "STATUS", "STEPS", "TOKENS", "COST", "UPDATED"),
+        (
+            (
+                r["execution_id"],
+                r["agent"],
+                r["status_text"],
+                str(r["steps"]),
+                str(r["tokens"]),
+                fmt_dollars(r["dollars"]),
+                fmt_time(r["updated_at"]),
+            )
+            for r in rows
+        ),
+        right=(3, 4, 5),
+    )
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    lines.append(f"{len(rows)} execution{'s' if len(rows) != 1 else ''}: {summary}")
+    ctx.lines(lines)
+    return 0
+
+
+# -- inspect --------------------------------------------------------------------------------
+
+
+async def _inspect(ctx: _Ctx, args: argparse.Namespace) -> int:
+    eid = args.execution_id
+    async with _open(ctx) as log:
+        info = await _find(log, ctx, eid)
+        history = await _history(log, info)
+        children = [
+            child
+            async for child in log.streams(prefix=f"{_PREFIX}{eid[:200]}")
+            if child.meta.get("parent") == eid
+        ]
+        pending = (await pending_signals(log)).get(eid, [])
+    state = _fold(info, history)
+    owner = owner_pid(ctx.data_dir)
+    owned = owner is not None
+    meta = info.meta
+    status = str(meta.get("status"))
+    last_fingerprint = None
+    for record, event in history:
+        if record.type == "llm.completed":
+            last_fingerprint = getattr(event, "fingerprint", None)
+    open_calls = [
+        {
+            "step": c.step,
+            "tool": c.tool,
+            "status": c.status,
+            "arguments": c.arguments,
+            "key": c.key,
+            "attempts": c.attempts,
+            "idempotent": c.idempotent,
+            "confirmation_id": c.confirmation_id,
+            "waiting": c.waiting,
+        }
+        for c in state.calls
+        if c.status != "done"
+    ]
+    doc = {
+        "execution_id": eid,
+        "agent": state.agent or meta.get("agent"),
+        "status": status,
+        "status_text": describe(meta, owned=owned, pending=len(pending)),
+        "reason": meta.get("reason"),
+        "confirmations": list(meta.get("confirmations") or ()),
+        "owner_pid": owner,
+        "created_at": info.created_at,
+        "updated_at": info.updated_at,
+        "records": info.last_seq,
+        "prompt": state.prompt,
+        "run_id": state.run_id,
+        "metadata": state.metadata,
+        "parent": state.parent,
+        "output": state.output,
+        "error": state.error,
+        "failure_kind": state.failure_kind,
+        "cancel_reason": state.cancel_reason,
+        "steps": state.step,
+        "max_steps": state.max_steps,
+        "usage": state.usage.to_dict(),
+        "budget": state.budget.to_dict() if state.budget else None,
+        "definition": state.definition,
+        "request_fingerprint": last_fingerprint,
+        "suspension": state.suspend_reason,
+        "open_calls": open_calls,
+        "drift": state.drift,
+        "children": [
+            {
+                "execution_id": _eid(c),
+                "agent": c.meta.get("agent"),
+                "status": c.meta.get("status"),
+                "status_text": describe(c.meta, owned=owned),
+                "steps": c.meta.get("steps", 0),
+                "dollars": c.meta.get("dollars", 0.0),
+            }
+            for c in children
+        ],
+        "pending_signals": [p.to_dict() for p in pending],
+        "next_steps": next_steps(eid, status, state.suspend_reason),
+    }
+    in_doubt = [c for c in open_calls if c["status"] == "started" and not c["idempotent"]]
+    if in_doubt and status in ("running", "queued") and not owned:
+        # Not suspended yet (that happens when a runtime next opens the dir), but the
+        # operator may decide the call now; the decision waits in the inbox.
+        doc["next_steps"] = [
+            f"step {in_doubt[0]['step']} ({in_doubt[0]['tool']}) is in doubt; decide it now: "
+            f"perdure resolve {eid} --retry | --complete JSON | --fail [REASON]"
+        ]
+    if ctx.json:
+        ctx.emit(doc)
+    else:
+        ctx.lines(_inspect_lines(doc))
+    return 0
+
+
+def _inspect_lines(d: Mapping[str, Any]) -> list[str]:
+    usage = d["usage"]
+    pairs = [
+        ("execution", d["execution_id"]),
+        ("agent", str(d["agent"])),
+        ("status", d["status_text"]),
+        ("created", fmt_time(d["created_at"])),
+        ("updated", fmt_time(d["updated_at"])),
+    ]
+    if d["parent"]:
+        parent = d["parent"]
+        pairs.append(("parent", f"{parent.get('execution_id')} (step {parent.get('step')})"))
+    pairs.append(("prompt", fmt_json(d["prompt"])))
+    if d["output"] is not None:
+        pairs.append(("output", fmt_json(d["output"])))
+    if d["error"]:
+        err = d["error"]
+        pairs.append(("error", f"{d['failure_kind']}: {err.get('type')}: {err.get('message')}"))
+    if d["cancel_reason"] is not None:
+        pairs.append(("cancelled", d["cancel_reason"] or "(no reason given)"))
+    steps = f"{d['steps']} (max {d['max_steps']} LLM calls), {d['records']} records"
+    pairs.append(("steps", steps))
+    pairs.append(
+        (
+            "usage",
+            f"{_n(usage['llm_calls'], 'LLM call')}, {_n(usage['tool_calls'], 'tool call')}, "
+            f"{usage['total_tokens']} tokens ({usage['input_tokens']} in, "
+            f"{usage['output_tokens']} out), {fmt_dollars(usage['dollars'])}",
+        )
+    )
+    for model, u in usage.get("by_model", {}).items():
+        pairs.append(
+            (
+                "",
+                f"{model}: {_n(int(u['calls']), 'call')}, {u['tokens']:g} tokens, "
+                f"{fmt_dollars(u['dollars'])}",
+            )
+        )
+    budget = d["budget"]
+    pairs.append(
+        ("budget", ", ".join(f"{k} {v:g}" for k, v in budget.items()) if budget else "none")
+    )
+    if d["metadata"]:
+        pairs.append(("metadata", fmt_json(d["metadata"])))
+    lines = key_values(pairs)
+
+    definition = d["definition"] or {}
+    lines.append("fingerprints (at start, or at the last accepted drift)")
+    fp = [
+        (
+            "instructions",
+            f"{definition.get('instructions')}  "
+            f"{fmt_json(definition.get('instructions_text'), 80)}",
+        ),
+        ("model", str(definition.get("model"))),
+        ("params", str(definition.get("params"))),
+    ]
+    for name, t in (definition.get("tools") or {}).items():
+        fp.append(
+            (
+                f"tool {name}",
+                f"description {t.get('description')}, schema {t.get('schema')}, "
+                f"code {t.get('code')}",
+            )
+        )
+    if d["request_fingerprint"]:
+        fp.append(("last LLM request", str(d["request_fingerprint"])))
+    lines += key_values(fp, indent="  ")
+
+    reason = d["suspension"]
+    if reason:
+        lines.append("suspension")
+        for b in reason.get("pending") or [reason]:
+            lines.append("  " + _blocker(b))
+    if d["open_calls"]:
+        lines.append("open tool calls")
+        lines += [
+            "  " + line
+            for line in table(
+                ("STEP", "TOOL", "STATE", "ATTEMPTS", "KEY", "ARGUMENTS"),
+                (
+                    (
+                        str(c["step"]),
+                        c["tool"],
+                        c["status"] + ("" if c["idempotent"] else " (not idempotent)"),
+                        str(c["attempts"]),
+                        c["key"] or "-",
+                        fmt_json(c["arguments"], 80),
+                    )
+                    for c in d["open_calls"]
+                ),
+                right=(0, 3),
+            )
+        ]
+    if d["drift"]:
+        lines.append("drift")
+        for item in d["drift"]:
+            changes = "; ".join(render_change(c) for c in item.get("changes") or [])
+            lines.append(f"  step {item.get('step')} ({item.get('action')}): {changes}")
+    if d["children"]:
+        lines.append("children")
+        lines += [
+            "  " + line
+            for line in table(
+                ("EXECUTION", "AGENT", "STATUS", "STEPS", "COST"),
+                (
+                    (
+                        c["execution_id"],
+                        str(c["agent"]),
+                        c["status_text"],
+                        str(c["steps"]),
+                        fmt_dollars(c["dollars"]),
+                    )
+                    for c in d["children"]
+                ),
+                right=(3, 4),
+            )
+        ]
+    if d["pending_signals"]:
+        lines.append("pending signals (in the inbox, not yet delivered)")
+        for p in d["pending_signals"]:
+            lines.append(
+                f"  inbox seq {p['inbox_seq']}: {p['name']} {fmt_json(p['payload'], 80)} "
+                f"by {p['by']} at {fmt_time(p['sent_at'])}"
+            )
+    if d["next_steps"]:
+        lines.append("next")
+        lines += ["  " + s for s in d["next_steps"]]
+    return lines
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _blocker(b: Mapping[str, Any]) -> str:
+    kind = b.get("kind")
+    if kind in ("approval", "contract"):
+        args = fmt_json(b.get("arguments"), 100)
+        head = f"{kind} {b.get('confirmation_id')}: step {b.get('step')} {b.get('tool')} {args}"
+        if kind == "contract":
+            return f"{head}; contract {b.get('contract')!r} blocked it: {b.get('message')}"
+        return head
+    if kind == "budget":
+        return f"budget: {b.get('limit')} {b.get('limit_value')} reached (used {b.get('used')})"
+    if kind == "unknown_outcome":
+        return (
+            f"unknown_outcome: step {b.get('step')} {b.get('tool')} "
+            f"{fmt_json(b.get('arguments'), 80)} started {b.get('attempts')} time(s) but never "
+            f"finished; key {b.get('key')}; the tool is not idempotent"
+        )
+    if kind == "drift":
+        return f"drift: {b.get('message')}"
+    if kind == "signal":
+        return f"signal: step {b.get('step')} {b.get('tool')} waits for signal {b.get('name')!r}"
+    if kind == "child":
+        return f"child: step {b.get('step')} waits for child execution {b.get('child_id')}"
+    return fmt_json(b)
+
+
+# -- steps, events, export ------------------------------------------------------------------
+
+
+async def _steps(ctx: _Ctx, args: argparse.Namespace) -> int:
+    eid = args.execution_id
+    async with _open(ctx) as log:
+        info = await _find(log, ctx, eid)
+        history = await _history(log, info)
+        pending = (await pending_signals(log)).get(eid, [])
+    entries = timeline(history)
+    owner = owner_pid(ctx.data_dir)
+    status_text = describe(info.meta, owned=owner is not None, pending=len(pending))
+    if ctx.json:
+        ctx.emit(
+            {
+                "execution_id": eid,
+                "status": info.meta.get("status"),
+                "status_text": status_text,
+                "steps": entries,
+            }
+        )
+        return 0
+    rows = []
+    for e in entries:
+        step, kind, detail = render_entry(e)
+        rows.append((str(e["seq"]), fmt_clock(e["time"]), step, kind, detail))
+    lines = [f"execution {eid}: {status_text}"]
+    lines += table(("SEQ", "TIME", "STEP", "KIND", "DETAIL"), rows, right=(0, 2))
+    ctx.lines(lines)
+    return 0
+
+
+async def _events(ctx: _Ctx, args: argparse.Namespace) -> int:
+    eid = args.execution_id
+    async with _open(ctx) as log:
+        info = await _find(log, ctx, eid)
+        if ctx.json:
+            records = [
+                record_to_json(r) async for r in log.read(info.stream) if r.seq <= info.last_seq
+            ]
+            ctx.emit({"execution_id": eid, "stream": info.stream, "records": records})
+            return 0
+        # Streamed line by line: a long history starts printing at once, and a reader
+        # that stops early (``| head``) stops the scan.
+        write = ctx.out.write
+        async for r in log.read(info.stream):
+            if r.seq > info.last_seq:
+                break
+            write(
+                f"{r.seq:>6}  {fmt_time(r.timestamp)}  {r.type} v{r.version}  "
+                f"{fmt_json(r.payload)}\n"
+            )
+    return 0
+
+
+async def _export(ctx: _Ctx, args: argparse.Namespace) -> int:
+    eid = args.execution_id
+    async with _open(ctx) as log:
+        info = await _find(log, ctx, eid)
+        records = [r async for r in log.read(info.stream) if r.seq <= info.last_seq]
+    doc = export_document(eid, info, records)
+    if not args.output or args.output == "-":
+        ctx.out.write(json.dumps(doc, ensure_ascii=False, allow_nan=False) + "\n")
+        return 0
+    target = args.output
+    try:
+        await anyio.to_thread.run_sync(_write_file, target, doc)
+    except OSError as exc:
+        raise CliError(f"cannot write the export of {eid!r} to {target!r}: {exc}") from None
+    if ctx.json:
+        ctx.emit({"execution_id": eid, "file": target, "records": len(records)})
+    else:
+        ctx.lines([f"exported {len(records)} records of execution {eid} to {target}"])
+    return 0
+
+
+def _write_file(target: str, doc: Any) -> None:
+    # Written aside and renamed: a reader never sees half an export.
+    tmp = f"{target}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(doc, f, ensure_ascii=False, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+# -- health ---------------------------------------------------------------------------------
+
+
+async def _health(ctx: _Ctx, args: argparse.Namespace) -> int:
+    async with _open(ctx) as log:
+        faults = list(await log.check())
+        stats = dict(await log.stats())
+        faulty = {f.stream for f in faults if f.stream is not None}
+        faults += await _check_histories(log, faulty)
+    owner = owner_pid(ctx.data_dir)
+    try:
+        disk_free: int | None = shutil.disk_usage(ctx.data_dir).free
+    except OSError:
+        disk_free = None
+    doc = {
+        "ok": not faults,
+        "data_dir": ctx.abs_dir,
+        "owner_pid": owner,
+        "checked": [
+            "record checksums and decoding",
+            "seq gaps",
+            "index vs streams",
+            "secondary index",
+            "every execution's records fold, and its status matches the index",
+        ],
+        "stats": stats,
+        "disk_free_bytes": disk_free,
+        "faults": [
+            {"stream": f.stream, "seq": f.seq, "kind": f.kind, "detail": f.detail} for f in faults
+        ],
+    }
+    if ctx.json:
+        ctx.emit(doc)
+        return 0 if not faults else 1
+    pairs = [
+        ("data dir", doc["data_dir"]),
+        ("owner", f"runtime pid {owner}" if owner is not None else "none"),
+        ("streams", str(stats.get("streams"))),
+        ("records", str(stats.get("records"))),
+        (
+            "map",
+            f"{fmt_bytes(stats['map_used_bytes'])} used of {fmt_bytes(stats['map_size'])} "
+            f"({stats['map_used_fraction']:.1%}; it grows by itself), file "
+            f"{fmt_bytes(stats['file_bytes'])}",
+        ),
+    ]
+    if disk_free is not None:
+        pairs.append(("disk free", fmt_bytes(disk_free)))
+    pairs.append(("checked", "; ".join(doc["checked"])))
+    lines = key_values(pairs)
+    if not faults:
+        lines.append(f"healthy: no faults in {stats.get('records')} records")
+    else:
+        lines += [f"FAULT {f}" for f in faults]
+        lines.append(
+            f"{len(faults)} fault{'s' if len(faults) != 1 else ''} found: restore the data dir "
+            f"from a backup, or export what still reads ('perdure export ID') before repairing"
+        )
+    ctx.lines(lines)
+    return 0 if not faults else 1
+
+
+async def _check_histories(log: LmdbLog, skip: set[str]) -> list[Fault]:
+    """Fold every execution's records and compare the result with its index entry.
+
+    The log's own check covers bytes (checksums, gaps, index entries); this covers
+    meaning: a record that does not fit its event class, a history that cannot be
+    folded, or an index status that the records do not bear out.
+    """
+    faults: list[Fault] = []
+    async for info in log.streams(prefix=_PREFIX):
+        if info.stream in skip:
+            continue
+        state = ExecutionState()
+        seq = 0
+        try:
+            async for record in log.read(info.stream):
+                if record.seq > info.last_seq:
+                    break
+                seq = record.seq
+                apply(state, decode(record))
+        except LogError as exc:
+            faults.append(Fault(info.stream, getattr(exc, "seq", seq + 1), "decode", str(exc)))
+            continue
+        except Exception as exc:
+            faults.append(Fault(info.stream, seq, "history", f"{type(exc).__name__}: {exc}"))
+            continue
+        now = await log.stream_info(info.stream)
+        if now is None or now.last_seq != info.last_seq:
+            continue  # a live owner appended meanwhile; the snapshot we compared is gone
+        want = index_meta(state)
+        got = info.meta
+        status = got.get("status")
+        # "queued" is an admission state the runtime keeps in the index only.
+        status = "running" if status == "queued" else status
+        if status != want["status"] or got.get("agent") != want["agent"]:
+            faults.append(
+                Fault(
+                    info.stream,
+                    info.last_seq,
+                    "status",
+                    f"the index says {got.get('status')!r} (agent {got.get('agent')!r}) but the "
+                    f"records say {want['status']!r} (agent {want['agent']!r})",
+                )
+            )
+    if INBOX_STREAM not in skip:
+        try:
+            async for record in log.read(INBOX_STREAM):
+                if not isinstance(decode(record), SignalSent):
+                    faults.append(
+                        Fault(INBOX_STREAM, record.seq, "history", f"a {record.type!r} record")
+                    )
+        except LogError as exc:
+            faults.append(Fault(INBOX_STREAM, getattr(exc, "seq", None), "decode", str(exc)))
+        except EventDecodeError as exc:
+            faults.append(Fault(INBOX_STREAM, None, "decode", str(exc)))
+    return faults
+
+
+# -- signals --------------------------------------------------------------------------------
+
+
+async def _send(
+    ctx: _Ctx,
+    args: argparse.Namespace,
+    signals: Sequence[tuple[str, Any]] | Callable[[StreamInfo], Sequence[tuple[str, Any]]],
+    *,
+    check: Callable[[LmdbLog, StreamInfo], Awaitable[None]] | None = None,
+) -> int:
+    """Check each signal against the index entry, then append them all to the inbox."""
+    eid = args.execution_id
+    by = args.by or _operator()
+    async with _open(ctx) as log:
+        info = await _find(log, ctx, eid)
+        meta = info.meta
+        todo = signals(info) if callable(signals) else signals
+        for name, payload in todo:
+            problem = precheck(
+                eid,
+                str(meta.get("status")),
+                list(meta.get("confirmations") or ()),
+                name,
+                payload if isinstance(payload, Mapping) else {},
+            )
+            if problem is not None:
+                raise CliError(problem, "invalid_signal")
+        if check is not None:
+            await check(log, info)
+        records = [encode(SignalSent(eid, name, payload, by)) for name, payload in todo]
+        # One append: the signals of one command arrive together or not at all.
+        last = await log.append(INBOX_STREAM, records, expect=ANY)
+        first = last - len(records) + 1
+        sent = [
+            {"name": name, "payload": payload, "inbox_seq": first + i}
+            for i, (name, payload) in enumerate(todo)
+        ]
+        owner = owner_pid(ctx.data_dir)
+        settled: bool | None = None
+        if args.wait is not None:
+            # With no owner nothing will take the signal before a runtime starts.
+            settled = False
+            if owner is not None:
+                info, settled = await _wait_settled(log, eid, last, args.wait)
+        pending = (await pending_signals(log)).get(eid, [])
+    status_text = describe(info.meta, owned=owner is not None, pending=len(pending))
+    if ctx.json:
+        ctx.emit(
+            {
+                "execution_id": eid,
+                "sent": sent,
+                "by": by,
+                "owner_pid": owner,
+                "settled": settled,
+                "status": info.meta.get("status"),
+                "status_text": status_text,
+            }
+        )
+    else:
+        names = ", ".join(f"{s['name']} (inbox seq {s['inbox_seq']})" for s in sent)
+        lines = [f"sent {names} to execution {eid} as {by}"]
+        agent = meta.get("agent")
+        if owner is None:
+            lines.append(
+                f"no runtime owns {ctx.data_dir}: the signal is stored and takes effect when a "
+                f"runtime with agent {agent!r} registered opens it"
+            )
+        elif settled is None:
+            lines.append(f"runtime pid {owner} delivers it and resumes the execution")
+        elif settled:
+            lines.append(f"runtime pid {owner} took it; the execution has settled")
+        lines.append(f"status: {status_text}")
+        if settled is False:
+            lines.append(
+                f"not settled within {args.wait:g}s"
+                if owner is not None
+                else "not waiting: no runtime is there to take it"
+            )
+        ctx.lines(lines)
+    return 1 if settled is False else 0
+
+
+async def _wait_settled(
+    log: LmdbLog, eid: str, seq: int, timeout: float
+) -> tuple[StreamInfo, bool]:
+    """Wait until the runtime has taken inbox signal ``seq`` and the execution settled."""
+    stream = execution_stream(eid)
+    info = await log.stream_info(stream)
+    assert info is not None
+    with anyio.move_on_after(timeout):
+        while True:
+            inbox = await log.stream_info(INBOX_STREAM)
+            cursor = int(inbox.meta.get("cursor", 0) or 0) if inbox else 0
+            info = await log.stream_info(stream)
+            assert info is not None
+            taken = cursor >= seq or int(info.meta.get("signal_seq", 0) or 0) >= seq
+            if taken and info.meta.get("status") not in ("running", "queued"):
+                return info, True
+            # Appends to the execution wake us at once; the inbox cursor (index meta
+            # only) is looked at again at least every 0.2 s.
+            await log.wait_for_append(stream, info.last_seq, timeout=0.2)
+    return info, False
+
+
+async def _approve(ctx: _Ctx, args: argparse.Namespace) -> int:
+    payload = {"confirmation_id": args.confirmation_id, "note": args.note}
+    return await _send(ctx, args, [("approve", payload)])
+
+
+async def _reject(ctx: _Ctx, args: argparse.Namespace) -> int:
+    payload = {"confirmation_id": args.confirmation_id, "reason": args.reason}
+    return await _send(ctx, args, [("reject", payload)])
+
+
+async def _signal(ctx: _Ctx, args: argparse.Namespace) -> int:
+    payload = None if args.payload is None else _parse_json(args.payload, "the signal payload")
+    if not args.name.strip():
+        raise CliError("a signal needs a name", "usage", 2)
+    return await _send(ctx, args, [(args.name, payload)])
+
+
+async def _cancel(ctx: _Ctx, args: argparse.Namespace) -> int:
+    return await _send(ctx, args, [("cancel", {"reason": args.reason})])
+
+
+async def _resolve(ctx: _Ctx, args: argparse.Namespace) -> int:
+    if args.retry:
+        payload: dict[str, Any] = {"action": "retry"}
+    elif args.complete is not None:
+        payload = {"action": "complete", "output": _parse_json(args.complete, "--complete")}
+    else:
+        payload = {"action": "fail", "reason": args.fail}
+
+    async def in_doubt(log: LmdbLog, info: StreamInfo) -> None:
+        state = _fold(info, await _history(log, info))
+        if not any(c.status == "started" and not c.idempotent for c in state.calls):
+            raise CliError(
+                f"execution {info.stream[len(_PREFIX) :]!r} has no tool call in doubt "
+                f"(status {info.meta.get('status')}); resolve decides a non-idempotent tool "
+                f"call that started but never finished",
+                "invalid_signal",
+            )
+
+    return await _send(ctx, args, [("resolve", payload)], check=in_doubt)
+
+
+async def _resume(ctx: _Ctx, args: argparse.Namespace) -> int:
+    limits = {
+        "max_dollars": args.max_dollars,
+        "max_llm_calls": args.max_llm_calls,
+        "max_tool_calls": args.max_tool_calls,
+        "max_tokens": args.max_tokens,
+    }
+    try:
+        budget = Budget(**limits) if any(v is not None for v in limits.values()) else None
+    except ValueError as exc:
+        raise CliError(str(exc), "usage", 2) from None
+    owner = owner_pid(ctx.data_dir)
+
+    def plan(info: StreamInfo) -> list[tuple[str, Any]]:
+        # What Runtime.resume sends: the budget, the drift acceptance, and a resume for
+        # a failed execution (or one suspended for drift that is not being accepted).
+        eid, meta = _eid(info), info.meta
+        status, reason = meta.get("status"), meta.get("reason")
+        todo: list[tuple[str, Any]] = []
+        if budget is not None:
+            todo.append(("budget", {"budget": budget.to_dict()}))
+        if args.accept_drift:
+            todo.append(("accept_drift", {}))
+        drift_held = status == "suspended" and reason == "drift" and not args.accept_drift
+        if status == "failed" or drift_held:
+            todo.append(("resume", {}))
+        if todo or status in TERMINAL:
+            return todo or [("resume", {})]  # a terminal status: precheck says why not
+        text = describe(meta, owned=owner is not None)
+        if status == "suspended":
+            hints = next_steps(eid, "suspended", {"kind": reason, **_reason_hint(meta)})
+            raise CliError(
+                f"execution {eid!r} is {text}; resume does not decide that"
+                + (f": {hints[0]}" if hints else ""),
+                "nothing_to_resume",
+            )
+        if owner is None:
+            raise CliError(
+                f"execution {eid!r} is {text}: it carries on when a runtime with agent "
+                f"{meta.get('agent')!r} registered opens {ctx.data_dir}; nothing was sent",
+                "nothing_to_resume",
+            )
+        raise CliError(
+            f"execution {eid!r} is already {status} (runtime pid {owner} owns the dir); "
+            f"nothing was sent",
+            "nothing_to_resume",
+        )
+
+    return await _send(ctx, args, plan)
+
+
+def _reason_hint(meta: Mapping[str, Any]) -> dict[str, Any]:
+    confirmations = list(meta.get("confirmations") or ())
+    return {"confirmation_id": confirmations[0]} if confirmations else {}
+
+
+# -- replay ---------------------------------------------------------------------------------
+
+
+def _load_agents(specs: Sequence[str]) -> list[Agent]:
+    """Import each ``module:attribute`` and collect its agents and their sub-agents."""
+    # As ``python -m`` does: modules of the project in the current directory import.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    found: dict[str, Agent] = {}
+    for spec in specs:
+        module_name, _, attribute = spec.partition(":")
+        if not module_name or not attribute:
+            raise CliError(
+                f"--agent {spec!r}: use MODULE:ATTRIBUTE, e.g. 'myapp.agents:support'", "usage", 2
+            )
+        try:
+            obj: Any = importlib.import_module(module_name)
+        except Exception as exc:
+            raise CliError(
+                f"--agent {spec!r}: cannot import {module_name!r} ({type(exc).__name__}: {exc}); "
+                f"run from your project's directory or set PYTHONPATH",
+                "import",
+            ) from None
+        for part in attribute.split("."):
+            try:
+                obj = getattr(obj, part)
+            except AttributeError:
+                raise CliError(
+                    f"--agent {spec!r}: {module_name!r} has no attribute {attribute!r}", "import"
+                ) from None
+        if isinstance(obj, Agent):
+            agents = [obj]
+        else:
+            items = obj.values() if isinstance(obj, Mapping) else obj
+            try:
+                agents = list(items)
+            except TypeError:
+                agents = [obj]
+            if not agents or not all(isinstance(a, Agent) for a in agents):
+                raise CliError(
+                    f"--agent {spec!r} is a {type(obj).__name__}, not an Agent or an iterable "
+                    f"of Agents",
+                    "usage",
+                    2,
+                )
+        todo = list(agents)
+        while todo:
+            agent = todo.pop()
+            known = found.get(agent.name)
+            if known is agent:
+                continue
+            if known is not None:
+                raise CliError(f"two different agents are named {agent.name!r}", "usage", 2)
+            found[agent.name] = agent
+            todo.extend(agent.agents)
+    return list(found.values())
+
+
+async def _replay(ctx: _Ctx, args: argparse.Namespace) -> int:
+    agents = _load_agents(args.agent)
+    names = {a.name for a in agents}
+    replayer = Replayer(agents)
+    reports: list[ReplayReport] = []
+    async with _open(ctx) as log:
+        if args.execution_ids:
+            infos = [await _find(log, ctx, eid) for eid in args.execution_ids]
+        else:
+            infos = [
+                info
+                async for info in log.streams(prefix=_PREFIX, where={"kind": "execution"})
+                if info.meta.get("agent") in names
+            ]
+            infos.sort(key=lambda i: (i.created_at, i.stream))
+        for info in infos:
+            try:
+                events = [event for _, event in await _history(log, info)]
+            except (LogError, EventDecodeError) as exc:
+                reports.append(
+                    ReplayReport(
+                        _eid(info),
+                        str(info.meta.get("agent")),
+                        int(info.meta.get("steps", 0)),
+                        str(info.meta.get("status")),
+                        error=str(exc),
+                    )
+                )
+                continue
+            report = replayer.replay(events)
+            if not report.execution_id:
+                report.execution_id = _eid(info)
+            reports.append(report)
+    bad = [r for r in reports if not r.ok]
+    if ctx.json:
+        ctx.emit(
+            {
+                "ok": not bad,
+                "agents": sorted(names),
+                "replayed": len(reports),
+                "drifted": len(bad),
+                "executions": [r.to_dict() for r in reports],
+            }
+        )
+        return 1 if bad else 0
+    lines = [
+        f"replaying {len(reports)} execution{'s' if len(reports) != 1 else ''} against "
+        f"{', '.join(args.agent)} (agents {', '.join(sorted(names))}); nothing is called"
+    ]
+    if not reports:
+        lines.append("nothing to replay: no executions of these agents in " + ctx.data_dir)
+    rows = table(
+        ("EXECUTION", "AGENT", "STATUS", "STEPS", "REPLAY"),
+        (
+            (
+                r.execution_id,
+                r.agent,
+                r.status,
+                str(r.steps),
+                "ok" if r.ok else ("ERROR" if r.error else "DRIFT"),
+            )
+            for r in reports
+        ),
+        right=(3,),
+    )
+    if reports:
+        lines.append(rows[0])
+    for r, row in zip(reports, rows[1:], strict=True):
+        lines.append(row)
+        if r.error:
+            lines.append(f"  {r.error}")
+        for item in r.drift:
+            lines += ["  " + line for line in _drift_lines(item)]
+    if bad:
+        lines.append(
+            f"{len(bad)} of {len(reports)} executions drifted or failed to replay: under this "
+            f"code, unfinished ones would suspend (or fail) on resume, per their agent's drift "
+            f"policy"
+        )
+    else:
+        lines.append("no drift")
+    ctx.lines(lines)
+    return 1 if bad else 0
+
+
+def _drift_lines(item: Mapping[str, Any]) -> list[str]:
+    kind = item.get("kind")
+    step = item.get("step")
+    if kind == "arguments":
+        return [
+            f"step {step} (tool {item.get('tool')}): recorded arguments "
+            f"{fmt_json(item.get('arguments'), 80)} no longer fit: {item.get('error')}"
+        ]
+    what = "LLM request" if kind == "llm" else f"tool {item.get('tool')}"
+    head = f"step {step} ({what}): fingerprint {item.get('recorded')} -> {item.get('current')}"
+    changes = item.get("changes") or []
+    return [head] + ["  " + render_change(c) for c in changes]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""How an execution's status reads to people, computed here and only here.
+
+Every command that shows a status (``perdure status``, ``inspect``, the signal commands)
+turns an execution's index entry (``journal.index_meta``) into words with
+:func:`describe`, so no two of them can disagree. Two facts that the index entry alone
+does not hold are passed in:
+
+- whether a process owns the data dir (:func:`owner_pid`): a ``running`` execution with
+  no owner is not running at all; it carries on when a runtime next opens the dir;
+- how many signals for it wait in the inbox, not yet delivered
+  (:func:`pending_signals`).
+
+Nothing here takes the owner lock or writes: the owner is found by reading the pid in
+``owner.lock`` and asking the kernel whether anyone holds the lock on that file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from perdure.events import INBOX_STREAM, SignalSent, decode, execution_stream
+from perdure.log.protocol import EventLog
+
+__all__ = [
+    "STATUSES",
+    "PendingSignal",
+    "describe",
+    "owner_pid",
+    "pending_signals",
+]
+
+#: Every status an execution's index entry may hold.
+STATUSES = ("running", "queued", "suspended", "completed", "failed", "cancelled")
+
+_LOCK_FILE = "owner.lock"
+_LOCKS = "/proc/locks"
+
+
+def describe(meta: Mapping[str, Any], *, owned: bool | None = None, pending: int = 0) -> str:
+    """One execution's status in words, e.g. ``"suspended (approval c-1a2b)"``.
+
+    ``meta`` is the execution's index entry. ``owned`` says whether a process owns the
+    data dir (None: unknown, say nothing about it); ``pending`` is how many signals for
+    the execution wait in the inbox.
+    """
+    status = str(meta.get("status") or "unknown")
+    notes: list[str] = []
+    if status == "suspended":
+        reason = str(meta.get("reason") or "unknown reason")
+        confirmations = [str(c) for c in meta.get("confirmations") or ()]
+        if reason in ("approval", "contract") and confirmations:
+            notes.append(f"{reason} {', '.join(confirmations)}")
+        else:
+            notes.append(reason)
+    elif status in ("running", "queued") and owned is False:
+        notes.append("no owner: resumes at next start")
+    if pending:
+        noun = "signal" if pending == 1 else "signals"
+        where = "" if owned is not False else ", delivered at next start"
+        notes.append(f"{pending} {noun} pending{where}")
+    return f"{status} ({'; '.join(notes)})" if notes else status
+
+
+def owner_pid(data_dir: str | os.PathLike[str]) -> int | None:
+    """The pid of the process that owns ``data_dir`` (holds its lock), or None.
+
+    Reads the pid the owner wrote into ``owner.lock`` and checks, without taking it,
+    that the lock is held: on Linux from ``/proc/locks``, elsewhere by asking whether
+    that pid is alive. A pid left behind by a process that closed the dir or died
+    (SIGKILL included: the kernel drops its lock) is not an owner.
+    """
+    path = os.path.join(os.fspath(data_dir), _LOCK_FILE)
+    try:
+        with open(path, "rb") as f:
+            text = f.read(32).decode("ascii", "replace").strip()
+        st = os.stat(path)
+    except OSError:
+        return None
+    pid = int(text) if text.isdigit() else None
+    holders = _flock_holders(st, pid)
+    if holders is None:  # no /proc/locks: the pid's liveness is the best evidence left
+        return pid if pid is not None and _alive(pid) else None
+    if not holders:
+        return None
+    if pid in holders:
+        return pid
+    # A new owner that has locked but not yet written its pid; or (pid 0) a holder in
+    # another pid namespace, where the pid it wrote is the best name we have for it.
+    seen = [h for h in holders if h > 0]
+    if seen:
+        return seen[0]
+    return pid if pid is not None else 0
+
+
+def _flock_holders(st: os.stat_result, pid: int | None) -> list[int] | None:
+    """Pids holding a flock on the file ``st`` describes; None if the kernel won't say."""
+    try:
+        with open(_LOCKS, encoding="ascii", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    holders = []
+    for line in lines:
+        # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:2146349 0 EOF" ("->" marks waiters).
+        parts = line.split()
+        if len(parts) < 6 or "->" in parts or parts[1] != "FLOCK" or not parts[4].isdigit():
+            continue
+        holder, where = int(parts[4]), parts[5]
+        # Overlay and network filesystems may report the lower layer's device: accept
+        # a lock on the same inode number held by the pid the owner wrote.
+        if where == device or (where.rsplit(":", 1)[-1] == str(st.st_ino) and holder == pid):
+            holders.append(holder)
+    return holders
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, it is just not ours
+    except OSError:
+        return False
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class PendingSignal:
+    """A signal in the inbox that its execution has not taken yet."""
+
+    seq: int
+    target: str
+    name: str
+    payload: Any
+    by: str
+    timestamp: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON-friendly once the payload is)."""
+        return {
+            "inbox_seq": self.seq,
+            "execution_id": self.target,
+            "name": self.name,
+            "payload": self.payload,
+            "by": self.by,
+            "sent_at": self.timestamp,
+        }
+
+
+async def pending_signals(log: EventLog) -> dict[str, list[PendingSignal]]:
+    """Signals not yet delivered, by execution id, oldest first.
+
+    A signal is pending while the owning runtime's inbox cursor has not passed it and
+    its execution has not recorded it (an execution records the inbox seq of each
+    signal it takes, so a cursor that lags after a crash does not count as pending).
+    Reads only the inbox's tail, after the cursor.
+    """
+    info = await log.stream_info(INBOX_STREAM)
+    if info is None:
+        return {}
+    cursor = int(info.meta.get("cursor", 0) or 0)
+    found: dict[str, list[PendingSignal]] = {}
+    async for record in log.read(INBOX_STREAM, after=cursor):
+        event = decode(record)
+        if not isinstance(event, SignalSent):
+            continue
+        found.setdefault(event.target, []).append(
+            PendingSignal(
+                record.seq, event.target, event.name, event.payload, event.by, record.timestamp
+            )
+        )
+    out: dict[str, list[PendingSignal]] = {}
+    for target, signals in found.items():
+        entry = await log.stream_info(execution_stream(target))
+        taken = int(entry.meta.get("signal_seq", 0) or 0) if entry is not None else 0
+        left = [s for s in signals if s.seq > taken]
+        if left:
+            out[target] = left
+    return out

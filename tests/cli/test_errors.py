@@ -1,0 +1,109 @@
+"""Bad input: every error names what is wrong and what to do; ``--json`` errors are JSON."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.cli.conftest import Store, perdure, perdure_here
+
+
+def test_unknown_execution(store: Store) -> None:
+    message = f"no execution 'nope' in {store.path}; see 'perdure status'"
+    ran = perdure(store.path, "inspect", "nope")
+    assert (ran.code, ran.out, ran.err) == (1, "", f"perdure: error: {message}\n")
+    as_json = perdure(store.path, "steps", "nope", "--json")
+    assert as_json.code == 1 and as_json.err == ""
+    assert as_json.json() == {"error": {"kind": "not_found", "message": message}}
+    for args in (
+        ("events", "nope"),
+        ("export", "nope"),
+        ("approve", "nope", "c-1"),
+        ("reject", "nope", "c-1", "--reason", "x"),
+        ("signal", "nope", "go"),
+        ("resume", "nope"),
+        ("resolve", "nope", "--retry"),
+        ("cancel", "nope"),
+        ("replay", "--agent", "tests.cli.agents:ALL", "nope"),
+        ("inspect", "x" * 600),  # not even a name the log could hold
+    ):
+        ran = perdure_here(store.path, *args, "--json")
+        assert ran.code == 1, args
+        assert ran.json()["error"]["kind"] == "not_found", args
+
+
+def test_missing_or_empty_data_dir(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    ran = perdure(missing, "status")
+    assert ran.code == 1
+    assert ran.err == (
+        f"perdure: error: data dir '{missing}' does not exist; pass --data-dir DIR or set "
+        f"PERDURE_DATA_DIR (default ./perdure-data)\n"
+    )
+    assert perdure(missing, "health", "--json").json()["error"]["kind"] == "no_data_dir"
+    empty = perdure_here(tmp_path, "status")
+    assert empty.code == 1 and "holds no perdure log (no data.mdb)" in empty.err
+    assert not (tmp_path / "data.mdb").exists()  # a reader never creates a log
+
+
+def test_wrong_confirmation_id_is_refused_before_anything_is_sent(store: Store) -> None:
+    cid = store.cids["pay-1"]
+    ran = perdure(store.path, "approve", "pay-1", "c-wrong")
+    assert ran.code == 1
+    assert ran.err == (
+        f"perdure: error: execution 'pay-1' has no pending confirmation 'c-wrong' "
+        f"(pending: {cid}); see 'perdure inspect pay-1'\n"
+    )
+    rejected = perdure_here(store.path, "reject", "guard-1", cid, "--reason", "x", "--json")
+    assert rejected.code == 1 and rejected.json()["error"]["kind"] == "invalid_signal"
+    assert perdure_here(store.path, "inspect", "pay-1", "--json").json()["pending_signals"] == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("signal", "wait-1", "go", "{bad json"),
+        ("resolve", "pay-1", "--complete", "{'single': 'quotes'}"),
+    ],
+)
+def test_malformed_json(store: Store, args: tuple[str, ...]) -> None:
+    ran = perdure(store.path, *args)
+    assert ran.code == 1 and "is not valid JSON" in ran.err and "quote it for the shell" in ran.err
+    assert perdure_here(store.path, *args, "--json").json()["error"]["kind"] == "bad_json"
+
+
+def test_usage_errors_exit_2_and_are_json_when_asked(store: Store) -> None:
+    ran = perdure(store.path, "reject", "pay-1", "c-1")  # --reason is required
+    assert ran.code == 2 and "the following arguments are required: --reason" in ran.err
+    assert ran.err.startswith("usage: perdure reject")
+    as_json = perdure_here(store.path, "status", "--bogus", "--json")
+    assert as_json.code == 2
+    assert as_json.json()["error"] == {
+        "kind": "usage",
+        "message": "perdure: error: unrecognized arguments: --bogus",
+    }
+    both = perdure_here(store.path, "resolve", "pay-1", "--retry", "--fail")
+    assert both.code == 2 and "not allowed with argument" in both.err
+    spec = perdure_here(store.path, "replay", "--agent", "no_colon")
+    assert spec.code == 2 and "use MODULE:ATTRIBUTE" in spec.err
+    budget = perdure_here(store.path, "resume", "budget-1", "--max-dollars", "-1")
+    assert budget.code == 2 and "max_dollars must be >= 0" in budget.err
+
+
+def test_signals_that_cannot_apply_say_why_and_what_to_do(store: Store) -> None:
+    cid = store.cids["pay-1"]
+    resume = perdure_here(store.path, "resume", "pay-1")
+    assert resume.code == 1
+    assert f"execution 'pay-1' is suspended (approval {cid}); resume does not decide that" in (
+        resume.err
+    )
+    assert f"perdure approve pay-1 {cid}" in resume.err
+    done = perdure_here(store.path, "signal", "weather-1", "go")
+    assert done.code == 1
+    assert "execution 'weather-1' is completed; it takes no more signals" in done.err
+    doubt = perdure_here(store.path, "resolve", "pay-1", "--retry")
+    assert doubt.code == 1 and "has no tool call in doubt" in doubt.err
+    module = perdure_here(store.path, "replay", "--agent", "no_such_module:agent")
+    assert module.code == 1 and "cannot import 'no_such_module'" in module.err
+    assert perdure_here(store.path, "inspect", "pay-1", "--json").json()["pending_signals"] == []

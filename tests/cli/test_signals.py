@@ -1,0 +1,189 @@
+"""Signal commands: while another process owns the data dir, and with no runtime at all.
+
+The owner is ``owner.py`` in a subprocess; every wait is on its output (or on a
+Runtime's ``wait``) with a timeout, never a sleep.
+"""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from perdure import Agent, Runtime
+from perdure.events import execution_stream
+from tests.cli import agents
+from tests.cli.conftest import Owner, Store, cli_env, perdure, perdure_here
+
+
+def test_approve_while_another_process_owns_the_dir_resumes_it(
+    fresh_store: Store, owner_factory: type[Owner]
+) -> None:
+    path, cid = fresh_store.path, fresh_store.cids["pay-1"]
+    owner = owner_factory(path)
+    pid = int(owner.expect("ready").split()[1])
+    # Reading works while the dir is owned, and says who owns it.
+    listed = perdure(path, "status", "--json").json()
+    assert listed["owner_pid"] == pid
+    pay = next(e for e in listed["executions"] if e["execution_id"] == "pay-1")
+    assert pay["status_text"] == f"suspended (approval {cid})"
+
+    ran = perdure(path, "approve", "pay-1", cid, "--note", "fine by me")
+    assert ran.code == 0, ran.err
+    assert f"runtime pid {pid} delivers it and resumes the execution" in ran.out
+    owner.expect("completed pay-1", timeout=10)  # auto-resumed by the owner
+
+    steps = perdure_here(path, "steps", "pay-1", "--json").json()["steps"]
+    approved = next(e for e in steps if e["kind"] == "approved")
+    assert approved["confirmation_id"] == cid and approved["note"] == "fine by me"
+    assert approved["by"].startswith("cli:")
+    tool = next(e for e in steps if e["kind"] == "tool")
+    assert tool["status"] == "ok" and tool["output"]["moved"] == 50.0
+    assert perdure_here(path, "inspect", "pay-1", "--json").json()["status"] == "completed"
+    owner.close()
+    assert owner.proc.returncode == 0
+
+
+def test_reject_signal_resume_and_cancel_through_a_live_owner(
+    fresh_store: Store, owner_factory: type[Owner]
+) -> None:
+    path = fresh_store.path
+    owner = owner_factory(path)
+    owner.expect("ready")
+
+    cid = fresh_store.cids["guard-1"]
+    doc = perdure(path, "reject", "guard-1", cid, "--reason", "not today", "--wait", "10", "--json")
+    assert doc.code == 0, doc.out
+    sent = doc.json()
+    [one] = sent["sent"]
+    assert (one["name"], one["payload"]) == (
+        "reject",
+        {"confirmation_id": cid, "reason": "not today"},
+    )
+    assert one["inbox_seq"] > 0
+    assert sent["settled"] is True and sent["status"] == "completed"
+    rejected = [
+        e
+        for e in perdure_here(path, "steps", "guard-1", "--json").json()["steps"]
+        if e["kind"] == "tool"
+    ]
+    assert rejected[0]["status"] == "rejected"
+    assert rejected[0]["error"]["message"] == "not today"
+
+    ran = perdure_here(path, "signal", "wait-1", "go", '{"ok": true}', "--wait", "10")
+    assert ran.code == 0 and "status: completed" in ran.out
+    waited = perdure_here(path, "steps", "wait-1", "--json").json()["steps"]
+    assert [e["output"] for e in waited if e["kind"] == "tool"] == [{"ok": True}]
+
+    resumed = perdure_here(
+        path, "resume", "budget-1", "--max-llm-calls", "5", "--wait", "10", "--json"
+    ).json()
+    assert [s["name"] for s in resumed["sent"]] == ["budget"]
+    assert resumed["sent"][0]["payload"] == {"budget": {"max_llm_calls": 5}}
+    assert resumed["status"] == "completed"
+
+    assert perdure_here(path, "cancel", "pay-1", "--reason", "stop").code == 0
+    owner.expect("cancelled pay-1", timeout=10)
+    assert perdure_here(path, "inspect", "pay-1", "--json").json()["cancel_reason"] == "stop"
+
+    # A failed execution is retried from its log (this scripted model fails again).
+    retried = perdure_here(path, "resume", "fail-1", "--wait", "10", "--json").json()
+    assert [s["name"] for s in retried["sent"]] == ["resume"]
+    assert retried["settled"] is True and retried["status"] == "failed"
+    owner.close()
+
+
+@pytest.mark.anyio
+async def test_approve_with_no_runtime_is_durable_and_applies_at_the_next_start(
+    fresh_store: Store,
+) -> None:
+    path, cid = fresh_store.path, fresh_store.cids["pay-1"]
+    ran = perdure(path, "approve", "pay-1", cid, "--note", "later", "--by", "alice", "--wait", "5")
+    # Stored, but nothing will take it before a runtime starts: --wait says so at once.
+    assert ran.code == 1, ran.err
+    assert f"no runtime owns {path}: the signal is stored" in ran.out
+    assert ran.out.splitlines()[-1] == "not waiting: no runtime is there to take it"
+    detail = perdure(path, "inspect", "pay-1", "--json").json()
+    assert detail["status_text"] == (
+        f"suspended (approval {cid}; 1 signal pending, delivered at next start)"
+    )
+    [pending] = detail["pending_signals"]
+    assert (pending["name"], pending["by"]) == ("approve", "alice")
+    assert pending["payload"] == {"confirmation_id": cid, "note": "later"}
+
+    async with Runtime(path, agents=agents.ALL, durability="process", shutdown_timeout=2.0) as rt:
+        with anyio.fail_after(10):
+            result = await rt.wait("pay-1", until="finished")
+        assert result.is_completed and result.output == "Moved $50 to savings."
+        types = [(r.type, r.payload) async for r in rt.log.read(execution_stream("pay-1"))]
+    granted = [p for t, p in types if t == "approval.granted"]
+    assert [(g["by"], g["note"]) for g in granted] == [("alice", "later")]
+
+
+def test_resolve_an_in_doubt_call_with_no_runtime_then_restart(
+    fresh_store: Store, owner_factory: type[Owner]
+) -> None:
+    path = fresh_store.path
+    crashing = owner_factory(
+        path,
+        "--spawn",
+        "charger",
+        "charge-1",
+        "Charge 9.99",
+        env=cli_env(**{agents.CRASH_IN_TOOL: "1"}),
+    )
+    assert crashing.wait_exit() == -9  # SIGKILLed inside the non-idempotent tool
+
+    listed = perdure(path, "status", "--json").json()
+    charge = next(e for e in listed["executions"] if e["execution_id"] == "charge-1")
+    assert charge["status_text"] == "running (no owner: resumes at next start)"
+    detail = perdure_here(path, "inspect", "charge-1", "--json").json()
+    [call] = detail["open_calls"]
+    assert (call["tool"], call["status"], call["idempotent"], call["attempts"]) == (
+        "charge_card",
+        "started",
+        False,
+        1,
+    )
+    assert "perdure resolve charge-1 --retry" in detail["next_steps"][0]
+
+    ran = perdure(path, "resolve", "charge-1", "--complete", '{"charged": 9.99, "by": "hand"}')
+    assert ran.code == 0, ran.err
+    with owner_factory(path) as owner:
+        owner.expect("completed charge-1", timeout=10)
+    steps = perdure_here(path, "steps", "charge-1", "--json").json()["steps"]
+    resolved = next(e for e in steps if e["kind"] == "resolved")
+    assert resolved["action"] == "complete" and resolved["output"] == {
+        "charged": 9.99,
+        "by": "hand",
+    }
+    assert [e["kind"] for e in steps].count("suspended") == 1  # unknown_outcome, then resolved
+    tool = next(e for e in steps if e["kind"] == "tool")
+    assert tool["status"] == "ok" and tool["attempts"] == 1  # never re-run
+
+
+@pytest.mark.anyio
+async def test_resume_accept_drift_lets_a_drifted_execution_carry_on(fresh_store: Store) -> None:
+    path, cid = fresh_store.path, fresh_store.cids["pay-1"]
+    changed = Agent(
+        "banker",
+        instructions="You move money when asked, twice as carefully.",
+        tools=[agents.transfer_funds],
+        llm=agents.banker.llm,
+    )
+    async with Runtime(path, agents=[changed], durability="process", shutdown_timeout=2.0) as rt:
+        await rt.approve("pay-1", cid)
+        with anyio.fail_after(10):
+            result = await rt.wait("pay-1")
+        assert result.suspend_reason is not None and result.suspend_reason.kind == "drift"
+
+    inspected = perdure(path, "inspect", "pay-1")
+    assert "status     suspended (drift)" in inspected.out
+    assert "perdure resume pay-1 --accept-drift" in inspected.out
+    ran = perdure(path, "resume", "pay-1", "--accept-drift", "--json")
+    assert ran.code == 0, ran.out
+    assert [s["name"] for s in ran.json()["sent"]] == ["accept_drift"]
+
+    async with Runtime(path, agents=[changed], durability="process", shutdown_timeout=2.0) as rt:
+        with anyio.fail_after(10):
+            result = await rt.wait("pay-1", until="finished")
+        assert result.is_completed
