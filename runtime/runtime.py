@@ -233,14 +233,10 @@ class Runtime:
             self._tg = anyio.create_task_group()
             await self._tg.__aenter__()
             self._open = True
-            await self._recover()
-            await self._root.start_child(
-                ChildSpec("inbox", lambda: InboxPump(self), restart="permanent", shutdown=1.0)
-            )
-            # Signals sent while no runtime owned the dir (e.g. 'perdure approve') are
-            # delivered before the runtime is handed over, so what callers see first
-            # already reflects them.
-            await self._delivered(await self.log.last_seq(INBOX_STREAM))
+            # Recovery (resuming interrupted executions, delivering signals sent while no
+            # runtime owned the dir) starts once the caller has the runtime: callbacks it
+            # registers right after opening see every recovered execution settle.
+            self._tg.start_soon(self._recover_then_pump)
         except BaseException:
             await self._close()
             raise
@@ -924,6 +920,13 @@ class Runtime:
         raise SuspendExecution("child", {"name": signal, "child_id": child, "agent": agent.name})
 
     # -- recovery -----------------------------------------------------------------------------
+
+    async def _recover_then_pump(self) -> None:
+        await self._recover()
+        assert self._root is not None
+        await self._root.start_child(
+            ChildSpec("inbox", lambda: InboxPump(self), restart="permanent", shutdown=1.0)
+        )
 
     async def _recover(self) -> None:
         """At open: resume running and queued executions; re-wake parents of finished children."""

@@ -156,7 +156,9 @@ def test_resolve_an_in_doubt_call_with_no_runtime_then_restart(
         "charged": 9.99,
         "by": "hand",
     }
-    assert [e["kind"] for e in steps].count("suspended") == 1  # unknown_outcome, then resolved
+    # the restarted runtime may record the unknown_outcome suspension before it takes the
+    # resolve signal from the inbox, or take the signal first: either way, never re-run
+    assert [e["kind"] for e in steps].count("suspended") <= 1
     tool = next(e for e in steps if e["kind"] == "tool")
     assert tool["status"] == "ok" and tool["attempts"] == 1  # never re-run
 

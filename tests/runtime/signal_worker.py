@@ -90,10 +90,13 @@ async def approval(data_dir: str) -> None:
                 done.set()
 
         r = await rt.run(banker, "move 5", execution_id="x-1")
-        if r.is_suspended:
+        if r.is_suspended and not os.environ.get("PERDURE_RESTARTED"):
             emit(event="suspended", cid=r.suspend_reason.confirmation_id)  # type: ignore[union-attr]
             await done.wait()
         else:
+            # after a restart, an approval sent while no runtime ran is delivered by the
+            # recovery that starts as the runtime opens
+            r = await rt.wait("x-1", until="finished")
             emit(event="completed", at=time.time(), output=r.output)
 
 

@@ -75,7 +75,7 @@ def test_a_signal_sent_while_no_runtime_runs_takes_effect_at_the_next_start(
     first.send_signal(signal.SIGKILL)  # the owner dies while the execution is suspended
     first.wait(timeout=30)
     anyio.run(post_as_client, data_dir, "x-1", "approve", {"confirmation_id": cid})
-    second = start(data_dir, "approval")
+    second = start(data_dir, "approval", PERDURE_RESTARTED="1")
     try:
         event = next_event(second)
         assert event["event"] == "completed" and event["output"] == "done"
