@@ -44,17 +44,23 @@ PAYLOAD = {"data": "x" * 280}
 
 @tool
 def noop(i: int) -> int:
-    """Do nothing, quickly."""
+    """Do nothing, quickly (a sync tool: each call runs in a worker thread)."""
     return i
 
 
-def stepping_agent(steps: int, name: str = "bench") -> Agent:
+@tool
+async def anoop(i: int) -> int:
+    """Do nothing, quickly (an async tool: no thread)."""
+    return i
+
+
+def stepping_agent(steps: int, name: str = "bench", tool_name: str = "noop") -> Agent:
     """An agent whose model calls ``noop`` ``steps`` times, then answers.
 
     The script is O(1) per call (it looks at the last message only) and its tool calls
     are built once, so the model costs next to nothing and the runtime is what we time.
     """
-    calls = [ToolCall(f"call_{i}", "noop", {"i": i}) for i in range(steps + 1)]
+    calls = [ToolCall(f"call_{i}", tool_name, {"i": i}) for i in range(steps + 1)]
 
     def script(request: LLMRequest) -> Any:
         messages = request.messages
@@ -62,7 +68,7 @@ def stepping_agent(steps: int, name: str = "bench") -> Agent:
         n = int(last.content) + 1 if last.role == "tool" else 0
         return calls[n] if n < steps else "done"
 
-    return Agent(name, tools=[noop], llm=Scripted(script, record=False), max_steps=steps + 5)
+    return Agent(name, tools=[noop, anoop], llm=Scripted(script, record=False), max_steps=steps + 5)
 
 
 async def raw_append_us(n: int) -> float:
@@ -109,13 +115,20 @@ async def nondurable_step_us(steps: int) -> float:
     return (time.perf_counter() - t) / steps * 1e6
 
 
-async def fleet(executions: int, steps: int) -> dict[str, float]:
+async def fleet(executions: int, steps: int, tool_name: str = "noop") -> dict[str, float]:
     """Many concurrent executions, fsync durability."""
-    agent = stepping_agent(steps, "fleet")
+    agent = stepping_agent(steps, "fleet", tool_name)
     with tempfile.TemporaryDirectory() as d:
         async with Runtime(d, durability="fsync") as rt:
+            handles: list[Any] = []
+
+            async def spawn() -> None:
+                handles.append(await rt.spawn(agent, "go"))
+
             t = time.perf_counter()
-            handles = [await rt.spawn(agent, "go") for _ in range(executions)]
+            async with anyio.create_task_group() as tg:  # a fleet arrives all at once
+                for _ in range(executions):
+                    tg.start_soon(spawn)
             for h in handles:
                 r = await h.result()
                 assert r.status == "completed", r
@@ -225,6 +238,9 @@ async def main(quick: bool) -> dict[str, float]:
     figures["step_vs_raw_append"] = figures["step_us"] / figures["raw_append_us"]
     n_exec, n_steps = (200, 10) if quick else (1000, 20)
     figures.update(await fleet(n_exec, n_steps))
+    async_fleet = await fleet(n_exec, n_steps, "anoop")
+    figures["fleet_async_tool_steps_per_s"] = async_fleet["fleet_tool_steps_per_s"]
+    figures["fleet_async_tool_records_per_s"] = async_fleet["fleet_records_per_s"]
     figures["fleet_executions"] = n_exec
     figures["fleet_steps_each"] = n_steps
     figures["log_group_commit_records_per_s"] = await log_group_commit(

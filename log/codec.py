@@ -327,6 +327,11 @@ def check_stream_name(stream: object) -> bytes:
     return encoded
 
 
+# Values that come back from CBOR exactly as they went in (NaN aside, which compares
+# unequal to itself either way).
+_PLAIN: Final = frozenset({str, int, float, bool, type(None)})
+
+
 def normalize_meta(stream: str, meta: Mapping[str, Any]) -> dict[str, Any]:
     """Validate stream metadata and return it as stores keep it (a CBOR round trip).
 
@@ -335,9 +340,19 @@ def normalize_meta(stream: str, meta: Mapping[str, Any]) -> dict[str, Any]:
     """
     if not isinstance(meta, Mapping):
         raise LogError(f"stream {stream!r}: meta must be a mapping, got {meta!r}")
-    for key in meta:
+    plain = True
+    for key, value in meta.items():
         if type(key) is not str:
             raise LogError(f"stream {stream!r}: meta keys must be str, got {key!r}")
+        kind = type(value)
+        if kind is list:
+            plain = plain and all(type(v) in _PLAIN for v in value)
+        elif kind not in _PLAIN:
+            plain = False
+    if plain:
+        # Already what a CBOR round trip would give back (the usual case: small
+        # scalars): skip the round trip, a cost every append would otherwise pay.
+        return {k: list(v) if type(v) is list else v for k, v in meta.items()}
     try:
         return _loads(_dumps(dict(meta)))  # type: ignore[no-any-return]
     except Exception as exc:

@@ -182,7 +182,7 @@ class DelegateTool(Tool):
             },
         )
 
-    async def invoke(self, arguments: Mapping[str, Any]) -> Any:
+    async def invoke(self, arguments: Mapping[str, Any], run_in_thread: Any = None) -> Any:
         """Start (or find) the child execution; suspend until it finishes."""
         from perdure.context import current_tool_context
 

@@ -72,6 +72,10 @@ class EngineServices(Protocol):
         """Run ``agent`` on ``task`` as a child execution (see DelegateTool)."""
         ...
 
+    async def run_in_thread(self, fn: Callable[[], Any]) -> Any:
+        """Run a sync tool call in one of the runtime's worker threads."""
+        ...
+
 
 class Conversation(Sequence[Message]):
     """The messages of a request: the system message, then the live conversation.
@@ -489,10 +493,11 @@ class Engine:
         delay = tool.retry_delay
         for attempt in range(1, attempts + 1):
             try:
+                run_in_thread = self.services.run_in_thread
                 if tool.timeout is None:
-                    return await tool.invoke(arguments)
+                    return await tool.invoke(arguments, run_in_thread)
                 with anyio.fail_after(tool.timeout):
-                    return await tool.invoke(arguments)
+                    return await tool.invoke(arguments, run_in_thread)
             except (ToolError, anyio.get_cancelled_exc_class(), SuspendExecution):
                 raise
             except Exception:

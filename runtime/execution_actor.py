@@ -154,6 +154,10 @@ class ExecutionActor(Actor):
         if self.driving and self._drive_scope is not None and self._drive_done is not None:
             self._drive_scope.cancel()
             await self._drive_done.wait()
+        if journal.broken:
+            # An append was cut short by the cancellation: whether it was written is
+            # only known to the log, so start again from the log.
+            journal = self.journal = await Journal.open(self.runtime.log, self.execution_id)
         journal.stage(
             ExecutionCancelled(
                 str((message.payload or {}).get("reason") or ""), message.by, message.seq

@@ -100,6 +100,11 @@ class Journal:
         return cls(log, state, execution_id)
 
     @property
+    def broken(self) -> bool:
+        """True once an append failed or was cancelled: the state may differ from the log."""
+        return self._broken is not None
+
+    @property
     def pending(self) -> bool:
         """True if events are staged but not yet appended."""
         return bool(self._staged)
@@ -150,12 +155,13 @@ class Journal:
                 last = self._last_meta
                 meta = {k: v for k, v in full.items() if k not in last or last[k] != v}
                 try:
-                    # Shielded: a cancelled caller must not leave us unsure whether the
-                    # batch was written (the writer thread may commit it regardless).
-                    with anyio.CancelScope(shield=True):
-                        self.state.seq = await self._log.append(
-                            self.stream, batch, expect=self.state.seq, meta=meta or None
-                        )
+                    # Not shielded (a cancel scope per append costs a fleet dearly): if
+                    # this is cancelled the batch may or may not be written, so the
+                    # journal is broken and whoever goes on re-reads the log (see
+                    # ``broken``); the actor's next incarnation does exactly that.
+                    self.state.seq = await self._log.append(
+                        self.stream, batch, expect=self.state.seq, meta=meta or None
+                    )
                     self._last_meta = full
                 except BaseException as exc:
                     self._broken = exc

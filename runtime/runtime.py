@@ -69,6 +69,7 @@ from perdure.providers.types import LLMResponse
 from perdure.result import ExecutionInfo, Result
 from perdure.signals import precheck
 from perdure.state import TERMINAL, ExecutionState
+from perdure.tool_threads import ToolThreads
 
 __all__ = ["ExecutionHandle", "Runtime"]
 
@@ -130,6 +131,9 @@ class _Services:
     async def delegate(self, ctx: ToolContext, agent: Agent, task: str) -> Any:
         return await self._rt._delegate(ctx, agent, task)
 
+    async def run_in_thread(self, fn: Callable[[], Any]) -> Any:
+        return await self._rt._tool_threads.run(fn)
+
 
 class Runtime:
     """A durable runtime over one data dir. See the module docstring.
@@ -144,6 +148,8 @@ class Runtime:
     - ``pricing``: dollars per model (default ``Pricing.default()``).
     - ``max_restarts`` / ``restart_within``: how many unexpected crashes of one
       execution's engine are retried (replaying its log) before it is failed.
+    - ``max_tool_threads``: worker threads for sync tools (more calls wait their turn).
+    - ``backend``: the event loop the sync facade (``with Runtime(...)``) runs.
     """
 
     def __init__(
@@ -158,6 +164,7 @@ class Runtime:
         shutdown_timeout: float = 10.0,
         max_restarts: int = 3,
         restart_within: float = 60.0,
+        max_tool_threads: int = 40,
         backend: Literal["asyncio", "trio"] = "asyncio",
     ) -> None:
         if max_concurrency is not None and max_concurrency < 1:
@@ -179,6 +186,7 @@ class Runtime:
         self.backend = backend
         self._agents: dict[str, Agent] = {}
         self._services = _Services(self)
+        self._tool_threads = ToolThreads(max_tool_threads)
         self._callbacks: dict[str, list[Callback]] = {
             k: [] for k in ("complete", "suspend", "fail", "cancel", "step")
         }
@@ -261,6 +269,7 @@ class Runtime:
                 root, self._root = self._root, None
                 await root.__aexit__(None, None, None)
         finally:
+            self._tool_threads.close()
             if self._given_log is None and self.log is not None:
                 await self.log.aclose()
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, overload
 
 import anyio
@@ -125,15 +125,24 @@ class Tool:
         """One digest over the whole fingerprint (recorded with every call)."""
         return digest([self.name, self.fingerprint])
 
-    async def invoke(self, arguments: Mapping[str, Any]) -> Any:
-        """Run the function once with ``arguments`` (sync functions in a worker thread)."""
+    async def invoke(
+        self,
+        arguments: Mapping[str, Any],
+        run_in_thread: Callable[[Callable[[], Any]], Awaitable[Any]] | None = None,
+    ) -> Any:
+        """Run the function once with ``arguments`` (sync functions in a worker thread).
+
+        ``run_in_thread`` is how the runtime runs sync tools (its own thread pool); by
+        default anyio's worker threads are used.
+        """
         if self.is_async:
             return await self.fn(**arguments)
+        call = functools.partial(self.fn, **arguments)
+        if run_in_thread is not None:
+            return await run_in_thread(call)
         # abandon_on_cancel: a timeout or a cancel must be able to give up on a thread
         # we cannot interrupt; the thread finishes on its own, its result discarded.
-        return await anyio.to_thread.run_sync(
-            functools.partial(self.fn, **arguments), abandon_on_cancel=True
-        )
+        return await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
 
 
 @overload
