@@ -144,8 +144,11 @@ class ScriptedHTTPServer:
     while handler threads serve.
     """
 
-    def __init__(self, handler: Callable[[RecordedRequest], Any] | None = None) -> None:
+    def __init__(
+        self, handler: Callable[[RecordedRequest], Any] | None = None, port: int = 0
+    ) -> None:
         self.handler = handler
+        self.requested_port = port
         self._queue: collections.deque[Any] = collections.deque()
         self._requests: list[RecordedRequest] = []
         self._lock = threading.Lock()
@@ -156,13 +159,13 @@ class ScriptedHTTPServer:
     # -- lifecycle ---------------------------------------------------------------
 
     def start(self) -> None:
-        """Bind to an ephemeral port on 127.0.0.1 and serve in a daemon thread."""
+        """Bind to 127.0.0.1 (an ephemeral port unless one was given); serve in a thread."""
         outer = self
 
         class Handler(_Handler):
             server_owner = outer
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.requested_port), Handler)
         self._server.daemon_threads = True
         # A short poll interval: stop() waits for the serving loop to notice, and the
         # stdlib default (0.5 s) would add that much to every test's teardown.

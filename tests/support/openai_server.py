@@ -183,8 +183,10 @@ def _words(text: str) -> list[str]:
 class OpenAIServer(ScriptedHTTPServer):
     """A :class:`ScriptedHTTPServer` with OpenAI's URL layout."""
 
-    def __init__(self, handler: Callable[[RecordedRequest], Any] | None = None) -> None:
-        super().__init__(handler)
+    def __init__(
+        self, handler: Callable[[RecordedRequest], Any] | None = None, port: int = 0
+    ) -> None:
+        super().__init__(handler, port)
 
     @property
     def base_url(self) -> str:
@@ -202,3 +204,32 @@ def openai_server() -> Iterator[OpenAIServer]:
     """A running :class:`OpenAIServer`, stopped after the test."""
     with OpenAIServer() as server:
         yield server
+
+
+def demo_handler(request: RecordedRequest) -> Completion:
+    """Serve a two-step weather conversation by request content (no script needed).
+
+    The first turn calls ``get_weather`` for the city named last in the user's message;
+    once a tool result is in the conversation, it answers with that result.
+    """
+    messages = request.json["messages"]
+    tool_results = [m for m in messages if m.get("role") == "tool"]
+    if not tool_results:
+        city = messages[-1]["content"].rstrip("?.! ").split()[-1]
+        return completion(None, [("call_demo_1", "get_weather", {"city": city})])
+    return completion(f"Here is what I found: {tool_results[-1]['content']}")
+
+
+def main() -> None:
+    """``python -m tests.support.openai_server [PORT]``: serve :func:`demo_handler`."""
+    import signal
+    import sys
+
+    server = OpenAIServer(demo_handler, int(sys.argv[1]) if len(sys.argv) > 1 else 0)
+    with server:
+        print(f"OPENAI_BASE_URL={server.base_url} (Ctrl-C to stop)", flush=True)
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+
+
+if __name__ == "__main__":
+    main()
