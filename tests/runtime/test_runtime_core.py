@@ -315,3 +315,23 @@ def test_message_types_are_plain() -> None:
     # The transcript uses the provider layer's canonical types.
     assert Message("tool", "x", tool_call_id="1").to_dict()["tool_call_id"] == "1"
     assert ToolCall("1", "t", {}).to_dict() == {"id": "1", "name": "t", "arguments": {}}
+
+
+async def test_a_failed_execution_resumes_once_the_provider_is_back(open_runtime: Any) -> None:
+    down = {"on": True}
+
+    def script(request: LLMRequest) -> Any:
+        if down["on"]:
+            return RateLimitError("provider down", retry_after=None)
+        return "back in business"
+
+    llm = Scripted(script)
+    agent = Agent("flaky", llm=llm)
+    async with open_runtime() as rt:
+        r = await rt.run(agent, "go", execution_id="fr-1")
+        assert r.status == "failed" and r.error is not None
+        assert r.error["type"] == "RateLimitError"
+        down["on"] = False
+        r = await rt.resume("fr-1")
+    assert r is not None and r.status == "completed" and r.output == "back in business"
+    assert r.usage.llm_calls == 1 and llm.calls == 2  # the failed call was not recorded
