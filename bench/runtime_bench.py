@@ -285,6 +285,22 @@ def report(f: dict[str, float], backend: str) -> None:
                 verdict(f["fleet_records_per_s"] >= 9000),
             ],
             [
+                "  same fleet, async no-op tool",
+                f["fleet_async_tool_steps_per_s"],
+                "tool steps/s",
+                "no worker-thread hop",
+                "",
+                "",
+            ],
+            [
+                "  fsync'd records",
+                f["fleet_async_tool_records_per_s"],
+                "records/s",
+                "",
+                "",
+                "",
+            ],
+            [
                 f"growth: time at step {f['growth_steps']:.0f} vs 10",
                 f["growth_time_ratio_10k_vs_10"],
                 "x",

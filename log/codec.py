@@ -109,29 +109,16 @@ def unseal(value: bytes, size: int) -> list[Any]:
     return items
 
 
-# Record construction bypasses the frozen dataclass's ``__init__`` (which calls
-# ``object.__setattr__`` once per field): on replay it is half the per-record overhead.
-_new = object.__new__
-_set_stream = Record.stream.__set__  # type: ignore[attr-defined]
-_set_seq = Record.seq.__set__  # type: ignore[attr-defined]
-_set_type = Record.type.__set__  # type: ignore[attr-defined]
-_set_version = Record.version.__set__  # type: ignore[attr-defined]
-_set_timestamp = Record.timestamp.__set__  # type: ignore[attr-defined]
-_set_payload = Record.payload.__set__  # type: ignore[attr-defined]
+# Records are built with tuple.__new__ directly (Record is a NamedTuple): its generated
+# __new__ is a Python function, and this runs once per record on replay.
+_tuple_new = tuple.__new__
 
 
 def make_record(
     stream: str, seq: int, type: str, version: int, timestamp: float, payload: Any
 ) -> Record:
     """Build a :class:`Record` exactly as ``Record(...)`` would, but faster."""
-    record = _new(Record)
-    _set_stream(record, stream)
-    _set_seq(record, seq)
-    _set_type(record, type)
-    _set_version(record, version)
-    _set_timestamp(record, timestamp)
-    _set_payload(record, payload)
-    return record
+    return _tuple_new(Record, (stream, seq, type, version, timestamp, payload))
 
 
 # The envelope around the payload is written by hand: cbor2 spends about a microsecond
@@ -278,9 +265,7 @@ def decode_chunk(
     loads = _loads
     residue = CRC_RESIDUE
     get = known.get
-    new = _new
-    set_stream, set_seq, set_type = _set_stream, _set_seq, _set_type
-    set_version, set_timestamp, set_payload = _set_version, _set_timestamp, _set_payload
+    new = _tuple_new
     seq = first_seq - 1
     for value in values:
         seq += 1
@@ -299,16 +284,29 @@ def decode_chunk(
                     and type(timestamp) is float
                     and 1 <= version <= get(rtype, 0)
                 ):
-                    record = new(Record)
-                    set_stream(record, stream)
-                    set_seq(record, seq)
-                    set_type(record, rtype)
-                    set_version(record, version)
-                    set_timestamp(record, timestamp)
-                    set_payload(record, payload)
-                    yield record
+                    yield new(Record, (stream, seq, rtype, version, timestamp, payload))
                     continue
         yield decode_record(known, stream, seq, value)
+
+
+def decode_all(
+    known: Mapping[str, int], stream: str, first_seq: int, values: list[bytes]
+) -> tuple[list[Record], LogError | None]:
+    """Decode a whole chunk: the records, and the error that stopped it (if any).
+
+    The records are every one before the first bad value, so a reader can hand them out
+    before raising the error that names the bad one.
+    """
+    try:
+        return list(decode_chunk(known, stream, first_seq, values)), None
+    except LogError as error:
+        good: list[Record] = []
+        try:
+            for record in decode_chunk(known, stream, first_seq, values):
+                good.append(record)
+        except LogError:
+            pass
+        return good, error
 
 
 def check_stream_name(stream: object) -> bytes:

@@ -94,7 +94,7 @@ from .codec import (
     check_expect,
     check_indexed_fields,
     check_stream_name,
-    decode_chunk,
+    decode_all,
     encode_entry,
     encode_records,
     meta_matches,
@@ -501,6 +501,9 @@ class LmdbLog:
                 max_readers=512,
                 sync=sync,
                 metasync=sync,
+                # No OS read-ahead on the map: replaying one execution touches a few
+                # pages, and read-ahead would map (and count in RSS) their neighbours.
+                readahead=False,
                 create=not self._client,
             )
         except lmdb.Error as exc:
@@ -761,6 +764,7 @@ class LmdbLog:
     ) -> tuple[list[Any], list[tuple[str, int]]]:
         """Apply ``batch`` in one write transaction, growing the map as needed."""
         probed = False
+        exact = False
         while True:
             guard = self._guard
             guard.acquire_shared()
@@ -772,9 +776,14 @@ class LmdbLog:
                     # Another process committed since our last transaction: the cached
                     # index entries may be stale.
                     self._entries = {}
-                outcomes, states = self._apply(txn, batch, self._entries)
+                outcomes, states = self._apply(txn, batch, self._entries, exact)
                 txn.commit()
                 txn = None
+            except _Inconsistent:
+                # A record already sits where an append would write: redo the batch one
+                # put at a time, which finds the append, undoes it and names the record.
+                exact = True
+                failure = "retry"
             except lmdb.MapFullError:
                 failure = "map_full"
             except lmdb.MapResizedError:
@@ -792,6 +801,8 @@ class LmdbLog:
                 guard.release_shared()
             if not failure:
                 break
+            if failure == "retry":
+                continue
             if failure == "map_full":
                 reason = self._grow_map()
                 if reason is not None:
@@ -835,12 +846,19 @@ class LmdbLog:
         txn: lmdb.Transaction,
         batch: list[_Pending],
         cache: dict[str, _Entry],
+        exact: bool = False,
     ) -> tuple[list[Any], dict[str, _StreamState]]:
         """Apply every pending write of the batch in ``txn``; return their outcomes.
 
         Runs again from scratch when a batch is retried (after growing the map), so
         expects are checked against what is committed, never against a failed attempt.
         ``cache`` holds committed index entries; it is only read here.
+
+        Records are written with one ``putmulti`` for the whole batch: py-lmdb drops and
+        retakes the GIL around every call, and each retake competes with a busy event
+        loop. If any record would overwrite an existing one (an inconsistent store),
+        ``_Inconsistent`` is raised and the batch is redone with ``exact=True``, one put
+        at a time, which pins the fault on its append alone.
         """
         records_db = self._records
         streams_db = self._streams
@@ -848,6 +866,7 @@ class LmdbLog:
         put = txn.put
         states: dict[str, _StreamState] = {}
         outcomes: list[Any] = []
+        items: list[tuple[bytes, bytes]] = []
         next_id: int | None = None
         first_new_id = 0
         for pending in batch:
@@ -899,11 +918,16 @@ class LmdbLog:
             prefix = state.id_prefix
             seq = current
             refused = None
-            for value in pending.values:
-                seq += 1
-                if not put(prefix + _pack_seq(seq), value, db=records_db, overwrite=False):
-                    refused = seq
-                    break
+            if not exact:
+                for value in pending.values:
+                    seq += 1
+                    items.append((prefix + _pack_seq(seq), value))
+            else:
+                for value in pending.values:
+                    seq += 1
+                    if not put(prefix + _pack_seq(seq), value, db=records_db, overwrite=False):
+                        refused = seq
+                        break
             if refused is not None:
                 # A record already sits where the index says the stream ends: the store
                 # is inconsistent. Never overwrite; undo this append's puts.
@@ -925,11 +949,17 @@ class LmdbLog:
             state.dirty = True
             outcomes.append(seq)
 
+        if items:
+            _, added = txn.cursor(db=records_db).putmulti(items, overwrite=False)
+            if added != len(items):
+                raise _Inconsistent
         by_meta = self._by_meta
+        entries = [(s.name_key, s.encoded()) for s in states.values() if s.dirty]
+        if entries:
+            txn.cursor(db=streams_db).putmulti(entries)
         for state in states.values():
             if not state.dirty:
                 continue
-            put(state.name_key, state.encoded(), db=streams_db)
             if state.meta is state.old_meta:
                 continue
             for field in self._indexed:
@@ -1023,14 +1053,23 @@ class LmdbLog:
 
     async def read(self, stream: str, after: int = 0) -> AsyncIterator[Record]:
         """Yield records with seq > ``after`` in order, yielding to the loop between chunks."""
+        async for chunk in self.read_chunks(stream, after):
+            for record in chunk:
+                yield record
+
+    async def read_chunks(self, stream: str, after: int = 0) -> AsyncIterator[list[Record]]:
+        """Like :meth:`read`, a list of records at a time (cheaper per record)."""
         stream_key = check_stream_name(stream)
         check_after(stream, after)
         known = self._known
         seq = after
         while True:
             values = self._read_chunk(stream, stream_key, seq)
-            for record in decode_chunk(known, stream, seq + 1, values):
-                yield record
+            records, error = decode_all(known, stream, seq + 1, values)
+            if records:
+                yield records
+            if error is not None:
+                raise error
             if len(values) < READ_CHUNK:
                 return
             seq += len(values)
@@ -1359,6 +1398,10 @@ _NO_META: Final[dict[str, Any]] = {}  # shared, never mutated: see _StreamState
 # executions); each entry costs ~2 KB, and a runtime living for months touches millions
 # of streams, so the cache is cleared when it outgrows this.
 _MAX_CACHED_ENTRIES: Final = 4096
+
+
+class _Inconsistent(Exception):
+    """A batch's records collided with stored ones: redo it one put at a time."""
 
 
 def _info(stream: str, raw: bytes) -> StreamInfo:

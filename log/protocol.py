@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 __all__ = [
     "ANY",
@@ -50,13 +50,14 @@ class NewRecord:
     version: int = 1
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
+class Record(NamedTuple):
     """A stored record: the envelope every store reads back.
 
     ``seq`` starts at 1 and is contiguous within a stream. ``timestamp`` is the wall
     clock (seconds since the epoch) at which the batch holding the record was accepted.
-    ``payload`` is whatever CBOR value was appended (usually a dict).
+    ``payload`` is whatever CBOR value was appended (usually a dict). An immutable named
+    tuple rather than a dataclass: replay builds one per record, and a tuple is built in
+    a fifth of the time.
     """
 
     stream: str
@@ -159,6 +160,15 @@ class EventLog(Protocol):
         raised. ``meta`` is shallow-merged into the stream's index entry in the same
         transaction. Returns once the batch is as durable as the log's durability mode
         promises.
+        """
+        ...
+
+    def read_chunks(self, stream: str, after: int = 0) -> AsyncIterator[list[Record]]:
+        """Like :meth:`read`, a chunk (a non-empty list, in order) at a time.
+
+        Cheaper per record than ``read`` (no iterator step per record), which is what
+        replay wants. A corrupt or unknown record raises its named error after the
+        records before it were yielded.
         """
         ...
 

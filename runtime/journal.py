@@ -39,7 +39,9 @@ def index_meta(state: ExecutionState) -> dict[str, Any]:
         "status": state.status,
         "reason": reason["kind"] if reason else None,
         "confirmations": [
-            p["confirmation_id"] for p in reason.get("pending", ()) if p.get("confirmation_id")
+            p["confirmation_id"]
+            for p in reason.get("pending") or (reason,)
+            if p.get("confirmation_id")
         ]
         if reason
         else [],
@@ -57,9 +59,10 @@ async def load_state(log: EventLog, execution_id: str) -> ExecutionState:
     """Replay an execution's stream into a fresh state (calls nothing, writes nothing)."""
     state = ExecutionState()
     seq = 0
-    async for record in log.read(execution_stream(execution_id)):
-        apply_record(state, record.type, record.payload)
-        seq = record.seq
+    async for chunk in log.read_chunks(execution_stream(execution_id)):
+        for record in chunk:
+            apply_record(state, record.type, record.payload)
+        seq = chunk[-1].seq
     state.seq = seq
     return state
 

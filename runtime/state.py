@@ -216,10 +216,16 @@ def _llm_completed(s: ExecutionState, p: Mapping[str, Any]) -> None:
     msg = response["message"]
     raw_calls = msg.get("tool_calls")
     if raw_calls:
-        calls = tuple(ToolCall(c["id"], c["name"], c["arguments"]) for c in raw_calls)
-        s.calls = [
-            Call(step + 1 + i, step, i, c.id, c.name, c.arguments) for i, c in enumerate(calls)
-        ]
+        if len(raw_calls) == 1:  # the common turn, without the generator machinery
+            c = raw_calls[0]
+            call = ToolCall(c["id"], c["name"], c["arguments"])
+            calls: tuple[ToolCall, ...] = (call,)
+            s.calls = [Call(step + 1, step, 0, call.id, call.name, call.arguments)]
+        else:
+            calls = tuple(ToolCall(c["id"], c["name"], c["arguments"]) for c in raw_calls)
+            s.calls = [
+                Call(step + 1 + i, step, i, c.id, c.name, c.arguments) for i, c in enumerate(calls)
+            ]
         s.step = step + len(calls)
     else:
         calls = ()
@@ -261,7 +267,10 @@ def _finish(
     call.output = output
     call.error = error
     calls = s.calls
-    if all(c.status == "done" for c in calls):
+    if len(calls) == 1:
+        s.messages.append(tool_message(call))
+        s.calls = []
+    elif all(c.status == "done" for c in calls):
         # Results join the conversation in call order once the whole turn is done, so
         # the transcript never depends on which concurrent call finished first.
         s.messages.extend(tool_message(c) for c in calls)
@@ -536,7 +545,8 @@ def _plan_calls(state: ExecutionState) -> Action:
     if admit or rerun:
         return Run(tuple(admit), tuple(rerun))
     reason = dict(blockers[0])
-    reason["pending"] = blockers
+    if len(blockers) > 1:
+        reason["pending"] = blockers  # one blocker is the reason itself: not repeated
     return Suspend(reason)
 
 

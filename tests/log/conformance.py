@@ -215,6 +215,16 @@ class EventLogConformance:
         assert [r.seq for r in records] == list(range(1, 3001))
         assert [r.payload["i"] for r in records] == list(range(3000))
 
+    async def test_read_chunks_equals_read(self, log: EventLog) -> None:
+        await log.append("big", [note(i) for i in range(3000)], expect=0)
+        for after in (0, 1, 255, 256, 2999, 3000):
+            chunks = [chunk async for chunk in log.read_chunks("big", after=after)]
+            assert all(chunks), "chunks are never empty"
+            flat = [r for chunk in chunks for r in chunk]
+            assert flat == await collect(log, "big", after=after)
+        assert len(chunks) == 0
+        assert [c async for c in log.read_chunks("missing")] == []
+
     # -- meta --------------------------------------------------------------------------
 
     async def test_meta_merges_atomically_with_append(self, log: EventLog) -> None:
@@ -444,6 +454,12 @@ class EventLogConformance:
             assert [r.seq for r in records] == [1, 2]
             assert (caught.value.stream, caught.value.seq) == ("s", 3)
             assert "'s' seq 3" in str(caught.value)
+            # Chunked reading hands out the good records, then names the bad one.
+            chunked: list[Record] = []
+            with pytest.raises(CorruptRecordError) as caught:
+                async for chunk in log2.read_chunks("s"):
+                    chunked.extend(chunk)
+            assert [r.seq for r in chunked] == [1, 2] and caught.value.seq == 3
             # Reading past it works; the other stream is untouched.
             assert [r.seq for r in await collect(log2, "s", after=3)] == [4, 5]
             assert [r.seq for r in await collect(log2, "t")] == [1]

@@ -195,7 +195,6 @@ def test_waiting_tool_resumes_when_its_signal_arrives() -> None:
         "name": "paid",
         "step": 2,
         "tool": "t",
-        "pending": [{"kind": "signal", "name": "paid", "step": 2, "tool": "t"}],
     }
     apply(state, ExecutionSuspended(action.reason))
     apply(state, SignalReceived("other", 1, "ops"))
