@@ -200,6 +200,7 @@ class Runtime:
         self._queue: deque[str] = deque()
         self._queued: set[str] = set()
         self._draining = False
+        self._recovered = anyio.Event()  # set once recovery at open has run
         self._waiters: dict[str, list[anyio.Event]] = {}
         self._sinks: dict[str, Callable[[Any], None]] = {}
         self._inbox_cursor = 0
@@ -932,6 +933,7 @@ class Runtime:
 
     async def _recover_then_pump(self) -> None:
         await self._recover()
+        self._recovered.set()
         assert self._root is not None
         await self._root.start_child(
             ChildSpec("inbox", lambda: InboxPump(self), restart="permanent", shutdown=1.0)

@@ -126,3 +126,32 @@ def test_crash_during_recovery_then_restart_at_once(
     result = run_until_done(data_dir, side, ["tool-after:2", "tool-before:1", "llm:1", "step:1"])
     assert result == reference
     assert Counter(n for _, n, _ in side_effects(side))["charge"] == 1
+
+
+def test_replaying_an_execution_that_once_crashed_calls_and_writes_nothing(
+    reference: dict[str, Any], tmp_path: Path
+) -> None:
+    data_dir, side = tmp_path / "data", tmp_path / "side.txt"
+    assert run_until_done(data_dir, side, ["tool-after:3", "llm:2"]) == reference
+    effects = side.read_text()
+    before = attempts_by_key(data_dir), _last_seq(data_dir)
+    proc = run_worker(data_dir, side, "none")  # opens the dir again, asks for the result
+    assert proc.returncode == 0 and json.loads(proc.stdout.strip()) == reference
+    assert side.read_text() == effects  # no tool ran
+    assert (attempts_by_key(data_dir), _last_seq(data_dir)) == before  # nothing written
+
+
+def _last_seq(data_dir: Path) -> int:
+    import anyio
+
+    from perdure.events import execution_stream, record_types
+    from perdure.log import LmdbLog
+
+    async def read() -> int:
+        log = await LmdbLog.open(data_dir, types=record_types(), client=True)
+        try:
+            return await log.last_seq(execution_stream("order-1"))
+        finally:
+            await log.aclose()
+
+    return anyio.run(read)

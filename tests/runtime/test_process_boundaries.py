@@ -119,3 +119,41 @@ def test_delegation_recovers_from_a_crash_in_the_child_or_the_parent(
             await log.aclose()
 
     assert anyio.run(child_attempts) == ([1, 2] if crash == "child-tool" else [1])
+
+
+def test_two_processes_on_one_data_dir_only_one_runs_executions(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+
+    def owner() -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "tests.runtime.owner_worker", str(data_dir)],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    first = owner()
+    try:
+        assert next_event(first) == {"event": "owner", "pid": first.pid}
+        second = owner()
+        refused = next_event(second)
+        # the second process cannot own the dir: it runs nothing, new work included
+        assert refused["event"] == "locked" and refused["pid"] == first.pid
+        assert str(first.pid) in refused["error"]
+        assert second.wait(timeout=30) == 0
+        assert first.stdin is not None
+        first.stdin.write("new-1\n")
+        first.stdin.flush()
+        assert next_event(first) == {"event": "result", "id": "new-1", "status": "completed"}
+        # the lock dies with its owner: a killed owner never locks the dir out
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+        third = owner()
+        try:
+            assert next_event(third)["event"] == "owner"
+        finally:
+            third.kill()
+    finally:
+        first.kill()

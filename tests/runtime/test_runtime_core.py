@@ -335,3 +335,44 @@ async def test_a_failed_execution_resumes_once_the_provider_is_back(open_runtime
         r = await rt.resume("fr-1")
     assert r is not None and r.status == "completed" and r.output == "back in business"
     assert r.usage.llm_calls == 1 and llm.calls == 2  # the failed call was not recorded
+
+
+async def test_executions_of_unregistered_agents_are_left_alone_and_named(
+    open_runtime: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    _GATE["started"] = anyio.Event()
+    _GATE["block"] = anyio.Event()
+
+    def make() -> Agent:
+        return Agent("orphan", tools=[gated], llm=Scripted([Scripted.call("gated"), "done"]))
+
+    async with open_runtime(shutdown_timeout=0.05) as rt:
+        await rt.spawn(make(), "go", execution_id="or-1")
+        await _GATE["started"].wait()
+    _GATE.clear()  # the same tool no longer blocks
+    caplog.clear()
+    caplog.set_level(logging.WARNING, logger="perdure.runtime")
+    async with open_runtime() as rt:  # the agent is not registered
+        await rt._recovered.wait()  # recovery runs in the background once open returns
+        info = await rt.executions(agent="orphan")
+        assert [(e.execution_id, e.status) for e in info] == [("or-1", "running")]
+        assert "or-1" not in rt._live
+        [message] = [r.getMessage() for r in caplog.records if "left alone" in r.getMessage()]
+        assert "'orphan'" in message and "or-1" in message and "rt.register" in message
+        rt.register(make())  # registering it later resumes the execution
+        r = await rt.wait("or-1")
+    assert r.status == "completed" and r.output == "done"
+
+
+_GATE: dict[str, Any] = {}
+
+
+@tool
+async def gated() -> str:
+    """Blocks while a test holds the gate."""
+    if "block" in _GATE:
+        _GATE["started"].set()
+        await _GATE["block"].wait()
+    return "passed"
