@@ -30,12 +30,17 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.machine import machine as shared_machine
+from bench.machine import rss_kb
 
 BACKENDS = ("asyncio", "trio")
 TARGET_ASK_RATIO = 1.5
@@ -44,13 +49,6 @@ TARGET_SPAWN_100K_S = 10.0
 
 
 # ---- measurements (run inside a subprocess) ---------------------------------------
-
-
-def rss_kb() -> float:
-    """Resident set size of this process, from /proc/self/statm."""
-    with open("/proc/self/statm") as f:
-        resident_pages = int(f.read().split()[1])
-    return resident_pages * os.sysconf("SC_PAGE_SIZE") / 1024
 
 
 def summary(samples_ns: list[int]) -> dict[str, float]:
@@ -264,25 +262,10 @@ def run_child(kind: str, backend: str, *, n: int = 0, quick: bool = False) -> di
 
 
 def machine() -> dict[str, str]:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    """The shared machine description, plus the anyio and trio versions."""
     from importlib.metadata import version
 
-    return {
-        "cpu": cpu,
-        "cores": str(os.cpu_count()),
-        "python": platform.python_version(),
-        "anyio": version("anyio"),
-        "trio": version("trio"),
-        "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-    }
+    return {**shared_machine(), "anyio": version("anyio"), "trio": version("trio")}
 
 
 def main() -> None:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sqlite3
 import sys
@@ -44,6 +43,9 @@ import anyio
 import cbor2
 import lmdb
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.machine import machine as shared_machine
 from perdure.log import ANY, LmdbLog, NewRecord, RecordTypes, lmdb_store
 from perdure.log.codec import decode_record, encode_record
 
@@ -66,20 +68,10 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 
 def machine() -> dict[str, str]:
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """The shared machine description, plus the LMDB versions."""
     return {
-        "cpu": model,
-        "cores": str(os.cpu_count()),
-        "python": platform.python_version(),
+        **shared_machine(),
         "lmdb": ".".join(map(str, lmdb.version())) + f" (py-lmdb {lmdb.__version__})",
-        "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
 
 

@@ -18,7 +18,6 @@ loop and ``aclose()`` it when done.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import ssl
@@ -38,7 +37,8 @@ from perdure.providers.errors import (
     error_for_status,
     redact,
 )
-from perdure.providers.retry import RetryPolicy, parse_retry_after, retry_stream
+from perdure.providers.retry import RetryPolicy, parse_retry_after
+from perdure.providers.sdk_provider import SDKProvider
 from perdure.providers.streams import ResponseAssembler, parse_arguments
 from perdure.providers.types import (
     LLMRequest,
@@ -72,7 +72,7 @@ _STOP_REASONS = {
 }
 
 
-class Anthropic:
+class Anthropic(SDKProvider):
     """A Claude model through Anthropic's Messages API.
 
     ``api_key`` and ``base_url`` fall back to what the ``anthropic`` client resolves
@@ -141,29 +141,8 @@ class Anthropic:
 
     # -- lifecycle ---------------------------------------------------------------
 
-    async def aclose(self) -> None:
-        """Close the HTTP client (if this provider created it)."""
-        await self._clients.aclose()
-
-    async def __aenter__(self) -> Anthropic:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
     def __repr__(self) -> str:
         return f"Anthropic({self.model!r}, base_url={self.base_url!r}, name={self.name!r})"
-
-    # -- the protocol ------------------------------------------------------------
-
-    async def complete(self, request: LLMRequest) -> LLMResponse:
-        """One Messages call, retried per ``retry``."""
-        return await self.retry.call(functools.partial(self._complete_once, request))
-
-    async def stream(self, request: LLMRequest) -> AsyncIterator[StreamEvent]:
-        """A streamed Messages call; retried only until the first event."""
-        async for event in retry_stream(self.retry, functools.partial(self._stream_once, request)):
-            yield event
 
     # -- one attempt -------------------------------------------------------------
 

@@ -14,7 +14,6 @@ it as an async context manager, when done.
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -35,7 +34,8 @@ from perdure.providers.openai_format import (
     to_openai_messages,
     to_openai_tools,
 )
-from perdure.providers.retry import RetryPolicy, parse_retry_after, retry_stream
+from perdure.providers.retry import RetryPolicy, parse_retry_after
+from perdure.providers.sdk_provider import SDKProvider
 from perdure.providers.streams import ResponseAssembler, parse_arguments
 from perdure.providers.types import (
     LLMRequest,
@@ -60,7 +60,7 @@ __all__ = ["OpenAI"]
 PLACEHOLDER_API_KEY = "not-needed"
 
 
-class OpenAI:
+class OpenAI(SDKProvider):
     """A model served by the OpenAI API or any OpenAI-compatible server.
 
     ``api_key`` falls back to ``OPENAI_API_KEY`` and ``base_url`` to ``OPENAI_BASE_URL``.
@@ -126,29 +126,8 @@ class OpenAI:
 
     # -- lifecycle ---------------------------------------------------------------
 
-    async def aclose(self) -> None:
-        """Close the HTTP client (if this provider created it)."""
-        await self._clients.aclose()
-
-    async def __aenter__(self) -> OpenAI:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
     def __repr__(self) -> str:
         return f"OpenAI({self.model!r}, base_url={self.base_url!r}, name={self.name!r})"
-
-    # -- the protocol ------------------------------------------------------------
-
-    async def complete(self, request: LLMRequest) -> LLMResponse:
-        """One Chat Completions call, retried per ``retry``."""
-        return await self.retry.call(functools.partial(self._complete_once, request))
-
-    async def stream(self, request: LLMRequest) -> AsyncIterator[StreamEvent]:
-        """A streamed Chat Completions call; retried only until the first event."""
-        async for event in retry_stream(self.retry, functools.partial(self._stream_once, request)):
-            yield event
 
     # -- one attempt -------------------------------------------------------------
 

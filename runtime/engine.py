@@ -334,16 +334,7 @@ class Engine:
             tool = agent.tools.get(call.tool)
             if tool is None:
                 known = ", ".join(agent.tools) or "none"
-                self.journal.stage(
-                    ToolCompleted(
-                        call.step,
-                        "error",
-                        error={
-                            "type": "UnknownTool",
-                            "message": f"there is no tool named {call.tool!r}; tools: {known}",
-                        },
-                    )
-                )
+                self._unknown_tool(call, f"there is no tool named {call.tool!r}; tools: {known}")
                 continue
             if call.status == "planned":
                 try:
@@ -382,6 +373,11 @@ class Engine:
             to_run.append(call)
         return to_run
 
+    def _unknown_tool(self, call: Call, message: str) -> None:
+        """Record that ``call`` names no tool of the agent (the model is told)."""
+        error = {"type": "UnknownTool", "message": message}
+        self.journal.stage(ToolCompleted(call.step, "error", error=error))
+
     def _contract_block(self, tool: Tool, arguments: Mapping[str, Any]) -> tuple[str, str] | None:
         for name, check in self.agent.contracts.items():
             try:
@@ -415,16 +411,8 @@ class Engine:
         for call in action.rerun:
             tool = self.agent.tools.get(call.tool)
             if tool is None:
-                self.journal.stage(
-                    ToolCompleted(
-                        call.step,
-                        "error",
-                        error={
-                            "type": "UnknownTool",
-                            "message": f"tool {call.tool!r} no longer exists in agent "
-                            f"{self.agent.name!r}",
-                        },
-                    )
+                self._unknown_tool(
+                    call, f"tool {call.tool!r} no longer exists in agent {self.agent.name!r}"
                 )
                 continue
             self._stage_start(call, tool, attempt=call.attempts + 1)
