@@ -15,9 +15,10 @@ cancel scopes see it as they see any other); waking after a cancellation is a no
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import Awaitable
 from typing import Any
+
+from perdure.actors.backend import current_backend
 
 __all__ = ["Parking", "current_parking"]
 
@@ -135,9 +136,6 @@ _ASYNCIO = _AsyncioParking()
 
 def current_parking() -> Parking:
     """The :class:`Parking` for the backend running in this thread (asyncio or trio)."""
-    if "trio" in sys.modules:
-        import sniffio  # trio depends on it, so it is importable whenever trio is
-
-        if sniffio.current_async_library() == "trio":
-            return _TrioParking()
+    if current_backend() == "trio":
+        return _TrioParking()
     return _ASYNCIO

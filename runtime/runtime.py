@@ -225,10 +225,9 @@ class Runtime:
                 self.path, types=record_types(), durability=self.durability
             )
         try:
-            self._root = Supervisor(
-                strategy="one_for_one", intensity=5, period=10.0, name="perdure"
-            )
-            await self._root.__aenter__()
+            root = Supervisor(strategy="one_for_one", intensity=5, period=10.0, name="perdure")
+            await root.__aenter__()  # cleans up after itself if it fails: no __aexit__ then
+            self._root = root
             self._executions = Supervisor(strategy="one_for_one", intensity=None, name="executions")
             await self._root.start_child(
                 ChildSpec(

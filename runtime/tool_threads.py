@@ -19,7 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import sniffio
+from perdure.actors.backend import current_backend
 
 __all__ = ["ToolThreads"]
 
@@ -57,7 +57,7 @@ class ToolThreads:
         )
 
     def _detect(self) -> str:
-        self._backend = sniffio.current_async_library()
+        self._backend = current_backend()
         return self._backend
 
     def close(self) -> None:

@@ -34,6 +34,44 @@ def test_quickstart(tmp_path: Path) -> None:
     assert "$50 moved from checking to savings" in out
 
 
+#: What a core install (``pip install perdure``) does not bring: extras, dev tools, and
+#: sniffio, which anyio no longer depends on.
+NOT_IN_CORE_INSTALL = (
+    "sniffio",
+    "trio",
+    "outcome",
+    "openai",
+    "anthropic",
+    "httpx",
+    "hypothesis",
+    "pytest",
+)
+
+
+def run_core_only(target: str, *args: str) -> str:
+    """Run a script (or ``-m module``) with every non-core package made unimportable."""
+    launch = (
+        "import runpy, sys\n"
+        f"for name in {NOT_IN_CORE_INSTALL!r}:\n"
+        "    sys.modules[name] = None  # import raises ModuleNotFoundError\n"
+        "target, sys.argv = sys.argv[1], sys.argv[1:]\n"
+        "if target.endswith('.py'):\n"
+        "    runpy.run_path(target, run_name='__main__')\n"
+        "else:\n"
+        "    runpy.run_module(target, run_name='__main__')\n"
+    )
+    return run("-c", launch, target, *args)
+
+
+def test_quickstart_and_cli_need_only_the_core_dependencies(tmp_path: Path) -> None:
+    """The README's first command installs no extras; the demo and the CLI must run."""
+    data = str(tmp_path / "data")
+    out = run_core_only(str(ROOT / "examples/quickstart.py"), data)
+    assert ": completed" in out and "$50 moved from checking to savings" in out
+    status = run_core_only("perdure.cli", "--data-dir", data, "status")
+    assert "completed" in status
+
+
 def test_crash_recovery(tmp_path: Path) -> None:
     out = run(str(ROOT / "examples/crash_recovery.py"), str(tmp_path / "data"))
     assert "child exit status -9" in out
