@@ -5,6 +5,9 @@ before the next step begins; a restarted Runtime carries each unfinished executi
 from where it stopped, never running a completed step again.
 """
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+
 from perdure.agent import Agent as Agent
 from perdure.agent import ContractViolation as ContractViolation
 from perdure.budget import Budget as Budget
@@ -34,6 +37,11 @@ from perdure.runtime import ExecutionHandle as ExecutionHandle
 from perdure.runtime import Runtime as Runtime
 from perdure.tools import Tool as Tool
 from perdure.tools import tool as tool
+
+try:
+    __version__ = _version("perdure")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "Agent",

@@ -37,6 +37,7 @@ from typing import Any, NoReturn, TextIO
 
 import anyio
 
+import perdure
 from perdure.agent import Agent
 from perdure.budget import Budget
 from perdure.cli_export import export_document, record_to_json, to_json_value
@@ -230,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--json", action="store_true", default=False, help="print one JSON document (errors too)"
     )
+    parser.add_argument("--version", action="version", version=f"perdure {perdure.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 

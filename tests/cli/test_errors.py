@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli.conftest import Store, perdure, perdure_here
+from tests.cli.conftest import REPO, Store, perdure, perdure_here
 
 
 def test_unknown_execution(store: Store) -> None:
@@ -89,6 +89,17 @@ def test_usage_errors_exit_2_and_are_json_when_asked(store: Store) -> None:
     assert spec.code == 2 and "use MODULE:ATTRIBUTE" in spec.err
     budget = perdure_here(store.path, "resume", "budget-1", "--max-dollars", "-1")
     assert budget.code == 2 and "max_dollars must be >= 0" in budget.err
+
+
+def test_version_is_the_installed_one() -> None:
+    import tomllib
+
+    from perdure import __version__
+
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert __version__ == pyproject["project"]["version"]
+    ran = perdure(None, "--version")
+    assert ran.code == 0 and ran.out == f"perdure {__version__}\n"
 
 
 def test_signals_that_cannot_apply_say_why_and_what_to_do(store: Store) -> None:
