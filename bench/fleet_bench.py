@@ -253,6 +253,14 @@ def main() -> None:
                 "<= 20",
                 verdict(figures["suspended_rss_delta_mb"] <= 20),
             ],
+            ["    of which heap (anonymous)", figures["suspended_anon_delta_mb"], "MB", "", ""],
+            [
+                "    of which the LMDB map (file pages)",
+                figures["suspended_file_delta_mb"],
+                "MB",
+                "",
+                "",
+            ],
             [
                 "  live actors while suspended",
                 figures["live_actors_while_suspended"],
