@@ -18,6 +18,7 @@ loop and ``aclose()`` it when done.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import ssl
@@ -38,7 +39,7 @@ from perdure.providers.errors import (
     redact,
 )
 from perdure.providers.retry import RetryPolicy, parse_retry_after
-from perdure.providers.sdk_provider import SDKProvider
+from perdure.providers.sdk_provider import END, SDKProvider
 from perdure.providers.streams import ResponseAssembler, parse_arguments
 from perdure.providers.types import (
     LLMRequest,
@@ -164,30 +165,18 @@ class Anthropic(SDKProvider):
 
     async def _complete_once(self, request: LLMRequest) -> LLMResponse:
         model = request.model or self.model
-        failure: ProviderError | None = None
-        reply: Any = None
-        try:
-            reply = await self._clients.get().messages.create(**self._arguments(request, model))
-        except Exception as err:
-            failure = self._error(err, model)
-        # Raised outside the except block so the SDK's exception (whose request holds
-        # the credentials) is not attached as __context__.
-        if failure is not None:
-            raise failure
+        create = self._clients.get().messages.create
+        reply = await self._sdk_call(
+            model, functools.partial(create, **self._arguments(request, model))
+        )
         return self._response(reply, model)
 
     async def _stream_once(self, request: LLMRequest) -> AsyncIterator[StreamEvent]:
         model = request.model or self.model
-        failure: ProviderError | None = None
-        stream: Any = None
-        try:
-            stream = await self._clients.get().messages.create(
-                **self._arguments(request, model), stream=True
-            )
-        except Exception as err:
-            failure = self._error(err, model)
-        if failure is not None:
-            raise failure
+        create = self._clients.get().messages.create
+        stream = await self._sdk_call(
+            model, functools.partial(create, **self._arguments(request, model), stream=True)
+        )
 
         assembler = ResponseAssembler()
         tool_index: dict[int, int] = {}  # content block index -> position among tool calls
@@ -196,15 +185,7 @@ class Anthropic(SDKProvider):
         served = ""
         async with stream:
             events = stream.__aiter__()
-            while True:
-                try:
-                    event = await events.__anext__()
-                except StopAsyncIteration:
-                    break
-                except Exception as err:
-                    failure = self._error(err, model)
-                if failure is not None:
-                    raise failure
+            while (event := await self._sdk_next(model, events)) is not END:
                 kind = _field(event, "type")
                 if kind == "message_start":
                     message = _field(event, "message")

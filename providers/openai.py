@@ -14,6 +14,7 @@ it as an async context manager, when done.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -35,7 +36,7 @@ from perdure.providers.openai_format import (
     to_openai_tools,
 )
 from perdure.providers.retry import RetryPolicy, parse_retry_after
-from perdure.providers.sdk_provider import SDKProvider
+from perdure.providers.sdk_provider import END, SDKProvider
 from perdure.providers.streams import ResponseAssembler, parse_arguments
 from perdure.providers.types import (
     LLMRequest,
@@ -146,34 +147,24 @@ class OpenAI(SDKProvider):
 
     async def _complete_once(self, request: LLMRequest) -> LLMResponse:
         model = request.model or self.model
-        failure: ProviderError | None = None
-        completion: Any = None
-        try:
-            completion = await self._clients.get().chat.completions.create(
-                **self._arguments(request, model)
-            )
-        except Exception as err:
-            failure = self._error(err, model)
-        # Raised outside the except block: the SDK's exception (whose request carries
-        # the Authorization header) must not ride along as __context__.
-        if failure is not None:
-            raise failure
+        create = self._clients.get().chat.completions.create
+        completion = await self._sdk_call(
+            model, functools.partial(create, **self._arguments(request, model))
+        )
         return self._response(completion, model)
 
     async def _stream_once(self, request: LLMRequest) -> AsyncIterator[StreamEvent]:
         model = request.model or self.model
-        failure: ProviderError | None = None
-        stream: Any = None
-        try:
-            stream = await self._clients.get().chat.completions.create(
+        create = self._clients.get().chat.completions.create
+        stream = await self._sdk_call(
+            model,
+            functools.partial(
+                create,
                 **self._arguments(request, model),
                 stream=True,
                 stream_options={"include_usage": True},
-            )
-        except Exception as err:
-            failure = self._error(err, model)
-        if failure is not None:
-            raise failure
+            ),
+        )
 
         assembler = ResponseAssembler()
         finish: Any = None
@@ -181,15 +172,7 @@ class OpenAI(SDKProvider):
         served = ""
         async with stream:
             chunks = stream.__aiter__()
-            while True:
-                try:
-                    chunk = await chunks.__anext__()
-                except StopAsyncIteration:
-                    break
-                except Exception as err:
-                    failure = self._error(err, model)
-                if failure is not None:
-                    raise failure
+            while (chunk := await self._sdk_next(model, chunks)) is not END:
                 served = served or _text(_field(chunk, "model"))
                 chunk_usage = _field(chunk, "usage")
                 if chunk_usage is not None:

@@ -1,20 +1,28 @@
 """What the providers built on a vendor SDK have in common: lifecycle and retries.
 
-A subclass supplies one attempt (``_complete_once`` / ``_stream_once``) and keeps its
-SDK clients in ``self._clients`` (a :class:`~perdure.providers.clients.LoopClient`);
-this base class retries attempts per ``self.retry`` and closes the clients.
+A subclass supplies one attempt (``_complete_once`` / ``_stream_once``), the
+translation of its SDK's exceptions (``_error``), and keeps its SDK clients in
+``self._clients`` (a :class:`~perdure.providers.clients.LoopClient`); this base class
+retries attempts per ``self.retry``, closes the clients, and makes every SDK call
+through :meth:`_sdk_call` / :meth:`_sdk_next` so that no SDK exception escapes untyped.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator
-from typing import Any, Self
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Final, Self, TypeVar
 
+from perdure.providers.errors import ProviderError
 from perdure.providers.retry import RetryPolicy, retry_stream
 from perdure.providers.types import LLMRequest, LLMResponse, StreamEvent
 
-__all__ = ["SDKProvider"]
+__all__ = ["END", "SDKProvider"]
+
+T = TypeVar("T")
+
+#: What :meth:`SDKProvider._sdk_next` returns once the stream is over.
+END: Final = object()
 
 
 class SDKProvider:
@@ -49,3 +57,28 @@ class SDKProvider:
 
     def _stream_once(self, request: LLMRequest) -> AsyncIterator[StreamEvent]:
         raise NotImplementedError
+
+    def _error(self, err: Exception, model: str) -> ProviderError:
+        raise NotImplementedError
+
+    # The typed error is raised after the except block has ended, so the SDK's exception
+    # (whose request carries the API key or Authorization header) is not attached to it
+    # as __context__ and cannot end up in a log.
+
+    async def _sdk_call(self, model: str, call: Callable[[], Awaitable[T]]) -> T:
+        """``await call()``, an SDK exception turned into a typed :class:`ProviderError`."""
+        try:
+            return await call()
+        except Exception as err:
+            failure = self._error(err, model)
+        raise failure
+
+    async def _sdk_next(self, model: str, items: Any) -> Any:
+        """The next item of an SDK stream iterator (:data:`END` when it is over)."""
+        try:
+            return await items.__anext__()
+        except StopAsyncIteration:
+            return END
+        except Exception as err:
+            failure = self._error(err, model)
+        raise failure
