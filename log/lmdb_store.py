@@ -573,11 +573,20 @@ class LmdbLog:
         """Commit what is queued, stop the threads, close LMDB and release the dir.
 
         Later calls raise ``LogClosedError``; tasks in ``wait_for_append`` get it too.
-        Calling ``aclose`` again does nothing.
+        Calling ``aclose`` again does nothing. Closing completes even when the caller
+        is cancelled (the usual case when ``async with`` is left by a timeout): the
+        cancellation is raised once the dir is released.
         """
         if self._closing:
             return
         self._closing = True
+        # Shielded: given up half way, LMDB would stay open and the flock held, so the
+        # dir could not be opened again by this process or any other.
+        with anyio.CancelScope(shield=True):
+            await self._close()
+        await _checkpoint_if_cancelled()
+
+    async def _close(self) -> None:
         with self._cond:
             self._stopping = True
             self._cond.notify()

@@ -569,6 +569,15 @@ class EventLogConformance:
         with pytest.raises(LogClosedError):
             await log.last_seq("s")
 
+    async def test_aclose_in_a_cancelled_scope_closes_and_reraises(self, log: EventLog) -> None:
+        await log.append("s", [note(1)], expect=0)
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await log.aclose()
+        assert scope.cancelled_caught
+        with pytest.raises(LogClosedError):
+            await log.last_seq("s")
+
     async def test_close_wakes_waiters_with_log_closed(self, log: EventLog) -> None:
         errors: list[BaseException] = []
 

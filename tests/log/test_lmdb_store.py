@@ -372,6 +372,35 @@ async def test_second_owner_in_this_process_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.anyio
+async def test_aclose_in_a_cancelled_scope_still_releases_the_dir(tmp_path: Path) -> None:
+    log = await open_log(tmp_path)
+    await log.append("s", [note(1)], expect=0)
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await log.aclose()
+    # The cancellation was raised (after closing), not swallowed.
+    assert scope.cancelled_caught
+    with pytest.raises(LogClosedError):
+        await log.last_seq("s")
+    # LMDB was closed and the flock released: this process can own the dir again.
+    async with await open_log(tmp_path) as again:
+        assert await again.last_seq("s") == 1
+
+
+@pytest.mark.anyio
+async def test_async_with_left_by_a_timeout_releases_the_dir(tmp_path: Path) -> None:
+    log = await open_log(tmp_path)
+    await log.append("s", [note(1)], expect=0)
+    with pytest.raises(TimeoutError):
+        with anyio.fail_after(0.01):
+            async with log:
+                await anyio.sleep_forever()
+    async with await open_log(tmp_path) as again:
+        assert again.is_owner
+        assert await again.last_seq("s") == 1
+
+
+@pytest.mark.anyio
 async def test_lock_client_and_restart_across_processes(tmp_path: Path) -> None:
     async with await open_log(tmp_path) as log:
         await log.append("exec/1", [note(1), note(2)], expect=0)
