@@ -74,6 +74,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import logging
 import os
 import shutil
 import struct
@@ -125,6 +126,8 @@ from .protocol import (
 from .waker import AppendWaiters, Completion, wake
 
 __all__ = ["LmdbLog"]
+
+logger = logging.getLogger("perdure.log")
 
 #: The most appends one write transaction takes from the queue.
 MAX_BATCH_APPENDS: Final = 4096
@@ -1241,34 +1244,64 @@ class LmdbLog:
     def _poll_main(self) -> None:
         """While anyone waits, wake them for commits made by other processes."""
         seen_txnid = -1
+        failure = ""
         while not self._poll_stop.wait(POLL_INTERVAL):
             with self._cond:
                 if not self._waiters:
                     self._poller = None
                     return
-            streams = self._waiters.streams()
             try:
-                txn = self._begin_read()
+                seen_txnid = self._poll_once(seen_txnid)
             except LogClosedError:
                 return
-            try:
-                txnid = txn.id()
-                if txnid == seen_txnid:
+            except Exception as exc:
+                # Dying would leave every waiter of other processes' appends asleep:
+                # say what went wrong (once while it keeps going wrong) and poll on.
+                if repr(exc) != failure:
+                    logger.exception(
+                        "log at %r: polling for other processes' appends failed; still "
+                        "polling (waiters may wake late)",
+                        self._path,
+                    )
+                failure = repr(exc)
+            else:
+                failure = ""
+
+    def _poll_once(self, seen_txnid: int) -> int:
+        """Wake the waiters whose streams moved since ``seen_txnid``; return the new txnid.
+
+        A stream whose index entry is corrupt fails its own waiters with
+        ``CorruptRecordError``; the other streams are woken as usual.
+        """
+        streams = self._waiters.streams()
+        txn = self._begin_read()
+        try:
+            txnid: int = txn.id()
+            if txnid == seen_txnid:
+                return txnid
+            last_seqs: list[tuple[str, int]] = []
+            corrupt: list[CorruptRecordError] = []
+            for stream in streams:
+                raw = txn.get(stream.encode("utf-8"), db=self._streams)
+                if raw is None:
                     continue
-                seen_txnid = txnid
-                last_seqs = []
-                for stream in streams:
-                    raw = txn.get(stream.encode("utf-8"), db=self._streams)
-                    if raw is not None:
-                        last_seqs.append((stream, _decode_entry(stream, raw)[1]))
-            except CorruptRecordError:
-                continue  # check() reports it; the waiter's own read will raise it
-            finally:
-                self._end_read(txn)
-            due = self._waiters.due(last_seqs)
-            if due:
-                # Its own counter: the writer thread updates the others.
-                self._counters["poll_wake_callbacks"] += wake(due)
+                try:
+                    last_seqs.append((stream, _decode_entry(stream, raw)[1]))
+                except CorruptRecordError as exc:
+                    corrupt.append(exc)
+        finally:
+            self._end_read(txn)
+        due = self._waiters.due(last_seqs)
+        for exc in corrupt:
+            # One instance per waiter: each task raises (and annotates) its own.
+            due += (
+                (completion, CorruptRecordError(exc.stream, exc.seq, exc.detail))
+                for completion in self._waiters.pop_stream(exc.stream)
+            )
+        if due:
+            # Its own counter: the writer thread updates the others.
+            self._counters["poll_wake_callbacks"] += wake(due)
+        return txnid
 
     # -- health ------------------------------------------------------------------------------
 
@@ -1396,6 +1429,7 @@ class LmdbLog:
             "map_used_fraction": used / info["map_size"],
             "file_bytes": os.path.getsize(self._data_file),
             "last_txnid": info["last_txnid"],
+            "waiters": len(self._waiters),
             **self._counters,
         }
 

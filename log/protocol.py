@@ -222,7 +222,11 @@ class EventLog(Protocol):
         ...
 
     async def stats(self) -> Mapping[str, Any]:
-        """Store-level figures, e.g. streams, records, bytes used and map size."""
+        """Store-level figures, e.g. streams, records, bytes used and map size.
+
+        Every store reports at least ``streams``, ``records`` and ``waiters`` (the tasks
+        blocked in :meth:`wait_for_append` right now).
+        """
         ...
 
     async def aclose(self) -> None:

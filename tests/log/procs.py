@@ -10,11 +10,16 @@ from __future__ import annotations
 import json
 import os
 import random
+import struct
 import sys
+import time
 
 import anyio
+import cbor2
+import lmdb
 
 from perdure.log import ANY, LmdbLog, NewRecord, RecordTypes, StorageFullError
+from perdure.log.codec import encode_entry, encode_record, unseal
 
 TYPES = RecordTypes({"note": 1, "step": 2, "signal": 1})
 
@@ -134,12 +139,35 @@ async def fill(path: str, map_size: str) -> None:
     say(json.dumps(report))
 
 
+async def corrupt_and_append(path: str, corrupt: str, append: str) -> None:
+    """In ONE raw LMDB transaction, damage ``corrupt``'s index entry and append a signal
+    to ``append`` (as a buggy or failing foreign writer might); say the new last seq."""
+    env = lmdb.open(path, map_size=0, max_dbs=8)  # 0: keep the owner's map size
+    try:
+        records = env.open_db(b"records", create=False)
+        streams = env.open_db(b"streams", create=False)
+        with env.begin(write=True) as txn:
+            damaged = bytearray(txn.get(corrupt.encode(), db=streams))
+            damaged[len(damaged) // 2] ^= 0x01
+            txn.put(corrupt.encode(), bytes(damaged), db=streams)
+            sid, last, created_at, _, meta = unseal(txn.get(append.encode(), db=streams), 5)
+            now = time.time()
+            key = struct.pack(">IQ", sid, last + 1)
+            txn.put(key, encode_record("signal", 1, now, {}), db=records)
+            entry = encode_entry(sid, last + 1, created_at, now, cbor2.dumps(meta))
+            txn.put(append.encode(), entry, db=streams)
+    finally:
+        env.close()
+    say("done", last + 1)
+
+
 MODES = {
     "owner": owner,
     "client": client,
     "client-append": client_append,
     "crash-writer": crash_writer,
     "fill": fill,
+    "corrupt-and-append": corrupt_and_append,
 }
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import shutil
@@ -456,6 +457,81 @@ async def test_owner_is_woken_by_a_client_process_append(tmp_path: Path) -> None
             assert said == ["2"]
             assert await anyio.to_thread.run_sync(child.finish) == 0
         assert woken == [2]
+
+
+@pytest.mark.anyio
+async def test_poller_wakes_other_streams_and_fails_the_corrupt_streams_waiters(
+    tmp_path: Path,
+) -> None:
+    async with await open_log(tmp_path) as log:
+        await log.append("signals/bad", [NewRecord("signal", {})], expect=0)
+        await log.append("signals/good", [NewRecord("signal", {})], expect=0)
+        results: dict[str, Any] = {}
+
+        async def wait(stream: str) -> None:
+            try:
+                results[stream] = await log.wait_for_append(stream, 1)  # no timeout
+            except CorruptRecordError as exc:
+                results[stream] = exc
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(wait, "signals/bad")
+                tg.start_soon(wait, "signals/good")
+                await anyio.wait_all_tasks_blocked()
+                # Another process damages one entry and appends to the other stream,
+                # in one transaction: the poller sees both in one look.
+                args = ("corrupt-and-append", str(tmp_path), "signals/bad", "signals/good")
+                child = await anyio.to_thread.run_sync(lambda: Child(*args))
+                assert await anyio.to_thread.run_sync(child.expect, "done") == ["2"]
+                assert await anyio.to_thread.run_sync(child.finish) == 0
+        assert results["signals/good"] == 2
+        error = results["signals/bad"]
+        assert isinstance(error, CorruptRecordError)
+        assert error.stream == "signals/bad"
+        assert (await log.stats())["waiters"] == 0
+
+
+@pytest.mark.anyio
+async def test_poller_logs_an_unexpected_error_and_keeps_polling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="perdure.log")
+    async with await open_log(tmp_path) as log:
+        await log.append("signals/inbox", [NewRecord("signal", {})], expect=0)
+        real_poll = log._poll_once
+        polls = 0
+
+        def poll_failing_once(seen_txnid: int) -> int:
+            nonlocal polls
+            polls += 1
+            if polls == 1:
+                raise RuntimeError("injected poller failure")
+            return real_poll(seen_txnid)
+
+        monkeypatch.setattr(log, "_poll_once", poll_failing_once)
+        woken: list[int] = []
+
+        async def wait() -> None:
+            woken.append(await log.wait_for_append("signals/inbox", 1))
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(wait)
+                await anyio.wait_all_tasks_blocked()
+                child = await anyio.to_thread.run_sync(
+                    lambda: Child("client-append", str(tmp_path), "signals/inbox")
+                )
+                assert await anyio.to_thread.run_sync(child.expect, "appended") == ["2"]
+                assert await anyio.to_thread.run_sync(child.finish) == 0
+        # Only the poller sees another process's append: it survived its failure.
+        assert woken == [2]
+        assert polls >= 2
+        failures = [r for r in caplog.records if "polling" in r.getMessage()]
+        assert len(failures) == 1
+        assert str(tmp_path) in failures[0].getMessage()
+        assert failures[0].exc_info is not None
+        assert "injected poller failure" in str(failures[0].exc_info[1])
 
 
 @pytest.mark.anyio
