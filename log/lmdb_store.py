@@ -451,6 +451,7 @@ class LmdbLog:
             "conflicts": 0,
             "wake_callbacks": 0,
             "largest_batch": 0,
+            "largest_batch_bytes": 0,
             "map_growths": 0,
             "poll_wake_callbacks": 0,
         }
@@ -756,19 +757,36 @@ class LmdbLog:
             try:
                 outcomes, touched = self._commit(batch, nbytes)
             except BaseException as exc:  # never let the writer die with callers waiting
+                # _commit returns (never raises) once the transaction has committed, so
+                # nothing of this batch is on disk.
                 detail = f"{exc.__class__.__name__}: {exc}"
                 outcomes = [
-                    LogError(f"log at {self._path!r}: the write failed ({detail})") for _ in batch
+                    self._batch_error(pending, batch, f"failed before its commit ({detail})")
+                    for pending in batch
                 ]
                 touched = []
             self._finish(batch, outcomes, touched)
+
+    def _batch_error(self, pending: _Pending, batch: list[_Pending], what: str) -> LogError:
+        """The error an uncommitted batch's write reports: its stream, its batch, what next."""
+        return LogError(
+            f"log at {self._path!r}: the write to stream {pending.stream!r} and the rest of "
+            f"its batch ({_describe_batch(batch)}) {what}; nothing of the batch was written "
+            f"— retry the write; if it keeps failing, check the disk holding the data dir "
+            f"and run 'perdure health'"
+        )
 
     def _finish(self, batch: list[_Pending], outcomes: list[Any], touched: list[Any]) -> None:
         items: list[tuple[Completion, Any]] = [
             (pending.completion, outcome) for pending, outcome in zip(batch, outcomes, strict=True)
         ]
         if touched and self._waiters:
-            items += self._waiters.due(touched)
+            try:
+                items += self._waiters.due(touched)
+            except Exception:
+                # The batch's own callers must be woken whatever happens to the waiters
+                # (whom the poller still finds).
+                logger.exception("log at %r: waking the waiters of a commit failed", self._path)
         self._counters["wake_callbacks"] += wake(items)
 
     def _commit(
@@ -829,29 +847,56 @@ class LmdbLog:
                     return [StorageFullError(self._path, reason) for _ in batch], []
                 if probed:
                     return [
-                        LogError(f"log at {self._path!r}: commit failed ({failure})") for _ in batch
+                        self._batch_error(pending, batch, f"failed to commit ({failure})")
+                        for pending in batch
                     ], []
                 probed = True  # the probe reserved the space: try once more
 
+        # The batch is on disk: from here on its callers get their committed outcomes,
+        # whatever goes wrong in the bookkeeping.
+        touched: list[tuple[str, int]] = []
+        try:
+            touched = [(name, state.last_seq) for name, state in states.items() if state.dirty]
+            self._after_commit(batch, nbytes, outcomes, states, txnid)
+        except Exception:
+            # The cache may be half updated: drop it, so the next batch reads the
+            # index entries from the store. Waiters left unwoken (if touched is
+            # empty) are found by the poller, which sees every commit.
+            self._entries = {}
+            self._entries_txnid = -1
+            logger.exception(
+                "log at %r: a batch of %s was committed, but updating the writer's state "
+                "afterwards failed; its callers get their outcomes",
+                self._path,
+                _describe_batch(batch),
+            )
+        return outcomes, touched
+
+    def _after_commit(
+        self,
+        batch: list[_Pending],
+        nbytes: int,
+        outcomes: list[Any],
+        states: dict[str, _StreamState],
+        txnid: int,
+    ) -> None:
+        """Cache the committed index entries and count the batch."""
         cache = self._entries
         if len(cache) > _MAX_CACHED_ENTRIES:
             cache.clear()
         self._entries_txnid = txnid
-        touched = []
         for name, state in states.items():
             cache[name] = state.entry()
-            if state.dirty:
-                touched.append((name, state.last_seq))
         counters = self._counters
         counters["commits"] += 1
         counters["largest_batch"] = max(counters["largest_batch"], len(batch))
+        counters["largest_batch_bytes"] = max(counters["largest_batch_bytes"], nbytes)
         for pending, outcome in zip(batch, outcomes, strict=True):
             if type(outcome) is int:
                 counters["appends"] += 1
                 counters["records_appended"] += len(pending.values)
             elif isinstance(outcome, ConflictError):
                 counters["conflicts"] += 1
-        return outcomes, touched
 
     def _apply(
         self,
@@ -1445,6 +1490,17 @@ _MAX_CACHED_ENTRIES: Final = 4096
 
 class _Inconsistent(Exception):
     """A batch's records collided with stored ones: redo it one put at a time."""
+
+
+def _describe_batch(batch: Sequence[_Pending], show: int = 3) -> str:
+    """``"5 writes to 4 streams: 'a', 'b', 'c' and 1 more"``: for error messages."""
+    names = sorted({pending.stream for pending in batch})
+    shown = ", ".join(repr(name) for name in names[:show])
+    more = f" and {len(names) - show} more" if len(names) > show else ""
+    writes = f"{len(batch)} write{'s' if len(batch) != 1 else ''}"
+    if len(names) == 1:
+        return f"{writes} to stream {shown}"
+    return f"{writes} to {len(names)} streams: {shown}{more}"
 
 
 def _info(stream: str, raw: bytes) -> StreamInfo:

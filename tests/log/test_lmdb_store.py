@@ -129,6 +129,35 @@ class Child:
         return self.proc.wait(30)
 
 
+class WriterGate:
+    """Holds the writer thread inside its next commit until :meth:`open` is called.
+
+    A test seam, not a mock: everything still runs on real LMDB. While the writer is
+    held, appends queue up (and cancelled ones are withdrawn) exactly as they would
+    behind a slow commit, so a test can know what the writer will find.
+    """
+
+    def __init__(self, log: LmdbLog, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.held = threading.Event()
+        self._opened = threading.Event()
+        real_commit = log._commit
+
+        def commit(batch: list[Any], nbytes: int) -> Any:
+            if not self.held.is_set():
+                self.held.set()
+                self._opened.wait(30)
+            return real_commit(batch, nbytes)
+
+        monkeypatch.setattr(log, "_commit", commit)
+
+    async def wait_held(self) -> None:
+        """Until the writer is inside the held commit."""
+        assert await anyio.to_thread.run_sync(self.held.wait, 30)
+
+    def open(self) -> None:
+        self._opened.set()
+
+
 async def open_log(path: Path, **kwargs: Any) -> LmdbLog:
     kwargs.setdefault("durability", "process")
     return await LmdbLog.open(path, types=TYPES, **kwargs)
@@ -620,6 +649,91 @@ async def test_append_withdrawn_when_cancelled_before_the_writer_takes_it(
         assert await log.check() == []
         # The log is healthy and takes appends afterwards.
         assert await log.append("after", [note(0)], expect=0) == 1
+
+
+@pytest.mark.anyio
+async def test_a_batch_whose_bookkeeping_fails_after_commit_reports_its_outcomes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The commit returned, so the records are on disk: callers must not hear "failed"."""
+    caplog.set_level(logging.ERROR, logger="perdure.log")
+
+    class CountersFailingOnce(dict[str, int]):
+        failed = False
+
+        def __setitem__(self, key: str, value: int) -> None:
+            if key == "commits" and not self.failed:
+                self.failed = True
+                raise RuntimeError("injected bookkeeping failure")
+            super().__setitem__(key, value)
+
+    async with await open_log(tmp_path) as log:
+        await log.append("s", [note(0)], expect=0)  # cached by the writer
+        monkeypatch.setattr(log, "_counters", CountersFailingOnce(log._counters))
+        woken: list[int] = []
+
+        async def wait() -> None:
+            woken.append(await log.wait_for_append("s", 1))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait)
+            await anyio.wait_all_tasks_blocked()
+            assert await log.append("s", [note(1), note(2)], expect=1) == 3
+        assert woken == [3]
+        assert log._counters.failed
+        failures = [r for r in caplog.records if "was committed" in r.getMessage()]
+        assert len(failures) == 1
+        assert str(tmp_path) in failures[0].getMessage()
+        assert "stream 's'" in failures[0].getMessage()
+        # The writer dropped its possibly stale cache and carries on from the store.
+        assert await log.append("s", [note(3)], expect=3) == 4
+        with pytest.raises(ConflictError):
+            await log.append("s", [note(4)], expect=3)
+        assert [r.payload["i"] for r in await collect(log, "s")] == [0, 1, 2, 3]
+        assert await log.check() == []
+
+
+@pytest.mark.anyio
+async def test_a_batch_failing_before_commit_names_its_streams(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with await open_log(tmp_path) as log:
+        gate = WriterGate(log, monkeypatch)
+        real_apply = log._apply
+
+        def apply(txn: Any, batch: list[Any], *args: Any) -> Any:
+            if any(pending.stream.startswith("f/") for pending in batch):
+                raise RuntimeError("injected failure")
+            return real_apply(txn, batch, *args)
+
+        monkeypatch.setattr(log, "_apply", apply)
+        errors: dict[str, LogError] = {}
+
+        async def append(stream: str) -> None:
+            try:
+                await log.append(stream, [note(0)], expect=0)
+            except LogError as exc:
+                errors[stream] = exc
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(log.append, "held", [note(0)], 0)
+            await gate.wait_held()
+            # Queued behind the held commit, these five become the next batch.
+            for i in range(5):
+                tg.start_soon(append, f"f/{i}")
+            await anyio.wait_all_tasks_blocked()
+            gate.open()
+        assert sorted(errors) == [f"f/{i}" for i in range(5)]
+        for stream, error in errors.items():
+            message = str(error)
+            assert str(tmp_path) in message
+            assert f"stream {stream!r}" in message
+            assert "5 writes to 5 streams: 'f/0', 'f/1', 'f/2' and 2 more" in message
+            assert "RuntimeError: injected failure" in message
+            assert "nothing of the batch was written" in message and "retry" in message
+        for i in range(5):
+            assert await log.last_seq(f"f/{i}") == 0
+        assert await log.last_seq("held") == 1
 
 
 @pytest.mark.anyio
