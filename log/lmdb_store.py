@@ -154,6 +154,7 @@ _pack_seq = struct.Struct(">Q").pack
 _MAX_STREAM_ID: Final = 2**32 - 1
 _RAW_INDEX_VALUE: Final = 32  # longer canonical meta values are indexed by digest
 _PAGE: Final = 4096
+_NUMBER: Final = (int, float)  # exact types: a bool is not a timestamp
 
 # Pending states: QUEUED -> TAKEN by the writer, or QUEUED -> WITHDRAWN by a cancelled
 # caller. Both transitions happen under the queue lock, so exactly one wins.
@@ -335,14 +336,21 @@ def _index_prefix(field: str, value_key: bytes) -> bytes:
 
 
 def _decode_entry(name: str, raw: bytes) -> list[Any]:
-    """Unseal a stream index entry: ``[id, last_seq, created_at, updated_at, meta]``."""
+    """Unseal a stream index entry: ``[id, last_seq, created_at, updated_at, meta]``.
+
+    Raises ``CorruptRecordError`` with ``seq=None`` (the entry, not a record).
+    """
     try:
         entry = unseal(raw, 5)
     except ValueError as exc:
-        raise CorruptRecordError(name, 0, f"stream index entry: {exc}") from None
-    sid, last_seq, _, _, meta = entry
-    if type(sid) is not int or type(last_seq) is not int or not isinstance(meta, dict):
-        raise CorruptRecordError(name, 0, "stream index entry: malformed")
+        raise CorruptRecordError(name, None, str(exc)) from None
+    sid, last_seq, created_at, updated_at, meta = entry
+    if type(sid) is not int or type(last_seq) is not int:
+        raise CorruptRecordError(name, None, "malformed stream id or last seq")
+    if type(created_at) not in _NUMBER or type(updated_at) not in _NUMBER:
+        raise CorruptRecordError(name, None, "malformed timestamps")
+    if not isinstance(meta, dict):
+        raise CorruptRecordError(name, None, "malformed meta")
     return entry
 
 

@@ -31,6 +31,7 @@ from perdure.log import (
     NewRecord,
     RecordTypes,
 )
+from perdure.log.codec import seal, unseal
 from perdure.log.lmdb_store import LmdbLog
 
 from .conformance import TYPES, EventLogConformance, collect, note
@@ -615,6 +616,72 @@ async def test_check_finds_gaps_orphans_and_index_faults(tmp_path: Path) -> None
         assert (caught.value.stream, caught.value.seq) == ("a", 3)
         assert "missing" in str(caught.value)
         assert [r.seq for r in await collect(log, "a", after=3)] == [4, 5]
+
+
+@pytest.mark.parametrize(
+    ("field", "bad"),
+    [(2, "yesterday"), (3, True), (3, None), (0, 1.5), (1, "7"), (4, [1, 2])],
+    ids=["created_at str", "updated_at bool", "updated_at None", "id", "last_seq", "meta"],
+)
+@pytest.mark.anyio
+async def test_a_malformed_index_entry_is_named_as_the_streams_entry(
+    tmp_path: Path, field: int, bad: Any
+) -> None:
+    async with await open_log(tmp_path) as log:
+        await log.append("s", [note(1)], expect=0)
+        await log.append("t", [note(1)], expect=0)
+    env, (_, streams, _, _) = _raw_env(tmp_path)
+    with env.begin(write=True) as txn:
+        entry = unseal(txn.get(b"s", db=streams), 5)
+        entry[field] = bad
+        txn.put(b"s", seal(entry), db=streams)  # a valid checksum over a bad entry
+    env.close()
+    async with await open_log(tmp_path) as log:
+        with pytest.raises(CorruptRecordError) as caught:
+            await log.last_seq("s")
+        error = caught.value
+        assert (error.stream, error.seq) == ("s", None)
+        assert "stream 's' index entry: corrupt (malformed" in str(error)
+        assert "seq" not in str(error).split("(")[0]
+        with pytest.raises(CorruptRecordError):
+            await collect(log, "s")
+        with pytest.raises(CorruptRecordError):
+            await log.stream_info("s")
+        assert await log.last_seq("t") == 1
+        faults = await log.check()
+        # Its records are orphans: the entry that names their stream id is unreadable.
+        assert [(f.stream, f.seq, f.kind) for f in faults] == [
+            ("s", None, "index"),
+            (None, None, "orphan"),
+        ]
+        assert "malformed" in faults[0].detail
+        assert str(faults[0]).startswith("stream 's': index: ")
+
+
+@pytest.mark.anyio
+async def test_a_damaged_index_entry_is_named_as_the_streams_entry(tmp_path: Path) -> None:
+    async with await open_log(tmp_path) as log:
+        await log.append("s", [note(1)], expect=0)
+    env, (_, streams, _, _) = _raw_env(tmp_path)
+    with env.begin(write=True) as txn:
+        damaged = bytearray(txn.get(b"s", db=streams))
+        damaged[len(damaged) // 2] ^= 0x01
+        txn.put(b"s", bytes(damaged), db=streams)
+    env.close()
+    async with await open_log(tmp_path) as log:
+        with pytest.raises(CorruptRecordError) as caught:
+            await log.last_seq("s")
+        assert caught.value.seq is None
+        assert "stream 's' index entry: corrupt (checksum mismatch" in str(caught.value)
+        with pytest.raises(CorruptRecordError) as caught:
+            await log.append("s", [note(2)], expect=1)
+        assert caught.value.seq is None
+        faults = await log.check()
+        assert [(f.stream, f.seq, f.kind) for f in faults] == [
+            ("s", None, "index"),
+            (None, None, "orphan"),
+        ]
+        assert "checksum mismatch" in faults[0].detail
 
 
 @pytest.mark.anyio
