@@ -81,7 +81,7 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from functools import partial
 from itertools import islice
 from typing import Any, Final
@@ -135,6 +135,8 @@ MAX_BATCH_APPENDS: Final = 4096
 MAX_BATCH_BYTES: Final = 8 << 20
 #: Records or index entries read per read transaction, between yields to the loop.
 READ_CHUNK: Final = 256
+#: Keys ``check()`` reads per read transaction (it releases the map guard in between).
+CHECK_CHUNK: Final = 1024
 #: The longest queued appends wait for their event loop's kick before the writer takes
 #: them anyway, in seconds (a safety net: see _submit).
 RELEASE_TIMEOUT: Final = 0.1
@@ -1359,102 +1361,202 @@ class LmdbLog:
     # -- health ------------------------------------------------------------------------------
 
     async def check(self) -> list[Fault]:
-        """Full scan (in a worker thread, one read snapshot): see the protocol."""
+        """Full scan (in a worker thread, in short read transactions): see the protocol.
+
+        Safe while the log is in use, here or by another process: the scan reads
+        :data:`CHECK_CHUNK` keys per read transaction, so it never holds up a map growth
+        (nor the reads queued behind one) for longer than a chunk, and a commit between
+        chunks is never reported as a fault. Streams created while the scan runs may go
+        unchecked; the next scan covers them.
+        """
         if self._closed:
             raise self._closed_error()
         return await anyio.to_thread.run_sync(self._check_sync)
 
+    # The store may change between two chunks of a scan, but only in these ways:
+    # records are added past a stream's last seq (never removed or rewritten), index
+    # entries are rewritten in place (never removed), new streams take ids from
+    # next_stream_id upward, and secondary index keys move with meta. So a record past
+    # the index's last seq, or of an unknown stream id, is checked again against the
+    # transaction that found it before it is called a fault; seq gaps are tracked
+    # across chunks, as each stream's records are only ever added at its end.
+
     def _check_sync(self) -> list[Fault]:
         faults: list[Fault] = []
-        known = self._known
-        txn = self._begin_read()
-        try:
-            by_id: dict[int, tuple[str, int, dict[str, Any]]] = {}
-            for name_key, raw in txn.cursor(db=self._streams):
-                try:
-                    name = name_key.decode("utf-8")
-                except UnicodeDecodeError:
-                    faults.append(Fault(None, None, "index", f"undecodable name {name_key!r}"))
-                    continue
-                try:
-                    sid, last_seq, _, _, meta = _decode_entry(name, raw)
-                except CorruptRecordError as exc:
-                    faults.append(Fault(name, None, "index", exc.detail))
-                    continue
-                if sid in by_id:
-                    faults.append(
-                        Fault(
-                            name, None, "index", f"stream id {sid} also used by {by_id[sid][0]!r}"
-                        )
-                    )
-                by_id[sid] = (name, last_seq, meta)
-
-            next_id = _ID.unpack(txn.get(_NEXT_ID_KEY, db=self._meta))[0]
-            if by_id and max(by_id) >= next_id:
-                faults.append(Fault(None, None, "index", f"next stream id {next_id} is in use"))
-
-            expected: dict[int, int] = {}
-            orphans: dict[int, int] = {}
-            for key, value in txn.cursor(db=self._records):
-                if len(key) != _RECORD_KEY.size:
-                    faults.append(Fault(None, None, "orphan", f"malformed record key {key!r}"))
-                    continue
-                sid, seq = _RECORD_KEY.unpack(key)
-                owner = by_id.get(sid)
-                if owner is None:
-                    orphans[sid] = orphans.get(sid, 0) + 1
-                    continue
-                name, last_seq, _ = owner
-                want = expected.get(sid, 1)
-                if seq != want:
-                    faults.append(Fault(name, want, "gap", f"records {want}..{seq - 1} missing"))
-                expected[sid] = seq + 1
-                if seq > last_seq:
-                    faults.append(
-                        Fault(name, seq, "index", f"record beyond the index's last seq {last_seq}")
-                    )
-                fault = record_fault(known, name, seq, value)
-                if fault is not None:
-                    faults.append(fault)
-            for sid, count in sorted(orphans.items()):
-                faults.append(
-                    Fault(None, None, "orphan", f"{count} records of unknown stream id {sid}")
-                )
-            for sid, (name, last_seq, _) in by_id.items():
-                have = expected.get(sid, 1) - 1
-                if have < last_seq:
-                    faults.append(
-                        Fault(
-                            name,
-                            have + 1,
-                            "gap",
-                            f"records {have + 1}..{last_seq} missing (index says {last_seq})",
-                        )
-                    )
-
-            faults.extend(self._check_secondary(txn, by_id))
-        finally:
-            self._end_read(txn)
+        next_id_before = self._read_next_id()
+        by_id = self._check_index(faults)
+        next_id = self._read_next_id()
+        if by_id and max(by_id) >= next_id:
+            faults.append(Fault(None, None, "index", f"next stream id {next_id} is in use"))
+        self._check_records(faults, by_id, next_id_before)
+        self._check_secondary(faults)
         return faults
 
-    def _check_secondary(
-        self, txn: lmdb.Transaction, by_id: dict[int, tuple[str, int, dict[str, Any]]]
-    ) -> list[Fault]:
-        faults: list[Fault] = []
-        wanted: set[bytes] = set()
-        for name, _, meta in by_id.values():
-            for field in self._indexed:
+    def _read_next_id(self) -> int:
+        txn = self._begin_read()
+        try:
+            return _ID.unpack(txn.get(_NEXT_ID_KEY, db=self._meta))[0]  # type: ignore[no-any-return]
+        finally:
+            self._end_read(txn)
+
+    def _scan(self, db: Any, visit: Callable[[lmdb.Transaction, bytes, bytes], None]) -> None:
+        """``visit(txn, key, value)`` for every key of ``db`` in order, a chunk per txn."""
+        after: bytes | None = None
+        while True:
+            txn = self._begin_read()
+            try:
+                cursor = txn.cursor(db=db)
+                if after is None:
+                    more = cursor.first()
+                else:
+                    more = cursor.set_range(after)
+                    if more and cursor.key() == after:
+                        more = cursor.next()
+                for _ in range(CHECK_CHUNK):
+                    if not more:
+                        return
+                    after = cursor.key()
+                    visit(txn, after, cursor.value())
+                    more = cursor.next()
+                if not more:
+                    return
+            finally:
+                self._end_read(txn)
+
+    def _check_index(self, faults: list[Fault]) -> dict[int, list[Any]]:
+        """Check every index entry (and its secondary index keys); map id -> [name, last]."""
+        by_id: dict[int, list[Any]] = {}
+        by_meta = self._by_meta
+        indexed = self._indexed
+
+        def visit(txn: lmdb.Transaction, name_key: bytes, raw: bytes) -> None:
+            try:
+                name = name_key.decode("utf-8")
+            except UnicodeDecodeError:
+                faults.append(Fault(None, None, "index", f"undecodable name {name_key!r}"))
+                return
+            try:
+                sid, last_seq, _, _, meta = _decode_entry(name, raw)
+            except CorruptRecordError as exc:
+                faults.append(Fault(name, None, "index", f"its entry is corrupt ({exc.detail})"))
+                return
+            if sid in by_id:
+                faults.append(
+                    Fault(name, None, "index", f"stream id {sid} also used by {by_id[sid][0]!r}")
+                )
+            by_id[sid] = [name, last_seq]
+            # In the entry's own transaction: the entry and its keys change together.
+            for field in indexed:
                 if field in meta:
-                    key = _index_prefix(field, meta_value_key(meta[field])) + name.encode("utf-8")
-                    wanted.add(key)
-                    if txn.get(key, db=self._by_meta) is None:
+                    key = _index_prefix(field, meta_value_key(meta[field])) + name_key
+                    if txn.get(key, db=by_meta) is None:
                         faults.append(
                             Fault(name, None, "index", f"meta {field!r} is missing from its index")
                         )
-        for key in txn.cursor(db=self._by_meta).iternext(keys=True, values=False):
-            if key not in wanted:
-                faults.append(Fault(None, None, "index", f"stale secondary index entry {key!r}"))
-        return faults
+
+        self._scan(self._streams, visit)
+        return by_id
+
+    def _check_records(
+        self, faults: list[Fault], by_id: dict[int, list[Any]], next_id_before: int
+    ) -> None:
+        """Check every record: checksum, decoding, seq order, and against the index."""
+        known = self._known
+        streams_db = self._streams
+        expected: dict[int, int] = {}
+        orphans: dict[int, int] = {}
+
+        def visit(txn: lmdb.Transaction, key: bytes, value: bytes) -> None:
+            if len(key) != _RECORD_KEY.size:
+                faults.append(Fault(None, None, "orphan", f"malformed record key {key!r}"))
+                return
+            sid, seq = _RECORD_KEY.unpack(key)
+            owner = by_id.get(sid)
+            if owner is None:
+                orphans[sid] = orphans.get(sid, 0) + 1
+                return
+            name, last_seq = owner
+            want = expected.get(sid, 1)
+            if seq != want:
+                faults.append(Fault(name, want, "gap", f"records {want}..{seq - 1} missing"))
+            expected[sid] = seq + 1
+            if seq > last_seq:
+                # Appended since the index was read? Ask this transaction's index.
+                fresh = _last_seq_in(txn, streams_db, name)
+                if fresh is not None and fresh >= seq:
+                    owner[1] = fresh
+                else:
+                    faults.append(
+                        Fault(name, seq, "index", f"record beyond the index's last seq {last_seq}")
+                    )
+            fault = record_fault(known, name, seq, value)
+            if fault is not None:
+                faults.append(fault)
+
+        self._scan(self._records, visit)
+        # Ids from next_id_before on may belong to streams created during the scan.
+        maybe_new = {sid for sid in orphans if sid >= next_id_before}
+        if maybe_new:
+            for sid in self._stream_ids_among(maybe_new):
+                del orphans[sid]
+        for sid, count in sorted(orphans.items()):
+            detail = f"{count} records of unknown stream id {sid}"
+            faults.append(Fault(None, None, "orphan", detail))
+        for sid, (name, last_seq) in by_id.items():
+            have = expected.get(sid, 1) - 1
+            if have < last_seq:
+                faults.append(
+                    Fault(
+                        name,
+                        have + 1,
+                        "gap",
+                        f"records {have + 1}..{last_seq} missing (index says {last_seq})",
+                    )
+                )
+
+    def _stream_ids_among(self, sids: set[int]) -> set[int]:
+        """Which of ``sids`` an index entry now names (another scan of the index)."""
+        found: set[int] = set()
+
+        def visit(txn: lmdb.Transaction, name_key: bytes, raw: bytes) -> None:
+            try:
+                sid = _decode_entry(name_key.decode("utf-8"), raw)[0]
+            except (UnicodeDecodeError, CorruptRecordError):
+                return  # already reported by the first scan
+            if sid in sids:
+                found.add(sid)
+
+        self._scan(self._streams, visit)
+        return found
+
+    def _check_secondary(self, faults: list[Fault]) -> None:
+        """Report secondary index keys that no stream's meta accounts for."""
+        streams_db = self._streams
+        indexed = self._indexed
+
+        def visit(txn: lmdb.Transaction, key: bytes, _: bytes) -> None:
+            # key: len|field|len|value|stream name (see _index_prefix)
+            name_key = b""
+            try:
+                field_end = 1 + key[0]
+                field = key[1:field_end].decode("utf-8")
+                name_key = key[field_end + 1 + key[field_end] :]
+                name = name_key.decode("utf-8")
+            except (IndexError, UnicodeDecodeError):
+                field = name = ""
+            raw = txn.get(name_key, db=streams_db) if field in indexed and name else None
+            if raw is not None:
+                try:
+                    meta = _decode_entry(name, raw)[4]
+                except CorruptRecordError:
+                    meta = {}
+                if field in meta:
+                    wanted = _index_prefix(field, meta_value_key(meta[field])) + name_key
+                    if key == wanted:
+                        return
+            faults.append(Fault(None, None, "index", f"stale secondary index entry {key!r}"))
+
+        self._scan(self._by_meta, visit)
 
     async def stats(self) -> Mapping[str, Any]:
         """Streams, records, map usage and writer counters."""
@@ -1509,6 +1611,17 @@ def _describe_batch(batch: Sequence[_Pending], show: int = 3) -> str:
     if len(names) == 1:
         return f"{writes} to stream {shown}"
     return f"{writes} to {len(names)} streams: {shown}{more}"
+
+
+def _last_seq_in(txn: lmdb.Transaction, streams_db: Any, name: str) -> int | None:
+    """The stream's last seq in ``txn``'s snapshot, or None if its entry is unreadable."""
+    raw = txn.get(name.encode("utf-8"), db=streams_db)
+    if raw is None:
+        return None
+    try:
+        return _decode_entry(name, raw)[1]  # type: ignore[no-any-return]
+    except CorruptRecordError:
+        return None
 
 
 def _info(stream: str, raw: bytes) -> StreamInfo:

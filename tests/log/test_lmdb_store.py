@@ -30,6 +30,7 @@ from perdure.log import (
     LogError,
     NewRecord,
     RecordTypes,
+    lmdb_store,
 )
 from perdure.log.codec import seal, unseal
 from perdure.log.lmdb_store import LmdbLog
@@ -589,28 +590,38 @@ def _raw_env(path: Path) -> tuple[lmdb.Environment, list[Any]]:
     return env, [env.open_db(n) for n in (b"records", b"streams", b"by_meta", b"meta")]
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 3, lmdb_store.CHECK_CHUNK])
 @pytest.mark.anyio
-async def test_check_finds_gaps_orphans_and_index_faults(tmp_path: Path) -> None:
+async def test_check_finds_gaps_orphans_and_index_faults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    """Whatever the chunk size, so faults that span two read transactions are found."""
     async with await open_log(tmp_path) as log:
         await log.append("a", [note(i) for i in range(5)], expect=0, meta={"status": "x"})
         await log.append("b", [note(1)], expect=0, meta={"status": "y"})
+        await log.append("c", [note(i) for i in range(4)], expect=0)
     env, (records, _, by_meta, _) = _raw_env(tmp_path)
     with env.begin(write=True) as txn:
         keys = [k for k, _ in txn.cursor(db=records)]
-        assert len(keys) == 6
+        assert len(keys) == 10
         txn.delete(keys[2], db=records)  # a's seq 3
+        txn.delete(keys[8], db=records)  # c's seq 3 and 4: the index says 4
+        txn.delete(keys[9], db=records)
         txn.put(b"\x00\x00\x03\xe7" + (1).to_bytes(8, "big"), b"orphan", db=records)
         stale = [k for k, _ in txn.cursor(db=by_meta) if k.endswith(b"b")]
         txn.delete(stale[0], db=by_meta)
         txn.put(stale[0][:-1] + b"ghost", b"", db=by_meta)
     env.close()
+    monkeypatch.setattr(lmdb_store, "CHECK_CHUNK", chunk)
     async with await open_log(tmp_path) as log:
         faults = await log.check()
         kinds = sorted((f.stream, f.seq, f.kind) for f in faults if f.stream is not None)
-        assert ("a", 3, "gap") in kinds
-        assert ("b", None, "index") in kinds
-        assert any(f.kind == "orphan" and "999" in f.detail for f in faults)
-        assert any(f.kind == "index" and "ghost" in f.detail for f in faults)
+        assert kinds == [("a", 3, "gap"), ("b", None, "index"), ("c", 3, "gap")]
+        others = sorted((f.kind, f.detail) for f in faults if f.stream is None)
+        assert others == [
+            ("index", f"stale secondary index entry {stale[0][:-1] + b'ghost'!r}"),
+            ("orphan", "1 records of unknown stream id 999"),
+        ]
         with pytest.raises(CorruptRecordError) as caught:
             await collect(log, "a")
         assert (caught.value.stream, caught.value.seq) == ("a", 3)
@@ -682,6 +693,60 @@ async def test_a_damaged_index_entry_is_named_as_the_streams_entry(tmp_path: Pat
             (None, None, "orphan"),
         ]
         assert "checksum mismatch" in faults[0].detail
+
+
+@pytest.mark.anyio
+async def test_check_between_chunks_lets_the_log_change_and_reports_no_false_fault(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """check() reads in short transactions: between two of them the map can grow, and
+    appends, new streams and meta changes land; none of that is a fault.
+
+    The commits are made deterministically between chunks: the scan's thread runs them
+    on the loop (anyio.from_thread) just before it begins its n-th read transaction,
+    for every n the scan reaches. A scan that kept the map guard from one chunk to the
+    next would deadlock the growth (and fail the test by its timeout); one snapshot for
+    the whole scan fails the count of read transactions.
+    """
+    monkeypatch.setattr(lmdb_store, "CHECK_CHUNK", 2)
+    loop_thread = threading.get_ident()
+    async with await open_log(tmp_path, map_size=64 * 1024) as log:
+        for i in range(5):
+            meta = {"status": "even" if i % 2 == 0 else "odd"}
+            await log.append(f"e/{i}", [note(k) for k in range(5)], expect=ANY, meta=meta)
+        real_begin_read = log._begin_read
+        reads = 0
+        trigger = 0
+
+        async def change_the_log() -> None:
+            with anyio.fail_after(20):
+                for i in range(5):  # streams before and after the scan's position
+                    await log.append(f"e/{i}", [note(99)], expect=ANY)
+                await log.append(f"a/{trigger}", [note(0)], expect=0, meta={"status": "new"})
+                await log.append(f"z/{trigger}", [note(0)], expect=0, meta={"kind": "new"})
+                await log.set_meta("e/0", {"status": f"moved {trigger}"})
+                if trigger == 1:  # more than the map holds: it grows, mid-scan
+                    await log.append("big", [note(0, pad="g" * 200_000)], expect=ANY)
+
+        def begin_read() -> Any:
+            nonlocal reads
+            if threading.get_ident() != loop_thread:
+                reads += 1
+                if reads == trigger:
+                    anyio.from_thread.run(change_the_log)
+            return real_begin_read()
+
+        monkeypatch.setattr(log, "_begin_read", begin_read)
+        assert await log.check() == []
+        chunks = reads
+        assert chunks > 20  # many short transactions, not one snapshot
+        for trigger in range(1, chunks + 1):
+            reads = 0
+            assert await log.check() == [], f"commits before read transaction {trigger}"
+        stats = await log.stats()
+        assert stats["map_growths"] >= 1
+        assert stats["streams"] == 5 + 2 * chunks + 1
+        assert [r.seq for r in await collect(log, "e/4")] == list(range(1, 5 + chunks + 1))
 
 
 @pytest.mark.anyio
