@@ -1,4 +1,4 @@
-"""Child processes for the LMDB tests: run as ``python procs.py MODE DIR [ARGS...]``.
+"""Child processes for the LMDB tests: ``python procs.py [--backend=B] MODE DIR [ARGS...]``.
 
 Each mode opens the data dir at ``DIR`` the way another process would (an owner, a
 client, a writer about to be SIGKILLed) and talks to the parent over stdin/stdout, one
@@ -76,7 +76,9 @@ async def crash_writer(path: str, round_id: str, seed: str) -> None:
     """Append batches from many tasks forever, saying each acknowledged batch.
 
     Each line is ``ack STREAM LAST_SEQ BATCH_ID SIZE``: the batch's records carry
-    ``{"batch": BATCH_ID, "i": 0..SIZE-1}``. The parent SIGKILLs us at a random moment.
+    ``{"batch": BATCH_ID, "i": 0..SIZE-1, "size": SIZE}``, so the parent can tell a
+    whole batch from a partial one whether or not it was acknowledged. The parent
+    SIGKILLs us at a random moment.
     """
     rng = random.Random(seed)
     pad = "x" * 200
@@ -89,7 +91,8 @@ async def crash_writer(path: str, round_id: str, seed: str) -> None:
                 size = rng.randint(1, 4)
                 batch = f"{round_id}-{task}-{n}"
                 records = [
-                    NewRecord("note", {"batch": batch, "i": i, "pad": pad}) for i in range(size)
+                    NewRecord("note", {"batch": batch, "i": i, "size": size, "pad": pad})
+                    for i in range(size)
                 ]
                 last = await log.append(stream, records, expect=last, meta={"status": batch})
                 say("ack", stream, last, batch, size)
@@ -98,7 +101,9 @@ async def crash_writer(path: str, round_id: str, seed: str) -> None:
             for n in range(10**9):
                 size = rng.randint(1, 3)
                 batch = f"{round_id}-s{task}-{n}"
-                records = [NewRecord("signal", {"batch": batch, "i": i}) for i in range(size)]
+                records = [
+                    NewRecord("signal", {"batch": batch, "i": i, "size": size}) for i in range(size)
+                ]
                 last = await log.append("signals/shared", records, expect=ANY)
                 say("ack", "signals/shared", last, batch, size)
 
@@ -171,4 +176,9 @@ MODES = {
 }
 
 if __name__ == "__main__":
-    anyio.run(MODES[sys.argv[1]], *sys.argv[2:])
+    # python procs.py [--backend=asyncio|trio] MODE DIR [ARGS...]
+    argv = sys.argv[1:]
+    backend = "asyncio"
+    if argv and argv[0].startswith("--backend="):
+        backend = argv.pop(0).partition("=")[2]
+    anyio.run(MODES[argv[0]], *argv[1:], backend=backend)

@@ -90,9 +90,14 @@ PROCS = Path(__file__).with_name("procs.py")
 class Child:
     """A child process running procs.py, read line by line with a timeout."""
 
-    def __init__(self, *args: str, preexec_fn: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        *args: str,
+        backend: str = "asyncio",
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, str(PROCS), *args],
+            [sys.executable, str(PROCS), f"--backend={backend}", *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -333,9 +338,12 @@ def _limit_file_size() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
 
 
-def test_storage_full_when_the_file_cannot_grow(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_storage_full_when_the_file_cannot_grow(tmp_path: Path, backend: str) -> None:
     """RLIMIT_FSIZE caps data.mdb at 1 MiB: the batch that crosses it fails whole."""
-    child = Child("fill", str(tmp_path / "data"), str(4 << 20), preexec_fn=_limit_file_size)
+    child = Child(
+        "fill", str(tmp_path / "data"), str(4 << 20), backend=backend, preexec_fn=_limit_file_size
+    )
     report = json.loads(child.line(120))
     assert child.finish() == 0
     assert "disk full" in report["error"]
@@ -359,7 +367,8 @@ def _unshare_works() -> bool:
 
 
 @pytest.mark.skipif(not _unshare_works(), reason="needs unprivileged user namespaces")
-def test_storage_full_on_a_full_filesystem(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_storage_full_on_a_full_filesystem(tmp_path: Path, backend: str) -> None:
     """A real ENOSPC: the data dir on a 2 MiB tmpfs, half taken by a ballast file."""
     mount = tmp_path / "mnt"
     mount.mkdir()
@@ -368,7 +377,8 @@ def test_storage_full_on_a_full_filesystem(tmp_path: Path) -> None:
     script = (
         f"mount -t tmpfs -o size=2m tmpfs {mount} && "
         f"dd if=/dev/zero of={ballast} bs=1k count=1024 status=none && "
-        f"PERDURE_TEST_BALLAST={ballast} exec {sys.executable} {PROCS} fill {data} {1 << 20}"
+        f"PERDURE_TEST_BALLAST={ballast} exec {sys.executable} {PROCS} --backend={backend} "
+        f"fill {data} {1 << 20}"
     )
     result = subprocess.run(
         ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
