@@ -775,22 +775,93 @@ async def test_changing_indexed_keys_rebuilds_the_index(tmp_path: Path) -> None:
 
 @pytest.mark.anyio
 async def test_append_withdrawn_when_cancelled_before_the_writer_takes_it(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with await open_log(tmp_path) as log:
-        # Appends queued in the same loop burst are only released to the writer by a
-        # callback that runs after this task yields; cancel them before that.
-        with anyio.CancelScope() as scope:
-            async with anyio.create_task_group() as tg:
-                for i in range(5):
-                    tg.start_soon(log.append, f"c/{i}", [note(i)], 0)
-                await anyio.lowlevel.checkpoint()
-                scope.cancel()
-        for i in range(5):
-            assert await log.last_seq(f"c/{i}") in (0, 1)
-        assert await log.check() == []
-        # The log is healthy and takes appends afterwards.
+        gate = WriterGate(log, monkeypatch)
+        async with anyio.create_task_group() as outer:
+            outer.start_soon(log.append, "held", [note(0)], 0)
+            await gate.wait_held()
+            # The writer is busy with "held": these are queued, and stay queued.
+            with anyio.CancelScope() as scope:
+                async with anyio.create_task_group() as tg:
+                    for i in range(5):
+                        tg.start_soon(log.append, f"c/{i}", [note(i)], 0)
+                    await anyio.wait_all_tasks_blocked()
+                    scope.cancel()
+            assert scope.cancelled_caught
+            gate.open()
+        # Queued after the withdrawn ones: once it is committed, the writer has passed them.
         assert await log.append("after", [note(0)], expect=0) == 1
+        for i in range(5):
+            assert await log.last_seq(f"c/{i}") == 0
+        stats = await log.stats()
+        assert stats["appends"] == 2
+        assert await log.check() == []
+
+
+@pytest.mark.parametrize(
+    ("durability", "synced"), [("fsync", True), ("process", False)], ids=["fsync", "process"]
+)
+@pytest.mark.anyio
+async def test_durability_sets_lmdb_sync_flags(
+    tmp_path: Path, durability: str, synced: bool
+) -> None:
+    async with await open_log(tmp_path, durability=durability) as log:
+        assert log.durability == durability
+        flags = log._env.flags()
+        assert (flags["sync"], flags["metasync"]) == (synced, synced)
+        # The same when the environment already exists (opened with map_size=0).
+        await log.append("s", [note(0)], expect=0)
+    async with await open_log(tmp_path, durability=durability) as log:
+        flags = log._env.flags()
+        assert (flags["sync"], flags["metasync"]) == (synced, synced)
+
+
+@pytest.mark.anyio
+async def test_a_batch_takes_at_most_max_batch_appends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cap = lmdb_store.MAX_BATCH_APPENDS
+    async with await open_log(tmp_path) as log:
+        gate = WriterGate(log, monkeypatch)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(log.append, "held", [note(0)], 0)
+            await gate.wait_held()
+            # All of these are queued before the writer takes any.
+            for i in range(cap + 100):
+                tg.start_soon(log.append, f"q/{i}", [note(i)], 0)
+            await anyio.wait_all_tasks_blocked()
+            gate.open()
+        stats = await log.stats()
+        assert stats["appends"] == cap + 101
+        # The first batch after the held one took exactly the cap, the next the rest.
+        assert stats["largest_batch"] == cap
+        assert stats["commits"] == 3
+        assert stats["records"] == cap + 101
+
+
+@pytest.mark.anyio
+async def test_a_batch_takes_at_most_max_batch_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cap = lmdb_store.MAX_BATCH_BYTES
+    big = "b" * (cap // 5)  # with its envelope, a bit over a fifth: four fit in a batch
+    async with await open_log(tmp_path) as log:
+        gate = WriterGate(log, monkeypatch)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(log.append, "held", [note(0)], 0)
+            await gate.wait_held()
+            for i in range(12):
+                tg.start_soon(log.append, f"b/{i}", [note(i, pad=big)], 0)
+            await anyio.wait_all_tasks_blocked()
+            gate.open()
+        stats = await log.stats()
+        assert stats["appends"] == 13
+        assert stats["largest_batch_bytes"] <= cap
+        assert stats["largest_batch"] == 4
+        assert stats["commits"] == 1 + 3  # the held one, then 4 + 4 + 4
+        assert [r.payload["i"] for r in await collect(log, "b/11")] == [11]
 
 
 @pytest.mark.anyio
