@@ -62,6 +62,7 @@ RECORD_BYTES = len(encode_record("llm.completed", 1, time.time(), PAYLOAD))
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
+    """The ``q`` quantile (0..1) of already sorted values, nan if there are none."""
     if not sorted_values:
         return float("nan")
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
@@ -86,6 +87,7 @@ def disk_bytes(path: Path) -> int:
 async def run_writers(
     root: Path, writers: int, seconds: float, warmup: float, shared: bool = False
 ) -> dict[str, float]:
+    """``writers`` tasks appending one record each in fsync mode: rate, ack latency, size."""
     path = root / f"writers-{writers}{'-shared' if shared else ''}"
     shutil.rmtree(path, ignore_errors=True)
     log = await LmdbLog.open(path, types=TYPES, durability="fsync")
@@ -146,6 +148,7 @@ def naive_wake(items: Any) -> int:
 
 
 def raw_lmdb_sync(root: Path, transactions: int) -> dict[str, float]:
+    """Baseline: py-lmdb, one put per sync transaction; rate and commit latency."""
     path = root / "raw-sync"
     shutil.rmtree(path, ignore_errors=True)
     env = lmdb.open(str(path), map_size=1 << 30, max_dbs=2)
@@ -169,6 +172,7 @@ def raw_lmdb_sync(root: Path, transactions: int) -> dict[str, float]:
 
 
 def raw_lmdb_batches(root: Path, batches: int, size: int = 100) -> dict[str, float]:
+    """Baseline: py-lmdb, ``size`` puts per sync transaction; the rate."""
     path = root / "raw-batch"
     shutil.rmtree(path, ignore_errors=True)
     env = lmdb.open(str(path), map_size=1 << 30, max_dbs=2)
@@ -187,6 +191,7 @@ def raw_lmdb_batches(root: Path, batches: int, size: int = 100) -> dict[str, flo
 
 
 def sqlite_wal_full(root: Path, transactions: int) -> dict[str, float]:
+    """Peer: stdlib sqlite3 in WAL mode, synchronous=FULL, one row per transaction."""
     path = root / "sqlite.db"
     for suffix in ("", "-wal", "-shm"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
@@ -218,6 +223,7 @@ def sqlite_wal_full(root: Path, transactions: int) -> dict[str, float]:
 
 
 async def build_replay_stream(path: Path, records: int) -> None:
+    """Write the one stream of ``records`` records that the replay rows read."""
     shutil.rmtree(path, ignore_errors=True)
     async with await LmdbLog.open(path, types=TYPES, durability="process") as log:
         batch = [NewRecord("llm.completed", PAYLOAD)] * 1000
@@ -284,6 +290,7 @@ def replay_raw(path: Path) -> float:
 
 
 def main() -> None:
+    """Run every row, print the table and, with ``--json``, write the figures."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a run under 30 seconds")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
@@ -370,6 +377,7 @@ def main() -> None:
 
 
 def print_table(info: dict[str, str], args: argparse.Namespace, r: dict[str, float]) -> None:
+    """Print the figures of one run as one table, then the targets met or missed."""
     print(f"perdure.log bench — {'quick' if args.quick else 'full'} run, backend {args.backend}")
     print(
         f"machine: {info['cpu']}, {info['cores']} cores, Python {info['python']}, "
@@ -453,6 +461,24 @@ def print_table(info: dict[str, str], args: argparse.Namespace, r: dict[str, flo
             "",
             "",
             "",
+        )
+    )
+    rows.append(
+        (
+            "bytes on disk, replay stream",
+            "",
+            "",
+            "",
+            f"{r['bytes_per_record']:.0f} bytes/record (100k records, one stream)",
+        )
+    )
+    rows.append(
+        (
+            "bytes on disk, 1000-writer fleet",
+            "",
+            "",
+            "",
+            f"{r['fleet_bytes_per_record']:.0f} bytes/record (one stream per writer)",
         )
     )
     widths = [max(len(row[i]) for row in rows) for i in range(5)]

@@ -46,6 +46,7 @@ __all__ = [
     "check_expect",
     "check_indexed_fields",
     "check_stream_name",
+    "decode_all",
     "decode_chunk",
     "decode_record",
     "encode_entry",

@@ -38,16 +38,22 @@ class ConflictError(LogError):
 
 
 class CorruptRecordError(LogError):
-    """A stored record failed its checksum or could not be decoded."""
+    """A stored record, or a stream's index entry, failed its checksum or could not be
+    decoded.
 
-    def __init__(self, stream: str, seq: int, detail: str) -> None:
+    ``seq`` is the record's seq, or None when the stream's index entry (its last seq,
+    timestamps and meta) is what is corrupt.
+    """
+
+    def __init__(self, stream: str, seq: int | None, detail: str) -> None:
         self.stream = stream
         self.seq = seq
         self.detail = detail
+        what = f"seq {seq}: corrupt record" if seq is not None else "index entry: corrupt"
+        thing = "record" if seq is not None else "stream"
         super().__init__(
-            f"stream {stream!r} seq {seq}: corrupt record ({detail}); the record was not "
-            f"skipped — restore the data dir from a backup or run 'perdure health' to list "
-            f"every fault"
+            f"stream {stream!r} {what} ({detail}); the {thing} was not skipped — restore "
+            f"the data dir from a backup or run 'perdure health' to list every fault"
         )
 
 

@@ -74,13 +74,14 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import logging
 import os
 import shutil
 import struct
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from functools import partial
 from itertools import islice
 from typing import Any, Final
@@ -126,12 +127,16 @@ from .waker import AppendWaiters, Completion, wake
 
 __all__ = ["LmdbLog"]
 
+logger = logging.getLogger("perdure.log")
+
 #: The most appends one write transaction takes from the queue.
 MAX_BATCH_APPENDS: Final = 4096
 #: The most record bytes one write transaction takes (one larger append goes alone).
 MAX_BATCH_BYTES: Final = 8 << 20
 #: Records or index entries read per read transaction, between yields to the loop.
 READ_CHUNK: Final = 256
+#: Keys ``check()`` reads per read transaction (it releases the map guard in between).
+CHECK_CHUNK: Final = 1024
 #: The longest queued appends wait for their event loop's kick before the writer takes
 #: them anyway, in seconds (a safety net: see _submit).
 RELEASE_TIMEOUT: Final = 0.1
@@ -151,6 +156,7 @@ _pack_seq = struct.Struct(">Q").pack
 _MAX_STREAM_ID: Final = 2**32 - 1
 _RAW_INDEX_VALUE: Final = 32  # longer canonical meta values are indexed by digest
 _PAGE: Final = 4096
+_NUMBER: Final = (int, float)  # exact types: a bool is not a timestamp
 
 # Pending states: QUEUED -> TAKEN by the writer, or QUEUED -> WITHDRAWN by a cancelled
 # caller. Both transitions happen under the queue lock, so exactly one wins.
@@ -332,14 +338,21 @@ def _index_prefix(field: str, value_key: bytes) -> bytes:
 
 
 def _decode_entry(name: str, raw: bytes) -> list[Any]:
-    """Unseal a stream index entry: ``[id, last_seq, created_at, updated_at, meta]``."""
+    """Unseal a stream index entry: ``[id, last_seq, created_at, updated_at, meta]``.
+
+    Raises ``CorruptRecordError`` with ``seq=None`` (the entry, not a record).
+    """
     try:
         entry = unseal(raw, 5)
     except ValueError as exc:
-        raise CorruptRecordError(name, 0, f"stream index entry: {exc}") from None
-    sid, last_seq, _, _, meta = entry
-    if type(sid) is not int or type(last_seq) is not int or not isinstance(meta, dict):
-        raise CorruptRecordError(name, 0, "stream index entry: malformed")
+        raise CorruptRecordError(name, None, str(exc)) from None
+    sid, last_seq, created_at, updated_at, meta = entry
+    if type(sid) is not int or type(last_seq) is not int:
+        raise CorruptRecordError(name, None, "malformed stream id or last seq")
+    if type(created_at) not in _NUMBER or type(updated_at) not in _NUMBER:
+        raise CorruptRecordError(name, None, "malformed timestamps")
+    if not isinstance(meta, dict):
+        raise CorruptRecordError(name, None, "malformed meta")
     return entry
 
 
@@ -448,6 +461,7 @@ class LmdbLog:
             "conflicts": 0,
             "wake_callbacks": 0,
             "largest_batch": 0,
+            "largest_batch_bytes": 0,
             "map_growths": 0,
             "poll_wake_callbacks": 0,
         }
@@ -573,11 +587,20 @@ class LmdbLog:
         """Commit what is queued, stop the threads, close LMDB and release the dir.
 
         Later calls raise ``LogClosedError``; tasks in ``wait_for_append`` get it too.
-        Calling ``aclose`` again does nothing.
+        Calling ``aclose`` again does nothing. Closing completes even when the caller
+        is cancelled (the usual case when ``async with`` is left by a timeout): the
+        cancellation is raised once the dir is released.
         """
         if self._closing:
             return
         self._closing = True
+        # Shielded: given up half way, LMDB would stay open and the flock held, so the
+        # dir could not be opened again by this process or any other.
+        with anyio.CancelScope(shield=True):
+            await self._close()
+        await _checkpoint_if_cancelled()
+
+    async def _close(self) -> None:
         with self._cond:
             self._stopping = True
             self._cond.notify()
@@ -744,19 +767,36 @@ class LmdbLog:
             try:
                 outcomes, touched = self._commit(batch, nbytes)
             except BaseException as exc:  # never let the writer die with callers waiting
+                # _commit returns (never raises) once the transaction has committed, so
+                # nothing of this batch is on disk.
                 detail = f"{exc.__class__.__name__}: {exc}"
                 outcomes = [
-                    LogError(f"log at {self._path!r}: the write failed ({detail})") for _ in batch
+                    self._batch_error(pending, batch, f"failed before its commit ({detail})")
+                    for pending in batch
                 ]
                 touched = []
             self._finish(batch, outcomes, touched)
+
+    def _batch_error(self, pending: _Pending, batch: list[_Pending], what: str) -> LogError:
+        """The error an uncommitted batch's write reports: its stream, its batch, what next."""
+        return LogError(
+            f"log at {self._path!r}: the write to stream {pending.stream!r} and the rest of "
+            f"its batch ({_describe_batch(batch)}) {what}; nothing of the batch was written "
+            f"— retry the write; if it keeps failing, check the disk holding the data dir "
+            f"and run 'perdure health'"
+        )
 
     def _finish(self, batch: list[_Pending], outcomes: list[Any], touched: list[Any]) -> None:
         items: list[tuple[Completion, Any]] = [
             (pending.completion, outcome) for pending, outcome in zip(batch, outcomes, strict=True)
         ]
         if touched and self._waiters:
-            items += self._waiters.due(touched)
+            try:
+                items += self._waiters.due(touched)
+            except Exception:
+                # The batch's own callers must be woken whatever happens to the waiters
+                # (whom the poller still finds).
+                logger.exception("log at %r: waking the waiters of a commit failed", self._path)
         self._counters["wake_callbacks"] += wake(items)
 
     def _commit(
@@ -817,29 +857,56 @@ class LmdbLog:
                     return [StorageFullError(self._path, reason) for _ in batch], []
                 if probed:
                     return [
-                        LogError(f"log at {self._path!r}: commit failed ({failure})") for _ in batch
+                        self._batch_error(pending, batch, f"failed to commit ({failure})")
+                        for pending in batch
                     ], []
                 probed = True  # the probe reserved the space: try once more
 
+        # The batch is on disk: from here on its callers get their committed outcomes,
+        # whatever goes wrong in the bookkeeping.
+        touched: list[tuple[str, int]] = []
+        try:
+            touched = [(name, state.last_seq) for name, state in states.items() if state.dirty]
+            self._after_commit(batch, nbytes, outcomes, states, txnid)
+        except Exception:
+            # The cache may be half updated: drop it, so the next batch reads the
+            # index entries from the store. Waiters left unwoken (if touched is
+            # empty) are found by the poller, which sees every commit.
+            self._entries = {}
+            self._entries_txnid = -1
+            logger.exception(
+                "log at %r: a batch of %s was committed, but updating the writer's state "
+                "afterwards failed; its callers get their outcomes",
+                self._path,
+                _describe_batch(batch),
+            )
+        return outcomes, touched
+
+    def _after_commit(
+        self,
+        batch: list[_Pending],
+        nbytes: int,
+        outcomes: list[Any],
+        states: dict[str, _StreamState],
+        txnid: int,
+    ) -> None:
+        """Cache the committed index entries and count the batch."""
         cache = self._entries
         if len(cache) > _MAX_CACHED_ENTRIES:
             cache.clear()
         self._entries_txnid = txnid
-        touched = []
         for name, state in states.items():
             cache[name] = state.entry()
-            if state.dirty:
-                touched.append((name, state.last_seq))
         counters = self._counters
         counters["commits"] += 1
         counters["largest_batch"] = max(counters["largest_batch"], len(batch))
+        counters["largest_batch_bytes"] = max(counters["largest_batch_bytes"], nbytes)
         for pending, outcome in zip(batch, outcomes, strict=True):
             if type(outcome) is int:
                 counters["appends"] += 1
                 counters["records_appended"] += len(pending.values)
             elif isinstance(outcome, ConflictError):
                 counters["conflicts"] += 1
-        return outcomes, touched
 
     def _apply(
         self,
@@ -1232,134 +1299,264 @@ class LmdbLog:
     def _poll_main(self) -> None:
         """While anyone waits, wake them for commits made by other processes."""
         seen_txnid = -1
+        failure = ""
         while not self._poll_stop.wait(POLL_INTERVAL):
             with self._cond:
                 if not self._waiters:
                     self._poller = None
                     return
-            streams = self._waiters.streams()
             try:
-                txn = self._begin_read()
+                seen_txnid = self._poll_once(seen_txnid)
             except LogClosedError:
                 return
-            try:
-                txnid = txn.id()
-                if txnid == seen_txnid:
+            except Exception as exc:
+                # Dying would leave every waiter of other processes' appends asleep:
+                # say what went wrong (once while it keeps going wrong) and poll on.
+                if repr(exc) != failure:
+                    logger.exception(
+                        "log at %r: polling for other processes' appends failed; still "
+                        "polling (waiters may wake late)",
+                        self._path,
+                    )
+                failure = repr(exc)
+            else:
+                failure = ""
+
+    def _poll_once(self, seen_txnid: int) -> int:
+        """Wake the waiters whose streams moved since ``seen_txnid``; return the new txnid.
+
+        A stream whose index entry is corrupt fails its own waiters with
+        ``CorruptRecordError``; the other streams are woken as usual.
+        """
+        streams = self._waiters.streams()
+        txn = self._begin_read()
+        try:
+            txnid: int = txn.id()
+            if txnid == seen_txnid:
+                return txnid
+            last_seqs: list[tuple[str, int]] = []
+            corrupt: list[CorruptRecordError] = []
+            for stream in streams:
+                raw = txn.get(stream.encode("utf-8"), db=self._streams)
+                if raw is None:
                     continue
-                seen_txnid = txnid
-                last_seqs = []
-                for stream in streams:
-                    raw = txn.get(stream.encode("utf-8"), db=self._streams)
-                    if raw is not None:
-                        last_seqs.append((stream, _decode_entry(stream, raw)[1]))
-            except CorruptRecordError:
-                continue  # check() reports it; the waiter's own read will raise it
-            finally:
-                self._end_read(txn)
-            due = self._waiters.due(last_seqs)
-            if due:
-                # Its own counter: the writer thread updates the others.
-                self._counters["poll_wake_callbacks"] += wake(due)
+                try:
+                    last_seqs.append((stream, _decode_entry(stream, raw)[1]))
+                except CorruptRecordError as exc:
+                    corrupt.append(exc)
+        finally:
+            self._end_read(txn)
+        due = self._waiters.due(last_seqs)
+        for exc in corrupt:
+            # One instance per waiter: each task raises (and annotates) its own.
+            due += (
+                (completion, CorruptRecordError(exc.stream, exc.seq, exc.detail))
+                for completion in self._waiters.pop_stream(exc.stream)
+            )
+        if due:
+            # Its own counter: the writer thread updates the others.
+            self._counters["poll_wake_callbacks"] += wake(due)
+        return txnid
 
     # -- health ------------------------------------------------------------------------------
 
     async def check(self) -> list[Fault]:
-        """Full scan (in a worker thread, one read snapshot): see the protocol."""
+        """Full scan (in a worker thread, in short read transactions): see the protocol.
+
+        Safe while the log is in use, here or by another process: the scan reads
+        :data:`CHECK_CHUNK` keys per read transaction, so it never holds up a map growth
+        (nor the reads queued behind one) for longer than a chunk, and a commit between
+        chunks is never reported as a fault. Streams created while the scan runs may go
+        unchecked; the next scan covers them.
+        """
         if self._closed:
             raise self._closed_error()
         return await anyio.to_thread.run_sync(self._check_sync)
 
+    # The store may change between two chunks of a scan, but only in these ways:
+    # records are added past a stream's last seq (never removed or rewritten), index
+    # entries are rewritten in place (never removed), new streams take ids from
+    # next_stream_id upward, and secondary index keys move with meta. So a record past
+    # the index's last seq, or of an unknown stream id, is checked again against the
+    # transaction that found it before it is called a fault; seq gaps are tracked
+    # across chunks, as each stream's records are only ever added at its end.
+
     def _check_sync(self) -> list[Fault]:
         faults: list[Fault] = []
-        known = self._known
-        txn = self._begin_read()
-        try:
-            by_id: dict[int, tuple[str, int, dict[str, Any]]] = {}
-            for name_key, raw in txn.cursor(db=self._streams):
-                try:
-                    name = name_key.decode("utf-8")
-                except UnicodeDecodeError:
-                    faults.append(Fault(None, None, "index", f"undecodable name {name_key!r}"))
-                    continue
-                try:
-                    sid, last_seq, _, _, meta = _decode_entry(name, raw)
-                except CorruptRecordError as exc:
-                    faults.append(Fault(name, None, "index", exc.detail))
-                    continue
-                if sid in by_id:
-                    faults.append(
-                        Fault(
-                            name, None, "index", f"stream id {sid} also used by {by_id[sid][0]!r}"
-                        )
-                    )
-                by_id[sid] = (name, last_seq, meta)
-
-            next_id = _ID.unpack(txn.get(_NEXT_ID_KEY, db=self._meta))[0]
-            if by_id and max(by_id) >= next_id:
-                faults.append(Fault(None, None, "index", f"next stream id {next_id} is in use"))
-
-            expected: dict[int, int] = {}
-            orphans: dict[int, int] = {}
-            for key, value in txn.cursor(db=self._records):
-                if len(key) != _RECORD_KEY.size:
-                    faults.append(Fault(None, None, "orphan", f"malformed record key {key!r}"))
-                    continue
-                sid, seq = _RECORD_KEY.unpack(key)
-                owner = by_id.get(sid)
-                if owner is None:
-                    orphans[sid] = orphans.get(sid, 0) + 1
-                    continue
-                name, last_seq, _ = owner
-                want = expected.get(sid, 1)
-                if seq != want:
-                    faults.append(Fault(name, want, "gap", f"records {want}..{seq - 1} missing"))
-                expected[sid] = seq + 1
-                if seq > last_seq:
-                    faults.append(
-                        Fault(name, seq, "index", f"record beyond the index's last seq {last_seq}")
-                    )
-                fault = record_fault(known, name, seq, value)
-                if fault is not None:
-                    faults.append(fault)
-            for sid, count in sorted(orphans.items()):
-                faults.append(
-                    Fault(None, None, "orphan", f"{count} records of unknown stream id {sid}")
-                )
-            for sid, (name, last_seq, _) in by_id.items():
-                have = expected.get(sid, 1) - 1
-                if have < last_seq:
-                    faults.append(
-                        Fault(
-                            name,
-                            have + 1,
-                            "gap",
-                            f"records {have + 1}..{last_seq} missing (index says {last_seq})",
-                        )
-                    )
-
-            faults.extend(self._check_secondary(txn, by_id))
-        finally:
-            self._end_read(txn)
+        next_id_before = self._read_next_id()
+        by_id = self._check_index(faults)
+        next_id = self._read_next_id()
+        if by_id and max(by_id) >= next_id:
+            faults.append(Fault(None, None, "index", f"next stream id {next_id} is in use"))
+        self._check_records(faults, by_id, next_id_before)
+        self._check_secondary(faults)
         return faults
 
-    def _check_secondary(
-        self, txn: lmdb.Transaction, by_id: dict[int, tuple[str, int, dict[str, Any]]]
-    ) -> list[Fault]:
-        faults: list[Fault] = []
-        wanted: set[bytes] = set()
-        for name, _, meta in by_id.values():
-            for field in self._indexed:
+    def _read_next_id(self) -> int:
+        txn = self._begin_read()
+        try:
+            return _ID.unpack(txn.get(_NEXT_ID_KEY, db=self._meta))[0]  # type: ignore[no-any-return]
+        finally:
+            self._end_read(txn)
+
+    def _scan(self, db: Any, visit: Callable[[lmdb.Transaction, bytes, bytes], None]) -> None:
+        """``visit(txn, key, value)`` for every key of ``db`` in order, a chunk per txn."""
+        after: bytes | None = None
+        while True:
+            txn = self._begin_read()
+            try:
+                cursor = txn.cursor(db=db)
+                if after is None:
+                    more = cursor.first()
+                else:
+                    more = cursor.set_range(after)
+                    if more and cursor.key() == after:
+                        more = cursor.next()
+                for _ in range(CHECK_CHUNK):
+                    if not more:
+                        return
+                    after = cursor.key()
+                    visit(txn, after, cursor.value())
+                    more = cursor.next()
+                if not more:
+                    return
+            finally:
+                self._end_read(txn)
+
+    def _check_index(self, faults: list[Fault]) -> dict[int, list[Any]]:
+        """Check every index entry (and its secondary index keys); map id -> [name, last]."""
+        by_id: dict[int, list[Any]] = {}
+        by_meta = self._by_meta
+        indexed = self._indexed
+
+        def visit(txn: lmdb.Transaction, name_key: bytes, raw: bytes) -> None:
+            try:
+                name = name_key.decode("utf-8")
+            except UnicodeDecodeError:
+                faults.append(Fault(None, None, "index", f"undecodable name {name_key!r}"))
+                return
+            try:
+                sid, last_seq, _, _, meta = _decode_entry(name, raw)
+            except CorruptRecordError as exc:
+                faults.append(Fault(name, None, "index", f"its entry is corrupt ({exc.detail})"))
+                return
+            if sid in by_id:
+                faults.append(
+                    Fault(name, None, "index", f"stream id {sid} also used by {by_id[sid][0]!r}")
+                )
+            by_id[sid] = [name, last_seq]
+            # In the entry's own transaction: the entry and its keys change together.
+            for field in indexed:
                 if field in meta:
-                    key = _index_prefix(field, meta_value_key(meta[field])) + name.encode("utf-8")
-                    wanted.add(key)
-                    if txn.get(key, db=self._by_meta) is None:
+                    key = _index_prefix(field, meta_value_key(meta[field])) + name_key
+                    if txn.get(key, db=by_meta) is None:
                         faults.append(
                             Fault(name, None, "index", f"meta {field!r} is missing from its index")
                         )
-        for key in txn.cursor(db=self._by_meta).iternext(keys=True, values=False):
-            if key not in wanted:
-                faults.append(Fault(None, None, "index", f"stale secondary index entry {key!r}"))
-        return faults
+
+        self._scan(self._streams, visit)
+        return by_id
+
+    def _check_records(
+        self, faults: list[Fault], by_id: dict[int, list[Any]], next_id_before: int
+    ) -> None:
+        """Check every record: checksum, decoding, seq order, and against the index."""
+        known = self._known
+        streams_db = self._streams
+        expected: dict[int, int] = {}
+        orphans: dict[int, int] = {}
+
+        def visit(txn: lmdb.Transaction, key: bytes, value: bytes) -> None:
+            if len(key) != _RECORD_KEY.size:
+                faults.append(Fault(None, None, "orphan", f"malformed record key {key!r}"))
+                return
+            sid, seq = _RECORD_KEY.unpack(key)
+            owner = by_id.get(sid)
+            if owner is None:
+                orphans[sid] = orphans.get(sid, 0) + 1
+                return
+            name, last_seq = owner
+            want = expected.get(sid, 1)
+            if seq != want:
+                faults.append(Fault(name, want, "gap", f"records {want}..{seq - 1} missing"))
+            expected[sid] = seq + 1
+            if seq > last_seq:
+                # Appended since the index was read? Ask this transaction's index.
+                fresh = _last_seq_in(txn, streams_db, name)
+                if fresh is not None and fresh >= seq:
+                    owner[1] = fresh
+                else:
+                    faults.append(
+                        Fault(name, seq, "index", f"record beyond the index's last seq {last_seq}")
+                    )
+            fault = record_fault(known, name, seq, value)
+            if fault is not None:
+                faults.append(fault)
+
+        self._scan(self._records, visit)
+        # Ids from next_id_before on may belong to streams created during the scan.
+        maybe_new = {sid for sid in orphans if sid >= next_id_before}
+        if maybe_new:
+            for sid in self._stream_ids_among(maybe_new):
+                del orphans[sid]
+        for sid, count in sorted(orphans.items()):
+            detail = f"{count} records of unknown stream id {sid}"
+            faults.append(Fault(None, None, "orphan", detail))
+        for sid, (name, last_seq) in by_id.items():
+            have = expected.get(sid, 1) - 1
+            if have < last_seq:
+                faults.append(
+                    Fault(
+                        name,
+                        have + 1,
+                        "gap",
+                        f"records {have + 1}..{last_seq} missing (index says {last_seq})",
+                    )
+                )
+
+    def _stream_ids_among(self, sids: set[int]) -> set[int]:
+        """Which of ``sids`` an index entry now names (another scan of the index)."""
+        found: set[int] = set()
+
+        def visit(txn: lmdb.Transaction, name_key: bytes, raw: bytes) -> None:
+            try:
+                sid = _decode_entry(name_key.decode("utf-8"), raw)[0]
+            except (UnicodeDecodeError, CorruptRecordError):
+                return  # already reported by the first scan
+            if sid in sids:
+                found.add(sid)
+
+        self._scan(self._streams, visit)
+        return found
+
+    def _check_secondary(self, faults: list[Fault]) -> None:
+        """Report secondary index keys that no stream's meta accounts for."""
+        streams_db = self._streams
+        indexed = self._indexed
+
+        def visit(txn: lmdb.Transaction, key: bytes, _: bytes) -> None:
+            # key: len|field|len|value|stream name (see _index_prefix)
+            name_key = b""
+            try:
+                field_end = 1 + key[0]
+                field = key[1:field_end].decode("utf-8")
+                name_key = key[field_end + 1 + key[field_end] :]
+                name = name_key.decode("utf-8")
+            except (IndexError, UnicodeDecodeError):
+                field = name = ""
+            raw = txn.get(name_key, db=streams_db) if field in indexed and name else None
+            if raw is not None:
+                try:
+                    meta = _decode_entry(name, raw)[4]
+                except CorruptRecordError:
+                    meta = {}
+                if field in meta:
+                    wanted = _index_prefix(field, meta_value_key(meta[field])) + name_key
+                    if key == wanted:
+                        return
+            faults.append(Fault(None, None, "index", f"stale secondary index entry {key!r}"))
+
+        self._scan(self._by_meta, visit)
 
     async def stats(self) -> Mapping[str, Any]:
         """Streams, records, map usage and writer counters."""
@@ -1387,6 +1584,7 @@ class LmdbLog:
             "map_used_fraction": used / info["map_size"],
             "file_bytes": os.path.getsize(self._data_file),
             "last_txnid": info["last_txnid"],
+            "waiters": len(self._waiters),
             **self._counters,
         }
 
@@ -1402,6 +1600,28 @@ _MAX_CACHED_ENTRIES: Final = 4096
 
 class _Inconsistent(Exception):
     """A batch's records collided with stored ones: redo it one put at a time."""
+
+
+def _describe_batch(batch: Sequence[_Pending], show: int = 3) -> str:
+    """``"5 writes to 4 streams: 'a', 'b', 'c' and 1 more"``: for error messages."""
+    names = sorted({pending.stream for pending in batch})
+    shown = ", ".join(repr(name) for name in names[:show])
+    more = f" and {len(names) - show} more" if len(names) > show else ""
+    writes = f"{len(batch)} write{'s' if len(batch) != 1 else ''}"
+    if len(names) == 1:
+        return f"{writes} to stream {shown}"
+    return f"{writes} to {len(names)} streams: {shown}{more}"
+
+
+def _last_seq_in(txn: lmdb.Transaction, streams_db: Any, name: str) -> int | None:
+    """The stream's last seq in ``txn``'s snapshot, or None if its entry is unreadable."""
+    raw = txn.get(name.encode("utf-8"), db=streams_db)
+    if raw is None:
+        return None
+    try:
+        return _decode_entry(name, raw)[1]  # type: ignore[no-any-return]
+    except CorruptRecordError:
+        return None
 
 
 def _info(stream: str, raw: bytes) -> StreamInfo:

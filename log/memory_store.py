@@ -318,4 +318,5 @@ class MemoryLog:
                 "records": sum(len(e.values) for e in self._streams.values()),
                 "record_bytes": sum(sum(map(len, e.values)) for e in self._streams.values()),
                 "appends": self._appends,
+                "waiters": len(self._waiters),
             }

@@ -34,6 +34,14 @@ SIGNAL_STREAM_PREFIX = "signals/"
 ANY: None = None
 
 Durability = Literal["fsync", "process"]
+"""How durable an acknowledged append is: the ``durability`` a store is opened with.
+
+``"fsync"`` (the default): ``append`` returns only once the batch is on disk; it
+survives a process crash and a power loss. ``"process"``: ``append`` returns once the
+batch is in the OS page cache; it survives a crash of the process (SIGKILL included)
+but a power loss or a kernel crash may lose the last acknowledged batches (never
+corrupt the rest). (``MemoryLog`` keeps nothing past its process and takes no mode.)
+"""
 
 
 def is_signal_stream(stream: str) -> bool:
@@ -222,7 +230,11 @@ class EventLog(Protocol):
         ...
 
     async def stats(self) -> Mapping[str, Any]:
-        """Store-level figures, e.g. streams, records, bytes used and map size."""
+        """Store-level figures, e.g. streams, records, bytes used and map size.
+
+        Every store reports at least ``streams``, ``records`` and ``waiters`` (the tasks
+        blocked in :meth:`wait_for_append` right now).
+        """
         ...
 
     async def aclose(self) -> None:

@@ -177,6 +177,12 @@ class AppendWaiters:
                     del self._by_stream[stream]
         return woken
 
+    def pop_stream(self, stream: str) -> list[Completion]:
+        """Remove and return every waiter on ``stream`` (to fail them together)."""
+        with self._lock:
+            waiters = self._by_stream.pop(stream, [])
+        return [completion for _, completion in waiters]
+
     def streams(self) -> list[str]:
         """The streams someone is waiting on (a snapshot)."""
         with self._lock:
@@ -191,3 +197,8 @@ class AppendWaiters:
 
     def __bool__(self) -> bool:
         return bool(self._by_stream)
+
+    def __len__(self) -> int:
+        """How many tasks are waiting, on every stream."""
+        with self._lock:
+            return sum(map(len, self._by_stream.values()))

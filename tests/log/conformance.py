@@ -357,6 +357,7 @@ class EventLogConformance:
         await log.append("s", [note(1)], expect=0)
         assert await log.wait_for_append("s", 1, timeout=0.02) == 1
         assert await log.wait_for_append("nothing", 0, timeout=0.02) == 0
+        assert (await log.stats())["waiters"] == 0
         # A timed-out waiter leaves nothing behind: a later append still works and a
         # later wait is woken.
         async with anyio.create_task_group() as tg:
@@ -371,9 +372,18 @@ class EventLogConformance:
         assert got == [2]
 
     async def test_wait_for_append_cancelled_leaves_no_waiter(self, log: EventLog) -> None:
-        with anyio.move_on_after(0.02) as scope:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(log.wait_for_append, "s", 0)
+            tg.start_soon(log.wait_for_append, "t", 0)
+            await anyio.wait_all_tasks_blocked()
+            assert (await log.stats())["waiters"] == 2
+            tg.cancel_scope.cancel()
+        assert (await log.stats())["waiters"] == 0
+        # A deadline cancels the same way.
+        with anyio.move_on_after(0.01) as scope:
             await log.wait_for_append("s", 0)
         assert scope.cancelled_caught
+        assert (await log.stats())["waiters"] == 0
         assert await log.append("s", [note(1)], expect=0) == 1
 
     # -- reading yields to the loop ----------------------------------------------------
@@ -566,6 +576,15 @@ class EventLogConformance:
             await log.append("s", [note(2)], expect=1)
         with pytest.raises(LogClosedError):
             await collect(log, "s")
+        with pytest.raises(LogClosedError):
+            await log.last_seq("s")
+
+    async def test_aclose_in_a_cancelled_scope_closes_and_reraises(self, log: EventLog) -> None:
+        await log.append("s", [note(1)], expect=0)
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await log.aclose()
+        assert scope.cancelled_caught
         with pytest.raises(LogClosedError):
             await log.last_seq("s")
 

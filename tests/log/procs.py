@@ -1,4 +1,4 @@
-"""Child processes for the LMDB tests: run as ``python procs.py MODE DIR [ARGS...]``.
+"""Child processes for the LMDB tests: ``python procs.py [--backend=B] MODE DIR [ARGS...]``.
 
 Each mode opens the data dir at ``DIR`` the way another process would (an owner, a
 client, a writer about to be SIGKILLed) and talks to the parent over stdin/stdout, one
@@ -10,11 +10,16 @@ from __future__ import annotations
 import json
 import os
 import random
+import struct
 import sys
+import time
 
 import anyio
+import cbor2
+import lmdb
 
 from perdure.log import ANY, LmdbLog, NewRecord, RecordTypes, StorageFullError
+from perdure.log.codec import encode_entry, encode_record, unseal
 
 TYPES = RecordTypes({"note": 1, "step": 2, "signal": 1})
 
@@ -71,7 +76,9 @@ async def crash_writer(path: str, round_id: str, seed: str) -> None:
     """Append batches from many tasks forever, saying each acknowledged batch.
 
     Each line is ``ack STREAM LAST_SEQ BATCH_ID SIZE``: the batch's records carry
-    ``{"batch": BATCH_ID, "i": 0..SIZE-1}``. The parent SIGKILLs us at a random moment.
+    ``{"batch": BATCH_ID, "i": 0..SIZE-1, "size": SIZE}``, so the parent can tell a
+    whole batch from a partial one whether or not it was acknowledged. The parent
+    SIGKILLs us at a random moment.
     """
     rng = random.Random(seed)
     pad = "x" * 200
@@ -84,7 +91,8 @@ async def crash_writer(path: str, round_id: str, seed: str) -> None:
                 size = rng.randint(1, 4)
                 batch = f"{round_id}-{task}-{n}"
                 records = [
-                    NewRecord("note", {"batch": batch, "i": i, "pad": pad}) for i in range(size)
+                    NewRecord("note", {"batch": batch, "i": i, "size": size, "pad": pad})
+                    for i in range(size)
                 ]
                 last = await log.append(stream, records, expect=last, meta={"status": batch})
                 say("ack", stream, last, batch, size)
@@ -93,7 +101,9 @@ async def crash_writer(path: str, round_id: str, seed: str) -> None:
             for n in range(10**9):
                 size = rng.randint(1, 3)
                 batch = f"{round_id}-s{task}-{n}"
-                records = [NewRecord("signal", {"batch": batch, "i": i}) for i in range(size)]
+                records = [
+                    NewRecord("signal", {"batch": batch, "i": i, "size": size}) for i in range(size)
+                ]
                 last = await log.append("signals/shared", records, expect=ANY)
                 say("ack", "signals/shared", last, batch, size)
 
@@ -134,13 +144,41 @@ async def fill(path: str, map_size: str) -> None:
     say(json.dumps(report))
 
 
+async def corrupt_and_append(path: str, corrupt: str, append: str) -> None:
+    """In ONE raw LMDB transaction, damage ``corrupt``'s index entry and append a signal
+    to ``append`` (as a buggy or failing foreign writer might); say the new last seq."""
+    env = lmdb.open(path, map_size=0, max_dbs=8)  # 0: keep the owner's map size
+    try:
+        records = env.open_db(b"records", create=False)
+        streams = env.open_db(b"streams", create=False)
+        with env.begin(write=True) as txn:
+            damaged = bytearray(txn.get(corrupt.encode(), db=streams))
+            damaged[len(damaged) // 2] ^= 0x01
+            txn.put(corrupt.encode(), bytes(damaged), db=streams)
+            sid, last, created_at, _, meta = unseal(txn.get(append.encode(), db=streams), 5)
+            now = time.time()
+            key = struct.pack(">IQ", sid, last + 1)
+            txn.put(key, encode_record("signal", 1, now, {}), db=records)
+            entry = encode_entry(sid, last + 1, created_at, now, cbor2.dumps(meta))
+            txn.put(append.encode(), entry, db=streams)
+    finally:
+        env.close()
+    say("done", last + 1)
+
+
 MODES = {
     "owner": owner,
     "client": client,
     "client-append": client_append,
     "crash-writer": crash_writer,
     "fill": fill,
+    "corrupt-and-append": corrupt_and_append,
 }
 
 if __name__ == "__main__":
-    anyio.run(MODES[sys.argv[1]], *sys.argv[2:])
+    # python procs.py [--backend=asyncio|trio] MODE DIR [ARGS...]
+    argv = sys.argv[1:]
+    backend = "asyncio"
+    if argv and argv[0].startswith("--backend="):
+        backend = argv.pop(0).partition("=")[2]
+    anyio.run(MODES[argv[0]], *argv[1:], backend=backend)

@@ -8,6 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import anyio
+import pytest
 
 from perdure.log import LmdbLog, Record
 
@@ -15,13 +16,16 @@ from .conformance import TYPES, collect
 from .test_lmdb_store import Child
 
 
-def test_sigkilled_writer_loses_no_acknowledged_batch(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_sigkilled_writer_loses_no_acknowledged_batch(tmp_path: Path, backend: str) -> None:
     seed = int(os.environ.get("PERDURE_CRASH_SEED", random.randrange(2**32)))
     rng = random.Random(seed)
     acked: list[tuple[str, int, str, int]] = []
     rounds = 5
     for round_id in range(rounds):
-        child = Child("crash-writer", str(tmp_path), str(round_id), str(rng.random()))
+        child = Child(
+            "crash-writer", str(tmp_path), str(round_id), str(rng.random()), backend=backend
+        )
         child.expect("ready")
         # Let it run for a random number of acknowledgements, then kill it mid-flight.
         for _ in range(rng.randint(20, 400)):
@@ -40,16 +44,19 @@ def test_sigkilled_writer_loses_no_acknowledged_batch(tmp_path: Path) -> None:
                 # Seqs are contiguous from 1.
                 assert [r.seq for r in records] == list(range(1, len(records) + 1))
                 by_stream[stream] = records
-            # No batch is half there: each batch's records are contiguous, complete
-            # and in order.
+            # No batch is half there, acknowledged or not: every record carries its
+            # batch's size, and each batch present has all of them, contiguous and in
+            # order.
             batches: dict[str, list[Record]] = defaultdict(list)
             for records in by_stream.values():
                 for record in records:
                     batches[record.payload["batch"]].append(record)
             for batch, records in batches.items():
-                assert [r.payload["i"] for r in records] == list(range(len(records))), batch
+                size = records[0].payload["size"]
+                assert all(r.payload["size"] == size for r in records), batch
+                assert [r.payload["i"] for r in records] == list(range(size)), (batch, seed)
                 seqs = [r.seq for r in records]
-                assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), batch
+                assert seqs == list(range(seqs[0], seqs[0] + size)), batch
             # Every acknowledged batch is there, whole, ending at the acknowledged seq.
             for stream, last_seq, batch, size in acked:
                 records = batches.get(batch)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import shutil
@@ -29,7 +30,9 @@ from perdure.log import (
     LogError,
     NewRecord,
     RecordTypes,
+    lmdb_store,
 )
+from perdure.log.codec import seal, unseal
 from perdure.log.lmdb_store import LmdbLog
 
 from .conformance import TYPES, EventLogConformance, collect, note
@@ -87,9 +90,14 @@ PROCS = Path(__file__).with_name("procs.py")
 class Child:
     """A child process running procs.py, read line by line with a timeout."""
 
-    def __init__(self, *args: str, preexec_fn: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        *args: str,
+        backend: str = "asyncio",
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, str(PROCS), *args],
+            [sys.executable, str(PROCS), f"--backend={backend}", *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -126,6 +134,35 @@ class Child:
         if self.proc.stdin is not None:
             self.proc.stdin.close()
         return self.proc.wait(30)
+
+
+class WriterGate:
+    """Holds the writer thread inside its next commit until :meth:`open` is called.
+
+    A test seam, not a mock: everything still runs on real LMDB. While the writer is
+    held, appends queue up (and cancelled ones are withdrawn) exactly as they would
+    behind a slow commit, so a test can know what the writer will find.
+    """
+
+    def __init__(self, log: LmdbLog, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.held = threading.Event()
+        self._opened = threading.Event()
+        real_commit = log._commit
+
+        def commit(batch: list[Any], nbytes: int) -> Any:
+            if not self.held.is_set():
+                self.held.set()
+                self._opened.wait(30)
+            return real_commit(batch, nbytes)
+
+        monkeypatch.setattr(log, "_commit", commit)
+
+    async def wait_held(self) -> None:
+        """Until the writer is inside the held commit."""
+        assert await anyio.to_thread.run_sync(self.held.wait, 30)
+
+    def open(self) -> None:
+        self._opened.set()
 
 
 async def open_log(path: Path, **kwargs: Any) -> LmdbLog:
@@ -301,9 +338,12 @@ def _limit_file_size() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
 
 
-def test_storage_full_when_the_file_cannot_grow(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_storage_full_when_the_file_cannot_grow(tmp_path: Path, backend: str) -> None:
     """RLIMIT_FSIZE caps data.mdb at 1 MiB: the batch that crosses it fails whole."""
-    child = Child("fill", str(tmp_path / "data"), str(4 << 20), preexec_fn=_limit_file_size)
+    child = Child(
+        "fill", str(tmp_path / "data"), str(4 << 20), backend=backend, preexec_fn=_limit_file_size
+    )
     report = json.loads(child.line(120))
     assert child.finish() == 0
     assert "disk full" in report["error"]
@@ -327,7 +367,8 @@ def _unshare_works() -> bool:
 
 
 @pytest.mark.skipif(not _unshare_works(), reason="needs unprivileged user namespaces")
-def test_storage_full_on_a_full_filesystem(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_storage_full_on_a_full_filesystem(tmp_path: Path, backend: str) -> None:
     """A real ENOSPC: the data dir on a 2 MiB tmpfs, half taken by a ballast file."""
     mount = tmp_path / "mnt"
     mount.mkdir()
@@ -336,7 +377,8 @@ def test_storage_full_on_a_full_filesystem(tmp_path: Path) -> None:
     script = (
         f"mount -t tmpfs -o size=2m tmpfs {mount} && "
         f"dd if=/dev/zero of={ballast} bs=1k count=1024 status=none && "
-        f"PERDURE_TEST_BALLAST={ballast} exec {sys.executable} {PROCS} fill {data} {1 << 20}"
+        f"PERDURE_TEST_BALLAST={ballast} exec {sys.executable} {PROCS} --backend={backend} "
+        f"fill {data} {1 << 20}"
     )
     result = subprocess.run(
         ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
@@ -369,6 +411,35 @@ async def test_second_owner_in_this_process_is_refused(tmp_path: Path) -> None:
     # Closing released the dir.
     async with await open_log(tmp_path) as log:
         assert log.is_owner
+
+
+@pytest.mark.anyio
+async def test_aclose_in_a_cancelled_scope_still_releases_the_dir(tmp_path: Path) -> None:
+    log = await open_log(tmp_path)
+    await log.append("s", [note(1)], expect=0)
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await log.aclose()
+    # The cancellation was raised (after closing), not swallowed.
+    assert scope.cancelled_caught
+    with pytest.raises(LogClosedError):
+        await log.last_seq("s")
+    # LMDB was closed and the flock released: this process can own the dir again.
+    async with await open_log(tmp_path) as again:
+        assert await again.last_seq("s") == 1
+
+
+@pytest.mark.anyio
+async def test_async_with_left_by_a_timeout_releases_the_dir(tmp_path: Path) -> None:
+    log = await open_log(tmp_path)
+    await log.append("s", [note(1)], expect=0)
+    with pytest.raises(TimeoutError):
+        with anyio.fail_after(0.01):
+            async with log:
+                await anyio.sleep_forever()
+    async with await open_log(tmp_path) as again:
+        assert again.is_owner
+        assert await again.last_seq("s") == 1
 
 
 @pytest.mark.anyio
@@ -430,6 +501,81 @@ async def test_owner_is_woken_by_a_client_process_append(tmp_path: Path) -> None
 
 
 @pytest.mark.anyio
+async def test_poller_wakes_other_streams_and_fails_the_corrupt_streams_waiters(
+    tmp_path: Path,
+) -> None:
+    async with await open_log(tmp_path) as log:
+        await log.append("signals/bad", [NewRecord("signal", {})], expect=0)
+        await log.append("signals/good", [NewRecord("signal", {})], expect=0)
+        results: dict[str, Any] = {}
+
+        async def wait(stream: str) -> None:
+            try:
+                results[stream] = await log.wait_for_append(stream, 1)  # no timeout
+            except CorruptRecordError as exc:
+                results[stream] = exc
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(wait, "signals/bad")
+                tg.start_soon(wait, "signals/good")
+                await anyio.wait_all_tasks_blocked()
+                # Another process damages one entry and appends to the other stream,
+                # in one transaction: the poller sees both in one look.
+                args = ("corrupt-and-append", str(tmp_path), "signals/bad", "signals/good")
+                child = await anyio.to_thread.run_sync(lambda: Child(*args))
+                assert await anyio.to_thread.run_sync(child.expect, "done") == ["2"]
+                assert await anyio.to_thread.run_sync(child.finish) == 0
+        assert results["signals/good"] == 2
+        error = results["signals/bad"]
+        assert isinstance(error, CorruptRecordError)
+        assert error.stream == "signals/bad"
+        assert (await log.stats())["waiters"] == 0
+
+
+@pytest.mark.anyio
+async def test_poller_logs_an_unexpected_error_and_keeps_polling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="perdure.log")
+    async with await open_log(tmp_path) as log:
+        await log.append("signals/inbox", [NewRecord("signal", {})], expect=0)
+        real_poll = log._poll_once
+        polls = 0
+
+        def poll_failing_once(seen_txnid: int) -> int:
+            nonlocal polls
+            polls += 1
+            if polls == 1:
+                raise RuntimeError("injected poller failure")
+            return real_poll(seen_txnid)
+
+        monkeypatch.setattr(log, "_poll_once", poll_failing_once)
+        woken: list[int] = []
+
+        async def wait() -> None:
+            woken.append(await log.wait_for_append("signals/inbox", 1))
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(wait)
+                await anyio.wait_all_tasks_blocked()
+                child = await anyio.to_thread.run_sync(
+                    lambda: Child("client-append", str(tmp_path), "signals/inbox")
+                )
+                assert await anyio.to_thread.run_sync(child.expect, "appended") == ["2"]
+                assert await anyio.to_thread.run_sync(child.finish) == 0
+        # Only the poller sees another process's append: it survived its failure.
+        assert woken == [2]
+        assert polls >= 2
+        failures = [r for r in caplog.records if "polling" in r.getMessage()]
+        assert len(failures) == 1
+        assert str(tmp_path) in failures[0].getMessage()
+        assert failures[0].exc_info is not None
+        assert "injected poller failure" in str(failures[0].exc_info[1])
+
+
+@pytest.mark.anyio
 async def test_client_survives_the_owner_growing_the_map(tmp_path: Path) -> None:
     async with await open_log(tmp_path, map_size=64 * 1024) as log:
         await log.append("big", [note(0)], expect=0)
@@ -454,33 +600,163 @@ def _raw_env(path: Path) -> tuple[lmdb.Environment, list[Any]]:
     return env, [env.open_db(n) for n in (b"records", b"streams", b"by_meta", b"meta")]
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 3, lmdb_store.CHECK_CHUNK])
 @pytest.mark.anyio
-async def test_check_finds_gaps_orphans_and_index_faults(tmp_path: Path) -> None:
+async def test_check_finds_gaps_orphans_and_index_faults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    """Whatever the chunk size, so faults that span two read transactions are found."""
     async with await open_log(tmp_path) as log:
         await log.append("a", [note(i) for i in range(5)], expect=0, meta={"status": "x"})
         await log.append("b", [note(1)], expect=0, meta={"status": "y"})
+        await log.append("c", [note(i) for i in range(4)], expect=0)
     env, (records, _, by_meta, _) = _raw_env(tmp_path)
     with env.begin(write=True) as txn:
         keys = [k for k, _ in txn.cursor(db=records)]
-        assert len(keys) == 6
+        assert len(keys) == 10
         txn.delete(keys[2], db=records)  # a's seq 3
+        txn.delete(keys[8], db=records)  # c's seq 3 and 4: the index says 4
+        txn.delete(keys[9], db=records)
         txn.put(b"\x00\x00\x03\xe7" + (1).to_bytes(8, "big"), b"orphan", db=records)
         stale = [k for k, _ in txn.cursor(db=by_meta) if k.endswith(b"b")]
         txn.delete(stale[0], db=by_meta)
         txn.put(stale[0][:-1] + b"ghost", b"", db=by_meta)
     env.close()
+    monkeypatch.setattr(lmdb_store, "CHECK_CHUNK", chunk)
     async with await open_log(tmp_path) as log:
         faults = await log.check()
         kinds = sorted((f.stream, f.seq, f.kind) for f in faults if f.stream is not None)
-        assert ("a", 3, "gap") in kinds
-        assert ("b", None, "index") in kinds
-        assert any(f.kind == "orphan" and "999" in f.detail for f in faults)
-        assert any(f.kind == "index" and "ghost" in f.detail for f in faults)
+        assert kinds == [("a", 3, "gap"), ("b", None, "index"), ("c", 3, "gap")]
+        others = sorted((f.kind, f.detail) for f in faults if f.stream is None)
+        assert others == [
+            ("index", f"stale secondary index entry {stale[0][:-1] + b'ghost'!r}"),
+            ("orphan", "1 records of unknown stream id 999"),
+        ]
         with pytest.raises(CorruptRecordError) as caught:
             await collect(log, "a")
         assert (caught.value.stream, caught.value.seq) == ("a", 3)
         assert "missing" in str(caught.value)
         assert [r.seq for r in await collect(log, "a", after=3)] == [4, 5]
+
+
+@pytest.mark.parametrize(
+    ("field", "bad"),
+    [(2, "yesterday"), (3, True), (3, None), (0, 1.5), (1, "7"), (4, [1, 2])],
+    ids=["created_at str", "updated_at bool", "updated_at None", "id", "last_seq", "meta"],
+)
+@pytest.mark.anyio
+async def test_a_malformed_index_entry_is_named_as_the_streams_entry(
+    tmp_path: Path, field: int, bad: Any
+) -> None:
+    async with await open_log(tmp_path) as log:
+        await log.append("s", [note(1)], expect=0)
+        await log.append("t", [note(1)], expect=0)
+    env, (_, streams, _, _) = _raw_env(tmp_path)
+    with env.begin(write=True) as txn:
+        entry = unseal(txn.get(b"s", db=streams), 5)
+        entry[field] = bad
+        txn.put(b"s", seal(entry), db=streams)  # a valid checksum over a bad entry
+    env.close()
+    async with await open_log(tmp_path) as log:
+        with pytest.raises(CorruptRecordError) as caught:
+            await log.last_seq("s")
+        error = caught.value
+        assert (error.stream, error.seq) == ("s", None)
+        assert "stream 's' index entry: corrupt (malformed" in str(error)
+        assert "seq" not in str(error).split("(")[0]
+        with pytest.raises(CorruptRecordError):
+            await collect(log, "s")
+        with pytest.raises(CorruptRecordError):
+            await log.stream_info("s")
+        assert await log.last_seq("t") == 1
+        faults = await log.check()
+        # Its records are orphans: the entry that names their stream id is unreadable.
+        assert [(f.stream, f.seq, f.kind) for f in faults] == [
+            ("s", None, "index"),
+            (None, None, "orphan"),
+        ]
+        assert "malformed" in faults[0].detail
+        assert str(faults[0]).startswith("stream 's': index: ")
+
+
+@pytest.mark.anyio
+async def test_a_damaged_index_entry_is_named_as_the_streams_entry(tmp_path: Path) -> None:
+    async with await open_log(tmp_path) as log:
+        await log.append("s", [note(1)], expect=0)
+    env, (_, streams, _, _) = _raw_env(tmp_path)
+    with env.begin(write=True) as txn:
+        damaged = bytearray(txn.get(b"s", db=streams))
+        damaged[len(damaged) // 2] ^= 0x01
+        txn.put(b"s", bytes(damaged), db=streams)
+    env.close()
+    async with await open_log(tmp_path) as log:
+        with pytest.raises(CorruptRecordError) as caught:
+            await log.last_seq("s")
+        assert caught.value.seq is None
+        assert "stream 's' index entry: corrupt (checksum mismatch" in str(caught.value)
+        with pytest.raises(CorruptRecordError) as caught:
+            await log.append("s", [note(2)], expect=1)
+        assert caught.value.seq is None
+        faults = await log.check()
+        assert [(f.stream, f.seq, f.kind) for f in faults] == [
+            ("s", None, "index"),
+            (None, None, "orphan"),
+        ]
+        assert "checksum mismatch" in faults[0].detail
+
+
+@pytest.mark.anyio
+async def test_check_between_chunks_lets_the_log_change_and_reports_no_false_fault(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """check() reads in short transactions: between two of them the map can grow, and
+    appends, new streams and meta changes land; none of that is a fault.
+
+    The commits are made deterministically between chunks: the scan's thread runs them
+    on the loop (anyio.from_thread) just before it begins its n-th read transaction,
+    for every n the scan reaches. A scan that kept the map guard from one chunk to the
+    next would deadlock the growth (and fail the test by its timeout); one snapshot for
+    the whole scan fails the count of read transactions.
+    """
+    monkeypatch.setattr(lmdb_store, "CHECK_CHUNK", 2)
+    loop_thread = threading.get_ident()
+    async with await open_log(tmp_path, map_size=64 * 1024) as log:
+        for i in range(5):
+            meta = {"status": "even" if i % 2 == 0 else "odd"}
+            await log.append(f"e/{i}", [note(k) for k in range(5)], expect=ANY, meta=meta)
+        real_begin_read = log._begin_read
+        reads = 0
+        trigger = 0
+
+        async def change_the_log() -> None:
+            with anyio.fail_after(20):
+                for i in range(5):  # streams before and after the scan's position
+                    await log.append(f"e/{i}", [note(99)], expect=ANY)
+                await log.append(f"a/{trigger}", [note(0)], expect=0, meta={"status": "new"})
+                await log.append(f"z/{trigger}", [note(0)], expect=0, meta={"kind": "new"})
+                await log.set_meta("e/0", {"status": f"moved {trigger}"})
+                if trigger == 1:  # more than the map holds: it grows, mid-scan
+                    await log.append("big", [note(0, pad="g" * 200_000)], expect=ANY)
+
+        def begin_read() -> Any:
+            nonlocal reads
+            if threading.get_ident() != loop_thread:
+                reads += 1
+                if reads == trigger:
+                    anyio.from_thread.run(change_the_log)
+            return real_begin_read()
+
+        monkeypatch.setattr(log, "_begin_read", begin_read)
+        assert await log.check() == []
+        chunks = reads
+        assert chunks > 20  # many short transactions, not one snapshot
+        for trigger in range(1, chunks + 1):
+            reads = 0
+            assert await log.check() == [], f"commits before read transaction {trigger}"
+        stats = await log.stats()
+        assert stats["map_growths"] >= 1
+        assert stats["streams"] == 5 + 2 * chunks + 1
+        assert [r.seq for r in await collect(log, "e/4")] == list(range(1, 5 + chunks + 1))
 
 
 @pytest.mark.anyio
@@ -499,22 +775,178 @@ async def test_changing_indexed_keys_rebuilds_the_index(tmp_path: Path) -> None:
 
 @pytest.mark.anyio
 async def test_append_withdrawn_when_cancelled_before_the_writer_takes_it(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with await open_log(tmp_path) as log:
-        # Appends queued in the same loop burst are only released to the writer by a
-        # callback that runs after this task yields; cancel them before that.
-        with anyio.CancelScope() as scope:
-            async with anyio.create_task_group() as tg:
-                for i in range(5):
-                    tg.start_soon(log.append, f"c/{i}", [note(i)], 0)
-                await anyio.lowlevel.checkpoint()
-                scope.cancel()
-        for i in range(5):
-            assert await log.last_seq(f"c/{i}") in (0, 1)
-        assert await log.check() == []
-        # The log is healthy and takes appends afterwards.
+        gate = WriterGate(log, monkeypatch)
+        async with anyio.create_task_group() as outer:
+            outer.start_soon(log.append, "held", [note(0)], 0)
+            await gate.wait_held()
+            # The writer is busy with "held": these are queued, and stay queued.
+            with anyio.CancelScope() as scope:
+                async with anyio.create_task_group() as tg:
+                    for i in range(5):
+                        tg.start_soon(log.append, f"c/{i}", [note(i)], 0)
+                    await anyio.wait_all_tasks_blocked()
+                    scope.cancel()
+            assert scope.cancelled_caught
+            gate.open()
+        # Queued after the withdrawn ones: once it is committed, the writer has passed them.
         assert await log.append("after", [note(0)], expect=0) == 1
+        for i in range(5):
+            assert await log.last_seq(f"c/{i}") == 0
+        stats = await log.stats()
+        assert stats["appends"] == 2
+        assert await log.check() == []
+
+
+@pytest.mark.parametrize(
+    ("durability", "synced"), [("fsync", True), ("process", False)], ids=["fsync", "process"]
+)
+@pytest.mark.anyio
+async def test_durability_sets_lmdb_sync_flags(
+    tmp_path: Path, durability: str, synced: bool
+) -> None:
+    async with await open_log(tmp_path, durability=durability) as log:
+        assert log.durability == durability
+        flags = log._env.flags()
+        assert (flags["sync"], flags["metasync"]) == (synced, synced)
+        # The same when the environment already exists (opened with map_size=0).
+        await log.append("s", [note(0)], expect=0)
+    async with await open_log(tmp_path, durability=durability) as log:
+        flags = log._env.flags()
+        assert (flags["sync"], flags["metasync"]) == (synced, synced)
+
+
+@pytest.mark.anyio
+async def test_a_batch_takes_at_most_max_batch_appends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cap = lmdb_store.MAX_BATCH_APPENDS
+    async with await open_log(tmp_path) as log:
+        gate = WriterGate(log, monkeypatch)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(log.append, "held", [note(0)], 0)
+            await gate.wait_held()
+            # All of these are queued before the writer takes any.
+            for i in range(cap + 100):
+                tg.start_soon(log.append, f"q/{i}", [note(i)], 0)
+            await anyio.wait_all_tasks_blocked()
+            gate.open()
+        stats = await log.stats()
+        assert stats["appends"] == cap + 101
+        # The first batch after the held one took exactly the cap, the next the rest.
+        assert stats["largest_batch"] == cap
+        assert stats["commits"] == 3
+        assert stats["records"] == cap + 101
+
+
+@pytest.mark.anyio
+async def test_a_batch_takes_at_most_max_batch_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cap = lmdb_store.MAX_BATCH_BYTES
+    big = "b" * (cap // 5)  # with its envelope, a bit over a fifth: four fit in a batch
+    async with await open_log(tmp_path) as log:
+        gate = WriterGate(log, monkeypatch)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(log.append, "held", [note(0)], 0)
+            await gate.wait_held()
+            for i in range(12):
+                tg.start_soon(log.append, f"b/{i}", [note(i, pad=big)], 0)
+            await anyio.wait_all_tasks_blocked()
+            gate.open()
+        stats = await log.stats()
+        assert stats["appends"] == 13
+        assert stats["largest_batch_bytes"] <= cap
+        assert stats["largest_batch"] == 4
+        assert stats["commits"] == 1 + 3  # the held one, then 4 + 4 + 4
+        assert [r.payload["i"] for r in await collect(log, "b/11")] == [11]
+
+
+@pytest.mark.anyio
+async def test_a_batch_whose_bookkeeping_fails_after_commit_reports_its_outcomes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The commit returned, so the records are on disk: callers must not hear "failed"."""
+    caplog.set_level(logging.ERROR, logger="perdure.log")
+
+    class CountersFailingOnce(dict[str, int]):
+        failed = False
+
+        def __setitem__(self, key: str, value: int) -> None:
+            if key == "commits" and not self.failed:
+                self.failed = True
+                raise RuntimeError("injected bookkeeping failure")
+            super().__setitem__(key, value)
+
+    async with await open_log(tmp_path) as log:
+        await log.append("s", [note(0)], expect=0)  # cached by the writer
+        monkeypatch.setattr(log, "_counters", CountersFailingOnce(log._counters))
+        woken: list[int] = []
+
+        async def wait() -> None:
+            woken.append(await log.wait_for_append("s", 1))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait)
+            await anyio.wait_all_tasks_blocked()
+            assert await log.append("s", [note(1), note(2)], expect=1) == 3
+        assert woken == [3]
+        assert log._counters.failed
+        failures = [r for r in caplog.records if "was committed" in r.getMessage()]
+        assert len(failures) == 1
+        assert str(tmp_path) in failures[0].getMessage()
+        assert "stream 's'" in failures[0].getMessage()
+        # The writer dropped its possibly stale cache and carries on from the store.
+        assert await log.append("s", [note(3)], expect=3) == 4
+        with pytest.raises(ConflictError):
+            await log.append("s", [note(4)], expect=3)
+        assert [r.payload["i"] for r in await collect(log, "s")] == [0, 1, 2, 3]
+        assert await log.check() == []
+
+
+@pytest.mark.anyio
+async def test_a_batch_failing_before_commit_names_its_streams(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with await open_log(tmp_path) as log:
+        gate = WriterGate(log, monkeypatch)
+        real_apply = log._apply
+
+        def apply(txn: Any, batch: list[Any], *args: Any) -> Any:
+            if any(pending.stream.startswith("f/") for pending in batch):
+                raise RuntimeError("injected failure")
+            return real_apply(txn, batch, *args)
+
+        monkeypatch.setattr(log, "_apply", apply)
+        errors: dict[str, LogError] = {}
+
+        async def append(stream: str) -> None:
+            try:
+                await log.append(stream, [note(0)], expect=0)
+            except LogError as exc:
+                errors[stream] = exc
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(log.append, "held", [note(0)], 0)
+            await gate.wait_held()
+            # Queued behind the held commit, these five become the next batch.
+            for i in range(5):
+                tg.start_soon(append, f"f/{i}")
+            await anyio.wait_all_tasks_blocked()
+            gate.open()
+        assert sorted(errors) == [f"f/{i}" for i in range(5)]
+        for stream, error in errors.items():
+            message = str(error)
+            assert str(tmp_path) in message
+            assert f"stream {stream!r}" in message
+            assert "5 writes to 5 streams: 'f/0', 'f/1', 'f/2' and 2 more" in message
+            assert "RuntimeError: injected failure" in message
+            assert "nothing of the batch was written" in message and "retry" in message
+        for i in range(5):
+            assert await log.last_seq(f"f/{i}") == 0
+        assert await log.last_seq("held") == 1
 
 
 @pytest.mark.anyio
