@@ -154,6 +154,7 @@ class Supervisor:
         self._brutal = False  # set by a parent whose shutdown timeout for us expired
         self._graces: set[anyio.CancelScope] = set()  # graceful stop waits in progress
         self._group_lock: anyio.Lock | None = None
+        self._group_launching: ActorContext | None = None  # in a group restart's _launch
         self._closing_event: anyio.Event | None = None
         self._shutdown_done: anyio.Event | None = None
         self._random = random.Random()
@@ -820,10 +821,19 @@ class Supervisor:
                 if child._runner_alive or child._dormant:
                     continue
                 child.restart_count += 1
-                if await self._launch(child) is not None:
-                    # Its runner has already decided what follows (another group
-                    # restart, giving it up, or escalation); stop this round here.
+                # A shutdown stops this child itself (see _shutdown): its on_start may
+                # never return, and this round holds the lock the shutdown waits for.
+                self._group_launching = child
+                try:
+                    error = await self._launch(child)
+                finally:
+                    self._group_launching = None
+                if error is not None and child._pending_group:
+                    # Its failure started a new round, which restarts the rest.
                     return
+                # Otherwise it was given up (per-child limit) or stopped (stop_child,
+                # shutdown, escalation): the others still need restarting, unless the
+                # supervisor is no longer running (checked at the top of the loop).
 
     async def _fail(self, ctx: ActorContext, reason: StopReason) -> None:
         """Intensity exceeded: stop every child in reverse order, then fail the supervisor."""
@@ -933,6 +943,14 @@ class Supervisor:
         if self._group_lock is None:
             self._group_lock = anyio.Lock()
         try:
+            launching = self._group_launching
+            if launching is not None:
+                # A group restart holds the lock while this child's on_start runs,
+                # which may never return: stop it first, like any child (gracefully
+                # within its shutdown timeout, then cancelled). The restart then sees
+                # that we are no longer running and lets go of the lock.
+                await self._terminate(launching, final=True)
+                self._forget(launching, "its supervisor stopped")
             async with self._group_lock:
                 while self._children:
                     for ctx in reversed(list(self._children.values())):

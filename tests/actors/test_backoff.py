@@ -1,4 +1,4 @@
-"""Restart backoff and restart intensity over time, on trio's virtual clock.
+"""Restart backoff, restart intensity and timeouts over time, on trio's virtual clock.
 
 ``MockClock(autojump_threshold=0)`` jumps to the next deadline as soon as every task
 is blocked, so minutes of backoff pass instantly and every delay is exact.
@@ -22,7 +22,7 @@ from perdure.actors import (
     RestartIntensityExceeded,
     Supervisor,
 )
-from tests.actors.probes import Boom
+from tests.actors.probes import NO_BACKOFF, Boom, Hang, HangsOnRestart
 
 pytestmark = pytest.mark.anyio
 
@@ -189,3 +189,74 @@ async def test_ask_timeout_on_virtual_time() -> None:
             await ref.ask("x", timeout=30.0)
         assert anyio.current_time() - t0 == pytest.approx(30.0)
         gate.set()
+
+
+# ---- shutdown during a group restart ---------------------------------------------------
+
+
+async def leave_during_a_stuck_group_restart(root_shutdown: float | None) -> tuple[float, Hang]:
+    """Leave a supervisor (nested in a root if ``root_shutdown``) whose one_for_all restart
+    hangs in child h's on_start (h's shutdown timeout: 30 s); return how long leaving took.
+
+    A regression that never ends the on_start is caught by a virtual hour's watchdog,
+    which then opens the gate so that the test fails instead of hanging.
+    """
+    hang = Hang()
+    left = anyio.Event()
+    took: list[float] = []
+
+    def group() -> Supervisor:
+        return Supervisor(
+            strategy="one_for_all",
+            children=[
+                ChildSpec("a", lambda: Flaky([], fails=0)),
+                ChildSpec("h", lambda: HangsOnRestart(hang), shutdown=30.0),
+            ],
+            backoff=NO_BACKOFF,
+        )
+
+    async def crash_then_cancel(sup: Supervisor | None, outer: anyio.CancelScope) -> float:
+        assert sup is not None
+        ref = sup.ref("a")
+        assert ref is not None
+        await crash(ref)
+        await hang.entered.wait()  # the restart round is stuck in h's on_start
+        outer.cancel()
+        return anyio.current_time()
+
+    async def scenario() -> None:
+        with anyio.CancelScope() as outer:
+            if root_shutdown is None:
+                async with group() as sup:
+                    t0 = await crash_then_cancel(sup, outer)
+                    await anyio.sleep_forever()
+            else:
+                root = Supervisor(children=[ChildSpec("mid", group, shutdown=root_shutdown)])
+                async with root:
+                    t0 = await crash_then_cancel(root.child_supervisor("mid"), outer)
+                    await anyio.sleep_forever()
+        assert outer.cancelled_caught  # the cancellation was not swallowed
+        took.append(anyio.current_time() - t0)
+        left.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(scenario)
+        with anyio.move_on_after(3600.0):
+            await left.wait()
+        hang.gate.set()
+    return took[0], hang
+
+
+async def test_leaving_while_a_group_restart_hangs_in_on_start_takes_its_shutdown_timeout() -> None:
+    took, hang = await leave_during_a_stuck_group_restart(None)
+    assert took == pytest.approx(30.0)  # graceful for h's 30 s, then cancelled
+    assert hang.log == ["hanging", "cancelled"]
+
+
+async def test_a_parents_timeout_cuts_short_a_nested_group_restart_hanging_in_on_start() -> None:
+    took, hang = await leave_during_a_stuck_group_restart(5.0)
+    assert took == pytest.approx(5.0)  # the parent's 5 s for the subtree, not h's 30
+    assert hang.log == ["hanging", "cancelled"]
+    took, hang = await leave_during_a_stuck_group_restart(float("inf"))
+    assert took == pytest.approx(30.0)
+    assert hang.log == ["hanging", "cancelled"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 import anyio
 import pytest
@@ -18,7 +19,16 @@ from perdure.actors import (
     StopReason,
     Supervisor,
 )
-from tests.actors.probes import NO_BACKOFF, Boom, Journal, Recorder, probe, settle
+from tests.actors.probes import (
+    NO_BACKOFF,
+    Boom,
+    Hang,
+    HangsOnRestart,
+    Journal,
+    Recorder,
+    probe,
+    settle,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -623,3 +633,178 @@ async def test_cancelling_start_child_removes_the_half_started_child() -> None:
         assert scope.cancelled_caught
         assert sup.ref("slow") is None and sup.count_children() == 0
         assert "started" not in recorder.kinds()
+
+
+# ---- group restarts that do not go to plan -------------------------------------------
+
+
+async def ends_without_help(
+    scenario: Callable[[anyio.Event], Awaitable[None]], gate: anyio.Event
+) -> bool:
+    """Run ``scenario(leaving)``; True if it has ended once it set ``leaving`` and every
+    task is blocked.
+
+    Then open ``gate``, which lets a scenario that hangs on it go on, so that a
+    regression fails the test instead of hanging it.
+    """
+    ended = anyio.Event()
+    leaving = anyio.Event()
+
+    async def run() -> None:
+        await scenario(leaving)
+        ended.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        await leaving.wait()
+        await anyio.wait_all_tasks_blocked()
+        finished = ended.is_set()
+        gate.set()
+    return finished
+
+
+@pytest.mark.parametrize("strategy", ["one_for_all", "rest_for_one"])
+async def test_leaving_while_a_group_restart_hangs_in_on_start_cancels_that_on_start(
+    strategy: str,
+) -> None:
+    journal = Journal()
+    hang = Hang()
+    outcome: list[object] = []
+    children = [
+        ChildSpec("a", probe("a", journal)),
+        ChildSpec("h", lambda: HangsOnRestart(hang), shutdown=0),
+        ChildSpec("z", probe("z", journal)),
+    ]
+
+    async def scenario(leaving: anyio.Event) -> None:
+        with anyio.CancelScope() as outer:
+            async with Supervisor(strategy=strategy, children=children, backoff=NO_BACKOFF) as sup:  # type: ignore[arg-type]
+                await crash(sup, "a")
+                # The restart round holds the supervisor's group lock, inside h's on_start.
+                assert hang.log == ["hanging"]
+                assert [c.state for c in sup.children()] == ["running", "starting", "restarting"]
+                leaving.set()
+                outer.cancel()
+                await anyio.sleep_forever()
+                outcome.append("body went on")
+        outcome.append(outer.cancelled_caught)
+        outcome.append(sup.state)
+
+    assert await ends_without_help(scenario, hang.gate)
+    # Cancelled at once (its shutdown timeout is 0), and the outer cancellation went on.
+    assert hang.log == ["hanging", "cancelled"]
+    assert outcome == [True, "stopped"]
+    # z was never relaunched; a was, and stopped last.
+    assert journal.of("stop")[-1] == ("a", "shutdown")
+    assert journal.starts("z") == 1
+
+
+async def test_a_parent_leaving_while_its_nested_group_restart_hangs_finishes() -> None:
+    hang = Hang()
+    journal = Journal()
+
+    def middle() -> Supervisor:
+        return Supervisor(
+            strategy="one_for_all",
+            children=[
+                ChildSpec("a", probe("a", journal)),
+                ChildSpec("h", lambda: HangsOnRestart(hang), shutdown=0),
+            ],
+            backoff=NO_BACKOFF,
+        )
+
+    async def scenario(leaving: anyio.Event) -> None:
+        async with Supervisor(
+            name="root", children=[ChildSpec("mid", middle, shutdown=float("inf"))]
+        ) as root:
+            mid = root.child_supervisor("mid")
+            assert mid is not None
+            await crash(mid, "a")
+            assert hang.log == ["hanging"]
+            leaving.set()
+
+    assert await ends_without_help(scenario, hang.gate)
+    assert hang.log == ["hanging", "cancelled"]
+
+
+async def test_escalating_while_a_group_restart_hangs_in_on_start_finishes() -> None:
+    hang = Hang()
+    journal = Journal()
+    failures: list[BaseException] = []
+    children = [
+        ChildSpec("a", probe("a", journal)),
+        ChildSpec("h", lambda: HangsOnRestart(hang), shutdown=0),
+    ]
+
+    async def scenario(leaving: anyio.Event) -> None:
+        try:
+            async with Supervisor(
+                strategy="one_for_all", children=children, intensity=1, backoff=NO_BACKOFF
+            ) as sup:
+                await crash(sup, "a")  # restart 1: the round hangs in h's on_start
+                assert hang.log == ["hanging"]
+                leaving.set()
+                ref = sup.ref("a")
+                assert ref is not None
+                with pytest.raises(ActorCrashed):  # restart 2 > intensity 1: fail, and
+                    await ref.ask("crash")  # stop h too (the round is still in its on_start)
+                await anyio.sleep_forever()
+        except RestartIntensityExceeded as exc:
+            failures.append(exc)
+
+    assert await ends_without_help(scenario, hang.gate)
+    assert hang.log == ["hanging", "cancelled"]
+    assert len(failures) == 1 and failures[0].child == "a"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("strategy", ["one_for_all", "rest_for_one"])
+async def test_a_child_given_up_during_a_group_restart_does_not_strand_the_rest(
+    strategy: str,
+) -> None:
+    journal = Journal()
+    children = [
+        ChildSpec("a", probe("a", journal)),
+        # Its relaunch fails, and its per-child limit (0) gives it up: no new round.
+        ChildSpec("b", probe("b", journal, kind="fails-2nd"), max_restarts=0),
+        ChildSpec("c", probe("c", journal)),
+    ]
+    async with Supervisor(
+        strategy=strategy,  # type: ignore[arg-type]
+        children=children,
+        intensity=None,
+        backoff=NO_BACKOFF,
+    ) as sup:
+        recorder = Recorder(sup)
+        b = sup.ref("b")
+        await crash(sup, "a")
+        assert b is not None and not b.alive
+        assert [(c.id, c.state, c.restart_count) for c in sup.children()] == [
+            ("a", "running", 1),
+            ("c", "running", 1),
+        ]
+        c = sup.ref("c")
+        assert c is not None and await c.ask(("echo", "c")) == "c"
+        assert ("crashed", "b", False) in [
+            (e.kind, e.child, e.will_restart) for e in recorder.events
+        ]
+        assert [e.child for e in recorder.events if e.kind == "restarted"] == ["a", "c"]
+
+
+async def test_stop_child_during_a_group_restarts_on_start_does_not_strand_the_rest() -> None:
+    journal = Journal()
+    hang = Hang()
+    children = [
+        ChildSpec("a", probe("a", journal)),
+        ChildSpec("h", lambda: HangsOnRestart(hang), shutdown=0),
+        ChildSpec("c", probe("c", journal)),
+    ]
+    async with Supervisor(strategy="one_for_all", children=children, backoff=NO_BACKOFF) as sup:
+        await crash(sup, "a")
+        assert hang.log == ["hanging"]
+        await sup.stop_child("h")  # cancels h's on_start (shutdown 0)
+        await settle()
+        assert hang.log == ["hanging", "cancelled"]
+        assert [(c.id, c.state) for c in sup.children()] == [("a", "running"), ("c", "running")]
+        c = sup.ref("c")
+        assert c is not None and await c.ask(("echo", "c")) == "c"
+        assert journal.of("start") == [("a", 0), ("c", 0), ("a", 1), ("c", 1)]
