@@ -753,9 +753,8 @@ class Supervisor:
         if self._intensity is not None and _over_limit(
             self._restarts, now, self._period, self._intensity
         ):
-            ctx._state = "stopped"
+            self._fail(ctx, reason)
             self._emit(kind, ctx, reason, False)
-            self._spawn_task(self._fail, ctx, reason, name=f"{self._path}:fail")
             return _EXIT
         ctx._state = "restarting"
         self._emit(kind, ctx, reason, True)
@@ -835,9 +834,18 @@ class Supervisor:
                 # shutdown, escalation): the others still need restarting, unless the
                 # supervisor is no longer running (checked at the top of the loop).
 
-    async def _fail(self, ctx: ActorContext, reason: StopReason) -> None:
-        """Intensity exceeded: stop every child in reverse order, then fail the supervisor."""
+    def _fail(self, ctx: ActorContext, reason: StopReason) -> None:
+        """Intensity exceeded because of ``ctx``: the supervisor fails, now and once.
+
+        Decided here, synchronously, by the exit that went over the limit: from now on
+        the state is ``failed``, so another child exiting in the same instant is just
+        forgotten (it cannot fail the supervisor a second time or replace the cause),
+        and ``start_child`` is refused. Stopping the children, the ``escalated`` event
+        and cancelling the body follow in :meth:`_escalate`.
+        """
         assert self._intensity is not None
+        if self._failure is not None:
+            return
         error = RestartIntensityExceeded(
             self._path, ctx.id, self._intensity, self._period, reason.error
         )
@@ -845,8 +853,12 @@ class Supervisor:
         self._failure = error
         self._state = "failed"
         logger.error("%s", error)
+        self._forget(ctx, "its supervisor exceeded its restart intensity")
+        self._spawn_task(self._escalate, ctx, error, name=f"{self._path}:fail")
+
+    async def _escalate(self, ctx: ActorContext, error: RestartIntensityExceeded) -> None:
+        """Stop every child in reverse order, report the escalation, cancel the body."""
         with anyio.CancelScope(shield=True):
-            self._forget(ctx, "its supervisor exceeded its restart intensity")
             await self._shutdown()
         self._emit("escalated", ctx, StopReason.crashed(error), False)
         self._outer.cancel_scope.cancel()  # cancels the body of async with

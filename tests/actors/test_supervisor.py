@@ -25,6 +25,7 @@ from tests.actors.probes import (
     Hang,
     HangsOnRestart,
     Journal,
+    Quiet,
     Recorder,
     probe,
     settle,
@@ -808,3 +809,62 @@ async def test_stop_child_during_a_group_restarts_on_start_does_not_strand_the_r
         c = sup.ref("c")
         assert c is not None and await c.ask(("echo", "c")) == "c"
         assert journal.of("start") == [("a", 0), ("c", 0), ("a", 1), ("c", 1)]
+
+
+# ---- an intensity failure is decided once, by the exit that exceeded it --------------
+
+
+async def test_children_crashing_in_the_same_instant_fail_the_supervisor_once() -> None:
+    go = anyio.Event()
+
+    class CrashesOnGo(Actor):
+        async def receive(self, message: object) -> object:
+            await go.wait()
+            raise Boom(f"{self.ctx.id} crashed")
+
+    events: list[LifecycleEvent] = []
+    at_decision: list[object] = []
+
+    def try_start_child(sup: Supervisor) -> object:
+        # Observers run synchronously, inside the decision. start_child of a hookless
+        # child never suspends, so driving its coroutine by hand runs it right here,
+        # before anything else can run: exactly "just after the decision".
+        coro = sup.start_child(ChildSpec("late", Quiet))
+        try:
+            coro.send(None)
+        except StopIteration:
+            return "started"
+        except ActorError as exc:
+            return exc
+        coro.close()
+        return "suspended"
+
+    with pytest.raises(RestartIntensityExceeded) as caught:
+        async with Supervisor(
+            children=[ChildSpec("a", CrashesOnGo), ChildSpec("b", CrashesOnGo)],
+            intensity=0,
+            backoff=NO_BACKOFF,
+        ) as sup:
+
+            def observer(event: LifecycleEvent) -> None:
+                events.append(event)
+                if event.kind == "crashed" and not at_decision:
+                    at_decision.append(sup.state)
+                    at_decision.append(try_start_child(sup))
+
+            sup.observe(observer)
+            for id in ("a", "b"):
+                ref = sup.ref(id)
+                assert ref is not None
+                await ref.tell("crash when told")
+            await anyio.wait_all_tasks_blocked()
+            go.set()  # both crash in the same scheduling round
+            await anyio.sleep_forever()
+    assert at_decision[0] == "failed"
+    assert isinstance(at_decision[1], ActorError) and "is failed" in str(at_decision[1])
+    assert [e.kind for e in events].count("escalated") == 1
+    crashes = [e for e in events if e.kind == "crashed"]
+    assert [e.child for e in crashes] in (["a", "b"], ["b", "a"])
+    assert not any(e.will_restart for e in crashes)
+    assert caught.value.__cause__ is crashes[0].error
+    assert caught.value.child == crashes[0].child
