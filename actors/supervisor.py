@@ -507,6 +507,22 @@ class Supervisor:
                     return
                 ctx.restart_count += 1
                 ctx._begin_incarnation()
+        except BaseException as exc:
+            # Not a crash we handle (cancellation from outside the tree, or a
+            # BaseException such as a suspension from receive): it tears the tree down,
+            # but whoever awaits the reply to the current message learns so now rather
+            # than at its timeout.
+            current, ctx._current = ctx._current, None
+            if current is not None:
+                if isinstance(exc, anyio.get_cancelled_exc_class()):
+                    error: BaseException = MailboxClosed(
+                        ctx.path, "its task was cancelled before it replied"
+                    )
+                else:
+                    error = ActorCrashed(ctx.path, exc)
+                    error.__cause__ = exc
+                current.fail(error)
+            raise
         finally:
             ctx._runner_alive = False
             if ctx._handshake is not None:
@@ -711,7 +727,8 @@ class Supervisor:
         crashed = reason.is_crash
         kind: LifecycleKind = "crashed" if crashed else "stopped"
         if ctx._final:  # stop_child, supervisor shutdown or escalation: the stopper forgets it
-            self._emit(kind, ctx, reason, False)
+            if crashed or not ctx._initial:  # no "stopped" for what never "started"
+                self._emit(kind, ctx, reason, False)
             return _EXIT
         if ctx._held:  # stopped by a sibling's group restart, which will restart it
             self._emit(kind, ctx, reason, ctx.spec.restart != "temporary")
@@ -726,6 +743,10 @@ class Supervisor:
             self._emit(kind, ctx, reason, False)
             return _EXIT
         restart = ctx.spec.restart
+        if crashed and restart == "transient" and ctx._nested is not None:
+            # A nested supervisor that exceeded its intensity exits as OTP's does, with
+            # reason shutdown, which a transient child is not restarted for.
+            crashed = reason.error is not ctx._nested._failure
         if restart == "temporary" or (restart == "transient" and not crashed):
             self._forget(ctx, f"it {kind} ({reason}) and is {restart}")
             self._emit(kind, ctx, reason, False)
@@ -878,7 +899,7 @@ class Supervisor:
             return
         ctx._request_stop("shutdown")
         if not ctx._runner_alive:
-            if final and ctx._state != "stopped":
+            if final and ctx._state != "stopped" and not ctx._initial:
                 self._emit("stopped", ctx, StopReason.SHUTDOWN, False)
             return
         done = ctx._runner_done

@@ -12,6 +12,7 @@ from perdure.actors import (
     Actor,
     ActorCrashed,
     ActorError,
+    ActorRef,
     ChildSpec,
     LifecycleEvent,
     MailboxClosed,
@@ -634,6 +635,7 @@ async def test_cancelling_start_child_removes_the_half_started_child() -> None:
         assert scope.cancelled_caught
         assert sup.ref("slow") is None and sup.count_children() == 0
         assert "started" not in recorder.kinds()
+        assert recorder.kinds() == []  # it never started, so it never "stopped" either
 
 
 # ---- group restarts that do not go to plan -------------------------------------------
@@ -868,3 +870,73 @@ async def test_children_crashing_in_the_same_instant_fail_the_supervisor_once() 
     assert not any(e.will_restart for e in crashes)
     assert caught.value.__cause__ is crashes[0].error
     assert caught.value.child == crashes[0].child
+
+
+# ---- what a nested supervisor's failure means to a transient spec ---------------------
+
+
+async def test_a_transient_nested_supervisor_that_exceeds_its_intensity_is_not_restarted() -> None:
+    journal = Journal()
+    made: list[Supervisor] = []
+
+    def middle() -> Supervisor:
+        sup = Supervisor(
+            children=[ChildSpec("leaf", probe("leaf", journal))], intensity=0, backoff=NO_BACKOFF
+        )
+        made.append(sup)
+        return sup
+
+    async with Supervisor(
+        name="root",
+        children=[
+            ChildSpec("mid", middle, restart="transient", shutdown=float("inf")),
+            ChildSpec("side", probe("side", journal)),
+        ],
+        strategy="one_for_all",
+        intensity=0,  # a restart of mid would fail root
+        backoff=NO_BACKOFF,
+    ) as root:
+        recorder = Recorder(root)
+        mid = root.child_supervisor("mid")
+        assert mid is not None
+        await crash(mid, "leaf")
+        # As in OTP (a supervisor that gives up exits with reason shutdown): mid is
+        # removed, not restarted, and neither its siblings nor root's intensity notice.
+        assert len(made) == 1 and made[0].state == "failed"
+        assert root.state == "running" and [c.id for c in root.children()] == ["side"]
+        exit_event = next(e for e in recorder.events if e.child == "mid" and e.kind == "crashed")
+        assert isinstance(exit_event.error, RestartIntensityExceeded)
+        assert not exit_event.will_restart
+        assert journal.starts("side") == 1
+
+
+# ---- a BaseException from receive ----------------------------------------------------
+
+
+async def test_a_base_exception_from_receive_fails_the_ask_at_once_and_propagates() -> None:
+    class Suspended(BaseException):
+        """Like a runtime's control-flow exception: not an Exception."""
+
+    class Suspends(Actor):
+        async def receive(self, message: object) -> object:
+            raise Suspended("suspend here")
+
+    outcomes: list[BaseException] = []
+
+    async def asker(ref: ActorRef) -> None:
+        try:
+            await ref.ask("go", timeout=None)
+        except ActorCrashed as exc:
+            outcomes.append(exc)
+
+    async with anyio.create_task_group() as askers:
+        with pytest.raises(BaseExceptionGroup) as caught:
+            async with Supervisor() as sup:
+                ref = await sup.start_child(ChildSpec("s", Suspends))
+                askers.start_soon(asker, ref)
+                await anyio.sleep_forever()
+        await anyio.wait_all_tasks_blocked()
+        answered = list(outcomes)
+        askers.cancel_scope.cancel()  # a regression: the asker still waits
+    assert caught.group_contains(Suspended)
+    assert len(answered) == 1 and isinstance(answered[0].__cause__, Suspended)
