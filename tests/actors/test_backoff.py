@@ -82,10 +82,21 @@ async def test_jittered_delays_stay_within_their_bounds() -> None:
         crashed_at = anyio.current_time()
         await crash(ref)
         await ref.ask("n", timeout=None)
-    for attempt, delay in enumerate(gaps([crashed_at, *log[1:]])):
+    delays = gaps([crashed_at, *log[1:]])
+    assert len(delays) == 10
+    ratios = []
+    for attempt, delay in enumerate(delays):
         base = min(10.0, 2.0**attempt)
         assert base * 0.5 - 1e-6 <= delay <= min(10.0, base * 1.5) + 1e-6
+        if base * 1.5 <= 10.0:  # never capped: any jitter shows
+            ratios.append(delay / base)
     assert max(gaps(log[1:])) <= 10.0 + 1e-6
+    # Ignoring the jitter would give each uncapped delay exactly its base (ratio 1),
+    # and a constant factor would give one ratio: a jittered delay is neither (the
+    # chance that a uniform draw lands within 1e-6 of either is negligible).
+    assert len(ratios) == 3
+    assert all(abs(ratio - 1.0) > 1e-6 for ratio in ratios)
+    assert len({round(ratio, 6) for ratio in ratios}) == len(ratios)
 
 
 async def test_a_healthy_run_resets_the_delay() -> None:
