@@ -202,6 +202,71 @@ async def test_ask_timeout_on_virtual_time() -> None:
         gate.set()
 
 
+# ---- shutdown timeouts -----------------------------------------------------------------
+
+
+async def test_start_soon_tasks_get_exactly_the_shutdown_timeout_then_are_cancelled() -> None:
+    log: list[tuple[str, float]] = []
+
+    class Graceful(Actor):
+        async def on_start(self) -> None:
+            self.ctx.start_soon(self.polite)
+            self.ctx.start_soon(self.stubborn)
+
+        async def polite(self) -> None:
+            await self.ctx.wait_stopping()
+            await anyio.sleep(10.0)  # finishes within the timeout
+            log.append(("polite finished", anyio.current_time()))
+
+        async def stubborn(self) -> None:
+            try:
+                await anyio.sleep_forever()
+            except anyio.get_cancelled_exc_class():
+                log.append(("stubborn cancelled", anyio.current_time()))
+                raise
+
+        async def receive(self, message: object) -> object:
+            return None
+
+    async with Supervisor() as sup:
+        await sup.start_child(ChildSpec("g", Graceful, shutdown=30.0))
+        t0 = anyio.current_time()
+        await sup.stop_child("g")
+        stopped_after = anyio.current_time() - t0
+    assert [(what, round(t - t0, 6)) for what, t in log] == [
+        ("polite finished", 10.0),
+        ("stubborn cancelled", 30.0),
+    ]
+    assert stopped_after == pytest.approx(30.0)
+
+
+async def test_a_parents_timeout_for_a_nested_supervisor_cuts_its_childrens_short() -> None:
+    log: list[float] = []
+
+    class Stuck(Actor):
+        async def receive(self, message: object) -> object:
+            try:
+                await anyio.sleep_forever()
+            except anyio.get_cancelled_exc_class():
+                log.append(anyio.current_time())
+                raise
+            return None
+
+    def middle() -> Supervisor:
+        return Supervisor(children=[ChildSpec("stuck", Stuck, shutdown=600.0)])
+
+    async with Supervisor(children=[ChildSpec("mid", middle, shutdown=5.0)]) as root:
+        mid = root.child_supervisor("mid")
+        assert mid is not None
+        stuck = mid.ref("stuck")
+        assert stuck is not None
+        await stuck.tell("hang")
+        await anyio.wait_all_tasks_blocked()
+        t0 = anyio.current_time()
+    assert [round(t - t0, 6) for t in log] == [5.0]  # the parent's 5 s, not the child's 600
+    assert anyio.current_time() - t0 == pytest.approx(5.0)
+
+
 # ---- shutdown during a group restart ---------------------------------------------------
 
 
