@@ -49,6 +49,23 @@ async def test_ask_times_out_while_the_actor_is_busy() -> None:
         assert await ref.ask(("echo", 2)) == 2
 
 
+async def test_ask_times_out_while_waiting_for_room_in_a_full_mailbox() -> None:
+    journal = Journal()
+    gate = anyio.Event()
+    async with Supervisor(children=[ChildSpec("p", probe("p", journal), mailbox_size=1)]) as sup:
+        ref = sup.ref("p")
+        assert ref is not None
+        await ref.tell(("block", gate))
+        await anyio.wait_all_tasks_blocked()
+        await ref.tell("queued")  # the mailbox (size 1) is full
+        with pytest.raises(AskTimeout):
+            await ref.ask("never sent", timeout=0.01)
+        gate.set()
+        assert await ref.ask(("echo", "after")) == "after"
+        # It timed out before there was room: it was never put in the mailbox.
+        assert journal.of("got") == [("p", "queued")]
+
+
 async def test_ask_to_a_crashing_actor_raises_actor_crashed_with_the_cause() -> None:
     journal = Journal()
     spec = ChildSpec("p", probe("p", journal))

@@ -133,7 +133,9 @@ class SupervisorMachine(RuleBasedStateMachine):
     def start(
         self, strategy: str, intensity: int | None, kinds: list[tuple[str, int | None, str]]
     ) -> None:
-        self.portal_cm = start_blocking_portal(self.backend)
+        # asyncio in debug mode, as the anyio_backend fixture runs it.
+        options = {"debug": True} if self.backend == "asyncio" else None
+        self.portal_cm = start_blocking_portal(self.backend, backend_options=options)
         self.portal = self.portal_cm.__enter__()
         self.model = Model(strategy, intensity)
         specs = []

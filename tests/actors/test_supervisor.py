@@ -284,6 +284,32 @@ async def test_a_parent_restarts_a_failed_nested_supervisor_as_a_fresh_one() -> 
             await mid_ref.tell("hello")
 
 
+async def test_restarts_older_than_the_period_do_not_count_on_the_real_clock() -> None:
+    # The backend's own clock, so safe under load in both directions: restarts that
+    # must count are well within an hour; those that must not are waited out (a slow
+    # machine only makes them older). The exact window is checked on MockClock in
+    # test_backoff.py.
+    journal = Journal()
+    period = 0.02
+    async with Supervisor(
+        children=specs(journal, "a"), intensity=1, period=period, backoff=NO_BACKOFF
+    ) as sup:
+        for _ in range(4):  # four restarts, never two within the period
+            await crash(sup, "a")
+            restarted_by = anyio.current_time()
+            while anyio.current_time() <= restarted_by + period:
+                await anyio.sleep(period)  # the period must pass: that is the point
+        assert sup.state == "running" and journal.starts("a") == 5
+    with pytest.raises(RestartIntensityExceeded) as caught:
+        async with Supervisor(
+            children=specs(journal, "b"), intensity=1, period=3600, backoff=NO_BACKOFF
+        ) as sup:
+            await crash(sup, "b")
+            await crash(sup, "b")  # the second within the period: too many
+            await anyio.sleep_forever()
+    assert caught.value.child == "b" and caught.value.period == 3600
+
+
 async def test_intensity_none_is_unlimited() -> None:
     journal = Journal()
     async with Supervisor(children=specs(journal, "a"), intensity=None, backoff=NO_BACKOFF) as sup:
