@@ -12,7 +12,9 @@ the supervisor's task group::
 
 Each decision is taken synchronously by the runner of the child that exited, so one
 slow restart (a backoff delay, an ``on_start``) never blocks the supervisor from
-handling its other children. Group restarts and shutdown are serialised by one lock.
+handling its other children. Group restarts and shutdown are serialised by one lock;
+a shutdown first stops the child a group restart is starting (its ``on_start`` may
+never return), so that the lock is always let go within that child's timeout.
 
 A child gets its runner task only once it needs one. The first ``on_start`` of an
 actor runs in the task that starts it (``start_child``, ``async with``, a group
