@@ -84,7 +84,9 @@ class ChildSpec:
     ``factory`` is called at every (re)start and returns a fresh :class:`Actor` or a
     fresh :class:`Supervisor` (which then supervises its own children as a subtree).
     ``restart``: ``permanent`` children are always restarted, ``transient`` ones only
-    after a crash, ``temporary`` ones never. ``shutdown`` is the graceful-stop timeout
+    after a crash, ``temporary`` ones never. A nested supervisor that exceeded its
+    intensity ends as OTP's does, with reason shutdown: a ``transient`` one is then
+    removed, not restarted (a ``permanent`` one is). ``shutdown`` is the graceful-stop timeout
     in seconds, after which the child is cancelled (use ``math.inf`` for a nested
     supervisor, as OTP recommends). ``max_restarts``/``within`` is a per-child limit
     (Akka's ``restart.withLimit``): a child restarted more than ``max_restarts`` times

@@ -12,7 +12,9 @@ the supervisor's task group::
 
 Each decision is taken synchronously by the runner of the child that exited, so one
 slow restart (a backoff delay, an ``on_start``) never blocks the supervisor from
-handling its other children. Group restarts and shutdown are serialised by one lock.
+handling its other children. Group restarts and shutdown are serialised by one lock;
+a shutdown first stops the child a group restart is starting (its ``on_start`` may
+never return), so that the lock is always let go within that child's timeout.
 
 A child gets its runner task only once it needs one. The first ``on_start`` of an
 actor runs in the task that starts it (``start_child``, ``async with``, a group
@@ -154,6 +156,7 @@ class Supervisor:
         self._brutal = False  # set by a parent whose shutdown timeout for us expired
         self._graces: set[anyio.CancelScope] = set()  # graceful stop waits in progress
         self._group_lock: anyio.Lock | None = None
+        self._group_launching: ActorContext | None = None  # in a group restart's _launch
         self._closing_event: anyio.Event | None = None
         self._shutdown_done: anyio.Event | None = None
         self._random = random.Random()
@@ -506,6 +509,22 @@ class Supervisor:
                     return
                 ctx.restart_count += 1
                 ctx._begin_incarnation()
+        except BaseException as exc:
+            # Not a crash we handle (cancellation from outside the tree, or a
+            # BaseException such as a suspension from receive): it tears the tree down,
+            # but whoever awaits the reply to the current message learns so now rather
+            # than at its timeout.
+            current, ctx._current = ctx._current, None
+            if current is not None:
+                if isinstance(exc, anyio.get_cancelled_exc_class()):
+                    error: BaseException = MailboxClosed(
+                        ctx.path, "its task was cancelled before it replied"
+                    )
+                else:
+                    error = ActorCrashed(ctx.path, exc)
+                    error.__cause__ = exc
+                current.fail(error)
+            raise
         finally:
             ctx._runner_alive = False
             if ctx._handshake is not None:
@@ -710,7 +729,8 @@ class Supervisor:
         crashed = reason.is_crash
         kind: LifecycleKind = "crashed" if crashed else "stopped"
         if ctx._final:  # stop_child, supervisor shutdown or escalation: the stopper forgets it
-            self._emit(kind, ctx, reason, False)
+            if crashed or not ctx._initial:  # no "stopped" for what never "started"
+                self._emit(kind, ctx, reason, False)
             return _EXIT
         if ctx._held:  # stopped by a sibling's group restart, which will restart it
             self._emit(kind, ctx, reason, ctx.spec.restart != "temporary")
@@ -725,6 +745,10 @@ class Supervisor:
             self._emit(kind, ctx, reason, False)
             return _EXIT
         restart = ctx.spec.restart
+        if crashed and restart == "transient" and ctx._nested is not None:
+            # A nested supervisor that exceeded its intensity exits as OTP's does, with
+            # reason shutdown, which a transient child is not restarted for.
+            crashed = reason.error is not ctx._nested._failure
         if restart == "temporary" or (restart == "transient" and not crashed):
             self._forget(ctx, f"it {kind} ({reason}) and is {restart}")
             self._emit(kind, ctx, reason, False)
@@ -752,9 +776,8 @@ class Supervisor:
         if self._intensity is not None and _over_limit(
             self._restarts, now, self._period, self._intensity
         ):
-            ctx._state = "stopped"
+            self._fail(ctx, reason)
             self._emit(kind, ctx, reason, False)
-            self._spawn_task(self._fail, ctx, reason, name=f"{self._path}:fail")
             return _EXIT
         ctx._state = "restarting"
         self._emit(kind, ctx, reason, True)
@@ -820,14 +843,32 @@ class Supervisor:
                 if child._runner_alive or child._dormant:
                     continue
                 child.restart_count += 1
-                if await self._launch(child) is not None:
-                    # Its runner has already decided what follows (another group
-                    # restart, giving it up, or escalation); stop this round here.
+                # A shutdown stops this child itself (see _shutdown): its on_start may
+                # never return, and this round holds the lock the shutdown waits for.
+                self._group_launching = child
+                try:
+                    error = await self._launch(child)
+                finally:
+                    self._group_launching = None
+                if error is not None and child._pending_group:
+                    # Its failure started a new round, which restarts the rest.
                     return
+                # Otherwise it was given up (per-child limit) or stopped (stop_child,
+                # shutdown, escalation): the others still need restarting, unless the
+                # supervisor is no longer running (checked at the top of the loop).
 
-    async def _fail(self, ctx: ActorContext, reason: StopReason) -> None:
-        """Intensity exceeded: stop every child in reverse order, then fail the supervisor."""
+    def _fail(self, ctx: ActorContext, reason: StopReason) -> None:
+        """Intensity exceeded because of ``ctx``: the supervisor fails, now and once.
+
+        Decided here, synchronously, by the exit that went over the limit: from now on
+        the state is ``failed``, so another child exiting in the same instant is just
+        forgotten (it cannot fail the supervisor a second time or replace the cause),
+        and ``start_child`` is refused. Stopping the children, the ``escalated`` event
+        and cancelling the body follow in :meth:`_escalate`.
+        """
         assert self._intensity is not None
+        if self._failure is not None:
+            return
         error = RestartIntensityExceeded(
             self._path, ctx.id, self._intensity, self._period, reason.error
         )
@@ -835,8 +876,12 @@ class Supervisor:
         self._failure = error
         self._state = "failed"
         logger.error("%s", error)
+        self._forget(ctx, "its supervisor exceeded its restart intensity")
+        self._spawn_task(self._escalate, ctx, error, name=f"{self._path}:fail")
+
+    async def _escalate(self, ctx: ActorContext, error: RestartIntensityExceeded) -> None:
+        """Stop every child in reverse order, report the escalation, cancel the body."""
         with anyio.CancelScope(shield=True):
-            self._forget(ctx, "its supervisor exceeded its restart intensity")
             await self._shutdown()
         self._emit("escalated", ctx, StopReason.crashed(error), False)
         self._outer.cancel_scope.cancel()  # cancels the body of async with
@@ -856,7 +901,7 @@ class Supervisor:
             return
         ctx._request_stop("shutdown")
         if not ctx._runner_alive:
-            if final and ctx._state != "stopped":
+            if final and ctx._state != "stopped" and not ctx._initial:
                 self._emit("stopped", ctx, StopReason.SHUTDOWN, False)
             return
         done = ctx._runner_done
@@ -933,6 +978,14 @@ class Supervisor:
         if self._group_lock is None:
             self._group_lock = anyio.Lock()
         try:
+            launching = self._group_launching
+            if launching is not None:
+                # A group restart holds the lock while this child's on_start runs,
+                # which may never return: stop it first, like any child (gracefully
+                # within its shutdown timeout, then cancelled). The restart then sees
+                # that we are no longer running and lets go of the lock.
+                await self._terminate(launching, final=True)
+                self._forget(launching, "its supervisor stopped")
             async with self._group_lock:
                 while self._children:
                     for ctx in reversed(list(self._children.values())):

@@ -6,6 +6,10 @@ allocations do not pollute the next one's RSS):
 * ask round trip (sequential, default 5 s timeout) beside a bare ping-pong over two
   anyio memory object streams, in the same process;
 * tell throughput beside a bare memory-stream send throughput;
+* tell latency: from ``tell`` to the actor's ``receive`` running, one message at a
+  time (so no queueing);
+* concurrent ask throughput: 50 askers asking one actor at once (its mailbox of 64
+  holds them all), asks per second;
 * spawn: 100k idle actors started one after another with ``start_child`` (the clock
   stops once every actor is idle, i.e. all tasks are blocked);
 * RSS per idle actor at 10k and 100k (``/proc/self/statm``), mailbox included;
@@ -19,7 +23,8 @@ Usage::
     python bench/actors_bench.py [--quick] [--json FILE]
 
 ``--quick`` (< ~60 s) measures spawn and RSS at 10k only and extrapolates
-``spawn_100k_s`` linearly from the 10k rate (flagged ``spawn_100k_extrapolated``).
+``spawn_100k_s`` linearly from the 10k rate (flagged ``spawn_100k_extrapolated``);
+``idle_actor_rss_kb`` is then the 10k figure (flagged ``idle_actor_rss_kb_extrapolated``).
 Round-trip figures are medians (robust to other processes sharing the CPU); the load
 average at start is printed because it shows how contended the machine was.
 """
@@ -154,6 +159,63 @@ async def actor_tell_throughput(n: int) -> float:
         return (time.perf_counter() - t) / n * 1e6
 
 
+async def actor_tell_latency(n: int) -> dict[str, float]:
+    """From ``tell`` to the actor handling it, one message at a time (no queueing)."""
+    import anyio
+
+    from perdure.actors import Actor, ChildSpec, Supervisor
+
+    clock = time.perf_counter_ns
+    samples: list[int] = []
+
+    class Stamp(Actor):
+        async def receive(self, message: object) -> object:
+            sent, handled = message  # type: ignore[misc]
+            samples.append(clock() - sent)
+            handled.set()
+            return None
+
+    async with Supervisor(name="bench") as sup:
+        ref = await sup.start_child(ChildSpec("stamp", Stamp))
+        warm_up = n // 10
+        for _ in range(warm_up + n):
+            handled = anyio.Event()  # made before the clock starts: not measured
+            await ref.tell((clock(), handled))
+            await handled.wait()
+    return summary(samples[warm_up:])
+
+
+ASKERS = 50
+
+
+async def actor_ask_throughput(n: int, askers: int = ASKERS) -> float:
+    """Asks per second to one actor from ``askers`` tasks asking at once (n asks in all)."""
+    import anyio
+
+    from perdure.actors import Actor, ChildSpec, Supervisor
+
+    class Echo(Actor):
+        async def receive(self, message: object) -> object:
+            return message
+
+    each = max(1, n // askers)
+
+    async def asker(ref: Any, count: int) -> None:
+        for i in range(count):
+            await ref.ask(i)
+
+    async with Supervisor(name="bench") as sup:
+        ref = await sup.start_child(ChildSpec("echo", Echo))  # mailbox of 64 >= askers
+        async with anyio.create_task_group() as tg:  # warm-up
+            for _ in range(askers):
+                tg.start_soon(asker, ref, max(1, each // 10))
+        t = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            for _ in range(askers):
+                tg.start_soon(asker, ref, each)
+        return askers * each / (time.perf_counter() - t)
+
+
 async def messaging(quick: bool) -> dict[str, Any]:
     n = 5_000 if quick else 20_000
     rounds = 2 if quick else 3
@@ -168,6 +230,8 @@ async def messaging(quick: bool) -> dict[str, Any]:
 
     tells = [await actor_tell_throughput(n * 2) for _ in range(rounds)]
     sends = [await bare_send_throughput(n * 2) for _ in range(rounds)]
+    tell_latency = [await actor_tell_latency(n) for _ in range(rounds)]
+    throughput = [await actor_ask_throughput(n * 2) for _ in range(rounds)]
     bare = min(best(bare0), best(bare64), key=lambda r: r["p50_us"])
     return {
         "ask": best(ask),
@@ -176,6 +240,8 @@ async def messaging(quick: bool) -> dict[str, Any]:
         "bare_buffered": best(bare64),
         "tell_us_per_msg": min(tells),
         "bare_send_us_per_msg": min(sends),
+        "tell_latency": best(tell_latency),
+        "ask_throughput_per_s": max(throughput),
     }
 
 
@@ -310,7 +376,13 @@ def main() -> None:
             "tell_us_per_msg": msg["tell_us_per_msg"],
             "tell_msgs_per_s": 1e6 / msg["tell_us_per_msg"],
             "bare_send_us_per_msg": msg["bare_send_us_per_msg"],
+            "tell_latency_us": msg["tell_latency"]["p50_us"],
+            "tell_latency_p99_us": msg["tell_latency"]["p99_us"],
+            "ask_throughput_per_s": msg["ask_throughput_per_s"],
+            "ask_throughput_askers": ASKERS,
             "spawn_100k_extrapolated": 1.0 if args.quick else 0.0,
+            # --quick: the idle RSS is the 10k figure, not measured at 100k.
+            "idle_actor_rss_kb_extrapolated": 1.0 if args.quick else 0.0,
         }
         for kind in KINDS:
             # Keys for the minimal actor are unprefixed: it is "the idle actor".
@@ -370,6 +442,13 @@ def main() -> None:
         ("tell, us per message", cell("tell_us_per_msg", "{:.1f}"), ""),
         ("tell throughput, msgs/s", cell("tell_msgs_per_s", "{:,.0f}"), ""),
         ("bare stream send, us per item", cell("bare_send_us_per_msg", "{:.1f}"), ""),
+        ("tell latency (tell to receive), us (p50)", cell("tell_latency_us", "{:.1f}"), ""),
+        ("tell latency, us (p99)", cell("tell_latency_p99_us", "{:.1f}"), ""),
+        (
+            f"ask throughput, {ASKERS} concurrent askers, asks/s",
+            cell("ask_throughput_per_s", "{:,.0f}"),
+            "",
+        ),
     ]
     titles = {
         "minimal": "idle actor, receive only",

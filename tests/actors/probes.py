@@ -100,11 +100,65 @@ class WithTask(Probe):
         self.ctx.start_soon(self.ctx.wait_stopping)
 
 
+class FailsSecondStart(Probe):
+    """Like Probe, but its second on_start (its first restart) raises Boom after journaling."""
+
+    fail_at = 2  # which on_start fails, counting from 1 (restart_count + 1)
+
+    async def on_start(self) -> None:
+        await super().on_start()
+        if self.ctx.restart_count + 1 == self.fail_at:
+            raise Boom(f"{self.id}: on_start number {self.fail_at} fails")
+
+
+class FailsThirdStart(FailsSecondStart):
+    """Like FailsSecondStart, but it is the third on_start (the second restart) that fails."""
+
+    fail_at = 3
+
+
+@dataclass
+class Hang:
+    """What a HangsOnRestart child hangs on: ``gate``; ``entered`` is set once it hangs."""
+
+    gate: anyio.Event = field(default_factory=anyio.Event)
+    entered: anyio.Event = field(default_factory=anyio.Event)
+    log: list[str] = field(default_factory=list)
+
+
+class HangsOnRestart(Actor):
+    """Starts at once the first time; every later on_start waits for ``hang.gate``.
+
+    It ignores stop requests, so a stop can only end that on_start by cancelling it.
+    Replies to any message with it, and crashes on "crash".
+    """
+
+    def __init__(self, hang: Hang) -> None:
+        self.hang = hang
+
+    async def on_start(self) -> None:
+        if self.ctx.restart_count:
+            self.hang.log.append("hanging")
+            self.hang.entered.set()
+            try:
+                await self.hang.gate.wait()
+            except anyio.get_cancelled_exc_class():
+                self.hang.log.append("cancelled")
+                raise
+
+    async def receive(self, message: object) -> object:
+        if message == "crash":
+            raise Boom("crash")
+        return message
+
+
 KINDS: dict[str, type[Actor]] = {
     "probe": Probe,
     "quiet": Quiet,
     "start-only": StartOnly,
     "with-task": WithTask,
+    "fails-2nd": FailsSecondStart,
+    "fails-3rd": FailsThirdStart,
 }
 
 

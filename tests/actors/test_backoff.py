@@ -1,4 +1,4 @@
-"""Restart backoff and restart intensity over time, on trio's virtual clock.
+"""Restart backoff, restart intensity and timeouts over time, on trio's virtual clock.
 
 ``MockClock(autojump_threshold=0)`` jumps to the next deadline as soon as every task
 is blocked, so minutes of backoff pass instantly and every delay is exact.
@@ -22,7 +22,7 @@ from perdure.actors import (
     RestartIntensityExceeded,
     Supervisor,
 )
-from tests.actors.probes import Boom
+from tests.actors.probes import NO_BACKOFF, Boom, Hang, HangsOnRestart
 
 pytestmark = pytest.mark.anyio
 
@@ -82,10 +82,21 @@ async def test_jittered_delays_stay_within_their_bounds() -> None:
         crashed_at = anyio.current_time()
         await crash(ref)
         await ref.ask("n", timeout=None)
-    for attempt, delay in enumerate(gaps([crashed_at, *log[1:]])):
+    delays = gaps([crashed_at, *log[1:]])
+    assert len(delays) == 10
+    ratios = []
+    for attempt, delay in enumerate(delays):
         base = min(10.0, 2.0**attempt)
         assert base * 0.5 - 1e-6 <= delay <= min(10.0, base * 1.5) + 1e-6
+        if base * 1.5 <= 10.0:  # never capped: any jitter shows
+            ratios.append(delay / base)
     assert max(gaps(log[1:])) <= 10.0 + 1e-6
+    # Ignoring the jitter would give each uncapped delay exactly its base (ratio 1),
+    # and a constant factor would give one ratio: a jittered delay is neither (the
+    # chance that a uniform draw lands within 1e-6 of either is negligible).
+    assert len(ratios) == 3
+    assert all(abs(ratio - 1.0) > 1e-6 for ratio in ratios)
+    assert len({round(ratio, 6) for ratio in ratios}) == len(ratios)
 
 
 async def test_a_healthy_run_resets_the_delay() -> None:
@@ -189,3 +200,139 @@ async def test_ask_timeout_on_virtual_time() -> None:
             await ref.ask("x", timeout=30.0)
         assert anyio.current_time() - t0 == pytest.approx(30.0)
         gate.set()
+
+
+# ---- shutdown timeouts -----------------------------------------------------------------
+
+
+async def test_start_soon_tasks_get_exactly_the_shutdown_timeout_then_are_cancelled() -> None:
+    log: list[tuple[str, float]] = []
+
+    class Graceful(Actor):
+        async def on_start(self) -> None:
+            self.ctx.start_soon(self.polite)
+            self.ctx.start_soon(self.stubborn)
+
+        async def polite(self) -> None:
+            await self.ctx.wait_stopping()
+            await anyio.sleep(10.0)  # finishes within the timeout
+            log.append(("polite finished", anyio.current_time()))
+
+        async def stubborn(self) -> None:
+            try:
+                await anyio.sleep_forever()
+            except anyio.get_cancelled_exc_class():
+                log.append(("stubborn cancelled", anyio.current_time()))
+                raise
+
+        async def receive(self, message: object) -> object:
+            return None
+
+    async with Supervisor() as sup:
+        await sup.start_child(ChildSpec("g", Graceful, shutdown=30.0))
+        t0 = anyio.current_time()
+        await sup.stop_child("g")
+        stopped_after = anyio.current_time() - t0
+    assert [(what, round(t - t0, 6)) for what, t in log] == [
+        ("polite finished", 10.0),
+        ("stubborn cancelled", 30.0),
+    ]
+    assert stopped_after == pytest.approx(30.0)
+
+
+async def test_a_parents_timeout_for_a_nested_supervisor_cuts_its_childrens_short() -> None:
+    log: list[float] = []
+
+    class Stuck(Actor):
+        async def receive(self, message: object) -> object:
+            try:
+                await anyio.sleep_forever()
+            except anyio.get_cancelled_exc_class():
+                log.append(anyio.current_time())
+                raise
+            return None
+
+    def middle() -> Supervisor:
+        return Supervisor(children=[ChildSpec("stuck", Stuck, shutdown=600.0)])
+
+    async with Supervisor(children=[ChildSpec("mid", middle, shutdown=5.0)]) as root:
+        mid = root.child_supervisor("mid")
+        assert mid is not None
+        stuck = mid.ref("stuck")
+        assert stuck is not None
+        await stuck.tell("hang")
+        await anyio.wait_all_tasks_blocked()
+        t0 = anyio.current_time()
+    assert [round(t - t0, 6) for t in log] == [5.0]  # the parent's 5 s, not the child's 600
+    assert anyio.current_time() - t0 == pytest.approx(5.0)
+
+
+# ---- shutdown during a group restart ---------------------------------------------------
+
+
+async def leave_during_a_stuck_group_restart(root_shutdown: float | None) -> tuple[float, Hang]:
+    """Leave a supervisor (nested in a root if ``root_shutdown``) whose one_for_all restart
+    hangs in child h's on_start (h's shutdown timeout: 30 s); return how long leaving took.
+
+    A regression that never ends the on_start is caught by a virtual hour's watchdog,
+    which then opens the gate so that the test fails instead of hanging.
+    """
+    hang = Hang()
+    left = anyio.Event()
+    took: list[float] = []
+
+    def group() -> Supervisor:
+        return Supervisor(
+            strategy="one_for_all",
+            children=[
+                ChildSpec("a", lambda: Flaky([], fails=0)),
+                ChildSpec("h", lambda: HangsOnRestart(hang), shutdown=30.0),
+            ],
+            backoff=NO_BACKOFF,
+        )
+
+    async def crash_then_cancel(sup: Supervisor | None, outer: anyio.CancelScope) -> float:
+        assert sup is not None
+        ref = sup.ref("a")
+        assert ref is not None
+        await crash(ref)
+        await hang.entered.wait()  # the restart round is stuck in h's on_start
+        outer.cancel()
+        return anyio.current_time()
+
+    async def scenario() -> None:
+        with anyio.CancelScope() as outer:
+            if root_shutdown is None:
+                async with group() as sup:
+                    t0 = await crash_then_cancel(sup, outer)
+                    await anyio.sleep_forever()
+            else:
+                root = Supervisor(children=[ChildSpec("mid", group, shutdown=root_shutdown)])
+                async with root:
+                    t0 = await crash_then_cancel(root.child_supervisor("mid"), outer)
+                    await anyio.sleep_forever()
+        assert outer.cancelled_caught  # the cancellation was not swallowed
+        took.append(anyio.current_time() - t0)
+        left.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(scenario)
+        with anyio.move_on_after(3600.0):
+            await left.wait()
+        hang.gate.set()
+    return took[0], hang
+
+
+async def test_leaving_while_a_group_restart_hangs_in_on_start_takes_its_shutdown_timeout() -> None:
+    took, hang = await leave_during_a_stuck_group_restart(None)
+    assert took == pytest.approx(30.0)  # graceful for h's 30 s, then cancelled
+    assert hang.log == ["hanging", "cancelled"]
+
+
+async def test_a_parents_timeout_cuts_short_a_nested_group_restart_hanging_in_on_start() -> None:
+    took, hang = await leave_during_a_stuck_group_restart(5.0)
+    assert took == pytest.approx(5.0)  # the parent's 5 s for the subtree, not h's 30
+    assert hang.log == ["hanging", "cancelled"]
+    took, hang = await leave_during_a_stuck_group_restart(float("inf"))
+    assert took == pytest.approx(30.0)
+    assert hang.log == ["hanging", "cancelled"]

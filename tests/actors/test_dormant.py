@@ -164,19 +164,21 @@ async def test_ctx_stop_and_start_soon_wake_a_dormant_child() -> None:
         assert not transient.alive and sup.ref("t") is None
 
 
-async def test_a_crash_of_a_woken_child_restarts_it_dormant() -> None:
+async def test_a_woken_child_that_crashes_is_restarted_in_its_runner_task_not_dormant() -> None:
     async with Supervisor(backoff=NO_BACKOFF) as sup:
         await anyio.wait_all_tasks_blocked()
         before = tasks()
         ref = await sup.start_child(ChildSpec("h", Hookless))
+        assert tasks() == before  # dormant until its first message
         with pytest.raises(ActorCrashed):
             await ref.ask("crash")
         await settle()
-        # The restarted incarnation is a runner task again (the runner loops), and it
-        # answers as before.
-        assert await ref.ask(1) == 1
+        # The runner loops into the next incarnation: the child keeps its one task
+        # (it does not go dormant again, nor get a second task), and answers as before.
         assert tasks() == before + 1
         assert sup.children()[0].restart_count == 1
+        assert await ref.ask(1) == 1
+        assert tasks() == before + 1
 
 
 async def test_on_start_sets_context_variables_for_the_child_not_for_the_caller() -> None:

@@ -1,10 +1,13 @@
 """A hypothesis state machine that crashes random children and checks OTP semantics.
 
 The machine drives one live supervisor (random strategy, intensity and children with
-random restart types and per-child limits) through a blocking portal, one event loop
-per test case, on asyncio and on trio. After every step it compares the supervisor
-with a model of OTP's rules: which children exist, in which order, how often each
-was restarted, and whether the supervisor has failed.
+random restart types, per-child limits and kinds, some of which fail a later
+``on_start``) through a blocking portal, one event loop per test case, on asyncio and
+on trio. After every step it compares the supervisor with a model of OTP's rules:
+which children exist, in which order, how often each was restarted, whether the
+supervisor has failed, and the journal of every factory call, ``on_start`` and
+``on_stop`` in order (so stops in reverse start order, restarts in start order, and
+what a start failing in the middle of a restart leads to).
 """
 
 from __future__ import annotations
@@ -31,10 +34,16 @@ from tests.actors.probes import NO_BACKOFF, Journal, probe
 RESTART_TYPES = st.sampled_from(["permanent", "transient", "temporary"])
 LIMITS = st.one_of(st.none(), st.integers(min_value=0, max_value=2))
 # Actor kinds: with on_start and on_stop, with neither, with on_start only (all three
-# dormant, without a task, until their first message), and with a task started in
-# on_start (which gets its runner task at once).
-KIND = st.sampled_from(["probe", "quiet", "start-only", "with-task"])
+# dormant, without a task, until their first message), with a task started in
+# on_start (which gets its runner task at once), and two whose second or third
+# on_start (a restart) raises.
+KIND = st.sampled_from(["probe", "quiet", "start-only", "with-task", "fails-2nd", "fails-3rd"])
+HAS_ON_START = {"probe", "start-only", "with-task", "fails-2nd", "fails-3rd"}
+HAS_ON_STOP = {"probe", "with-task", "fails-2nd", "fails-3rd"}
+FAILING_START = {"fails-2nd": 2, "fails-3rd": 3}  # which on_start raises, counting from 1
 FOREVER = 1e9  # a period no test outlives: every restart counts
+
+Entry = tuple[str, str, object]  # a journal entry: ("made"|"start"|"stop", id, detail)
 
 
 @dataclass
@@ -42,12 +51,21 @@ class ModelChild:
     id: str
     restart: str
     max_restarts: int | None
+    kind: str = "probe"
     restarts: int = 0  # restarts of any cause (what ChildInfo.restart_count reports)
     own: int = 0  # restarts caused by its own exits (what the per-child limit counts)
+    alive: bool = True  # an incarnation has started and not stopped
 
 
 class Model:
-    """OTP's rules (plus our per-child limit) over an ordered list of children."""
+    """OTP's rules (plus our per-child limit) over an ordered list of children.
+
+    Besides the children, it keeps the journal the probes must have written, in order.
+    A start that fails (a kind's n-th on_start) is an exit of that child, handled like
+    a crash, without on_stop; in a one_for_all/rest_for_one restart, its exit either
+    starts a new round (which replaces the rest of the current one), gives it up, or
+    fails the supervisor, and otherwise the round goes on with the next child.
+    """
 
     def __init__(self, strategy: str, intensity: int | None) -> None:
         self.strategy = strategy
@@ -55,33 +73,86 @@ class Model:
         self.children: list[ModelChild] = []
         self.restarts = 0
         self.failed = False
+        self.journal: list[Entry] = []
+
+    # ---- the operations the machine performs ------------------------------------------
+
+    def start(self, child: ModelChild) -> None:
+        """A first start (static or start_child); first starts never fail here."""
+        self.children.append(child)
+        self.journal.append(("made", child.id, None))
+        if child.kind in HAS_ON_START:
+            self.journal.append(("start", child.id, 0))
 
     def exit(self, index: int, crashed: bool) -> None:
+        """Child ``index`` crashed in receive, or stopped normally (ctx.stop())."""
         child = self.children[index]
+        self._stopped(child, "crashed" if crashed else "normal")
+        self._exited(child, crashed)
+
+    def stop_child(self, index: int) -> None:
+        child = self.children.pop(index)
+        self._stopped(child, "shutdown")
+
+    # ---- OTP's rules ----------------------------------------------------------------------
+
+    def _stopped(self, child: ModelChild, kind: str) -> None:
+        if child.alive and child.kind in HAS_ON_STOP:
+            self.journal.append(("stop", child.id, kind))
+        child.alive = False
+
+    def _launch(self, child: ModelChild) -> bool:
+        """Start a new incarnation of ``child``; False if its on_start raised."""
+        child.restarts += 1
+        self.journal.append(("made", child.id, None))
+        if child.kind in HAS_ON_START:
+            self.journal.append(("start", child.id, child.restarts))
+        if FAILING_START.get(child.kind) == child.restarts + 1:
+            return False
+        child.alive = True
+        return True
+
+    def _exited(self, child: ModelChild, crashed: bool) -> str:
+        """Decide what follows an exit; say what happened ("gone", "failed", "restarted")."""
         if child.restart == "temporary" or (child.restart == "transient" and not crashed):
-            del self.children[index]
-            return
+            self.children.remove(child)
+            return "gone"
         if child.max_restarts is not None:
             if child.own + 1 > child.max_restarts:
-                del self.children[index]  # given up, without counting against intensity
-                return
+                self.children.remove(child)  # given up, without counting against intensity
+                return "gone"
             child.own += 1
         self.restarts += 1
         if self.intensity is not None and self.restarts > self.intensity:
             self.failed = True
+            self.children.remove(child)
+            for other in reversed(self.children):  # stopped in reverse start order
+                self._stopped(other, "shutdown")
             self.children = []
-            return
+            return "failed"
         if self.strategy == "one_for_one":
-            affected = [child]
-        elif self.strategy == "one_for_all":
-            affected = list(self.children)
+            if not self._launch(child):
+                self._exited(child, crashed=True)
         else:
-            affected = self.children[index:]
+            self._round(child)
+        return "restarted"
+
+    def _round(self, child: ModelChild) -> None:
+        """one_for_all / rest_for_one: stop the others in reverse, restart all in order."""
+        index = self.children.index(child)
+        affected = list(self.children if self.strategy == "one_for_all" else self.children[index:])
+        for other in reversed(affected):
+            if other is not child:
+                self._stopped(other, "shutdown")
+                if other.restart == "temporary":
+                    self.children.remove(other)
         for other in affected:
-            if other is not child and other.restart == "temporary":
-                self.children.remove(other)
-            else:
-                other.restarts += 1
+            if self.failed:
+                return
+            if other not in self.children or other.alive:
+                continue
+            if not self._launch(other) and self._exited(other, crashed=True) == "restarted":
+                return  # a new round (already run here) replaced the rest of this one
 
 
 class SupervisorMachine(RuleBasedStateMachine):
@@ -133,14 +204,16 @@ class SupervisorMachine(RuleBasedStateMachine):
     def start(
         self, strategy: str, intensity: int | None, kinds: list[tuple[str, int | None, str]]
     ) -> None:
-        self.portal_cm = start_blocking_portal(self.backend)
+        # asyncio in debug mode, as the anyio_backend fixture runs it.
+        options = {"debug": True} if self.backend == "asyncio" else None
+        self.portal_cm = start_blocking_portal(self.backend, backend_options=options)
         self.portal = self.portal_cm.__enter__()
         self.model = Model(strategy, intensity)
         specs = []
         for restart, limit, kind in kinds:
             spec = self.spec(restart, limit, kind)
             specs.append(spec)
-            self.model.children.append(ModelChild(spec.id, restart, limit))
+            self.model.start(ModelChild(spec.id, restart, limit, kind))
         sup = Supervisor(
             strategy=strategy,  # type: ignore[arg-type]
             children=specs,
@@ -205,7 +278,7 @@ class SupervisorMachine(RuleBasedStateMachine):
         assert self.model is not None and self.sup is not None
         spec = self.spec(restart, limit, kind)
         self.call(self.sup.start_child, spec)
-        self.model.children.append(ModelChild(spec.id, restart, limit))
+        self.model.start(ModelChild(spec.id, restart, limit, kind))
 
     @precondition(lambda self: self.model is not None and self.model.failed)
     @rule()
@@ -220,7 +293,7 @@ class SupervisorMachine(RuleBasedStateMachine):
         assert self.model is not None and self.sup is not None
         i = self.pick(index)
         self.call(self.sup.stop_child, self.model.children[i].id)
-        del self.model.children[i]
+        self.model.stop_child(i)
 
     # ---- the check -------------------------------------------------------------------
 
@@ -228,6 +301,10 @@ class SupervisorMachine(RuleBasedStateMachine):
     def matches_the_model(self) -> None:
         if self.model is None or self.sup is None:
             return
+        # Every factory call, on_start and on_stop, in order: stops in reverse start
+        # order, restarts in start order, and what a failing start led to.
+        hooks = [e for e in self.journal.entries if e[0] in ("made", "start", "stop")]
+        assert hooks == self.model.journal
         if self.model.failed:
             assert isinstance(self.failure, RestartIntensityExceeded)
             assert self.sup.state == "failed" and self.sup.children() == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 import anyio
 import pytest
@@ -11,6 +12,7 @@ from perdure.actors import (
     Actor,
     ActorCrashed,
     ActorError,
+    ActorRef,
     ChildSpec,
     LifecycleEvent,
     MailboxClosed,
@@ -18,7 +20,17 @@ from perdure.actors import (
     StopReason,
     Supervisor,
 )
-from tests.actors.probes import NO_BACKOFF, Boom, Journal, Recorder, probe, settle
+from tests.actors.probes import (
+    NO_BACKOFF,
+    Boom,
+    Hang,
+    HangsOnRestart,
+    Journal,
+    Quiet,
+    Recorder,
+    probe,
+    settle,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -270,6 +282,32 @@ async def test_a_parent_restarts_a_failed_nested_supervisor_as_a_fresh_one() -> 
         assert mid_ref is not None and mid_ref.alive
         with pytest.raises(MailboxClosed, match="supervisor"):
             await mid_ref.tell("hello")
+
+
+async def test_restarts_older_than_the_period_do_not_count_on_the_real_clock() -> None:
+    # The backend's own clock, so safe under load in both directions: restarts that
+    # must count are well within an hour; those that must not are waited out (a slow
+    # machine only makes them older). The exact window is checked on MockClock in
+    # test_backoff.py.
+    journal = Journal()
+    period = 0.02
+    async with Supervisor(
+        children=specs(journal, "a"), intensity=1, period=period, backoff=NO_BACKOFF
+    ) as sup:
+        for _ in range(4):  # four restarts, never two within the period
+            await crash(sup, "a")
+            restarted_by = anyio.current_time()
+            while anyio.current_time() <= restarted_by + period:
+                await anyio.sleep(period)  # the period must pass: that is the point
+        assert sup.state == "running" and journal.starts("a") == 5
+    with pytest.raises(RestartIntensityExceeded) as caught:
+        async with Supervisor(
+            children=specs(journal, "b"), intensity=1, period=3600, backoff=NO_BACKOFF
+        ) as sup:
+            await crash(sup, "b")
+            await crash(sup, "b")  # the second within the period: too many
+            await anyio.sleep_forever()
+    assert caught.value.child == "b" and caught.value.period == 3600
 
 
 async def test_intensity_none_is_unlimited() -> None:
@@ -578,31 +616,46 @@ async def test_outer_cancellation_waits_for_busy_children_then_cancels_them() ->
 
 async def test_a_parents_timeout_for_a_nested_supervisor_cancels_its_children_too() -> None:
     log: list[str] = []
+    release = anyio.Event()
 
     class Stuck(Actor):
         async def receive(self, message: object) -> object:
             try:
-                await anyio.sleep_forever()
+                await release.wait()
             except anyio.get_cancelled_exc_class():
                 log.append("stuck cancelled")
                 raise
+            log.append("stuck released")
             return None
 
     def middle() -> Supervisor:
-        # Its child would get 5 s to stop; the parent gives the whole subtree 0.05 s.
-        return Supervisor(children=[ChildSpec("stuck", Stuck, shutdown=5)])
+        # Its child would get an hour to stop; the parent gives the whole subtree 0.05 s.
+        return Supervisor(children=[ChildSpec("stuck", Stuck, shutdown=3600)])
 
-    started = anyio.current_time()
-    async with Supervisor(children=[ChildSpec("mid", middle, shutdown=0.05)]) as root:
-        mid = root.child_supervisor("mid")
-        assert mid is not None
-        stuck = mid.ref("stuck")
-        assert stuck is not None
-        await stuck.tell("hang")
-        await anyio.wait_all_tasks_blocked()
+    left = anyio.Event()
+    mids: list[Supervisor] = []
+
+    async def scenario() -> None:
+        async with Supervisor(children=[ChildSpec("mid", middle, shutdown=0.05)]) as root:
+            mid = root.child_supervisor("mid")
+            assert mid is not None
+            mids.append(mid)
+            stuck = mid.ref("stuck")
+            assert stuck is not None
+            await stuck.tell("hang")
+            await anyio.wait_all_tasks_blocked()
+        left.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(scenario)
+        # Only a regression waits here for long (0.05 s expected, however loaded the
+        # machine: the child's own timeout is an hour). It then releases the child, so
+        # that the test fails rather than hangs. Exact timing: test_backoff.py.
+        with anyio.move_on_after(60):
+            await left.wait()
+        release.set()
     assert log == ["stuck cancelled"]
-    assert anyio.current_time() - started < 2.5
-    assert mid.state == "stopped"
+    assert mids[0].state == "stopped"
 
 
 async def test_cancelling_start_child_removes_the_half_started_child() -> None:
@@ -623,3 +676,308 @@ async def test_cancelling_start_child_removes_the_half_started_child() -> None:
         assert scope.cancelled_caught
         assert sup.ref("slow") is None and sup.count_children() == 0
         assert "started" not in recorder.kinds()
+        assert recorder.kinds() == []  # it never started, so it never "stopped" either
+
+
+# ---- group restarts that do not go to plan -------------------------------------------
+
+
+async def ends_without_help(
+    scenario: Callable[[anyio.Event], Awaitable[None]], gate: anyio.Event
+) -> bool:
+    """Run ``scenario(leaving)``; True if it has ended once it set ``leaving`` and every
+    task is blocked.
+
+    Then open ``gate``, which lets a scenario that hangs on it go on, so that a
+    regression fails the test instead of hanging it.
+    """
+    ended = anyio.Event()
+    leaving = anyio.Event()
+
+    async def run() -> None:
+        await scenario(leaving)
+        ended.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        await leaving.wait()
+        await anyio.wait_all_tasks_blocked()
+        finished = ended.is_set()
+        gate.set()
+    return finished
+
+
+@pytest.mark.parametrize("strategy", ["one_for_all", "rest_for_one"])
+async def test_leaving_while_a_group_restart_hangs_in_on_start_cancels_that_on_start(
+    strategy: str,
+) -> None:
+    journal = Journal()
+    hang = Hang()
+    outcome: list[object] = []
+    children = [
+        ChildSpec("a", probe("a", journal)),
+        ChildSpec("h", lambda: HangsOnRestart(hang), shutdown=0),
+        ChildSpec("z", probe("z", journal)),
+    ]
+
+    async def scenario(leaving: anyio.Event) -> None:
+        with anyio.CancelScope() as outer:
+            async with Supervisor(strategy=strategy, children=children, backoff=NO_BACKOFF) as sup:  # type: ignore[arg-type]
+                await crash(sup, "a")
+                # The restart round holds the supervisor's group lock, inside h's on_start.
+                assert hang.log == ["hanging"]
+                assert [c.state for c in sup.children()] == ["running", "starting", "restarting"]
+                leaving.set()
+                outer.cancel()
+                await anyio.sleep_forever()
+                outcome.append("body went on")
+        outcome.append(outer.cancelled_caught)
+        outcome.append(sup.state)
+
+    assert await ends_without_help(scenario, hang.gate)
+    # Cancelled at once (its shutdown timeout is 0), and the outer cancellation went on.
+    assert hang.log == ["hanging", "cancelled"]
+    assert outcome == [True, "stopped"]
+    # z was never relaunched; a was, and stopped last.
+    assert journal.of("stop")[-1] == ("a", "shutdown")
+    assert journal.starts("z") == 1
+
+
+async def test_a_parent_leaving_while_its_nested_group_restart_hangs_finishes() -> None:
+    hang = Hang()
+    journal = Journal()
+
+    def middle() -> Supervisor:
+        return Supervisor(
+            strategy="one_for_all",
+            children=[
+                ChildSpec("a", probe("a", journal)),
+                ChildSpec("h", lambda: HangsOnRestart(hang), shutdown=0),
+            ],
+            backoff=NO_BACKOFF,
+        )
+
+    async def scenario(leaving: anyio.Event) -> None:
+        async with Supervisor(
+            name="root", children=[ChildSpec("mid", middle, shutdown=float("inf"))]
+        ) as root:
+            mid = root.child_supervisor("mid")
+            assert mid is not None
+            await crash(mid, "a")
+            assert hang.log == ["hanging"]
+            leaving.set()
+
+    assert await ends_without_help(scenario, hang.gate)
+    assert hang.log == ["hanging", "cancelled"]
+
+
+async def test_escalating_while_a_group_restart_hangs_in_on_start_finishes() -> None:
+    hang = Hang()
+    journal = Journal()
+    failures: list[BaseException] = []
+    children = [
+        ChildSpec("a", probe("a", journal)),
+        ChildSpec("h", lambda: HangsOnRestart(hang), shutdown=0),
+    ]
+
+    async def scenario(leaving: anyio.Event) -> None:
+        try:
+            async with Supervisor(
+                strategy="one_for_all", children=children, intensity=1, backoff=NO_BACKOFF
+            ) as sup:
+                await crash(sup, "a")  # restart 1: the round hangs in h's on_start
+                assert hang.log == ["hanging"]
+                leaving.set()
+                ref = sup.ref("a")
+                assert ref is not None
+                with pytest.raises(ActorCrashed):  # restart 2 > intensity 1: fail, and
+                    await ref.ask("crash")  # stop h too (the round is still in its on_start)
+                await anyio.sleep_forever()
+        except RestartIntensityExceeded as exc:
+            failures.append(exc)
+
+    assert await ends_without_help(scenario, hang.gate)
+    assert hang.log == ["hanging", "cancelled"]
+    assert len(failures) == 1 and failures[0].child == "a"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("strategy", ["one_for_all", "rest_for_one"])
+async def test_a_child_given_up_during_a_group_restart_does_not_strand_the_rest(
+    strategy: str,
+) -> None:
+    journal = Journal()
+    children = [
+        ChildSpec("a", probe("a", journal)),
+        # Its relaunch fails, and its per-child limit (0) gives it up: no new round.
+        ChildSpec("b", probe("b", journal, kind="fails-2nd"), max_restarts=0),
+        ChildSpec("c", probe("c", journal)),
+    ]
+    async with Supervisor(
+        strategy=strategy,  # type: ignore[arg-type]
+        children=children,
+        intensity=None,
+        backoff=NO_BACKOFF,
+    ) as sup:
+        recorder = Recorder(sup)
+        b = sup.ref("b")
+        await crash(sup, "a")
+        assert b is not None and not b.alive
+        assert [(c.id, c.state, c.restart_count) for c in sup.children()] == [
+            ("a", "running", 1),
+            ("c", "running", 1),
+        ]
+        c = sup.ref("c")
+        assert c is not None and await c.ask(("echo", "c")) == "c"
+        assert ("crashed", "b", False) in [
+            (e.kind, e.child, e.will_restart) for e in recorder.events
+        ]
+        assert [e.child for e in recorder.events if e.kind == "restarted"] == ["a", "c"]
+
+
+async def test_stop_child_during_a_group_restarts_on_start_does_not_strand_the_rest() -> None:
+    journal = Journal()
+    hang = Hang()
+    children = [
+        ChildSpec("a", probe("a", journal)),
+        ChildSpec("h", lambda: HangsOnRestart(hang), shutdown=0),
+        ChildSpec("c", probe("c", journal)),
+    ]
+    async with Supervisor(strategy="one_for_all", children=children, backoff=NO_BACKOFF) as sup:
+        await crash(sup, "a")
+        assert hang.log == ["hanging"]
+        await sup.stop_child("h")  # cancels h's on_start (shutdown 0)
+        await settle()
+        assert hang.log == ["hanging", "cancelled"]
+        assert [(c.id, c.state) for c in sup.children()] == [("a", "running"), ("c", "running")]
+        c = sup.ref("c")
+        assert c is not None and await c.ask(("echo", "c")) == "c"
+        assert journal.of("start") == [("a", 0), ("c", 0), ("a", 1), ("c", 1)]
+
+
+# ---- an intensity failure is decided once, by the exit that exceeded it --------------
+
+
+async def test_children_crashing_in_the_same_instant_fail_the_supervisor_once() -> None:
+    go = anyio.Event()
+
+    class CrashesOnGo(Actor):
+        async def receive(self, message: object) -> object:
+            await go.wait()
+            raise Boom(f"{self.ctx.id} crashed")
+
+    events: list[LifecycleEvent] = []
+    at_decision: list[object] = []
+
+    def try_start_child(sup: Supervisor) -> object:
+        # Observers run synchronously, inside the decision. start_child of a hookless
+        # child never suspends, so driving its coroutine by hand runs it right here,
+        # before anything else can run: exactly "just after the decision".
+        coro = sup.start_child(ChildSpec("late", Quiet))
+        try:
+            coro.send(None)
+        except StopIteration:
+            return "started"
+        except ActorError as exc:
+            return exc
+        coro.close()
+        return "suspended"
+
+    with pytest.raises(RestartIntensityExceeded) as caught:
+        async with Supervisor(
+            children=[ChildSpec("a", CrashesOnGo), ChildSpec("b", CrashesOnGo)],
+            intensity=0,
+            backoff=NO_BACKOFF,
+        ) as sup:
+
+            def observer(event: LifecycleEvent) -> None:
+                events.append(event)
+                if event.kind == "crashed" and not at_decision:
+                    at_decision.append(sup.state)
+                    at_decision.append(try_start_child(sup))
+
+            sup.observe(observer)
+            for id in ("a", "b"):
+                ref = sup.ref(id)
+                assert ref is not None
+                await ref.tell("crash when told")
+            await anyio.wait_all_tasks_blocked()
+            go.set()  # both crash in the same scheduling round
+            await anyio.sleep_forever()
+    assert at_decision[0] == "failed"
+    assert isinstance(at_decision[1], ActorError) and "is failed" in str(at_decision[1])
+    assert [e.kind for e in events].count("escalated") == 1
+    crashes = [e for e in events if e.kind == "crashed"]
+    assert [e.child for e in crashes] in (["a", "b"], ["b", "a"])
+    assert not any(e.will_restart for e in crashes)
+    assert caught.value.__cause__ is crashes[0].error
+    assert caught.value.child == crashes[0].child
+
+
+# ---- what a nested supervisor's failure means to a transient spec ---------------------
+
+
+async def test_a_transient_nested_supervisor_that_exceeds_its_intensity_is_not_restarted() -> None:
+    journal = Journal()
+    made: list[Supervisor] = []
+
+    def middle() -> Supervisor:
+        sup = Supervisor(
+            children=[ChildSpec("leaf", probe("leaf", journal))], intensity=0, backoff=NO_BACKOFF
+        )
+        made.append(sup)
+        return sup
+
+    async with Supervisor(
+        name="root",
+        children=[
+            ChildSpec("mid", middle, restart="transient", shutdown=float("inf")),
+            ChildSpec("side", probe("side", journal)),
+        ],
+        strategy="one_for_all",
+        intensity=0,  # a restart of mid would fail root
+        backoff=NO_BACKOFF,
+    ) as root:
+        recorder = Recorder(root)
+        mid = root.child_supervisor("mid")
+        assert mid is not None
+        await crash(mid, "leaf")
+        # As in OTP (a supervisor that gives up exits with reason shutdown): mid is
+        # removed, not restarted, and neither its siblings nor root's intensity notice.
+        assert len(made) == 1 and made[0].state == "failed"
+        assert root.state == "running" and [c.id for c in root.children()] == ["side"]
+        exit_event = next(e for e in recorder.events if e.child == "mid" and e.kind == "crashed")
+        assert isinstance(exit_event.error, RestartIntensityExceeded)
+        assert not exit_event.will_restart
+        assert journal.starts("side") == 1
+
+
+# ---- a BaseException from receive ----------------------------------------------------
+
+
+async def test_a_base_exception_from_receive_fails_the_ask_at_once_and_propagates() -> None:
+    class Suspended(BaseException):
+        """Like a runtime's control-flow exception: not an Exception."""
+
+    class Suspends(Actor):
+        async def receive(self, message: object) -> object:
+            raise Suspended("suspend here")
+
+    outcomes: list[BaseException] = []
+
+    async def asker(ref: ActorRef) -> None:
+        try:
+            await ref.ask("go", timeout=None)
+        except ActorCrashed as exc:
+            outcomes.append(exc)
+
+    async with anyio.create_task_group() as askers:
+        with pytest.raises(BaseExceptionGroup) as caught:
+            async with Supervisor() as sup:
+                ref = await sup.start_child(ChildSpec("s", Suspends))
+                askers.start_soon(asker, ref)
+                await anyio.sleep_forever()
+        await anyio.wait_all_tasks_blocked()
+        answered = list(outcomes)
+        askers.cancel_scope.cancel()  # a regression: the asker still waits
+    assert caught.group_contains(Suspended)
+    assert len(answered) == 1 and isinstance(answered[0].__cause__, Suspended)
