@@ -376,3 +376,49 @@ async def gated() -> str:
         _GATE["started"].set()
         await _GATE["block"].wait()
     return "passed"
+
+
+async def test_a_user_execution_under_a_childs_id_is_never_taken_for_the_child(
+    open_runtime: Any,
+) -> None:
+    """Ids may contain "/": a user's ``m-1/2`` is not the child of ``m-1``'s step 2."""
+    release = anyio.Event()
+
+    @tool
+    async def hold() -> str:
+        await release.wait()
+        return "held"
+
+    squatter_llm = Scripted(["the squatter's answer", "the squatter's answer"])
+    squatter = Agent("researcher", llm=squatter_llm)
+    blocker = Agent("blocker", tools=[hold], llm=Scripted([Scripted.call("hold"), "late"]))
+
+    def manager() -> Agent:
+        researcher = Agent("researcher", llm=Scripted(["the child's answer"] * 2))
+        llm = Scripted([Scripted.call("delegate_to_researcher", task="look it up"), "done"] * 2)
+        return Agent("manager", llm=llm, agents=[researcher])
+
+    async with open_runtime() as rt:
+        # completed, same agent, same task: once taken for the child, its output returned
+        done = await rt.run(squatter, "look it up", execution_id="m-1/2")
+        assert done.status == "completed"
+        # running: once taken for the child, the parent waited for a signal never sent
+        await rt.spawn(blocker, "look it up", execution_id="m-2/2")
+        with anyio.fail_after(10):
+            one = await rt.wait(
+                (await rt.spawn(manager(), "go", execution_id="m-1")).execution_id, until="finished"
+            )
+            two = await rt.wait(
+                (await rt.spawn(manager(), "go", execution_id="m-2")).execution_id, until="finished"
+            )
+        for r, eid in ((one, "m-1"), (two, "m-2")):
+            assert r.status == "completed" and r.output == "done"
+            assert [m.content for m in r.transcript if m.role == "tool"] == ["the child's answer"]
+            child = await rt.result(f"{eid}/2~1")
+            assert child.output == "the child's answer"
+            info = {e.execution_id: e for e in await rt.executions()}
+            assert info[f"{eid}/2~1"].parent == eid and info[f"{eid}/2"].parent is None
+        assert squatter_llm.calls == 1  # the user's executions were left as they were
+        assert (await rt.result("m-2/2")).status == "running"
+        release.set()
+        assert (await rt.wait("m-2/2")).output == "late"
