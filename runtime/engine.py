@@ -50,7 +50,7 @@ from perdure.providers.types import (
     StreamEvent,
 )
 from perdure.state import Call, CallLLM, Fail, Idle, Run, Suspend, plan
-from perdure.tools import Tool
+from perdure.tools import Tool, fresh_arguments
 
 __all__ = ["Conversation", "Engine", "EngineServices", "plain_value"]
 
@@ -381,7 +381,8 @@ class Engine:
     def _contract_block(self, tool: Tool, arguments: Mapping[str, Any]) -> tuple[str, str] | None:
         for name, check in self.agent.contracts.items():
             try:
-                verdict = check(tool.name, arguments)
+                # A copy: the arguments are recorded, a contract must not change them.
+                verdict = check(tool.name, dict(fresh_arguments(arguments)))
             except Exception as exc:
                 return name, str(exc) or type(exc).__name__
             if verdict is False:

@@ -9,6 +9,7 @@ the execution's task group.
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import re
@@ -22,7 +23,7 @@ from perdure.fingerprint import code_digest, digest
 from perdure.json_schema import doc_summary, schema_for_callable, validate
 from perdure.providers.types import ToolSpec
 
-__all__ = ["Tool", "tool"]
+__all__ = ["Tool", "fresh_arguments", "tool"]
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -135,6 +136,10 @@ class Tool:
         ``run_in_thread`` is how the runtime runs sync tools (its own thread pool); by
         default anyio's worker threads are used.
         """
+        # The tool gets its own copy: the recorded arguments are also the live
+        # transcript's, and a tool that appended to a list argument would otherwise
+        # change the conversation in a way replay (which decodes the log) never sees.
+        arguments = fresh_arguments(arguments)
         if self.is_async:
             return await self.fn(**arguments)
         call = functools.partial(self.fn, **arguments)
@@ -143,6 +148,38 @@ class Tool:
         # abandon_on_cancel: a timeout or a cancel must be able to give up on a thread
         # we cannot interrupt; the thread finishes on its own, its result discarded.
         return await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
+
+
+def fresh_arguments(arguments: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``arguments`` with every nested container copied (itself if it holds none).
+
+    Calling ``fn(**arguments)`` already copies the top level, so the common call with
+    scalar arguments costs one scan of the values and no copy.
+    """
+    scalar = _SCALAR_TYPES
+    for value in arguments.values():
+        if type(value) not in scalar:
+            return {k: _copy(v) for k, v in arguments.items()}
+    return arguments
+
+
+_SCALARS = (str, int, float, bool, bytes, type(None))
+_SCALAR_TYPES = frozenset(_SCALARS)
+
+
+def _copy(value: Any) -> Any:
+    # Arguments decoded from a model's JSON hold only dicts, lists and scalars; copy
+    # those by hand (several times faster than deepcopy), anything else with deepcopy.
+    if isinstance(value, _SCALARS):
+        return value
+    kind = type(value)
+    if kind is dict:
+        return {k: _copy(v) for k, v in value.items()}
+    if kind is list:
+        return [_copy(v) for v in value]
+    if kind is tuple:
+        return tuple(_copy(v) for v in value)
+    return copy.deepcopy(value)
 
 
 @overload
