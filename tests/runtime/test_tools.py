@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
+import subprocess
+import sys
+from pathlib import Path
 from typing import Annotated, Any, Literal, TypedDict
 
 import pytest
@@ -210,3 +214,73 @@ def test_fresh_arguments_copies_only_when_there_is_something_to_copy() -> None:
     assert copied == nested
     assert copied["a"] is not nested["a"] and copied["a"][1] is not nested["a"][1]
     assert copied["b"]["c"][1] is not nested["b"]["c"][1]
+
+
+_ADDRESS_PRONE_TOOLS = """
+import functools
+
+from perdure import Tool
+
+PARAMS = {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}
+
+
+class Adder:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __call__(self, x: int) -> int:
+        return x + self.n
+
+
+def add(x: int, n: int) -> int:
+    return x + n
+
+
+namespace: dict = {}
+# No source to read: digested from bytecode, whose nested code object has an address.
+exec("def made(x):\\n    def inner(y):\\n        return y + 1\\n    return inner(x)\\n", namespace)
+
+
+def tools() -> list:
+    return [
+        Tool(Adder(1), name="adder", description="d", parameters=PARAMS),
+        Tool(functools.partial(add, n=1), name="partial", description="d", parameters=PARAMS),
+        Tool(namespace["made"], name="made", description="d", parameters=PARAMS),
+    ]
+
+
+if __name__ == "__main__":
+    print(" ".join(t.fingerprint_digest for t in tools()))
+"""
+
+
+def test_fingerprints_of_instances_partials_and_sourceless_code_hold_no_address(
+    tmp_path: Path,
+) -> None:
+    """A digest holding a memory address is drift on every restart."""
+    module = tmp_path / "address_prone_tools.py"
+    module.write_text(_ADDRESS_PRONE_TOOLS)
+    runs = [
+        subprocess.run(
+            [sys.executable, str(module)], capture_output=True, text=True, check=True
+        ).stdout.split()
+        for _ in range(2)
+    ]
+    assert len(runs[0]) == 3 and runs[0] == runs[1]
+
+    # ...and the digests still see the code and the bound arguments
+    class Adder:
+        def __call__(self, x: int) -> int:
+            return x + 1
+
+    class Subtracter:
+        def __call__(self, x: int) -> int:
+            return x - 1
+
+    def add(x: int, n: int) -> int:
+        return x + n
+
+    assert code_digest(Adder()) == code_digest(Adder())
+    assert code_digest(Adder()) != code_digest(Subtracter())
+    assert code_digest(functools.partial(add, n=1)) == code_digest(functools.partial(add, n=1))
+    assert code_digest(functools.partial(add, n=1)) != code_digest(functools.partial(add, n=2))
