@@ -41,13 +41,17 @@ from perdure.events import (
     ToolStarted,
 )
 from perdure.journal import Journal
-from perdure.providers.errors import ProviderError
+from perdure.providers.errors import MalformedResponseError, ProviderError
 from perdure.providers.types import (
     LLMRequest,
     LLMResponse,
     Message,
     ResponseCompleted,
     StreamEvent,
+    TextDelta,
+    ToolCall,
+    ToolCallDelta,
+    Usage,
 )
 from perdure.state import Call, CallLLM, Fail, Idle, Run, Suspend, plan
 from perdure.tools import Tool, fresh_arguments
@@ -132,6 +136,13 @@ def plain_value(value: Any, where: str = "result") -> Any:
         f"{where}: a {type(value).__name__} cannot be recorded in the log; return str, "
         f"numbers, bools, None, lists, dicts or dataclasses of those"
     )
+
+
+_NO_RESPONSE = object()
+
+
+def _kind(value: Any) -> str:
+    return "None" if value is None else f"a {type(value).__name__}"
 
 
 def _error(exc: BaseException) -> dict[str, Any]:
@@ -294,16 +305,57 @@ class Engine:
     async def _ask(self, llm: Any, request: LLMRequest) -> LLMResponse:
         sink = self.sink
         if sink is None:
-            return await llm.complete(request)
-        response: LLMResponse | None = None
+            return self._checked(llm, await llm.complete(request))
+        response: Any = _NO_RESPONSE
         async for event in llm.stream(request):
             if isinstance(event, ResponseCompleted):
                 response = event.response
-            else:
+            elif isinstance(event, TextDelta | ToolCallDelta):
                 sink(event)
-        if response is None:
-            raise RuntimeError(f"provider {llm.name!r} ended a stream without a response")
+            else:
+                raise self._malformed(llm, f"its stream yielded {_kind(event)}, not an event")
+        if response is _NO_RESPONSE:
+            raise self._malformed(llm, "its stream ended without a ResponseCompleted")
+        return self._checked(llm, response)
+
+    def _checked(self, llm: Any, response: Any) -> LLMResponse:
+        """``response`` if it is an LLMResponse the log can record, else a typed error.
+
+        A custom provider's garbage must fail the execution here, where it is the
+        provider's fault, not crash the engine further on (which would restart the
+        actor and ask the provider again, once per restart).
+        """
+        if not isinstance(response, LLMResponse):
+            raise self._malformed(llm, f"it returned {_kind(response)}, not an LLMResponse")
+        message = response.message
+        if not isinstance(message, Message) or not isinstance(message.content, str):
+            raise self._malformed(llm, "its response's message is not a Message with text")
+        for call in message.tool_calls:
+            if not (
+                isinstance(call, ToolCall)
+                and isinstance(call.id, str)
+                and isinstance(call.name, str)
+                and isinstance(call.arguments, dict | str)
+            ):
+                raise self._malformed(llm, f"its response holds a bad tool call: {call!r:.200}")
+        if not isinstance(response.usage, Usage) or not isinstance(response.model, str):
+            raise self._malformed(llm, "its response's usage or model is of the wrong type")
         return response
+
+    def _malformed(self, llm: Any, what: str) -> MalformedResponseError:
+        state = self.journal.state
+        name = getattr(llm, "name", None) or type(llm).__name__
+        err = MalformedResponseError(
+            f"execution {state.execution_id!r} step {state.step + 1}: {what}",
+            provider=name,
+            model=self.agent.model or getattr(llm, "model", "") or "",
+        )
+        err.hint = (
+            "fix the provider: complete() must return a perdure.providers.LLMResponse and "
+            "stream() yield TextDelta/ToolCallDelta then one ResponseCompleted; then "
+            f"'perdure resume {state.execution_id}'"
+        )
+        return err
 
     async def _fail_llm(self, exc: BaseException, provider: str) -> None:
         state = self.journal.state

@@ -311,6 +311,56 @@ async def test_custom_provider_returning_garbage_fails_clearly(open_runtime: Any
     assert r.error["type"] == "ValueError" and r.error["provider"] == "broken"
 
 
+@pytest.mark.parametrize(
+    ("mode", "fragment"),
+    [
+        ("complete", "returned a str, not an LLMResponse"),
+        ("stream-event", "its stream yielded a dict, not an event"),
+        ("stream-response", "returned None, not an LLMResponse"),
+        ("stream-empty", "ended without a ResponseCompleted"),
+        ("bad-call", "bad tool call"),
+    ],
+)
+async def test_a_provider_returning_garbage_fails_at_once_and_is_asked_once(
+    open_runtime: Any, mode: str, fragment: str
+) -> None:
+    from perdure.providers import ResponseCompleted, TextDelta
+
+    class Garbage:
+        name = "garbage"
+        model = "m"
+        calls = 0
+
+        async def complete(self, request: LLMRequest) -> Any:
+            Garbage.calls += 1
+            if mode == "bad-call":
+                return LLMResponse(Message("assistant", "", (ToolCall("1", "t", {1, 2}),)))  # type: ignore[arg-type]
+            return "not a response"
+
+        async def stream(self, request: LLMRequest) -> Any:
+            Garbage.calls += 1
+            yield TextDelta("partial ")
+            if mode == "stream-event":
+                yield {"text": "not an event"}
+            elif mode == "stream-response":
+                yield ResponseCompleted(None)  # type: ignore[arg-type]
+
+    agent = Agent("g", llm=Garbage())
+    async with open_runtime() as rt:
+        with anyio.fail_after(10):
+            if mode.startswith("stream"):
+                items = [i async for i in rt.stream(agent, "go", execution_id="gb-1")]
+                r = items[-1]
+            else:
+                r = await rt.run(agent, "go", execution_id="gb-1")
+    assert Garbage.calls == 1  # not asked again per engine restart
+    assert r.status == "failed" and r.error is not None
+    assert r.error["type"] == "MalformedResponseError" and r.error["provider"] == "garbage"
+    message = r.error["message"]
+    assert fragment in message and "'gb-1' step 1" in message and "garbage" in message
+    assert "perdure resume gb-1" in message
+
+
 def test_message_types_are_plain() -> None:
     # The transcript uses the provider layer's canonical types.
     assert Message("tool", "x", tool_call_id="1").to_dict()["tool_call_id"] == "1"
