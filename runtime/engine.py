@@ -41,7 +41,13 @@ from perdure.events import (
     ToolStarted,
 )
 from perdure.journal import Journal
-from perdure.providers.errors import MalformedResponseError, ProviderError
+from perdure.providers.errors import (
+    MalformedResponseError,
+    ProviderError,
+    RetryableProviderError,
+)
+from perdure.providers.retry import RetryPolicy
+from perdure.providers.streams import closing
 from perdure.providers.types import (
     LLMRequest,
     LLMResponse,
@@ -141,6 +147,18 @@ def plain_value(value: Any, where: str = "result") -> Any:
 _NO_RESPONSE = object()
 
 
+def _retry_policy(llm: Any) -> RetryPolicy | None:
+    """The retry policy that bounds re-asking ``llm`` after a broken stream, if any."""
+    policy = getattr(llm, "retry", None)
+    if isinstance(policy, RetryPolicy):
+        return policy
+    for member in getattr(llm, "providers", ()):  # a Fallback: its primary's policy
+        policy = getattr(member, "retry", None)
+        if isinstance(policy, RetryPolicy):
+            return policy
+    return None
+
+
 def _kind(value: Any) -> str:
     return "None" if value is None else f"a {type(value).__name__}"
 
@@ -161,12 +179,14 @@ class Engine:
         journal: Journal,
         services: EngineServices,
         *,
-        sink: StreamSink | None = None,
+        sink_for: Callable[[], StreamSink | None] = lambda: None,
     ) -> None:
         self.agent = agent
         self.journal = journal
         self.services = services
-        self.sink = sink
+        # Looked up per LLM step and per event, never kept: a consumer may start
+        # streaming an execution that is already running (recovery started it first).
+        self.sink_for = sink_for
         self._system = Message("system", agent.instructions) if agent.instructions else None
 
     @property
@@ -303,20 +323,67 @@ class Engine:
         await self._run_started(to_run)
 
     async def _ask(self, llm: Any, request: LLMRequest) -> LLMResponse:
-        sink = self.sink
-        if sink is None:
+        if self.sink_for() is None:
             return self._checked(llm, await llm.complete(request))
-        response: Any = _NO_RESPONSE
-        async for event in llm.stream(request):
-            if isinstance(event, ResponseCompleted):
-                response = event.response
-            elif isinstance(event, TextDelta | ToolCallDelta):
-                sink(event)
+        # Someone is watching: stream. A stream cut after some of it was shown cannot
+        # be resumed where it stopped, so the whole call is made again (the consumer is
+        # told to discard what it saw), as often as the provider's retry policy allows.
+        policy = _retry_policy(llm)
+        attempt = 1
+        while True:
+            shown = False
+            response: Any = _NO_RESPONSE
+            bad: Any = _NO_RESPONSE
+            try:
+                async with closing(llm.stream(request)) as events:
+                    async for event in events:
+                        if isinstance(event, ResponseCompleted):
+                            response = event.response
+                        elif isinstance(event, TextDelta | ToolCallDelta):
+                            shown = True
+                            sink = self.sink_for()
+                            if sink is not None:
+                                sink(event)
+                        else:
+                            bad = event
+                            break
+            except RetryableProviderError as err:
+                if policy is None or not shown:
+                    raise  # nothing was shown: the provider's own retries were the retries
+                failure = err
             else:
-                raise self._malformed(llm, f"its stream yielded {_kind(event)}, not an event")
-        if response is _NO_RESPONSE:
-            raise self._malformed(llm, "its stream ended without a ResponseCompleted")
-        return self._checked(llm, response)
+                if bad is not _NO_RESPONSE:
+                    raise self._malformed(llm, f"its stream yielded {_kind(bad)}, not an event")
+                if response is _NO_RESPONSE:
+                    raise self._malformed(llm, "its stream ended without a ResponseCompleted")
+                return self._checked(llm, response)
+            delay = policy.delay_for(failure, attempt)
+            if delay is None:
+                raise failure
+            attempt += 1
+            state = self.journal.state
+            log.info(
+                "execution %s step %d: the stream broke after part of the answer was "
+                "streamed (%s); asking again (attempt %d/%d) in %.2f s",
+                state.execution_id,
+                state.step + 1,
+                failure,
+                attempt,
+                policy.max_attempts,
+                delay,
+            )
+            sink = self.sink_for()
+            if sink is not None:
+                sink(
+                    {
+                        "event": "retrying",
+                        "step": state.step + 1,
+                        "attempt": attempt,
+                        "delay": delay,
+                        "error": str(failure),
+                    }
+                )
+            await policy.sleep(delay)
 
     def _checked(self, llm: Any, response: Any) -> LLMResponse:
         """``response`` if it is an LLMResponse the log can record, else a typed error.
@@ -550,8 +617,9 @@ class Engine:
 
     def _step_done(self, step: Mapping[str, Any]) -> None:
         self.services.step_done(self.journal.state, step)
-        if self.sink is not None:
-            self.sink({"event": "step", **step})
+        sink = self.sink_for()
+        if sink is not None:
+            sink({"event": "step", **step})
 
 
 def _confirmation_id() -> str:

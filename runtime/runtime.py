@@ -1036,6 +1036,13 @@ class Runtime:
         :class:`Result`. The completed message, not the pieces, is what is recorded, so
         a crash mid-stream re-runs only that model call; replaying a completed
         execution streams nothing and calls nothing.
+
+        If a stream breaks after some of its pieces were yielded (a dropped connection),
+        the model call is made again from the start, within the provider's retry
+        policy: a ``{"event": "retrying", "step": N, "attempt": A, "delay": S, "error":
+        "..."}`` dict says so, and the pieces of step N yielded before it are void.
+        Streaming an execution that is already running yields its pieces from its next
+        model call on.
         """
         self._require_open()
         eid = _check_id(execution_id) if execution_id is not None else uuid.uuid4().hex
@@ -1049,12 +1056,15 @@ class Runtime:
             if isinstance(item, Result):
                 send.close()
 
+        # The sink goes in first, so a settle from here on reaches it; live or replay
+        # is decided from the state BEFORE spawning: a fresh execution may well have
+        # finished by the time spawn returns, and its deltas are waiting in the sink.
         self._sinks[eid] = sink
         try:
+            before = await self.log.stream_info(execution_stream(eid))
             await self.spawn(agent, prompt, execution_id=eid, budget=budget)
-            status = await self._status(eid)
-            if status not in ("running", "queued"):
-                yield await self.result(eid)
+            if before is not None and before.meta.get("status") not in ("running", "queued"):
+                yield await self.result(eid)  # settled already: replay streams nothing
                 return
             async with receive:
                 async for item in receive:
