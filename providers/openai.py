@@ -310,10 +310,7 @@ class OpenAI(SDKProvider):
         if isinstance(err, sdk.APIConnectionError):
             cause = err.__cause__
             reason = f"{type(cause).__name__}: {cause}" if cause is not None else err.message
-            return ProviderUnavailableError(
-                redact(f"connection to {self.base_url} failed ({reason})", self._secrets),
-                **common,
-            )
+            return self._connection_failed(reason, model)
         if isinstance(err, sdk.APIResponseValidationError | ValueError):
             return self._malformed(
                 redact(f"the body is not a valid response: {err}", self._secrets), model

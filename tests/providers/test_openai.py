@@ -30,7 +30,7 @@ from perdure.providers import (
     ToolSpec,
     Usage,
 )
-from tests.providers.conftest import SleepRecorder
+from tests.providers.conftest import CutTransport, SleepRecorder
 from tests.support.http_server import (
     DropConnection,
     Hang,
@@ -528,3 +528,28 @@ async def test_cancelling_a_stream_midway(provider: OpenAI, openai_server: OpenA
                 await anyio.sleep(0)  # a checkpoint: the cancellation lands here
     assert scope.cancelled_caught
     assert [e.text for e in seen if isinstance(e, TextDelta)] == ["one", " two"]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [OSError("connection reset by peer"), anyio.BrokenResourceError()],
+    ids=["OSError", "BrokenResourceError"],
+)
+async def test_a_raw_transport_error_mid_stream_is_a_typed_retryable_error(
+    openai_server: OpenAIServer, retry: RetryPolicy, raw: BaseException
+) -> None:
+    import openai
+
+    cut = CutTransport(raw)
+    client = openai.AsyncOpenAI(
+        api_key=KEY, base_url=openai_server.base_url, http_client=cut.client()
+    )
+    openai_server.push(completion("one two three four"))
+    provider = OpenAI("gpt-test", client=client, retry=retry)
+    try:
+        with pytest.raises(ProviderUnavailableError) as caught:
+            await collect(provider, ask())
+    finally:
+        await client.close()
+    assert "connection to" in str(caught.value) and type(raw).__name__ in str(caught.value)
+    assert caught.value.__context__ is None  # the raw error (with its request) is not kept
