@@ -246,6 +246,7 @@ class Anthropic(SDKProvider):
                 usage=Usage(input_tokens, output_tokens),
                 model=served or model,
                 provider=self.name,
+                where=self.base_url,
             )
         )
 

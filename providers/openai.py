@@ -167,6 +167,7 @@ class OpenAI(SDKProvider):
         )
 
         assembler = ResponseAssembler()
+        indices = _StreamIndices()
         finish: Any = None
         usage = Usage()
         served = ""
@@ -184,8 +185,8 @@ class OpenAI(SDKProvider):
                     if isinstance(text, str) and text:
                         assembler.add_text(text)
                         yield TextDelta(text)
-                    for position, piece in enumerate(_field(delta, "tool_calls") or []):
-                        event = self._tool_call_delta(piece, position, model)
+                    for piece in _field(delta, "tool_calls") or []:
+                        event = self._tool_call_delta(piece, indices)
                         assembler.add_tool_call(event)
                         yield event
                     reason = _field(choice, "finish_reason")
@@ -205,6 +206,7 @@ class OpenAI(SDKProvider):
             usage=usage,
             model=served or model,
             provider=self.name,
+            where=self.base_url,
         )
         yield ResponseCompleted(response)
 
@@ -266,13 +268,14 @@ class OpenAI(SDKProvider):
             arguments=parsed,
         )
 
-    def _tool_call_delta(self, piece: Any, position: int, model: str) -> ToolCallDelta:
+    def _tool_call_delta(self, piece: Any, indices: _StreamIndices) -> ToolCallDelta:
         index = _field(piece, "index")
+        call_id = _text(_field(piece, "id")) or None
         function = _field(piece, "function")
         arguments = _field(function, "arguments")
         return ToolCallDelta(
-            index=index if isinstance(index, int) else position,
-            id=_text(_field(piece, "id")) or None,
+            index=indices.of(index if isinstance(index, int) else None, call_id),
+            id=call_id,
             name=_text(_field(function, "name")) or None,
             arguments=arguments if isinstance(arguments, str) else "",
         )
@@ -323,6 +326,34 @@ class OpenAI(SDKProvider):
         if isinstance(err, sdk.OpenAIError):
             return TerminalProviderError(redact(str(err), self._secrets), **common)
         raise err
+
+
+class _StreamIndices:
+    """The index in the turn of each streamed tool-call piece.
+
+    Servers send ``index``; some OpenAI-compatible ones do not. Then a piece with an id
+    starts a call at the next free index (the same id again means the same call), and a
+    piece without one continues the call before it: index-less calls sent in separate
+    chunks never merge into one.
+    """
+
+    __slots__ = ("_by_id", "_last", "_next")
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, int] = {}
+        self._next = 0
+        self._last = 0
+
+    def of(self, index: int | None, call_id: str | None) -> int:
+        if index is None:
+            if call_id is None:
+                return self._last
+            index = self._by_id.get(call_id, self._next)
+        if call_id is not None:
+            self._by_id.setdefault(call_id, index)
+        self._next = max(self._next, index + 1)
+        self._last = index
+        return index
 
 
 def _import_sdk(name: str, model: str) -> Any:

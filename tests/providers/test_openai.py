@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import traceback
 from collections.abc import AsyncIterator
@@ -553,3 +554,58 @@ async def test_a_raw_transport_error_mid_stream_is_a_typed_retryable_error(
         await client.close()
     assert "connection to" in str(caught.value) and type(raw).__name__ in str(caught.value)
     assert caught.value.__context__ is None  # the raw error (with its request) is not kept
+
+
+def _chunk(delta: dict[str, object], finish: str | None = None) -> SSEEvent:
+    choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    return SSEEvent(json.dumps({"id": "c", "model": "gpt-test", "choices": [choice]}))
+
+
+async def test_a_streamed_tool_call_without_a_name_is_malformed(
+    provider: OpenAI, openai_server: OpenAIServer
+) -> None:
+    unnamed = {"index": 0, "id": "call_1", "function": {"arguments": '{"location": "Paris"}'}}
+    events = [_chunk({"tool_calls": [unnamed]}), _chunk({}, "tool_calls"), SSEEvent("[DONE]")]
+    policy = RetryPolicy(max_attempts=1)
+    openai_server.push(SSEReply(events))
+    async with OpenAI(
+        "gpt-test", base_url=openai_server.base_url, api_key=KEY, retry=policy
+    ) as one_try:
+        with pytest.raises(MalformedResponseError, match="tool call 0 has no function name"):
+            await collect(one_try, ask())
+    # as the same answer is when not streamed
+    openai_server.push(completion(None, [("call_1", "", {"location": "Paris"})]))
+    async with OpenAI(
+        "gpt-test", base_url=openai_server.base_url, api_key=KEY, retry=policy
+    ) as one_try:
+        with pytest.raises(MalformedResponseError, match="tool call 0 has no function name"):
+            await one_try.complete(ask())
+
+
+async def test_index_less_tool_calls_in_separate_chunks_stay_separate(
+    provider: OpenAI, openai_server: OpenAIServer
+) -> None:
+    # Some OpenAI-compatible servers send no index: each id starts a call, and a piece
+    # without an id continues the one before it.
+    pieces = [
+        {"id": "call_a", "function": {"name": "get_weather", "arguments": '{"location": '}},
+        {"function": {"arguments": '"Paris"}'}},
+        {"id": "call_b", "function": {"name": "get_weather", "arguments": '{"location": '}},
+        {"function": {"arguments": '"Oslo"}'}},
+    ]
+    events = [_chunk({"tool_calls": [p]}) for p in pieces]
+    events += [_chunk({}, "tool_calls"), SSEEvent("[DONE]")]
+    openai_server.push(SSEReply(events))
+    streamed = await collect(provider, ask())
+    assert [(e.index, e.id) for e in streamed if isinstance(e, ToolCallDelta)] == [
+        (0, "call_a"),
+        (0, None),
+        (1, "call_b"),
+        (1, None),
+    ]
+    final = streamed[-1]
+    assert isinstance(final, ResponseCompleted)
+    assert final.response.message.tool_calls == (
+        ToolCall("call_a", "get_weather", {"location": "Paris"}),
+        ToolCall("call_b", "get_weather", {"location": "Oslo"}),
+    )
