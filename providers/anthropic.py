@@ -34,6 +34,7 @@ from perdure.providers.errors import (
     TerminalProviderError,
     error_for_status,
     redact,
+    url_secrets,
 )
 from perdure.providers.retry import RetryPolicy, parse_retry_after
 from perdure.providers.sdk_provider import END, SDKProvider
@@ -135,6 +136,9 @@ class Anthropic(SDKProvider):
             os.environ.get("ANTHROPIC_API_KEY"),
         )
         self._secrets = tuple(s for s in secrets if isinstance(s, str) and s)
+        self._secrets += url_secrets(self.base_url)
+        #: The endpoint, as shown in messages and repr (credentials in it redacted).
+        self.base_url = redact(self.base_url, self._secrets)
 
     # -- lifecycle ---------------------------------------------------------------
 

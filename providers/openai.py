@@ -29,6 +29,7 @@ from perdure.providers.errors import (
     TerminalProviderError,
     error_for_status,
     redact,
+    url_secrets,
 )
 from perdure.providers.openai_format import (
     finish_reason_from_openai,
@@ -121,9 +122,13 @@ class OpenAI(SDKProvider):
                 )
 
             self._clients = LoopClient(factory(), factory)
-        self.base_url = str(self._clients.current.base_url)
-        # Kept only to scrub it from error messages; never logged.
-        self._secrets: tuple[str, ...] = (key,) if isinstance(key, str) else ()
+        raw_url = str(self._clients.current.base_url)
+        # Kept only to scrub them from error messages; never logged.
+        self._secrets: tuple[str, ...] = ((key,) if isinstance(key, str) else ()) + url_secrets(
+            raw_url
+        )
+        #: The endpoint, as shown in messages and repr (credentials in it redacted).
+        self.base_url = redact(raw_url, self._secrets)
 
     # -- lifecycle ---------------------------------------------------------------
 

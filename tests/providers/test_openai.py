@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import traceback
 from collections.abc import AsyncIterator
@@ -31,6 +32,7 @@ from perdure.providers import (
     ToolSpec,
     Usage,
 )
+from perdure.providers.errors import redact, url_secrets
 from tests.providers.conftest import CutTransport, SleepRecorder
 from tests.support.http_server import (
     DropConnection,
@@ -609,3 +611,55 @@ async def test_index_less_tool_calls_in_separate_chunks_stay_separate(
         ToolCall("call_a", "get_weather", {"location": "Paris"}),
         ToolCall("call_b", "get_weather", {"location": "Oslo"}),
     )
+
+
+async def test_401_on_the_stream_path_is_terminal_and_never_shows_the_key(
+    provider: OpenAI,
+    openai_server: OpenAIServer,
+    sleeps: SleepRecorder,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)  # every logger, the SDK's and the HTTP stack's too
+    openai_server.push(error(401, f"Incorrect API key provided: {KEY}."))
+    with pytest.raises(AuthenticationError) as caught:
+        await collect(provider, ask())
+    err = caught.value
+    assert err.status == 401 and len(openai_server.chat_requests) == 1 and sleeps.delays == []
+    rendered = "".join(traceback.format_exception(err)) + repr(err) + str(err.__dict__)
+    assert KEY not in rendered and KEY[8:24] not in rendered
+    assert err.__cause__ is None and err.__context__ is None
+    assert caplog.records and not [r for r in caplog.records if KEY in r.getMessage()]
+    assert KEY not in repr(provider)
+
+
+async def test_credentials_in_base_url_never_show_in_messages_or_repr(
+    openai_server: OpenAIServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    password = "hunter2"  # short: redacted as URL userinfo, whatever its length
+    base_url = openai_server.base_url.replace("://", f"://bob:{password}@")
+    caplog.set_level(logging.DEBUG, logger="perdure")
+    openai_server.push(DropConnection(), error(503, "overloaded"))
+    async with OpenAI(
+        "gpt-test", base_url=base_url, api_key=KEY, retry=RetryPolicy(max_attempts=1)
+    ) as provider:
+        failures = []
+        for _ in range(2):
+            with pytest.raises(ProviderUnavailableError) as caught:
+                await provider.complete(ask())
+            failures.append(caught.value)
+        shown = repr(provider)
+    assert "base_url='http://[REDACTED]@127.0.0.1" in shown
+    assert "connection to http://[REDACTED]@127.0.0.1" in str(failures[0])
+    # (the HTTP library logs request URLs itself, userinfo included: perdure's logs do not)
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("perdure"))
+    for text in (shown, *map(str, failures), *(repr(f.__dict__) for f in failures), logged):
+        assert password not in text and KEY not in text
+
+
+def test_redact_scrubs_credentials_written_into_urls() -> None:
+    text = redact("GET https://bob:pw@host/v1?api-key=abc&x=1 and http://h/?key=AIza9&sig=s")
+    assert text == (
+        "GET https://[REDACTED]@host/v1?api-key=[REDACTED]&x=1 and "
+        "http://h/?key=[REDACTED]&sig=[REDACTED]"
+    )
+    assert url_secrets("https://bob:p%40ss@host/?token=t0k") == ("p%40ss", "p@ss", "t0k")

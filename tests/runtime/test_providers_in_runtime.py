@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -308,3 +309,28 @@ async def test_streaming_through_the_runtime(tmp_path: Path) -> None:
     assert llm.calls == 2
     assert len(again) == 1 and isinstance(again[0], Result)  # nothing streams on replay
     assert again[0].output == final.output and llm.calls == 2
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("streaming", [False, True], ids=["complete", "stream"])
+async def test_a_rejected_api_key_fails_the_execution_and_is_never_recorded_or_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, streaming: bool
+) -> None:
+    key = "sk-live-0123456789abcdefghijklmnopqrstuvwxyz"
+    caplog.set_level(logging.DEBUG)  # every logger: perdure's, the SDK's, the HTTP stack's
+    with OpenAIServer(lambda r: error(401, f"Incorrect API key provided: {key}.")) as server:
+        agent = Agent("keyed", llm=OpenAI("gpt-test", base_url=server.base_url, api_key=key))
+        async with Runtime(tmp_path / "data", durability="process") as rt:
+            if streaming:
+                r = [i async for i in rt.stream(agent, "hi", execution_id="k-1")][-1]
+            else:
+                r = await rt.run(agent, "hi", execution_id="k-1")
+            recorded = [repr(x.payload) async for x in rt.log.read(execution_stream("k-1"))]
+        assert len(server.chat_requests) == 1  # terminal: not retried
+    assert r.status == "failed" and r.error["type"] == "AuthenticationError"
+    assert r.error["status"] == 401 and "[REDACTED]" in r.error["message"]
+    assert any("execution.failed" in t or "AuthenticationError" in t for t in recorded)
+    logged = [rec.getMessage() for rec in caplog.records]
+    assert any("k-1" in line and "authentication failed" in line for line in logged)
+    for text in (*recorded, *logged, repr(r.error), repr(agent.llm)):
+        assert key not in text and key[8:24] not in text
