@@ -147,6 +147,20 @@ def plain_value(value: Any, where: str = "result") -> Any:
 _NO_RESPONSE = object()
 
 
+def _drifted_step(state: Any, changes: Sequence[Mapping[str, Any]]) -> tuple[int, str | None]:
+    """The first step that would run under the changed definition, and its tool.
+
+    An unfinished call of a changed tool (it would run, or run again, under the new
+    code, description or schema); else the next model call, whose request no longer
+    matches the recorded one.
+    """
+    changed = {c.get("tool") for c in changes if c.get("what") == "tool"}
+    for call in state.calls:
+        if call.status != "done" and call.tool in changed:
+            return call.step, call.tool
+    return state.step + 1, None
+
+
 def _retry_policy(llm: Any) -> RetryPolicy | None:
     """The retry policy that bounds re-asking ``llm`` after a broken stream, if any."""
     policy = getattr(llm, "retry", None)
@@ -240,7 +254,7 @@ class Engine:
             await self.journal.flush()
             return True
         policy = self.agent.drift
-        step = state.step
+        step, tool = _drifted_step(state, changes)
         summary = describe_changes(changes)
         if policy in ("accept", "warn"):
             if policy == "warn":
@@ -260,8 +274,9 @@ class Engine:
         self.journal.stage(
             DriftDetected(step, changes, "failed" if policy == "fail" else "suspended")
         )
+        where = f"step {step} (tool {tool!r})" if tool else f"step {step} (the next LLM call)"
         message = (
-            f"execution {state.execution_id!r} step {step}: agent {self.agent.name!r} changed "
+            f"execution {state.execution_id!r} {where}: agent {self.agent.name!r} changed "
             f"since its log was written: {summary}"
         )
         if policy == "fail":
@@ -269,11 +284,10 @@ class Engine:
                 ExecutionFailed("drift", {"type": "DriftError", "message": message}, step)
             )
         else:
-            self.journal.stage(
-                ExecutionSuspended(
-                    {"kind": "drift", "step": step, "changes": changes, "message": message}
-                )
-            )
+            reason = {"kind": "drift", "step": step, "changes": changes, "message": message}
+            if tool:
+                reason["tool"] = tool
+            self.journal.stage(ExecutionSuspended(reason))
         await self.journal.flush()
         log.warning("%s; policy %r", message, policy)
         return False

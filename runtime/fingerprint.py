@@ -19,10 +19,12 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["code_digest", "digest", "short"]
+__all__ = ["code_digest", "digest", "short", "short_json"]
 
 #: Values up to this many characters are kept verbatim in drift reports.
 SHORT = 120
+#: The same for a JSON value such as a tool's schema (compact, keys sorted).
+SHORT_JSON = 500
 
 
 def digest(value: Any) -> str:
@@ -31,11 +33,17 @@ def digest(value: Any) -> str:
     return hashlib.blake2b(data.encode(), digest_size=8).hexdigest()
 
 
-def short(text: str | None) -> str | None:
+def short(text: str | None, limit: int = SHORT) -> str | None:
     """``text`` if it is short enough to show in a drift report, else None."""
-    if text is None or len(text) > SHORT:
+    if text is None or len(text) > limit:
         return None
     return text
+
+
+def short_json(value: Any) -> str | None:
+    """``value`` as compact JSON (keys sorted) if that is short enough for a report."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return short(text, SHORT_JSON)
 
 
 def code_digest(fn: Callable[..., Any]) -> str:

@@ -19,7 +19,7 @@ from typing import Any, overload
 import anyio
 
 from perdure.errors import AgentDefinitionError, ToolArgumentsError
-from perdure.fingerprint import code_digest, digest
+from perdure.fingerprint import code_digest, digest, short_json
 from perdure.json_schema import doc_summary, schema_for_callable, validate
 from perdure.providers.types import ToolSpec
 
@@ -120,6 +120,11 @@ class Tool:
             "schema": digest(self.parameters),
             "code": code_digest(self.fn),
         }
+
+    @functools.cached_property
+    def schema_text(self) -> str | None:
+        """The schema as compact JSON if short enough to show in a drift report."""
+        return short_json(self.parameters)
 
     @functools.cached_property
     def fingerprint_digest(self) -> str:
