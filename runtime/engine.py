@@ -603,6 +603,19 @@ class Engine:
             )
         except Exception as exc:
             status, error = "error", _error(exc)
+        except SystemExit as exc:
+            # A tool calling sys.exit() (a CLI's main() wrapped as a tool, say) failed;
+            # it must not stop the runtime or cancel its siblings. KeyboardInterrupt is
+            # left alone: it is the person at the terminal stopping the process (the call
+            # is then in doubt, as after any crash).
+            status, error = (
+                "error",
+                {
+                    "type": "SystemExit",
+                    "message": f"tool {tool.name!r} called sys.exit({exc.code!r}); a tool "
+                    f"should return a result or raise an exception",
+                },
+            )
         finally:
             _current.reset(token)
         latency_ms = (time.perf_counter() - started) * 1000.0

@@ -77,6 +77,16 @@ class Tool:
         self.timeout = timeout
         if retries < 0:
             raise AgentDefinitionError(f"tool {self.name!r}: retries must be >= 0")
+        if retries and not idempotent:
+            # An exception may come after the effect (a timeout on the response, say):
+            # re-invoking would do it twice, which idempotent=False says must not happen.
+            raise AgentDefinitionError(
+                f"tool {self.name!r}: retries={retries} with idempotent=False: a retry "
+                f"re-invokes the tool after an exception, which may have been raised after "
+                f"its effect happened. Set retries=0 (a failure then goes back to the "
+                f"model, which may call again), or make the tool honour "
+                f"current_idempotency_key() and declare it idempotent=True"
+            )
         self.retries = retries
         self.retry_delay = retry_delay
         self.parameters = (
@@ -225,6 +235,7 @@ def tool(
       timeout (a sync tool's thread cannot be interrupted and finishes in the background).
     - ``retries``: extra attempts after an exception (``ToolError`` excepted), with
       exponential delays from ``retry_delay``, all under the same idempotency key.
+      Refused for ``idempotent=False`` tools: an exception may follow the effect.
     """
     if callable(name):
         return Tool(name)

@@ -472,3 +472,122 @@ async def test_a_user_execution_under_a_childs_id_is_never_taken_for_the_child(
         assert (await rt.result("m-2/2")).status == "running"
         release.set()
         assert (await rt.wait("m-2/2")).output == "late"
+
+
+async def test_a_sync_tool_past_its_timeout_is_abandoned_and_reported(open_runtime: Any) -> None:
+    release, finished = threading.Event(), threading.Event()
+
+    @tool(timeout=0.2)
+    def stuck() -> str:
+        release.wait(30)  # a thread cannot be interrupted: it is abandoned, not stopped
+        finished.set()
+        return "too late"
+
+    llm = Scripted([Scripted.call("stuck"), "gave up on it"])
+    async with open_runtime() as rt:
+        with anyio.fail_after(10):
+            r = await rt.run(Agent("slow", tools=[stuck], llm=llm), "go", execution_id="to-1")
+        assert not finished.is_set()  # the execution went on while the thread still ran
+        release.set()
+        await anyio.to_thread.run_sync(finished.wait, 10)
+        again = await rt.result("to-1")
+    assert r.status == "completed" and r.output == "gave up on it"
+    [message] = [m for m in r.transcript if m.role == "tool"]
+    assert message.is_error
+    assert message.content == "ERROR (TimeoutError): tool 'stuck' did not finish within 0.2s"
+    assert again.transcript == r.transcript  # the late result changed nothing
+
+
+async def test_a_tool_calling_sys_exit_is_a_tool_error_and_spares_its_siblings(
+    open_runtime: Any,
+) -> None:
+    exited = anyio.Event()
+
+    @tool
+    def sync_quit() -> str:
+        raise SystemExit(3)
+
+    @tool
+    async def async_quit() -> str:
+        exited.set()
+        raise SystemExit("bye")
+
+    @tool
+    async def steady() -> str:
+        await exited.wait()
+        await anyio.sleep(0)  # a cancelled task group would cancel us here
+        return "fine"
+
+    calls = [Scripted.call("sync_quit"), Scripted.call("async_quit"), Scripted.call("steady")]
+    agent = Agent("quits", tools=[sync_quit, async_quit, steady], llm=Scripted([calls, "ok"]))
+    async with open_runtime() as rt:
+        with anyio.fail_after(10):
+            r = await rt.run(agent, "go", execution_id="se-1")
+    assert r.status == "completed" and r.output == "ok"
+    assert [(m.name, m.is_error, m.content) for m in r.transcript if m.role == "tool"] == [
+        (
+            "sync_quit",
+            True,
+            "ERROR (SystemExit): tool 'sync_quit' called sys.exit(3); a tool should return "
+            "a result or raise an exception",
+        ),
+        (
+            "async_quit",
+            True,
+            "ERROR (SystemExit): tool 'async_quit' called sys.exit('bye'); a tool should "
+            "return a result or raise an exception",
+        ),
+        ("steady", False, "fine"),
+    ]
+
+
+_INTERRUPTED = """
+import os, sys
+import anyio
+from perdure import Agent, Runtime, tool
+from perdure.providers import Scripted
+
+@tool
+def ctrl_c() -> str:
+    if os.environ.get("PRESS_CTRL_C"):
+        raise KeyboardInterrupt
+    return "calm"
+
+agent = Agent("ki", tools=[ctrl_c], llm=Scripted([Scripted.call("ctrl_c"), "done"]))
+
+async def main() -> None:
+    async with Runtime(sys.argv[1], durability="process", backend=sys.argv[2]) as rt:
+        r = await rt.run(agent, "go", execution_id="ki-1")
+        print(r.status, r.output)
+
+anyio.run(main, backend=sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
+def test_a_tool_raising_keyboard_interrupt_stops_the_process_and_leaves_the_call_in_doubt(
+    tmp_path: Any, loop: str
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "interrupted.py"
+    script.write_text(_INTERRUPTED)
+    data = str(tmp_path / "data")
+
+    def run(**env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, str(script), data, loop],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, **env},
+        )
+
+    pressed = run(PRESS_CTRL_C="1")
+    assert pressed.returncode != 0 and "KeyboardInterrupt" in pressed.stderr
+    # the call started and has no outcome: on restart it is re-run, as after a crash
+    resumed = run()
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed.stdout.split() == ["completed", "done"]

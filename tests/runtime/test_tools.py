@@ -284,3 +284,13 @@ def test_fingerprints_of_instances_partials_and_sourceless_code_hold_no_address(
     assert code_digest(Adder()) != code_digest(Subtracter())
     assert code_digest(functools.partial(add, n=1)) == code_digest(functools.partial(add, n=1))
     assert code_digest(functools.partial(add, n=1)) != code_digest(functools.partial(add, n=2))
+
+
+def test_retries_on_a_non_idempotent_tool_are_refused() -> None:
+    with pytest.raises(AgentDefinitionError, match=r"retries=2 with idempotent=False") as info:
+
+        @tool(idempotent=False, retries=2)
+        def charge(amount: float) -> str: ...
+
+    assert "current_idempotency_key()" in str(info.value) and "'charge'" in str(info.value)
+    assert not tool("pay", idempotent=False)(lambda amount: "ok").retries  # fine without
