@@ -124,7 +124,9 @@ def transport_errors() -> tuple[type[BaseException], ...]:
         module = sys.modules.get(module_name)
         if module is None:
             continue
-        for attr in ("TransportError", "NetworkError", "RemoteProtocolError", "ProtocolError"):
+        # RequestError covers httpx's transport errors and a body that fails to decode;
+        # StreamError a body that can no longer be read; httpcore's are its own.
+        for attr in ("RequestError", "StreamError", "NetworkError", "ProtocolError"):
             cls = getattr(module, attr, None)
             if isinstance(cls, type) and issubclass(cls, BaseException):
                 errors.append(cls)

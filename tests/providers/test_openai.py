@@ -535,8 +535,12 @@ async def test_cancelling_a_stream_midway(provider: OpenAI, openai_server: OpenA
 
 @pytest.mark.parametrize(
     "raw",
-    [OSError("connection reset by peer"), anyio.BrokenResourceError()],
-    ids=["OSError", "BrokenResourceError"],
+    [
+        OSError("connection reset by peer"),
+        anyio.BrokenResourceError(),
+        pytest.importorskip("httpx2").StreamClosed(),
+    ],
+    ids=["OSError", "BrokenResourceError", "httpx2.StreamClosed"],
 )
 async def test_a_raw_transport_error_mid_stream_is_a_typed_retryable_error(
     openai_server: OpenAIServer, retry: RetryPolicy, raw: BaseException
