@@ -21,11 +21,8 @@ from __future__ import annotations
 import functools
 import json
 import os
-import ssl
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
-
-import anyio
 
 from perdure.providers.clients import LoopClient, plain_http_client
 from perdure.providers.errors import (
@@ -37,6 +34,7 @@ from perdure.providers.errors import (
     TerminalProviderError,
     error_for_status,
     redact,
+    url_secrets,
 )
 from perdure.providers.retry import RetryPolicy, parse_retry_after
 from perdure.providers.sdk_provider import END, SDKProvider
@@ -138,7 +136,9 @@ class Anthropic(SDKProvider):
             os.environ.get("ANTHROPIC_API_KEY"),
         )
         self._secrets = tuple(s for s in secrets if isinstance(s, str) and s)
-        self._transport_errors = _transport_errors()
+        self._secrets += url_secrets(self.base_url)
+        #: The endpoint, as shown in messages and repr (credentials in it redacted).
+        self.base_url = redact(self.base_url, self._secrets)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -250,6 +250,7 @@ class Anthropic(SDKProvider):
                 usage=Usage(input_tokens, output_tokens),
                 model=served or model,
                 provider=self.name,
+                where=self.base_url,
             )
         )
 
@@ -323,13 +324,10 @@ class Anthropic(SDKProvider):
                 f"no response within the {self.timeout:g} s timeout from {self.base_url}",
                 **common,
             )
-        if isinstance(err, (sdk.APIConnectionError, *self._transport_errors)):
-            cause = err.__cause__ if isinstance(err, sdk.APIConnectionError) else err
-            reason = f"{type(cause).__name__}: {cause}" if cause is not None else str(err)
-            return ProviderUnavailableError(
-                redact(f"connection to {self.base_url} failed ({reason})", self._secrets),
-                **common,
-            )
+        if isinstance(err, sdk.APIConnectionError):
+            cause = err.__cause__
+            reason = f"{type(cause).__name__}: {cause}" if cause is not None else err.message
+            return self._connection_failed(reason, model)
         if isinstance(err, sdk.APIResponseValidationError | ValueError):
             return MalformedResponseError(
                 redact(f"the body is not a valid response: {err}", self._secrets), **common
@@ -448,24 +446,3 @@ def _import_sdk(name: str, model: str) -> Any:
         err.hint = "install the optional extra: pip install 'perdure[anthropic]'"
         raise err from None
     return sdk
-
-
-def _transport_errors() -> tuple[type[BaseException], ...]:
-    # The SDK does not wrap errors raised while reading a stream's body: a connection
-    # cut mid-stream surfaces as the HTTP library's own transport error.
-    errors: list[type[BaseException]] = [
-        OSError,
-        ssl.SSLError,
-        anyio.EndOfStream,
-        anyio.BrokenResourceError,
-    ]
-    for module_name in ("httpx2", "httpx", "httpcore2", "httpcore"):
-        try:
-            module = __import__(module_name)
-        except ImportError:
-            continue
-        for attr in ("TransportError", "NetworkError", "RemoteProtocolError", "ProtocolError"):
-            cls = getattr(module, attr, None)
-            if isinstance(cls, type) and issubclass(cls, BaseException):
-                errors.append(cls)
-    return tuple(errors)

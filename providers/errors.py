@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from perdure.errors import PerdureError
 
@@ -36,6 +37,7 @@ __all__ = [
     "error_for_status",
     "is_context_length_error",
     "redact",
+    "url_secrets",
 ]
 
 
@@ -227,10 +229,52 @@ def error_for_status(
 _KEYLIKE = re.compile(r"\bsk-[A-Za-z0-9_\-*.]{4,}|(?i:bearer)\s+[A-Za-z0-9_\-.~+/=*]{8,}")
 
 
+# Credentials inside URLs, whatever their length: "scheme://user:password@" and the
+# values of query parameters that carry credentials (Azure's api-key, Google's key=).
+_URL_USERINFO = re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://)[^\s/@]+@")
+_URL_SECRET_PARAM = re.compile(
+    r"(?i)([?&](?:api[-_]?key|key|token|access[-_]?token|secret|password|sig|signature)=)"
+    r"[^&#\s'\"]+"
+)
+
+
 def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
-    """``text`` with every secret and every key-like token replaced by ``[REDACTED]``."""
+    """``text`` with every secret and every key-like token replaced by ``[REDACTED]``.
+
+    Key-like tokens are API keys (``sk-...``), bearer tokens, and credentials written
+    into URLs (``https://user:password@host``, ``?api-key=...``).
+    """
     for secret in secrets:
         # Very short "secrets" (a placeholder like "x") would shred the message.
         if secret and len(secret) >= 8:
             text = text.replace(secret, "[REDACTED]")
+    text = _URL_USERINFO.sub(r"\1[REDACTED]@", text)
+    text = _URL_SECRET_PARAM.sub(r"\1[REDACTED]", text)
     return _KEYLIKE.sub("[REDACTED]", text)
+
+
+def url_secrets(url: str | None) -> tuple[str, ...]:
+    """The credentials embedded in ``url`` (its password, key-like query values).
+
+    Given as written and percent-decoded, for :func:`redact` to scrub wherever they
+    appear outside the URL too.
+    """
+    if not url:
+        return ()
+    try:
+        parts = urlsplit(url)
+        found = [parts.password or ""]
+        found += [v for k, v in parse_qsl(parts.query) if _SECRET_NAME.match(k)]
+    except ValueError:
+        return ()
+    out: list[str] = []
+    for value in found:
+        for form in (value, unquote(value)):
+            if form and form not in out:
+                out.append(form)
+    return tuple(out)
+
+
+_SECRET_NAME = re.compile(
+    r"^(?:api[-_]?key|key|token|access[-_]?token|secret|password|sig|signature)$", re.IGNORECASE
+)

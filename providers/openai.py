@@ -29,6 +29,7 @@ from perdure.providers.errors import (
     TerminalProviderError,
     error_for_status,
     redact,
+    url_secrets,
 )
 from perdure.providers.openai_format import (
     finish_reason_from_openai,
@@ -121,9 +122,13 @@ class OpenAI(SDKProvider):
                 )
 
             self._clients = LoopClient(factory(), factory)
-        self.base_url = str(self._clients.current.base_url)
-        # Kept only to scrub it from error messages; never logged.
-        self._secrets: tuple[str, ...] = (key,) if isinstance(key, str) else ()
+        raw_url = str(self._clients.current.base_url)
+        # Kept only to scrub them from error messages; never logged.
+        self._secrets: tuple[str, ...] = ((key,) if isinstance(key, str) else ()) + url_secrets(
+            raw_url
+        )
+        #: The endpoint, as shown in messages and repr (credentials in it redacted).
+        self.base_url = redact(raw_url, self._secrets)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -167,6 +172,7 @@ class OpenAI(SDKProvider):
         )
 
         assembler = ResponseAssembler()
+        indices = _StreamIndices()
         finish: Any = None
         usage = Usage()
         served = ""
@@ -184,8 +190,8 @@ class OpenAI(SDKProvider):
                     if isinstance(text, str) and text:
                         assembler.add_text(text)
                         yield TextDelta(text)
-                    for position, piece in enumerate(_field(delta, "tool_calls") or []):
-                        event = self._tool_call_delta(piece, position, model)
+                    for piece in _field(delta, "tool_calls") or []:
+                        event = self._tool_call_delta(piece, indices)
                         assembler.add_tool_call(event)
                         yield event
                     reason = _field(choice, "finish_reason")
@@ -205,6 +211,7 @@ class OpenAI(SDKProvider):
             usage=usage,
             model=served or model,
             provider=self.name,
+            where=self.base_url,
         )
         yield ResponseCompleted(response)
 
@@ -266,13 +273,14 @@ class OpenAI(SDKProvider):
             arguments=parsed,
         )
 
-    def _tool_call_delta(self, piece: Any, position: int, model: str) -> ToolCallDelta:
+    def _tool_call_delta(self, piece: Any, indices: _StreamIndices) -> ToolCallDelta:
         index = _field(piece, "index")
+        call_id = _text(_field(piece, "id")) or None
         function = _field(piece, "function")
         arguments = _field(function, "arguments")
         return ToolCallDelta(
-            index=index if isinstance(index, int) else position,
-            id=_text(_field(piece, "id")) or None,
+            index=indices.of(index if isinstance(index, int) else None, call_id),
+            id=call_id,
             name=_text(_field(function, "name")) or None,
             arguments=arguments if isinstance(arguments, str) else "",
         )
@@ -310,10 +318,7 @@ class OpenAI(SDKProvider):
         if isinstance(err, sdk.APIConnectionError):
             cause = err.__cause__
             reason = f"{type(cause).__name__}: {cause}" if cause is not None else err.message
-            return ProviderUnavailableError(
-                redact(f"connection to {self.base_url} failed ({reason})", self._secrets),
-                **common,
-            )
+            return self._connection_failed(reason, model)
         if isinstance(err, sdk.APIResponseValidationError | ValueError):
             return self._malformed(
                 redact(f"the body is not a valid response: {err}", self._secrets), model
@@ -326,6 +331,34 @@ class OpenAI(SDKProvider):
         if isinstance(err, sdk.OpenAIError):
             return TerminalProviderError(redact(str(err), self._secrets), **common)
         raise err
+
+
+class _StreamIndices:
+    """The index in the turn of each streamed tool-call piece.
+
+    Servers send ``index``; some OpenAI-compatible ones do not. Then a piece with an id
+    starts a call at the next free index (the same id again means the same call), and a
+    piece without one continues the call before it: index-less calls sent in separate
+    chunks never merge into one.
+    """
+
+    __slots__ = ("_by_id", "_last", "_next")
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, int] = {}
+        self._next = 0
+        self._last = 0
+
+    def of(self, index: int | None, call_id: str | None) -> int:
+        if index is None:
+            if call_id is None:
+                return self._last
+            index = self._by_id.get(call_id, self._next)
+        if call_id is not None:
+            self._by_id.setdefault(call_id, index)
+        self._next = max(self._next, index + 1)
+        self._last = index
+        return index
 
 
 def _import_sdk(name: str, model: str) -> Any:

@@ -5,19 +5,26 @@ translation of its SDK's exceptions (``_error``), and keeps its SDK clients in
 ``self._clients`` (a :class:`~perdure.providers.clients.LoopClient`); this base class
 retries attempts per ``self.retry``, closes the clients, and makes every SDK call
 through :meth:`_sdk_call` / :meth:`_sdk_next` so that no SDK exception escapes untyped.
+Transport errors the SDK lets through unwrapped (a connection cut while a stream's
+body is read surfaces as the HTTP library's own error in some SDK versions) are mapped
+here, once, for every SDK.
 """
 
 from __future__ import annotations
 
 import functools
+import ssl
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final, Self, TypeVar
 
-from perdure.providers.errors import ProviderError
+import anyio
+
+from perdure.providers.errors import ProviderError, ProviderUnavailableError, redact
 from perdure.providers.retry import RetryPolicy, retry_stream
 from perdure.providers.types import LLMRequest, LLMResponse, StreamEvent
 
-__all__ = ["END", "SDKProvider"]
+__all__ = ["END", "SDKProvider", "transport_errors"]
 
 T = TypeVar("T")
 
@@ -31,7 +38,9 @@ class SDKProvider:
     name: str
     model: str
     retry: RetryPolicy
+    base_url: str
     _clients: Any
+    _secrets: tuple[str, ...] = ()
 
     async def aclose(self) -> None:
         """Close the HTTP client (if this provider created it)."""
@@ -61,6 +70,20 @@ class SDKProvider:
     def _error(self, err: Exception, model: str) -> ProviderError:
         raise NotImplementedError
 
+    def _translate(self, err: Exception, model: str) -> ProviderError:
+        """``err`` as a typed error: a raw transport error here, the SDK's by ``_error``."""
+        if isinstance(err, transport_errors()):
+            return self._connection_failed(f"{type(err).__name__}: {err}", model)
+        return self._error(err, model)
+
+    def _connection_failed(self, reason: str, model: str) -> ProviderUnavailableError:
+        """The (retryable) error for a connection that failed or was cut, for ``reason``."""
+        return ProviderUnavailableError(
+            redact(f"connection to {self.base_url} failed ({reason})", self._secrets),
+            provider=self.name,
+            model=model,
+        )
+
     # The typed error is raised after the except block has ended, so the SDK's exception
     # (whose request carries the API key or Authorization header) is not attached to it
     # as __context__ and cannot end up in a log.
@@ -70,7 +93,7 @@ class SDKProvider:
         try:
             return await call()
         except Exception as err:
-            failure = self._error(err, model)
+            failure = self._translate(err, model)
         raise failure
 
     async def _sdk_next(self, model: str, items: Any) -> Any:
@@ -80,5 +103,31 @@ class SDKProvider:
         except StopAsyncIteration:
             return END
         except Exception as err:
-            failure = self._error(err, model)
+            failure = self._translate(err, model)
         raise failure
+
+
+def transport_errors() -> tuple[type[BaseException], ...]:
+    """What the HTTP stack under an SDK raises when a connection fails or is cut.
+
+    Looked up when an error happens, among the modules already loaded (an error class
+    whose module was never imported cannot have been raised): importing perdure does
+    not import any HTTP library.
+    """
+    errors: list[type[BaseException]] = [
+        OSError,
+        ssl.SSLError,
+        anyio.EndOfStream,
+        anyio.BrokenResourceError,
+    ]
+    for module_name in ("httpx2", "httpx", "httpcore2", "httpcore"):
+        module = sys.modules.get(module_name)
+        if module is None:
+            continue
+        # RequestError covers httpx's transport errors and a body that fails to decode;
+        # StreamError a body that can no longer be read; httpcore's are its own.
+        for attr in ("RequestError", "StreamError", "NetworkError", "ProtocolError"):
+            cls = getattr(module, attr, None)
+            if isinstance(cls, type) and issubclass(cls, BaseException):
+                errors.append(cls)
+    return tuple(errors)

@@ -16,6 +16,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
+from perdure.providers.errors import MalformedResponseError
 from perdure.providers.types import (
     LLMResponse,
     Message,
@@ -115,7 +116,11 @@ class ResponseAssembler:
         return "".join(self._text)
 
     def tool_calls(self) -> tuple[ToolCall, ...]:
-        """The tool calls so far, in index order, arguments decoded."""
+        """The tool calls so far, in index order, arguments decoded.
+
+        A call whose name has not arrived (yet) has the name ``""``; :meth:`build`
+        refuses such a call.
+        """
         calls = []
         for position, index in enumerate(sorted(self._calls)):
             call_id, name, pieces = self._calls[index]
@@ -129,10 +134,26 @@ class ResponseAssembler:
             )
         return tuple(calls)
 
-    def build(self, *, finish_reason: str, usage: Usage, model: str, provider: str) -> LLMResponse:
-        """The assembled response."""
+    def build(
+        self, *, finish_reason: str, usage: Usage, model: str, provider: str, where: str = ""
+    ) -> LLMResponse:
+        """The assembled response.
+
+        Raises :class:`MalformedResponseError` for a tool call that never got a name, as
+        the non-streaming paths do for an unnamed call (``where``, e.g. the server's URL,
+        is named in the message).
+        """
+        calls = self.tool_calls()
+        for position, call in enumerate(calls):
+            if not call.name:
+                origin = f" (from {where})" if where else ""
+                raise MalformedResponseError(
+                    f"streamed tool call {position} has no function name{origin}",
+                    provider=provider,
+                    model=model,
+                )
         return LLMResponse(
-            message=Message(role="assistant", content=self.text, tool_calls=self.tool_calls()),
+            message=Message(role="assistant", content=self.text, tool_calls=calls),
             finish_reason=finish_reason,
             usage=usage,
             model=model,

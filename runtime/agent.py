@@ -131,8 +131,8 @@ class Agent:
         """The fingerprint recorded when an execution starts (and when drift is accepted).
 
         Digests of the instructions, model, parameters and every tool's description,
-        schema and code, plus short texts (instructions, descriptions) so that a drift
-        report can show before and after.
+        schema and code, plus short texts (instructions, descriptions, schemas as JSON)
+        so that a drift report can show before and after.
         """
         return {
             "instructions": digest(self.instructions),
@@ -140,7 +140,11 @@ class Agent:
             "model": self.model,
             "params": digest(self.params),
             "tools": {
-                name: {**t.fingerprint, "description_text": short(t.description)}
+                name: {
+                    **t.fingerprint,
+                    "description_text": short(t.description),
+                    "schema_text": t.schema_text,
+                }
                 for name, t in self.tools.items()
             },
         }

@@ -63,9 +63,11 @@ def diff_definitions(before: Mapping[str, Any], after: Mapping[str, Any]) -> lis
         for key in ("description", "schema", "code"):
             if old.get(key) != new.get(key):
                 item: dict[str, Any] = {"what": "tool", "tool": name, "field": key}
-                if key == "description":
-                    item["before"] = old.get("description_text") or old.get(key)
-                    item["after"] = new.get("description_text") or new.get(key)
+                if key in ("description", "schema"):
+                    # The text (a schema as JSON) when it was short enough to keep,
+                    # else the digest.
+                    item["before"] = old.get(f"{key}_text") or old.get(key)
+                    item["after"] = new.get(f"{key}_text") or new.get(key)
                 else:
                     item["before"] = old.get(key)
                     item["after"] = new.get(key)

@@ -41,16 +41,26 @@ from perdure.events import (
     ToolStarted,
 )
 from perdure.journal import Journal
-from perdure.providers.errors import ProviderError
+from perdure.providers.errors import (
+    MalformedResponseError,
+    ProviderError,
+    RetryableProviderError,
+)
+from perdure.providers.retry import RetryPolicy
+from perdure.providers.streams import closing
 from perdure.providers.types import (
     LLMRequest,
     LLMResponse,
     Message,
     ResponseCompleted,
     StreamEvent,
+    TextDelta,
+    ToolCall,
+    ToolCallDelta,
+    Usage,
 )
 from perdure.state import Call, CallLLM, Fail, Idle, Run, Suspend, plan
-from perdure.tools import Tool
+from perdure.tools import Tool, fresh_arguments
 
 __all__ = ["Conversation", "Engine", "EngineServices", "plain_value"]
 
@@ -134,6 +144,39 @@ def plain_value(value: Any, where: str = "result") -> Any:
     )
 
 
+_NO_RESPONSE = object()
+
+
+def _drifted_step(state: Any, changes: Sequence[Mapping[str, Any]]) -> tuple[int, str | None]:
+    """The first step that would run under the changed definition, and its tool.
+
+    An unfinished call of a changed tool (it would run, or run again, under the new
+    code, description or schema); else the next model call, whose request no longer
+    matches the recorded one.
+    """
+    changed = {c.get("tool") for c in changes if c.get("what") == "tool"}
+    for call in state.calls:
+        if call.status != "done" and call.tool in changed:
+            return call.step, call.tool
+    return state.step + 1, None
+
+
+def _retry_policy(llm: Any) -> RetryPolicy | None:
+    """The retry policy that bounds re-asking ``llm`` after a broken stream, if any."""
+    policy = getattr(llm, "retry", None)
+    if isinstance(policy, RetryPolicy):
+        return policy
+    for member in getattr(llm, "providers", ()):  # a Fallback: its primary's policy
+        policy = getattr(member, "retry", None)
+        if isinstance(policy, RetryPolicy):
+            return policy
+    return None
+
+
+def _kind(value: Any) -> str:
+    return "None" if value is None else f"a {type(value).__name__}"
+
+
 def _error(exc: BaseException) -> dict[str, Any]:
     return {"type": type(exc).__name__, "message": str(exc)}
 
@@ -150,12 +193,14 @@ class Engine:
         journal: Journal,
         services: EngineServices,
         *,
-        sink: StreamSink | None = None,
+        sink_for: Callable[[], StreamSink | None] = lambda: None,
     ) -> None:
         self.agent = agent
         self.journal = journal
         self.services = services
-        self.sink = sink
+        # Looked up per LLM step and per event, never kept: a consumer may start
+        # streaming an execution that is already running (recovery started it first).
+        self.sink_for = sink_for
         self._system = Message("system", agent.instructions) if agent.instructions else None
 
     @property
@@ -209,7 +254,7 @@ class Engine:
             await self.journal.flush()
             return True
         policy = self.agent.drift
-        step = state.step
+        step, tool = _drifted_step(state, changes)
         summary = describe_changes(changes)
         if policy in ("accept", "warn"):
             if policy == "warn":
@@ -229,8 +274,9 @@ class Engine:
         self.journal.stage(
             DriftDetected(step, changes, "failed" if policy == "fail" else "suspended")
         )
+        where = f"step {step} (tool {tool!r})" if tool else f"step {step} (the next LLM call)"
         message = (
-            f"execution {state.execution_id!r} step {step}: agent {self.agent.name!r} changed "
+            f"execution {state.execution_id!r} {where}: agent {self.agent.name!r} changed "
             f"since its log was written: {summary}"
         )
         if policy == "fail":
@@ -238,11 +284,10 @@ class Engine:
                 ExecutionFailed("drift", {"type": "DriftError", "message": message}, step)
             )
         else:
-            self.journal.stage(
-                ExecutionSuspended(
-                    {"kind": "drift", "step": step, "changes": changes, "message": message}
-                )
-            )
+            reason = {"kind": "drift", "step": step, "changes": changes, "message": message}
+            if tool:
+                reason["tool"] = tool
+            self.journal.stage(ExecutionSuspended(reason))
         await self.journal.flush()
         log.warning("%s; policy %r", message, policy)
         return False
@@ -292,18 +337,106 @@ class Engine:
         await self._run_started(to_run)
 
     async def _ask(self, llm: Any, request: LLMRequest) -> LLMResponse:
-        sink = self.sink
-        if sink is None:
-            return await llm.complete(request)
-        response: LLMResponse | None = None
-        async for event in llm.stream(request):
-            if isinstance(event, ResponseCompleted):
-                response = event.response
+        if self.sink_for() is None:
+            return self._checked(llm, await llm.complete(request))
+        # Someone is watching: stream. A stream cut after some of it was shown cannot
+        # be resumed where it stopped, so the whole call is made again (the consumer is
+        # told to discard what it saw), as often as the provider's retry policy allows.
+        policy = _retry_policy(llm)
+        attempt = 1
+        while True:
+            shown = False
+            response: Any = _NO_RESPONSE
+            bad: Any = _NO_RESPONSE
+            try:
+                async with closing(llm.stream(request)) as events:
+                    async for event in events:
+                        if isinstance(event, ResponseCompleted):
+                            response = event.response
+                        elif isinstance(event, TextDelta | ToolCallDelta):
+                            shown = True
+                            sink = self.sink_for()
+                            if sink is not None:
+                                sink(event)
+                        else:
+                            bad = event
+                            break
+            except RetryableProviderError as err:
+                if policy is None or not shown:
+                    raise  # nothing was shown: the provider's own retries were the retries
+                failure = err
             else:
-                sink(event)
-        if response is None:
-            raise RuntimeError(f"provider {llm.name!r} ended a stream without a response")
+                if bad is not _NO_RESPONSE:
+                    raise self._malformed(llm, f"its stream yielded {_kind(bad)}, not an event")
+                if response is _NO_RESPONSE:
+                    raise self._malformed(llm, "its stream ended without a ResponseCompleted")
+                return self._checked(llm, response)
+            delay = policy.delay_for(failure, attempt)
+            if delay is None:
+                raise failure
+            attempt += 1
+            state = self.journal.state
+            log.info(
+                "execution %s step %d: the stream broke after part of the answer was "
+                "streamed (%s); asking again (attempt %d/%d) in %.2f s",
+                state.execution_id,
+                state.step + 1,
+                failure,
+                attempt,
+                policy.max_attempts,
+                delay,
+            )
+            sink = self.sink_for()
+            if sink is not None:
+                sink(
+                    {
+                        "event": "retrying",
+                        "step": state.step + 1,
+                        "attempt": attempt,
+                        "delay": delay,
+                        "error": str(failure),
+                    }
+                )
+            await policy.sleep(delay)
+
+    def _checked(self, llm: Any, response: Any) -> LLMResponse:
+        """``response`` if it is an LLMResponse the log can record, else a typed error.
+
+        A custom provider's garbage must fail the execution here, where it is the
+        provider's fault, not crash the engine further on (which would restart the
+        actor and ask the provider again, once per restart).
+        """
+        if not isinstance(response, LLMResponse):
+            raise self._malformed(llm, f"it returned {_kind(response)}, not an LLMResponse")
+        message = response.message
+        if not isinstance(message, Message) or not isinstance(message.content, str):
+            raise self._malformed(llm, "its response's message is not a Message with text")
+        for call in message.tool_calls:
+            if not (
+                isinstance(call, ToolCall)
+                and isinstance(call.id, str)
+                and isinstance(call.name, str)
+                and isinstance(call.arguments, dict | str)
+            ):
+                raise self._malformed(llm, f"its response holds a bad tool call: {call!r:.200}")
+        if not isinstance(response.usage, Usage) or not isinstance(response.model, str):
+            raise self._malformed(llm, "its response's usage or model is of the wrong type")
         return response
+
+    def _malformed(self, llm: Any, what: str) -> MalformedResponseError:
+        state = self.journal.state
+        name = getattr(llm, "name", None) or type(llm).__name__
+        err = MalformedResponseError(
+            f"execution {state.execution_id!r} step {state.step + 1}: {what}",
+            provider=name,
+            model=self.agent.model or getattr(llm, "model", "") or "",
+        )
+        err.hint = (
+            "fix the provider: complete() must return a perdure.providers.LLMResponse and "
+            "stream() yield TextDelta/ToolCallDelta then one ResponseCompleted; then "
+            f"'perdure resume {state.execution_id}'"
+        )
+        return err
 
     async def _fail_llm(self, exc: BaseException, provider: str) -> None:
         state = self.journal.state
@@ -381,7 +514,8 @@ class Engine:
     def _contract_block(self, tool: Tool, arguments: Mapping[str, Any]) -> tuple[str, str] | None:
         for name, check in self.agent.contracts.items():
             try:
-                verdict = check(tool.name, arguments)
+                # A copy: the arguments are recorded, a contract must not change them.
+                verdict = check(tool.name, dict(fresh_arguments(arguments)))
             except Exception as exc:
                 return name, str(exc) or type(exc).__name__
             if verdict is False:
@@ -469,6 +603,19 @@ class Engine:
             )
         except Exception as exc:
             status, error = "error", _error(exc)
+        except SystemExit as exc:
+            # A tool calling sys.exit() (a CLI's main() wrapped as a tool, say) failed;
+            # it must not stop the runtime or cancel its siblings. KeyboardInterrupt is
+            # left alone: it is the person at the terminal stopping the process (the call
+            # is then in doubt, as after any crash).
+            status, error = (
+                "error",
+                {
+                    "type": "SystemExit",
+                    "message": f"tool {tool.name!r} called sys.exit({exc.code!r}); a tool "
+                    f"should return a result or raise an exception",
+                },
+            )
         finally:
             _current.reset(token)
         latency_ms = (time.perf_counter() - started) * 1000.0
@@ -497,8 +644,9 @@ class Engine:
 
     def _step_done(self, step: Mapping[str, Any]) -> None:
         self.services.step_done(self.journal.state, step)
-        if self.sink is not None:
-            self.sink({"event": "step", **step})
+        sink = self.sink_for()
+        if sink is not None:
+            sink({"event": "step", **step})
 
 
 def _confirmation_id() -> str:

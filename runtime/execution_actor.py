@@ -13,6 +13,7 @@ is exactly what happens after the process dies.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -180,7 +181,7 @@ class ExecutionActor(Actor):
             self.agent,
             journal,
             self.runtime._services,
-            sink=self.runtime._sink_for(self.execution_id),
+            sink_for=functools.partial(self.runtime._sink_for, self.execution_id),
         )
         ctx = self.ctx
         try:

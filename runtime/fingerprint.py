@@ -9,17 +9,22 @@ reformatted tool is not drift, a changed expression is.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import inspect
 import json
+import re
 import textwrap
+import types
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["code_digest", "digest", "short"]
+__all__ = ["code_digest", "digest", "short", "short_json"]
 
 #: Values up to this many characters are kept verbatim in drift reports.
 SHORT = 120
+#: The same for a JSON value such as a tool's schema (compact, keys sorted).
+SHORT_JSON = 500
 
 
 def digest(value: Any) -> str:
@@ -28,24 +33,47 @@ def digest(value: Any) -> str:
     return hashlib.blake2b(data.encode(), digest_size=8).hexdigest()
 
 
-def short(text: str | None) -> str | None:
+def short(text: str | None, limit: int = SHORT) -> str | None:
     """``text`` if it is short enough to show in a drift report, else None."""
-    if text is None or len(text) > SHORT:
+    if text is None or len(text) > limit:
         return None
     return text
 
 
+def short_json(value: Any) -> str | None:
+    """``value`` as compact JSON (keys sorted) if that is short enough for a report."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return short(text, SHORT_JSON)
+
+
 def code_digest(fn: Callable[..., Any]) -> str:
-    """A digest of a function's code that ignores comments, formatting and decorators."""
+    """A digest of a function's code that ignores comments, formatting and decorators.
+
+    It must be the same in every process that runs the same code, so nothing in it may
+    depend on a memory address: a ``functools.partial`` is digested as its function and
+    its bound arguments, a callable instance as its class's ``__call__``, and code
+    without source from its bytecode (nested code objects included).
+    """
     target = inspect.unwrap(fn)
+    if isinstance(target, functools.partial):
+        return digest(
+            ["partial", code_digest(target.func), _stable(target.args), _stable(target.keywords)]
+        )
+    if not (inspect.isroutine(target) or inspect.isclass(target)):
+        # A callable instance: its behaviour is its class's __call__ (its attributes are
+        # configuration such as clients and keys, which are not code).
+        call = getattr(type(target), "__call__", None)  # noqa: B004 - the method itself
+        if inspect.isfunction(inspect.unwrap(call)):
+            kind = type(target)
+            return digest(["instance", kind.__qualname__, code_digest(call)])
     try:
         source = textwrap.dedent(inspect.getsource(target))
         tree = ast.parse(source)
     except (OSError, TypeError, SyntaxError, IndentationError):
         code = getattr(target, "__code__", None)
-        if code is None:
-            return digest(repr(target))
-        return digest([code.co_code.hex(), repr(code.co_consts), list(code.co_names)])
+        if isinstance(code, types.CodeType):
+            return digest(_bytecode(code))
+        return digest(_ADDRESS.sub("", repr(target)))
     for node in ast.walk(tree):
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
             # The tool's name is fingerprinted on its own; renaming the Python function
@@ -55,6 +83,36 @@ def code_digest(fn: Callable[..., Any]) -> str:
             _drop_docstring(node)
             break
     return digest(ast.dump(tree, annotate_fields=False, include_attributes=False))
+
+
+# " at 0x7f3a..." in reprs such as <function f at 0x7f3a...>: different in every process.
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _bytecode(code: types.CodeType) -> list[Any]:
+    consts = [_bytecode(c) if isinstance(c, types.CodeType) else _stable(c) for c in code.co_consts]
+    return [code.co_code.hex(), consts, list(code.co_names)]
+
+
+def _stable(value: Any) -> Any:
+    """``value`` as JSON-encodable data that is the same in every process."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, list | tuple | set | frozenset):
+        items = [_stable(v) for v in value]
+        if isinstance(value, set | frozenset):
+            items.sort(key=repr)
+        return items
+    if isinstance(value, dict):
+        return {str(k): _stable(v) for k, v in value.items()}
+    if inspect.isroutine(value) or isinstance(value, functools.partial):
+        return ["callable", code_digest(value)]
+    # Anything else (a client, a lock, ...) by its type only: its repr may hold an
+    # address, and its state is not the tool's code.
+    kind = type(value)
+    return [f"{kind.__module__}.{kind.__qualname__}"]
 
 
 def _drop_docstring(node: ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) -> None:

@@ -77,6 +77,8 @@ log = logging.getLogger("perdure.runtime")
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+=/~-]*$")
 _MAX_ID = 255
+#: How many ids (``parent/step``, then ``parent/step~1`` ...) a child may try.
+_MAX_CHILD_VARIANTS = 16
 _SETTLED = ("completed", "failed", "cancelled", "suspended")
 
 Callback = Callable[..., Any]
@@ -907,26 +909,53 @@ class Runtime:
     # -- delegation ---------------------------------------------------------------------------
 
     async def _delegate(self, ctx: ToolContext, agent: Agent, task: str) -> Any:
-        child = f"{ctx.execution_id}/{ctx.step}"
-        if len(child) > _MAX_ID:
-            child = f"{ctx.execution_id[:200]}~{digest(ctx.execution_id)}/{ctx.step}"
-        signal = f"child:{child}"
-        if signal in ctx.signals:
-            return _child_outcome(child, ctx.signals[signal])
-        info = await self.log.stream_info(execution_stream(child))
-        if info is None:
-            await self.spawn(
-                agent,
-                task,
-                execution_id=child,
-                _parent={"execution_id": ctx.execution_id, "step": ctx.step},
+        parent = ctx.execution_id
+        # The child's id is derived from the parent's id and step, so a restarted parent
+        # finds the same child. A user may have spawned an execution under that id
+        # (ids may contain "/"): one that is not this parent's child is never taken for
+        # it; the child then takes the next free "~N" variant (the same one on replay,
+        # since the squatter stays where it is).
+        for n in range(_MAX_CHILD_VARIANTS):
+            child = _child_id(parent, ctx.step, n)
+            signal = f"child:{child}"
+            if signal in ctx.signals:
+                return _child_outcome(child, ctx.signals[signal])
+            info = await self.log.stream_info(execution_stream(child))
+            if info is None:
+                try:
+                    await self.spawn(
+                        agent,
+                        task,
+                        execution_id=child,
+                        _parent={"execution_id": parent, "step": ctx.step},
+                    )
+                except PromptMismatchError:
+                    continue  # spawned under this id meanwhile, by someone else
+                info = await self.log.stream_info(execution_stream(child))
+                assert info is not None
+            if info.meta.get("parent") != parent:
+                log.warning(
+                    "execution %s step %d: execution %r exists and is not its child (it "
+                    "was spawned by someone else); the child gets another id",
+                    parent,
+                    ctx.step,
+                    child,
+                )
+                continue
+            if info.meta.get("status") in ("completed", "failed", "cancelled"):
+                state = await load_state(self.log, child)
+                return _child_outcome(
+                    child, {"status": state.status, "output": state.output, "error": state.error}
+                )
+            raise SuspendExecution(
+                "child", {"name": signal, "child_id": child, "agent": agent.name}
             )
-        elif info.meta.get("status") in ("completed", "failed", "cancelled"):
-            state = await load_state(self.log, child)
-            return _child_outcome(
-                child, {"status": state.status, "output": state.output, "error": state.error}
-            )
-        raise SuspendExecution("child", {"name": signal, "child_id": child, "agent": agent.name})
+        raise ToolError(
+            f"execution {parent!r} step {ctx.step}: every id for its child execution "
+            f"({_child_id(parent, ctx.step, 0)!r} and {_MAX_CHILD_VARIANTS - 1} variants) is "
+            f"taken by executions that are not its children; do not spawn executions under "
+            f"ids of the form '{parent}/<step>'"
+        )
 
     # -- recovery -----------------------------------------------------------------------------
 
@@ -1007,6 +1036,13 @@ class Runtime:
         :class:`Result`. The completed message, not the pieces, is what is recorded, so
         a crash mid-stream re-runs only that model call; replaying a completed
         execution streams nothing and calls nothing.
+
+        If a stream breaks after some of its pieces were yielded (a dropped connection),
+        the model call is made again from the start, within the provider's retry
+        policy: a ``{"event": "retrying", "step": N, "attempt": A, "delay": S, "error":
+        "..."}`` dict says so, and the pieces of step N yielded before it are void.
+        Streaming an execution that is already running yields its pieces from its next
+        model call on.
         """
         self._require_open()
         eid = _check_id(execution_id) if execution_id is not None else uuid.uuid4().hex
@@ -1020,12 +1056,15 @@ class Runtime:
             if isinstance(item, Result):
                 send.close()
 
+        # The sink goes in first, so a settle from here on reaches it; live or replay
+        # is decided from the state BEFORE spawning: a fresh execution may well have
+        # finished by the time spawn returns, and its deltas are waiting in the sink.
         self._sinks[eid] = sink
         try:
+            before = await self.log.stream_info(execution_stream(eid))
             await self.spawn(agent, prompt, execution_id=eid, budget=budget)
-            status = await self._status(eid)
-            if status not in ("running", "queued"):
-                yield await self.result(eid)
+            if before is not None and before.meta.get("status") not in ("running", "queued"):
+                yield await self.result(eid)  # settled already: replay streams nothing
                 return
             async with receive:
                 async for item in receive:
@@ -1038,6 +1077,14 @@ class Runtime:
 def _child_key(execution_id: str) -> str:
     # Supervisor child ids are path segments; execution ids may contain "/".
     return quote(execution_id, safe="")
+
+
+def _child_id(parent: str, step: int, variant: int) -> str:
+    """The id of ``parent``'s child execution for the call at ``step`` (see _delegate)."""
+    suffix = f"/{step}" if variant == 0 else f"/{step}~{variant}"
+    if len(parent) + len(suffix) > _MAX_ID:
+        return f"{parent[:200]}~{digest(parent)}{suffix}"
+    return parent + suffix
 
 
 def _execution_id(child_key: str) -> str:

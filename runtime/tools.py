@@ -9,6 +9,7 @@ the execution's task group.
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import re
@@ -18,11 +19,11 @@ from typing import Any, overload
 import anyio
 
 from perdure.errors import AgentDefinitionError, ToolArgumentsError
-from perdure.fingerprint import code_digest, digest
+from perdure.fingerprint import code_digest, digest, short_json
 from perdure.json_schema import doc_summary, schema_for_callable, validate
 from perdure.providers.types import ToolSpec
 
-__all__ = ["Tool", "tool"]
+__all__ = ["Tool", "fresh_arguments", "tool"]
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -76,6 +77,16 @@ class Tool:
         self.timeout = timeout
         if retries < 0:
             raise AgentDefinitionError(f"tool {self.name!r}: retries must be >= 0")
+        if retries and not idempotent:
+            # An exception may come after the effect (a timeout on the response, say):
+            # re-invoking would do it twice, which idempotent=False says must not happen.
+            raise AgentDefinitionError(
+                f"tool {self.name!r}: retries={retries} with idempotent=False: a retry "
+                f"re-invokes the tool after an exception, which may have been raised after "
+                f"its effect happened. Set retries=0 (a failure then goes back to the "
+                f"model, which may call again), or make the tool honour "
+                f"current_idempotency_key() and declare it idempotent=True"
+            )
         self.retries = retries
         self.retry_delay = retry_delay
         self.parameters = (
@@ -121,6 +132,11 @@ class Tool:
         }
 
     @functools.cached_property
+    def schema_text(self) -> str | None:
+        """The schema as compact JSON if short enough to show in a drift report."""
+        return short_json(self.parameters)
+
+    @functools.cached_property
     def fingerprint_digest(self) -> str:
         """One digest over the whole fingerprint (recorded with every call)."""
         return digest([self.name, self.fingerprint])
@@ -135,6 +151,10 @@ class Tool:
         ``run_in_thread`` is how the runtime runs sync tools (its own thread pool); by
         default anyio's worker threads are used.
         """
+        # The tool gets its own copy: the recorded arguments are also the live
+        # transcript's, and a tool that appended to a list argument would otherwise
+        # change the conversation in a way replay (which decodes the log) never sees.
+        arguments = fresh_arguments(arguments)
         if self.is_async:
             return await self.fn(**arguments)
         call = functools.partial(self.fn, **arguments)
@@ -143,6 +163,38 @@ class Tool:
         # abandon_on_cancel: a timeout or a cancel must be able to give up on a thread
         # we cannot interrupt; the thread finishes on its own, its result discarded.
         return await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
+
+
+def fresh_arguments(arguments: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``arguments`` with every nested container copied (itself if it holds none).
+
+    Calling ``fn(**arguments)`` already copies the top level, so the common call with
+    scalar arguments costs one scan of the values and no copy.
+    """
+    scalar = _SCALAR_TYPES
+    for value in arguments.values():
+        if type(value) not in scalar:
+            return {k: _copy(v) for k, v in arguments.items()}
+    return arguments
+
+
+_SCALARS = (str, int, float, bool, bytes, type(None))
+_SCALAR_TYPES = frozenset(_SCALARS)
+
+
+def _copy(value: Any) -> Any:
+    # Arguments decoded from a model's JSON hold only dicts, lists and scalars; copy
+    # those by hand (several times faster than deepcopy), anything else with deepcopy.
+    if isinstance(value, _SCALARS):
+        return value
+    kind = type(value)
+    if kind is dict:
+        return {k: _copy(v) for k, v in value.items()}
+    if kind is list:
+        return [_copy(v) for v in value]
+    if kind is tuple:
+        return tuple(_copy(v) for v in value)
+    return copy.deepcopy(value)
 
 
 @overload
@@ -183,6 +235,7 @@ def tool(
       timeout (a sync tool's thread cannot be interrupted and finishes in the background).
     - ``retries``: extra attempts after an exception (``ToolError`` excepted), with
       exponential delays from ``retry_delay``, all under the same idempotency key.
+      Refused for ``idempotent=False`` tools: an exception may follow the effect.
     """
     if callable(name):
         return Tool(name)

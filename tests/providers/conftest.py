@@ -54,3 +54,55 @@ def sleeps() -> SleepRecorder:
 def retry(sleeps: SleepRecorder) -> RetryPolicy:
     """The default policy, with sleeps recorded instead of waited and jitter fixed at 0."""
     return RetryPolicy(sleep=sleeps, rng=lambda: 0.5)
+
+
+class CutTransport:
+    """An httpx2 transport to the real fake server whose response bodies break midway.
+
+    After the first chunk of a body, reading on raises ``error`` as the HTTP stack under
+    an SDK may (a raw, unwrapped transport error: some SDK versions do not wrap what is
+    raised while a stream's body is read).
+    """
+
+    def __init__(self, error: BaseException) -> None:
+        import httpx2
+
+        self.error = error
+        self._inner = httpx2.AsyncHTTPTransport()
+
+    def client(self) -> object:
+        """An ``httpx2.AsyncClient`` on this transport (for an SDK's ``http_client``)."""
+        import httpx2
+
+        outer = self
+
+        class Transport(httpx2.AsyncBaseTransport):
+            async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+                response = await outer._inner.handle_async_request(request)
+                return httpx2.Response(
+                    response.status_code,
+                    headers=response.headers,
+                    stream=outer._cut(response),
+                    extensions=response.extensions,
+                )
+
+            async def aclose(self) -> None:
+                await outer._inner.aclose()
+
+        return httpx2.AsyncClient(transport=Transport())
+
+    def _cut(self, response: object) -> object:
+        import httpx2
+
+        error = self.error
+
+        class Body(httpx2.AsyncByteStream):
+            async def __aiter__(self):  # type: ignore[no-untyped-def]
+                async for chunk in response.aiter_raw():  # type: ignore[attr-defined]
+                    yield chunk
+                    raise error
+
+            async def aclose(self) -> None:
+                await response.aclose()  # type: ignore[attr-defined]
+
+        return Body()

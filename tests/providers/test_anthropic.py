@@ -33,7 +33,7 @@ from perdure.providers import (
     Usage,
 )
 from perdure.providers.anthropic import to_anthropic_messages
-from tests.providers.conftest import SleepRecorder
+from tests.providers.conftest import CutTransport, SleepRecorder
 from tests.support.anthropic_server import AnthropicServer, error, message
 from tests.support.http_server import (
     DropConnection,
@@ -427,3 +427,22 @@ async def test_key_from_the_environment(
         assert (await provider.complete(ask())).message.content == "from env"
     headers = anthropic_server.message_requests[0].headers
     assert KEY in headers.get("x-api-key", "") + headers.get("authorization", "")
+
+
+async def test_a_raw_transport_error_mid_stream_is_a_typed_retryable_error(
+    anthropic_server: AnthropicServer, retry: RetryPolicy
+) -> None:
+    import anthropic
+
+    cut = CutTransport(OSError("connection reset by peer"))
+    client = anthropic.AsyncAnthropic(
+        api_key=KEY, base_url=anthropic_server.base_url, http_client=cut.client()
+    )
+    anthropic_server.push(message("one two three four"))
+    provider = Anthropic("claude-test", client=client, retry=retry)
+    try:
+        with pytest.raises(ProviderUnavailableError) as caught:
+            await collect(provider, ask())
+    finally:
+        await client.close()
+    assert "connection to" in str(caught.value) and "OSError" in str(caught.value)

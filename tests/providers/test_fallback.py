@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import AsyncIterator
 from contextlib import aclosing as closing
 
@@ -35,6 +36,10 @@ def policy(sleeps: SleepRecorder, attempts: int = 2) -> RetryPolicy:
     return RetryPolicy(max_attempts=attempts, sleep=sleeps)
 
 
+@pytest.mark.skipif(
+    importlib.util.find_spec("anthropic") is None,
+    reason="the optional 'anthropic' extra is not installed (pip install '.[dev]')",
+)
 async def test_persistent_503_falls_back_to_the_secondary(
     openai_server: OpenAIServer, anthropic_server: AnthropicServer, sleeps: SleepRecorder
 ) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
 import traceback
 from collections.abc import AsyncIterator
@@ -30,7 +32,8 @@ from perdure.providers import (
     ToolSpec,
     Usage,
 )
-from tests.providers.conftest import SleepRecorder
+from perdure.providers.errors import redact, url_secrets
+from tests.providers.conftest import CutTransport, SleepRecorder
 from tests.support.http_server import (
     DropConnection,
     Hang,
@@ -528,3 +531,139 @@ async def test_cancelling_a_stream_midway(provider: OpenAI, openai_server: OpenA
                 await anyio.sleep(0)  # a checkpoint: the cancellation lands here
     assert scope.cancelled_caught
     assert [e.text for e in seen if isinstance(e, TextDelta)] == ["one", " two"]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        OSError("connection reset by peer"),
+        anyio.BrokenResourceError(),
+        pytest.importorskip("httpx2").StreamClosed(),
+    ],
+    ids=["OSError", "BrokenResourceError", "httpx2.StreamClosed"],
+)
+async def test_a_raw_transport_error_mid_stream_is_a_typed_retryable_error(
+    openai_server: OpenAIServer, retry: RetryPolicy, raw: BaseException
+) -> None:
+    import openai
+
+    cut = CutTransport(raw)
+    client = openai.AsyncOpenAI(
+        api_key=KEY, base_url=openai_server.base_url, http_client=cut.client()
+    )
+    openai_server.push(completion("one two three four"))
+    provider = OpenAI("gpt-test", client=client, retry=retry)
+    try:
+        with pytest.raises(ProviderUnavailableError) as caught:
+            await collect(provider, ask())
+    finally:
+        await client.close()
+    assert "connection to" in str(caught.value) and type(raw).__name__ in str(caught.value)
+    assert caught.value.__context__ is None  # the raw error (with its request) is not kept
+
+
+def _chunk(delta: dict[str, object], finish: str | None = None) -> SSEEvent:
+    choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    return SSEEvent(json.dumps({"id": "c", "model": "gpt-test", "choices": [choice]}))
+
+
+async def test_a_streamed_tool_call_without_a_name_is_malformed(
+    provider: OpenAI, openai_server: OpenAIServer
+) -> None:
+    unnamed = {"index": 0, "id": "call_1", "function": {"arguments": '{"location": "Paris"}'}}
+    events = [_chunk({"tool_calls": [unnamed]}), _chunk({}, "tool_calls"), SSEEvent("[DONE]")]
+    policy = RetryPolicy(max_attempts=1)
+    openai_server.push(SSEReply(events))
+    async with OpenAI(
+        "gpt-test", base_url=openai_server.base_url, api_key=KEY, retry=policy
+    ) as one_try:
+        with pytest.raises(MalformedResponseError, match="tool call 0 has no function name"):
+            await collect(one_try, ask())
+    # as the same answer is when not streamed
+    openai_server.push(completion(None, [("call_1", "", {"location": "Paris"})]))
+    async with OpenAI(
+        "gpt-test", base_url=openai_server.base_url, api_key=KEY, retry=policy
+    ) as one_try:
+        with pytest.raises(MalformedResponseError, match="tool call 0 has no function name"):
+            await one_try.complete(ask())
+
+
+async def test_index_less_tool_calls_in_separate_chunks_stay_separate(
+    provider: OpenAI, openai_server: OpenAIServer
+) -> None:
+    # Some OpenAI-compatible servers send no index: each id starts a call, and a piece
+    # without an id continues the one before it.
+    pieces = [
+        {"id": "call_a", "function": {"name": "get_weather", "arguments": '{"location": '}},
+        {"function": {"arguments": '"Paris"}'}},
+        {"id": "call_b", "function": {"name": "get_weather", "arguments": '{"location": '}},
+        {"function": {"arguments": '"Oslo"}'}},
+    ]
+    events = [_chunk({"tool_calls": [p]}) for p in pieces]
+    events += [_chunk({}, "tool_calls"), SSEEvent("[DONE]")]
+    openai_server.push(SSEReply(events))
+    streamed = await collect(provider, ask())
+    assert [(e.index, e.id) for e in streamed if isinstance(e, ToolCallDelta)] == [
+        (0, "call_a"),
+        (0, None),
+        (1, "call_b"),
+        (1, None),
+    ]
+    final = streamed[-1]
+    assert isinstance(final, ResponseCompleted)
+    assert final.response.message.tool_calls == (
+        ToolCall("call_a", "get_weather", {"location": "Paris"}),
+        ToolCall("call_b", "get_weather", {"location": "Oslo"}),
+    )
+
+
+async def test_401_on_the_stream_path_is_terminal_and_never_shows_the_key(
+    provider: OpenAI,
+    openai_server: OpenAIServer,
+    sleeps: SleepRecorder,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)  # every logger, the SDK's and the HTTP stack's too
+    openai_server.push(error(401, f"Incorrect API key provided: {KEY}."))
+    with pytest.raises(AuthenticationError) as caught:
+        await collect(provider, ask())
+    err = caught.value
+    assert err.status == 401 and len(openai_server.chat_requests) == 1 and sleeps.delays == []
+    rendered = "".join(traceback.format_exception(err)) + repr(err) + str(err.__dict__)
+    assert KEY not in rendered and KEY[8:24] not in rendered
+    assert err.__cause__ is None and err.__context__ is None
+    assert caplog.records and not [r for r in caplog.records if KEY in r.getMessage()]
+    assert KEY not in repr(provider)
+
+
+async def test_credentials_in_base_url_never_show_in_messages_or_repr(
+    openai_server: OpenAIServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    password = "hunter2"  # short: redacted as URL userinfo, whatever its length
+    base_url = openai_server.base_url.replace("://", f"://bob:{password}@")
+    caplog.set_level(logging.DEBUG, logger="perdure")
+    openai_server.push(DropConnection(), error(503, "overloaded"))
+    async with OpenAI(
+        "gpt-test", base_url=base_url, api_key=KEY, retry=RetryPolicy(max_attempts=1)
+    ) as provider:
+        failures = []
+        for _ in range(2):
+            with pytest.raises(ProviderUnavailableError) as caught:
+                await provider.complete(ask())
+            failures.append(caught.value)
+        shown = repr(provider)
+    assert "base_url='http://[REDACTED]@127.0.0.1" in shown
+    assert "connection to http://[REDACTED]@127.0.0.1" in str(failures[0])
+    # (the HTTP library logs request URLs itself, userinfo included: perdure's logs do not)
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("perdure"))
+    for text in (shown, *map(str, failures), *(repr(f.__dict__) for f in failures), logged):
+        assert password not in text and KEY not in text
+
+
+def test_redact_scrubs_credentials_written_into_urls() -> None:
+    text = redact("GET https://bob:pw@host/v1?api-key=abc&x=1 and http://h/?key=AIza9&sig=s")
+    assert text == (
+        "GET https://[REDACTED]@host/v1?api-key=[REDACTED]&x=1 and "
+        "http://h/?key=[REDACTED]&sig=[REDACTED]"
+    )
+    assert url_secrets("https://bob:p%40ss@host/?token=t0k") == ("p%40ss", "p@ss", "t0k")

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from perdure.providers import LLMResponse, Message, ResponseCompleted, TextDelta, ToolCall
+from perdure.providers import (
+    LLMResponse,
+    MalformedResponseError,
+    Message,
+    ResponseCompleted,
+    TextDelta,
+    ToolCall,
+)
 from perdure.providers.streams import (
     ResponseAssembler,
     events_from_response,
@@ -85,3 +93,11 @@ def test_assembler_merges_pieces_by_index() -> None:
         ToolCall("b", "g", {"y": 2}),
         ToolCall("call_2", "h", {}),
     )
+
+
+def test_a_streamed_tool_call_without_a_name_is_malformed_as_when_not_streamed() -> None:
+    assembler = ResponseAssembler()
+    assembler.add_tool_call(ToolCallDelta(index=0, id="a", name="f", arguments="{}"))
+    assembler.add_tool_call(ToolCallDelta(index=1, id="b", arguments='{"x": 1}'))
+    with pytest.raises(MalformedResponseError, match="streamed tool call 1 has no function name"):
+        assembler.build(finish_reason="tool_calls", usage=Usage(), model="m", provider="p")

@@ -6,11 +6,15 @@ CRASH is ``none`` or ``<where>:<n>`` with where one of
 - ``llm``: inside the n-th model call this process makes;
 - ``tool-before`` / ``tool-after``: inside the n-th tool call, before / after its side
   effect was written to SIDE_FILE (fsync'd);
-- ``step``: right after the n-th step outcome of this process became durable.
+- ``step``: right after the n-th step outcome of this process became durable;
+- ``replay``: while the n-th record is folded by a replay of this process (an actor
+  rebuilding an execution's state from its log: recovery at open, or a restart), i.e.
+  a crash during recovery itself.
 
-On completion the worker prints the final Result as one JSON line and exits 0. The
-agent has four turns: one call, two concurrent calls, one call, then a final answer
-built from what the tools returned, so the transcript depends on every step.
+The event loop is asyncio, or trio when ``PERDURE_TEST_BACKEND=trio``. On completion
+the worker prints the final Result as one JSON line and exits 0. The agent has four
+turns: one call, two concurrent calls, one call, then a final answer built from what
+the tools returned, so the transcript depends on every step.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from perdure import Agent, Runtime, current_idempotency_key, tool
 from perdure.providers import LLMRequest, Scripted
 
 _lock = threading.Lock()
-_counts = {"llm": 0, "tool": 0, "step": 0}
+_counts = {"llm": 0, "tool": 0, "step": 0, "replay": 0}
 CRASH_WHERE, CRASH_AT = "none", 0
 SIDE_FILE = ""
 
@@ -92,6 +96,30 @@ agent = Agent(
 )
 
 
+def _crash_during_replays() -> None:
+    """Count the records folded by ``Journal.open`` (a replay), crashing at the n-th."""
+    import perdure.journal as journal
+
+    replaying = [0]
+    fold = journal.apply_record
+    replay = journal.load_state
+
+    def counting_fold(state: Any, type: str, payload: Any) -> Any:
+        if replaying[0]:
+            _maybe_crash("replay")
+        return fold(state, type, payload)
+
+    async def counting_replay(log: Any, execution_id: str) -> Any:
+        replaying[0] += 1
+        try:
+            return await replay(log, execution_id)
+        finally:
+            replaying[0] -= 1
+
+    journal.apply_record = counting_fold  # type: ignore[assignment]
+    journal.load_state = counting_replay  # type: ignore[assignment]
+
+
 def main() -> None:
     global CRASH_WHERE, CRASH_AT, SIDE_FILE
     data_dir, SIDE_FILE, crash = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -99,7 +127,10 @@ def main() -> None:
     if crash != "none":
         CRASH_WHERE, at = crash.split(":")
         CRASH_AT = int(at)
-    with Runtime(data_dir, agents=[agent]) as rt:
+    if CRASH_WHERE == "replay":
+        _crash_during_replays()
+    backend = os.environ.get("PERDURE_TEST_BACKEND", "asyncio")
+    with Runtime(data_dir, agents=[agent], backend=backend) as rt:  # type: ignore[arg-type]
 
         @rt.on_step
         def between_steps(execution_id: str, step: dict[str, Any]) -> None:

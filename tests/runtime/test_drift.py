@@ -2,19 +2,25 @@
 
 The interruption is a runtime closed while a tool is running (its task is cancelled at
 the shutdown timeout, so the log shows the call started and never finished, exactly as
-after a crash). The runtime is then reopened with a changed agent.
+after a crash), or a process SIGKILLed inside the tool. The runtime is then reopened
+with a changed agent, under each drift policy.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
 from perdure import Agent, Replayer, tool
+from perdure.drift import describe_changes
 from perdure.events import decode, execution_stream
 from perdure.journal import load_state
 from perdure.providers import Scripted
@@ -71,16 +77,29 @@ async def interrupt(open_runtime: Any, eid: str) -> None:
     # closed: the tool call was started and never completed
 
 
-CHANGES: list[tuple[str, Callable[..., Agent], dict[str, Any]]] = [
+SCHEMA_BEFORE = (
+    '{"additionalProperties":false,"properties":{"q":{"type":"string"}},'
+    '"required":["q"],"type":"object"}'
+)
+SCHEMA_AFTER = (
+    '{"additionalProperties":false,"properties":{"limit":{"default":3,"type":"integer"},'
+    '"q":{"type":"string"}},"required":["q"],"type":"object"}'
+)
+
+#: (label, the changed agent, the change the report must hold, the step it must name:
+#: the interrupted call of a changed tool, else the next model call)
+CHANGES: list[tuple[str, Callable[..., Agent], dict[str, Any], int]] = [
     (
         "instructions",
         lambda **kw: make_agent(instructions="Be verbose.", **kw),
         {"what": "instructions", "before": "Be brief.", "after": "Be verbose."},
+        3,
     ),
     (
         "model",
         lambda **kw: make_agent(model="bigger", **kw),
         {"what": "model", "before": "scripted", "after": "bigger"},
+        3,
     ),
     (
         "description",
@@ -92,23 +111,118 @@ CHANGES: list[tuple[str, Callable[..., Agent], dict[str, Any]]] = [
             "before": "Look something up",
             "after": "Search the web",
         },
+        2,
     ),
     (
         "schema",
         lambda **kw: make_agent(schema_extra=True, **kw),
-        {"what": "tool", "tool": "lookup", "field": "schema"},
+        {
+            "what": "tool",
+            "tool": "lookup",
+            "field": "schema",
+            "before": SCHEMA_BEFORE,
+            "after": SCHEMA_AFTER,
+        },
+        2,
     ),
     (
         "body",
         lambda **kw: make_agent(body=2, **kw),
         {"what": "tool", "tool": "lookup", "field": "code"},
+        2,
     ),
 ]
+CHANGE_IDS = [c[0] for c in CHANGES]
+ACTIONS = {"suspend": "suspended", "warn": "warned", "accept": "accepted", "fail": "failed"}
 
 
-@pytest.mark.parametrize(("label", "changed", "expected"), CHANGES, ids=[c[0] for c in CHANGES])
+def matching(changes: list[dict[str, Any]], expected: dict[str, Any]) -> dict[str, Any]:
+    """The one reported change that holds everything ``expected`` says."""
+    found = [c for c in changes if all(c.get(k) == v for k, v in expected.items())]
+    assert len(found) == 1, f"{expected} not (once) in {changes}"
+    item = found[0]
+    if item.get("field") == "code":  # code is shown as its digests, which must differ
+        assert len(item["before"]) == len(item["after"]) == 16
+        assert item["before"] != item["after"]
+    return item
+
+
+@pytest.mark.parametrize("policy", list(ACTIONS))
+@pytest.mark.parametrize(("label", "changed", "expected", "step"), CHANGES, ids=CHANGE_IDS)
+async def test_each_change_under_each_policy_is_reported_as_specified(
+    open_runtime: Any,
+    caplog: pytest.LogCaptureFixture,
+    label: str,
+    changed: Callable[..., Agent],
+    expected: dict[str, Any],
+    step: int,
+    policy: str,
+) -> None:
+    await interrupt(open_runtime, "d-1")
+    caplog.set_level(logging.WARNING, logger="perdure.engine")
+    caplog.clear()
+    async with open_runtime(agents=[changed(drift=policy)]) as rt:
+        r = await rt.wait("d-1")
+        state = await load_state(rt.log, "d-1")
+    # the record: which step, what changed (before and after), what the policy did
+    [drift] = state.drift
+    assert drift["step"] == step and drift["action"] == ACTIONS[policy]
+    item = matching(drift["changes"], expected)
+    where = f"'d-1' step {step}" + (" (tool 'lookup')" if step == 2 else "")
+    if policy == "suspend":
+        assert r.status == "suspended" and r.suspend_reason is not None
+        reason = r.suspend_reason
+        assert reason.kind == "drift" and reason.step == step and reason.changes == drift["changes"]
+        assert where in reason.message
+        if "before" in expected:
+            assert f"{item['before']!r} -> {item['after']!r}" in reason.message
+    elif policy == "fail":
+        assert r.status == "failed" and r.error is not None
+        assert r.error["type"] == "DriftError" and where in r.error["message"]
+        assert r.error["message"].endswith(describe_changes(drift["changes"]))
+    else:
+        assert r.status == "completed"
+        warned = [rec.getMessage() for rec in caplog.records if "drift policy" in rec.getMessage()]
+        if policy == "warn":
+            [line] = warned
+            assert f"d-1 step {step}" in line and describe_changes(drift["changes"]) in line
+        else:
+            assert warned == []  # accepted silently, yet recorded
+
+
+@pytest.mark.parametrize(("label", "changed", "expected", "step"), CHANGES, ids=CHANGE_IDS)
+async def test_drift_after_a_sigkill_inside_a_tool(
+    open_runtime: Any,
+    data_dir: Path,
+    label: str,
+    changed: Callable[..., Agent],
+    expected: dict[str, Any],
+    step: int,
+) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.runtime.drift_worker", str(data_dir), "k-1"],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    async with open_runtime(agents=[changed()]) as rt:
+        r = await rt.wait("k-1")
+        assert r.status == "suspended" and r.suspend_reason is not None
+        assert r.suspend_reason.kind == "drift" and r.suspend_reason.step == step
+        matching(r.suspend_reason.changes, expected)
+        r = await rt.resume("k-1", accept_drift=True)
+        assert r is not None and r.status == "completed"
+
+
+@pytest.mark.parametrize(("label", "changed", "expected", "step"), CHANGES, ids=CHANGE_IDS)
 async def test_drift_suspends_by_default_naming_what_changed(
-    open_runtime: Any, label: str, changed: Callable[..., Agent], expected: dict[str, Any]
+    open_runtime: Any,
+    label: str,
+    changed: Callable[..., Agent],
+    expected: dict[str, Any],
+    step: int,
 ) -> None:
     await interrupt(open_runtime, "d-1")
     agent = changed()
@@ -117,9 +231,7 @@ async def test_drift_suspends_by_default_naming_what_changed(
         r = await rt.wait("d-1")
         assert r.status == "suspended" and r.suspend_reason is not None
         assert r.suspend_reason.kind == "drift"
-        changes = r.suspend_reason.changes
-        match = [c for c in changes if all(c.get(k) == v for k, v in expected.items())]
-        assert match, f"{expected} not in {changes}"
+        matching(r.suspend_reason.changes, expected)
         assert "d-1" in r.suspend_reason.message and "step" in r.suspend_reason.message
         # the operator accepts the new definition: it resumes and completes
         r = await rt.resume("d-1", accept_drift=True)

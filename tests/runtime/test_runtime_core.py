@@ -311,6 +311,56 @@ async def test_custom_provider_returning_garbage_fails_clearly(open_runtime: Any
     assert r.error["type"] == "ValueError" and r.error["provider"] == "broken"
 
 
+@pytest.mark.parametrize(
+    ("mode", "fragment"),
+    [
+        ("complete", "returned a str, not an LLMResponse"),
+        ("stream-event", "its stream yielded a dict, not an event"),
+        ("stream-response", "returned None, not an LLMResponse"),
+        ("stream-empty", "ended without a ResponseCompleted"),
+        ("bad-call", "bad tool call"),
+    ],
+)
+async def test_a_provider_returning_garbage_fails_at_once_and_is_asked_once(
+    open_runtime: Any, mode: str, fragment: str
+) -> None:
+    from perdure.providers import ResponseCompleted, TextDelta
+
+    class Garbage:
+        name = "garbage"
+        model = "m"
+        calls = 0
+
+        async def complete(self, request: LLMRequest) -> Any:
+            Garbage.calls += 1
+            if mode == "bad-call":
+                return LLMResponse(Message("assistant", "", (ToolCall("1", "t", {1, 2}),)))  # type: ignore[arg-type]
+            return "not a response"
+
+        async def stream(self, request: LLMRequest) -> Any:
+            Garbage.calls += 1
+            yield TextDelta("partial ")
+            if mode == "stream-event":
+                yield {"text": "not an event"}
+            elif mode == "stream-response":
+                yield ResponseCompleted(None)  # type: ignore[arg-type]
+
+    agent = Agent("g", llm=Garbage())
+    async with open_runtime() as rt:
+        with anyio.fail_after(10):
+            if mode.startswith("stream"):
+                items = [i async for i in rt.stream(agent, "go", execution_id="gb-1")]
+                r = items[-1]
+            else:
+                r = await rt.run(agent, "go", execution_id="gb-1")
+    assert Garbage.calls == 1  # not asked again per engine restart
+    assert r.status == "failed" and r.error is not None
+    assert r.error["type"] == "MalformedResponseError" and r.error["provider"] == "garbage"
+    message = r.error["message"]
+    assert fragment in message and "'gb-1' step 1" in message and "garbage" in message
+    assert "perdure resume gb-1" in message
+
+
 def test_message_types_are_plain() -> None:
     # The transcript uses the provider layer's canonical types.
     assert Message("tool", "x", tool_call_id="1").to_dict()["tool_call_id"] == "1"
@@ -376,3 +426,168 @@ async def gated() -> str:
         _GATE["started"].set()
         await _GATE["block"].wait()
     return "passed"
+
+
+async def test_a_user_execution_under_a_childs_id_is_never_taken_for_the_child(
+    open_runtime: Any,
+) -> None:
+    """Ids may contain "/": a user's ``m-1/2`` is not the child of ``m-1``'s step 2."""
+    release = anyio.Event()
+
+    @tool
+    async def hold() -> str:
+        await release.wait()
+        return "held"
+
+    squatter_llm = Scripted(["the squatter's answer", "the squatter's answer"])
+    squatter = Agent("researcher", llm=squatter_llm)
+    blocker = Agent("blocker", tools=[hold], llm=Scripted([Scripted.call("hold"), "late"]))
+
+    def manager() -> Agent:
+        researcher = Agent("researcher", llm=Scripted(["the child's answer"] * 2))
+        llm = Scripted([Scripted.call("delegate_to_researcher", task="look it up"), "done"] * 2)
+        return Agent("manager", llm=llm, agents=[researcher])
+
+    async with open_runtime() as rt:
+        # completed, same agent, same task: once taken for the child, its output returned
+        done = await rt.run(squatter, "look it up", execution_id="m-1/2")
+        assert done.status == "completed"
+        # running: once taken for the child, the parent waited for a signal never sent
+        await rt.spawn(blocker, "look it up", execution_id="m-2/2")
+        with anyio.fail_after(10):
+            one = await rt.wait(
+                (await rt.spawn(manager(), "go", execution_id="m-1")).execution_id, until="finished"
+            )
+            two = await rt.wait(
+                (await rt.spawn(manager(), "go", execution_id="m-2")).execution_id, until="finished"
+            )
+        for r, eid in ((one, "m-1"), (two, "m-2")):
+            assert r.status == "completed" and r.output == "done"
+            assert [m.content for m in r.transcript if m.role == "tool"] == ["the child's answer"]
+            child = await rt.result(f"{eid}/2~1")
+            assert child.output == "the child's answer"
+            info = {e.execution_id: e for e in await rt.executions()}
+            assert info[f"{eid}/2~1"].parent == eid and info[f"{eid}/2"].parent is None
+        assert squatter_llm.calls == 1  # the user's executions were left as they were
+        assert (await rt.result("m-2/2")).status == "running"
+        release.set()
+        assert (await rt.wait("m-2/2")).output == "late"
+
+
+async def test_a_sync_tool_past_its_timeout_is_abandoned_and_reported(open_runtime: Any) -> None:
+    release, finished = threading.Event(), threading.Event()
+
+    @tool(timeout=0.2)
+    def stuck() -> str:
+        release.wait(30)  # a thread cannot be interrupted: it is abandoned, not stopped
+        finished.set()
+        return "too late"
+
+    llm = Scripted([Scripted.call("stuck"), "gave up on it"])
+    async with open_runtime() as rt:
+        with anyio.fail_after(10):
+            r = await rt.run(Agent("slow", tools=[stuck], llm=llm), "go", execution_id="to-1")
+        assert not finished.is_set()  # the execution went on while the thread still ran
+        release.set()
+        await anyio.to_thread.run_sync(finished.wait, 10)
+        again = await rt.result("to-1")
+    assert r.status == "completed" and r.output == "gave up on it"
+    [message] = [m for m in r.transcript if m.role == "tool"]
+    assert message.is_error
+    assert message.content == "ERROR (TimeoutError): tool 'stuck' did not finish within 0.2s"
+    assert again.transcript == r.transcript  # the late result changed nothing
+
+
+async def test_a_tool_calling_sys_exit_is_a_tool_error_and_spares_its_siblings(
+    open_runtime: Any,
+) -> None:
+    exited = anyio.Event()
+
+    @tool
+    def sync_quit() -> str:
+        raise SystemExit(3)
+
+    @tool
+    async def async_quit() -> str:
+        exited.set()
+        raise SystemExit("bye")
+
+    @tool
+    async def steady() -> str:
+        await exited.wait()
+        await anyio.sleep(0)  # a cancelled task group would cancel us here
+        return "fine"
+
+    calls = [Scripted.call("sync_quit"), Scripted.call("async_quit"), Scripted.call("steady")]
+    agent = Agent("quits", tools=[sync_quit, async_quit, steady], llm=Scripted([calls, "ok"]))
+    async with open_runtime() as rt:
+        with anyio.fail_after(10):
+            r = await rt.run(agent, "go", execution_id="se-1")
+    assert r.status == "completed" and r.output == "ok"
+    assert [(m.name, m.is_error, m.content) for m in r.transcript if m.role == "tool"] == [
+        (
+            "sync_quit",
+            True,
+            "ERROR (SystemExit): tool 'sync_quit' called sys.exit(3); a tool should return "
+            "a result or raise an exception",
+        ),
+        (
+            "async_quit",
+            True,
+            "ERROR (SystemExit): tool 'async_quit' called sys.exit('bye'); a tool should "
+            "return a result or raise an exception",
+        ),
+        ("steady", False, "fine"),
+    ]
+
+
+_INTERRUPTED = """
+import os, sys
+import anyio
+from perdure import Agent, Runtime, tool
+from perdure.providers import Scripted
+
+@tool
+def ctrl_c() -> str:
+    if os.environ.get("PRESS_CTRL_C"):
+        raise KeyboardInterrupt
+    return "calm"
+
+agent = Agent("ki", tools=[ctrl_c], llm=Scripted([Scripted.call("ctrl_c"), "done"]))
+
+async def main() -> None:
+    async with Runtime(sys.argv[1], durability="process", backend=sys.argv[2]) as rt:
+        r = await rt.run(agent, "go", execution_id="ki-1")
+        print(r.status, r.output)
+
+anyio.run(main, backend=sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
+def test_a_tool_raising_keyboard_interrupt_stops_the_process_and_leaves_the_call_in_doubt(
+    tmp_path: Any, loop: str
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "interrupted.py"
+    script.write_text(_INTERRUPTED)
+    data = str(tmp_path / "data")
+
+    def run(**env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, str(script), data, loop],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, **env},
+        )
+
+    pressed = run(PRESS_CTRL_C="1")
+    assert pressed.returncode != 0 and "KeyboardInterrupt" in pressed.stderr
+    # the call started and has no outcome: on restart it is re-run, as after a crash
+    resumed = run()
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed.stdout.split() == ["completed", "done"]

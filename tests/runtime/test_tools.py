@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Annotated, Literal, TypedDict
+import functools
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypedDict
 
 import pytest
 
-from perdure import AgentDefinitionError, Tool, ToolArgumentsError, tool
+from perdure import Agent, AgentDefinitionError, Tool, ToolArgumentsError, tool
 from perdure.fingerprint import code_digest
+from perdure.journal import load_state
+from perdure.providers import Scripted
+from perdure.tools import fresh_arguments
 
 
 class Unit(enum.Enum):
@@ -159,3 +166,131 @@ def test_fingerprint_changes_per_field() -> None:
     assert make("adds", 1).fingerprint == base.fingerprint
     assert make("adds one", 1).fingerprint["description"] != base.fingerprint["description"]
     assert make("adds", 2).fingerprint["code"] != base.fingerprint["code"]
+
+
+@pytest.mark.anyio
+async def test_a_tool_mutating_its_arguments_changes_neither_the_record_nor_the_transcript(
+    open_runtime: Any,
+) -> None:
+    """Invariant 5: the live transcript is what replay rebuilds from the log."""
+
+    @tool
+    def pack(items: list[str], box: dict[str, list[int]]) -> str:
+        items.append("mutated")  # a tool is free to use its arguments as scratch space
+        box["sizes"].append(99)
+        box["new"] = [1]
+        return ",".join(items)
+
+    call = Scripted.call("pack", items=["a", "b"], box={"sizes": [1, 2]})
+    llm = Scripted([call, "packed"])
+    agent = Agent("packer", tools=[pack], llm=llm)
+
+    @agent.contract("meddler")
+    def meddle(tool_name: str, arguments: dict[str, Any]) -> None:
+        arguments["items"].append("by contract")  # neither may a contract change them
+        arguments["box"] = {}
+
+    async with open_runtime() as rt:
+        live = await rt.run(agent, "pack it", execution_id="pk-1")
+        replayed = await load_state(rt.log, "pk-1")
+    assert live.status == "completed"
+    assert list(live.transcript) == replayed.messages
+    [assistant] = [m for m in live.transcript if m.tool_calls]
+    assert assistant.tool_calls[0].arguments == {"items": ["a", "b"], "box": {"sizes": [1, 2]}}
+    assert [m.content for m in live.transcript if m.role == "tool"] == ["a,b,mutated"]
+    # the model's second request carried the arguments as the model sent them
+    second = llm.requests[1].messages
+    assert second[1].tool_calls[0].arguments == {"items": ["a", "b"], "box": {"sizes": [1, 2]}}
+    # after a restart, the recovered execution holds the same transcript
+    async with open_runtime(agents=[agent]) as rt:
+        assert (await rt.result("pk-1")).transcript == live.transcript
+
+
+def test_fresh_arguments_copies_only_when_there_is_something_to_copy() -> None:
+    flat = {"a": 1, "b": "x", "c": None}
+    assert fresh_arguments(flat) is flat  # fn(**flat) copies the top level already
+    nested = {"a": [1, [2]], "b": {"c": (3, [4])}}
+    copied = fresh_arguments(nested)
+    assert copied == nested
+    assert copied["a"] is not nested["a"] and copied["a"][1] is not nested["a"][1]
+    assert copied["b"]["c"][1] is not nested["b"]["c"][1]
+
+
+_ADDRESS_PRONE_TOOLS = """
+import functools
+
+from perdure import Tool
+
+PARAMS = {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}
+
+
+class Adder:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __call__(self, x: int) -> int:
+        return x + self.n
+
+
+def add(x: int, n: int) -> int:
+    return x + n
+
+
+namespace: dict = {}
+# No source to read: digested from bytecode, whose nested code object has an address.
+exec("def made(x):\\n    def inner(y):\\n        return y + 1\\n    return inner(x)\\n", namespace)
+
+
+def tools() -> list:
+    return [
+        Tool(Adder(1), name="adder", description="d", parameters=PARAMS),
+        Tool(functools.partial(add, n=1), name="partial", description="d", parameters=PARAMS),
+        Tool(namespace["made"], name="made", description="d", parameters=PARAMS),
+    ]
+
+
+if __name__ == "__main__":
+    print(" ".join(t.fingerprint_digest for t in tools()))
+"""
+
+
+def test_fingerprints_of_instances_partials_and_sourceless_code_hold_no_address(
+    tmp_path: Path,
+) -> None:
+    """A digest holding a memory address is drift on every restart."""
+    module = tmp_path / "address_prone_tools.py"
+    module.write_text(_ADDRESS_PRONE_TOOLS)
+    runs = [
+        subprocess.run(
+            [sys.executable, str(module)], capture_output=True, text=True, check=True
+        ).stdout.split()
+        for _ in range(2)
+    ]
+    assert len(runs[0]) == 3 and runs[0] == runs[1]
+
+    # ...and the digests still see the code and the bound arguments
+    class Adder:
+        def __call__(self, x: int) -> int:
+            return x + 1
+
+    class Subtracter:
+        def __call__(self, x: int) -> int:
+            return x - 1
+
+    def add(x: int, n: int) -> int:
+        return x + n
+
+    assert code_digest(Adder()) == code_digest(Adder())
+    assert code_digest(Adder()) != code_digest(Subtracter())
+    assert code_digest(functools.partial(add, n=1)) == code_digest(functools.partial(add, n=1))
+    assert code_digest(functools.partial(add, n=1)) != code_digest(functools.partial(add, n=2))
+
+
+def test_retries_on_a_non_idempotent_tool_are_refused() -> None:
+    with pytest.raises(AgentDefinitionError, match=r"retries=2 with idempotent=False") as info:
+
+        @tool(idempotent=False, retries=2)
+        def charge(amount: float) -> str: ...
+
+    assert "current_idempotency_key()" in str(info.value) and "'charge'" in str(info.value)
+    assert not tool("pay", idempotent=False)(lambda amount: "ok").retries  # fine without

@@ -10,7 +10,9 @@ Replies:
 - :class:`JSONReply` -- a status, headers and a JSON body.
 - :class:`RawReply` -- arbitrary bytes (a malformed body).
 - :class:`SSEReply` -- server-sent events, chunked; ``drop_after=N`` closes the socket
-  after N events without finishing the body (a connection dropped mid-stream).
+  after N events without finishing the body (a connection dropped mid-stream);
+  ``gate=Gate(N)`` stops after N events until the test releases it (so a client is
+  known to have seen part of a stream, and no more, when it acts on it).
 - :class:`DropConnection` -- close the socket without answering at all.
 - :class:`Hang` -- answer nothing until released (or the server stops): a timeout.
 - anything with ``render(request) -> reply`` (the wire-format modules use this to answer
@@ -31,6 +33,7 @@ from typing import Any, Protocol
 
 __all__ = [
     "DropConnection",
+    "Gate",
     "Hang",
     "JSONReply",
     "RawReply",
@@ -97,17 +100,31 @@ class SSEEvent:
 
 
 @dataclass(frozen=True)
+class Gate:
+    """Pause a stream after ``after`` events until ``release`` is set (or the server stops).
+
+    ``reached`` is set when the stream pauses: every event before the gate has been
+    written to the socket.
+    """
+
+    after: int
+    release: threading.Event = field(default_factory=threading.Event)
+    reached: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass(frozen=True)
 class SSEReply:
     """Answer with a ``text/event-stream`` body, one chunk per event.
 
     ``drop_after``: close the socket after that many events, without the final chunk, so
-    the client sees a connection dropped mid-body.
+    the client sees a connection dropped mid-body. ``gate``: pause at a :class:`Gate`.
     """
 
     events: Sequence[SSEEvent]
     status: int = 200
     headers: Mapping[str, str] = field(default_factory=dict)
     drop_after: int | None = None
+    gate: Gate | None = None
 
 
 @dataclass(frozen=True)
@@ -251,6 +268,9 @@ class ScriptedHTTPServer:
                 if isinstance(scripted, Hang):
                     with self._lock:
                         self._hangs.append(scripted.release)
+                if isinstance(scripted, SSEReply) and scripted.gate is not None:
+                    with self._lock:
+                        self._hangs.append(scripted.gate.release)
                 return scripted
             if hasattr(scripted, "render"):
                 scripted = scripted.render(request)
@@ -334,6 +354,9 @@ class _Handler(BaseHTTPRequestHandler):
             if reply.drop_after is not None and number >= reply.drop_after:
                 self._drop()
                 return
+            if reply.gate is not None and number == reply.gate.after:
+                reply.gate.reached.set()
+                reply.gate.release.wait()
             data = event.encode()
             self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
             self.wfile.flush()

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from tests.support.http_server import (
+    Gate,
     JSONReply,
     RecordedRequest,
     Reply,
@@ -42,6 +43,7 @@ class Completion:
     ``tool_calls`` are ``(id, name, arguments)``; ``arguments`` is a dict (sent as a JSON
     string, as the API does) or a raw string sent verbatim (to script invalid JSON).
     Stream options: ``drop_after`` drops the connection after that many events;
+    ``gate`` pauses the stream at a :class:`~tests.support.http_server.Gate`;
     ``finish=False`` ends the stream (with ``[DONE]``) without any finish reason.
     """
 
@@ -51,6 +53,7 @@ class Completion:
     model: str = "gpt-test"
     finish_reason: str | None = None
     drop_after: int | None = None
+    gate: Gate | None = None
     finish: bool = True
 
     @property
@@ -138,7 +141,7 @@ class Completion:
     def render(self, request: RecordedRequest) -> Reply:
         """JSON, or SSE when the request asked for a stream."""
         if request.wants_stream:
-            return SSEReply(self.events(), drop_after=self.drop_after)
+            return SSEReply(self.events(), drop_after=self.drop_after, gate=self.gate)
         return JSONReply(self.body())
 
 
