@@ -11,6 +11,10 @@ from collections.abc import AsyncIterator
 import anyio
 import pytest
 
+pytest.importorskip(
+    "openai", reason="the optional 'openai' extra is not installed (pip install '.[dev]')"
+)
+
 from perdure.providers import (
     AuthenticationError,
     BadRequestError,
