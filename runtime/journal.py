@@ -14,6 +14,7 @@ append carries everyone's events, and the log's group commit does the rest.
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import anyio
@@ -59,10 +60,23 @@ async def load_state(log: EventLog, execution_id: str) -> ExecutionState:
     """Replay an execution's stream into a fresh state (calls nothing, writes nothing)."""
     state = ExecutionState()
     seq = 0
-    async for chunk in log.read_chunks(execution_stream(execution_id)):
-        for record in chunk:
-            apply_record(state, record.type, record.payload)
-        seq = chunk[-1].seq
+    # Replay builds a large tree of plain, acyclic objects (payload dicts and lists the
+    # state keeps). CPython's cyclic GC would scan the whole heap again and again while
+    # it grows; in a process with a large heap that doubles a replay's time (measured
+    # in bench/runtime_bench.py). Nothing here makes cycles, so collection waits until
+    # the replay ends. Reference counting still frees everything as usual, and GC is
+    # only turned back on if it was on (concurrent replays and users who disabled it
+    # themselves are left as they were).
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        async for chunk in log.read_chunks(execution_stream(execution_id)):
+            for record in chunk:
+                apply_record(state, record.type, record.payload)
+            seq = chunk[-1].seq
+    finally:
+        if collecting:
+            gc.enable()
     state.seq = seq
     return state
 
