@@ -68,8 +68,9 @@ class ExecutionActor(Actor):
         if state.status == "running" and self.want_drive:
             self._start_drive()
         elif state.status != "running" and self.want_drive:
-            # Started to drive but there is nothing to do (it settled meanwhile).
-            self.runtime._settled(self.execution_id, state)
+            # Started to drive but there is nothing to do: it settled meanwhile, and
+            # whoever settled it fired the callbacks. Only the slot goes back.
+            self.runtime._release(self.execution_id)
             self._stop()
 
     async def on_stop(self, reason: StopReason) -> None:

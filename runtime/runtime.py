@@ -437,7 +437,11 @@ class Runtime:
         )
         journal = Journal(self.log, ExecutionState(), eid)
         journal.stage(started)
+        # A concurrent spawn of the same id may hold the slot already: the loser of
+        # the append below must not give back a slot that is the winner's.
+        took_slot = eid not in self._slots
         has_slot = self._try_acquire(eid)
+        took_slot = took_slot and has_slot
         if not has_slot:
             journal.override_meta(status="queued")
         if started.parent:
@@ -447,11 +451,13 @@ class Runtime:
         except ConflictError:
             # Spawned concurrently under the same id: that one won; this is the same
             # execution if the prompt matches.
-            self._release(eid)
+            if took_slot:
+                self._release(eid)
             await self._check_same(eid, definition_agent, prompt)
             return ExecutionHandle(eid, self)
         except BaseException:
-            self._release(eid)
+            if took_slot:
+                self._release(eid)
             raise
         if has_slot:
             await self._start_actor(eid, drive=True)
@@ -533,6 +539,8 @@ class Runtime:
                 if self.max_concurrency is not None and len(self._slots) >= self.max_concurrency:
                     return
                 eid = self._queue.popleft()
+                if eid not in self._queued:
+                    continue  # settled while it waited (cancelled, say): nothing to start
                 self._queued.discard(eid)
                 self._slots.add(eid)
                 await self._start_actor(eid, True)
@@ -633,6 +641,7 @@ class Runtime:
         if state.status == "running":
             return
         self._release(eid)
+        self._queued.discard(eid)  # its queue entry is skipped: it must not start again
         for event in self._waiters.pop(eid, ()):
             event.set()
         status = state.status
