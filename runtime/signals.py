@@ -73,8 +73,14 @@ def precheck(
             )
     if kind == "resolve" and payload.get("action") not in ("retry", "complete", "fail"):
         return "resolve needs action 'retry', 'complete' (with output) or 'fail'"
-    if kind == "budget" and not isinstance(payload.get("budget"), Mapping):
-        return "a budget signal needs a budget (max_dollars, max_llm_calls, ...)"
+    if kind == "budget":
+        raw = payload.get("budget")
+        if not isinstance(raw, Mapping):
+            return "a budget signal needs a budget (max_dollars, max_llm_calls, ...)"
+        try:
+            Budget.from_dict(raw)
+        except (TypeError, ValueError) as exc:
+            return f"the budget {dict(raw)!r} is not valid: {exc}"
     return None
 
 
