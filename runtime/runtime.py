@@ -19,6 +19,7 @@ crash replays the log and carries on; repeated crashes give up on that execution
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import math
@@ -66,9 +67,10 @@ from perdure.log import ConflictError, EventLog
 from perdure.log.protocol import ANY, Durability
 from perdure.providers.pricing import Price, Pricing
 from perdure.providers.types import LLMResponse
-from perdure.result import ExecutionInfo, Result
+from perdure.result import ExecutionInfo, Result, SuspendReason
 from perdure.signals import precheck
 from perdure.state import TERMINAL, ExecutionState
+from perdure.status import describe
 from perdure.tool_threads import ToolThreads
 
 __all__ = ["ExecutionHandle", "Runtime"]
@@ -735,7 +737,7 @@ class Runtime:
             except RuntimeError:
                 pass  # a broken journal: its actor is crashing; read the log instead
             else:
-                return Result.from_state(journal.state)
+                return await self._with_children(Result.from_state(journal.state))
         info = await self.log.stream_info(execution_stream(execution_id))
         if info is None:
             raise ExecutionNotFoundError(
@@ -743,7 +745,36 @@ class Runtime:
             )
         state = await load_state(self.log, execution_id)
         status = info.meta.get("status")
-        return Result.from_state(state, "queued" if status == "queued" else None)
+        return await self._with_children(
+            Result.from_state(state, "queued" if status == "queued" else None)
+        )
+
+    async def _with_children(self, result: Result) -> Result:
+        """``result`` with each child it waits on described as of now (status, reason)."""
+        reason = result.suspend_reason
+        ids = _waiting_on(reason.details) if reason is not None else []
+        if reason is None or not ids:
+            return result
+        now: dict[str, dict[str, Any]] = {}
+        for child_id in ids:
+            info = await self.log.stream_info(execution_stream(child_id))
+            meta = info.meta if info is not None else {}
+            now[child_id] = {
+                "execution_id": child_id,
+                "status": meta.get("status"),
+                "status_text": describe(meta) if info is not None else "not started yet",
+                "reason": meta.get("reason"),
+                "confirmations": list(meta.get("confirmations") or ()),
+            }
+
+        def described(blocker: Mapping[str, Any]) -> dict[str, Any]:
+            child = now.get(blocker.get("child_id", "")) if blocker.get("kind") == "child" else None
+            return {**blocker, "child": child} if child is not None else dict(blocker)
+
+        details = described(reason.details)
+        if "pending" in details:
+            details["pending"] = [described(b) for b in details["pending"]]
+        return dataclasses.replace(result, suspend_reason=SuspendReason(reason.kind, details))
 
     async def state(self, execution_id: str) -> ExecutionState:
         """The full replayed state of an execution (a copy if it is live)."""
