@@ -270,7 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("approve", _approve, "approve a pending tool call (or override a contract)")
     p.add_argument("execution_id", metavar="ID", help="the execution id")
     p.add_argument("confirmation_id", metavar="CID", help="the confirmation id (see inspect)")
-    p.add_argument("--note", help="recorded with the approval")
+    p.add_argument(
+        "--note",
+        help="recorded with the approval (a contract override without one records 'no note given')",
+    )
     signal_options(p)
 
     p = command("reject", _reject, "reject a pending tool call; the model is told why")
