@@ -530,6 +530,9 @@ class Runtime:
         if eid not in self._queued:
             self._queued.add(eid)
             self._queue.append(eid)
+        # A slot may have freed while this one was being queued (the spawn's append
+        # awaited), after the last drain ended: nobody else would start it.
+        self._start_queued()
 
     async def _enqueue(self, eid: str) -> None:
         """An execution that can run but has no slot waits in the queue (no task)."""
@@ -537,6 +540,8 @@ class Runtime:
         await self.log.set_meta(execution_stream(eid), {"status": "queued"})
 
     def _start_queued(self) -> None:
+        if self.max_concurrency is not None and len(self._slots) >= self.max_concurrency:
+            return  # no slot: the next release drains
         if self._queue and not self._draining and self._tg is not None and self._open:
             self._draining = True
             self._tg.start_soon(self._drain_queue)
@@ -655,7 +660,9 @@ class Runtime:
         if state.status == "running":
             return
         self._release(eid)
-        self._queued.discard(eid)  # its queue entry is skipped: it must not start again
+        if eid in self._queued:  # settled while it waited (cancelled): it must not start
+            self._queued.discard(eid)
+            self._queue.remove(eid)
         for event in self._waiters.pop(eid, ()):
             event.set()
         status = state.status
