@@ -821,7 +821,9 @@ class Runtime:
         Built-in names: ``approve``/``approval``, ``reject``/``rejection``, ``budget``,
         ``cancel``, ``resolve``, ``resume``, ``accept_drift``. Any other name is a user
         signal, handed to tools waiting in ``wait_for_signal(name)``. A suspended
-        execution that the signal unblocks resumes by itself (auto-resume).
+        execution that the signal unblocks resumes by itself (auto-resume). If its
+        delivery fails (the log, the execution's actor), it stays in the inbox and is
+        retried with backoff, logged each time; this call waits until it is taken.
         """
         self._require_open()
         info = await self.log.stream_info(execution_stream(execution_id))
