@@ -18,15 +18,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import tempfile
 import urllib.request
+from http import HTTPStatus
 from typing import Any
 
 import anyio
 from anyio.abc import SocketStream
 
-from perdure import Agent, ExecutionNotFoundError, InvalidSignalError, Runtime, tool
+from perdure import (
+    Agent,
+    ExecutionNotFoundError,
+    InvalidSignalError,
+    PromptMismatchError,
+    Runtime,
+    tool,
+)
 from perdure.providers import LLMRequest, Scripted
+
+log = logging.getLogger("service")
 
 
 @tool("pay_expense", requires_confirmation=True)
@@ -52,20 +63,35 @@ agent = Agent(
 )
 
 
+class BadRequest(Exception):
+    """The request cannot be read (answered 400; the service carries on)."""
+
+
+_MAX_HEAD = 64 * 1024
+_MAX_BODY = 1024 * 1024
+
+
 class Api:
-    """Routes HTTP requests to the runtime."""
+    """Routes HTTP requests to the runtime.
+
+    Every request gets an answer or, if the client went away, none; whatever goes
+    wrong with one request (bad input, a bug) never stops the service.
+    """
 
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
 
     async def handle(self, method: str, path: str, body: Any) -> tuple[int, Any]:
         parts = [p for p in path.split("?")[0].split("/") if p]
-        query = (
-            dict(q.split("=", 1) for q in path.split("?", 1)[1].split("&")) if "?" in path else {}
-        )
+        query = dict(q.partition("=")[::2] for q in path.partition("?")[2].split("&") if q)
+        if method == "POST" and not isinstance(body, dict):
+            return 400, {"error": "the body must be a JSON object"}
         try:
             if method == "POST" and parts == ["runs"]:
-                handle = await self.rt.spawn(agent, body["prompt"], execution_id=body.get("id"))
+                prompt = body.get("prompt")
+                if not isinstance(prompt, str):
+                    return 400, {"error": "'prompt' (a string) is required"}
+                handle = await self.rt.spawn(agent, prompt, execution_id=body.get("id"))
                 return 202, {"execution_id": handle.execution_id}
             if method == "GET" and parts == ["runs"]:
                 infos = await self.rt.executions(status=query.get("status"))
@@ -84,31 +110,73 @@ class Api:
                 return 200, (await self.rt.result(parts[1])).to_dict()
         except ExecutionNotFoundError as exc:
             return 404, {"error": str(exc)}
-        except (InvalidSignalError, KeyError, ValueError, TypeError) as exc:
+        except PromptMismatchError as exc:
+            return 409, {"error": str(exc)}
+        except KeyError as exc:
+            return 400, {"error": f"missing field {exc}"}
+        except (InvalidSignalError, ValueError, TypeError) as exc:
             return 400, {"error": str(exc)}
         return 404, {"error": f"no route {method} {path}"}
 
     async def serve_client(self, stream: SocketStream) -> None:
         async with stream:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = await stream.receive(65536)
-                data += chunk
-            head, _, rest = data.partition(b"\r\n\r\n")
-            lines = head.decode("latin-1").split("\r\n")
-            method, path, _ = lines[0].split(" ", 2)
-            headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
-            length = int(headers.get("content-length", 0))
-            while len(rest) < length:
-                rest += await stream.receive(65536)
-            body = json.loads(rest) if rest else {}
-            status, payload = await self.handle(method, path, body)
-            out = json.dumps(payload).encode()
+            try:
+                method, path, body = await self._read_request(stream)
+            except BadRequest as exc:
+                await self._respond(stream, 400, {"error": str(exc)})
+                return
+            except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                return  # the client went away before its request was complete
+            try:
+                status, payload = await self.handle(method, path, body)
+            except Exception as exc:
+                log.exception("%s %s failed", method, path)
+                status, payload = 500, {"error": f"internal error: {type(exc).__name__}"}
+            await self._respond(stream, status, payload)
+
+    async def _read_request(self, stream: SocketStream) -> tuple[str, str, Any]:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            if len(data) > _MAX_HEAD:
+                raise BadRequest("request head too large")
+            data += await stream.receive(65536)
+        head, _, rest = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        request_line = lines[0].split(" ")
+        if len(request_line) != 3 or not request_line[1].startswith("/"):
+            raise BadRequest(f"bad request line {lines[0][:100]!r}")
+        method, path, _ = request_line
+        headers = {}
+        for line in lines[1:]:
+            name, colon, value = line.partition(":")
+            if not colon:
+                raise BadRequest(f"bad header line {line[:100]!r}")
+            headers[name.strip().lower()] = value.strip()
+        try:
+            length = int(headers.get("content-length", "0"))
+        except ValueError:
+            raise BadRequest("Content-Length is not a number") from None
+        if not 0 <= length <= _MAX_BODY:
+            raise BadRequest(f"Content-Length must be 0..{_MAX_BODY}")
+        while len(rest) < length:
+            rest += await stream.receive(65536)
+        try:
+            body = json.loads(rest[:length]) if length else {}
+        except ValueError as exc:
+            raise BadRequest(f"the body is not JSON: {exc}") from None
+        return method, path, body
+
+    async def _respond(self, stream: SocketStream, status: int, payload: Any) -> None:
+        out = json.dumps(payload).encode()
+        phrase = HTTPStatus(status).phrase
+        try:
             await stream.send(
-                f"HTTP/1.1 {status} OK\r\nContent-Type: application/json\r\n"
+                f"HTTP/1.1 {status} {phrase}\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(out)}\r\nConnection: close\r\n\r\n".encode()
                 + out
             )
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass  # the client did not wait for the answer
 
 
 def call(port: int, method: str, path: str, body: Any = None) -> Any:
@@ -143,7 +211,7 @@ async def main(data_dir: str, port: int, demo: bool) -> None:
         api = Api(rt)
         listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=port)
         port = listener.extra(anyio.abc.SocketAttribute.local_port)
-        print(f"serving on http://127.0.0.1:{port} (data dir {data_dir})")
+        print(f"serving on http://127.0.0.1:{port} (data dir {data_dir})", flush=True)
         async with anyio.create_task_group() as tg:
             tg.start_soon(listener.serve, api.serve_client)
             if demo:

@@ -270,7 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("approve", _approve, "approve a pending tool call (or override a contract)")
     p.add_argument("execution_id", metavar="ID", help="the execution id")
     p.add_argument("confirmation_id", metavar="CID", help="the confirmation id (see inspect)")
-    p.add_argument("--note", help="recorded with the approval")
+    p.add_argument(
+        "--note",
+        help="recorded with the approval (a contract override without one records 'no note given')",
+    )
     signal_options(p)
 
     p = command("reject", _reject, "reject a pending tool call; the model is told why")
@@ -499,10 +502,30 @@ async def _inspect(ctx: _Ctx, args: argparse.Namespace) -> int:
             async for child in log.streams(prefix=f"{_PREFIX}{eid[:200]}")
             if child.meta.get("parent") == eid
         ]
-        pending = (await pending_signals(log)).get(eid, [])
-    state = _fold(info, history)
-    owner = owner_pid(ctx.data_dir)
-    owned = owner is not None
+        all_pending = await pending_signals(log)
+        pending = all_pending.get(eid, [])
+        state = _fold(info, history)
+        owner = owner_pid(ctx.data_dir)
+        owned = owner is not None
+        # A child's own suspension (an approval, say) shows from the parent's side.
+        waiting_on = []
+        for child_id in _child_blockers(state.suspend_reason):
+            child = await log.stream_info(execution_stream(child_id))
+            cmeta = child.meta if child is not None else {}
+            waiting_on.append(
+                {
+                    "execution_id": child_id,
+                    "agent": cmeta.get("agent"),
+                    "status": cmeta.get("status"),
+                    "status_text": describe(
+                        cmeta, owned=owned, pending=len(all_pending.get(child_id, ()))
+                    )
+                    if child is not None
+                    else "not started yet",
+                    "reason": cmeta.get("reason"),
+                    "confirmations": list(cmeta.get("confirmations") or ()),
+                }
+            )
     meta = info.meta
     status = str(meta.get("status"))
     last_fingerprint = None
@@ -550,6 +573,7 @@ async def _inspect(ctx: _Ctx, args: argparse.Namespace) -> int:
         "definition": state.definition,
         "request_fingerprint": last_fingerprint,
         "suspension": state.suspend_reason,
+        "waiting_on": waiting_on,
         "open_calls": open_calls,
         "drift": state.drift,
         "children": [
@@ -653,8 +677,9 @@ def _inspect_lines(d: Mapping[str, Any]) -> list[str]:
     reason = d["suspension"]
     if reason:
         lines.append("suspension")
+        children = {c["execution_id"]: c for c in d["waiting_on"]}
         for b in reason.get("pending") or [reason]:
-            lines.append("  " + _blocker(b))
+            lines.append("  " + _blocker(b, children.get(b.get("child_id"))))
     if d["open_calls"]:
         lines.append("open tool calls")
         lines += [
@@ -716,7 +741,15 @@ def _n(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
-def _blocker(b: Mapping[str, Any]) -> str:
+def _child_blockers(reason: Mapping[str, Any] | None) -> list[str]:
+    """The child executions a suspension waits for, in call order."""
+    if not reason:
+        return []
+    blockers = reason.get("pending") or [reason]
+    return [str(b["child_id"]) for b in blockers if b.get("kind") == "child" and b.get("child_id")]
+
+
+def _blocker(b: Mapping[str, Any], child: Mapping[str, Any] | None = None) -> str:
     kind = b.get("kind")
     if kind in ("approval", "contract"):
         args = fmt_json(b.get("arguments"), 100)
@@ -737,7 +770,13 @@ def _blocker(b: Mapping[str, Any]) -> str:
     if kind == "signal":
         return f"signal: step {b.get('step')} {b.get('tool')} waits for signal {b.get('name')!r}"
     if kind == "child":
-        return f"child: step {b.get('step')} waits for child execution {b.get('child_id')}"
+        head = f"child: step {b.get('step')} waits for child execution {b.get('child_id')}"
+        if child is None:
+            return head
+        text = f"{head}: {child['status_text']}"
+        if child.get("status") == "suspended":
+            text += f"; see 'perdure inspect {b.get('child_id')}'"
+        return text
     return fmt_json(b)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -69,8 +70,9 @@ class ExecutionActor(Actor):
         if state.status == "running" and self.want_drive:
             self._start_drive()
         elif state.status != "running" and self.want_drive:
-            # Started to drive but there is nothing to do (it settled meanwhile).
-            self.runtime._settled(self.execution_id, state)
+            # Started to drive but there is nothing to do: it settled meanwhile, and
+            # whoever settled it fired the callbacks. Only the slot goes back.
+            self.runtime._release(self.execution_id)
             self._stop()
 
     async def on_stop(self, reason: StopReason) -> None:
@@ -114,9 +116,22 @@ class ExecutionActor(Actor):
             return
         definition = self.agent.definition() if self.agent is not None else None
         before = state.status
-        for event in translate(
-            state, message.name, message.payload, message.by, message.seq, definition
-        ):
+        try:
+            events = translate(
+                state, message.name, message.payload, message.by, message.seq, definition
+            )
+        except Exception as exc:
+            # A payload it cannot use (a budget with a bad limit, say) would fail the
+            # same way on every delivery: turn it down, on the record, with the reason.
+            events = [
+                SignalIgnored(
+                    message.name,
+                    f"cannot apply it: {type(exc).__name__}: {exc}",
+                    message.by,
+                    message.seq,
+                )
+            ]
+        for event in events:
             journal.stage(event)
             if isinstance(event, SignalIgnored):
                 log.warning(
@@ -139,6 +154,10 @@ class ExecutionActor(Actor):
                 )
                 self.runtime._settled(self.execution_id, state)
                 self._stop()
+            elif not self.runtime._recovered.is_set():
+                # A signal from the backlog at open: a later one may be a cancel, so
+                # nothing runs until all of them are in; recovery then drives it.
+                return
             elif self.runtime._try_acquire(self.execution_id):
                 self._start_drive()
             else:
@@ -159,11 +178,8 @@ class ExecutionActor(Actor):
             # An append was cut short by the cancellation: whether it was written is
             # only known to the log, so start again from the log.
             journal = self.journal = await Journal.open(self.runtime.log, self.execution_id)
-        journal.stage(
-            ExecutionCancelled(
-                str((message.payload or {}).get("reason") or ""), message.by, message.seq
-            )
-        )
+        payload = message.payload if isinstance(message.payload, Mapping) else {}
+        journal.stage(ExecutionCancelled(str(payload.get("reason") or ""), message.by, message.seq))
         await journal.flush()
         self.runtime._settled(self.execution_id, journal.state)
         self._stop()

@@ -34,18 +34,16 @@ def index_meta(state: ExecutionState) -> dict[str, Any]:
     """
     reason = state.suspend_reason
     usage = state.usage
+    blockers = (reason.get("pending") or (reason,)) if reason else ()
     return {
         "kind": "execution",
         "agent": state.agent,
         "status": state.status,
         "reason": reason["kind"] if reason else None,
-        "confirmations": [
-            p["confirmation_id"]
-            for p in reason.get("pending") or (reason,)
-            if p.get("confirmation_id")
-        ]
-        if reason
-        else [],
+        "confirmations": [p["confirmation_id"] for p in blockers if p.get("confirmation_id")],
+        # The children it waits for: a restart re-posts a finished one's outcome (the
+        # post after the child settled may have been lost in a crash).
+        "waiting_on": [p["child_id"] for p in blockers if p.get("kind") == "child"],
         "steps": state.step,
         "llm_calls": usage.llm_calls,
         "tool_calls": usage.tool_calls,

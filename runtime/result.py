@@ -28,7 +28,10 @@ class SuspendReason:
     - ``drift``: the agent changed since the log was written (``changes``); accept with
       ``rt.resume(execution_id, accept_drift=True)``.
     - ``signal``: a tool waits for ``rt.signal(execution_id, name, ...)`` (``name``).
-    - ``child``: a delegated child execution is running (``child_id``).
+    - ``child``: a delegated child execution is running (``child_id``). From
+      ``rt.result`` it also has ``child``: the child as of now (``status``,
+      ``status_text`` such as ``"suspended (approval c-1a2b)"``, ``reason``,
+      ``confirmations``), so a child's approval shows from the parent.
 
     ``pending`` lists every blocker when more than one call waits.
     """
@@ -140,6 +143,8 @@ class ExecutionInfo:
     created_at: float
     updated_at: float
     confirmations: tuple[str, ...] = ()
+    #: The child executions it waits for (suspended for ``child``).
+    waiting_on: tuple[str, ...] = ()
 
     @classmethod
     def from_index(
@@ -160,6 +165,7 @@ class ExecutionInfo:
             created_at=created_at,
             updated_at=updated_at,
             confirmations=tuple(meta.get("confirmations", ())),
+            waiting_on=tuple(meta.get("waiting_on") or ()),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -178,4 +184,5 @@ class ExecutionInfo:
             "created_at": self.created_at,
             "updated_at": self.updated_at,
             "confirmations": list(self.confirmations),
+            "waiting_on": list(self.waiting_on),
         }

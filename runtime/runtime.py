@@ -19,6 +19,7 @@ crash replays the log and carries on; repeated crashes give up on that execution
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import math
@@ -66,9 +67,10 @@ from perdure.log import ConflictError, EventLog
 from perdure.log.protocol import ANY, Durability
 from perdure.providers.pricing import Price, Pricing
 from perdure.providers.types import LLMResponse
-from perdure.result import ExecutionInfo, Result
+from perdure.result import ExecutionInfo, Result, SuspendReason
 from perdure.signals import precheck
 from perdure.state import TERMINAL, ExecutionState
+from perdure.status import describe
 from perdure.tool_threads import ToolThreads
 
 __all__ = ["ExecutionHandle", "Runtime"]
@@ -80,6 +82,7 @@ _MAX_ID = 255
 #: How many ids (``parent/step``, then ``parent/step~1`` ...) a child may try.
 _MAX_CHILD_VARIANTS = 16
 _SETTLED = ("completed", "failed", "cancelled", "suspended")
+_FINISHED = ("completed", "failed", "cancelled")
 
 Callback = Callable[..., Any]
 
@@ -203,9 +206,12 @@ class Runtime:
         self._queued: set[str] = set()
         self._draining = False
         self._recovered = anyio.Event()  # set once recovery at open has run
+        self._backlog = anyio.Event()  # set once the inbox backlog at open was delivered
         self._waiters: dict[str, list[anyio.Event]] = {}
         self._sinks: dict[str, Callable[[Any], None]] = {}
         self._inbox_cursor = 0
+        self._inbox_done: set[int] = set()  # delivered (or refused) beyond the cursor
+        self._inbox_held: set[str] = set()  # executions whose signals wait for a retry
         self._inbox_waiters: list[tuple[int, anyio.Event]] = []
         self._sync: Any = None
         for agent in agents:
@@ -422,7 +428,11 @@ class Runtime:
         existing = await self.log.stream_info(execution_stream(eid))
         if existing is not None:
             await self._check_same(eid, definition_agent, prompt)
-            if existing.meta.get("status") in ("running", "queued") and eid not in self._live:
+            if (
+                existing.meta.get("status") in ("running", "queued")
+                and eid not in self._live
+                and self._recovered.is_set()  # until then recovery will (after the backlog)
+            ):
                 await self._schedule(eid)
             return ExecutionHandle(eid, self)
         effective = budget if budget is not None else definition_agent.budget
@@ -439,7 +449,11 @@ class Runtime:
         )
         journal = Journal(self.log, ExecutionState(), eid)
         journal.stage(started)
+        # A concurrent spawn of the same id may hold the slot already: the loser of
+        # the append below must not give back a slot that is the winner's.
+        took_slot = eid not in self._slots
         has_slot = self._try_acquire(eid)
+        took_slot = took_slot and has_slot
         if not has_slot:
             journal.override_meta(status="queued")
         if started.parent:
@@ -449,11 +463,13 @@ class Runtime:
         except ConflictError:
             # Spawned concurrently under the same id: that one won; this is the same
             # execution if the prompt matches.
-            self._release(eid)
+            if took_slot:
+                self._release(eid)
             await self._check_same(eid, definition_agent, prompt)
             return ExecutionHandle(eid, self)
         except BaseException:
-            self._release(eid)
+            if took_slot:
+                self._release(eid)
             raise
         if has_slot:
             await self._start_actor(eid, drive=True)
@@ -516,6 +532,9 @@ class Runtime:
         if eid not in self._queued:
             self._queued.add(eid)
             self._queue.append(eid)
+        # A slot may have freed while this one was being queued (the spawn's append
+        # awaited), after the last drain ended: nobody else would start it.
+        self._start_queued()
 
     async def _enqueue(self, eid: str) -> None:
         """An execution that can run but has no slot waits in the queue (no task)."""
@@ -523,6 +542,8 @@ class Runtime:
         await self.log.set_meta(execution_stream(eid), {"status": "queued"})
 
     def _start_queued(self) -> None:
+        if self.max_concurrency is not None and len(self._slots) >= self.max_concurrency:
+            return  # no slot: the next release drains
         if self._queue and not self._draining and self._tg is not None and self._open:
             self._draining = True
             self._tg.start_soon(self._drain_queue)
@@ -535,6 +556,8 @@ class Runtime:
                 if self.max_concurrency is not None and len(self._slots) >= self.max_concurrency:
                     return
                 eid = self._queue.popleft()
+                if eid not in self._queued:
+                    continue  # settled while it waited (cancelled, say): nothing to start
                 self._queued.discard(eid)
                 self._slots.add(eid)
                 await self._start_actor(eid, True)
@@ -555,11 +578,11 @@ class Runtime:
             ref = self._executions.ref(key)
             if ref is not None:
                 actor = self._live.get(eid)
-                if not drive or actor is None or actor.driving:
-                    return ref
-                if actor.stop_requested:
+                if actor is not None and actor.stop_requested:
                     await actor.stopped.wait()  # hibernating: start a fresh one below
                     continue
+                if not drive or actor is None or actor.driving:
+                    return ref
                 actor.drive_now()
                 return ref
             pending = self._starting.get(eid)
@@ -603,6 +626,10 @@ class Runtime:
         if event.kind not in ("stopped", "crashed") or event.will_restart:
             return
         eid = _execution_id(event.child)
+        if event.kind == "crashed" and eid in self._starting:
+            # It never started (its on_start raised): whoever was starting it gets the
+            # error and decides; the execution itself did not crash.
+            return
         self._release(eid)
         error = event.reason.error if event.reason is not None else None
         if event.kind == "crashed" and error is not None and self._tg is not None and self._open:
@@ -635,6 +662,9 @@ class Runtime:
         if state.status == "running":
             return
         self._release(eid)
+        if eid in self._queued:  # settled while it waited (cancelled): it must not start
+            self._queued.discard(eid)
+            self._queue.remove(eid)
         for event in self._waiters.pop(eid, ()):
             event.set()
         status = state.status
@@ -649,8 +679,19 @@ class Runtime:
         parent = state.parent
         if parent and status in ("completed", "failed", "cancelled") and self._tg is not None:
             payload = {"status": status, "output": state.output, "error": state.error}
-            self._tg.start_soon(
-                self._post, parent["execution_id"], f"child:{eid}", payload, "runtime"
+            self._tg.start_soon(self._post_child_outcome, parent["execution_id"], eid, payload)
+
+    async def _post_child_outcome(self, parent: str, child: str, payload: Any) -> None:
+        try:
+            await self._post(parent, f"child:{child}", payload, "runtime")
+        except Exception:
+            # The next open posts it again (see _rewake_parents): logged, not fatal.
+            log.exception(
+                "execution %s: could not tell its parent %s that it %s; the parent is "
+                "woken when a runtime next opens the data dir",
+                child,
+                parent,
+                payload.get("status"),
             )
 
     # -- waiting and reading ----------------------------------------------------------------
@@ -705,7 +746,7 @@ class Runtime:
             except RuntimeError:
                 pass  # a broken journal: its actor is crashing; read the log instead
             else:
-                return Result.from_state(journal.state)
+                return await self._with_children(Result.from_state(journal.state))
         info = await self.log.stream_info(execution_stream(execution_id))
         if info is None:
             raise ExecutionNotFoundError(
@@ -713,7 +754,36 @@ class Runtime:
             )
         state = await load_state(self.log, execution_id)
         status = info.meta.get("status")
-        return Result.from_state(state, "queued" if status == "queued" else None)
+        return await self._with_children(
+            Result.from_state(state, "queued" if status == "queued" else None)
+        )
+
+    async def _with_children(self, result: Result) -> Result:
+        """``result`` with each child it waits on described as of now (status, reason)."""
+        reason = result.suspend_reason
+        ids = _waiting_on(reason.details) if reason is not None else []
+        if reason is None or not ids:
+            return result
+        now: dict[str, dict[str, Any]] = {}
+        for child_id in ids:
+            info = await self.log.stream_info(execution_stream(child_id))
+            meta = info.meta if info is not None else {}
+            now[child_id] = {
+                "execution_id": child_id,
+                "status": meta.get("status"),
+                "status_text": describe(meta) if info is not None else "not started yet",
+                "reason": meta.get("reason"),
+                "confirmations": list(meta.get("confirmations") or ()),
+            }
+
+        def described(blocker: Mapping[str, Any]) -> dict[str, Any]:
+            child = now.get(blocker.get("child_id", "")) if blocker.get("kind") == "child" else None
+            return {**blocker, "child": child} if child is not None else dict(blocker)
+
+        details = described(reason.details)
+        if "pending" in details:
+            details["pending"] = [described(b) for b in details["pending"]]
+        return dataclasses.replace(result, suspend_reason=SuspendReason(reason.kind, details))
 
     async def state(self, execution_id: str) -> ExecutionState:
         """The full replayed state of an execution (a copy if it is live)."""
@@ -753,7 +823,9 @@ class Runtime:
         Built-in names: ``approve``/``approval``, ``reject``/``rejection``, ``budget``,
         ``cancel``, ``resolve``, ``resume``, ``accept_drift``. Any other name is a user
         signal, handed to tools waiting in ``wait_for_signal(name)``. A suspended
-        execution that the signal unblocks resumes by itself (auto-resume).
+        execution that the signal unblocks resumes by itself (auto-resume). If its
+        delivery fails (the log, the execution's actor), it stays in the inbox and is
+        retried with backoff, logged each time; this call waits until it is taken.
         """
         self._require_open()
         info = await self.log.stream_info(execution_stream(execution_id))
@@ -779,27 +851,40 @@ class Runtime:
         return await self.log.append(INBOX_STREAM, [record], expect=ANY)
 
     async def _delivered(self, seq: int) -> None:
-        if self._inbox_cursor >= seq:
+        # A delivery that fails is retried (see perdure.inbox): this waits until it
+        # is taken or refused, however long that takes.
+        if self._inbox_cursor >= seq or seq in self._inbox_done:
             return
         event = anyio.Event()
         self._inbox_waiters.append((seq, event))
         await event.wait()
 
-    def _inbox_delivered(self, cursor: int) -> None:
+    def _inbox_delivered(self, cursor: int, done: Iterable[int]) -> None:
+        """The pump's progress: every seq up to ``cursor`` and those in ``done`` are through."""
         self._inbox_cursor = cursor
+        self._inbox_done = {s for s in self._inbox_done if s > cursor}
+        self._inbox_done.update(s for s in done if s > cursor)
         keep = []
         for seq, event in self._inbox_waiters:
-            if seq <= cursor:
+            if seq <= cursor or seq in self._inbox_done:
                 event.set()
             else:
                 keep.append((seq, event))
         self._inbox_waiters = keep
 
+    def _backlog_delivered(self) -> None:
+        self._backlog.set()
+
     async def _deliver(self, target: str, seq: int, signal: SignalSent) -> None:
         """Hand one inbox signal to its execution (starting an actor if needed)."""
         info = await self.log.stream_info(execution_stream(target))
         if info is None:
-            log.warning("signal %r (inbox seq %d) names no execution %r", signal.name, seq, target)
+            log.warning(
+                "signal %r (inbox seq %d) refused: there is no execution %r in this data dir",
+                signal.name,
+                seq,
+                target,
+            )
             return
         if int(info.meta.get("signal_seq", 0)) >= seq:
             return
@@ -822,12 +907,21 @@ class Runtime:
                 return
             except MailboxClosed:
                 continue  # the actor stopped between lookup and ask: start a fresh one
-        raise RuntimeError(f"execution {target}: could not deliver signal {signal.name!r}")
+        # The inbox pump keeps the signal and tries again later.
+        raise RuntimeError(
+            f"execution {target}: signal {signal.name!r} (inbox seq {seq}) found no actor "
+            f"to take it after 10 tries"
+        )
 
     async def approve(
         self, execution_id: str, confirmation_id: str, note: str | None = None, *, by: str = "api"
     ) -> None:
-        """Approve a pending tool call (or override a contract); it runs, exactly once."""
+        """Approve a pending tool call (or override a contract); it runs, exactly once.
+
+        ``note`` is recorded with the approval, and ``by`` says who gave it. A contract
+        override is always recorded with a reason: without a note it reads
+        ``"no note given"``.
+        """
         await self.signal(
             execution_id, "approve", {"confirmation_id": confirmation_id, "note": note}, by=by
         )
@@ -902,6 +996,7 @@ class Runtime:
             status in ("running", "queued")
             and execution_id not in self._live
             and execution_id not in self._queued
+            and self._recovered.is_set()  # until then recovery will (after the backlog)
         ):
             await self._schedule(execution_id)
         return await self.wait(execution_id) if wait else None
@@ -960,12 +1055,30 @@ class Runtime:
     # -- recovery -----------------------------------------------------------------------------
 
     async def _recover_then_pump(self) -> None:
-        await self._recover()
-        self._recovered.set()
+        # The inbox first: a signal sent while no runtime ran (a cancel above all) must
+        # reach its execution before recovery lets that execution run again.
         assert self._root is not None
         await self._root.start_child(
             ChildSpec("inbox", lambda: InboxPump(self), restart="permanent", shutdown=1.0)
         )
+        await self._backlog.wait()
+        await self._recover()
+        self._recovered.set()
+        # A signal that came in while recovery ran may have made an execution runnable
+        # after recovery looked at it; its actor waits, idle, for this.
+        for eid, actor in list(self._live.items()):
+            state = actor.journal.state if actor.journal is not None else None
+            idle = not actor.driving and not actor.stop_requested and actor.agent is not None
+            held = eid in self._inbox_held
+            if idle and not held and state is not None and state.status == "running":
+                await self._resume_at_open(eid)
+
+    async def wait_recovered(self) -> None:
+        """Wait until the work done at open has run: the signals sent while no runtime
+        ran are delivered, interrupted executions are resumed (or queued), and parents
+        whose children finished meanwhile are woken. ``open`` returns before that."""
+        self._require_open()
+        await self._recovered.wait()
 
     async def _recover(self) -> None:
         """At open: resume running and queued executions; re-wake parents of finished children."""
@@ -980,7 +1093,13 @@ class Runtime:
                 else:
                     waiting.setdefault(agent, []).append(eid)
         for _, eid in sorted(found):
-            await self._schedule(eid)
+            # Not those already driven or queued (spawned again since open), nor those
+            # whose signals wait for a retry: they start once those are delivered.
+            actor = self._live.get(eid)
+            if actor is not None and actor.driving:
+                continue
+            if eid not in self._queued and eid not in self._inbox_held:
+                await self._resume_at_open(eid)
         for agent, ids in waiting.items():
             shown = ", ".join(ids[:10]) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
             log.warning(
@@ -990,22 +1109,48 @@ class Runtime:
                 agent,
                 shown,
             )
+        await self._rewake_parents()
+
+    async def _resume_at_open(self, eid: str) -> None:
+        try:
+            await self._schedule(eid)
+        except Exception:
+            # One execution that cannot start must not stop the others from resuming.
+            log.exception(
+                "execution %s could not be resumed at open; it is left as it is: fix the "
+                "cause, then 'perdure resume %s' or restart the runtime",
+                eid,
+                eid,
+            )
+
+    async def _rewake_parents(self) -> None:
+        """Post the outcome of every finished child its suspended parent still waits for.
+
+        A child's outcome is posted to its parent after the child settles; a crash in
+        between loses the post, so each open posts it again for every child a suspended
+        parent still waits on (delivery ignores a repeat).
+        """
         async for info in self.log.streams(prefix="exec/", where={"status": "suspended"}):
-            if info.meta.get("reason") != "child":
-                continue
             parent = info.stream[len("exec/") :]
-            async for child in self.log.streams(prefix=f"exec/{parent}/"):
-                if child.meta.get("parent") == parent and child.meta.get("status") in (
-                    "completed",
-                    "failed",
-                    "cancelled",
-                ):
-                    state = await load_state(self.log, child.stream[len("exec/") :])
-                    payload = {"status": state.status, "output": state.output, "error": state.error}
-                    await self._post(parent, f"child:{state.execution_id}", payload, "runtime")
+            if parent in self._inbox_held:
+                continue  # its signals wait for a retry; the child's outcome may be there
+            children = info.meta.get("waiting_on")
+            if children is None:
+                if info.meta.get("reason") != "child":
+                    continue
+                # An index entry written before "waiting_on" existed: ask the state.
+                children = _waiting_on((await load_state(self.log, parent)).suspend_reason)
+            for child_id in children:
+                child = await self.log.stream_info(execution_stream(child_id))
+                if child is None or child.meta.get("status") not in _FINISHED:
+                    continue
+                state = await load_state(self.log, child_id)
+                payload = {"status": state.status, "output": state.output, "error": state.error}
+                await self._post(parent, f"child:{child_id}", payload, "runtime")
 
     async def _recover_agent(self, name: str) -> None:
         """An agent was registered on an open runtime: resume its interrupted executions."""
+        await self._recovered.wait()  # the backlog first (see _recover_then_pump)
         found: list[tuple[float, str]] = []
         for status in ("running", "queued"):
             async for info in self.log.streams(
@@ -1097,6 +1242,14 @@ def _child_outcome(child: str, payload: Mapping[str, Any]) -> Any:
         return payload.get("output")
     error = payload.get("error") or {}
     raise ToolError(f"delegated execution {child!r} {status}: {error.get('message', 'no detail')}")
+
+
+def _waiting_on(reason: Mapping[str, Any] | None) -> list[str]:
+    """The child executions a suspension reason waits for."""
+    if not reason:
+        return []
+    blockers = reason.get("pending") or (reason,)
+    return [str(b["child_id"]) for b in blockers if b.get("kind") == "child" and b.get("child_id")]
 
 
 def _clip(text: str, n: int = 60) -> str:

@@ -28,7 +28,10 @@ from perdure.events import (
 )
 from perdure.state import TERMINAL, ExecutionState
 
-__all__ = ["BUILTIN", "canonical_name", "precheck", "translate"]
+__all__ = ["BUILTIN", "NO_NOTE", "canonical_name", "precheck", "translate"]
+
+#: The note recorded with a contract override approved without one.
+NO_NOTE = "no note given"
 
 #: Built-in signal names (and the aliases users may send them under).
 BUILTIN: dict[str, str] = {
@@ -73,8 +76,14 @@ def precheck(
             )
     if kind == "resolve" and payload.get("action") not in ("retry", "complete", "fail"):
         return "resolve needs action 'retry', 'complete' (with output) or 'fail'"
-    if kind == "budget" and not isinstance(payload.get("budget"), Mapping):
-        return "a budget signal needs a budget (max_dollars, max_llm_calls, ...)"
+    if kind == "budget":
+        raw = payload.get("budget")
+        if not isinstance(raw, Mapping):
+            return "a budget signal needs a budget (max_dollars, max_llm_calls, ...)"
+        try:
+            Budget.from_dict(raw)
+        except (TypeError, ValueError) as exc:
+            return f"the budget {dict(raw)!r} is not valid: {exc}"
     return None
 
 
@@ -107,7 +116,12 @@ def translate(
             return ignored(f"no pending confirmation {cid!r}")
         if kind == "approve":
             override = bool(call.gate and call.gate.get("kind") == "contract")
-            return [ApprovalGranted(cid, by, data.get("note"), override, seq)]
+            note = data.get("note")
+            if override and not (isinstance(note, str) and note.strip()):
+                # An override is recorded with who and why; when nobody said why, the
+                # record says so in as many words rather than leaving a blank.
+                note = NO_NOTE
+            return [ApprovalGranted(cid, by, note, override, seq)]
         return [ApprovalRejected(cid, by, str(data.get("reason") or "rejected"), seq)]
     if kind == "budget":
         raw = data.get("budget")

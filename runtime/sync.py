@@ -94,6 +94,10 @@ class SyncRuntime:
         """See :meth:`Runtime.result`."""
         return self._call(self.runtime.result, execution_id)
 
+    def wait_recovered(self) -> None:
+        """See :meth:`Runtime.wait_recovered`."""
+        self._call(self.runtime.wait_recovered)
+
     def executions(
         self, status: str | None = None, agent: str | None = None
     ) -> list[ExecutionInfo]:

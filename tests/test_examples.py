@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
+import queue
+import signal
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -88,6 +94,65 @@ def test_service(tmp_path: Path) -> None:
     out = run(str(ROOT / "examples/service.py"), str(tmp_path / "data"), "--demo")
     assert "suspended (approval" in out and "1 waiting" in out
     assert "completed: Expense handled: paid 42.50 to ada" in out
+
+
+def _http(port: int, raw: bytes) -> tuple[int, dict[str, Any]]:
+    """Send ``raw`` as is; the status and JSON body of the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(raw)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), json.loads(body)
+
+
+def _post(path: str, body: bytes) -> bytes:
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+    return head.encode() + body
+
+
+def test_service_answers_bad_requests_and_keeps_serving(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "examples/service.py"), str(tmp_path / "d"), "--port", "0"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        lines: queue.Queue[str] = queue.Queue()
+        assert proc.stdout is not None
+        threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
+        first = lines.get(timeout=30)
+        port = int(first.split("http://127.0.0.1:")[1].split()[0])
+        for raw, status in [
+            (b"garbage\r\n\r\n", 400),  # no method, path, version
+            (b"GET /runs HTTP/1.1\r\nno colon here\r\n\r\n", 400),
+            (b"POST /runs HTTP/1.1\r\nContent-Length: many\r\n\r\n", 400),
+            (_post("/runs", b"{not json"), 400),
+            (_post("/runs", b"[1, 2]"), 400),  # JSON, but not an object
+            (_post("/runs", b'{"id": "r-1"}'), 400),  # no prompt
+            (_post("/runs", b'{"prompt": "ada: 1", "id": "bad id!"}'), 400),
+            (_post("/runs/nope/approve", b'{"confirmation_id": "c-1"}'), 404),
+        ]:
+            assert _http(port, raw)[0] == status, raw
+        for partial in (b"", b"POST /runs HTTP/1.1\r\nContent-Length: 50\r\n\r\n{"):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(partial)  # and hang up before the request is complete
+        assert _http(port, _post("/runs", b'{"prompt": "ada: 1", "id": "r-1"}'))[0] == 202
+        status, body = _http(port, _post("/runs", b'{"prompt": "bob: 2", "id": "r-1"}'))
+        assert status == 409 and "already exists" in body["error"]
+        # after all that, a good request is served as usual
+        status, body = _http(port, _post("/runs", b'{"prompt": "cy: 3.50", "id": "r-2"}'))
+        assert (status, body) == (202, {"execution_id": "r-2"})
+        status, body = _http(port, b"GET /runs/r-2 HTTP/1.1\r\n\r\n")
+        assert status == 200 and body["execution_id"] == "r-2"
+        assert proc.poll() is None  # still serving
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert "Traceback" not in err, err
 
 
 def test_approval(tmp_path: Path) -> None:

@@ -9,7 +9,8 @@ spawns one execution, and reports on stdout, one flushed line per event:
     ready PID                       the runtime is open (it owns DIR, its inbox is tailed)
     completed ID / suspended ID KIND / failed ID / cancelled ID    as executions settle
 
-It runs until its stdin is closed, then closes the runtime cleanly.
+It runs until its stdin is closed, then closes the runtime cleanly. The event loop is
+``$PERDURE_TEST_BACKEND`` (``asyncio`` by default, or ``trio``).
 """
 
 from __future__ import annotations
@@ -66,4 +67,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    anyio.run(main)
+    anyio.run(main, backend=os.environ.get("PERDURE_TEST_BACKEND", "asyncio"))

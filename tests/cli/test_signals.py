@@ -15,11 +15,12 @@ from tests.cli import agents
 from tests.cli.conftest import Owner, Store, cli_env, perdure, perdure_here
 
 
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
 def test_approve_while_another_process_owns_the_dir_resumes_it(
-    fresh_store: Store, owner_factory: type[Owner]
+    fresh_store: Store, owner_factory: type[Owner], backend: str
 ) -> None:
     path, cid = fresh_store.path, fresh_store.cids["pay-1"]
-    owner = owner_factory(path)
+    owner = owner_factory(path, env=cli_env(PERDURE_TEST_BACKEND=backend))
     pid = int(owner.expect("ready").split()[1])
     # Reading works while the dir is owned, and says who owns it.
     listed = perdure(path, "status", "--json").json()
@@ -69,19 +70,21 @@ def test_reject_signal_resume_and_cancel_through_a_live_owner(
     assert rejected[0]["status"] == "rejected"
     assert rejected[0]["error"]["message"] == "not today"
 
-    ran = perdure_here(path, "signal", "wait-1", "go", '{"ok": true}', "--wait", "10")
+    ran = perdure(path, "signal", "wait-1", "go", '{"ok": true}', "--wait", "10")
     assert ran.code == 0 and "status: completed" in ran.out
     waited = perdure_here(path, "steps", "wait-1", "--json").json()["steps"]
     assert [e["output"] for e in waited if e["kind"] == "tool"] == [{"ok": True}]
 
-    resumed = perdure_here(
+    resumed = perdure(
         path, "resume", "budget-1", "--max-llm-calls", "5", "--wait", "10", "--json"
     ).json()
     assert [s["name"] for s in resumed["sent"]] == ["budget"]
     assert resumed["sent"][0]["payload"] == {"budget": {"max_llm_calls": 5}}
     assert resumed["status"] == "completed"
 
-    assert perdure_here(path, "cancel", "pay-1", "--reason", "stop").code == 0
+    ran = perdure(path, "cancel", "pay-1", "--reason", "stop")
+    assert ran.code == 0, ran.err
+    assert f"runtime pid {owner.proc.pid} delivers it" in ran.out
     owner.expect("cancelled pay-1", timeout=10)
     assert perdure_here(path, "inspect", "pay-1", "--json").json()["cancel_reason"] == "stop"
 
@@ -117,6 +120,27 @@ async def test_approve_with_no_runtime_is_durable_and_applies_at_the_next_start(
         types = [(r.type, r.payload) async for r in rt.log.read(execution_stream("pay-1"))]
     granted = [p for t, p in types if t == "approval.granted"]
     assert [(g["by"], g["note"]) for g in granted] == [("alice", "later")]
+
+
+def test_cancel_with_no_runtime_is_durable_and_nothing_runs_at_the_next_start(
+    fresh_store: Store, owner_factory: type[Owner]
+) -> None:
+    path = fresh_store.path
+    ran = perdure(path, "cancel", "pay-1", "--reason", "not any more", "--json")
+    assert ran.code == 0, ran.out
+    doc = ran.json()
+    assert doc["owner_pid"] is None and doc["sent"][0]["name"] == "cancel"
+    cid = fresh_store.cids["pay-1"]
+    pending = "1 signal pending, delivered at next start"
+    assert doc["status_text"] == f"suspended (approval {cid}; {pending})"
+    with owner_factory(path) as owner:
+        owner.expect("ready")
+        owner.expect("cancelled pay-1", timeout=10)
+    detail = perdure(path, "inspect", "pay-1", "--json").json()
+    assert detail["status"] == "cancelled" and detail["cancel_reason"] == "not any more"
+    assert detail["pending_signals"] == []
+    steps = perdure_here(path, "steps", "pay-1", "--json").json()["steps"]
+    assert not any(e["kind"] == "tool" and e.get("status") == "ok" for e in steps)
 
 
 def test_resolve_an_in_doubt_call_with_no_runtime_then_restart(

@@ -2,6 +2,8 @@
 
     python -m tests.runtime.owner_worker DATA_DIR
 
+The event loop is ``$PERDURE_TEST_BACKEND`` (``asyncio`` by default, or ``trio``).
+
 Prints ``{"event": "owner", "pid": ...}`` once it owns the dir, or
 ``{"event": "locked", "error": ...}`` if another process does; spawns one execution
 (id given on stdin) per line and prints each result.
@@ -38,4 +40,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    anyio.run(main)
+    anyio.run(main, backend=os.environ.get("PERDURE_TEST_BACKEND", "asyncio"))

@@ -405,7 +405,7 @@ async def test_executions_of_unregistered_agents_are_left_alone_and_named(
     caplog.clear()
     caplog.set_level(logging.WARNING, logger="perdure.runtime")
     async with open_runtime() as rt:  # the agent is not registered
-        await rt._recovered.wait()  # recovery runs in the background once open returns
+        await rt.wait_recovered()  # recovery runs in the background once open returns
         info = await rt.executions(agent="orphan")
         assert [(e.execution_id, e.status) for e in info] == [("or-1", "running")]
         assert "or-1" not in rt._live

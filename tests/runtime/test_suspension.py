@@ -2,13 +2,14 @@
 callbacks, cancellation, delegation, fleets, and in-doubt tool calls.
 
 Where a restart matters the runtime is closed and reopened on the same data dir (the
-process-boundary versions, with SIGKILL, live in test_signals_cross_process.py).
+process-boundary versions, with SIGKILL, live in test_process_boundaries.py).
 """
 
 from __future__ import annotations
 
 import logging
 from typing import Any
+from urllib.parse import unquote
 
 import anyio
 import pytest
@@ -43,13 +44,28 @@ def transfer_agent(ran: list[tuple[str, float]], *, final: str = "moved") -> Age
 async def hibernated(rt: Any, eid: str) -> bool:
     """Wait until ``eid`` has no actor (a suspended execution hibernates), then True.
 
-    Waits on the actor's own stop event: the log writer is a thread, so
+    Waits for the recovery at open first, so an execution that recovery woke by mistake
+    is seen. Waits on the actor's own stop event: the log writer is a thread, so
     ``wait_all_tasks_blocked`` cannot tell when the actor is done.
     """
     with anyio.fail_after(10):
+        await rt.wait_recovered()
         while (actor := rt._live.get(eid)) is not None:
             await actor.stopped.wait()
     return eid not in rt._live
+
+
+def actor_starts(rt: Any) -> list[str]:
+    """Execution ids whose actor starts from now on (call it first thing after opening:
+    recovery runs in the background once the caller has the runtime)."""
+    started: list[str] = []
+
+    def seen(event: Any) -> None:
+        if event.kind in ("started", "restarted"):
+            started.append(unquote(event.child))
+
+    rt._executions.observe(seen)
+    return started
 
 
 async def types_of(rt: Any, eid: str) -> list[str]:
@@ -89,7 +105,9 @@ async def test_approve_after_a_restart(open_runtime: Any) -> None:
         r = await rt.run(transfer_agent(ran), "Move it", execution_id="t-2")
         cid = r.suspend_reason.confirmation_id  # type: ignore[union-attr]
     async with open_runtime(agents=[transfer_agent(ran)]) as rt:
+        starts = actor_starts(rt)
         assert await hibernated(rt, "t-2")  # stays hibernated across the restart
+        assert starts == []  # recovery did not even wake it to look
         await rt.approve("t-2", cid)
         r = await rt.wait("t-2")
     assert r.status == "completed" and ran == [("savings", 5000.0)]
@@ -186,11 +204,20 @@ async def test_budget_exhaustion_survives_a_restart_and_a_raise_resumes(
         assert r.is_suspended and r.suspend_reason.kind == "budget"  # type: ignore[union-attr]
         assert r.suspend_reason.limit == "max_llm_calls" and r.suspend_reason.used == 2  # type: ignore[union-attr]
         assert r.usage.llm_calls == 2
+        # A budget given to spawn replaces the agent's: 15 tokens a call (Scripted's
+        # usage), so the third call reaches 40 tokens, past the agent's 2 calls.
+        r = await rt.run(make(), "go", execution_id="b-2", budget=Budget(max_tokens=40))
+        assert r.suspend_reason is not None and r.suspend_reason.limit == "max_tokens"
+        assert r.suspend_reason.limit_value == 40 and r.suspend_reason.used == 45
+        assert r.usage.llm_calls == 3
     async with open_runtime(agents=[make()]) as rt:
         r = await rt.result("b-1")
         assert r.usage.llm_calls == 2  # usage survives the restart (it is the log)
+        assert (await rt.result("b-2")).usage.total_tokens == 45
         r = await rt.resume("b-1", budget=Budget(max_llm_calls=10))
+        r2 = await rt.resume("b-2", budget=Budget(max_tokens=1000))
     assert r is not None and r.status == "completed" and r.usage.llm_calls == 5
+    assert r2 is not None and r2.status == "completed" and r2.usage.total_tokens == 75
 
 
 async def test_dollar_budget_uses_reported_tokens_and_the_pricing_table(open_runtime: Any) -> None:
@@ -307,7 +334,9 @@ async def test_cancel_stops_a_running_execution_and_it_never_resumes(open_runtim
         with pytest.raises(InvalidSignalError, match="cancelled"):
             await rt.signal("c-1", "anything")
     async with open_runtime(agents=[make()]) as rt:
+        starts = actor_starts(rt)
         assert await hibernated(rt, "c-1")
+        assert starts == []  # a cancelled execution is never resumed
         assert (await rt.result("c-1")).status == "cancelled"
         assert (await types_of(rt, "c-1"))[-1] == "execution.cancelled"
 
@@ -474,3 +503,248 @@ async def test_in_doubt_non_idempotent_tool_suspends_and_an_operator_resolves(
             assert tool_msg.content == '{"wired": "by hand"}'
         else:
             assert tool_msg.is_error and "bank says no" in tool_msg.content
+
+
+async def test_cancelling_a_queued_execution_fires_its_callback_once_and_never_starts_it(
+    open_runtime: Any,
+) -> None:
+    gate = anyio.Event()
+    ran: list[str] = []
+
+    @tool
+    async def work(name: str) -> str:
+        ran.append(name)
+        await gate.wait()
+        return name
+
+    def script(request: LLMRequest) -> Any:
+        if any(m.role == "tool" for m in request.messages):
+            return "done"
+        return Scripted.call("work", name=request.messages[-1].content)
+
+    agent = Agent("slow", tools=[work], llm=Scripted(script, record=False))
+    cancelled: list[str] = []
+    async with open_runtime(max_concurrency=1) as rt:
+        rt.on_cancel(lambda result: cancelled.append(result.execution_id))
+        with anyio.fail_after(20):
+            await rt.spawn(agent, "a", execution_id="qc-a")
+            await rt.spawn(agent, "b", execution_id="qc-b")  # waits for the slot
+            assert (await rt.result("qc-b")).status == "queued"
+            await rt.cancel("qc-b", "not needed")
+            assert cancelled == ["qc-b"]
+            gate.set()
+            assert (await rt.wait("qc-a")).status == "completed"
+            # the slot qc-a frees goes past qc-b's old queue entry to the next one
+            await rt.spawn(agent, "c", execution_id="qc-c")
+            assert (await rt.wait("qc-c")).status == "completed"
+            assert (await rt.result("qc-b")).status == "cancelled"
+    assert cancelled == ["qc-b"]
+    assert ran == ["a", "c"]
+
+
+async def test_concurrent_spawns_of_one_id_keep_max_concurrency(open_runtime: Any) -> None:
+    gate = anyio.Event()
+    running: set[str] = set()
+    peak = 0
+
+    @tool
+    async def work(name: str) -> str:
+        nonlocal peak
+        running.add(name)
+        peak = max(peak, len(running))
+        await gate.wait()
+        running.discard(name)
+        return name
+
+    def script(request: LLMRequest) -> Any:
+        if any(m.role == "tool" for m in request.messages):
+            return "done"
+        return Scripted.call("work", name=request.messages[-1].content)
+
+    agent = Agent("dup", tools=[work], llm=Scripted(script, record=False))
+    async with open_runtime(max_concurrency=1) as rt:
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):  # the same new execution, spawned three times at once
+                tg.start_soon(lambda: rt.spawn(agent, "one", execution_id="d-1"))
+        await rt.spawn(agent, "two", execution_id="d-2")
+        # d-1 holds the only slot: the losing spawns gave back nothing of it
+        assert rt._slots == {"d-1"}
+        assert (await rt.result("d-2")).status == "queued"
+        gate.set()
+        assert (await rt.wait("d-1")).status == "completed"
+        assert (await rt.wait("d-2")).status == "completed"
+    assert peak == 1
+
+
+class FlakyLog:
+    """A real log whose reads of one stream fail while ``failures`` lasts (an injected
+    fault, the way a disk or a network store fails; everything else is the real log)."""
+
+    def __init__(self, log: Any) -> None:
+        self._log = log
+        self.stream: str | None = None
+        self.failures = 0.0
+        self.failed = 0
+        self.failed_twice = anyio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._log, name)
+
+    def read_chunks(self, stream: str, *args: Any, **kwargs: Any) -> Any:
+        if stream == self.stream and self.failures > 0:
+            self.failures -= 1
+            self.failed += 1
+            if self.failed >= 2:
+                self.failed_twice.set()
+            from perdure.log import LogError
+
+            raise LogError(f"injected read failure of {stream!r}")
+        return self._log.read_chunks(stream, *args, **kwargs)
+
+
+async def test_a_failed_delivery_is_retried_with_backoff_not_dropped(
+    data_dir: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    from perdure import Runtime
+    from perdure.events import record_types
+    from perdure.log import LmdbLog
+
+    ran: list[tuple[str, float]] = []
+    caplog.set_level(logging.WARNING, logger="perdure.runtime")
+    flaky = FlakyLog(await LmdbLog.open(data_dir, types=record_types(), durability="process"))
+    try:
+        async with Runtime(log=flaky, shutdown_timeout=2.0) as rt:  # type: ignore[arg-type]
+            r = await rt.run(transfer_agent(ran), "go", execution_id="fl-1")
+            assert await hibernated(rt, "fl-1")
+            flaky.stream, flaky.failures = execution_stream("fl-1"), 3
+            with anyio.fail_after(10):
+                await rt.approve("fl-1", r.suspend_reason.confirmation_id)  # type: ignore[union-attr]
+            assert flaky.failed == 3  # three failed tries, then delivered
+            assert (await rt.wait("fl-1")).status == "completed"
+    finally:
+        await flaky.aclose()
+    assert ran == [("savings", 5000.0)]
+    tries = [rec.getMessage() for rec in caplog.records if "stays in the inbox" in rec.getMessage()]
+    assert len(tries) == 3 and all("execution fl-1" in m for m in tries)
+    assert "attempt 3" in tries[-1] and "tried again in 0.20s" in tries[-1]  # backing off
+
+
+async def test_a_failing_delivery_holds_the_cursor_across_a_restart(open_runtime: Any) -> None:
+    from perdure import Runtime
+    from perdure.events import INBOX_STREAM, SignalSent, encode, record_types
+    from perdure.log import ANY, LmdbLog
+
+    ran: list[tuple[str, float]] = []
+
+    @tool
+    def await_go() -> Any:
+        return wait_for_signal("go")
+
+    waiter = Agent("goer", tools=[await_go], llm=Scripted([Scripted.call("await_go"), "went"]))
+    path = None
+    async with open_runtime() as rt:
+        path = rt.path
+        r = await rt.run(transfer_agent(ran), "go", execution_id="h-1")
+        cid = r.suspend_reason.confirmation_id  # type: ignore[union-attr]
+        assert (await rt.run(waiter, "wait", execution_id="h-2")).is_suspended
+    flaky = FlakyLog(await LmdbLog.open(path, types=record_types(), durability="process"))
+    flaky.stream, flaky.failures = execution_stream("h-1"), float("inf")
+    try:
+        async with Runtime(log=flaky, agents=[waiter], shutdown_timeout=2.0) as rt:  # type: ignore[arg-type]
+            approve = encode(SignalSent("h-1", "approve", {"confirmation_id": cid}, "ops"))
+            seq = await rt.log.append(INBOX_STREAM, [approve], expect=ANY)
+            await rt.signal("h-2", "go", {"ok": 1})  # delivered past the one that fails
+            assert (await rt.wait("h-2")).status == "completed"
+            with anyio.fail_after(10):
+                await flaky.failed_twice.wait()
+            info = await rt.log.stream_info(INBOX_STREAM)
+            assert info is not None and info.meta.get("cursor", 0) == seq - 1
+            [held] = await rt.executions(agent="banker")  # the index (its records fail)
+            assert held.status == "suspended"
+    finally:
+        await flaky.aclose()
+    async with open_runtime(agents=[transfer_agent(ran)]) as rt:
+        with anyio.fail_after(10):
+            await rt.wait_recovered()  # the inbox backlog is delivered first
+            r = await rt.wait("h-1")  # taken from the inbox at the next start
+        assert r.status == "completed" and ran == [("savings", 5000.0)]
+        received = [t for t in await types_of(rt, "h-2") if t == "signal.received"]
+    assert received == ["signal.received"]  # the one after it was not delivered twice
+
+
+async def test_a_signal_that_cannot_apply_is_recorded_as_ignored_and_the_next_one_delivered(
+    open_runtime: Any,
+) -> None:
+    from perdure.events import INBOX_STREAM, SignalSent, encode
+    from perdure.log import ANY
+
+    @tool
+    def step(n: int) -> int:
+        return n
+
+    def script(request: LLMRequest) -> Any:
+        turn = sum(1 for m in request.messages if m.role == "assistant")
+        return Scripted.call("step", n=turn) if turn < 2 else "done"
+
+    agent = Agent("poisoned", tools=[step], llm=Scripted(script), budget=Budget(max_llm_calls=1))
+    async with open_runtime() as rt:
+        r = await rt.run(agent, "go", execution_id="z-1")
+        assert r.suspend_reason is not None and r.suspend_reason.kind == "budget"
+        with pytest.raises(InvalidSignalError, match="not valid"):  # checked up front...
+            await rt.signal("z-1", "budget", {"budget": {"max_llm_calls": -1}})
+        # ...but a client may write anything to the inbox
+        bad = encode(SignalSent("z-1", "budget", {"budget": {"max_llm_calls": -1}}, "client"))
+        await rt.log.append(INBOX_STREAM, [bad], expect=ANY)
+        r = await rt.resume("z-1", budget=Budget(max_llm_calls=5))
+        assert r is not None and r.status == "completed"
+        events = [decode(rec) async for rec in rt.log.read(execution_stream("z-1"))]
+    [ignored] = [e for e in events if e.type == "signal.ignored"]
+    assert ignored.name == "budget" and "cannot apply it: ValueError" in ignored.reason
+    assert [e.budget for e in events if e.type == "budget.raised"] == [{"max_llm_calls": 5}]
+
+
+async def test_a_contract_override_without_a_note_says_so(open_runtime: Any) -> None:
+    @tool
+    def charge(amount: float) -> str:
+        return "charged"
+
+    agent = Agent(
+        "shop3", tools=[charge], llm=Scripted([Scripted.call("charge", amount=9e9), "ok"])
+    )
+    agent.contract("never")(lambda name, args: False)
+    async with open_runtime() as rt:
+        r = await rt.run(agent, "charge", execution_id="k-2")
+        await rt.approve("k-2", r.suspend_reason.confirmation_id, by="erin")  # type: ignore[union-attr]
+        assert (await rt.wait("k-2")).status == "completed"
+        events = [decode(rec) async for rec in rt.log.read(execution_stream("k-2"))]
+    [grant] = [e for e in events if e.type == "approval.granted"]
+    assert (grant.override, grant.by, grant.note) == (True, "erin", "no note given")
+
+
+async def test_a_childs_approval_shows_in_the_parents_result_and_listing(
+    open_runtime: Any,
+) -> None:
+    ran: list[tuple[str, float]] = []
+    banker = transfer_agent(ran, final="child done")
+    boss = Agent(
+        "boss",
+        llm=Scripted([Scripted.call("delegate_to_banker", task="move it"), "all done"]),
+        agents=[banker],
+    )
+    async with open_runtime() as rt:
+        r = await rt.run(boss, "go", execution_id="bp-1")
+        child = await rt.wait("bp-1/2")
+        cid = child.suspend_reason.confirmation_id  # type: ignore[union-attr]
+        r = await rt.result("bp-1")
+        assert r.suspend_reason is not None and r.suspend_reason.kind == "child"
+        seen = r.suspend_reason.child
+        assert seen["execution_id"] == "bp-1/2" and seen["status"] == "suspended"
+        assert seen["status_text"] == f"suspended (approval {cid})"
+        assert seen["confirmations"] == [cid]
+        [listed] = await rt.executions(agent="boss")
+        assert listed.waiting_on == ("bp-1/2",)
+        await rt.approve("bp-1/2", cid)
+        with anyio.fail_after(10):
+            r = await rt.wait("bp-1", until="finished")
+        [listed] = await rt.executions(agent="boss")
+    assert r.output == "all done" and listed.waiting_on == ()
