@@ -1,6 +1,7 @@
 """Runtime benchmark: the cost of a durable step, a fleet, growth and replay.
 
     python bench/runtime_bench.py [--quick] [--json FILE] [--backend asyncio|trio]
+                                  [--fleet-only [--runs N]] [--tool-threads N]
 
 Every figure is measured in this one run, beside its baseline, so compare ratios:
 
@@ -14,6 +15,10 @@ Every figure is measured in this one run, beside its baseline, so compare ratios
           drown the CPU cost we look for): microseconds and bytes per step around steps
           10, 1,000 and 10,000.
 - replay: wall time to rebuild the state of that completed 10,000-step execution.
+
+``--fleet-only`` runs the fleet rows alone (sync and async no-op tool, alternating,
+``--runs`` times each, medians kept): for A/B comparisons on a noisy machine.
+``--tool-threads N`` gives the fleet's Runtime ``max_tool_threads=N``.
 """
 
 from __future__ import annotations
@@ -115,11 +120,14 @@ async def nondurable_step_us(steps: int) -> float:
     return (time.perf_counter() - t) / steps * 1e6
 
 
-async def fleet(executions: int, steps: int, tool_name: str = "noop") -> dict[str, float]:
+async def fleet(
+    executions: int, steps: int, tool_name: str = "noop", tool_threads: int | None = None
+) -> dict[str, float]:
     """Many concurrent executions, fsync durability."""
     agent = stepping_agent(steps, "fleet", tool_name)
+    kwargs: dict[str, Any] = {} if tool_threads is None else {"max_tool_threads": tool_threads}
     with tempfile.TemporaryDirectory() as d:
-        async with Runtime(d, durability="fsync") as rt:
+        async with Runtime(d, durability="fsync", **kwargs) as rt:
             handles: list[Any] = []
 
             async def spawn() -> None:
@@ -253,7 +261,7 @@ async def growth_and_replay(steps: int, runs: int) -> dict[str, float]:
     }
 
 
-async def main(quick: bool) -> dict[str, float]:
+async def main(quick: bool, tool_threads: int | None = None) -> dict[str, float]:
     steps = 300 if quick else 1000
     figures: dict[str, float] = {}
     # interleave the step measurements so a noisy neighbour hurts them alike
@@ -267,8 +275,8 @@ async def main(quick: bool) -> dict[str, float]:
     figures["nondurable_step_us"] = await nondurable_step_us(steps)
     figures["step_vs_raw_append"] = figures["step_us"] / figures["raw_append_us"]
     n_exec, n_steps = (200, 10) if quick else (1000, 20)
-    figures.update(await fleet(n_exec, n_steps))
-    async_fleet = await fleet(n_exec, n_steps, "anoop")
+    figures.update(await fleet(n_exec, n_steps, tool_threads=tool_threads))
+    async_fleet = await fleet(n_exec, n_steps, "anoop", tool_threads)
     figures["fleet_async_tool_steps_per_s"] = async_fleet["fleet_tool_steps_per_s"]
     figures["fleet_async_tool_records_per_s"] = async_fleet["fleet_records_per_s"]
     figures["fleet_executions"] = n_exec
@@ -278,6 +286,60 @@ async def main(quick: bool) -> dict[str, float]:
     )
     figures.update(await growth_and_replay(3000 if quick else 10_000, 1 if quick else 3))
     return figures
+
+
+async def fleet_only(quick: bool, runs: int, tool_threads: int | None) -> dict[str, float]:
+    """The fleet rows alone: sync and async no-op tool alternating, medians of ``runs``."""
+    n_exec, n_steps = (200, 10) if quick else (1000, 20)
+    sync_runs, async_runs = [], []
+    for _ in range(runs):
+        sync_runs.append(await fleet(n_exec, n_steps, tool_threads=tool_threads))
+        async_runs.append(await fleet(n_exec, n_steps, "anoop", tool_threads))
+
+    def med(each: list[dict[str, float]], key: str) -> float:
+        return statistics.median(r[key] for r in each)
+
+    return {
+        "fleet_tool_steps_per_s": med(sync_runs, "fleet_tool_steps_per_s"),
+        "fleet_records_per_s": med(sync_runs, "fleet_records_per_s"),
+        "fleet_async_tool_steps_per_s": med(async_runs, "fleet_tool_steps_per_s"),
+        "fleet_async_tool_records_per_s": med(async_runs, "fleet_records_per_s"),
+        "fleet_executions": n_exec,
+        "fleet_steps_each": n_steps,
+        "fleet_runs": runs,
+    }
+
+
+def report_fleet(f: dict[str, float], backend: str) -> None:
+    """The table of :func:`fleet_only`."""
+    print_table(
+        ["measure", "value", "unit", "target", ""],
+        [
+            [
+                f"fleet {f['fleet_executions']:.0f} x {f['fleet_steps_each']:.0f} steps",
+                f["fleet_tool_steps_per_s"],
+                "tool steps/s",
+                ">= 3,000",
+                "ok" if f["fleet_tool_steps_per_s"] >= 3000 else "MISSED",
+            ],
+            [
+                "  fsync'd records",
+                f["fleet_records_per_s"],
+                "records/s",
+                ">= 9,000",
+                "ok" if f["fleet_records_per_s"] >= 9000 else "MISSED",
+            ],
+            [
+                "  same fleet, async no-op tool",
+                f["fleet_async_tool_steps_per_s"],
+                "tool steps/s",
+                "",
+                "",
+            ],
+            ["  fsync'd records", f["fleet_async_tool_records_per_s"], "records/s", "", ""],
+        ],
+    )
+    print(f"\nbackend {backend}; median of {f['fleet_runs']:.0f} runs each, alternating")
 
 
 def report(f: dict[str, float], backend: str) -> None:
@@ -367,10 +429,25 @@ def cli() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller run (well under a minute)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
+    parser.add_argument("--fleet-only", action="store_true", help="run the fleet rows alone")
+    parser.add_argument("--runs", type=int, default=3, help="fleet runs each (--fleet-only)")
+    parser.add_argument(
+        "--tool-threads", type=int, metavar="N", help="max_tool_threads of the fleet's Runtime"
+    )
     args = parser.parse_args()
-    print_machine({"backend": args.backend, "mode": "quick" if args.quick else "full"})
-    figures = anyio.run(main, args.quick, backend=args.backend)
-    report(figures, args.backend)
+    mode = "quick" if args.quick else "full"
+    extra = {"backend": args.backend, "mode": mode + (", fleet only" if args.fleet_only else "")}
+    if args.tool_threads is not None:
+        extra["tool threads"] = str(args.tool_threads)
+    print_machine(extra)
+    if args.fleet_only:
+        figures = anyio.run(
+            fleet_only, args.quick, args.runs, args.tool_threads, backend=args.backend
+        )
+        report_fleet(figures, args.backend)
+    else:
+        figures = anyio.run(main, args.quick, args.tool_threads, backend=args.backend)
+        report(figures, args.backend)
     if args.json:
         write_json(args.json, figures)
 

@@ -277,7 +277,11 @@ class Runtime:
                 root, self._root = self._root, None
                 await root.__aexit__(None, None, None)
         finally:
-            self._tool_threads.close()
+            # A closed pool takes no calls; a fresh one (no threads until used) serves
+            # this Runtime if it is opened again.
+            tool_threads = self._tool_threads
+            self._tool_threads = ToolThreads(tool_threads.max_threads)
+            tool_threads.close()
             if self._given_log is None and self.log is not None:
                 await self.log.aclose()
 
