@@ -917,7 +917,14 @@ class Supervisor:
                     self._graces.discard(grace)
             if not ctx._runner_alive:
                 return
-            logger.warning("%s did not stop within %gs; cancelling it", ctx.path, timeout)
+            if anyio.current_time() >= grace.deadline:
+                logger.warning("%s did not stop within %gs; cancelling it", ctx.path, timeout)
+            else:  # cut short by an ancestor whose own shutdown deadline came first
+                logger.warning(
+                    "%s was still stopping when its supervisor's shutdown deadline passed; "
+                    "cancelling it",
+                    ctx.path,
+                )
         ctx._force()
         await done.wait()
 
