@@ -4,10 +4,12 @@
 
 Phases, each in a fresh process so memory figures are not polluted:
 
-- suspend: spawn COUNT executions that each suspend for an approval; time until all
-  are suspended; RSS while they are suspended beside the RSS of the same runtime
-  before any of them existed (it has run one execution, so code is loaded); then
-  "approve all" and time until every one has completed.
+- suspend: spawn COUNT executions, one after another, that each suspend for an
+  approval; time until all are suspended; RSS while they are suspended beside the RSS
+  of the same runtime before any of them existed (it has run one execution, so code is
+  loaded); then "approve all" (SPAWNERS at once) and time until every one completed.
+- prepare: spawn COUNT such executions with SPAWNERS tasks at once, as a fleet script
+  would; time until all are suspended.
 - restart: a data dir holding COUNT suspended executions is opened by a new process;
   time from opening the Runtime until it has accepted (durably spawned) new work, and
   until that work completed.
@@ -42,6 +44,8 @@ from perdure.providers import Scripted
 HERE = Path(__file__).resolve()
 #: How many executions run at once (the rest wait, durably, in the runtime's queue).
 CONCURRENCY = 256
+#: How many tasks spawn (and later approve) at once.
+SPAWNERS = 512
 
 
 @tool(requires_confirmation=True)
@@ -58,16 +62,25 @@ def make_agent() -> Agent:
     )
 
 
-async def spawn_suspended(rt: Runtime, agent: Agent, count: int, prefix: str) -> dict[str, str]:
+async def spawn_suspended(
+    rt: Runtime, agent: Agent, count: int, prefix: str, spawners: int = 1
+) -> dict[str, str]:
     """Spawn ``count`` executions, wait until each suspends; {execution id: confirmation id}.
 
-    Spawning returns once an execution's first record is durable; the runtime's
-    ``max_concurrency`` then runs them a few hundred at a time, as a fleet would.
+    ``spawners`` tasks spawn at once (1: one after another, each spawn waiting for its
+    own fsync). Spawning returns once an execution's first record is durable; the
+    runtime's ``max_concurrency`` then runs them a few hundred at a time.
     """
-    ids = [
-        (await rt.spawn(agent, "go", execution_id=f"{prefix}{i:06d}")).execution_id
-        for i in range(count)
-    ]
+    ids = [f"{prefix}{i:06d}" for i in range(count)]
+    limiter = anyio.CapacityLimiter(spawners)
+
+    async def spawn(eid: str) -> None:
+        async with limiter:
+            await rt.spawn(agent, "go", execution_id=eid)
+
+    async with anyio.create_task_group() as tg:
+        for eid in ids:
+            tg.start_soon(spawn, eid)
     pending: dict[str, str] = {}
     for eid in ids:
         r = await rt.wait(eid)
@@ -86,6 +99,8 @@ async def phase_suspend(data_dir: str, count: int) -> dict[str, float]:
         gc.collect()
         empty = rss_parts_kb()
         t = time.perf_counter()
+        # One after another: the RSS below is then what suspended executions hold, not
+        # the high-water mark of a burst of concurrent spawns (phase "prepare" times one).
         pending = await spawn_suspended(rt, agent, count, "s-")
         suspend_s = time.perf_counter() - t
         await anyio.wait_all_tasks_blocked()
@@ -93,7 +108,7 @@ async def phase_suspend(data_dir: str, count: int) -> dict[str, float]:
         suspended = rss_parts_kb()
         live = len(rt._live)
         t = time.perf_counter()
-        limiter = anyio.CapacityLimiter(512)
+        limiter = anyio.CapacityLimiter(SPAWNERS)
 
         async def approve(eid: str, cid: str) -> None:
             async with limiter:
@@ -120,8 +135,9 @@ async def phase_suspend(data_dir: str, count: int) -> dict[str, float]:
 async def phase_prepare(data_dir: str, count: int) -> dict[str, float]:
     agent = make_agent()
     async with Runtime(data_dir, agents=[agent], max_concurrency=CONCURRENCY) as rt:
-        await spawn_suspended(rt, agent, count, "r-")
-    return {}
+        t = time.perf_counter()
+        await spawn_suspended(rt, agent, count, "r-", spawners=SPAWNERS)
+        return {"burst_suspend_all_s": time.perf_counter() - t}
 
 
 async def phase_restart(data_dir: str, count: int) -> dict[str, float]:
@@ -149,7 +165,7 @@ async def phase_owner(data_dir: str, count: int) -> dict[str, float]:
             print(json.dumps({"id": result.execution_id, "at": time.time()}), flush=True)
             remaining -= 1
 
-        cids = await spawn_suspended(rt, agent, count, "c-")
+        cids = await spawn_suspended(rt, agent, count, "c-", spawners=SPAWNERS)
         print(json.dumps({"ready": cids}), flush=True)
         while remaining > 0:
             await rt.wait(min(cids), until="finished")
@@ -233,7 +249,7 @@ def main() -> None:
     figures: dict[str, float] = {"executions": count}
     with tempfile.TemporaryDirectory() as d:
         figures.update(run_phase("suspend", os.path.join(d, "a"), count))
-        run_phase("prepare", os.path.join(d, "b"), count)
+        figures.update(run_phase("prepare", os.path.join(d, "b"), count))
         figures.update(run_phase("restart", os.path.join(d, "b"), count))
     figures.update(phase_signal(20 if args.quick else 100))
 
@@ -244,6 +260,13 @@ def main() -> None:
         ["measure", "value", "unit", "target", ""],
         [
             [f"spawn {count} until all suspended", figures["suspend_all_s"], "s", "", ""],
+            [
+                f"  the same, {SPAWNERS} spawning at once",
+                figures["burst_suspend_all_s"],
+                "s",
+                "",
+                "",
+            ],
             ["RSS of the empty runtime", figures["empty_rss_mb"], "MB", "", ""],
             [f"RSS with {count} suspended", figures["suspended_rss_mb"], "MB", "", ""],
             [
