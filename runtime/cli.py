@@ -22,12 +22,15 @@ when stdout was closed early (``perdure events ID | head``), quietly.
 from __future__ import annotations
 
 import argparse
+import errno
 import getpass
 import importlib
 import json
 import os
+import secrets
 import shutil
 import socket
+import stat
 import sys
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -345,6 +348,12 @@ async def _open(ctx: _Ctx) -> AsyncIterator[LmdbLog]:
 
 def _check_data_dir(path: str) -> None:
     """A clear error for a data dir that is missing or holds no log (before opening)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CliError(
+            f"data dir {path!r} is not a directory; pass --data-dir DIR (the directory a "
+            f"Runtime opened) or set PERDURE_DATA_DIR",
+            "no_data_dir",
+        )
     if not os.path.isdir(path):
         raise CliError(
             f"data dir {path!r} does not exist; pass --data-dir DIR or set "
@@ -841,35 +850,108 @@ async def _export(ctx: _Ctx, args: argparse.Namespace) -> int:
         info = await _find(log, ctx, eid)
         records = [r async for r in log.read(info.stream) if r.seq <= info.last_seq]
     doc = export_document(eid, info, records)
-    if not args.output or args.output == "-":
-        ctx.out.write(json.dumps(doc, ensure_ascii=False, allow_nan=False) + "\n")
-        return 0
     target = args.output
-    try:
-        await anyio.to_thread.run_sync(_write_file, target, doc)
-    except OSError as exc:
-        raise CliError(f"cannot write the export of {eid!r} to {target!r}: {exc}") from None
-    if ctx.json:
-        ctx.emit({"execution_id": eid, "file": target, "records": len(records)})
-    else:
-        ctx.lines([f"exported {len(records)} records of execution {eid} to {target}"])
+    if target and target != "-" and not _is_stdout(target, ctx.out):
+        text = json.dumps(doc, ensure_ascii=False, allow_nan=False) + "\n"
+        await anyio.to_thread.run_sync(_write_export, eid, target, text)
+        if ctx.json:
+            ctx.emit({"execution_id": eid, "file": target, "records": len(records)})
+        else:
+            ctx.lines([f"exported {len(records)} records of execution {eid} to {target}"])
+        return 0
+    # stdout, spelled "-" or as a path to it (-o /dev/stdout): only the document goes
+    # there, so that it stays one JSON document for the reader.
+    ctx.out.write(json.dumps(doc, ensure_ascii=False, allow_nan=False) + "\n")
     return 0
 
 
-def _write_file(target: str, doc: Any) -> None:
-    # Written aside and renamed: a reader never sees half an export.
-    tmp = f"{target}.tmp-{os.getpid()}"
+def _is_stdout(target: str, out: TextIO) -> bool:
+    """Whether ``target`` is the file ``out`` already writes to (``-o /dev/stdout``)."""
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(doc, f, ensure_ascii=False, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, target)
+        return os.path.samestat(os.stat(target), os.fstat(out.fileno()))
+    except (OSError, ValueError, AttributeError):  # no such path, or stdout has no fd
+        return False
+
+
+def _write_export(eid: str, target: str, text: str) -> None:
+    """Write an export to ``target`` without ever replacing something that is not a file.
+
+    A regular file (or a new one) is written aside and renamed over, so a reader never
+    sees half an export; through a symlink, the temporary file goes beside the link's
+    real target and is renamed onto that, so the link stays a link. Anything else that
+    exists (a terminal, a FIFO, /dev/null, /dev/full) is written into as it is: renaming
+    over it would replace the device node or the FIFO with a JSON file.
+    """
+
+    def fail(why: str, kind: str = "error", code: int = 1) -> NoReturn:
+        raise CliError(f"cannot write the export of {eid!r} to {target!r}: {why}", kind, code)
+
+    try:
+        st: os.stat_result | None = os.stat(target)
+    except FileNotFoundError:
+        st = None  # a new file (or a dangling link: its target is created)
+    except OSError as exc:
+        fail(_os_error(exc))
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        fail(
+            f"it is a directory; give a file name, e.g. -o {os.path.join(target, eid)}.json",
+            "usage",
+            2,
+        )
+    if st is not None and stat.S_ISBLK(st.st_mode):
+        fail("it is a block device (a disk); give a file name", "usage", 2)
+    real = os.path.realpath(target)
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        _write_into(target, text, fail)
+        return
+    try:
+        same = st is None or os.path.samestat(st, os.stat(real))
+    except OSError:
+        same = False
+    if not same:
+        # A link the kernel follows but a path cannot name (/proc/self/fd/N, say):
+        # nothing to rename onto, so write into the file itself.
+        _write_into(target, text, fail)
+        return
+    directory, name = os.path.split(real)
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        # 0o666 less the umask, as a new file would get; an existing file keeps its mode.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as exc:
+        fail(f"cannot create a file in {directory!r} ({_os_error(exc)})")
+    try:
+        try:
+            with open(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            if st is not None:
+                os.chmod(tmp, stat.S_IMODE(st.st_mode))
+            os.replace(tmp, real)
+        except OSError as exc:
+            fail(_os_error(exc))
     except BaseException:
         try:
             os.unlink(tmp)
         except OSError:
             pass
         raise
+
+
+def _write_into(target: str, text: str, fail: Callable[[str], NoReturn]) -> None:
+    try:
+        with open(target, "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as exc:
+        fail(_os_error(exc))
+
+
+def _os_error(exc: OSError) -> str:
+    """The error without the file name (the caller names the path the user gave)."""
+    if exc.errno is not None and exc.strerror:
+        return f"{exc.strerror} ({errno.errorcode.get(exc.errno, exc.errno)})"
+    return str(exc)
 
 
 # -- health ---------------------------------------------------------------------------------

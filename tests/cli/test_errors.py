@@ -45,6 +45,15 @@ def test_missing_or_empty_data_dir(tmp_path: Path) -> None:
     empty = perdure_here(tmp_path, "status")
     assert empty.code == 1 and "holds no perdure log (no data.mdb)" in empty.err
     assert not (tmp_path / "data.mdb").exists()  # a reader never creates a log
+    a_file = tmp_path / "data.json"
+    a_file.write_text("{}")
+    ran = perdure(a_file, "status")
+    assert ran.code == 1
+    assert ran.err == (
+        f"perdure: error: data dir '{a_file}' is not a directory; pass --data-dir DIR (the "
+        f"directory a Runtime opened) or set PERDURE_DATA_DIR\n"
+    )
+    assert perdure_here(a_file, "health", "--json").json()["error"]["kind"] == "no_data_dir"
 
 
 def test_wrong_confirmation_id_is_refused_before_anything_is_sent(store: Store) -> None:
