@@ -25,6 +25,7 @@ import argparse
 import errno
 import getpass
 import importlib
+import io
 import json
 import os
 import secrets
@@ -110,12 +111,36 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """The console script: run the command line and exit with its status."""
+    out = _buffered_stdout()
     try:
-        code = run(argv)
-        sys.stdout.flush()
+        code = run(argv, out=out)
+        out.flush()
     except BrokenPipeError:
         code = _closed_pipe()
     sys.exit(code)
+
+
+def _buffered_stdout() -> TextIO:
+    """stdout through a buffered binary layer of our own.
+
+    Under ``PYTHONUNBUFFERED`` (or ``python -u``) ``sys.stdout`` writes straight to the
+    descriptor and drops whatever a short write did not take: when the reader of a pipe
+    leaves mid-write (``perdure export ID | head -c 100``), the rest is lost without an
+    error and the command would exit 0. A ``BufferedWriter`` writes everything or
+    raises, so every command sees the closed pipe and exits 141, however Python runs.
+    """
+    stdout = sys.stdout
+    try:
+        fd = stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return stdout  # replaced by something without a descriptor: use it as it is
+    raw = io.FileIO(fd, "w", closefd=False)
+    return io.TextIOWrapper(
+        io.BufferedWriter(raw),
+        encoding=stdout.encoding or "utf-8",
+        errors=stdout.errors or "strict",
+        line_buffering=raw.isatty(),  # a person at a terminal sees each line at once
+    )
 
 
 def _closed_pipe() -> int:
