@@ -73,7 +73,7 @@ from perdure.events import (
 from perdure.journal import index_meta
 from perdure.log import ANY, Fault, LmdbLog, LogError, Record, StreamInfo
 from perdure.result import ExecutionInfo
-from perdure.signals import precheck
+from perdure.signals import BUILTIN, canonical_name, precheck
 from perdure.state import TERMINAL, ExecutionState, apply
 from perdure.status import STATUSES, describe, owner_pid, pending_signals
 
@@ -1127,6 +1127,19 @@ async def _send(
                 raise CliError(problem, "invalid_signal")
         if check is not None:
             await check(log, info)
+        # What the signals can do depends on what the execution waits for: the index
+        # says why it is suspended; the suspension itself (folded from the records)
+        # names the signals its tools wait for.
+        reason, waits = None, []
+        if meta.get("status") == "suspended" or any(n not in BUILTIN for n, _ in todo):
+            state = _fold(info, await _history(log, info))
+            reason = state.suspend_reason
+            waits = [
+                {"name": c.waiting.get("name"), "step": c.step, "tool": c.tool}
+                for c in state.calls
+                if c.status == "waiting" and c.waiting and c.waiting.get("kind") == "signal"
+            ]
+        resumes, effect, detail = _effect(todo, meta, reason, waits)
         records = [encode(SignalSent(eid, name, payload, by)) for name, payload in todo]
         # One append: the signals of one command arrive together or not at all.
         last = await log.append(INBOX_STREAM, records, expect=ANY)
@@ -1154,6 +1167,8 @@ async def _send(
                 "settled": settled,
                 "status": info.meta.get("status"),
                 "status_text": status_text,
+                "resumes": resumes,
+                "note": detail or None,
             }
         )
     else:
@@ -1166,8 +1181,10 @@ async def _send(
                 f"runtime with agent {agent!r} registered opens it"
             )
         elif settled is None:
-            lines.append(f"runtime pid {owner} delivers it and resumes the execution")
-        elif settled:
+            lines.append(f"runtime pid {owner} delivers it{effect}")
+        if detail and not settled:
+            lines.append(detail)
+        if settled:
             lines.append(f"runtime pid {owner} took it; the execution has settled")
         lines.append(f"status: {status_text}")
         if settled is False:
@@ -1178,6 +1195,82 @@ async def _send(
             )
         ctx.lines(lines)
     return 1 if settled is False else 0
+
+
+def _effect(
+    todo: Sequence[tuple[str, Any]],
+    meta: Mapping[str, Any],
+    reason: Mapping[str, Any] | None,
+    waits: Sequence[Mapping[str, Any]],
+) -> tuple[bool, str, str]:
+    """What delivering these signals does, as far as the index and the records show.
+
+    ``reason`` is the suspension (if suspended), ``waits`` the tool calls waiting in
+    ``wait_for_signal`` (name, step, tool). Returns whether it resumes the execution,
+    the end of "runtime pid N delivers it...", and a line of detail (or ""). Only a
+    signal that can unblock the execution is said to resume it: a named signal no tool
+    waits for is kept for a tool that waits for it later.
+    """
+    status = meta.get("status")
+    kinds = [canonical_name(name) for name, _ in todo]
+    if "cancel" in kinds:
+        return False, " and cancels the execution", ""
+    blockers = list((reason.get("pending") or [reason]) if reason else [])
+    waiting = ", ".join(_blocker_name(b) for b in blockers) or str(meta.get("reason"))
+    user = [name for name, _ in todo if name not in BUILTIN]
+    if user:
+        name = user[0]
+        later = f"{name!r} is stored for a tool that calls wait_for_signal({name!r}) later"
+        matched = [b for b in waits if b.get("name") == name]
+        if matched:
+            rest = [
+                b for b in blockers if not (b.get("kind") == "signal" and b.get("name") == name)
+            ]
+            detail = f"step {matched[0].get('step')} ({matched[0].get('tool')}) waits for {name!r}"
+            if rest:
+                detail += "; the execution then still waits for " + ", ".join(
+                    _blocker_name(b) for b in rest
+                )
+            if status != "suspended":  # a sibling call still runs: only this one carries on
+                return True, "", detail
+            return True, " and resumes the execution", detail
+        if waits:
+            now = ", ".join(
+                f"{b.get('name')!r} (step {b.get('step')}, {b.get('tool')})" for b in waits
+            )
+            detail = f"the execution waits for signal {now}, not {name!r}: {later}"
+            return False, "; it does not resume the execution", detail
+        if status == "suspended":
+            detail = f"no tool waits for {name!r} now (the execution waits for {waiting}): {later}"
+            return False, "; it does not resume the execution", detail
+        detail = (
+            f"it goes to tools waiting in wait_for_signal({name!r}); none waits now, so {later}"
+        )
+        return False, "", detail
+    unblocks = {
+        "approve": status == "suspended",
+        "reject": status == "suspended",
+        "budget": status == "suspended" and meta.get("reason") == "budget",
+        "resolve": status == "suspended" and meta.get("reason") == "unknown_outcome",
+        "resume": status == "failed" or meta.get("reason") == "drift",
+        "accept_drift": status == "suspended" and meta.get("reason") == "drift",
+    }
+    if any(unblocks.get(k, False) for k in kinds):
+        return True, " and resumes the execution", ""
+    if status == "suspended":
+        return False, "; it does not resume the execution", f"it still waits for {waiting}"
+    return False, "", ""
+
+
+def _blocker_name(b: Mapping[str, Any]) -> str:
+    kind = b.get("kind")
+    if kind in ("approval", "contract"):
+        return f"{kind} {b.get('confirmation_id')}"
+    if kind == "signal":
+        return f"signal {b.get('name')!r}"
+    if kind == "child":
+        return f"child execution {b.get('child_id')}"
+    return str(kind)
 
 
 async def _wait_settled(
