@@ -1122,6 +1122,7 @@ async def _send(
                 list(meta.get("confirmations") or ()),
                 name,
                 payload if isinstance(payload, Mapping) else {},
+                usage=meta,
             )
             if problem is not None:
                 raise CliError(problem, "invalid_signal")
@@ -1347,7 +1348,7 @@ async def _resume(ctx: _Ctx, args: argparse.Namespace) -> int:
     try:
         budget = Budget(**limits) if any(v is not None for v in limits.values()) else None
     except ValueError as exc:
-        raise CliError(str(exc), "usage", 2) from None
+        raise CliError(f"resume {args.execution_id}: {exc}", "usage", 2) from None
     owner = owner_pid(ctx.data_dir)
 
     def plan(info: StreamInfo) -> list[tuple[str, Any]]:

@@ -97,7 +97,7 @@ def test_usage_errors_exit_2_and_are_json_when_asked(store: Store) -> None:
     spec = perdure_here(store.path, "replay", "--agent", "no_colon")
     assert spec.code == 2 and "use MODULE:ATTRIBUTE" in spec.err
     budget = perdure_here(store.path, "resume", "budget-1", "--max-dollars", "-1")
-    assert budget.code == 2 and "max_dollars must be >= 0" in budget.err
+    assert budget.code == 2 and "resume budget-1: Budget.max_dollars must be >= 0" in budget.err
 
 
 def test_version_is_the_installed_one() -> None:
@@ -127,3 +127,43 @@ def test_signals_that_cannot_apply_say_why_and_what_to_do(store: Store) -> None:
     module = perdure_here(store.path, "replay", "--agent", "no_such_module:agent")
     assert module.code == 1 and "cannot import 'no_such_module'" in module.err
     assert perdure_here(store.path, "inspect", "pay-1", "--json").json()["pending_signals"] == []
+
+
+def test_a_budget_raise_that_raises_nothing_is_refused_before_anything_is_sent(
+    store: Store,
+) -> None:
+    # budget-1 used 1 LLM call (its limit) and 15 tokens.
+    fix = (
+        "pass a limit above {used} ('perdure resume budget-1 --max-{flag} N' or "
+        "rt.resume('budget-1', budget=Budget(max_{limit}=N)))"
+    )
+    ran = perdure(store.path, "resume", "budget-1", "--max-llm-calls", "0")
+    assert (ran.code, ran.out) == (1, "")
+    assert ran.err == (
+        "perdure: error: execution 'budget-1': cannot raise max_llm_calls to 0: a raised "
+        "limit must be a positive, finite number (it has used 1 LLM call); "
+        + fix.format(used=1, flag="llm-calls", limit="llm_calls")
+        + "\n"
+    )
+    at_usage = perdure(store.path, "resume", "budget-1", "--max-llm-calls", "1")
+    assert at_usage.code == 1
+    assert at_usage.err == (
+        "perdure: error: execution 'budget-1': cannot raise max_llm_calls to 1: it has used "
+        "1 LLM call, so the limit would be reached at once; "
+        + fix.format(used=1, flag="llm-calls", limit="llm_calls")
+        + "\n"
+    )
+    tokens = perdure_here(store.path, "resume", "budget-1", "--max-tokens", "15", "--json")
+    assert tokens.code == 1 and tokens.json()["error"] == {
+        "kind": "invalid_signal",
+        "message": "execution 'budget-1': cannot raise max_tokens to 15: it has used 15 tokens, "
+        "so the limit would be reached at once; "
+        + fix.format(used=15, flag="tokens", limit="tokens"),
+    }
+    for value in ("nan", "inf", "0"):
+        dollars = perdure_here(store.path, "resume", "budget-1", "--max-dollars", value)
+        assert dollars.code == 1, value
+        assert f"cannot raise max_dollars to {float(value)!r}: a raised limit must be a " in (
+            dollars.err
+        )
+    assert perdure_here(store.path, "inspect", "budget-1", "--json").json()["pending_signals"] == []

@@ -9,7 +9,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from perdure import Agent, Runtime
+from perdure import Agent, Budget, InvalidSignalError, Runtime
 from perdure.events import execution_stream
 from tests.cli import agents
 from tests.cli.conftest import Owner, Store, cli_env, perdure, perdure_here
@@ -251,3 +251,19 @@ def test_a_signal_is_said_to_resume_the_execution_only_when_a_tool_waits_for_it(
     budget = perdure_here(path, "resume", "pay-1", "--max-llm-calls", "9", "--json").json()
     assert budget["resumes"] is False
     assert budget["note"] == f"it still waits for approval {cid}"
+
+
+def test_rt_resume_refuses_a_budget_that_raises_nothing(fresh_store: Store) -> None:
+    # The same precheck as the CLI's: a limit of 0 (or NaN) would be recorded as a
+    # "raise" and suspend the execution again at once.
+    with Runtime(fresh_store.path, agents=agents.ALL, durability="process") as rt:
+        for budget in (Budget(max_llm_calls=0), Budget(max_dollars=float("nan"))):
+            with pytest.raises(InvalidSignalError, match="a raised limit must be a positive"):
+                rt.resume("budget-1", budget=budget, wait=False)
+        assert rt.result("budget-1").is_suspended
+    records = perdure_here(fresh_store.path, "events", "budget-1", "--json").json()["records"]
+    assert "budget.raised" not in [r["type"] for r in records]
+    assert (
+        perdure_here(fresh_store.path, "inspect", "budget-1", "--json").json()["pending_signals"]
+        == []
+    )
