@@ -15,8 +15,10 @@ no runtime running the signal waits in the inbox and takes effect at the next st
 
 Every command takes ``--json`` (one JSON document on stdout, errors included) and
 otherwise prints aligned text for people. Exit status: 0 success; 1 an error, a fault
-(``health``), drift (``replay``) or a signal that was not sent; 2 a usage error; 141
-when stdout was closed early (``perdure events ID | head``), quietly.
+(``health``), drift (``replay``) or a signal that was not sent; 2 a usage error (a
+``replay --agent`` that cannot be imported or is no Agent included); 141 when stdout
+was closed before everything was written (``perdure events ID | head``), quietly, for
+every command.
 """
 
 from __future__ import annotations
@@ -175,6 +177,8 @@ def run(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         _check_data_dir(data_dir)
         return anyio.run(command, ctx, args)
     except CliError as exc:
+        if os.environ.get("PERDURE_DEBUG") and exc.__cause__ is not None:
+            traceback.print_exception(exc.__cause__)  # e.g. an --agent module that raised
         return _report(out, ctx.json, str(exc), exc.kind, exc.code)
     except (PerdureError, EventDecodeError) as exc:
         return _report(out, ctx.json, str(exc), type(exc).__name__, 1)
@@ -1409,20 +1413,15 @@ def _load_agents(specs: Sequence[str]) -> list[Agent]:
             raise CliError(
                 f"--agent {spec!r}: use MODULE:ATTRIBUTE, e.g. 'myapp.agents:support'", "usage", 2
             )
-        try:
-            obj: Any = importlib.import_module(module_name)
-        except Exception as exc:
-            raise CliError(
-                f"--agent {spec!r}: cannot import {module_name!r} ({type(exc).__name__}: {exc}); "
-                f"run from your project's directory or set PYTHONPATH",
-                "import",
-            ) from None
+        obj: Any = _import_agent_module(spec, module_name)
         for part in attribute.split("."):
             try:
                 obj = getattr(obj, part)
             except AttributeError:
                 raise CliError(
-                    f"--agent {spec!r}: {module_name!r} has no attribute {attribute!r}", "import"
+                    f"--agent {spec!r}: {module_name!r} has no attribute {attribute!r}",
+                    "import",
+                    2,
                 ) from None
         if isinstance(obj, Agent):
             agents = [obj]
@@ -1450,6 +1449,47 @@ def _load_agents(specs: Sequence[str]) -> list[Agent]:
             found[agent.name] = agent
             todo.extend(agent.agents)
     return list(found.values())
+
+
+def _import_agent_module(spec: str, module_name: str) -> Any:
+    """Import the module of an ``--agent`` spec, telling "not found" from "it raised"."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if module_name == missing or module_name.startswith(missing + "."):
+            raise CliError(
+                f"--agent {spec!r}: cannot import {module_name!r} (ModuleNotFoundError: "
+                f"{exc}); run from your project's directory or set PYTHONPATH",
+                "import",
+                2,
+            ) from None
+        error: BaseException = exc  # found, but something it imports is missing
+    except (Exception, SystemExit) as exc:  # a module that calls sys.exit() at import
+        error = exc
+    if isinstance(error, SyntaxError) and error.filename:
+        where = f"{error.filename}:{error.lineno}"
+    else:
+        frames = traceback.extract_tb(error.__traceback__)
+        # The innermost frame is where it raised (importlib's own frames come first).
+        where = ""
+        if frames:
+            last = frames[-1]
+            where = f"{last.filename}:{last.lineno} in {last.name}"
+            where += f": {last.line}" if last.line else ""
+    raise CliError(
+        f"--agent {spec!r}: module {module_name!r} was found but raised while importing: "
+        f"{type(error).__name__}: {error}"
+        + (f" (at {where})" if where else "")
+        + (
+            "; install what it imports, or fix the module"
+            if isinstance(error, ImportError)
+            else "; fix the module"
+        )
+        + " (set PERDURE_DEBUG=1 for the whole traceback)",
+        "import",
+        2,
+    ) from error
 
 
 async def _replay(ctx: _Ctx, args: argparse.Namespace) -> int:

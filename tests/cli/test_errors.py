@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.cli.conftest import REPO, Store, perdure, perdure_here
+from tests.cli.conftest import REPO, Ran, Store, cli_env, perdure, perdure_here
 
 
 def test_unknown_execution(store: Store) -> None:
@@ -124,8 +126,6 @@ def test_signals_that_cannot_apply_say_why_and_what_to_do(store: Store) -> None:
     assert "execution 'weather-1' is completed; it takes no more signals" in done.err
     doubt = perdure_here(store.path, "resolve", "pay-1", "--retry")
     assert doubt.code == 1 and "has no tool call in doubt" in doubt.err
-    module = perdure_here(store.path, "replay", "--agent", "no_such_module:agent")
-    assert module.code == 1 and "cannot import 'no_such_module'" in module.err
     assert perdure_here(store.path, "inspect", "pay-1", "--json").json()["pending_signals"] == []
 
 
@@ -167,3 +167,69 @@ def test_a_budget_raise_that_raises_nothing_is_refused_before_anything_is_sent(
             dollars.err
         )
     assert perdure_here(store.path, "inspect", "budget-1", "--json").json()["pending_signals"] == []
+
+
+def write_module(directory: Path, name: str, source: str) -> None:
+    (directory / f"{name}.py").write_text(source)
+
+
+def test_bad_agent_values_are_usage_errors_that_say_what_is_wrong(
+    store: Store, tmp_path: Path
+) -> None:
+    write_module(
+        tmp_path,
+        "badmod",
+        "import json\n\n\ndef load():\n    raise RuntimeError('config missing: set FOO')\n\n\n"
+        "load()\n",
+    )
+    write_module(tmp_path, "needsdep", "import not_installed_anywhere\n")
+    write_module(tmp_path, "fine", "def agent():\n    pass\n")
+
+    def replay(spec: str) -> Ran:
+        return perdure(store.path, "replay", "--agent", spec, cwd=tmp_path)
+
+    raised = replay("badmod:agent")
+    assert (raised.code, raised.out) == (2, "")
+    assert raised.err == (
+        "perdure: error: --agent 'badmod:agent': module 'badmod' was found but raised while "
+        f"importing: RuntimeError: config missing: set FOO (at {tmp_path / 'badmod.py'}:5 in "
+        "load: raise RuntimeError('config missing: set FOO')); fix the module (set "
+        "PERDURE_DEBUG=1 for the whole traceback)\n"
+    )
+    assert "PYTHONPATH" not in raised.err
+    dep = replay("needsdep:agent")
+    assert dep.code == 2
+    assert (
+        "module 'needsdep' was found but raised while importing: ModuleNotFoundError: No module "
+        "named 'not_installed_anywhere'"
+    ) in dep.err
+    assert "install what it imports, or fix the module" in dep.err
+    missing = replay("no_such_module:agent")
+    assert missing.code == 2
+    assert missing.err == (
+        "perdure: error: --agent 'no_such_module:agent': cannot import 'no_such_module' "
+        "(ModuleNotFoundError: No module named 'no_such_module'); run from your project's "
+        "directory or set PYTHONPATH\n"
+    )
+    no_attribute = replay("fine:nothing")
+    assert no_attribute.code == 2 and "'fine' has no attribute 'nothing'" in no_attribute.err
+    function = replay("fine:agent")
+    assert function.code == 2 and "is a function, not an Agent" in function.err
+    tool = perdure(store.path, "replay", "--agent", "tests.cli.agents:get_weather")
+    assert tool.code == 2 and "is a Tool, not an Agent" in tool.err
+    as_json = perdure_here(store.path, "replay", "--agent", "no_such_module:agent", "--json")
+    assert as_json.code == 2 and as_json.json()["error"]["kind"] == "import"
+
+    # PERDURE_DEBUG prints the module's own traceback, then the same one-line error.
+    argv = ["--data-dir", str(store.path), "replay", "--agent", "badmod:agent"]
+    debug = subprocess.run(
+        [sys.executable, "-m", "perdure.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=cli_env(PERDURE_DEBUG="1"),
+    )
+    assert debug.returncode == 2
+    assert "Traceback" in debug.stderr and 'badmod.py", line 8, in <module>' in debug.stderr
+    assert debug.stderr.endswith(raised.err)
