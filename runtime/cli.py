@@ -29,6 +29,7 @@ import getpass
 import importlib
 import io
 import json
+import math
 import os
 import secrets
 import shutil
@@ -445,9 +446,32 @@ def _operator() -> str:
     return f"cli:{user}@{socket.gethostname()}"
 
 
+class _NotJson(ValueError):
+    """A constant Python's json module accepts but JSON does not (NaN, Infinity)."""
+
+
+def _refuse_constant(name: str) -> NoReturn:
+    raise _NotJson(f"{name} is not a JSON value (JSON has no NaN or Infinity)")
+
+
+def _finite_float(literal: str) -> float:
+    value = float(literal)
+    if not math.isfinite(value):  # 1e999
+        raise _NotJson(f"{literal} is too large for a float (it would be Infinity)")
+    return value
+
+
 def _parse_json(text: str, what: str) -> Any:
     try:
-        return json.loads(text)
+        # json.loads takes NaN and Infinity by default; JSON has neither, and a payload
+        # holding one would be stored as a tagged float no JSON reader expects.
+        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except _NotJson as exc:
+        raise CliError(
+            f"{what} is not valid JSON: {exc}: {text[:80]!r}; use null, a finite number, "
+            f'or a string such as "NaN"',
+            "bad_json",
+        ) from None
     except json.JSONDecodeError as exc:
         raise CliError(
             f"{what} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}): "

@@ -84,6 +84,28 @@ def test_malformed_json(store: Store, args: tuple[str, ...]) -> None:
     assert perdure_here(store.path, *args, "--json").json()["error"]["kind"] == "bad_json"
 
 
+@pytest.mark.parametrize(
+    ("payload", "why"),
+    [
+        ('{"ratio": NaN}', "NaN is not a JSON value (JSON has no NaN or Infinity)"),
+        ("[Infinity]", "Infinity is not a JSON value (JSON has no NaN or Infinity)"),
+        ('{"big": 1e999}', "1e999 is too large for a float (it would be Infinity)"),
+    ],
+)
+def test_json_payloads_refuse_nan_and_infinity(store: Store, payload: str, why: str) -> None:
+    # Python's json.loads takes these; JSON has none of them, and the payload would be
+    # stored as a tagged float ({"$float": "nan"}) that no JSON reader expects.
+    ran = perdure(store.path, "signal", "wait-1", "go", payload)
+    assert (ran.code, ran.out) == (1, "")
+    assert ran.err == (
+        f"perdure: error: the signal payload is not valid JSON: {why}: {payload!r}; use null, "
+        f'a finite number, or a string such as "NaN"\n'
+    )
+    complete = perdure_here(store.path, "resolve", "pay-1", "--complete", payload, "--json")
+    assert complete.code == 1 and complete.json()["error"]["kind"] == "bad_json"
+    assert perdure_here(store.path, "inspect", "wait-1", "--json").json()["pending_signals"] == []
+
+
 def test_usage_errors_exit_2_and_are_json_when_asked(store: Store) -> None:
     ran = perdure(store.path, "reject", "pay-1", "c-1")  # --reason is required
     assert ran.code == 2 and "the following arguments are required: --reason" in ran.err
