@@ -32,6 +32,7 @@ import json
 import math
 import os
 import secrets
+import shlex
 import shutil
 import socket
 import stat
@@ -80,7 +81,7 @@ from perdure.signals import BUILTIN, canonical_name, precheck
 from perdure.state import TERMINAL, ExecutionState, apply
 from perdure.status import STATUSES, describe, owner_pid, pending_signals
 
-__all__ = ["CliError", "build_parser", "main", "run"]
+__all__ = ["CliError", "build_parser", "console_command", "main", "run"]
 
 DEFAULT_DATA_DIR = "./perdure-data"
 _PREFIX = "exec/"
@@ -232,6 +233,30 @@ class _Ctx:
         write = self.out.write
         for line in lines:
             write(line + "\n")
+
+
+def console_command() -> str:
+    """How a person runs ``perdure`` from this interpreter's environment (shell-quoted).
+
+    ``perdure`` when the one on PATH is this environment's own (a virtualenv that is
+    activated); else the console script beside ``sys.executable`` (``.venv/bin/perdure``,
+    relative to the current directory when it is under it); else ``python -m
+    perdure.cli`` with this interpreter. Examples print it, so the command they suggest
+    works as printed, with or without the virtualenv activated.
+    """
+    # Not realpath: a virtualenv's python is a symlink out of the virtualenv.
+    bin_dir = os.path.dirname(os.path.abspath(sys.executable))
+    script = os.path.join(bin_dir, "perdure")
+    if not (os.path.isfile(script) and os.access(script, os.X_OK)):
+        return shlex.join([sys.executable, "-m", "perdure.cli"])
+    found = shutil.which("perdure")
+    try:
+        if found is not None and os.path.samefile(found, script):
+            return "perdure"
+    except OSError:
+        pass
+    relative = os.path.relpath(script)
+    return shlex.quote(script if relative.startswith("..") else relative)
 
 
 # -- the parser -----------------------------------------------------------------------------
