@@ -237,3 +237,23 @@ def test_openai_agent(tmp_path: Path, configured: bool) -> None:
         )
         assert len(server.chat_requests) == 2
     assert "get_weather -> ok" in out and "completed: Here is what I found" in out
+
+
+def test_the_readme_memory_log_snippet_imports_what_it_uses() -> None:
+    """``Runtime(log=MemoryLog(record_types()))``: both names import as the README shows."""
+    readme = (ROOT / "README.md").read_text()
+    assert "from perdure import Runtime, record_types\nfrom perdure.log import MemoryLog\n" in (
+        readme
+    )
+    script = (
+        "import anyio\n"
+        "from perdure import Agent, Runtime, record_types\n"
+        "from perdure.log import MemoryLog\n"
+        "from perdure.providers import Scripted\n"
+        "agent = Agent('a', instructions='Say hi.', llm=Scripted(['hi']))\n"
+        "async def main():\n"
+        "    async with Runtime(log=MemoryLog(record_types())) as rt:\n"
+        "        print((await rt.run(agent, 'hello')).output)\n"
+        "anyio.run(main)\n"
+    )
+    assert run("-c", script) == "hi\n"
