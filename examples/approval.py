@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 import tempfile
 import time
 
 import anyio
 
 from perdure import Agent, Result, Runtime, current_idempotency_key, tool
+from perdure.cli import console_command
 from perdure.providers import Scripted
 
 
@@ -56,24 +56,23 @@ async def main(data_dir: str, auto: bool) -> None:
             print(f"unexpected: {r.status}")
             return
         reason = r.suspend_reason
+        # The perdure command as it works from here (.venv/bin/perdure unless the venv
+        # is activated), so the line printed below can be pasted as it is.
         command = [
-            sys.executable,
-            "-m",
-            "perdure.cli",
+            *shlex.split(console_command()),
             "--data-dir",
             data_dir,
             "approve",
             r.execution_id,
             reason.confirmation_id,
-            "--note",
-            "checked the photos",
         ]
         print(f"execution {r.execution_id} is suspended: {reason.tool}({reason.arguments})")
         print("it holds no task now. To approve it, from any terminal run:")
-        print(f"  perdure --data-dir {data_dir} approve {r.execution_id} {reason.confirmation_id}")
+        print(f"  {shlex.join(command)}")
+        command += ["--note", "checked the photos"]
         started = time.perf_counter()
         if auto:
-            print(f"(--auto: running  {shlex.join(command[2:])})")
+            print(f"(--auto: running  {shlex.join(command)})")
             await anyio.run_process(command, check=True, stdout=None)
         await resumed.wait()
         print(f"auto-resumed {time.perf_counter() - started:.2f}s after the approval was sent")

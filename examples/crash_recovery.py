@@ -74,7 +74,9 @@ agent = Agent(
 
 
 def child(data_dir: str) -> None:
-    with Runtime(data_dir) as rt:
+    # The agent is registered at open: the execution the first run left behind is
+    # resumed by recovery itself, before rt.run below finds it already under way.
+    with Runtime(data_dir, agents=[agent]) as rt:
         r = rt.run(agent, "Check out ada's cart ($42).", execution_id="order-42")
         print(f"  [child] execution {r.execution_id}: {r.status} — {r.output}", flush=True)
 

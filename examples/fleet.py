@@ -63,7 +63,8 @@ agent = Agent(
 
 async def main(data_dir: str, count: int, max_concurrency: int) -> None:
     tally: Counter[str] = Counter()
-    async with Runtime(data_dir, max_concurrency=max_concurrency) as rt:
+    # Registered at open, so executions a previous run left unfinished resume too.
+    async with Runtime(data_dir, agents=[agent], max_concurrency=max_concurrency) as rt:
 
         @rt.on_complete
         def completed(result: Result) -> None:

@@ -6,7 +6,9 @@
 
 Set OPENAI_API_KEY for OpenAI itself, or OPENAI_BASE_URL for a self-hosted server (vLLM,
 Ollama, llama.cpp, LM Studio; no key needed). PERDURE_MODEL picks the model (default
-gpt-4o-mini). To try it with no account at all, run the test suite's fake server:
+gpt-4o-mini). It needs the openai package (pip install -e '.[openai]', or the dev
+extras). To try it with no account at all, run the test suite's fake server from the
+repo root (it needs the dev extras: pip install -e '.[dev]'):
 
     python -m tests.support.openai_server 8765 &
     OPENAI_BASE_URL=http://127.0.0.1:8765/v1 python examples/openai_agent.py
@@ -48,7 +50,8 @@ def provider() -> OpenAI:
             "examples/openai_agent.py needs a model endpoint:\n"
             "  export OPENAI_API_KEY=sk-...                 # for OpenAI\n"
             "  export OPENAI_BASE_URL=http://host:port/v1   # for an OpenAI-compatible server\n"
-            "or, to try it locally with no account:\n"
+            "or, to try it locally with no account (from the repo root, with the dev extras\n"
+            "installed: pip install -e '.[dev]'):\n"
             "  python -m tests.support.openai_server 8765 &\n"
             "  OPENAI_BASE_URL=http://127.0.0.1:8765/v1 python examples/openai_agent.py"
         )
@@ -64,7 +67,9 @@ async def main(question: str, execution_id: str, data_dir: str) -> None:
         tools=[get_weather],
         llm=provider(),
     )
-    async with Runtime(data_dir) as rt:
+    # Registered at open: an execution a killed run left behind resumes at once, and
+    # rt.stream below follows it from its next model call.
+    async with Runtime(data_dir, agents=[agent]) as rt:
         print(f"execution {execution_id}")
         async for item in rt.stream(agent, question, execution_id=execution_id):
             if isinstance(item, TextDelta):

@@ -6,15 +6,20 @@ OPENAI_BASE_URL / PERDURE_MODEL for an OpenAI-compatible server) to use a real o
     python examples/quickstart.py [DATA_DIR]
 
 Every LLM call and tool call below is a durable step in DATA_DIR (default
-./perdure-data). Inspect it afterwards with:  perdure --data-dir ./perdure-data status
+./perdure-data). Inspect it afterwards with the perdure command, which the install put
+beside this Python (.venv/bin/perdure; plain ``perdure`` once the venv is activated):
+
+    .venv/bin/perdure --data-dir ./perdure-data status
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 
 from perdure import Agent, Budget, Runtime, current_idempotency_key, tool
+from perdure.cli import console_command
 from perdure.providers import Provider, Scripted
 
 
@@ -60,14 +65,15 @@ agent = Agent(
 
 def main() -> None:
     data_dir = sys.argv[1] if len(sys.argv) > 1 else "./perdure-data"
-    with Runtime(data_dir) as rt:
+    # Registered at open, so an execution a previous run left unfinished resumes too.
+    with Runtime(data_dir, agents=[agent]) as rt:
         r = rt.run(agent, "What's the weather in Paris? Then move $50 from checking to savings.")
         print(f"execution {r.execution_id}: {r.status}")
         if r.is_suspended and r.suspend_reason.kind == "approval":
             reason = r.suspend_reason
             call = f"{reason.tool}({reason.arguments})"
             print(f"  waiting for approval {reason.confirmation_id}: {call}")
-            print("  approving it (a person would: 'perdure approve ID CID')")
+            print(f"  approving it (a person would: '{console_command()} approve ID CID')")
             rt.approve(r.execution_id, reason.confirmation_id, note="ok from the quickstart")
             r = rt.resume(r.execution_id)
         print(f"execution {r.execution_id}: {r.status}")
@@ -77,7 +83,9 @@ def main() -> None:
             f"  usage: {u.llm_calls} LLM calls, {u.tool_calls} tool calls, "
             f"{u.total_tokens} tokens, ${u.dollars:.4f}"
         )
-        print(f"\nsee every step:  perdure --data-dir {data_dir} steps {r.execution_id}")
+        # The command as it works from here: .venv/bin/perdure unless the venv is active.
+        command = f"{console_command()} --data-dir {shlex.quote(data_dir)}"
+        print(f"\nsee every step:  {command} steps {r.execution_id}")
 
 
 if __name__ == "__main__":

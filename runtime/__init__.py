@@ -30,6 +30,7 @@ from perdure.errors import RuntimeClosedError as RuntimeClosedError
 from perdure.errors import ToolArgumentsError as ToolArgumentsError
 from perdure.errors import ToolError as ToolError
 from perdure.errors import UnknownAgentError as UnknownAgentError
+from perdure.events import record_types as record_types
 from perdure.result import ExecutionInfo as ExecutionInfo
 from perdure.result import Result as Result
 from perdure.result import SuspendReason as SuspendReason
@@ -71,6 +72,7 @@ __all__ = [
     "current_execution_id",
     "current_idempotency_key",
     "current_step",
+    "record_types",
     "tool",
     "wait_for_signal",
 ]

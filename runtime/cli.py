@@ -15,19 +15,27 @@ no runtime running the signal waits in the inbox and takes effect at the next st
 
 Every command takes ``--json`` (one JSON document on stdout, errors included) and
 otherwise prints aligned text for people. Exit status: 0 success; 1 an error, a fault
-(``health``), drift (``replay``) or a signal that was not sent; 2 a usage error; 141
-when stdout was closed early (``perdure events ID | head``), quietly.
+(``health``), drift (``replay``) or a signal that was not sent; 2 a usage error (a
+``replay --agent`` that cannot be imported or is no Agent included); 141 when stdout
+was closed before everything was written (``perdure events ID | head``), quietly, for
+every command.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import getpass
 import importlib
+import io
 import json
+import math
 import os
+import secrets
+import shlex
 import shutil
 import socket
+import stat
 import sys
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -69,11 +77,11 @@ from perdure.events import (
 from perdure.journal import index_meta
 from perdure.log import ANY, Fault, LmdbLog, LogError, Record, StreamInfo
 from perdure.result import ExecutionInfo
-from perdure.signals import precheck
+from perdure.signals import BUILTIN, canonical_name, precheck
 from perdure.state import TERMINAL, ExecutionState, apply
 from perdure.status import STATUSES, describe, owner_pid, pending_signals
 
-__all__ = ["CliError", "build_parser", "main", "run"]
+__all__ = ["CliError", "build_parser", "console_command", "main", "run"]
 
 DEFAULT_DATA_DIR = "./perdure-data"
 _PREFIX = "exec/"
@@ -107,12 +115,36 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """The console script: run the command line and exit with its status."""
+    out = _buffered_stdout()
     try:
-        code = run(argv)
-        sys.stdout.flush()
+        code = run(argv, out=out)
+        out.flush()
     except BrokenPipeError:
         code = _closed_pipe()
     sys.exit(code)
+
+
+def _buffered_stdout() -> TextIO:
+    """stdout through a buffered binary layer of our own.
+
+    Under ``PYTHONUNBUFFERED`` (or ``python -u``) ``sys.stdout`` writes straight to the
+    descriptor and drops whatever a short write did not take: when the reader of a pipe
+    leaves mid-write (``perdure export ID | head -c 100``), the rest is lost without an
+    error and the command would exit 0. A ``BufferedWriter`` writes everything or
+    raises, so every command sees the closed pipe and exits 141, however Python runs.
+    """
+    stdout = sys.stdout
+    try:
+        fd = stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return stdout  # replaced by something without a descriptor: use it as it is
+    raw = io.FileIO(fd, "w", closefd=False)
+    return io.TextIOWrapper(
+        io.BufferedWriter(raw),
+        encoding=stdout.encoding or "utf-8",
+        errors=stdout.errors or "strict",
+        line_buffering=raw.isatty(),  # a person at a terminal sees each line at once
+    )
 
 
 def _closed_pipe() -> int:
@@ -147,6 +179,8 @@ def run(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         _check_data_dir(data_dir)
         return anyio.run(command, ctx, args)
     except CliError as exc:
+        if os.environ.get("PERDURE_DEBUG") and exc.__cause__ is not None:
+            traceback.print_exception(exc.__cause__)  # e.g. an --agent module that raised
         return _report(out, ctx.json, str(exc), exc.kind, exc.code)
     except (PerdureError, EventDecodeError) as exc:
         return _report(out, ctx.json, str(exc), type(exc).__name__, 1)
@@ -199,6 +233,30 @@ class _Ctx:
         write = self.out.write
         for line in lines:
             write(line + "\n")
+
+
+def console_command() -> str:
+    """How a person runs ``perdure`` from this interpreter's environment (shell-quoted).
+
+    ``perdure`` when the one on PATH is this environment's own (a virtualenv that is
+    activated); else the console script beside ``sys.executable`` (``.venv/bin/perdure``,
+    relative to the current directory when it is under it); else ``python -m
+    perdure.cli`` with this interpreter. Examples print it, so the command they suggest
+    works as printed, with or without the virtualenv activated.
+    """
+    # Not realpath: a virtualenv's python is a symlink out of the virtualenv.
+    bin_dir = os.path.dirname(os.path.abspath(sys.executable))
+    script = os.path.join(bin_dir, "perdure")
+    if not (os.path.isfile(script) and os.access(script, os.X_OK)):
+        return shlex.join([sys.executable, "-m", "perdure.cli"])
+    found = shutil.which("perdure")
+    try:
+        if found is not None and os.path.samefile(found, script):
+            return "perdure"
+    except OSError:
+        pass
+    relative = os.path.relpath(script)
+    return shlex.quote(script if relative.startswith("..") else relative)
 
 
 # -- the parser -----------------------------------------------------------------------------
@@ -345,6 +403,12 @@ async def _open(ctx: _Ctx) -> AsyncIterator[LmdbLog]:
 
 def _check_data_dir(path: str) -> None:
     """A clear error for a data dir that is missing or holds no log (before opening)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CliError(
+            f"data dir {path!r} is not a directory; pass --data-dir DIR (the directory a "
+            f"Runtime opened) or set PERDURE_DATA_DIR",
+            "no_data_dir",
+        )
     if not os.path.isdir(path):
         raise CliError(
             f"data dir {path!r} does not exist; pass --data-dir DIR or set "
@@ -407,9 +471,32 @@ def _operator() -> str:
     return f"cli:{user}@{socket.gethostname()}"
 
 
+class _NotJson(ValueError):
+    """A constant Python's json module accepts but JSON does not (NaN, Infinity)."""
+
+
+def _refuse_constant(name: str) -> NoReturn:
+    raise _NotJson(f"{name} is not a JSON value (JSON has no NaN or Infinity)")
+
+
+def _finite_float(literal: str) -> float:
+    value = float(literal)
+    if not math.isfinite(value):  # 1e999
+        raise _NotJson(f"{literal} is too large for a float (it would be Infinity)")
+    return value
+
+
 def _parse_json(text: str, what: str) -> Any:
     try:
-        return json.loads(text)
+        # json.loads takes NaN and Infinity by default; JSON has neither, and a payload
+        # holding one would be stored as a tagged float no JSON reader expects.
+        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except _NotJson as exc:
+        raise CliError(
+            f"{what} is not valid JSON: {exc}: {text[:80]!r}; use null, a finite number, "
+            f'or a string such as "NaN"',
+            "bad_json",
+        ) from None
     except json.JSONDecodeError as exc:
         raise CliError(
             f"{what} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}): "
@@ -841,35 +928,108 @@ async def _export(ctx: _Ctx, args: argparse.Namespace) -> int:
         info = await _find(log, ctx, eid)
         records = [r async for r in log.read(info.stream) if r.seq <= info.last_seq]
     doc = export_document(eid, info, records)
-    if not args.output or args.output == "-":
-        ctx.out.write(json.dumps(doc, ensure_ascii=False, allow_nan=False) + "\n")
-        return 0
     target = args.output
-    try:
-        await anyio.to_thread.run_sync(_write_file, target, doc)
-    except OSError as exc:
-        raise CliError(f"cannot write the export of {eid!r} to {target!r}: {exc}") from None
-    if ctx.json:
-        ctx.emit({"execution_id": eid, "file": target, "records": len(records)})
-    else:
-        ctx.lines([f"exported {len(records)} records of execution {eid} to {target}"])
+    if target and target != "-" and not _is_stdout(target, ctx.out):
+        text = json.dumps(doc, ensure_ascii=False, allow_nan=False) + "\n"
+        await anyio.to_thread.run_sync(_write_export, eid, target, text)
+        if ctx.json:
+            ctx.emit({"execution_id": eid, "file": target, "records": len(records)})
+        else:
+            ctx.lines([f"exported {len(records)} records of execution {eid} to {target}"])
+        return 0
+    # stdout, spelled "-" or as a path to it (-o /dev/stdout): only the document goes
+    # there, so that it stays one JSON document for the reader.
+    ctx.out.write(json.dumps(doc, ensure_ascii=False, allow_nan=False) + "\n")
     return 0
 
 
-def _write_file(target: str, doc: Any) -> None:
-    # Written aside and renamed: a reader never sees half an export.
-    tmp = f"{target}.tmp-{os.getpid()}"
+def _is_stdout(target: str, out: TextIO) -> bool:
+    """Whether ``target`` is the file ``out`` already writes to (``-o /dev/stdout``)."""
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(doc, f, ensure_ascii=False, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, target)
+        return os.path.samestat(os.stat(target), os.fstat(out.fileno()))
+    except (OSError, ValueError, AttributeError):  # no such path, or stdout has no fd
+        return False
+
+
+def _write_export(eid: str, target: str, text: str) -> None:
+    """Write an export to ``target`` without ever replacing something that is not a file.
+
+    A regular file (or a new one) is written aside and renamed over, so a reader never
+    sees half an export; through a symlink, the temporary file goes beside the link's
+    real target and is renamed onto that, so the link stays a link. Anything else that
+    exists (a terminal, a FIFO, /dev/null, /dev/full) is written into as it is: renaming
+    over it would replace the device node or the FIFO with a JSON file.
+    """
+
+    def fail(why: str, kind: str = "error", code: int = 1) -> NoReturn:
+        raise CliError(f"cannot write the export of {eid!r} to {target!r}: {why}", kind, code)
+
+    try:
+        st: os.stat_result | None = os.stat(target)
+    except FileNotFoundError:
+        st = None  # a new file (or a dangling link: its target is created)
+    except OSError as exc:
+        fail(_os_error(exc))
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        fail(
+            f"it is a directory; give a file name, e.g. -o {os.path.join(target, eid)}.json",
+            "usage",
+            2,
+        )
+    if st is not None and stat.S_ISBLK(st.st_mode):
+        fail("it is a block device (a disk); give a file name", "usage", 2)
+    real = os.path.realpath(target)
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        _write_into(target, text, fail)
+        return
+    try:
+        same = st is None or os.path.samestat(st, os.stat(real))
+    except OSError:
+        same = False
+    if not same:
+        # A link the kernel follows but a path cannot name (/proc/self/fd/N, say):
+        # nothing to rename onto, so write into the file itself.
+        _write_into(target, text, fail)
+        return
+    directory, name = os.path.split(real)
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        # 0o666 less the umask, as a new file would get; an existing file keeps its mode.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as exc:
+        fail(f"cannot create a file in {directory!r} ({_os_error(exc)})")
+    try:
+        try:
+            with open(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            if st is not None:
+                os.chmod(tmp, stat.S_IMODE(st.st_mode))
+            os.replace(tmp, real)
+        except OSError as exc:
+            fail(_os_error(exc))
     except BaseException:
         try:
             os.unlink(tmp)
         except OSError:
             pass
         raise
+
+
+def _write_into(target: str, text: str, fail: Callable[[str], NoReturn]) -> None:
+    try:
+        with open(target, "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as exc:
+        fail(_os_error(exc))
+
+
+def _os_error(exc: OSError) -> str:
+    """The error without the file name (the caller names the path the user gave)."""
+    if exc.errno is not None and exc.strerror:
+        return f"{exc.strerror} ({errno.errorcode.get(exc.errno, exc.errno)})"
+    return str(exc)
 
 
 # -- health ---------------------------------------------------------------------------------
@@ -1015,11 +1175,25 @@ async def _send(
                 list(meta.get("confirmations") or ()),
                 name,
                 payload if isinstance(payload, Mapping) else {},
+                usage=meta,
             )
             if problem is not None:
                 raise CliError(problem, "invalid_signal")
         if check is not None:
             await check(log, info)
+        # What the signals can do depends on what the execution waits for: the index
+        # says why it is suspended; the suspension itself (folded from the records)
+        # names the signals its tools wait for.
+        reason, waits = None, []
+        if meta.get("status") == "suspended" or any(n not in BUILTIN for n, _ in todo):
+            state = _fold(info, await _history(log, info))
+            reason = state.suspend_reason
+            waits = [
+                {"name": c.waiting.get("name"), "step": c.step, "tool": c.tool}
+                for c in state.calls
+                if c.status == "waiting" and c.waiting and c.waiting.get("kind") == "signal"
+            ]
+        resumes, effect, detail = _effect(todo, meta, reason, waits)
         records = [encode(SignalSent(eid, name, payload, by)) for name, payload in todo]
         # One append: the signals of one command arrive together or not at all.
         last = await log.append(INBOX_STREAM, records, expect=ANY)
@@ -1047,6 +1221,8 @@ async def _send(
                 "settled": settled,
                 "status": info.meta.get("status"),
                 "status_text": status_text,
+                "resumes": resumes,
+                "note": detail or None,
             }
         )
     else:
@@ -1059,8 +1235,10 @@ async def _send(
                 f"runtime with agent {agent!r} registered opens it"
             )
         elif settled is None:
-            lines.append(f"runtime pid {owner} delivers it and resumes the execution")
-        elif settled:
+            lines.append(f"runtime pid {owner} delivers it{effect}")
+        if detail and not settled:
+            lines.append(detail)
+        if settled:
             lines.append(f"runtime pid {owner} took it; the execution has settled")
         lines.append(f"status: {status_text}")
         if settled is False:
@@ -1071,6 +1249,82 @@ async def _send(
             )
         ctx.lines(lines)
     return 1 if settled is False else 0
+
+
+def _effect(
+    todo: Sequence[tuple[str, Any]],
+    meta: Mapping[str, Any],
+    reason: Mapping[str, Any] | None,
+    waits: Sequence[Mapping[str, Any]],
+) -> tuple[bool, str, str]:
+    """What delivering these signals does, as far as the index and the records show.
+
+    ``reason`` is the suspension (if suspended), ``waits`` the tool calls waiting in
+    ``wait_for_signal`` (name, step, tool). Returns whether it resumes the execution,
+    the end of "runtime pid N delivers it...", and a line of detail (or ""). Only a
+    signal that can unblock the execution is said to resume it: a named signal no tool
+    waits for is kept for a tool that waits for it later.
+    """
+    status = meta.get("status")
+    kinds = [canonical_name(name) for name, _ in todo]
+    if "cancel" in kinds:
+        return False, " and cancels the execution", ""
+    blockers = list((reason.get("pending") or [reason]) if reason else [])
+    waiting = ", ".join(_blocker_name(b) for b in blockers) or str(meta.get("reason"))
+    user = [name for name, _ in todo if name not in BUILTIN]
+    if user:
+        name = user[0]
+        later = f"{name!r} is stored for a tool that calls wait_for_signal({name!r}) later"
+        matched = [b for b in waits if b.get("name") == name]
+        if matched:
+            rest = [
+                b for b in blockers if not (b.get("kind") == "signal" and b.get("name") == name)
+            ]
+            detail = f"step {matched[0].get('step')} ({matched[0].get('tool')}) waits for {name!r}"
+            if rest:
+                detail += "; the execution then still waits for " + ", ".join(
+                    _blocker_name(b) for b in rest
+                )
+            if status != "suspended":  # a sibling call still runs: only this one carries on
+                return True, "", detail
+            return True, " and resumes the execution", detail
+        if waits:
+            now = ", ".join(
+                f"{b.get('name')!r} (step {b.get('step')}, {b.get('tool')})" for b in waits
+            )
+            detail = f"the execution waits for signal {now}, not {name!r}: {later}"
+            return False, "; it does not resume the execution", detail
+        if status == "suspended":
+            detail = f"no tool waits for {name!r} now (the execution waits for {waiting}): {later}"
+            return False, "; it does not resume the execution", detail
+        detail = (
+            f"it goes to tools waiting in wait_for_signal({name!r}); none waits now, so {later}"
+        )
+        return False, "", detail
+    unblocks = {
+        "approve": status == "suspended",
+        "reject": status == "suspended",
+        "budget": status == "suspended" and meta.get("reason") == "budget",
+        "resolve": status == "suspended" and meta.get("reason") == "unknown_outcome",
+        "resume": status == "failed" or meta.get("reason") == "drift",
+        "accept_drift": status == "suspended" and meta.get("reason") == "drift",
+    }
+    if any(unblocks.get(k, False) for k in kinds):
+        return True, " and resumes the execution", ""
+    if status == "suspended":
+        return False, "; it does not resume the execution", f"it still waits for {waiting}"
+    return False, "", ""
+
+
+def _blocker_name(b: Mapping[str, Any]) -> str:
+    kind = b.get("kind")
+    if kind in ("approval", "contract"):
+        return f"{kind} {b.get('confirmation_id')}"
+    if kind == "signal":
+        return f"signal {b.get('name')!r}"
+    if kind == "child":
+        return f"child execution {b.get('child_id')}"
+    return str(kind)
 
 
 async def _wait_settled(
@@ -1147,7 +1401,7 @@ async def _resume(ctx: _Ctx, args: argparse.Namespace) -> int:
     try:
         budget = Budget(**limits) if any(v is not None for v in limits.values()) else None
     except ValueError as exc:
-        raise CliError(str(exc), "usage", 2) from None
+        raise CliError(f"resume {args.execution_id}: {exc}", "usage", 2) from None
     owner = owner_pid(ctx.data_dir)
 
     def plan(info: StreamInfo) -> list[tuple[str, Any]]:
@@ -1208,20 +1462,15 @@ def _load_agents(specs: Sequence[str]) -> list[Agent]:
             raise CliError(
                 f"--agent {spec!r}: use MODULE:ATTRIBUTE, e.g. 'myapp.agents:support'", "usage", 2
             )
-        try:
-            obj: Any = importlib.import_module(module_name)
-        except Exception as exc:
-            raise CliError(
-                f"--agent {spec!r}: cannot import {module_name!r} ({type(exc).__name__}: {exc}); "
-                f"run from your project's directory or set PYTHONPATH",
-                "import",
-            ) from None
+        obj: Any = _import_agent_module(spec, module_name)
         for part in attribute.split("."):
             try:
                 obj = getattr(obj, part)
             except AttributeError:
                 raise CliError(
-                    f"--agent {spec!r}: {module_name!r} has no attribute {attribute!r}", "import"
+                    f"--agent {spec!r}: {module_name!r} has no attribute {attribute!r}",
+                    "import",
+                    2,
                 ) from None
         if isinstance(obj, Agent):
             agents = [obj]
@@ -1249,6 +1498,47 @@ def _load_agents(specs: Sequence[str]) -> list[Agent]:
             found[agent.name] = agent
             todo.extend(agent.agents)
     return list(found.values())
+
+
+def _import_agent_module(spec: str, module_name: str) -> Any:
+    """Import the module of an ``--agent`` spec, telling "not found" from "it raised"."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if module_name == missing or module_name.startswith(missing + "."):
+            raise CliError(
+                f"--agent {spec!r}: cannot import {module_name!r} (ModuleNotFoundError: "
+                f"{exc}); run from your project's directory or set PYTHONPATH",
+                "import",
+                2,
+            ) from None
+        error: BaseException = exc  # found, but something it imports is missing
+    except (Exception, SystemExit) as exc:  # a module that calls sys.exit() at import
+        error = exc
+    if isinstance(error, SyntaxError) and error.filename:
+        where = f"{error.filename}:{error.lineno}"
+    else:
+        frames = traceback.extract_tb(error.__traceback__)
+        # The innermost frame is where it raised (importlib's own frames come first).
+        where = ""
+        if frames:
+            last = frames[-1]
+            where = f"{last.filename}:{last.lineno} in {last.name}"
+            where += f": {last.line}" if last.line else ""
+    raise CliError(
+        f"--agent {spec!r}: module {module_name!r} was found but raised while importing: "
+        f"{type(error).__name__}: {error}"
+        + (f" (at {where})" if where else "")
+        + (
+            "; install what it imports, or fix the module"
+            if isinstance(error, ImportError)
+            else "; fix the module"
+        )
+        + " (set PERDURE_DEBUG=1 for the whole traceback)",
+        "import",
+        2,
+    ) from error
 
 
 async def _replay(ctx: _Ctx, args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ timeline shows every signal that ever arrived.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -53,13 +54,22 @@ def canonical_name(name: str) -> str:
 
 
 def precheck(
-    execution_id: str, status: str, confirmations: list[str], name: str, payload: Mapping[str, Any]
+    execution_id: str,
+    status: str,
+    confirmations: list[str],
+    name: str,
+    payload: Mapping[str, Any],
+    *,
+    usage: Mapping[str, Any] | None = None,
 ) -> str | None:
     """Why the signal cannot apply, judged from the index entry; None if it may.
 
     This is the fast check made before a signal is sent (by the runtime and the CLI),
     so an operator hears at once that a confirmation id is wrong. Delivery checks again
-    against the full state, since things may change in between.
+    against the full state, since things may change in between. ``usage`` is the
+    index entry (its ``llm_calls``, ``tool_calls``, ``tokens`` and ``dollars``): given,
+    a budget raise that would leave a limit at or below what is already used is
+    refused too.
     """
     kind = canonical_name(name)
     if status in TERMINAL:
@@ -84,7 +94,64 @@ def precheck(
             Budget.from_dict(raw)
         except (TypeError, ValueError) as exc:
             return f"the budget {dict(raw)!r} is not valid: {exc}"
+        return _budget_raise_problem(execution_id, raw, usage)
     return None
+
+
+#: Budget limit -> (its key in the index entry, what it counts, the CLI option).
+_USED: dict[str, tuple[str, str, str]] = {
+    "max_llm_calls": ("llm_calls", "LLM call", "--max-llm-calls"),
+    "max_tool_calls": ("tool_calls", "tool call", "--max-tool-calls"),
+    "max_tokens": ("tokens", "token", "--max-tokens"),
+    "max_dollars": ("dollars", "$", "--max-dollars"),
+}
+
+
+def _budget_raise_problem(
+    execution_id: str, raw: Mapping[str, Any], usage: Mapping[str, Any] | None
+) -> str | None:
+    """Why a budget raise would not let the execution spend anything more, or None.
+
+    A raise is checked before the next LLM or tool call as ``used >= limit``, so a limit
+    at or below what is used (or zero) would suspend the execution again at once, and
+    be recorded as a "raise" all the same; NaN compares false with everything and
+    would switch the limit off silently.
+    """
+    for limit, (key, what, option) in _USED.items():
+        value = raw.get(limit)
+        if value is None:
+            continue
+        used = usage.get(key) if usage is not None else None
+        used_text = f"it has used {_amount(used, what)}" if used is not None else ""
+        fix = (
+            f"pass a limit above {_amount(used or 0)} ('perdure resume {execution_id} "
+            f"{option} N' or rt.resume({execution_id!r}, budget=Budget({limit}=N)))"
+        )
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return (
+                f"execution {execution_id!r}: budget {limit} must be a number, got {value!r}; {fix}"
+            )
+        if not math.isfinite(value) or value <= 0:
+            return (
+                f"execution {execution_id!r}: cannot raise {limit} to {value!r}: a raised "
+                f"limit must be a positive, finite number"
+                + (f" ({used_text})" if used_text else "")
+                + f"; {fix}"
+            )
+        if used is not None and value <= used:
+            return (
+                f"execution {execution_id!r}: cannot raise {limit} to {_amount(value)}: "
+                f"{used_text}, so the limit would be reached at once; {fix}"
+            )
+    return None
+
+
+def _amount(value: Any, what: str = "") -> str:
+    """``value`` for a message: ``$0.25``, ``1 LLM call``, ``15 tokens``, or bare."""
+    if what == "$":
+        return f"${value:g}"
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    return f"{text} {what}{'' if value == 1 else 's'}" if what else text
 
 
 def translate(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shlex
 import signal
 import socket
 import subprocess
@@ -38,6 +39,62 @@ def test_quickstart(tmp_path: Path) -> None:
     out = run(str(ROOT / "examples/quickstart.py"), str(tmp_path / "data"))
     assert "waiting for approval" in out and ": completed" in out
     assert "$50 moved from checking to savings" in out
+
+
+def test_the_command_the_quickstart_prints_works_as_printed(tmp_path: Path) -> None:
+    """A new user pastes "see every step: ..." into a shell whose PATH lacks the venv."""
+    venv_bin = Path(sys.executable).parent.resolve()
+    path = os.pathsep.join(
+        p
+        for p in os.environ.get("PATH", "").split(os.pathsep)
+        if p and Path(p).resolve() != venv_bin
+    )
+    out = run(str(ROOT / "examples/quickstart.py"), str(tmp_path / "data"), env={"PATH": path})
+    [line] = [line for line in out.splitlines() if line.startswith("see every step:")]
+    command = shlex.split(line.removeprefix("see every step:"))
+    assert command[0] != "perdure"  # not on this PATH: it names the script in the venv
+    proc = subprocess.run(
+        command,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PATH": path},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("execution ") and "completed" in proc.stdout.splitlines()[0]
+    # With the venv active (its bin first on PATH), plain "perdure" is what works.
+    active = run(
+        str(ROOT / "examples/quickstart.py"),
+        str(tmp_path / "data"),
+        env={"PATH": os.pathsep.join([str(Path(sys.executable).parent), path])},
+    )
+    assert f"see every step:  perdure --data-dir {tmp_path / 'data'} steps " in active
+
+
+def test_crash_recovery_resumes_with_no_false_warning(tmp_path: Path) -> None:
+    """The agent is registered at open: no "left alone until it is registered" line
+    appears right before the execution is resumed (seen once a program logs warnings)."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(
+        "import logging\nlogging.basicConfig(level=logging.INFO, format='LOG %(message)s')\n"
+        "logging.getLogger('hook').info('logging on')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hooks), str(ROOT)])}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples/crash_recovery.py"), str(tmp_path / "data")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "each side effect happened exactly once" in proc.stdout
+    # The script and both of its children log their warnings to stderr.
+    assert proc.stderr.count("LOG logging on") == 3, proc.stderr
+    assert "left alone" not in proc.stderr, proc.stderr
 
 
 #: What a core install (``pip install perdure``) does not bring: extras, dev tools, and
@@ -180,3 +237,23 @@ def test_openai_agent(tmp_path: Path, configured: bool) -> None:
         )
         assert len(server.chat_requests) == 2
     assert "get_weather -> ok" in out and "completed: Here is what I found" in out
+
+
+def test_the_readme_memory_log_snippet_imports_what_it_uses() -> None:
+    """``Runtime(log=MemoryLog(record_types()))``: both names import as the README shows."""
+    readme = (ROOT / "README.md").read_text()
+    assert "from perdure import Runtime, record_types\nfrom perdure.log import MemoryLog\n" in (
+        readme
+    )
+    script = (
+        "import anyio\n"
+        "from perdure import Agent, Runtime, record_types\n"
+        "from perdure.log import MemoryLog\n"
+        "from perdure.providers import Scripted\n"
+        "agent = Agent('a', instructions='Say hi.', llm=Scripted(['hi']))\n"
+        "async def main():\n"
+        "    async with Runtime(log=MemoryLog(record_types())) as rt:\n"
+        "        print((await rt.run(agent, 'hello')).output)\n"
+        "anyio.run(main)\n"
+    )
+    assert run("-c", script) == "hi\n"

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.cli.conftest import REPO, Store, perdure, perdure_here
+from tests.cli.conftest import REPO, Ran, Store, cli_env, perdure, perdure_here
 
 
 def test_unknown_execution(store: Store) -> None:
@@ -45,6 +47,15 @@ def test_missing_or_empty_data_dir(tmp_path: Path) -> None:
     empty = perdure_here(tmp_path, "status")
     assert empty.code == 1 and "holds no perdure log (no data.mdb)" in empty.err
     assert not (tmp_path / "data.mdb").exists()  # a reader never creates a log
+    a_file = tmp_path / "data.json"
+    a_file.write_text("{}")
+    ran = perdure(a_file, "status")
+    assert ran.code == 1
+    assert ran.err == (
+        f"perdure: error: data dir '{a_file}' is not a directory; pass --data-dir DIR (the "
+        f"directory a Runtime opened) or set PERDURE_DATA_DIR\n"
+    )
+    assert perdure_here(a_file, "health", "--json").json()["error"]["kind"] == "no_data_dir"
 
 
 def test_wrong_confirmation_id_is_refused_before_anything_is_sent(store: Store) -> None:
@@ -73,6 +84,28 @@ def test_malformed_json(store: Store, args: tuple[str, ...]) -> None:
     assert perdure_here(store.path, *args, "--json").json()["error"]["kind"] == "bad_json"
 
 
+@pytest.mark.parametrize(
+    ("payload", "why"),
+    [
+        ('{"ratio": NaN}', "NaN is not a JSON value (JSON has no NaN or Infinity)"),
+        ("[Infinity]", "Infinity is not a JSON value (JSON has no NaN or Infinity)"),
+        ('{"big": 1e999}', "1e999 is too large for a float (it would be Infinity)"),
+    ],
+)
+def test_json_payloads_refuse_nan_and_infinity(store: Store, payload: str, why: str) -> None:
+    # Python's json.loads takes these; JSON has none of them, and the payload would be
+    # stored as a tagged float ({"$float": "nan"}) that no JSON reader expects.
+    ran = perdure(store.path, "signal", "wait-1", "go", payload)
+    assert (ran.code, ran.out) == (1, "")
+    assert ran.err == (
+        f"perdure: error: the signal payload is not valid JSON: {why}: {payload!r}; use null, "
+        f'a finite number, or a string such as "NaN"\n'
+    )
+    complete = perdure_here(store.path, "resolve", "pay-1", "--complete", payload, "--json")
+    assert complete.code == 1 and complete.json()["error"]["kind"] == "bad_json"
+    assert perdure_here(store.path, "inspect", "wait-1", "--json").json()["pending_signals"] == []
+
+
 def test_usage_errors_exit_2_and_are_json_when_asked(store: Store) -> None:
     ran = perdure(store.path, "reject", "pay-1", "c-1")  # --reason is required
     assert ran.code == 2 and "the following arguments are required: --reason" in ran.err
@@ -88,7 +121,7 @@ def test_usage_errors_exit_2_and_are_json_when_asked(store: Store) -> None:
     spec = perdure_here(store.path, "replay", "--agent", "no_colon")
     assert spec.code == 2 and "use MODULE:ATTRIBUTE" in spec.err
     budget = perdure_here(store.path, "resume", "budget-1", "--max-dollars", "-1")
-    assert budget.code == 2 and "max_dollars must be >= 0" in budget.err
+    assert budget.code == 2 and "resume budget-1: Budget.max_dollars must be >= 0" in budget.err
 
 
 def test_version_is_the_installed_one() -> None:
@@ -115,6 +148,110 @@ def test_signals_that_cannot_apply_say_why_and_what_to_do(store: Store) -> None:
     assert "execution 'weather-1' is completed; it takes no more signals" in done.err
     doubt = perdure_here(store.path, "resolve", "pay-1", "--retry")
     assert doubt.code == 1 and "has no tool call in doubt" in doubt.err
-    module = perdure_here(store.path, "replay", "--agent", "no_such_module:agent")
-    assert module.code == 1 and "cannot import 'no_such_module'" in module.err
     assert perdure_here(store.path, "inspect", "pay-1", "--json").json()["pending_signals"] == []
+
+
+def test_a_budget_raise_that_raises_nothing_is_refused_before_anything_is_sent(
+    store: Store,
+) -> None:
+    # budget-1 used 1 LLM call (its limit) and 15 tokens.
+    fix = (
+        "pass a limit above {used} ('perdure resume budget-1 --max-{flag} N' or "
+        "rt.resume('budget-1', budget=Budget(max_{limit}=N)))"
+    )
+    ran = perdure(store.path, "resume", "budget-1", "--max-llm-calls", "0")
+    assert (ran.code, ran.out) == (1, "")
+    assert ran.err == (
+        "perdure: error: execution 'budget-1': cannot raise max_llm_calls to 0: a raised "
+        "limit must be a positive, finite number (it has used 1 LLM call); "
+        + fix.format(used=1, flag="llm-calls", limit="llm_calls")
+        + "\n"
+    )
+    at_usage = perdure(store.path, "resume", "budget-1", "--max-llm-calls", "1")
+    assert at_usage.code == 1
+    assert at_usage.err == (
+        "perdure: error: execution 'budget-1': cannot raise max_llm_calls to 1: it has used "
+        "1 LLM call, so the limit would be reached at once; "
+        + fix.format(used=1, flag="llm-calls", limit="llm_calls")
+        + "\n"
+    )
+    tokens = perdure_here(store.path, "resume", "budget-1", "--max-tokens", "15", "--json")
+    assert tokens.code == 1 and tokens.json()["error"] == {
+        "kind": "invalid_signal",
+        "message": "execution 'budget-1': cannot raise max_tokens to 15: it has used 15 tokens, "
+        "so the limit would be reached at once; "
+        + fix.format(used=15, flag="tokens", limit="tokens"),
+    }
+    for value in ("nan", "inf", "0"):
+        dollars = perdure_here(store.path, "resume", "budget-1", "--max-dollars", value)
+        assert dollars.code == 1, value
+        assert f"cannot raise max_dollars to {float(value)!r}: a raised limit must be a " in (
+            dollars.err
+        )
+    assert perdure_here(store.path, "inspect", "budget-1", "--json").json()["pending_signals"] == []
+
+
+def write_module(directory: Path, name: str, source: str) -> None:
+    (directory / f"{name}.py").write_text(source)
+
+
+def test_bad_agent_values_are_usage_errors_that_say_what_is_wrong(
+    store: Store, tmp_path: Path
+) -> None:
+    write_module(
+        tmp_path,
+        "badmod",
+        "import json\n\n\ndef load():\n    raise RuntimeError('config missing: set FOO')\n\n\n"
+        "load()\n",
+    )
+    write_module(tmp_path, "needsdep", "import not_installed_anywhere\n")
+    write_module(tmp_path, "fine", "def agent():\n    pass\n")
+
+    def replay(spec: str) -> Ran:
+        return perdure(store.path, "replay", "--agent", spec, cwd=tmp_path)
+
+    raised = replay("badmod:agent")
+    assert (raised.code, raised.out) == (2, "")
+    assert raised.err == (
+        "perdure: error: --agent 'badmod:agent': module 'badmod' was found but raised while "
+        f"importing: RuntimeError: config missing: set FOO (at {tmp_path / 'badmod.py'}:5 in "
+        "load: raise RuntimeError('config missing: set FOO')); fix the module (set "
+        "PERDURE_DEBUG=1 for the whole traceback)\n"
+    )
+    assert "PYTHONPATH" not in raised.err
+    dep = replay("needsdep:agent")
+    assert dep.code == 2
+    assert (
+        "module 'needsdep' was found but raised while importing: ModuleNotFoundError: No module "
+        "named 'not_installed_anywhere'"
+    ) in dep.err
+    assert "install what it imports, or fix the module" in dep.err
+    missing = replay("no_such_module:agent")
+    assert missing.code == 2
+    assert missing.err == (
+        "perdure: error: --agent 'no_such_module:agent': cannot import 'no_such_module' "
+        "(ModuleNotFoundError: No module named 'no_such_module'); run from your project's "
+        "directory or set PYTHONPATH\n"
+    )
+    no_attribute = replay("fine:nothing")
+    assert no_attribute.code == 2 and "'fine' has no attribute 'nothing'" in no_attribute.err
+    function = replay("fine:agent")
+    assert function.code == 2 and "is a function, not an Agent" in function.err
+    tool = perdure(store.path, "replay", "--agent", "tests.cli.agents:get_weather")
+    assert tool.code == 2 and "is a Tool, not an Agent" in tool.err
+    as_json = perdure_here(store.path, "replay", "--agent", "no_such_module:agent", "--json")
+    assert as_json.code == 2 and as_json.json()["error"]["kind"] == "import"
+
+    # PERDURE_DEBUG prints the module's own traceback, then the same one-line error.
+    argv = ["--data-dir", str(store.path), "replay", "--agent", "badmod:agent"]
+    debug = subprocess.run(
+        [sys.executable, "-m", "perdure.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=cli_env(PERDURE_DEBUG="1"),
+    )
+    assert debug.returncode == 2
+    assert "Traceback" in debug.stderr and 'badmod.py", line 8, in <module>' in debug.stderr
+    assert debug.stderr.endswith(raised.err)

@@ -231,22 +231,28 @@ def test_data_dir_from_the_environment_and_the_console_script(store: Store) -> N
     assert len(json.loads(proc.stdout)["executions"]) == len(EXPECTED)
 
 
-def test_piping_into_head_is_quiet(store: Store) -> None:
-    # report-1 holds a 300 kB tool output: far more than a pipe buffers, so `events` is
-    # still writing when head exits, and its next write hits the closed pipe (exit 141,
-    # as SIGPIPE would). `steps` clips values and may fit the pipe; `export` writes one
-    # large block, which the kernel may take in part without an error: 0 is quiet too.
+@pytest.mark.parametrize("unbuffered", [False, True])
+def test_piping_into_head_is_quiet(store: Store, unbuffered: bool) -> None:
+    # report-1 holds a 300 kB tool output: far more than a pipe buffers, so `events` and
+    # `export` are still writing when head exits, and their next write hits the closed
+    # pipe: exit 141, as SIGPIPE would, for every command and however Python buffers
+    # stdout (PYTHONUNBUFFERED once made a short write pass unnoticed, exit 0). `steps`
+    # clips values, so its whole output may fit in the pipe before head exits: 0.
+    env = cli_env()
+    env.pop("PYTHONUNBUFFERED", None)
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"
     for command, codes in (
         ("events report-1", ("rc=141",)),
+        ("export report-1", ("rc=141",)),
         ("steps report-1", ("rc=0", "rc=141")),  # clipped values: may fit the pipe
-        ("export report-1", ("rc=0", "rc=141")),
     ):
         script = (
             f"set -o pipefail; {sys.executable} -m perdure.cli --data-dir {store.path} "
             f"{command} | head -c 10; rc=$?; echo; echo rc=$rc"
         )
         proc = subprocess.run(
-            ["bash", "-c", script], capture_output=True, text=True, timeout=60, env=cli_env()
+            ["bash", "-c", script], capture_output=True, text=True, timeout=60, env=env
         )
         assert proc.stderr == "", (command, proc.stderr)
         assert proc.stdout.splitlines()[-1] in codes, (command, proc.stdout[-200:])

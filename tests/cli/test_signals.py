@@ -9,7 +9,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from perdure import Agent, Runtime
+from perdure import Agent, Budget, InvalidSignalError, Runtime
 from perdure.events import execution_stream
 from tests.cli import agents
 from tests.cli.conftest import Owner, Store, cli_env, perdure, perdure_here
@@ -70,6 +70,14 @@ def test_reject_signal_resume_and_cancel_through_a_live_owner(
     assert rejected[0]["status"] == "rejected"
     assert rejected[0]["error"]["message"] == "not today"
 
+    # A name no tool waits for is stored, and the CLI does not claim it resumes anything.
+    wrong = perdure(path, "signal", "wait-1", "wrongname", "{}")
+    assert wrong.code == 0, wrong.err
+    assert wrong.out.splitlines()[1:3] == [
+        f"runtime pid {owner.proc.pid} delivers it; it does not resume the execution",
+        "the execution waits for signal 'go' (step 2, await_go), not 'wrongname': 'wrongname' "
+        "is stored for a tool that calls wait_for_signal('wrongname') later",
+    ]
     ran = perdure(path, "signal", "wait-1", "go", '{"ok": true}', "--wait", "10")
     assert ran.code == 0 and "status: completed" in ran.out
     waited = perdure_here(path, "steps", "wait-1", "--json").json()["steps"]
@@ -84,7 +92,7 @@ def test_reject_signal_resume_and_cancel_through_a_live_owner(
 
     ran = perdure(path, "cancel", "pay-1", "--reason", "stop")
     assert ran.code == 0, ran.err
-    assert f"runtime pid {owner.proc.pid} delivers it" in ran.out
+    assert f"runtime pid {owner.proc.pid} delivers it and cancels the execution" in ran.out
     owner.expect("cancelled pay-1", timeout=10)
     assert perdure_here(path, "inspect", "pay-1", "--json").json()["cancel_reason"] == "stop"
 
@@ -213,3 +221,49 @@ async def test_resume_accept_drift_lets_a_drifted_execution_carry_on(fresh_store
         with anyio.fail_after(10):
             result = await rt.wait("pay-1", until="finished")
         assert result.is_completed
+
+
+def test_a_signal_is_said_to_resume_the_execution_only_when_a_tool_waits_for_it(
+    fresh_store: Store,
+) -> None:
+    path = fresh_store.path
+    stored = f"no runtime owns {path}: the signal is stored and takes effect when a runtime"
+    wrong = perdure(path, "signal", "wait-1", "paid:123", '{"amount": 5}')
+    assert wrong.code == 0, wrong.err
+    assert wrong.out.splitlines()[1].startswith(stored)
+    assert wrong.out.splitlines()[2] == (
+        "the execution waits for signal 'go' (step 2, await_go), not 'paid:123': 'paid:123' is "
+        "stored for a tool that calls wait_for_signal('paid:123') later"
+    )
+    doc = perdure_here(path, "signal", "wait-1", "later", "--json").json()
+    assert doc["resumes"] is False and "waits for signal 'go'" in doc["note"]
+    right = perdure_here(path, "signal", "wait-1", "go", "--json").json()
+    assert right["resumes"] is True and right["note"] == "step 2 (await_go) waits for 'go'"
+    # Suspended for something else: no tool waits for any signal now.
+    cid = fresh_store.cids["pay-1"]
+    other = perdure(path, "signal", "pay-1", "go")
+    assert other.out.splitlines()[2] == (
+        f"no tool waits for 'go' now (the execution waits for approval {cid}): 'go' is stored "
+        f"for a tool that calls wait_for_signal('go') later"
+    )
+    approve = perdure_here(path, "approve", "pay-1", cid, "--json").json()
+    assert approve["resumes"] is True and approve["note"] is None
+    budget = perdure_here(path, "resume", "pay-1", "--max-llm-calls", "9", "--json").json()
+    assert budget["resumes"] is False
+    assert budget["note"] == f"it still waits for approval {cid}"
+
+
+def test_rt_resume_refuses_a_budget_that_raises_nothing(fresh_store: Store) -> None:
+    # The same precheck as the CLI's: a limit of 0 (or NaN) would be recorded as a
+    # "raise" and suspend the execution again at once.
+    with Runtime(fresh_store.path, agents=agents.ALL, durability="process") as rt:
+        for budget in (Budget(max_llm_calls=0), Budget(max_dollars=float("nan"))):
+            with pytest.raises(InvalidSignalError, match="a raised limit must be a positive"):
+                rt.resume("budget-1", budget=budget, wait=False)
+        assert rt.result("budget-1").is_suspended
+    records = perdure_here(fresh_store.path, "events", "budget-1", "--json").json()["records"]
+    assert "budget.raised" not in [r["type"] for r in records]
+    assert (
+        perdure_here(fresh_store.path, "inspect", "budget-1", "--json").json()["pending_signals"]
+        == []
+    )

@@ -137,3 +137,31 @@ def test_export_codec_other_cbor_values_and_bad_tags() -> None:
         from_json_value({"$nope": 1})
     with pytest.raises(ExportFormatError, match=r"malformed \$bytes"):
         from_json_value({"$bytes": "***"})
+
+
+@pytest.mark.parametrize(
+    ("budget", "usage", "problem"),
+    [
+        ({"max_llm_calls": 5}, {"llm_calls": 1}, None),
+        ({"max_llm_calls": 5}, None, None),
+        ({"max_dollars": 0.5}, {"dollars": 0.25}, None),
+        ({"max_llm_calls": 0}, None, "cannot raise max_llm_calls to 0: a raised limit must be"),
+        ({"max_dollars": math.nan}, None, "cannot raise max_dollars to nan: a raised limit"),
+        ({"max_tokens": math.inf}, None, "cannot raise max_tokens to inf: a raised limit"),
+        ({"max_llm_calls": 1}, {"llm_calls": 1}, "it has used 1 LLM call, so the limit"),
+        ({"max_tool_calls": 2}, {"tool_calls": 3}, "it has used 3 tool calls, so the limit"),
+        ({"max_dollars": 0.25}, {"dollars": 0.25}, "it has used $0.25, so the limit"),
+        ({"max_llm_calls": True}, None, "budget max_llm_calls must be a number, got True"),
+    ],
+)
+def test_precheck_refuses_a_budget_raise_that_raises_nothing(
+    budget: dict[str, Any], usage: dict[str, Any] | None, problem: str | None
+) -> None:
+    from perdure.signals import precheck
+
+    got = precheck("b1", "suspended", [], "budget", {"budget": budget}, usage=usage)
+    if problem is None:
+        assert got is None
+    else:
+        assert got is not None and got.startswith("execution 'b1': ") and problem in got
+        assert "perdure resume b1 --max-" in got and "rt.resume('b1', budget=Budget(" in got
