@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from perdure.errors import PerdureError
 
 __all__ = [
@@ -86,11 +88,19 @@ class UnknownRecordVersionError(LogError):
 
 
 class DataDirLockedError(LogError):
-    """Another process owns the data dir for writing."""
+    """Another process, or another log in this one, owns the data dir for writing."""
 
     def __init__(self, path: str, pid: int | None) -> None:
         self.path = path
         self.pid = pid
+        if pid is not None and pid == os.getpid():
+            # "stop that process" would tell the user to stop the very process asking.
+            super().__init__(
+                f"data dir {path!r} is already open in this process (pid {pid}): another "
+                f"Runtime or LmdbLog here owns it; only one may own a data dir — close that "
+                f"one first, or reuse it instead of opening the dir again"
+            )
+            return
         holder = f"process {pid}" if pid is not None else "another process"
         super().__init__(
             f"data dir {path!r} is owned by {holder}; only one Runtime may own a data dir — "

@@ -207,6 +207,10 @@ class Runtime:
         self._draining = False
         self._recovered = anyio.Event()  # set once recovery at open has run
         self._backlog = anyio.Event()  # set once the inbox backlog at open was delivered
+        # Set once the work at open that answers depend on is done (see _caught_up), or
+        # when the runtime closes; _open_failed says if that work raised.
+        self._ready = anyio.Event()
+        self._open_failed: BaseException | None = None
         self._waiters: dict[str, list[anyio.Event]] = {}
         self._sinks: dict[str, Callable[[Any], None]] = {}
         self._inbox_cursor = 0
@@ -222,6 +226,9 @@ class Runtime:
     async def __aenter__(self) -> Runtime:
         if self._open:
             raise RuntimeError("this Runtime is already open")
+        # Opened again after a close: the work at open is to be done again.
+        self._recovered, self._backlog, self._ready = anyio.Event(), anyio.Event(), anyio.Event()
+        self._open_failed = None
         if self._given_log is not None:
             self.log = self._given_log
         else:
@@ -263,19 +270,24 @@ class Runtime:
 
     async def _close(self) -> None:
         self._open = False
+        self._ready.set()  # whoever waits for the work at open hears that it is closed
         for waiters in self._waiters.values():
             for event in waiters:
                 event.set()
         for _, event in self._inbox_waiters:
             event.set()
         try:
-            if self._tg is not None:
-                self._tg.cancel_scope.cancel()
-                await self._tg.__aexit__(None, None, None)
-                self._tg = None
-            if self._root is not None:
-                root, self._root = self._root, None
-                await root.__aexit__(None, None, None)
+            try:
+                if self._tg is not None:
+                    tg, self._tg = self._tg, None
+                    tg.cancel_scope.cancel()
+                    # Raises what a task of it raised (the work at open, say) ...
+                    await tg.__aexit__(None, None, None)
+            finally:
+                # ... and the supervisor tree is shut down all the same.
+                if self._root is not None:
+                    root, self._root = self._root, None
+                    await root.__aexit__(None, None, None)
         finally:
             # A closed pool takes no calls; a fresh one (no threads until used) serves
             # this Runtime if it is opened again.
@@ -301,6 +313,28 @@ class Runtime:
                 "the Runtime is not open: use it inside 'async with Runtime(...)' or "
                 "'with Runtime(...)'"
             )
+
+    async def _caught_up(self) -> None:
+        """Wait until the signals sent while no runtime ran are delivered and recovery
+        has scheduled what it resumes (not until those executions finish).
+
+        Every call whose answer depends on an execution's state waits for this first:
+        an answer from before that backlog would be stale (an approval already given, a
+        budget already raised). It costs one event check once open is done.
+        """
+        self._require_open()
+        if not self._ready.is_set():
+            await self._ready.wait()
+            self._require_open()
+        if self._open_failed is not None:
+            error = self._open_failed
+            where = repr(self.path) if self.path else "its log"
+            raise RuntimeClosedError(
+                f"the Runtime could not finish opening {where}: "
+                f"delivering the signals sent while no runtime ran, or resuming the "
+                f"interrupted executions, raised {type(error).__name__}: {error}. Close "
+                f"it, check the data dir with 'perdure health', then open it again"
+            ) from error
 
     # -- agents ---------------------------------------------------------------------------
 
@@ -416,7 +450,9 @@ class Runtime:
         """Start an execution; returns once its first record is durable.
 
         An existing ``execution_id`` with the same prompt resumes that execution (or
-        returns it, if it is finished); with a different prompt it is an error.
+        returns it, if it is finished); with a different prompt it is an error. For an
+        existing id this first waits until the signals sent while no runtime ran are
+        delivered (see :meth:`wait_recovered`), so it resumes what they left.
         """
         self._require_open()
         if isinstance(agent, Agent):
@@ -431,11 +467,15 @@ class Runtime:
             raise AgentDefinitionError(f"agent {definition_agent.name!r} has no llm to call")
         existing = await self.log.stream_info(execution_stream(eid))
         if existing is not None:
+            await self._caught_up()
             await self._check_same(eid, definition_agent, prompt)
+            # As it is now that the backlog is in (a resume may have made it runnable).
+            existing = await self.log.stream_info(execution_stream(eid))
+            assert existing is not None
             if (
                 existing.meta.get("status") in ("running", "queued")
-                and eid not in self._live
-                and self._recovered.is_set()  # until then recovery will (after the backlog)
+                and self._undriven(eid)
+                and eid not in self._queued
             ):
                 await self._schedule(eid)
             return ExecutionHandle(eid, self)
@@ -509,7 +549,11 @@ class Runtime:
         budget: Budget | None = None,
         metadata: Mapping[str, Any] | None = None,
     ) -> Result:
-        """Spawn, then wait until the execution completes, suspends or fails."""
+        """Spawn, then wait until the execution completes, suspends or fails.
+
+        The Result is settled: its status is completed, suspended, failed or cancelled,
+        never running or queued (see :meth:`wait`).
+        """
         handle = await self.spawn(
             agent, prompt, execution_id=execution_id, budget=budget, metadata=metadata
         )
@@ -567,6 +611,13 @@ class Runtime:
                 await self._start_actor(eid, True)
         finally:
             self._draining = False
+
+    def _undriven(self, eid: str) -> bool:
+        """No actor is there to drive ``eid``: none, or one that is stopping (one that
+        took a signal while its agent was not registered stops; _start_actor then
+        starts a fresh one)."""
+        actor = self._live.get(eid)
+        return actor is None or actor.stop_requested
 
     async def _schedule(self, eid: str) -> None:
         if self._try_acquire(eid):
@@ -709,19 +760,28 @@ class Runtime:
         completed, failed, cancelled, or suspended. ``until="finished"`` keeps waiting
         through suspensions until it is completed, failed or cancelled (use it for a
         parent whose children, approvals or signals will resume it).
+
+        The Result returned always satisfies ``until``: its status is the one that was
+        judged, read once (a status read, then a second read for the Result, could see
+        the execution resumed in between and return it "running"). It first waits for
+        the signals sent while no runtime ran (see :meth:`wait_recovered`), so it is
+        never the state from before them: a suspension they decided is not returned.
         """
-        self._require_open()
-        done = ("running", "queued") if until == "settled" else ("running", "queued", "suspended")
+        await self._caught_up()
+        if until == "settled":
+            unsettled: tuple[str, ...] = ("running", "queued")
+        else:
+            unsettled = ("running", "queued", "suspended")
         while True:
-            # Register before reading the status, so a settle in between is not missed;
-            # and unregister when not waiting after all (no entry outlives its waiter).
+            # Register before reading, so a settle in between is not missed; and
+            # unregister when not waiting after all (no entry outlives its waiter).
             event = anyio.Event()
             waiters = self._waiters.setdefault(execution_id, [])
             waiters.append(event)
             try:
-                status = await self._status(execution_id)
-                if status not in done:
-                    return await self.result(execution_id)
+                result = await self.result(execution_id)
+                if result.status not in unsettled:
+                    return result
                 await event.wait()
             finally:
                 if not event.is_set():
@@ -730,18 +790,13 @@ class Runtime:
                         del self._waiters[execution_id]
             self._require_open()
 
-    async def _status(self, eid: str) -> str:
-        # The index entry, never the live state: the live state runs ahead of the log
-        # (events are applied when staged), the index is written with each append, so
-        # a status read here is always durable.
-        info = await self.log.stream_info(execution_stream(eid))
-        if info is None:
-            raise ExecutionNotFoundError(f"no execution {eid!r} in this data dir", eid)
-        return str(info.meta.get("status", "unknown"))
-
     async def result(self, execution_id: str) -> Result:
-        """The execution's Result as of now (replays its log if it is not in memory)."""
-        self._require_open()
+        """The execution's Result as of now (replays its log if it is not in memory).
+
+        "Now" is after the signals sent while no runtime ran are delivered (see
+        :meth:`wait_recovered`); only what is durable is reported.
+        """
+        await self._caught_up()
         actor = self._live.get(execution_id)
         if actor is not None and actor.journal is not None:
             journal = actor.journal
@@ -790,8 +845,9 @@ class Runtime:
         return dataclasses.replace(result, suspend_reason=SuspendReason(reason.kind, details))
 
     async def state(self, execution_id: str) -> ExecutionState:
-        """The full replayed state of an execution (a copy if it is live)."""
-        self._require_open()
+        """The full replayed state of an execution (a copy if it is live), as of after
+        the signals sent while no runtime ran (see :meth:`wait_recovered`)."""
+        await self._caught_up()
         if await self.log.stream_info(execution_stream(execution_id)) is None:
             raise ExecutionNotFoundError(
                 f"no execution {execution_id!r} in this data dir", execution_id
@@ -801,8 +857,9 @@ class Runtime:
     async def executions(
         self, status: str | None = None, agent: str | None = None
     ) -> list[ExecutionInfo]:
-        """Executions from the index (no replay), optionally filtered."""
-        self._require_open()
+        """Executions from the index (no replay), optionally filtered; as of after the
+        signals sent while no runtime ran (see :meth:`wait_recovered`)."""
+        await self._caught_up()
         where: dict[str, Any] = {"kind": "execution"}
         if status is not None:
             where["status"] = status
@@ -830,8 +887,12 @@ class Runtime:
         execution that the signal unblocks resumes by itself (auto-resume). If its
         delivery fails (the log, the execution's actor), it stays in the inbox and is
         retried with backoff, logged each time; this call waits until it is taken.
+
+        It is checked against the execution as it is after the signals sent while no
+        runtime ran (see :meth:`wait_recovered`): approving a call they decided already
+        is refused, not sent twice.
         """
-        self._require_open()
+        await self._caught_up()
         info = await self.log.stream_info(execution_stream(execution_id))
         if info is None:
             raise ExecutionNotFoundError(
@@ -983,7 +1044,7 @@ class Runtime:
         one suspended for drift) is retried from its log. Then, unless ``wait=False``,
         waits for the execution to complete, suspend or fail.
         """
-        self._require_open()
+        await self._caught_up()
         if budget is not None:
             await self.signal(execution_id, "budget", {"budget": budget.to_dict()}, by=by)
         if accept_drift:
@@ -998,9 +1059,8 @@ class Runtime:
             await self.signal(execution_id, "resume", {}, by=by)
         elif (
             status in ("running", "queued")
-            and execution_id not in self._live
+            and self._undriven(execution_id)
             and execution_id not in self._queued
-            and self._recovered.is_set()  # until then recovery will (after the backlog)
         ):
             await self._schedule(execution_id)
         return await self.wait(execution_id) if wait else None
@@ -1059,6 +1119,22 @@ class Runtime:
     # -- recovery -----------------------------------------------------------------------------
 
     async def _recover_then_pump(self) -> None:
+        try:
+            await self._recover_at_open()
+        except anyio.get_cancelled_exc_class():
+            raise
+        except BaseException as exc:
+            self._open_failed = exc
+            log.exception(
+                "the runtime could not finish opening %s; its calls now raise: close it, "
+                "check the data dir with 'perdure health', then open it again",
+                self.path or "its log",
+            )
+            raise
+        finally:
+            self._ready.set()
+
+    async def _recover_at_open(self) -> None:
         # The inbox first: a signal sent while no runtime ran (a cancel above all) must
         # reach its execution before recovery lets that execution run again.
         assert self._root is not None
@@ -1080,9 +1156,14 @@ class Runtime:
     async def wait_recovered(self) -> None:
         """Wait until the work done at open has run: the signals sent while no runtime
         ran are delivered, interrupted executions are resumed (or queued), and parents
-        whose children finished meanwhile are woken. ``open`` returns before that."""
-        self._require_open()
-        await self._recovered.wait()
+        whose children finished meanwhile are woken. ``open`` returns before that.
+
+        Every call whose answer depends on an execution's state (``run``, ``wait``,
+        ``result``, ``spawn`` of an existing id, ``executions``, the signals,
+        ``stream``) waits for this by itself; it does not wait for the resumed
+        executions to finish.
+        """
+        await self._caught_up()
 
     async def _recover(self) -> None:
         """At open: resume running and queued executions; re-wake parents of finished children."""
@@ -1162,7 +1243,7 @@ class Runtime:
             ):
                 found.append((info.created_at, info.stream[len("exec/") :]))
         for _, eid in sorted(found):
-            if eid not in self._live and eid not in self._queued and eid not in self._starting:
+            if self._undriven(eid) and eid not in self._queued and eid not in self._starting:
                 await self._schedule(eid)
 
     # -- streaming ----------------------------------------------------------------------------
@@ -1191,13 +1272,17 @@ class Runtime:
         policy: a ``{"event": "retrying", "step": N, "attempt": A, "delay": S, "error":
         "..."}`` dict says so, and the pieces of step N yielded before it are void.
         Streaming an execution that is already running yields its pieces from its next
-        model call on.
+        model call on. Like :meth:`run`, it first waits for the signals sent while no
+        runtime ran (see :meth:`wait_recovered`).
         """
         self._require_open()
         eid = _check_id(execution_id) if execution_id is not None else uuid.uuid4().hex
         send, receive = anyio.create_memory_object_stream[Any](math.inf)
+        sent = 0
 
         def sink(item: Any) -> None:
+            nonlocal sent
+            sent += 1
             try:
                 send.send_nowait(item)
             except (anyio.ClosedResourceError, anyio.BrokenResourceError):
@@ -1205,14 +1290,17 @@ class Runtime:
             if isinstance(item, Result):
                 send.close()
 
-        # The sink goes in first, so a settle from here on reaches it; live or replay
-        # is decided from the state BEFORE spawning: a fresh execution may well have
+        # The sink goes in first, so a settle from here on reaches it (recovery may
+        # drive this execution while the backlog wait below is on); live or replay is
+        # decided from the state BEFORE spawning: a fresh execution may well have
         # finished by the time spawn returns, and its deltas are waiting in the sink.
         self._sinks[eid] = sink
         try:
+            await self._caught_up()
             before = await self.log.stream_info(execution_stream(eid))
             await self.spawn(agent, prompt, execution_id=eid, budget=budget)
-            if before is not None and before.meta.get("status") not in ("running", "queued"):
+            settled = before is not None and before.meta.get("status") not in ("running", "queued")
+            if settled and not sent:
                 yield await self.result(eid)  # settled already: replay streams nothing
                 return
             async with receive:

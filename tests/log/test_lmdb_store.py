@@ -405,7 +405,11 @@ async def test_second_owner_in_this_process_is_refused(tmp_path: Path) -> None:
         with pytest.raises(DataDirLockedError) as caught:
             await open_log(tmp_path)
         assert caught.value.pid == os.getpid()
-        assert str(os.getpid()) in str(caught.value)
+        message = str(caught.value)
+        assert f"already open in this process (pid {os.getpid()})" in message
+        assert "another Runtime or LmdbLog here owns it" in message
+        assert "close that one first, or reuse it" in message
+        assert "stop that process" not in message  # that would be this very process
         with pytest.raises(LogError, match="already open in this process"):
             await open_log(tmp_path, client=True)
     # Closing released the dir.
@@ -453,7 +457,9 @@ async def test_lock_client_and_restart_across_processes(tmp_path: Path) -> None:
         with pytest.raises(DataDirLockedError) as caught:
             await open_log(tmp_path)
         assert caught.value.pid == pid
-        assert f"process {pid}" in str(caught.value)
+        assert f"owned by process {pid}" in str(caught.value)
+        assert "stop that process" in str(caught.value)
+        assert "this process" not in str(caught.value)
 
         async with await open_log(tmp_path, client=True) as client:
             assert not client.is_owner
