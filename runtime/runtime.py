@@ -905,6 +905,7 @@ class Runtime:
             list(meta.get("confirmations", ())),
             name,
             payload if isinstance(payload, Mapping) else {},
+            usage=meta,
         )
         if problem is not None:
             raise InvalidSignalError(problem, execution_id)

@@ -214,6 +214,12 @@ async def test_budget_exhaustion_survives_a_restart_and_a_raise_resumes(
         r = await rt.result("b-1")
         assert r.usage.llm_calls == 2  # usage survives the restart (it is the log)
         assert (await rt.result("b-2")).usage.total_tokens == 45
+        # A "raise" that leaves the limit at what is already used raises nothing: refused
+        # up front, naming the limit and the usage, and nothing is sent.
+        with pytest.raises(InvalidSignalError, match="max_llm_calls") as refused:
+            await rt.resume("b-1", budget=Budget(max_llm_calls=2))
+        assert "2" in str(refused.value) and "b-1" in str(refused.value)
+        assert (await rt.result("b-1")).is_suspended
         r = await rt.resume("b-1", budget=Budget(max_llm_calls=10))
         r2 = await rt.resume("b-2", budget=Budget(max_tokens=1000))
     assert r is not None and r.status == "completed" and r.usage.llm_calls == 5
