@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 __all__ = ["AppendWaiters", "Completion", "wake"]
@@ -58,10 +58,15 @@ class Completion:
             self.call_soon = token.run_sync_soon
             self._future = None
 
-    async def wait(self) -> Any:
-        """Wait for the outcome: return the value or raise the exception."""
+    def wait(self) -> Awaitable[Any]:
+        """Wait for the outcome: ``await`` it for the value (or the exception, raised)."""
+        # On asyncio the future itself is the awaitable: no coroutine object per append,
+        # which a fleet's garbage collector would otherwise scan while it is in flight.
         if self._future is not None:
-            return await self._future
+            return self._future
+        return self._wait_trio()
+
+    async def _wait_trio(self) -> Any:
         if not self._done:
             import trio
 
