@@ -10,13 +10,15 @@ Every figure is measured in this one run, beside its baseline, so compare ratios
           the same agent on an in-memory log, and the same loop with no durability at
           all (model call, tool call in a worker thread, conversation in a list).
 - fleet:  1000 concurrent executions x 20 tool steps, fsync; beside the log's own
-          group-commit throughput (1000 concurrent writers, one record per append).
+          group-commit throughput (1000 concurrent writers, one record per append);
+          again with an async tool, and again with the GC thresholds an application
+          running a fleet would set (``TUNED_GC_THRESHOLD``; README, "Tuning a fleet").
 - growth: one execution of 10,000 steps ("process" durability so fsync noise does not
           drown the CPU cost we look for): microseconds and bytes per step around steps
           10, 1,000 and 10,000.
 - replay: wall time to rebuild the state of that completed 10,000-step execution.
 
-``--fleet-only`` runs the fleet rows alone (sync and async no-op tool, alternating,
+``--fleet-only`` runs the fleet rows alone (sync, async and GC-tuned, alternating,
 ``--runs`` times each, medians kept): for A/B comparisons on a noisy machine.
 ``--tool-threads N`` gives the fleet's Runtime ``max_tool_threads=N``.
 """
@@ -24,6 +26,7 @@ Every figure is measured in this one run, beside its baseline, so compare ratios
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 import tempfile
@@ -120,10 +123,33 @@ async def nondurable_step_us(steps: int) -> float:
     return (time.perf_counter() - t) / steps * 1e6
 
 
+#: The application-level GC setting the "GC tuned" fleet row runs with (see README,
+#: "Tuning a fleet"): Python's default first threshold (700 allocations) makes a fleet
+#: rescan its ~35,000 in-flight objects (frames, payloads, pending appends) hundreds of
+#: times a second, and that scanning is a third of the fleet's CPU.
+TUNED_GC_THRESHOLD = (50_000, 20, 100)
+
+
 async def fleet(
-    executions: int, steps: int, tool_name: str = "noop", tool_threads: int | None = None
+    executions: int,
+    steps: int,
+    tool_name: str = "noop",
+    tool_threads: int | None = None,
+    gc_threshold: tuple[int, int, int] | None = None,
 ) -> dict[str, float]:
-    """Many concurrent executions, fsync durability."""
+    """Many concurrent executions, fsync durability (``gc_threshold``: set for the run)."""
+    before = gc.get_threshold()
+    if gc_threshold is not None:
+        gc.set_threshold(*gc_threshold)
+    try:
+        return await _fleet(executions, steps, tool_name, tool_threads)
+    finally:
+        gc.set_threshold(*before)
+
+
+async def _fleet(
+    executions: int, steps: int, tool_name: str, tool_threads: int | None
+) -> dict[str, float]:
     agent = stepping_agent(steps, "fleet", tool_name)
     kwargs: dict[str, Any] = {} if tool_threads is None else {"max_tool_threads": tool_threads}
     with tempfile.TemporaryDirectory() as d:
@@ -279,6 +305,9 @@ async def main(quick: bool, tool_threads: int | None = None) -> dict[str, float]
     async_fleet = await fleet(n_exec, n_steps, "anoop", tool_threads)
     figures["fleet_async_tool_steps_per_s"] = async_fleet["fleet_tool_steps_per_s"]
     figures["fleet_async_tool_records_per_s"] = async_fleet["fleet_records_per_s"]
+    tuned = await fleet(n_exec, n_steps, tool_threads=tool_threads, gc_threshold=TUNED_GC_THRESHOLD)
+    figures["fleet_gc_tuned_tool_steps_per_s"] = tuned["fleet_tool_steps_per_s"]
+    figures["fleet_gc_tuned_records_per_s"] = tuned["fleet_records_per_s"]
     figures["fleet_executions"] = n_exec
     figures["fleet_steps_each"] = n_steps
     figures["log_group_commit_records_per_s"] = await log_group_commit(
@@ -291,10 +320,13 @@ async def main(quick: bool, tool_threads: int | None = None) -> dict[str, float]
 async def fleet_only(quick: bool, runs: int, tool_threads: int | None) -> dict[str, float]:
     """The fleet rows alone: sync and async no-op tool alternating, medians of ``runs``."""
     n_exec, n_steps = (200, 10) if quick else (1000, 20)
-    sync_runs, async_runs = [], []
+    sync_runs, async_runs, tuned_runs = [], [], []
     for _ in range(runs):
         sync_runs.append(await fleet(n_exec, n_steps, tool_threads=tool_threads))
         async_runs.append(await fleet(n_exec, n_steps, "anoop", tool_threads))
+        tuned_runs.append(
+            await fleet(n_exec, n_steps, tool_threads=tool_threads, gc_threshold=TUNED_GC_THRESHOLD)
+        )
 
     def med(each: list[dict[str, float]], key: str) -> float:
         return statistics.median(r[key] for r in each)
@@ -304,6 +336,8 @@ async def fleet_only(quick: bool, runs: int, tool_threads: int | None) -> dict[s
         "fleet_records_per_s": med(sync_runs, "fleet_records_per_s"),
         "fleet_async_tool_steps_per_s": med(async_runs, "fleet_tool_steps_per_s"),
         "fleet_async_tool_records_per_s": med(async_runs, "fleet_records_per_s"),
+        "fleet_gc_tuned_tool_steps_per_s": med(tuned_runs, "fleet_tool_steps_per_s"),
+        "fleet_gc_tuned_records_per_s": med(tuned_runs, "fleet_records_per_s"),
         "fleet_executions": n_exec,
         "fleet_steps_each": n_steps,
         "fleet_runs": runs,
@@ -337,6 +371,14 @@ def report_fleet(f: dict[str, float], backend: str) -> None:
                 "",
             ],
             ["  fsync'd records", f["fleet_async_tool_records_per_s"], "records/s", "", ""],
+            [
+                f"  same fleet, gc.set_threshold{TUNED_GC_THRESHOLD}",
+                f["fleet_gc_tuned_tool_steps_per_s"],
+                "tool steps/s",
+                "",
+                "",
+            ],
+            ["  fsync'd records", f["fleet_gc_tuned_records_per_s"], "records/s", "", ""],
         ],
     )
     print(f"\nbackend {backend}; median of {f['fleet_runs']:.0f} runs each, alternating")
@@ -392,6 +434,15 @@ def report(f: dict[str, float], backend: str) -> None:
                 "",
                 "",
             ],
+            [
+                f"  same fleet, gc.set_threshold{TUNED_GC_THRESHOLD}",
+                f["fleet_gc_tuned_tool_steps_per_s"],
+                "tool steps/s",
+                "application-level GC tuning",
+                "",
+                "",
+            ],
+            ["  fsync'd records", f["fleet_gc_tuned_records_per_s"], "records/s", "", "", ""],
             [
                 f"growth: time at step {f['growth_steps']:.0f} vs 10",
                 f["growth_time_ratio_10k_vs_10"],
