@@ -112,17 +112,19 @@ async def test_every_async_shape_runs_on_the_event_loop_and_is_recorded(
     agent = Agent("shapes", tools=tools, llm=Scripted([turn, "done"]))
     async with open_runtime() as rt:
         result = await rt.run(agent, "go", execution_id="shapes-1")
-        completed = [
-            r.payload
-            async for r in rt.log.read(execution_stream("shapes-1"))
-            if r.type == "tool.completed"
-        ]
+        records = [r async for r in rt.log.read(execution_stream("shapes-1"))]
         replayed = await load_state(rt.log, "shapes-1")
     assert result.status == "completed" and result.output == "done"
     # Each ran once, awaited in an anyio task on the loop's thread (this test's).
     assert sorted(name for name, _, _ in calls) == sorted(SHAPES)
     assert {(thread, in_task) for _, thread, in_task in calls} == {(threading.get_ident(), True)}
     expected = [f"{name}:{name.upper()}" for name in SHAPES]
+    # Recorded in completion order (they run concurrently): put them back in turn order.
+    index = {r.payload["step"]: r.payload["index"] for r in records if r.type == "tool.started"}
+    completed = sorted(
+        (r.payload for r in records if r.type == "tool.completed"),
+        key=lambda c: index[c["step"]],
+    )
     assert [(c["status"], c["output"]) for c in completed] == [("ok", e) for e in expected]
     assert [m.content for m in replayed.messages if m.role == "tool"] == expected
 
