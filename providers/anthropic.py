@@ -24,7 +24,7 @@ import os
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from perdure.providers.clients import LoopClient, plain_http_client
+from perdure.providers.clients import LoopClient, plain_http_client, without_url_credentials
 from perdure.providers.errors import (
     AuthenticationError,
     MalformedResponseError,
@@ -101,10 +101,11 @@ class Anthropic(SDKProvider):
         self.retry = retry
         self._sdk = sdk
         if client is not None:
-            self._clients: LoopClient[Any] = LoopClient(client.with_options(max_retries=0), None)
+            raw = client.with_options(max_retries=0)
+            self._clients: LoopClient[Any] = LoopClient(without_url_credentials(raw), None)
         else:
 
-            def factory() -> Any:
+            def build() -> Any:
                 return sdk.AsyncAnthropic(
                     api_key=api_key,
                     base_url=base_url,
@@ -113,9 +114,12 @@ class Anthropic(SDKProvider):
                     http_client=plain_http_client(sdk),
                 )
 
+            def factory() -> Any:
+                return without_url_credentials(build())
+
             credentials_error = getattr(sdk, "CredentialsError", ())
             try:
-                first = factory()
+                raw = build()
             except credentials_error as err:
                 # The client found no key, token or profile to use.
                 failure = AuthenticationError(
@@ -125,9 +129,11 @@ class Anthropic(SDKProvider):
                     model=model,
                 )
                 raise failure from None
-            self._clients = LoopClient(first, factory)
+            self._clients = LoopClient(without_url_credentials(raw), factory)
         current = self._clients.current
-        self.base_url = str(current.base_url)
+        # As resolved (from the argument, ANTHROPIC_BASE_URL or a profile), credentials
+        # included: what the error messages must never show.
+        self.base_url = str(raw.base_url)
         # Kept only to scrub them from error messages; never logged.
         secrets = (
             api_key,

@@ -10,16 +10,23 @@ The SDKs' default HTTP client schedules its own ``aclose()`` on whatever asyncio
 is running when it is garbage-collected; for a client whose connections belong to
 another loop (or to trio) that task fails noisily. :func:`plain_http_client` is the
 same client with the SDK's defaults, without that finalizer.
+
+Credentials written into a ``base_url`` (``http://user:password@host/v1``) are taken
+out of it by :func:`without_url_credentials`: the HTTP library and the SDKs log every
+request's URL (httpx2 at INFO), so a URL must never carry a secret.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import anyio.lowlevel
 
-__all__ = ["LoopClient", "plain_http_client"]
+from perdure.providers.errors import basic_credentials
+
+__all__ = ["LoopClient", "plain_http_client", "without_url_credentials"]
 
 C = TypeVar("C")
 
@@ -73,3 +80,28 @@ class LoopClient(Generic[C]):
 def plain_http_client(sdk: Any) -> Any:
     """The SDK's default async HTTP client, minus its asyncio-only finalizer."""
     return sdk.DefaultAsyncHttpxClient()
+
+
+def without_url_credentials(client: C) -> C:
+    """``client``, with the user and password in its ``base_url`` sent as Basic auth instead.
+
+    The HTTP library logs each request's full URL at INFO ("HTTP Request: POST
+    http://user:password@host/...") and the Anthropic SDK at DEBUG, so credentials left
+    in the URL end up in the application's logs. Moving them into an ``Authorization:
+    Basic`` default header keeps the requests identical on the wire -- for a URL with
+    userinfo the HTTP library already sends exactly that header, in place of the SDK's
+    own ``Authorization`` -- while no URL that gets logged holds a secret. A copy is
+    returned (sharing the connection pool); a client without credentials in its URL is
+    returned as is.
+    """
+    url = str(client.base_url)  # type: ignore[attr-defined]
+    parts = urlsplit(url)
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not at:
+        return client
+    username, _, password = userinfo.partition(":")
+    token = basic_credentials(unquote(username), unquote(password))
+    return client.with_options(  # type: ignore[attr-defined,no-any-return]
+        base_url=urlunsplit(parts._replace(netloc=host)),
+        default_headers={"Authorization": f"Basic {token}"},
+    )

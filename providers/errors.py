@@ -17,6 +17,7 @@ carries the ``Authorization`` header) is never chained to ours.
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -34,6 +35,7 @@ __all__ = [
     "RateLimitError",
     "RetryableProviderError",
     "TerminalProviderError",
+    "basic_credentials",
     "error_for_status",
     "is_context_length_error",
     "redact",
@@ -257,7 +259,8 @@ def url_secrets(url: str | None) -> tuple[str, ...]:
     """The credentials embedded in ``url`` (its password, key-like query values).
 
     Given as written and percent-decoded, for :func:`redact` to scrub wherever they
-    appear outside the URL too.
+    appear outside the URL too; a password also in its Basic-auth encoding, the form in
+    which the providers send it (a server may echo the header back).
     """
     if not url:
         return ()
@@ -272,7 +275,14 @@ def url_secrets(url: str | None) -> tuple[str, ...]:
         for form in (value, unquote(value)):
             if form and form not in out:
                 out.append(form)
+    if parts.password:
+        out.append(basic_credentials(unquote(parts.username or ""), unquote(parts.password)))
     return tuple(out)
+
+
+def basic_credentials(username: str, password: str) -> str:
+    """The token of an ``Authorization: Basic`` header for ``username`` and ``password``."""
+    return base64.b64encode(f"{username}:{password}".encode()).decode()
 
 
 _SECRET_NAME = re.compile(

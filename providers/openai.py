@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from perdure.providers.clients import LoopClient, plain_http_client
+from perdure.providers.clients import LoopClient, plain_http_client, without_url_credentials
 from perdure.providers.errors import (
     AuthenticationError,
     MalformedResponseError,
@@ -95,7 +95,8 @@ class OpenAI(SDKProvider):
         self._sdk = sdk
         if client is not None:
             # with_options copies the client and shares its connection pool.
-            self._clients: LoopClient[Any] = LoopClient(client.with_options(max_retries=0), None)
+            raw = client.with_options(max_retries=0)
+            self._clients: LoopClient[Any] = LoopClient(without_url_credentials(raw), None)
             key = getattr(client, "api_key", None)
         else:
             base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
@@ -111,7 +112,7 @@ class OpenAI(SDKProvider):
                     )
                 key = PLACEHOLDER_API_KEY
 
-            def factory() -> Any:
+            def build() -> Any:
                 return sdk.AsyncOpenAI(
                     api_key=key,
                     base_url=base_url,
@@ -121,8 +122,13 @@ class OpenAI(SDKProvider):
                     http_client=plain_http_client(sdk),
                 )
 
-            self._clients = LoopClient(factory(), factory)
-        raw_url = str(self._clients.current.base_url)
+            def factory() -> Any:
+                return without_url_credentials(build())
+
+            raw = build()
+            self._clients = LoopClient(without_url_credentials(raw), factory)
+        # As given, credentials included: what the error messages must never show.
+        raw_url = str(raw.base_url)
         # Kept only to scrub them from error messages; never logged.
         self._secrets: tuple[str, ...] = ((key,) if isinstance(key, str) else ()) + url_secrets(
             raw_url

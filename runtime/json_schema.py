@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import inspect
 import re
 import types
@@ -19,7 +20,15 @@ from typing import Any, Literal, get_args, get_origin
 
 from perdure.errors import AgentDefinitionError, ToolArgumentsError
 
-__all__ = ["doc_summary", "param_docs", "schema_for", "schema_for_callable", "validate"]
+__all__ = [
+    "callable_doc",
+    "callable_function",
+    "doc_summary",
+    "param_docs",
+    "schema_for",
+    "schema_for_callable",
+    "validate",
+]
 
 _PRIMITIVES: dict[type, dict[str, Any]] = {
     str: {"type": "string"},
@@ -184,16 +193,58 @@ def _arg_indent(lines: list[str], name: str) -> int:
     return 0
 
 
+def callable_function(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The function whose code, hints and docstring ``fn`` runs.
+
+    ``fn`` itself for a function or a (bound) method, decorators unwrapped; the function
+    of a ``functools.partial``; the ``__call__`` of a callable instance (as found on its
+    class, like the call itself does).
+    """
+    target = inspect.unwrap(fn)
+    while isinstance(target, functools.partial):
+        target = inspect.unwrap(target.func)
+    if inspect.isroutine(target) or inspect.isclass(target):
+        return target
+    call = getattr(type(target), "__call__", None)  # noqa: B004 - the method itself
+    return inspect.unwrap(call) if inspect.isfunction(inspect.unwrap(call)) else target
+
+
+def callable_doc(fn: Callable[..., Any]) -> str | None:
+    """The docstring that describes calling ``fn``.
+
+    A partial's ``__doc__`` is ``functools.partial``'s own: its function's is used. A
+    callable instance is described by its ``__call__``'s docstring, else its class's.
+    """
+    doc = callable_function(fn).__doc__
+    instance = inspect.unwrap(fn)
+    while isinstance(instance, functools.partial):
+        instance = inspect.unwrap(instance.func)
+    if not doc and not (inspect.isroutine(instance) or inspect.isclass(instance)):
+        doc = type(instance).__doc__
+    return doc
+
+
 def schema_for_callable(fn: Callable[..., Any], *, tool_name: str) -> dict[str, Any]:
-    """The arguments object schema of a function, from its hints, defaults and docstring."""
+    """The arguments object schema of a function, from its hints, defaults and docstring.
+
+    ``fn`` may also be a ``functools.partial`` (its bound arguments are not asked for)
+    or a callable instance (described by its ``__call__``).
+    """
     try:
-        hints = typing.get_type_hints(fn, include_extras=True)
+        # From the function itself: a partial or an instance has no annotations of its
+        # own (a dataclass instance has its fields', which are not the call's).
+        hints = typing.get_type_hints(callable_function(fn), include_extras=True)
     except Exception as exc:  # unresolvable forward references and the like
         raise AgentDefinitionError(f"tool {tool_name!r}: cannot read type hints: {exc}") from exc
-    descriptions = param_docs(fn.__doc__)
+    descriptions = param_docs(callable_doc(fn))
+    bound = _bound_keywords(fn)
     props: dict[str, Any] = {}
     required: list[str] = []
     for name, param in inspect.signature(fn).parameters.items():
+        if name in bound:
+            # Bound by a partial: the tool's configuration (a client, a key), not an
+            # argument for the model -- nor something to put in the schema it is sent.
+            continue
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             raise AgentDefinitionError(
                 f"tool {tool_name!r}: *args/**kwargs cannot be described to a model; "
@@ -217,6 +268,15 @@ def schema_for_callable(fn: Callable[..., Any], *, tool_name: str) -> dict[str, 
     if required:
         out["required"] = required
     return out
+
+
+def _bound_keywords(fn: Callable[..., Any]) -> set[str]:
+    names: set[str] = set()
+    target = inspect.unwrap(fn)
+    while isinstance(target, functools.partial):
+        names.update(target.keywords)
+        target = inspect.unwrap(target.func)
+    return names
 
 
 def _json_literal(value: Any) -> bool:

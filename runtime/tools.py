@@ -4,7 +4,9 @@
 hints and docstring. Arguments from the model are validated against that schema before
 the tool runs; invalid ones are returned to the model as an error, never passed on.
 Sync tools run in worker threads so they never block the event loop; async tools run in
-the execution's task group.
+the execution's task group. A tool is async when the code it runs is a coroutine
+function: an ``async def`` function or method, a ``functools.partial`` of one, or an
+instance of a class with an ``async def __call__``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,13 @@ import anyio
 
 from perdure.errors import AgentDefinitionError, ToolArgumentsError
 from perdure.fingerprint import code_digest, digest, short_json
-from perdure.json_schema import doc_summary, schema_for_callable, validate
+from perdure.json_schema import (
+    callable_doc,
+    callable_function,
+    doc_summary,
+    schema_for_callable,
+    validate,
+)
 from perdure.providers.types import ToolSpec
 
 __all__ = ["Tool", "fresh_arguments", "tool"]
@@ -63,13 +71,13 @@ class Tool:
         parameters: Mapping[str, Any] | None = None,
     ) -> None:
         self.fn = fn
-        self.name = name or fn.__name__
+        self.name = name or _default_name(fn)
         if not _NAME.match(self.name):
             raise AgentDefinitionError(
                 f"tool name {self.name!r} is not accepted by model APIs: use 1-64 letters, "
                 f"digits, '_' or '-'"
             )
-        self.description = description if description is not None else doc_summary(fn.__doc__)
+        self.description = description if description is not None else doc_summary(callable_doc(fn))
         self.requires_confirmation = requires_confirmation
         self.idempotent = idempotent
         if timeout is not None and timeout <= 0:
@@ -94,8 +102,14 @@ class Tool:
             if parameters is not None
             else schema_for_callable(fn, tool_name=self.name)
         )
-        self.is_async = inspect.iscoroutinefunction(inspect.unwrap(fn))
-        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+        # Of the code that runs, not of fn: inspect.iscoroutinefunction is False for an
+        # instance whose class has an async __call__, which would run in a worker thread
+        # and "return" a coroutine that nothing awaits.
+        self.is_async = inspect.iscoroutinefunction(callable_function(fn))
+        # A callable instance's attributes are its state, not metadata: merged into this
+        # object's __dict__ they could shadow methods (an instance with a ``spec``).
+        updated = functools.WRAPPER_UPDATES if inspect.isroutine(fn) else ()
+        functools.update_wrapper(self, fn, updated=updated)  # type: ignore[arg-type]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.fn(*args, **kwargs)
@@ -163,6 +177,14 @@ class Tool:
         # abandon_on_cancel: a timeout or a cancel must be able to give up on a thread
         # we cannot interrupt; the thread finishes on its own, its result discarded.
         return await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
+
+
+def _default_name(fn: Callable[..., Any]) -> str:
+    # A partial is named after its function, a callable instance after its class.
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    name = getattr(fn, "__name__", None)
+    return name if isinstance(name, str) else type(fn).__name__
 
 
 def fresh_arguments(arguments: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -658,7 +658,7 @@ async def test_credentials_in_base_url_never_show_in_messages_or_repr(
         shown = repr(provider)
     assert "base_url='http://[REDACTED]@127.0.0.1" in shown
     assert "connection to http://[REDACTED]@127.0.0.1" in str(failures[0])
-    # (the HTTP library logs request URLs itself, userinfo included: perdure's logs do not)
+    # (the HTTP library's own log lines: see test_url_credentials.py)
     logged = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("perdure"))
     for text in (shown, *map(str, failures), *(repr(f.__dict__) for f in failures), logged):
         assert password not in text and KEY not in text
@@ -670,4 +670,9 @@ def test_redact_scrubs_credentials_written_into_urls() -> None:
         "GET https://[REDACTED]@host/v1?api-key=[REDACTED]&x=1 and "
         "http://h/?key=[REDACTED]&sig=[REDACTED]"
     )
-    assert url_secrets("https://bob:p%40ss@host/?token=t0k") == ("p%40ss", "p@ss", "t0k")
+    assert url_secrets("https://bob:p%40ss@host/?token=t0k") == (
+        "p%40ss",
+        "p@ss",
+        "t0k",
+        "Ym9iOnBAc3M=",
+    )
