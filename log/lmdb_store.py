@@ -797,7 +797,10 @@ class LmdbLog:
                 # The batch's own callers must be woken whatever happens to the waiters
                 # (whom the poller still finds).
                 logger.exception("log at %r: waking the waiters of a commit failed", self._path)
-        self._counters["wake_callbacks"] += wake(items)
+        wake(items, self._count_wakes)
+
+    def _count_wakes(self, callbacks: int) -> None:
+        self._counters["wake_callbacks"] += callbacks
 
     def _commit(
         self, batch: list[_Pending], nbytes: int

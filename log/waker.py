@@ -111,11 +111,15 @@ def _resolve_all(items: list[tuple[Completion, Any]]) -> None:
         completion.resolve(outcome)
 
 
-def wake(items: Iterable[tuple[Completion, Any]]) -> int:
+def wake(
+    items: Iterable[tuple[Completion, Any]], before: Callable[[int], None] | None = None
+) -> int:
     """Resolve completions from any thread with one callback per event loop.
 
-    Returns how many callbacks were scheduled. A loop that has already finished is
-    skipped: its tasks are gone.
+    Returns how many callbacks were scheduled. ``before(n)``, if given, is told that
+    number before any callback is scheduled: once one is, its loop may resume the woken
+    tasks at once, and they must find the books already kept (the log's counters). A
+    loop that has already finished is skipped: its tasks are gone.
     """
     groups: dict[int, tuple[Completion, list[tuple[Completion, Any]]]] = {}
     for item in items:
@@ -125,6 +129,8 @@ def wake(items: Iterable[tuple[Completion, Any]]) -> int:
             groups[key] = (item[0], [item])
         else:
             group[1].append(item)
+    if before is not None:
+        before(len(groups))
     for first, batch in groups.values():
         try:
             first.schedule(_resolve_all, batch)
