@@ -12,7 +12,9 @@ Phases, each in a fresh process so memory figures are not polluted:
   would; time until all are suspended.
 - restart: a data dir holding COUNT suspended executions is opened by a new process;
   time from opening the Runtime until it has accepted (durably spawned) new work, and
-  until that work completed.
+  until that work completed; then its RSS once recovery settled, beside the RSS of
+  the same steps on an empty data dir (phase "empty", its own process): what a
+  restarted service pays for executions it keeps hibernated.
 - signal: a Runtime process owns a data dir with suspended executions; this process
   appends approvals as a client (what 'perdure approve' does), one at a time, and
   measures the time until the owner reports the execution completed.
@@ -143,6 +145,12 @@ async def phase_prepare(data_dir: str, count: int) -> dict[str, float]:
 
 
 async def phase_restart(data_dir: str, count: int) -> dict[str, float]:
+    """Open a dir holding ``count`` suspended executions: time to accept work, and RSS.
+
+    The RSS is taken once recovery has settled, to compare with :func:`phase_empty`'s
+    (the same steps on an empty dir, in a process of its own): what a restarted
+    service pays for executions it holds hibernated.
+    """
     agent = Agent("fresh", llm=Scripted(["hello"]))
     t = time.perf_counter()
     async with Runtime(data_dir, agents=[make_agent(), agent]) as rt:
@@ -151,8 +159,35 @@ async def phase_restart(data_dir: str, count: int) -> dict[str, float]:
         assert (await handle.result()).is_completed
         done_s = time.perf_counter() - t
         suspended = len(await rt.executions(status="suspended"))
+        rss = await settled_rss_kb(rt)
     assert suspended >= count
-    return {"restart_accept_s": accept_s, "restart_first_result_s": done_s}
+    return {
+        "restart_accept_s": accept_s,
+        "restart_first_result_s": done_s,
+        "restarted_rss_mb": rss["VmRSS"] / 1024,
+        "restarted_anon_mb": rss["RssAnon"] / 1024,
+    }
+
+
+async def phase_empty(data_dir: str, count: int) -> dict[str, float]:
+    """:func:`phase_restart`'s steps on an empty data dir: the RSS to compare with."""
+    agent = Agent("fresh", llm=Scripted(["hello"]))
+    async with Runtime(data_dir, agents=[make_agent(), agent]) as rt:
+        handle = await rt.spawn(agent, "new work")
+        assert (await handle.result()).is_completed
+        rss = await settled_rss_kb(rt)
+    return {
+        "empty_restart_rss_mb": rss["VmRSS"] / 1024,
+        "empty_restart_anon_mb": rss["RssAnon"] / 1024,
+    }
+
+
+async def settled_rss_kb(rt: Runtime) -> dict[str, int]:
+    """The process's RSS parts once recovery is done and every task is idle."""
+    await rt.wait_recovered()
+    await anyio.wait_all_tasks_blocked()
+    gc.collect()
+    return rss_parts_kb()
 
 
 async def phase_owner(data_dir: str, count: int) -> dict[str, float]:
@@ -228,6 +263,7 @@ PHASES = {
     "suspend": phase_suspend,
     "prepare": phase_prepare,
     "restart": phase_restart,
+    "empty": phase_empty,
     "owner": phase_owner,
 }
 
@@ -253,6 +289,13 @@ def main() -> None:
         figures.update(run_phase("suspend", os.path.join(d, "a"), count))
         figures.update(run_phase("prepare", os.path.join(d, "b"), count))
         figures.update(run_phase("restart", os.path.join(d, "b"), count))
+        figures.update(run_phase("empty", os.path.join(d, "c"), count))
+    figures["restarted_rss_delta_mb"] = (
+        figures["restarted_rss_mb"] - figures["empty_restart_rss_mb"]
+    )
+    figures["restarted_anon_delta_mb"] = (
+        figures["restarted_anon_mb"] - figures["empty_restart_anon_mb"]
+    )
     figures.update(phase_signal(20 if args.quick else 100))
 
     def verdict(ok: bool) -> str:
@@ -286,6 +329,21 @@ def main() -> None:
                 "",
                 "",
             ],
+            [
+                f"RSS of a runtime restarted with {count} suspended",
+                figures["restarted_rss_mb"],
+                "MB",
+                "",
+                "",
+            ],
+            [
+                "  delta to one restarted on an empty dir",
+                figures["restarted_rss_delta_mb"],
+                "MB",
+                "<= 20",
+                verdict(figures["restarted_rss_delta_mb"] <= 20),
+            ],
+            ["    of which heap (anonymous)", figures["restarted_anon_delta_mb"], "MB", "", ""],
             [
                 "  live actors while suspended",
                 figures["live_actors_while_suspended"],
