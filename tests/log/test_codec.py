@@ -21,6 +21,7 @@ from perdure.log import (
 from perdure.log.codec import (
     CRC_RESIDUE,
     check_stream_name,
+    decode_all,
     decode_record,
     encode_entry,
     encode_record,
@@ -180,3 +181,64 @@ def test_stream_names_up_to_400_utf8_bytes(name: str) -> None:
     else:
         with pytest.raises(LogError, match="400"):
             check_stream_name(name)
+
+
+def _outcome(known: dict[str, int], seq: int, value: bytes) -> tuple[str, Any]:
+    try:
+        return ("ok", decode_record(known, "s", seq, value))
+    except LogError as exc:
+        return ("error", (type(exc), str(exc)))
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["t", "u", "gone"]),
+            st.integers(min_value=1, max_value=3),
+            timestamps,
+            payloads,
+            # a byte to damage (position, xor), or none
+            st.none() | st.tuples(st.integers(min_value=0), st.integers(1, 255)),
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+    st.integers(min_value=1, max_value=1000),
+)
+def test_decode_all_is_decode_record_on_each_value(items: list[Any], first_seq: int) -> None:
+    """The replay fast path accepts and refuses exactly what decode_record does.
+
+    A chunk decodes to the records before its first bad value, and that value's error is
+    the one decode_record raises for it (same type, same message naming stream and seq).
+    """
+    known = {"t": 1, "u": 2}
+    values = []
+    for rtype, version, ts, payload, damage in items:
+        value = bytearray(seal([rtype, version, ts, payload]))
+        if damage is not None:
+            at, xor = damage
+            value[at % len(value)] ^= xor
+        values.append(bytes(value))
+    records, error = decode_all(known, "s", first_seq, values)
+    expected: list[Record] = []
+    expected_error = None
+    for i, value in enumerate(values):
+        kind, got = _outcome(known, first_seq + i, value)
+        if kind == "error":
+            expected_error = got
+            break
+        expected.append(got)
+    assert len(records) == len(expected)
+    for got, want in zip(records, expected, strict=True):
+        assert (got.stream, got.seq, got.type, got.version) == (
+            want.stream,
+            want.seq,
+            want.type,
+            want.version,
+        )
+        assert same(got.timestamp, want.timestamp) and same(got.payload, want.payload)
+    if expected_error is None:
+        assert error is None
+    else:
+        assert error is not None and (type(error), str(error)) == expected_error
