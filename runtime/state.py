@@ -162,13 +162,15 @@ def tool_message(call: Call) -> Message:
             content = str(out)  # what json.dumps gives, without its machinery
         else:
             content = json.dumps(out, ensure_ascii=False, default=repr)
-        return Message("tool", content, tool_call_id=call.call_id, name=call.tool)
+        # Positional arguments: a frozen dataclass parses keywords at twice the cost,
+        # and replay builds one of these per tool call.
+        return Message("tool", content, (), call.call_id, call.tool)
     err = call.error or {}
     if call.outcome == "rejected":
         content = f"REJECTED by {call.rejected_by or 'an operator'}: {err.get('message', '')}"
     else:
         content = f"ERROR ({err.get('type', 'Error')}): {err.get('message', '')}"
-    return Message("tool", content, tool_call_id=call.call_id, name=call.tool, is_error=True)
+    return Message("tool", content, (), call.call_id, call.tool, True)
 
 
 # -- apply -------------------------------------------------------------------------------
