@@ -759,6 +759,11 @@ async def test_a_held_signal_blocks_no_caller_and_no_other_execution(data_dir: A
             stray = [SignalSent("g-1", "go", {}, "client"), SignalSent("nobody", "go", {}, "c")]
             await rt.log.append(INBOX_STREAM, [encode(s) for s in stray], expect=ANY)
             await inbox_shows(rt, {"p-1": ["held", "waiting"]})
+            from perdure.status import pending_signals
+
+            held, behind = (await pending_signals(rt.log))["p-1"]
+            assert (held.name, behind.name) == ("first", "second")
+            assert held.attempts >= 1 and "injected read failure" in str(held.error)
             # A retry that hangs holds up nobody else.
             flaky.stall = anyio.Event()
             with anyio.fail_after(10):
