@@ -816,7 +816,7 @@ def _inspect_lines(d: Mapping[str, Any]) -> list[str]:
         for p in d["pending_signals"]:
             lines.append(
                 f"  inbox seq {p['inbox_seq']}: {p['name']} {fmt_json(p['payload'], 80)} "
-                f"by {p['by']} at {fmt_time(p['sent_at'])}"
+                f"by {p['by']} at {fmt_time(p['sent_at'])}{_held_note(p)}"
             )
     if d["next_steps"]:
         lines.append("next")
@@ -1325,6 +1325,16 @@ def _blocker_name(b: Mapping[str, Any]) -> str:
     if kind == "child":
         return f"child execution {b.get('child_id')}"
     return str(kind)
+
+
+def _held_note(p: Mapping[str, Any]) -> str:
+    """Why a pending signal is not delivered yet, for ``inspect``: held or behind one."""
+    if p.get("state") == "held":
+        tries = p.get("attempts") or 0
+        return f"; held: delivery failed {tries} time(s) ({p.get('error')}), being retried"
+    if p.get("state") == "waiting":
+        return "; waiting behind a held signal for this execution"
+    return ""
 
 
 async def _wait_settled(

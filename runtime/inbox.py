@@ -2,10 +2,13 @@
 
 Signals from this process and from other processes (the CLI, as a client of the data
 dir) land in one inbox stream. The pump tails it: ``wait_for_append`` wakes at once for
-in-process appends and within tens of milliseconds for another process's. It delivers
-each batch, concurrently across executions and in order within one, then advances its
-cursor. Delivery is idempotent (an execution records the inbox seq of the last signal it
-took), so a cursor that lags after a crash only costs a few no-op deliveries.
+in-process appends and within tens of milliseconds for another process's. Each signal
+joins its execution's *lane*, a queue of that execution's signals not yet taken; a few
+workers deliver the lanes, concurrently across executions and in order within one. No
+lane waits for another: a signal is handed over as soon as a worker is free and the
+signals before it for the same execution are through. Delivery is idempotent (an
+execution records the inbox seq of the last signal it took), so a cursor that lags
+after a crash only costs a few no-op deliveries.
 
 No signal is dropped:
 
@@ -13,11 +16,18 @@ No signal is dropped:
   signal at all) is *refused*: logged with the reason, then passed. One an execution
   turns down (a confirmation already decided, a payload it cannot use) is recorded in
   the execution's own stream as ``signal.ignored`` with the reason;
-- a delivery that *fails* (the log or the execution's actor raised) is kept: it and
-  every later signal for the same execution wait and are tried again with backoff
+- a delivery that *fails* (the log or the execution's actor raised) *holds* its lane: it
+  and every later signal for the same execution wait and are tried again with backoff
   (0.05 s, doubling, at most 30 s), logged each time. Other executions' signals carry
-  on. The stored cursor never passes the oldest signal kept, so a restart tries it
-  again too.
+  on, and so do the callers of ``rt.signal``: a held signal is durable in the inbox.
+  The stored cursor never passes the oldest signal held, so a restart tries it again.
+
+What the pump has got through is written to the inbox's index entry, for other
+processes (``perdure inspect``) to tell which signals are still pending:
+
+- ``cursor``: every signal up to it is through (taken or refused);
+- ``through``: every signal up to it is through, except those of ``held`` executions;
+- ``held``: {execution id: {``seq`` of its oldest signal, ``attempts``, last ``error``}}.
 
 At open the pump first delivers the *backlog* (everything in the inbox when it starts)
 and only then lets the runtime resume interrupted executions: a cancel sent while no
@@ -27,11 +37,14 @@ runtime ran stops its execution before it can call a model or a tool again.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict, deque
+import math
+from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.abc
 
 from perdure.actors import Actor
 from perdure.events import INBOX_STREAM, SignalSent, decode
@@ -44,8 +57,11 @@ __all__ = ["RETRY_FIRST", "RETRY_MAX", "InboxPump"]
 
 log = logging.getLogger("perdure.runtime")
 
-_BATCH = 1024
-_PARALLEL = 64
+#: How many signals read from the inbox may wait for delivery (held ones aside) before
+#: the pump stops reading: a backlog of a million signals is not read into memory.
+_QUEUED_MAX = 4096
+#: How many deliveries run at once.
+_WORKERS = 64
 
 #: Seconds before the first retry of a failed delivery; each failure doubles it.
 RETRY_FIRST = 0.05
@@ -54,12 +70,12 @@ RETRY_MAX = 30.0
 
 
 @dataclass(slots=True)
-class _Held:
-    """One execution's signals that wait because the oldest of them failed to deliver."""
+class _Lane:
+    """One execution's signals read but not yet through, oldest first."""
 
     signals: deque[tuple[int, SignalSent]] = field(default_factory=deque)
-    attempts: int = 0
-    due: float = 0.0
+    attempts: int = 0  # failed tries of the oldest: > 0 means the lane is held
+    error: str = ""
 
 
 class InboxPump(Actor):
@@ -67,7 +83,15 @@ class InboxPump(Actor):
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        self._held: dict[str, _Held] = {}
+        self._lanes: dict[str, _Lane] = {}
+        self._read = 0  # every record up to here is through or in a lane
+        self._queued = 0  # signals in lanes that are not held
+        self._changed = anyio.Event()  # progress the index entry does not show yet
+        self._room = anyio.Event()  # set when _queued drops below _QUEUED_MAX
+        self._tg: anyio.abc.TaskGroup | None = None
+        # Lanes with signals to deliver now; each lane is in here at most once, and is
+        # otherwise being delivered or waiting for its retry.
+        self._ready_send, self._ready = anyio.create_memory_object_stream[str](math.inf)
 
     async def on_start(self) -> None:
         self.ctx.start_soon(self._run, name="perdure-inbox")
@@ -81,104 +105,159 @@ class InboxPump(Actor):
                     scope.cancel()
 
                 tg.start_soon(stop_when_asked)
-                await self._pump()
+                await self._pump(tg)
 
-    async def _pump(self) -> None:
+    async def _pump(self, tg: anyio.abc.TaskGroup) -> None:
         runtime = self.runtime
         info = await runtime.log.stream_info(INBOX_STREAM)
-        cursor = int(info.meta.get("cursor", 0)) if info else 0
+        meta: Mapping[str, Any] = info.meta if info else {}
+        self._read = int(meta.get("cursor", 0) or 0)
         backlog_end = info.last_seq if info else 0
-        runtime._inbox_delivered(cursor, ())
-        read = cursor  # every record up to here was delivered, refused or is held
-        held = self._held
+        runtime._inbox_reset(self._read)
+        self._tg = tg
+        for i in range(_WORKERS):
+            tg.start_soon(self._work, name=f"perdure-inbox-{i}")
+        tg.start_soon(self._tail)
+        # As stored (an inbox that does not exist yet reads as one with nothing through):
+        # nothing is written before there is progress to write.
+        written: dict[str, Any] = {
+            "cursor": self._read,
+            "through": max(self._read, int(meta.get("through", 0) or 0)),
+            "held": dict(meta.get("held") or {}),
+        }
+        self._changed.set()
         while True:
-            if read >= backlog_end:
+            await self._changed.wait()
+            self._changed = anyio.Event()
+            through, cursor, held = self._progress()
+            if through >= backlog_end:
                 runtime._backlog_delivered()
-            timeout = None
-            if held:
-                next_due = min(h.due for h in held.values())
-                timeout = max(0.0, next_due - anyio.current_time())
-            last = await runtime.log.wait_for_append(INBOX_STREAM, read, timeout=timeout)
-            batch: list[Record] = []
-            if last > read:
-                async for record in runtime.log.read(INBOX_STREAM, after=read):
-                    batch.append(record)
-                    if len(batch) >= _BATCH:
-                        break
-            done: list[int] = []
-            work: dict[str, list[tuple[int, SignalSent]]] = defaultdict(list)
-            now = anyio.current_time()
-            for target, h in list(held.items()):
-                if h.due <= now:
-                    work[target].extend(h.signals)  # the oldest first, as they came
-            for record in batch:
+            books = {"cursor": cursor, "through": through, "held": held}
+            if books != written:
+                # One write for whatever got through meanwhile: under load, many
+                # deliveries share it.
+                await runtime.log.set_meta(INBOX_STREAM, books)
+                written = books
+                booked, runtime._inbox_booked = runtime._inbox_booked, anyio.Event()
+                booked.set()
+            runtime._inbox_moved(cursor)
+
+    def _progress(self) -> tuple[int, int, dict[str, dict[str, Any]]]:
+        """(through, cursor, held) as of now (see the module docstring)."""
+        through = cursor = self._read
+        held: dict[str, dict[str, Any]] = {}
+        for target, lane in self._lanes.items():
+            first = lane.signals[0][0]
+            cursor = min(cursor, first - 1)
+            if lane.attempts:
+                held[target] = {"seq": first, "attempts": lane.attempts, "error": lane.error}
+            else:
+                through = min(through, first - 1)
+        return through, cursor, held
+
+    async def _tail(self) -> None:
+        runtime = self.runtime
+        while True:
+            while self._queued >= _QUEUED_MAX:
+                self._room = anyio.Event()
+                await self._room.wait()
+            await runtime.log.wait_for_append(INBOX_STREAM, self._read)
+            taken = 0
+            async for record in runtime.log.read(INBOX_STREAM, after=self._read):
                 signal = _signal(record)
                 if signal is None:
-                    done.append(record.seq)
-                elif signal.target in held and signal.target not in work:
-                    held[signal.target].signals.append((record.seq, signal))
+                    runtime._inbox_through(record.seq)
                 else:
-                    work[signal.target].append((record.seq, signal))
-            if batch:
-                read = batch[-1].seq
-            if work:
-                done += await self._deliver(work)
-            runtime._inbox_held = set(held)
-            new_cursor = min(h.signals[0][0] for h in held.values()) - 1 if held else read
-            if new_cursor != cursor:
-                cursor = new_cursor
-                await runtime.log.set_meta(INBOX_STREAM, {"cursor": cursor})
-            runtime._inbox_delivered(cursor, done)
+                    self._queue(record.seq, signal)
+                self._read = record.seq
+                taken += 1
+                if self._queued >= _QUEUED_MAX:
+                    break
+            if taken:
+                self._changed.set()
 
-    async def _deliver(self, work: dict[str, list[tuple[int, SignalSent]]]) -> list[int]:
-        """Deliver each execution's signals in order; the seqs taken (or refused)."""
-        limiter = anyio.CapacityLimiter(_PARALLEL)
-        done: list[int] = []
-        held = self._held
+    def _queue(self, seq: int, signal: SignalSent) -> None:
+        lane = self._lanes.get(signal.target)
+        if lane is None:
+            lane = self._lanes[signal.target] = _Lane()
+            self._ready_send.send_nowait(signal.target)
+        lane.signals.append((seq, signal))
+        if lane.attempts:
+            self.runtime._inbox_holding([seq])
+        else:
+            self._queued += 1
 
-        async def deliver_all(target: str, signals: list[tuple[int, SignalSent]]) -> None:
-            async with limiter:
-                for i, (seq, signal) in enumerate(signals):
-                    try:
-                        await self.runtime._deliver(target, seq, signal)
-                    except anyio.get_cancelled_exc_class():
-                        raise
-                    except Exception as exc:
-                        # One execution's trouble must not hold up everyone else's
-                        # signals, nor lose its own: this one and those behind it wait.
-                        self._hold(target, signals[i:], exc)
-                        return
-                    done.append(seq)
-                held.pop(target, None)
+    async def _work(self) -> None:
+        """Deliver lanes as they become ready, one lane (in order) at a time."""
+        async for target in self._ready:
+            lane = self._lanes[target]
+            failed = await self._deliver_lane(target, lane)
+            if failed is not None:
+                delay = self._hold(target, lane, failed)
+                assert self._tg is not None
+                self._tg.start_soon(self._retry_later, target, delay)
+            elif lane.signals:
+                self._ready_send.send_nowait(target)  # more came in: back of the line
+            else:
+                del self._lanes[target]
+            self._changed.set()
 
-        async with anyio.create_task_group() as tg:
-            for target, signals in work.items():
-                tg.start_soon(deliver_all, target, signals)
-        return done
+    async def _deliver_lane(self, target: str, lane: _Lane) -> Exception | None:
+        """Deliver the signals in the lane now, in order; the error that stopped it, if any."""
+        runtime = self.runtime
+        for _ in range(len(lane.signals)):
+            seq, signal = lane.signals[0]
+            try:
+                await runtime._deliver(target, seq, signal)
+            except anyio.get_cancelled_exc_class():
+                raise
+            except Exception as exc:
+                # One execution's trouble must not hold up everyone else's signals,
+                # nor lose its own: this one and those behind it wait.
+                return exc
+            lane.signals.popleft()
+            if lane.attempts:
+                lane.attempts, lane.error = 0, ""
+                runtime._inbox_held.discard(target)
+                self._queued += len(lane.signals)
+            else:
+                self._queued -= 1
+            if self._queued < _QUEUED_MAX:
+                self._room.set()
+            runtime._inbox_through(seq)
+            self._changed.set()
+        return None
 
-    def _hold(self, target: str, signals: list[tuple[int, SignalSent]], exc: Exception) -> None:
-        h = self._held.get(target)
-        if h is None:
-            h = self._held[target] = _Held()
-        h.signals = deque(signals)
-        h.attempts += 1
-        delay = min(RETRY_FIRST * 2 ** (h.attempts - 1), RETRY_MAX)
-        h.due = anyio.current_time() + delay
-        seq, signal = signals[0]
+    def _hold(self, target: str, lane: _Lane, exc: Exception) -> float:
+        """Hold the lane after a failed delivery; seconds until it is tried again."""
+        if not lane.attempts:
+            self._queued -= len(lane.signals)
+            if self._queued < _QUEUED_MAX:
+                self._room.set()
+            self.runtime._inbox_held.add(target)
+            self.runtime._inbox_holding([seq for seq, _ in lane.signals])
+        lane.attempts += 1
+        lane.error = f"{type(exc).__name__}: {exc}"
+        delay = min(RETRY_FIRST * 2 ** (lane.attempts - 1), RETRY_MAX)
+        seq, signal = lane.signals[0]
         log.warning(
-            "execution %s: delivering signal %r (inbox seq %d) failed (attempt %d: %s: %s); "
-            "it stays in the inbox and is tried again in %.2fs, with %d later signal(s) "
-            "for this execution behind it",
+            "execution %s: delivering signal %r (inbox seq %d) failed (attempt %d: %s); it "
+            "stays in the inbox and is tried again in %.2fs, with %d later signal(s) for "
+            "this execution behind it",
             target,
             signal.name,
             seq,
-            h.attempts,
-            type(exc).__name__,
-            exc,
+            lane.attempts,
+            lane.error,
             delay,
-            len(signals) - 1,
-            exc_info=exc if h.attempts == 1 else None,
+            len(lane.signals) - 1,
+            exc_info=exc if lane.attempts == 1 else None,
         )
+        return delay
+
+    async def _retry_later(self, target: str, delay: float) -> None:
+        await anyio.sleep(delay)
+        self._ready_send.send_nowait(target)
 
 
 def _signal(record: Record) -> SignalSent | None:

@@ -68,7 +68,7 @@ from perdure.log.protocol import ANY, Durability
 from perdure.providers.pricing import Price, Pricing
 from perdure.providers.types import LLMResponse
 from perdure.result import ExecutionInfo, Result, SuspendReason
-from perdure.signals import precheck
+from perdure.signals import SignalStatus, precheck
 from perdure.state import TERMINAL, ExecutionState
 from perdure.status import describe
 from perdure.tool_threads import ToolThreads
@@ -213,10 +213,13 @@ class Runtime:
         self._open_failed: BaseException | None = None
         self._waiters: dict[str, list[anyio.Event]] = {}
         self._sinks: dict[str, Callable[[Any], None]] = {}
+        # The inbox pump's progress (see perdure.inbox), for rt.signal to wait on.
         self._inbox_cursor = 0
-        self._inbox_done: set[int] = set()  # delivered (or refused) beyond the cursor
+        self._inbox_done: set[int] = set()  # through (taken or refused) beyond the cursor
         self._inbox_held: set[str] = set()  # executions whose signals wait for a retry
-        self._inbox_waiters: list[tuple[int, anyio.Event]] = []
+        self._inbox_held_seqs: set[int] = set()  # their signals
+        self._inbox_waiters: dict[int, anyio.Event] = {}
+        self._inbox_booked = anyio.Event()  # set (and replaced) when the pump writes its books
         self._sync: Any = None
         for agent in agents:
             self.register(agent)
@@ -274,7 +277,7 @@ class Runtime:
         for waiters in self._waiters.values():
             for event in waiters:
                 event.set()
-        for _, event in self._inbox_waiters:
+        for event in self._inbox_waiters.values():
             event.set()
         try:
             try:
@@ -878,15 +881,22 @@ class Runtime:
 
     async def signal(
         self, execution_id: str, name: str, payload: Any = None, *, by: str = "api"
-    ) -> None:
-        """Send a durable signal; returns once the execution has recorded it.
+    ) -> SignalStatus:
+        """Send a durable signal; returns once the execution has recorded it, or once it
+        is known that it cannot yet.
 
         Built-in names: ``approve``/``approval``, ``reject``/``rejection``, ``budget``,
         ``cancel``, ``resolve``, ``resume``, ``accept_drift``. Any other name is a user
         signal, handed to tools waiting in ``wait_for_signal(name)``. A suspended
-        execution that the signal unblocks resumes by itself (auto-resume). If its
-        delivery fails (the log, the execution's actor), it stays in the inbox and is
-        retried with backoff, logged each time; this call waits until it is taken.
+        execution that the signal unblocks resumes by itself (auto-resume).
+
+        The signal is durable (in the inbox) before anything else happens. Returns
+        ``"delivered"`` once the execution took it (or turned it down, on the record).
+        If delivering it fails (the log, the execution's actor), or an earlier signal
+        for the same execution failed to deliver, it is *held*: it stays in the inbox
+        and is retried with backoff, in order, logged each time, and this returns
+        ``"held"`` at once rather than wait for the retries. ``"pending"``: the runtime
+        closed first; the signal is delivered when a runtime next opens the data dir.
 
         It is checked against the execution as it is after the signals sent while no
         runtime ran (see :meth:`wait_recovered`): approving a call they decided already
@@ -910,33 +920,57 @@ class Runtime:
         if problem is not None:
             raise InvalidSignalError(problem, execution_id)
         seq = await self._post(execution_id, name, payload, by)
-        await self._delivered(seq)
+        return await self._delivered(seq)
 
     async def _post(self, target: str, name: str, payload: Any, by: str) -> int:
         record = encode(SignalSent(target, name, payload, by))
         return await self.log.append(INBOX_STREAM, [record], expect=ANY)
 
-    async def _delivered(self, seq: int) -> None:
-        # A delivery that fails is retried (see perdure.inbox): this waits until it
-        # is taken or refused, however long that takes.
+    async def _delivered(self, seq: int) -> SignalStatus:
+        """Wait until inbox signal ``seq`` is through or held (see perdure.inbox)."""
+        if (
+            self._inbox_cursor < seq
+            and seq not in self._inbox_done
+            and seq not in self._inbox_held_seqs
+        ):
+            event = self._inbox_waiters[seq] = anyio.Event()
+            try:
+                await event.wait()
+            finally:
+                del self._inbox_waiters[seq]
         if self._inbox_cursor >= seq or seq in self._inbox_done:
-            return
-        event = anyio.Event()
-        self._inbox_waiters.append((seq, event))
-        await event.wait()
+            return "delivered"
+        return "held" if seq in self._inbox_held_seqs else "pending"
 
-    def _inbox_delivered(self, cursor: int, done: Iterable[int]) -> None:
-        """The pump's progress: every seq up to ``cursor`` and those in ``done`` are through."""
+    def _inbox_reset(self, cursor: int) -> None:
+        """A (new) pump starts at ``cursor``: what an earlier one held is tried again."""
         self._inbox_cursor = cursor
-        self._inbox_done = {s for s in self._inbox_done if s > cursor}
-        self._inbox_done.update(s for s in done if s > cursor)
-        keep = []
-        for seq, event in self._inbox_waiters:
-            if seq <= cursor or seq in self._inbox_done:
+        self._inbox_done.clear()
+        self._inbox_held.clear()
+        self._inbox_held_seqs.clear()
+
+    def _inbox_through(self, seq: int) -> None:
+        """The pump got inbox signal ``seq`` through: taken, turned down or refused."""
+        self._inbox_held_seqs.discard(seq)
+        if seq > self._inbox_cursor:
+            self._inbox_done.add(seq)
+        event = self._inbox_waiters.get(seq)
+        if event is not None:
+            event.set()
+
+    def _inbox_holding(self, seqs: Iterable[int]) -> None:
+        """The pump holds these inbox signals for a retry (see perdure.inbox)."""
+        for seq in seqs:
+            self._inbox_held_seqs.add(seq)
+            event = self._inbox_waiters.get(seq)
+            if event is not None:
                 event.set()
-            else:
-                keep.append((seq, event))
-        self._inbox_waiters = keep
+
+    def _inbox_moved(self, cursor: int) -> None:
+        """The pump's cursor: every inbox signal up to it is through."""
+        if cursor > self._inbox_cursor:
+            self._inbox_cursor = cursor
+            self._inbox_done = {s for s in self._inbox_done if s > cursor}
 
     def _backlog_delivered(self) -> None:
         self._backlog.set()
@@ -981,28 +1015,34 @@ class Runtime:
 
     async def approve(
         self, execution_id: str, confirmation_id: str, note: str | None = None, *, by: str = "api"
-    ) -> None:
+    ) -> SignalStatus:
         """Approve a pending tool call (or override a contract); it runs, exactly once.
 
         ``note`` is recorded with the approval, and ``by`` says who gave it. A contract
         override is always recorded with a reason: without a note it reads
-        ``"no note given"``.
+        ``"no note given"``. Returns what :meth:`signal` returns.
         """
-        await self.signal(
+        return await self.signal(
             execution_id, "approve", {"confirmation_id": confirmation_id, "note": note}, by=by
         )
 
     async def reject(
         self, execution_id: str, confirmation_id: str, reason: str, *, by: str = "api"
-    ) -> None:
-        """Reject a pending tool call; the model is told, as that call's result."""
-        await self.signal(
+    ) -> SignalStatus:
+        """Reject a pending tool call; the model is told, as that call's result.
+
+        Returns what :meth:`signal` returns.
+        """
+        return await self.signal(
             execution_id, "reject", {"confirmation_id": confirmation_id, "reason": reason}, by=by
         )
 
-    async def cancel(self, execution_id: str, reason: str = "", *, by: str = "api") -> None:
-        """Cancel for good: a running execution stops at once (its running tool too)."""
-        await self.signal(execution_id, "cancel", {"reason": reason}, by=by)
+    async def cancel(self, execution_id: str, reason: str = "", *, by: str = "api") -> SignalStatus:
+        """Cancel for good: a running execution stops at once (its running tool too).
+
+        Returns what :meth:`signal` returns.
+        """
+        return await self.signal(execution_id, "cancel", {"reason": reason}, by=by)
 
     async def resolve(
         self,
@@ -1012,7 +1052,7 @@ class Runtime:
         complete: Any = None,
         fail: str | None = None,
         by: str = "api",
-    ) -> None:
+    ) -> SignalStatus:
         """Decide an in-doubt, non-idempotent tool call (reason ``unknown_outcome``).
 
         Exactly one of: ``retry=True`` (run it again, same idempotency key),
@@ -1028,7 +1068,7 @@ class Runtime:
             payload = {"action": "complete", "output": complete}
         else:
             payload = {"action": "fail", "reason": fail}
-        await self.signal(execution_id, "resolve", payload, by=by)
+        return await self.signal(execution_id, "resolve", payload, by=by)
 
     async def resume(
         self,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from perdure.budget import Budget
 from perdure.events import (
@@ -29,7 +29,13 @@ from perdure.events import (
 )
 from perdure.state import TERMINAL, ExecutionState
 
-__all__ = ["BUILTIN", "NO_NOTE", "canonical_name", "precheck", "translate"]
+__all__ = ["BUILTIN", "NO_NOTE", "SignalStatus", "canonical_name", "precheck", "translate"]
+
+#: What ``rt.signal`` reports of a signal it sent (durable in the inbox in every case):
+#: ``"delivered"`` (the execution took it, or turned it down on the record), ``"held"``
+#: (its delivery failed, or an earlier signal's for the same execution did: it is
+#: retried, in order) or ``"pending"`` (the runtime closed before delivering it).
+SignalStatus = Literal["delivered", "held", "pending"]
 
 #: The note recorded with a contract override approved without one.
 NO_NOTE = "no note given"

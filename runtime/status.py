@@ -131,7 +131,12 @@ def _alive(pid: int) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class PendingSignal:
-    """A signal in the inbox that its execution has not taken yet."""
+    """A signal in the inbox that its execution has not taken yet.
+
+    ``state`` says why: ``"pending"`` (not delivered yet), ``"held"`` (its delivery
+    failed ``attempts`` times, the last with ``error``; it is retried with backoff) or
+    ``"waiting"`` (behind a held signal for the same execution, delivered after it).
+    """
 
     seq: int
     target: str
@@ -139,6 +144,9 @@ class PendingSignal:
     payload: Any
     by: str
     timestamp: float
+    state: str = "pending"
+    attempts: int = 0
+    error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (JSON-friendly once the payload is)."""
@@ -149,29 +157,55 @@ class PendingSignal:
             "payload": self.payload,
             "by": self.by,
             "sent_at": self.timestamp,
+            "state": self.state,
+            "attempts": self.attempts,
+            "error": self.error,
         }
 
 
 async def pending_signals(log: EventLog) -> dict[str, list[PendingSignal]]:
     """Signals not yet delivered, by execution id, oldest first.
 
-    A signal is pending while the owning runtime's inbox cursor has not passed it and
-    its execution has not recorded it (an execution records the inbox seq of each
-    signal it takes, so a cursor that lags after a crash does not count as pending).
-    Reads only the inbox's tail, after the cursor.
+    A signal is pending while the owning runtime's inbox pump has not got it through
+    (see perdure.inbox: its ``cursor``, ``through`` and ``held`` in the inbox's index
+    entry) and its execution has not recorded it (an execution records the inbox seq
+    of each signal it takes, so a cursor that lags after a crash does not count as
+    pending). Reads only the inbox's tail, after the cursor.
     """
     info = await log.stream_info(INBOX_STREAM)
     if info is None:
         return {}
     cursor = int(info.meta.get("cursor", 0) or 0)
+    through = max(cursor, int(info.meta.get("through", 0) or 0))
+    held: Mapping[str, Any] = info.meta.get("held") or {}
     found: dict[str, list[PendingSignal]] = {}
     async for record in log.read(INBOX_STREAM, after=cursor):
         event = decode(record)
         if not isinstance(event, SignalSent):
             continue
+        hold = held.get(event.target)
+        if hold is None and record.seq <= through:
+            continue  # through: taken, or refused (no such execution, or it is finished)
+        state, attempts, error = "pending", 0, None
+        if hold is not None:
+            first = int(hold.get("seq", 0) or 0)
+            if record.seq == first:
+                state, attempts, error = "held", int(hold.get("attempts", 0)), hold.get("error")
+            elif record.seq > first:
+                state = "waiting"
+            elif record.seq <= through:
+                continue  # taken before its execution's lane was held
         found.setdefault(event.target, []).append(
             PendingSignal(
-                record.seq, event.target, event.name, event.payload, event.by, record.timestamp
+                record.seq,
+                event.target,
+                event.name,
+                event.payload,
+                event.by,
+                record.timestamp,
+                state,
+                attempts,
+                error,
             )
         )
     out: dict[str, list[PendingSignal]] = {}

@@ -17,6 +17,7 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 from perdure.agent import Agent
 from perdure.budget import Budget
 from perdure.result import ExecutionInfo, Result
+from perdure.signals import SignalStatus
 
 if TYPE_CHECKING:
     from perdure.runtime import ExecutionHandle, Runtime
@@ -104,27 +105,31 @@ class SyncRuntime:
         """See :meth:`Runtime.executions`."""
         return self._call(self.runtime.executions, status=status, agent=agent)
 
-    def signal(self, execution_id: str, name: str, payload: Any = None, **kwargs: Any) -> None:
+    def signal(
+        self, execution_id: str, name: str, payload: Any = None, **kwargs: Any
+    ) -> SignalStatus:
         """See :meth:`Runtime.signal`."""
-        self._call(self.runtime.signal, execution_id, name, payload, **kwargs)
+        return self._call(self.runtime.signal, execution_id, name, payload, **kwargs)
 
     def approve(
         self, execution_id: str, confirmation_id: str, note: str | None = None, **kwargs: Any
-    ) -> None:
+    ) -> SignalStatus:
         """See :meth:`Runtime.approve`."""
-        self._call(self.runtime.approve, execution_id, confirmation_id, note, **kwargs)
+        return self._call(self.runtime.approve, execution_id, confirmation_id, note, **kwargs)
 
-    def reject(self, execution_id: str, confirmation_id: str, reason: str, **kwargs: Any) -> None:
+    def reject(
+        self, execution_id: str, confirmation_id: str, reason: str, **kwargs: Any
+    ) -> SignalStatus:
         """See :meth:`Runtime.reject`."""
-        self._call(self.runtime.reject, execution_id, confirmation_id, reason, **kwargs)
+        return self._call(self.runtime.reject, execution_id, confirmation_id, reason, **kwargs)
 
-    def cancel(self, execution_id: str, reason: str = "", **kwargs: Any) -> None:
+    def cancel(self, execution_id: str, reason: str = "", **kwargs: Any) -> SignalStatus:
         """See :meth:`Runtime.cancel`."""
-        self._call(self.runtime.cancel, execution_id, reason, **kwargs)
+        return self._call(self.runtime.cancel, execution_id, reason, **kwargs)
 
-    def resolve(self, execution_id: str, **kwargs: Any) -> None:
+    def resolve(self, execution_id: str, **kwargs: Any) -> SignalStatus:
         """See :meth:`Runtime.resolve`."""
-        self._call(self.runtime.resolve, execution_id, **kwargs)
+        return self._call(self.runtime.resolve, execution_id, **kwargs)
 
     def resume(
         self,

@@ -592,6 +592,9 @@ class FlakyLog:
         self.failures = 0.0
         self.failed = 0
         self.failed_twice = anyio.Event()
+        # Set: a failing read first waits for it (a store that takes its time to fail).
+        self.stall: anyio.Event | None = None
+        self.stalled = anyio.Event()  # set once a read waits on ``stall``
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._log, name)
@@ -602,10 +605,20 @@ class FlakyLog:
             self.failed += 1
             if self.failed >= 2:
                 self.failed_twice.set()
+            if self.stall is not None:
+                return self._fail_slowly(stream, self.stall)
             from perdure.log import LogError
 
             raise LogError(f"injected read failure of {stream!r}")
         return self._log.read_chunks(stream, *args, **kwargs)
+
+    async def _fail_slowly(self, stream: str, stall: anyio.Event) -> Any:
+        from perdure.log import LogError
+
+        self.stalled.set()
+        await stall.wait()
+        raise LogError(f"injected read failure of {stream!r}")
+        yield  # an async generator, as read_chunks is
 
 
 async def test_a_failed_delivery_is_retried_with_backoff_not_dropped(
@@ -623,8 +636,12 @@ async def test_a_failed_delivery_is_retried_with_backoff_not_dropped(
             r = await rt.run(transfer_agent(ran), "go", execution_id="fl-1")
             assert await hibernated(rt, "fl-1")
             flaky.stream, flaky.failures = execution_stream("fl-1"), 3
+            completed = anyio.Event()
+            rt.on_complete(lambda execution: completed.set())
             with anyio.fail_after(10):
-                await rt.approve("fl-1", r.suspend_reason.confirmation_id)  # type: ignore[union-attr]
+                cid = r.suspend_reason.confirmation_id  # type: ignore[union-attr]
+                assert await rt.approve("fl-1", cid) == "held"  # durable: no waiting
+                await completed.wait()
             assert flaky.failed == 3  # three failed tries, then delivered
             assert (await rt.wait("fl-1")).status == "completed"
     finally:
@@ -676,6 +693,96 @@ async def test_a_failing_delivery_holds_the_cursor_across_a_restart(open_runtime
         assert r.status == "completed" and ran == [("savings", 5000.0)]
         received = [t for t in await types_of(rt, "h-2") if t == "signal.received"]
     assert received == ["signal.received"]  # the one after it was not delivered twice
+
+
+def two_waits_agent() -> Agent:
+    """Waits for signal "first", then for signal "second", then finishes."""
+
+    @tool
+    def await_first() -> Any:
+        return wait_for_signal("first")
+
+    @tool
+    def await_second() -> Any:
+        return wait_for_signal("second")
+
+    llm = Scripted([Scripted.call("await_first"), Scripted.call("await_second"), "both"])
+    return Agent("twowaits", tools=[await_first, await_second], llm=llm)
+
+
+async def inbox_shows(rt: Any, want: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Wait until ``perdure inspect`` (reading only the store) shows ``want``: for each
+    execution, the state of each of its pending signals, oldest first."""
+    from perdure.status import pending_signals
+
+    with anyio.fail_after(10):
+        while True:
+            written = rt._inbox_booked  # the pump's next write of its progress sets it
+            shown = {
+                eid: [p.state for p in signals]
+                for eid, signals in (await pending_signals(rt.log)).items()
+            }
+            if shown == want:
+                return shown
+            await written.wait()
+
+
+async def test_a_held_signal_blocks_no_caller_and_no_other_execution(data_dir: Any) -> None:
+    from perdure import Runtime
+    from perdure.events import INBOX_STREAM, SignalSent, encode, record_types
+    from perdure.log import ANY, LmdbLog
+
+    @tool
+    def await_go() -> Any:
+        return wait_for_signal("go")
+
+    goer = Agent("goer2", tools=[await_go], llm=Scripted([Scripted.call("await_go"), "went"]))
+    pair = two_waits_agent()
+    flaky = FlakyLog(await LmdbLog.open(data_dir, types=record_types(), durability="process"))
+    try:
+        async with Runtime(log=flaky, agents=[goer, pair], shutdown_timeout=2.0) as rt:  # type: ignore[arg-type]
+            assert (await rt.run(pair, "go", execution_id="p-1")).is_suspended
+            for eid in ("g-1", "g-2", "g-3"):
+                assert (await rt.run(goer, "wait", execution_id=eid)).is_suspended
+            assert await hibernated(rt, "p-1")
+            flaky.stream, flaky.failures = execution_stream("p-1"), float("inf")
+            with anyio.fail_after(10):
+                # Durable in the inbox: each call returns, saying the signal is held,
+                # instead of waiting for retries that may never succeed.
+                assert await rt.signal("p-1", "first", {"n": 1}) == "held"
+                assert await rt.signal("p-1", "second", {"n": 2}) == "held"
+                # Another execution's signal is delivered as usual.
+                assert await rt.signal("g-1", "go", {}) == "delivered"
+            assert (await rt.wait("g-1")).status == "completed"
+            # Signals no execution takes (its own is finished; there is none) are not
+            # shown as pending: only p-1's are, the oldest held, the other behind it.
+            stray = [SignalSent("g-1", "go", {}, "client"), SignalSent("nobody", "go", {}, "c")]
+            await rt.log.append(INBOX_STREAM, [encode(s) for s in stray], expect=ANY)
+            await inbox_shows(rt, {"p-1": ["held", "waiting"]})
+            from perdure.status import pending_signals
+
+            held, behind = (await pending_signals(rt.log))["p-1"]
+            assert (held.name, behind.name) == ("first", "second")
+            assert held.attempts >= 1 and "injected read failure" in str(held.error)
+            # A retry that hangs holds up nobody else.
+            flaky.stall = anyio.Event()
+            with anyio.fail_after(10):
+                await flaky.stalled.wait()
+                assert await rt.signal("g-2", "go", {}) == "delivered"
+            assert (await rt.wait("g-2")).status == "completed"
+            # The store recovers: p-1 takes both, in the order they were sent.
+            flaky.failures = 0
+            flaky.stall.set()
+            with anyio.fail_after(10):
+                r = await rt.wait("p-1", until="finished")
+            assert r.status == "completed"
+            await inbox_shows(rt, {})
+            assert await rt.signal("g-3", "go", {}) == "delivered"
+            events = [decode(rec) async for rec in rt.log.read(execution_stream("p-1"))]
+    finally:
+        await flaky.aclose()
+    received = [e.name for e in events if e.type == "signal.received"]
+    assert received == ["first", "second"]
 
 
 async def test_a_signal_that_cannot_apply_is_recorded_as_ignored_and_the_next_one_delivered(
