@@ -4,6 +4,13 @@ A digest is 16 hex characters of BLAKE2b over a canonical encoding (JSON with so
 keys), so it does not change between processes, machines or Python versions. Tool code
 is digested from its syntax tree with decorators, comments and formatting removed: a
 reformatted tool is not drift, a changed expression is.
+
+Code, not configuration: a callable instance is digested as its class's ``__call__``
+(its attributes are left out), and a ``functools.partial`` as its function plus the
+*names* of its bound keywords and the *number* of its bound positionals (those change
+which parameters the model may pass), never the bound values. Binding a client, an API
+key or a base URL with either shape is therefore not drift when the value changes:
+rotating a key is not a code change, and a digest of a secret is not recorded.
 """
 
 from __future__ import annotations
@@ -50,14 +57,16 @@ def code_digest(fn: Callable[..., Any]) -> str:
     """A digest of a function's code that ignores comments, formatting and decorators.
 
     It must be the same in every process that runs the same code, so nothing in it may
-    depend on a memory address: a ``functools.partial`` is digested as its function and
-    its bound arguments, a callable instance as its class's ``__call__``, and code
-    without source from its bytecode (nested code objects included).
+    depend on a memory address: a ``functools.partial`` is digested as its function, the
+    names of its bound keywords and the number of its bound positionals (not their
+    values, which are configuration, like an instance's attributes), a callable
+    instance as its class's ``__call__``, and code without source from its bytecode
+    (nested code objects included).
     """
     target = inspect.unwrap(fn)
     if isinstance(target, functools.partial):
         return digest(
-            ["partial", code_digest(target.func), _stable(target.args), _stable(target.keywords)]
+            ["partial", code_digest(target.func), len(target.args), sorted(target.keywords)]
         )
     if not (inspect.isroutine(target) or inspect.isclass(target)):
         # A callable instance: its behaviour is its class's __call__ (its attributes are

@@ -6,7 +6,10 @@ the tool runs; invalid ones are returned to the model as an error, never passed 
 Sync tools run in worker threads so they never block the event loop; async tools run in
 the execution's task group. A tool is async when the code it runs is a coroutine
 function: an ``async def`` function or method, a ``functools.partial`` of one, or an
-instance of a class with an ``async def __call__``.
+instance of a class with an ``async def __call__``. A tool that returns an awaitable
+instead of a result (a sync wrapper of an async function that hides it, not having used
+``functools.wraps``) fails that call with a :class:`ToolError` saying so; a coroutine it
+returned is closed, never left for the garbage collector to warn about.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from typing import Any, overload
 
 import anyio
 
-from perdure.errors import AgentDefinitionError, ToolArgumentsError
+from perdure.context import _current
+from perdure.errors import AgentDefinitionError, ToolArgumentsError, ToolError
 from perdure.fingerprint import code_digest, digest, short_json
 from perdure.json_schema import (
     callable_doc,
@@ -170,13 +174,40 @@ class Tool:
         # change the conversation in a way replay (which decodes the log) never sees.
         arguments = fresh_arguments(arguments)
         if self.is_async:
-            return await self.fn(**arguments)
-        call = functools.partial(self.fn, **arguments)
-        if run_in_thread is not None:
-            return await run_in_thread(call)
-        # abandon_on_cancel: a timeout or a cancel must be able to give up on a thread
-        # we cannot interrupt; the thread finishes on its own, its result discarded.
-        return await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
+            result = await self.fn(**arguments)
+        else:
+            call = functools.partial(self.fn, **arguments)
+            if run_in_thread is not None:
+                result = await run_in_thread(call)
+            else:
+                # abandon_on_cancel: a timeout or a cancel must be able to give up on a
+                # thread we cannot interrupt; it finishes on its own, its result discarded.
+                result = await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
+        # The type test first: the usual results skip the slower awaitable check.
+        if type(result) not in _PLAIN_RESULT_TYPES and inspect.isawaitable(result):
+            raise self._awaitable_returned(result)
+        return result
+
+    def _awaitable_returned(self, result: Any) -> ToolError:
+        what = "a coroutine" if inspect.iscoroutine(result) else f"an awaitable ({_kind(result)})"
+        if inspect.iscoroutine(result):
+            # Never started, so closing runs none of its code; left alone, it would be
+            # collected with a "coroutine ... was never awaited" RuntimeWarning.
+            result.close()
+        ctx = _current.get()
+        where = f"tool {self.name!r}"
+        if ctx is not None:
+            where = f"execution {ctx.execution_id!r} step {ctx.step} ({where})"
+        if self.is_async:
+            return ToolError(
+                f"{where}: the tool returned {what} instead of its result, so that code "
+                f"never ran; await it inside the tool and return what it gives"
+            )
+        return ToolError(
+            f"{where}: a sync function returned {what} instead of a result, so the async "
+            f"code it wraps never ran; declare it `async def`, or keep its signature with "
+            f"functools.wraps so that perdure sees the async function and awaits it"
+        )
 
 
 def _default_name(fn: Callable[..., Any]) -> str:
@@ -202,6 +233,12 @@ def fresh_arguments(arguments: Mapping[str, Any]) -> Mapping[str, Any]:
 
 _SCALARS = (str, int, float, bool, bytes, type(None))
 _SCALAR_TYPES = frozenset(_SCALARS)
+_PLAIN_RESULT_TYPES = _SCALAR_TYPES | {dict, list}
+
+
+def _kind(value: Any) -> str:
+    kind = type(value)
+    return f"{kind.__module__}.{kind.__qualname__}"
 
 
 def _copy(value: Any) -> Any:

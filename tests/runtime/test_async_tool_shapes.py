@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -170,3 +171,82 @@ def test_an_async_instance_is_digested_by_its_call_code_not_its_state() -> None:
     assert code_digest(Lookup("sk-one")) == code_digest(Lookup("sk-two"))
     assert code_digest(Lookup("sk-one")) != code_digest(Changed("sk-one"))
     assert Tool(Lookup("a"), name="x").fingerprint == Tool(Lookup("b"), name="x").fingerprint
+
+
+async def _fetch(q: str) -> str:
+    await anyio.lowlevel.checkpoint()
+    return f"fetched {q}"
+
+
+def _hiding(fn: Callable[..., Any]) -> Callable[..., Any]:
+    # No functools.wraps: the wrapper looks sync and returns fn's coroutine unawaited.
+    def wrapper(q: str) -> Any:
+        return fn(q)
+
+    return wrapper
+
+
+def _keeping(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(q: str) -> Any:
+        return fn(q)
+
+    return wrapper
+
+
+async def _returns_coroutine(q: str) -> Any:
+    return _fetch(q)  # forgot the await
+
+
+SYNC_FIX = (
+    "a sync function returned a coroutine instead of a result, so the async code it wraps "
+    "never ran; declare it `async def`, or keep its signature with functools.wraps so that "
+    "perdure sees the async function and awaits it"
+)
+ASYNC_FIX = (
+    "the tool returned a coroutine instead of its result, so that code never ran; await it "
+    "inside the tool and return what it gives"
+)
+
+
+@pytest.mark.anyio
+async def test_a_tool_returning_a_coroutine_is_a_tool_error_and_the_coroutine_is_closed(
+    open_runtime: Any, recwarn: pytest.WarningsRecorder
+) -> None:
+    tools = [
+        tool("decorated")(_hiding(_fetch)),
+        tool("lambda")(lambda q: _fetch(q)),
+        tool("unawaited")(_returns_coroutine),
+        tool("wrapped")(_keeping(_fetch)),  # the advice given works
+    ]
+    assert [t.is_async for t in tools] == [False, False, True, True]
+    turn = [Scripted.call(t.name, q=t.name) for t in tools]
+    agent = Agent("awaitables", tools=tools, llm=Scripted([turn, "done"]))
+    async with open_runtime() as rt:
+        r = await rt.run(agent, "go", execution_id="aw-1")
+        records = [rec async for rec in rt.log.read(execution_stream("aw-1"))]
+    gc.collect()  # an unclosed coroutine warns when it is collected
+    assert [str(w.message) for w in recwarn if issubclass(w.category, RuntimeWarning)] == []
+    assert r.status == "completed" and r.output == "done"
+    steps = {
+        rec.payload["tool"]: rec.payload["step"] for rec in records if rec.type == "tool.started"
+    }
+    outcomes = {rec.payload["step"]: rec.payload for rec in records if rec.type == "tool.completed"}
+
+    def recorded(name: str) -> tuple[str, Any, Any]:
+        c = outcomes[steps[name]]
+        return c["status"], c["output"], c["error"]
+
+    def where(name: str) -> str:
+        return f"execution 'aw-1' step {steps[name]} (tool {name!r})"
+
+    for name in ("decorated", "lambda"):
+        error = {"type": "ToolError", "message": f"{where(name)}: {SYNC_FIX}"}
+        assert recorded(name) == ("error", None, error)
+    unawaited = {"type": "ToolError", "message": f"{where('unawaited')}: {ASYNC_FIX}"}
+    assert recorded("unawaited") == ("error", None, unawaited)
+    assert recorded("wrapped") == ("ok", "fetched wrapped", None)
+    # the model is told, marked as an error, like any tool exception
+    seen = {m.name: (m.is_error, m.content) for m in r.transcript if m.role == "tool"}
+    assert seen["decorated"] == (True, f"ERROR (ToolError): {where('decorated')}: {SYNC_FIX}")
+    assert seen["wrapped"] == (False, "fetched wrapped")

@@ -8,6 +8,7 @@ with a changed agent, under each drift policy.
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import subprocess
@@ -299,3 +300,67 @@ async def test_replayer_reports_drift_per_step_without_calling_anything(
     assert [d["step"] for d in llm_items] == [1, 3]  # the tool spec is part of every request
     renamed = Replayer([make_agent(schema_extra=True)]).replay(events)
     assert any(d["kind"] == "tool" for d in renamed.drift)
+
+
+# A partial binds configuration (a key, a client, a gate) the way an instance's
+# attributes do: its values are not code, the names it binds are part of the interface.
+async def search(q: str, api_key: str, gate: dict[str, Any], region: str = "eu") -> str:
+    await _gate(gate)
+    return f"{region} results for {q}"
+
+
+async def search_changed(q: str, api_key: str, gate: dict[str, Any], region: str = "eu") -> str:
+    await _gate(gate)
+    return f"{region} RESULTS for {q}"
+
+
+def partial_agent(
+    api_key: str,
+    *,
+    fn: Callable[..., Any] = search,
+    gate: dict[str, Any] | None = None,
+    **bound: Any,
+) -> Agent:
+    bound_search = functools.partial(fn, api_key=api_key, gate=gate or {}, **bound)
+    search_tool = tool("search", description="Search the web")(bound_search)
+    llm = Scripted([Scripted.call("search", q="x"), "done"])
+    return Agent("partial", instructions="Be brief.", tools=[search_tool], llm=llm)
+
+
+async def test_rotating_a_value_a_partial_binds_is_not_drift(open_runtime: Any) -> None:
+    started = anyio.Event()
+    gate = {"started": started, "block": anyio.Event()}
+    async with open_runtime(shutdown_timeout=0.05) as rt:
+        await rt.spawn(partial_agent("sk-old", gate=gate), "find x", execution_id="p-1")
+        await started.wait()
+    # interrupted inside the call; the key is rotated before the resume re-runs it
+    async with open_runtime(agents=[partial_agent("sk-new")]) as rt:
+        r = await rt.wait("p-1")
+        state = await load_state(rt.log, "p-1")
+        events = [decode(rec) async for rec in rt.log.read(execution_stream("p-1"))]
+    assert r.status == "completed" and r.output == "done"
+    assert state.drift == []
+    assert "sk-old" not in repr(events) and "sk-new" not in repr(events)
+    assert Replayer([partial_agent("sk-newer")]).replay(events).ok
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [
+        pytest.param(lambda: partial_agent("sk-old", fn=search_changed), id="function-code"),
+        pytest.param(lambda: partial_agent("sk-old", region="us"), id="bound-keyword-added"),
+    ],
+)
+async def test_a_partials_code_or_bound_names_changing_is_drift(
+    open_runtime: Any, changed: Callable[[], Agent]
+) -> None:
+    async with open_runtime() as rt:
+        r = await rt.run(partial_agent("sk-old"), "find x", execution_id="p-2")
+        assert r.status == "completed"
+        events = [decode(rec) async for rec in rt.log.read(execution_stream("p-2"))]
+    assert Replayer([partial_agent("sk-old")]).replay(events).ok
+    drifted = Replayer([changed()]).replay(events)
+    assert not drifted.ok
+    [item] = [d for d in drifted.drift if d["kind"] == "tool"]
+    assert item["step"] == 2
+    matching(item["changes"], {"what": "tool", "tool": "search", "field": "code"})

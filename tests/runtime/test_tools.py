@@ -268,7 +268,8 @@ def test_fingerprints_of_instances_partials_and_sourceless_code_hold_no_address(
     ]
     assert len(runs[0]) == 3 and runs[0] == runs[1]
 
-    # ...and the digests still see the code and the bound arguments
+    # ...and the digests still see the code and which arguments are bound (not their
+    # values: those are configuration, like an instance's attributes)
     class Adder:
         def __call__(self, x: int) -> int:
             return x + 1
@@ -283,7 +284,11 @@ def test_fingerprints_of_instances_partials_and_sourceless_code_hold_no_address(
     assert code_digest(Adder()) == code_digest(Adder())
     assert code_digest(Adder()) != code_digest(Subtracter())
     assert code_digest(functools.partial(add, n=1)) == code_digest(functools.partial(add, n=1))
-    assert code_digest(functools.partial(add, n=1)) != code_digest(functools.partial(add, n=2))
+    assert code_digest(functools.partial(add, n=1)) == code_digest(functools.partial(add, n=2))
+    assert code_digest(functools.partial(add, n=1)) != code_digest(functools.partial(add, x=1))
+    assert code_digest(functools.partial(add, 1)) == code_digest(functools.partial(add, 2))
+    assert code_digest(functools.partial(add, 1)) != code_digest(functools.partial(add, 1, 2))
+    assert code_digest(functools.partial(add, 1)) != code_digest(add)
 
 
 def test_retries_on_a_non_idempotent_tool_are_refused() -> None:
