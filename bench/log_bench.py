@@ -132,8 +132,11 @@ async def run_writers(
     }
 
 
-def naive_wake(items: Any) -> int:
+def naive_wake(items: Any, before: Callable[[int], None] | None = None) -> int:
     """The naive waker: one thread-safe callback per waiting task."""
+    items = list(items)
+    if before is not None:
+        before(len(items))
     count = 0
     for completion, outcome in items:
         try:

@@ -797,7 +797,16 @@ class LmdbLog:
                 # The batch's own callers must be woken whatever happens to the waiters
                 # (whom the poller still finds).
                 logger.exception("log at %r: waking the waiters of a commit failed", self._path)
-        wake(items, self._count_wakes)
+        try:
+            wake(items, self._count_wakes)
+        except Exception:
+            # Never leave a batch's callers waiting forever: wake them one by one.
+            logger.exception("log at %r: waking the callers of a commit failed", self._path)
+            for completion, outcome in items:
+                try:
+                    completion.schedule(completion.resolve, outcome)
+                except Exception:
+                    pass  # its loop is gone, and its task with it
 
     def _count_wakes(self, callbacks: int) -> None:
         self._counters["wake_callbacks"] += callbacks

@@ -582,6 +582,43 @@ async def test_poller_logs_an_unexpected_error_and_keeps_polling(
 
 
 @pytest.mark.anyio
+async def test_a_failing_waker_still_wakes_every_caller_and_the_writer_lives_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """If grouping the wake-ups fails, the batch's callers are woken one by one."""
+    from perdure.log import lmdb_store
+
+    caplog.set_level(logging.ERROR, logger="perdure.log")
+    real_wake = lmdb_store.wake
+    calls = 0
+
+    def wake_failing_once(items: Any, before: Any = None) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("injected waker failure")
+        return real_wake(items, before)
+
+    monkeypatch.setattr(lmdb_store, "wake", wake_failing_once)
+    async with await open_log(tmp_path) as log:
+        with anyio.fail_after(20):
+            seqs: list[int] = []
+
+            async def writer(w: int) -> None:
+                seqs.append(await log.append(f"s/{w}", [note(w)], expect=0))
+
+            async with anyio.create_task_group() as tg:
+                for w in range(5):
+                    tg.start_soon(writer, w)
+            # The writer thread survived: later appends commit and return as usual.
+            assert await log.append("s/0", [note(9)], expect=1) == 2
+    assert sorted(seqs) == [1] * 5
+    assert calls >= 2
+    failures = [r for r in caplog.records if "waking the callers" in r.getMessage()]
+    assert len(failures) == 1 and str(tmp_path) in failures[0].getMessage()
+
+
+@pytest.mark.anyio
 async def test_client_survives_the_owner_growing_the_map(tmp_path: Path) -> None:
     async with await open_log(tmp_path, map_size=64 * 1024) as log:
         await log.append("big", [note(0)], expect=0)
