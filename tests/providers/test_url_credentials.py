@@ -13,6 +13,7 @@ import importlib.util
 import logging
 import traceback
 from collections.abc import Iterator
+from typing import Any
 
 import anyio
 import pytest
@@ -101,21 +102,31 @@ async def test_openai_userinfo_is_sent_as_basic_auth_and_never_logged(
     async with OpenAI(
         "gpt-test", base_url=base_url, api_key=KEY, retry=RetryPolicy(max_attempts=1)
     ) as provider:
-        assert (await provider.complete(ask())).message.content == "hello"
-        with pytest.raises(AuthenticationError) as on_complete:
-            await provider.complete(ask())
-        with pytest.raises(AuthenticationError) as on_stream:
-            [event async for event in provider.stream(ask())]
-        shown = repr(provider)
+        errors = await answer_then_refuse_twice(provider)
     assert [r.path for r in openai_server.chat_requests] == ["/v1/chat/completions"] * 3
     for request in openai_server.chat_requests:
         assert_basic_auth(request)
-    for err in (on_complete.value, on_stream.value):
+    assert "[REDACTED]" in str(errors[0])
+    assert_no_secret_logged(logs)
+
+
+async def answer_then_refuse_twice(provider: Any) -> list[AuthenticationError]:
+    """One good answer, then a 401 from ``complete`` and one from ``stream``.
+
+    Checks each error and the provider's repr hold no secret; returns the errors.
+    """
+    assert (await provider.complete(ask())).message.content == "hello"
+    with pytest.raises(AuthenticationError) as on_complete:
+        await provider.complete(ask())
+    with pytest.raises(AuthenticationError) as on_stream:
+        [event async for event in provider.stream(ask())]
+    errors = [on_complete.value, on_stream.value]
+    for err in errors:
         assert err.status == 401
         assert_error_is_clean(err)
-    assert "[REDACTED]" in str(on_complete.value)
+    shown = repr(provider)
     assert not [s for s in SECRETS if s in shown]
-    assert_no_secret_logged(logs)
+    return errors
 
 
 async def test_openai_client_given_by_the_user_is_cleaned_too(
@@ -153,19 +164,10 @@ async def test_anthropic_userinfo_is_sent_as_basic_auth_and_never_logged(
     async with Anthropic(
         "claude-test", base_url=base_url, api_key=KEY, retry=RetryPolicy(max_attempts=1)
     ) as provider:
-        assert (await provider.complete(ask())).message.content == "hello"
-        with pytest.raises(AuthenticationError) as on_complete:
-            await provider.complete(ask())
-        with pytest.raises(AuthenticationError) as on_stream:
-            [event async for event in provider.stream(ask())]
-        shown = repr(provider)
+        await answer_then_refuse_twice(provider)
     assert len(anthropic_server.message_requests) == 3
     for request in anthropic_server.message_requests:
         assert_basic_auth(request)
-    for err in (on_complete.value, on_stream.value):
-        assert err.status == 401
-        assert_error_is_clean(err)
-    assert not [s for s in SECRETS if s in shown]
     assert_no_secret_logged(logs)
 
 
