@@ -55,6 +55,20 @@ async def hibernated(rt: Any, eid: str) -> bool:
     return eid not in rt._live
 
 
+def stepping_agent(name: str, steps: int, budget: Budget) -> Agent:
+    """An agent whose model calls ``step`` ``steps`` times (one call per turn), then answers."""
+
+    @tool
+    def step(n: int) -> int:
+        return n
+
+    def script(request: LLMRequest) -> Any:
+        turn = sum(1 for m in request.messages if m.role == "assistant")
+        return Scripted.call("step", n=turn) if turn < steps else "done"
+
+    return Agent(name, tools=[step], llm=Scripted(script), budget=budget)
+
+
 def actor_starts(rt: Any) -> list[str]:
     """Execution ids whose actor starts from now on (call it first thing after opening:
     recovery runs in the background once the caller has the runtime)."""
@@ -188,16 +202,8 @@ async def test_contract_rejection_goes_back_to_the_model(open_runtime: Any) -> N
 async def test_budget_exhaustion_survives_a_restart_and_a_raise_resumes(
     open_runtime: Any,
 ) -> None:
-    @tool
-    def step(n: int) -> int:
-        return n
-
-    def script(request: LLMRequest) -> Any:
-        turn = sum(1 for m in request.messages if m.role == "assistant")
-        return Scripted.call("step", n=turn) if turn < 4 else "done"
-
     def make() -> Agent:
-        return Agent("budgeted", tools=[step], llm=Scripted(script), budget=Budget(max_llm_calls=2))
+        return stepping_agent("budgeted", steps=4, budget=Budget(max_llm_calls=2))
 
     async with open_runtime() as rt:
         r = await rt.run(make(), "go", execution_id="b-1")
@@ -791,15 +797,7 @@ async def test_a_signal_that_cannot_apply_is_recorded_as_ignored_and_the_next_on
     from perdure.events import INBOX_STREAM, SignalSent, encode
     from perdure.log import ANY
 
-    @tool
-    def step(n: int) -> int:
-        return n
-
-    def script(request: LLMRequest) -> Any:
-        turn = sum(1 for m in request.messages if m.role == "assistant")
-        return Scripted.call("step", n=turn) if turn < 2 else "done"
-
-    agent = Agent("poisoned", tools=[step], llm=Scripted(script), budget=Budget(max_llm_calls=1))
+    agent = stepping_agent("poisoned", steps=2, budget=Budget(max_llm_calls=1))
     async with open_runtime() as rt:
         r = await rt.run(agent, "go", execution_id="z-1")
         assert r.suspend_reason is not None and r.suspend_reason.kind == "budget"
