@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import inspect
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -101,12 +102,25 @@ class _Inbox:
             _resolve(call)
 
 
+def _discard(call: _Call) -> None:
+    """Drop an abandoned call's outcome; a coroutine it returned is closed, not leaked.
+
+    Its caller (timed out or cancelled) would have refused the coroutine as a tool error
+    and closed it; nobody is left to, and an unclosed one is collected with a "never
+    awaited" RuntimeWarning that points at no tool.
+    """
+    if inspect.iscoroutine(call.value):
+        call.value.close()
+    call.value = None
+
+
 def _resolve(call: _Call) -> None:
     """Give a finished call's outcome to its caller, unless the caller gave up."""
     error = call.error
     future = call.future
     if future is not None:
         if future.done():  # cancelled: the caller abandoned the call
+            _discard(call)
             return
         if error is None:
             future.set_result(call.value)
@@ -119,6 +133,7 @@ def _resolve(call: _Call) -> None:
         return
     task = call.task
     if task is None:  # abandoned
+        _discard(call)
         return
     import outcome  # a trio dependency
     import trio

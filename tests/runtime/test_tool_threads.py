@@ -8,6 +8,7 @@ through anyio's own worker threads (``anyio.to_thread``), which are not under te
 from __future__ import annotations
 
 import contextvars
+import inspect
 import threading
 import traceback
 from pathlib import Path
@@ -162,6 +163,31 @@ async def test_a_timed_out_call_raises_timeout_and_the_thread_finishes_alone() -
     gated.gates[0].set()
     await wait_for(gated.done[0])
     assert await threads.run(lambda: "next") == "next"
+    threads.close()
+
+
+async def test_a_coroutine_an_abandoned_call_returns_is_closed_not_leaked() -> None:
+    """Nobody is left to refuse it as a tool error, so the pool closes it itself."""
+    threads = ToolThreads(1)
+    release = threading.Event()
+
+    async def never_awaited() -> None:
+        raise AssertionError("an abandoned call's coroutine must not run")
+
+    coro = never_awaited()
+
+    def returns_a_coroutine() -> Any:
+        release.wait(PATIENCE)
+        return coro
+
+    with anyio.move_on_after(0.05):
+        await threads.run(returns_a_coroutine)
+    assert inspect.getcoroutinestate(coro) == inspect.CORO_CREATED
+    release.set()
+    # One thread: this call runs after the abandoned one, and its outcome is handed
+    # back after the abandoned one's has been dealt with.
+    assert await threads.run(lambda: "next") == "next"
+    assert inspect.getcoroutinestate(coro) == inspect.CORO_CLOSED
     threads.close()
 
 
