@@ -24,6 +24,7 @@ every command.
 from __future__ import annotations
 
 import argparse
+import codecs
 import errno
 import getpass
 import importlib
@@ -50,6 +51,7 @@ from perdure.agent import Agent
 from perdure.budget import Budget
 from perdure.cli_export import export_document, record_to_json, to_json_value
 from perdure.cli_render import (
+    clip,
     fmt_bytes,
     fmt_clock,
     fmt_dollars,
@@ -79,7 +81,7 @@ from perdure.log import ANY, Fault, LmdbLog, LogError, Record, StreamInfo
 from perdure.result import ExecutionInfo
 from perdure.signals import BUILTIN, canonical_name, precheck
 from perdure.state import TERMINAL, ExecutionState, apply
-from perdure.status import STATUSES, describe, owner_pid, pending_signals
+from perdure.status import STATUSES, PendingSignal, describe, owner_pid, pending_signals
 
 __all__ = ["CliError", "build_parser", "console_command", "main", "run"]
 
@@ -139,10 +141,14 @@ def _buffered_stdout() -> TextIO:
     except (AttributeError, OSError, ValueError):
         return stdout  # replaced by something without a descriptor: use it as it is
     raw = io.FileIO(fd, "w", closefd=False)
+    errors = stdout.errors or "strict"
     return io.TextIOWrapper(
         io.BufferedWriter(raw),
         encoding=stdout.encoding or "utf-8",
-        errors=stdout.errors or "strict",
+        # A terminal or pipe whose encoding lacks a character (PYTHONIOENCODING=ascii,
+        # a Latin-1 locale) gets it escaped rather than a crash halfway through a table;
+        # JSON is written ASCII-only there (see _ensure_ascii), so it stays valid.
+        errors="backslashreplace" if errors == "strict" else errors,
         line_buffering=raw.isatty(),  # a person at a terminal sees each line at once
     )
 
@@ -215,8 +221,22 @@ def _report(out: TextIO, as_json: bool, message: str, kind: str, code: int, usag
 
 
 def _write_json(out: TextIO, doc: Any) -> None:
-    out.write(json.dumps(to_json_value(doc), ensure_ascii=False, indent=2, allow_nan=False))
-    out.write("\n")
+    text = json.dumps(
+        to_json_value(doc), ensure_ascii=_ensure_ascii(out), indent=2, allow_nan=False
+    )
+    out.write(text + "\n")
+
+
+def _ensure_ascii(out: TextIO) -> bool:
+    """Whether JSON for ``out`` must escape non-ASCII: its encoding cannot hold all of
+    Unicode (an escaped character would no longer be valid JSON)."""
+    encoding = getattr(out, "encoding", None)
+    if not isinstance(encoding, str):
+        return False  # a StringIO: text, no encoding at all
+    try:
+        return not codecs.lookup(encoding).name.startswith(("utf-", "utf_", "gb18030"))
+    except LookupError:
+        return True
 
 
 @dataclass(slots=True)
@@ -319,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--by", help="who is acting (default: cli:USER@HOST)")
         p.add_argument(
             "--wait",
-            type=float,
+            type=_seconds,
             metavar="SECONDS",
             help="wait until the owning runtime has taken the signal and the execution "
             "has settled; exit 1 if it has not within SECONDS (or no runtime owns the dir)",
@@ -388,13 +408,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _seconds(text: str) -> float:
+    """A ``--wait`` value: seconds, zero or more (``inf``: until it settles)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if math.isnan(value) or value < 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give the seconds to wait, 0 or more (inf waits until it settles)"
+        )
+    return value
+
+
 # -- shared pieces --------------------------------------------------------------------------
 
 
 @asynccontextmanager
 async def _open(ctx: _Ctx) -> AsyncIterator[LmdbLog]:
     """The data dir's log, opened as a client (never the owner lock; signals only)."""
-    log = await LmdbLog.open(ctx.data_dir, types=record_types(), client=True)
+    try:
+        log = await LmdbLog.open(ctx.data_dir, types=record_types(), client=True)
+    except LogError as exc:
+        text = str(exc)
+        if "holds no perdure log" not in text and "MDB_INVALID" not in text:
+            raise
+        raise CliError(
+            f"{text}; is it the data dir a Runtime opened? pass --data-dir DIR or set "
+            f"PERDURE_DATA_DIR",
+            "no_data_dir",
+        ) from None
     try:
         yield log
     finally:
@@ -709,9 +752,10 @@ def _inspect_lines(d: Mapping[str, Any]) -> list[str]:
         pairs.append(("output", fmt_json(d["output"])))
     if d["error"]:
         err = d["error"]
-        pairs.append(("error", f"{d['failure_kind']}: {err.get('type')}: {err.get('message')}"))
+        message = clip(f"{err.get('type')}: {err.get('message')}", None)
+        pairs.append(("error", f"{d['failure_kind']}: {message}"))
     if d["cancel_reason"] is not None:
-        pairs.append(("cancelled", d["cancel_reason"] or "(no reason given)"))
+        pairs.append(("cancelled", clip(d["cancel_reason"], None) or "(no reason given)"))
     steps = f"{d['steps']} (max {d['max_steps']} LLM calls), {d['records']} records"
     pairs.append(("steps", steps))
     pairs.append(
@@ -815,8 +859,9 @@ def _inspect_lines(d: Mapping[str, Any]) -> list[str]:
         lines.append("pending signals (in the inbox, not yet delivered)")
         for p in d["pending_signals"]:
             lines.append(
-                f"  inbox seq {p['inbox_seq']}: {p['name']} {fmt_json(p['payload'], 80)} "
-                f"by {p['by']} at {fmt_time(p['sent_at'])}{_held_note(p)}"
+                f"  inbox seq {p['inbox_seq']}: {clip(p['name'], 80)} "
+                f"{fmt_json(p['payload'], 80)} by {clip(p['by'], 80)} at "
+                f"{fmt_time(p['sent_at'])}{_held_note(p)}"
             )
     if d["next_steps"]:
         lines.append("next")
@@ -842,7 +887,8 @@ def _blocker(b: Mapping[str, Any], child: Mapping[str, Any] | None = None) -> st
         args = fmt_json(b.get("arguments"), 100)
         head = f"{kind} {b.get('confirmation_id')}: step {b.get('step')} {b.get('tool')} {args}"
         if kind == "contract":
-            return f"{head}; contract {b.get('contract')!r} blocked it: {b.get('message')}"
+            why = clip(str(b.get("message")), None)
+            return f"{head}; contract {b.get('contract')!r} blocked it: {why}"
         return head
     if kind == "budget":
         return f"budget: {b.get('limit')} {b.get('limit_value')} reached (used {b.get('used')})"
@@ -853,7 +899,7 @@ def _blocker(b: Mapping[str, Any], child: Mapping[str, Any] | None = None) -> st
             f"finished; key {b.get('key')}; the tool is not idempotent"
         )
     if kind == "drift":
-        return f"drift: {b.get('message')}"
+        return f"drift: {clip(str(b.get('message')), None)}"
     if kind == "signal":
         return f"signal: step {b.get('step')} {b.get('tool')} waits for signal {b.get('name')!r}"
     if kind == "child":
@@ -939,7 +985,7 @@ async def _export(ctx: _Ctx, args: argparse.Namespace) -> int:
         return 0
     # stdout, spelled "-" or as a path to it (-o /dev/stdout): only the document goes
     # there, so that it stays one JSON document for the reader.
-    ctx.out.write(json.dumps(doc, ensure_ascii=False, allow_nan=False) + "\n")
+    ctx.out.write(json.dumps(doc, ensure_ascii=_ensure_ascii(ctx.out), allow_nan=False) + "\n")
     return 0
 
 
@@ -1157,30 +1203,40 @@ async def _check_histories(log: LmdbLog, skip: set[str]) -> list[Fault]:
 async def _send(
     ctx: _Ctx,
     args: argparse.Namespace,
-    signals: Sequence[tuple[str, Any]] | Callable[[StreamInfo], Sequence[tuple[str, Any]]],
+    signals: Sequence[tuple[str, Any]]
+    | Callable[[LmdbLog, StreamInfo], Awaitable[Sequence[tuple[str, Any]]]],
     *,
     check: Callable[[LmdbLog, StreamInfo], Awaitable[None]] | None = None,
 ) -> int:
-    """Check each signal against the index entry, then append them all to the inbox."""
+    """Check each signal against the index entry and the signals already waiting in the
+    inbox, then append them all to the inbox."""
     eid = args.execution_id
     by = args.by or _operator()
     async with _open(ctx) as log:
         info = await _find(log, ctx, eid)
         meta = info.meta
-        todo = signals(info) if callable(signals) else signals
+        todo = await signals(log, info) if callable(signals) else signals
         for name, payload in todo:
+            data = payload if isinstance(payload, Mapping) else {}
             problem = precheck(
                 eid,
                 str(meta.get("status")),
                 list(meta.get("confirmations") or ()),
                 name,
-                payload if isinstance(payload, Mapping) else {},
+                data,
                 usage=meta,
             )
             if problem is not None:
+                if canonical_name(name) in ("approve", "reject"):
+                    problem = await _decided(log, info, canonical_name(name), data, problem)
                 raise CliError(problem, "invalid_signal")
         if check is not None:
             await check(log, info)
+        # Delivery takes one decision per confirmation (one cancel, one resolve...) and
+        # turns the rest down; while the first still waits in the inbox the index does
+        # not show it yet, so a second one is refused here rather than stored as a no-op.
+        waiting = (await pending_signals(log)).get(eid, [])
+        todo = _not_yet_sent(eid, todo, waiting, owner_pid(ctx.data_dir), ctx.data_dir)
         # What the signals can do depends on what the execution waits for: the index
         # says why it is suspended; the suspension itself (folded from the records)
         # names the signals its tools wait for.
@@ -1227,7 +1283,7 @@ async def _send(
         )
     else:
         names = ", ".join(f"{s['name']} (inbox seq {s['inbox_seq']})" for s in sent)
-        lines = [f"sent {names} to execution {eid} as {by}"]
+        lines = [f"sent {clip(names, None)} to execution {eid} as {clip(by, None)}"]
         agent = meta.get("agent")
         if owner is None:
             lines.append(
@@ -1249,6 +1305,105 @@ async def _send(
             )
         ctx.lines(lines)
     return 1 if settled is False else 0
+
+
+async def _decided(
+    log: LmdbLog, info: StreamInfo, kind: str, payload: Mapping[str, Any], problem: str
+) -> str:
+    """Why an approve/reject cannot apply, from the records when they know more than
+    the index: the confirmation was decided already, or it is a child execution's."""
+    eid, cid = _eid(info), payload.get("confirmation_id")
+    if not cid:
+        return problem
+    for e in reversed(timeline(await _history(log, info))):
+        if e["kind"] in ("approved", "rejected") and e.get("confirmation_id") == cid:
+            verb = "overridden" if e.get("override") else e["kind"]
+            step = f", step {e['step']}" if e.get("step") else ""
+            status = str(info.meta.get("status"))
+            now = f"; the execution is {status}" if status in TERMINAL else ""
+            return (
+                f"confirmation {cid!r} of execution {eid!r} was already {verb} by "
+                f"{clip(str(e.get('by')), 80)} (seq {e['seq']}{step}){now}; a confirmation "
+                f"is decided once, so nothing was sent; see 'perdure steps {eid}'"
+            )
+    async for child in log.streams(prefix=f"{_PREFIX}{eid[:200]}"):
+        if child.meta.get("parent") == eid and cid in (child.meta.get("confirmations") or ()):
+            child_id = _eid(child)
+            rest = "[--note TEXT]" if kind == "approve" else "--reason WHY"
+            return (
+                f"confirmation {cid!r} belongs to child execution {child_id!r}, which "
+                f"execution {eid!r} waits for; decide it there: perdure {kind} "
+                f"{shlex.quote(child_id)} {cid} {rest}; nothing was sent"
+            )
+    return problem
+
+
+#: Signals that deliver once: a second one, sent while the first waits in the inbox, is
+#: turned down on delivery (approve and reject are matched by confirmation id).
+_ONCE = ("resolve", "resume", "accept_drift")
+
+
+def _not_yet_sent(
+    eid: str,
+    todo: Sequence[tuple[str, Any]],
+    waiting: Sequence[PendingSignal],
+    owner: int | None,
+    data_dir: str,
+) -> list[tuple[str, Any]]:
+    """``todo`` less what a signal already waiting in the inbox does; raises if that
+    leaves nothing to send, or if a signal would contradict one that waits.
+
+    A ``resume`` or ``accept_drift`` already waiting is simply not sent again (so
+    ``resume ID --max-llm-calls N`` still sends the budget); a second decision on a
+    confirmation, a second resolve and anything after a cancel are refused, naming the
+    signal that waits.
+    """
+    out = list(todo)
+    if not waiting:
+        return out
+    when = (
+        f"runtime pid {owner} has not delivered it yet"
+        if owner is not None
+        else f"no runtime owns {data_dir}: it is delivered at the next start"
+    )
+
+    def which(p: PendingSignal) -> str:
+        return f"{p.name} by {clip(p.by, 80)} (inbox seq {p.seq}{_held_note(p.to_dict())})"
+
+    def refuse(what: str) -> NoReturn:
+        raise CliError(
+            f"execution {eid!r}: {what}; {when}. Nothing was sent; see 'perdure inspect {eid}'",
+            "already_sent",
+        )
+
+    kinds = [(canonical_name(p.name), p) for p in waiting]
+    cancel = next((p for k, p in kinds if k == "cancel"), None)
+    if cancel is not None:
+        refuse(f"a cancel waits in the inbox, {which(cancel)}, and then it takes no more signals")
+    for name, payload in todo:
+        kind = canonical_name(name)
+        data = payload if isinstance(payload, Mapping) else {}
+        for k, p in kinds:
+            theirs = p.payload if isinstance(p.payload, Mapping) else {}
+            if kind in ("approve", "reject") and k in ("approve", "reject"):
+                cid = data.get("confirmation_id")
+                if cid is not None and theirs.get("confirmation_id") == cid:
+                    refuse(
+                        f"confirmation {cid!r} already has a decision waiting in the inbox, "
+                        f"{which(p)}; a confirmation is decided once"
+                    )
+            elif kind == "resolve" and k == "resolve":
+                refuse(
+                    f"a decision on the in-doubt call already waits in the inbox, {which(p)} "
+                    f"({theirs.get('action')})"
+                )
+            elif kind in _ONCE and k == kind and (name, payload) in out:
+                out.remove((name, payload))
+    if not out:
+        asked = {canonical_name(name) for name, _ in todo}
+        same = next(p for k, p in kinds if k in asked)
+        refuse(f"{which(same)} already waits in the inbox and does the same")
+    return out
 
 
 def _effect(
@@ -1371,8 +1526,17 @@ async def _reject(ctx: _Ctx, args: argparse.Namespace) -> int:
 
 async def _signal(ctx: _Ctx, args: argparse.Namespace) -> int:
     payload = None if args.payload is None else _parse_json(args.payload, "the signal payload")
-    if not args.name.strip():
+    name = args.name
+    if not name.strip():
         raise CliError("a signal needs a name", "usage", 2)
+    if name != name.strip() or clip(name, None) != name:
+        # wait_for_signal('go') never matches 'go ' or 'go\n': almost surely a quoting slip.
+        raise CliError(
+            f"signal name {name!r} has surrounding spaces or control characters; a tool waits "
+            f"for an exact name, e.g. perdure signal {shlex.quote(args.execution_id)} go",
+            "usage",
+            2,
+        )
     return await _send(ctx, args, [(args.name, payload)])
 
 
@@ -1414,7 +1578,7 @@ async def _resume(ctx: _Ctx, args: argparse.Namespace) -> int:
         raise CliError(f"resume {args.execution_id}: {exc}", "usage", 2) from None
     owner = owner_pid(ctx.data_dir)
 
-    def plan(info: StreamInfo) -> list[tuple[str, Any]]:
+    async def plan(log: LmdbLog, info: StreamInfo) -> list[tuple[str, Any]]:
         # What Runtime.resume sends: the budget, the drift acceptance, and a resume for
         # a failed execution (or one suspended for drift that is not being accepted).
         eid, meta = _eid(info), info.meta
@@ -1431,7 +1595,10 @@ async def _resume(ctx: _Ctx, args: argparse.Namespace) -> int:
             return todo or [("resume", {})]  # a terminal status: precheck says why not
         text = describe(meta, owned=owner is not None)
         if status == "suspended":
-            hints = next_steps(eid, "suspended", {"kind": reason, **_reason_hint(meta)})
+            # The suspension as recorded names what it waits for (a signal's name, the
+            # budget limit reached); the index entry only says why.
+            suspension = _fold(info, await _history(log, info)).suspend_reason
+            hints = next_steps(eid, "suspended", suspension or {"kind": reason})
             raise CliError(
                 f"execution {eid!r} is {text}; resume does not decide that"
                 + (f": {hints[0]}" if hints else ""),
@@ -1450,11 +1617,6 @@ async def _resume(ctx: _Ctx, args: argparse.Namespace) -> int:
         )
 
     return await _send(ctx, args, plan)
-
-
-def _reason_hint(meta: Mapping[str, Any]) -> dict[str, Any]:
-    confirmations = list(meta.get("confirmations") or ())
-    return {"confirmation_id": confirmations[0]} if confirmations else {}
 
 
 # -- replay ---------------------------------------------------------------------------------
@@ -1583,6 +1745,9 @@ async def _replay(ctx: _Ctx, args: argparse.Namespace) -> int:
             report = replayer.replay(events)
             if not report.execution_id:
                 report.execution_id = _eid(info)
+            # The status every other command shows: the index's ("queued" is kept there
+            # only; the records of a queued execution fold to "running").
+            report.status = str(info.meta.get("status"))
             reports.append(report)
     bad = [r for r in reports if not r.ok]
     if ctx.json:

@@ -189,24 +189,37 @@ class Tool:
         return result
 
     def _awaitable_returned(self, result: Any) -> ToolError:
-        what = "a coroutine" if inspect.iscoroutine(result) else f"an awaitable ({_kind(result)})"
-        if inspect.iscoroutine(result):
-            # Never started, so closing runs none of its code; left alone, it would be
-            # collected with a "coroutine ... was never awaited" RuntimeWarning.
-            result.close()
         ctx = _current.get()
         where = f"tool {self.name!r}"
         if ctx is not None:
             where = f"execution {ctx.execution_id!r} step {ctx.step} ({where})"
+        if inspect.iscoroutine(result):
+            # Never started, so closing runs none of its code; left alone, it would be
+            # collected with a "coroutine ... was never awaited" RuntimeWarning.
+            result.close()
+            what = "a coroutine"
+            fate = (
+                "so that code never ran"
+                if self.is_async
+                else "so the async code it wraps never ran"
+            )
+        else:
+            what, fate = f"an awaitable ({_kind(result)})", "which was never awaited"
+            cancel = getattr(result, "cancel", None)
+            if callable(cancel):
+                # A task or future may already be running: the step is over, so it must
+                # not go on doing things nobody will see the outcome of.
+                cancel()
+                fate = "which was cancelled (its code may have started)"
         if self.is_async:
             return ToolError(
-                f"{where}: the tool returned {what} instead of its result, so that code "
-                f"never ran; await it inside the tool and return what it gives"
+                f"{where}: the tool returned {what} instead of its result, {fate}; await it "
+                f"inside the tool and return what it gives"
             )
         return ToolError(
-            f"{where}: a sync function returned {what} instead of a result, so the async "
-            f"code it wraps never ran; declare it `async def`, or keep its signature with "
-            f"functools.wraps so that perdure sees the async function and awaits it"
+            f"{where}: a sync function returned {what} instead of a result, {fate}; "
+            f"declare it `async def`, or keep its signature with functools.wraps so that "
+            f"perdure sees the async function and awaits it"
         )
 
 

@@ -250,3 +250,59 @@ async def test_a_tool_returning_a_coroutine_is_a_tool_error_and_the_coroutine_is
     seen = {m.name: (m.is_error, m.content) for m in r.transcript if m.role == "tool"}
     assert seen["decorated"] == (True, f"ERROR (ToolError): {where('decorated')}: {SYNC_FIX}")
     assert seen["wrapped"] == (False, "fetched wrapped")
+
+
+class _Pending:
+    """An awaitable that is not a coroutine and cannot be cancelled."""
+
+    def __await__(self) -> Any:
+        yield from ()
+        return "never seen"
+
+
+@pytest.mark.anyio
+async def test_a_tool_returning_another_awaitable_is_a_tool_error_saying_it_was_never_awaited(
+    open_runtime: Any,
+) -> None:
+    @tool("pending")
+    async def pending(q: str) -> Any:
+        return _Pending()
+
+    agent = Agent("pending", tools=[pending], llm=Scripted([Scripted.call("pending", q="x"), "ok"]))
+    async with open_runtime() as rt:
+        r = await rt.run(agent, "go", execution_id="aw-2")
+    (message,) = [m for m in r.transcript if m.role == "tool"]
+    assert message.is_error
+    assert message.content == (
+        "ERROR (ToolError): execution 'aw-2' step 2 (tool 'pending'): the tool returned an "
+        f"awaitable ({__name__}._Pending) instead of its result, which was never awaited; "
+        "await it inside the tool and return what it gives"
+    )
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.anyio
+async def test_a_task_a_tool_returns_unawaited_is_cancelled_not_left_running(
+    open_runtime: Any, anyio_backend: str
+) -> None:
+    import asyncio
+
+    tasks: list[asyncio.Task[None]] = []
+
+    async def forever() -> None:
+        await asyncio.Event().wait()
+
+    @tool("spawner")
+    async def spawner(q: str) -> Any:
+        tasks.append(asyncio.ensure_future(forever()))
+        return tasks[-1]  # forgot the await
+
+    agent = Agent("spawner", tools=[spawner], llm=Scripted([Scripted.call("spawner", q="x"), "ok"]))
+    async with open_runtime() as rt:
+        r = await rt.run(agent, "go", execution_id="aw-3")
+    (task,) = tasks
+    # a task left running would never end: a bounded wait turns that into a failure
+    with anyio.fail_after(5), pytest.raises(asyncio.CancelledError):
+        await task
+    (message,) = [m for m in r.transcript if m.role == "tool"]
+    assert message.is_error and "which was cancelled (its code may have started)" in message.content
