@@ -79,6 +79,18 @@ class ProviderError(PerdureError):
     def __str__(self) -> str:
         # Built on demand so that a provider filling in ``provider``/``model`` after
         # construction (Scripted does, for errors users script) is reflected.
+        text = self._headline()
+        # A Fallback's error names every member that failed, not only the last: the
+        # message is what gets recorded and shown when an execution fails.
+        earlier = [f._headline() for f in self.failures if f is not self]
+        if earlier:
+            text += "; earlier in the chain: " + "; ".join(earlier)
+        if self.hint:
+            text += f" -- {self.hint}"
+        return text
+
+    def _headline(self) -> str:
+        """What failed, where, and how often: the message without the hint."""
         where = self.provider or "provider"
         if self.model:
             where += f" (model {self.model!r})"
@@ -89,8 +101,6 @@ class ProviderError(PerdureError):
             text += f": {self.detail}"
         if self.attempts > 1:
             text += f" (gave up after {self.attempts} attempts)"
-        if self.hint:
-            text += f" -- {self.hint}"
         return text
 
     def __reduce__(self) -> tuple[Any, ...]:
