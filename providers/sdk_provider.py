@@ -23,6 +23,7 @@ import anyio
 from perdure.providers.errors import ProviderError, ProviderUnavailableError, redact
 from perdure.providers.retry import RetryPolicy, retry_stream
 from perdure.providers.types import LLMRequest, LLMResponse, StreamEvent
+from perdure.providers.wire import clean_event, clean_response
 
 __all__ = ["END", "SDKProvider", "transport_errors"]
 
@@ -54,12 +55,13 @@ class SDKProvider:
 
     async def complete(self, request: LLMRequest) -> LLMResponse:
         """One call, retried per ``retry``."""
-        return await self.retry.call(functools.partial(self._complete_once, request))
+        response = await self.retry.call(functools.partial(self._complete_once, request))
+        return clean_response(response)
 
     async def stream(self, request: LLMRequest) -> AsyncIterator[StreamEvent]:
         """A streamed call; retried only until its first event."""
         async for event in retry_stream(self.retry, functools.partial(self._stream_once, request)):
-            yield event
+            yield clean_event(event)
 
     async def _complete_once(self, request: LLMRequest) -> LLMResponse:
         raise NotImplementedError
