@@ -58,6 +58,8 @@ if TYPE_CHECKING:
 
 __all__ = ["OpenAI"]
 
+_UNSET: Any = object()
+
 #: What local servers get as a key when none is configured: the client insists on one.
 PLACEHOLDER_API_KEY = "not-needed"
 
@@ -183,6 +185,7 @@ class OpenAI(SDKProvider):
         usage = Usage()
         served = ""
         received = 0
+        followed: Any = _UNSET  # the index of the choice whose pieces we assemble
         async with stream:
             chunks = stream.__aiter__()
             while (chunk := await self._sdk_next(model, chunks)) is not END:
@@ -192,7 +195,11 @@ class OpenAI(SDKProvider):
                 if chunk_usage is not None:
                     usage = self._usage(chunk_usage, model)
                 choices = self._items(_field(chunk, "choices"), "a chunk's 'choices'", model)
-                for choice in choices[:1]:
+                # With n > 1 chunks carry pieces of several choices: follow one of them
+                # (the first seen; servers number it 0), never splice them together.
+                if choices and followed is _UNSET:
+                    followed = _field(choices[0], "index")
+                for choice in [c for c in choices if _field(c, "index") == followed][:1]:
                     delta = _field(choice, "delta")
                     # A refusal streams instead of content: text, as when not streamed.
                     text = _content_text(_field(delta, "content")) or _text(
@@ -255,8 +262,11 @@ class OpenAI(SDKProvider):
     def _response(self, completion: Any, model: str) -> LLMResponse:
         choices = _field(completion, "choices")
         if not isinstance(choices, list) or not choices:
-            raise self._malformed("the response has no 'choices'", model)
-        choice = choices[0]
+            # Some servers answer an error with HTTP 200: what they said is the clue.
+            said = _text(_field(_field(completion, "error"), "message"))
+            said = f" (the body says: {redact(said, self._secrets)!r})" if said else ""
+            raise self._malformed(f"the response has no 'choices'{said}", model)
+        choice = _first_choice(choices)
         message = _field(choice, "message")
         if message is None:
             raise self._malformed("the first choice has no 'message'", model)
@@ -417,6 +427,14 @@ class _StreamIndices:
         self._next = max(self._next, position + 1)
         self._last = position
         return position
+
+
+def _first_choice(choices: list[Any]) -> Any:
+    """The choice with index 0 (servers may list the ``n`` choices in any order)."""
+    for choice in choices:
+        if _field(choice, "index") == 0:
+            return choice
+    return choices[0]
 
 
 def _content_text(value: Any) -> str | None:

@@ -334,3 +334,42 @@ async def test_a_server_that_ignores_the_stream_flag_is_named_as_such(
     message = str(caught.value)
     assert "'application/json', not an event stream" in message
     assert openai_server.url in message and "connection was probably cut" not in message
+
+
+async def test_with_several_choices_only_one_is_assembled(openai_server: OpenAIServer) -> None:
+    # params={"n": 2}: vLLM streams both choices' pieces, each chunk naming its choice.
+    def of(index: int, delta: dict[str, Any], finish: str | None = None) -> SSEEvent:
+        choice = {"index": index, "delta": delta, "finish_reason": finish}
+        return raw({"model": "served-model", "choices": [choice]})
+
+    events = await stream(
+        openai_server,
+        [
+            of(0, {"content": "Sunny"}),
+            of(1, {"content": "Rainy"}),
+            of(1, {"content": " in Oslo."}, "stop"),
+            of(0, {"content": " in Paris."}),
+            of(0, {}, "stop"),
+        ],
+    )
+    assert final(events).message.content == "Sunny in Paris."
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "Sunny in Paris."
+    body = completion("").body()
+    body["choices"] = [
+        {"index": 1, "message": {"role": "assistant", "content": "Rainy"}, "finish_reason": "stop"},
+        {"index": 0, "message": {"role": "assistant", "content": "Sunny"}, "finish_reason": "stop"},
+    ]
+    assert (await complete(openai_server, body)).message.content == "Sunny"
+
+
+async def test_an_error_sent_with_status_200_is_quoted_in_the_malformed_response(
+    openai_server: OpenAIServer,
+) -> None:
+    body = {"error": {"message": f"Upstream rejected key {KEY}", "code": 502}}
+    with pytest.raises(MalformedResponseError) as caught:
+        await complete(openai_server, body)
+    message = str(caught.value)
+    assert (
+        "no 'choices'" in message and "the body says: 'Upstream rejected key [REDACTED]'" in message
+    )
+    assert KEY not in message
