@@ -216,7 +216,8 @@ class Anthropic(SDKProvider):
                         tool_input = _field(block, "input")
                         delta = ToolCallDelta(
                             index=position,
-                            id=_text(_field(block, "id")) or None,
+                            # The id complete() gives a block without one, for the same answer.
+                            id=_text(_field(block, "id")) or f"toolu_{position}",
                             name=_text(_field(block, "name")) or None,
                             # Normally {} here with the JSON following in deltas.
                             arguments=json.dumps(tool_input) if tool_input else "",

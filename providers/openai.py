@@ -460,16 +460,17 @@ def _content_text(value: Any) -> str | None:
 
 
 def _token_count(value: Any) -> int | None:
-    """A token count: ``None`` (not sent) is 0; a whole float (``12.0``) is accepted."""
+    """A token count: ``None`` (not sent) is 0; a whole float (``12.0``) is accepted.
+
+    ``None`` for anything else, a negative count included (it would be a credit).
+    """
     if value is None:
         return 0
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
     if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return None
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return None
+    return value
 
 
 def _import_sdk(name: str, model: str) -> Any:
