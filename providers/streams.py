@@ -61,7 +61,8 @@ def parse_arguments(text: str) -> dict[str, Any] | str:
         return {}
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
+        # RecursionError: nesting deeper than the parser goes is not arguments either.
         return text
     return value if isinstance(value, dict) else text
 

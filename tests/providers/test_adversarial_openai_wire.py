@@ -373,3 +373,14 @@ async def test_an_error_sent_with_status_200_is_quoted_in_the_malformed_response
         "no 'choices'" in message and "the body says: 'Upstream rejected key [REDACTED]'" in message
     )
     assert KEY not in message
+
+
+async def test_arguments_nested_deeper_than_the_parser_goes_are_kept_verbatim(
+    openai_server: OpenAIServer,
+) -> None:
+    deep = '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    response = await complete(
+        openai_server, completion(None, [("call_a", "get_weather", deep)]).body()
+    )
+    # for the runtime to report as invalid arguments, not a RecursionError escaping
+    assert response.message.tool_calls == (ToolCall("call_a", "get_weather", deep),)
