@@ -156,7 +156,7 @@ class CallableProvider:
                 # datetime would be recorded, then break the next request's JSON).
                 try:
                     arguments = json.loads(arguments_json(dict(arguments)))
-                except (TypeError, ValueError) as err:
+                except (TypeError, ValueError, RecursionError) as err:
                     raise bad(f"{where}['arguments'] that are not JSON data ({err})") from None
             else:
                 raise bad(

@@ -29,11 +29,13 @@ from perdure.providers.types import (
 )
 
 __all__ = [
+    "MAX_ARGUMENT_DEPTH",
     "ResponseAssembler",
     "closing",
     "arguments_json",
     "events_from_response",
     "parse_arguments",
+    "shallow",
     "split_words",
 ]
 
@@ -54,17 +56,37 @@ def parse_arguments(text: str) -> dict[str, Any] | str:
     """Tool-call arguments from their JSON text.
 
     A JSON object becomes a dict; empty text means no arguments (``{}``); anything else
-    (invalid JSON, a JSON list or number) is kept verbatim as a ``str`` so the runtime
-    can tell the model its arguments were invalid instead of failing the step.
+    (invalid JSON, a JSON list or number, an object nested more than
+    :data:`MAX_ARGUMENT_DEPTH` deep) is kept verbatim as a ``str`` so the runtime can
+    tell the model its arguments were invalid instead of failing the step.
     """
     if not text.strip():
         return {}
     try:
         value = json.loads(text)
     except (ValueError, RecursionError):
-        # RecursionError: nesting deeper than the parser goes is not arguments either.
         return text
-    return value if isinstance(value, dict) else text
+    if not isinstance(value, dict) or not shallow(value):
+        return text
+    return value
+
+
+#: Arguments nested deeper than this are kept as text: what walks them later (the
+#: cleaning of a response, the next request's JSON, a tool's schema check) recurses
+#: once per level, and would fail near Python's recursion limit.
+MAX_ARGUMENT_DEPTH = 100
+
+
+def shallow(value: Any, limit: int = MAX_ARGUMENT_DEPTH) -> bool:
+    """True if ``value`` (decoded JSON) nests at most ``limit`` containers deep."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return False
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return True
 
 
 def arguments_json(arguments: dict[str, Any] | str) -> str:

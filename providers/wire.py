@@ -9,11 +9,13 @@ The ``clean`` functions make text a response brought in safe to record and print
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
+from perdure.providers.streams import shallow
 from perdure.providers.types import (
     LLMResponse,
     ResponseCompleted,
@@ -71,12 +73,25 @@ def clean_response(response: LLMResponse) -> LLMResponse:
     """``response`` with every piece of text in it :func:`clean`."""
     message = response.message
     calls = tuple(
-        ToolCall(clean(c.id), clean(c.name), clean_data(c.arguments)) for c in message.tool_calls
+        ToolCall(clean(c.id), clean(c.name), _clean_arguments(c.arguments))
+        for c in message.tool_calls
     )
     cleaned = replace(message, content=clean(message.content), tool_calls=calls)
     if cleaned == message and clean(response.model) == response.model:
         return response
     return replace(response, message=cleaned, model=clean(response.model))
+
+
+def _clean_arguments(arguments: dict[str, Any] | str) -> dict[str, Any] | str:
+    if isinstance(arguments, str):
+        return clean(arguments)
+    if shallow(arguments):
+        return clean_data(arguments)
+    # Too deep to walk (or to record): kept as text, as parse_arguments keeps it.
+    try:
+        return clean(json.dumps(arguments, ensure_ascii=False))
+    except (RecursionError, TypeError, ValueError):
+        return "(arguments nested too deeply to keep)"
 
 
 def clean_event(event: StreamEvent) -> StreamEvent:

@@ -194,3 +194,23 @@ async def test_cached_prompt_tokens_survive_a_message_delta_that_restates_some_u
     assert (await answer(anthropic_server, JSONReply(body), streaming=False)).usage == Usage(
         1203, 9
     )
+
+
+async def test_a_tool_input_nested_absurdly_deep_is_kept_as_text(
+    anthropic_server: AnthropicServer,
+) -> None:
+    deep: Any = []
+    for _ in range(500):
+        deep = [deep]
+    body = {
+        "id": "msg_x",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-served",
+        "stop_reason": "tool_use",
+        "content": [{"type": "tool_use", "id": "toolu_1", "name": "f", "input": {"a": deep}}],
+        "usage": {"input_tokens": 1, "output_tokens": 1},
+    }
+    response = await answer(anthropic_server, JSONReply(body), streaming=False)
+    (call,) = response.message.tool_calls
+    assert isinstance(call.arguments, str) and call.arguments.startswith('{"a": [[[')

@@ -375,12 +375,14 @@ async def test_an_error_sent_with_status_200_is_quoted_in_the_malformed_response
     assert KEY not in message
 
 
-async def test_arguments_nested_deeper_than_the_parser_goes_are_kept_verbatim(
-    openai_server: OpenAIServer,
+@pytest.mark.parametrize("depth", [500, 100_000], ids=["too-deep-to-keep", "too-deep-to-parse"])
+async def test_arguments_nested_absurdly_deep_are_kept_verbatim(
+    openai_server: OpenAIServer, depth: int
 ) -> None:
-    deep = '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    deep = '{"a": ' + "[" * depth + "]" * depth + "}"
     response = await complete(
         openai_server, completion(None, [("call_a", "get_weather", deep)]).body()
     )
     # for the runtime to report as invalid arguments, not a RecursionError escaping
+    # here or later, where the log's encoder and the next request walk them
     assert response.message.tool_calls == (ToolCall("call_a", "get_weather", deep),)
