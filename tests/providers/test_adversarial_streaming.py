@@ -243,3 +243,29 @@ async def test_without_a_watcher_the_same_chain_completes_on_the_backup(tmp_path
         async with Runtime(tmp_path / "data", durability="process") as rt:
             r = await rt.run(Agent("f", llm=chain), "q", execution_id="f")
     assert r.status == "completed" and r.output == "from the backup"
+
+
+async def test_closing_a_provider_stream_closes_its_http_response_at_once(
+    openai_server: OpenAIServer,
+) -> None:
+    # The runtime closes a stream it stops reading (a consumer gone, a malformed event);
+    # the HTTP response under it must be released then, not when the garbage collector
+    # finalizes an abandoned generator.
+    closed: list[str] = []
+
+    class Tracked(OpenAI):
+        async def _stream_once(self, request: LLMRequest) -> AsyncIterator[StreamEvent]:
+            try:
+                async for event in super()._stream_once(request):
+                    yield event
+            finally:
+                closed.append("attempt")
+
+    openai_server.push(completion(ANSWER))
+    async with Tracked(
+        "gpt-test", base_url=openai_server.base_url, api_key="sk-test-0123456789"
+    ) as provider:
+        events = provider.stream(LLMRequest(model="", messages=()))
+        assert await events.__anext__() == TextDelta("one")
+        await events.aclose()  # type: ignore[attr-defined]
+        assert closed == ["attempt"]
