@@ -43,6 +43,10 @@ __all__ = [
 ]
 
 
+#: The longest ``detail`` an error keeps; the rest of a server's explanation is cut.
+MAX_DETAIL = 2000
+
+
 class ProviderError(PerdureError):
     """Base class of every error raised by :mod:`perdure.providers`.
 
@@ -67,6 +71,10 @@ class ProviderError(PerdureError):
         status: int | None = None,
         code: str | None = None,
     ) -> None:
+        if len(detail) > MAX_DETAIL:
+            # A proxy's HTML error page, say: it would be logged at every retry and
+            # recorded whole. (Secrets are redacted before, so the cut leaks nothing.)
+            detail = f"{detail[:MAX_DETAIL]}... ({len(detail) - MAX_DETAIL} more characters)"
         super().__init__(detail)
         self.detail = detail
         self.provider = provider

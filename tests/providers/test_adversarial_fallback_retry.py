@@ -208,3 +208,22 @@ async def test_a_chain_that_recovers_streams_only_the_member_that_served(
     response = events[-1].response
     assert response.provider == "b" and response.message.content == "backup text"
     assert len(openai_server.chat_requests) == 2 and len(sleeps.delays) == 1
+
+
+async def test_a_huge_error_page_is_cut_in_the_message_logged_at_every_retry(
+    openai_server: OpenAIServer, sleeps: SleepRecorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    page = "<html>" + "x" * 200_000 + f" {KEY}</html>"  # the key at the very end, too
+    openai_server.handler = lambda r: error(502, page, type="server_error")
+    policy = RetryPolicy(max_attempts=3, sleep=sleeps)
+    caplog.set_level("INFO", logger="perdure")
+    async with OpenAI(
+        "gpt-test", base_url=openai_server.base_url, api_key=KEY, retry=policy
+    ) as provider:
+        with pytest.raises(ProviderUnavailableError) as caught:
+            await provider.complete(REQUEST)
+    text = str(caught.value)
+    assert len(text) < 3_000 and "more characters)" in text and "[HTTP 502]" in text
+    retried = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert len(retried) == 2 and all(len(line) < 3_000 for line in retried)
+    assert KEY not in text and KEY[:12] not in text
