@@ -55,20 +55,32 @@ def split_words(text: str) -> list[str]:
 def parse_arguments(text: str) -> dict[str, Any] | str:
     """Tool-call arguments from their JSON text.
 
-    A JSON object becomes a dict; empty text means no arguments (``{}``); anything else
-    (invalid JSON, a JSON list or number, an object nested more than
+    A JSON object becomes a dict; empty text means no arguments (``{}``); an object
+    encoded twice (a JSON string holding it, as some servers send) is decoded twice.
+    Anything else (invalid JSON -- ``NaN`` and ``Infinity`` included, which no strict
+    parser takes back --, a JSON list or number, an object nested more than
     :data:`MAX_ARGUMENT_DEPTH` deep) is kept verbatim as a ``str`` so the runtime can
     tell the model its arguments were invalid instead of failing the step.
     """
     if not text.strip():
         return {}
     try:
-        value = json.loads(text)
+        value = _strict_json(text)
+        if isinstance(value, str) and value.lstrip().startswith("{"):
+            value = _strict_json(value)
     except (ValueError, RecursionError):
         return text
     if not isinstance(value, dict) or not shallow(value):
         return text
     return value
+
+
+def _strict_json(text: str) -> Any:
+    return json.loads(text, parse_constant=_not_json)
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
 
 
 #: Arguments nested deeper than this are kept as text: what walks them later (the

@@ -386,3 +386,27 @@ async def test_arguments_nested_absurdly_deep_are_kept_verbatim(
     # for the runtime to report as invalid arguments, not a RecursionError escaping
     # here or later, where the log's encoder and the next request walk them
     assert response.message.tool_calls == (ToolCall("call_a", "get_weather", deep),)
+
+
+async def test_arguments_encoded_twice_are_decoded_twice(openai_server: OpenAIServer) -> None:
+    twice = json.dumps(json.dumps({"location": "Paris"}))
+    head, tail = twice[:9], twice[9:]
+    events = await stream(
+        openai_server,
+        [
+            chunk({"tool_calls": [piece(0, "call_a", "get_weather", head)]}),
+            chunk({"tool_calls": [piece(0, args=tail)]}),
+            chunk({}, "tool_calls"),
+        ],
+    )
+    assert final(events).message.tool_calls == (PARIS,)
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+async def test_arguments_only_a_lenient_parser_takes_are_invalid(
+    openai_server: OpenAIServer, constant: str
+) -> None:
+    # Python's json takes NaN; sent back to the API in the next turn, it is not JSON.
+    text = '{"temperature": ' + constant + "}"
+    response = await complete(openai_server, completion(None, [("call_a", "set", text)]).body())
+    assert response.message.tool_calls == (ToolCall("call_a", "set", text),)
