@@ -384,7 +384,8 @@ class _StreamIndices:
     """The position in the turn of each streamed tool-call piece.
 
     Servers send ``index``, and then a call keeps it -- except that some
-    OpenAI-compatible servers number every call of a turn 0: a piece whose id differs
+    OpenAI-compatible servers number every call of a turn 0 (Ollama does,
+    ollama/ollama#15457; so do gateways translating Gemini): a piece whose id differs
     from the one already at its index starts a new call rather than being glued onto
     the call before (which would merge two calls into one with garbage arguments).
     Some servers send no index at all. Then a piece with an id starts a call at the
