@@ -187,7 +187,10 @@ class Anthropic(SDKProvider):
         assembler = ResponseAssembler()
         tool_index: dict[int, int] = {}  # content block index -> position among tool calls
         stop_reason: Any = None
-        input_tokens = output_tokens = 0
+        # Prompt tokens by kind (see _INPUT_FIELDS): message_start sends them all, and a
+        # message_delta may send any of them again (cumulative), not necessarily all.
+        inputs: dict[str, int] = {}
+        output_tokens = 0
         served = ""
         async with stream:
             events = stream.__aiter__()
@@ -197,7 +200,7 @@ class Anthropic(SDKProvider):
                     message = _field(event, "message")
                     served = _text(_field(message, "model"))
                     usage = _field(message, "usage")
-                    input_tokens = _input_tokens(usage)
+                    inputs = {f: _int(_field(usage, f)) for f in _INPUT_FIELDS}
                     output_tokens = _int(_field(usage, "output_tokens"))
                 elif kind == "content_block_start":
                     block = _field(event, "content_block")
@@ -213,7 +216,8 @@ class Anthropic(SDKProvider):
                         tool_input = _field(block, "input")
                         delta = ToolCallDelta(
                             index=position,
-                            id=_text(_field(block, "id")) or None,
+                            # The id complete() gives a block without one, for the same answer.
+                            id=_text(_field(block, "id")) or f"toolu_{position}",
                             name=_text(_field(block, "name")) or None,
                             # Normally {} here with the JSON following in deltas.
                             arguments=json.dumps(tool_input) if tool_input else "",
@@ -241,8 +245,9 @@ class Anthropic(SDKProvider):
                     stop_reason = _field(_field(event, "delta"), "stop_reason") or stop_reason
                     usage = _field(event, "usage")
                     output_tokens = _int(_field(usage, "output_tokens")) or output_tokens
-                    if _field(usage, "input_tokens") is not None:
-                        input_tokens = _input_tokens(usage)
+                    for f in _INPUT_FIELDS:
+                        if _field(usage, f) is not None:
+                            inputs[f] = _int(_field(usage, f))
         if stop_reason is None:
             raise ProviderUnavailableError(
                 "the stream ended before the model finished (no stop_reason): the "
@@ -253,7 +258,7 @@ class Anthropic(SDKProvider):
         yield ResponseCompleted(
             assembler.build(
                 finish_reason=_finish_reason(stop_reason),
-                usage=Usage(input_tokens, output_tokens),
+                usage=Usage(sum(inputs.values()), output_tokens),
                 model=served or model,
                 provider=self.name,
                 where=self.base_url,
@@ -433,13 +438,12 @@ def _error_type(body: Any) -> str:
     return _text(_field(_field(body, "error"), "type"))
 
 
+# Cached prompt tokens are prompt tokens too (billed at other rates; see README).
+_INPUT_FIELDS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+
+
 def _input_tokens(usage: Any) -> int:
-    # Cached prompt tokens are prompt tokens too (billed at other rates; see README).
-    return (
-        _int(_field(usage, "input_tokens"))
-        + _int(_field(usage, "cache_creation_input_tokens"))
-        + _int(_field(usage, "cache_read_input_tokens"))
-    )
+    return sum(_int(_field(usage, f)) for f in _INPUT_FIELDS)
 
 
 def _import_sdk(name: str, model: str) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import json
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
@@ -13,8 +14,9 @@ import anyio.to_thread
 from perdure.providers.errors import MalformedResponseError, ProviderError, TerminalProviderError
 from perdure.providers.openai_format import to_openai_messages, to_openai_tools
 from perdure.providers.retry import RetryPolicy
-from perdure.providers.streams import events_from_response, parse_arguments
+from perdure.providers.streams import arguments_json, events_from_response, parse_arguments
 from perdure.providers.types import LLMRequest, LLMResponse, Message, StreamEvent, ToolCall, Usage
+from perdure.providers.wire import clean_response
 
 __all__ = ["CallableProvider"]
 
@@ -150,7 +152,12 @@ class CallableProvider:
             if isinstance(arguments, str):
                 arguments = parse_arguments(arguments)
             elif isinstance(arguments, Mapping):
-                arguments = dict(arguments)
+                # As they would arrive over the wire: plain JSON data (a set or a
+                # datetime would be recorded, then break the next request's JSON).
+                try:
+                    arguments = json.loads(arguments_json(dict(arguments)))
+                except (TypeError, ValueError, RecursionError) as err:
+                    raise bad(f"{where}['arguments'] that are not JSON data ({err})") from None
             else:
                 raise bad(
                     f"{where}['arguments'] as a {type(arguments).__name__}, "
@@ -193,13 +200,14 @@ class CallableProvider:
         elif not isinstance(served, str):
             raise bad(f"'model' = {served!r}, not a str")
 
-        return LLMResponse(
+        response = LLMResponse(
             message=Message(role="assistant", content=content, tool_calls=tuple(calls)),
             finish_reason=finish,
             usage=usage,
             model=served,
             provider=self.name,
         )
+        return clean_response(response)
 
     async def aclose(self) -> None:
         """Nothing to release (present so every provider can be closed alike)."""

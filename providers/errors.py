@@ -43,6 +43,10 @@ __all__ = [
 ]
 
 
+#: The longest ``detail`` an error keeps; the rest of a server's explanation is cut.
+MAX_DETAIL = 2000
+
+
 class ProviderError(PerdureError):
     """Base class of every error raised by :mod:`perdure.providers`.
 
@@ -67,6 +71,10 @@ class ProviderError(PerdureError):
         status: int | None = None,
         code: str | None = None,
     ) -> None:
+        if len(detail) > MAX_DETAIL:
+            # A proxy's HTML error page, say: it would be logged at every retry and
+            # recorded whole. (Secrets are redacted before, so the cut leaks nothing.)
+            detail = f"{detail[:MAX_DETAIL]}... ({len(detail) - MAX_DETAIL} more characters)"
         super().__init__(detail)
         self.detail = detail
         self.provider = provider
@@ -79,6 +87,18 @@ class ProviderError(PerdureError):
     def __str__(self) -> str:
         # Built on demand so that a provider filling in ``provider``/``model`` after
         # construction (Scripted does, for errors users script) is reflected.
+        text = self._headline()
+        # A Fallback's error names every member that failed, not only the last: the
+        # message is what gets recorded and shown when an execution fails.
+        earlier = [f._headline() for f in self.failures if f is not self]
+        if earlier:
+            text += "; earlier in the chain: " + "; ".join(earlier)
+        if self.hint:
+            text += f" -- {self.hint}"
+        return text
+
+    def _headline(self) -> str:
+        """What failed, where, and how often: the message without the hint."""
         where = self.provider or "provider"
         if self.model:
             where += f" (model {self.model!r})"
@@ -89,8 +109,6 @@ class ProviderError(PerdureError):
             text += f": {self.detail}"
         if self.attempts > 1:
             text += f" (gave up after {self.attempts} attempts)"
-        if self.hint:
-            text += f" -- {self.hint}"
         return text
 
     def __reduce__(self) -> tuple[Any, ...]:

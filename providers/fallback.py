@@ -28,8 +28,11 @@ class Fallback:
 
     When every member fails, the last member's error is raised with ``failures`` set to
     every member's error in order (and each chained to the one before as
-    ``__cause__``). Streaming falls back only while the failing member has not yielded
-    anything: once part of an answer has been seen, the failure is raised.
+    ``__cause__``); its message names them all. A terminal error from a member tried
+    after others failed carries their errors the same way. A member that is itself a
+    chain contributes the errors of its own members. Streaming falls back only while
+    the failing member has not yielded anything: once part of an answer has been seen,
+    the failure is raised.
     """
 
     def __init__(self, providers: Sequence[Provider], *, name: str = "fallback") -> None:
@@ -45,18 +48,23 @@ class Fallback:
 
     async def complete(self, request: LLMRequest) -> LLMResponse:
         """The first member's answer that does not fail retryably."""
-        failures: list[RetryableProviderError] = []
+        failures: list[ProviderError] = []
         for member in self.providers:
             try:
                 return await member.complete(replace(request, model=member.model))
             except RetryableProviderError as err:
                 failures.append(err)
                 self._log_fallback(member, err)
+            except ProviderError as err:
+                if not failures:
+                    raise
+                failures.append(err)
+                break
         raise self._all_failed(failures)
 
     async def stream(self, request: LLMRequest) -> AsyncIterator[StreamEvent]:
         """The first member's stream that does not fail retryably before its first event."""
-        failures: list[RetryableProviderError] = []
+        failures: list[ProviderError] = []
         for member in self.providers:
             started = False
             try:
@@ -71,6 +79,11 @@ class Fallback:
                     raise
                 failures.append(err)
                 self._log_fallback(member, err)
+            except ProviderError as err:
+                if started or not failures:
+                    raise
+                failures.append(err)
+                break
         raise self._all_failed(failures)
 
     async def aclose(self) -> None:
@@ -83,13 +96,22 @@ class Fallback:
     def _log_fallback(self, member: Provider, error: ProviderError) -> None:
         log.warning("%s: member %r failed, trying the next one: %s", self.name, member.name, error)
 
-    def _all_failed(self, failures: list[RetryableProviderError]) -> ProviderError:
+    def _all_failed(self, failures: list[ProviderError]) -> ProviderError:
+        # A member that is a chain itself failed with all of its members' errors.
+        flat: list[ProviderError] = []
+        for failure in failures:
+            for leaf in failure.failures or (failure,):
+                if not any(leaf is seen for seen in flat):
+                    flat.append(leaf)
         last = failures[-1]
-        last.failures = tuple(failures)
-        for earlier, later in itertools.pairwise(failures):
+        if not any(leaf is last for leaf in flat):
+            flat.append(last)
+        last.failures = tuple(flat)
+        for earlier, later in itertools.pairwise(flat):
             if later.__cause__ is None and later is not earlier:
                 later.__cause__ = earlier
-        note = f"{self.name}: every member failed: " + "; ".join(str(f) for f in failures)
+        what = "every member failed" if len(failures) == len(self.providers) else "members failed"
+        note = f"{self.name}: {what}: " + "; ".join(f._headline() for f in flat)
         if note not in getattr(last, "__notes__", ()):
             last.add_note(note)
         return last

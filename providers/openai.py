@@ -38,7 +38,7 @@ from perdure.providers.openai_format import (
 )
 from perdure.providers.retry import RetryPolicy, parse_retry_after
 from perdure.providers.sdk_provider import END, SDKProvider
-from perdure.providers.streams import ResponseAssembler, parse_arguments
+from perdure.providers.streams import ResponseAssembler, arguments_json, parse_arguments
 from perdure.providers.types import (
     LLMRequest,
     LLMResponse,
@@ -57,6 +57,8 @@ if TYPE_CHECKING:
     import openai as openai_sdk
 
 __all__ = ["OpenAI"]
+
+_UNSET: Any = object()
 
 #: What local servers get as a key when none is configured: the client insists on one.
 PLACEHOLDER_API_KEY = "not-needed"
@@ -182,27 +184,48 @@ class OpenAI(SDKProvider):
         finish: Any = None
         usage = Usage()
         served = ""
+        received = 0
+        followed: Any = _UNSET  # the index of the choice whose pieces we assemble
         async with stream:
             chunks = stream.__aiter__()
             while (chunk := await self._sdk_next(model, chunks)) is not END:
+                received += 1
                 served = served or _text(_field(chunk, "model"))
                 chunk_usage = _field(chunk, "usage")
                 if chunk_usage is not None:
                     usage = self._usage(chunk_usage, model)
-                choices = _field(chunk, "choices") or []
-                for choice in choices[:1]:
+                choices = self._items(_field(chunk, "choices"), "a chunk's 'choices'", model)
+                # With n > 1 chunks carry pieces of several choices: follow one of them
+                # (the first seen; servers number it 0), never splice them together.
+                if choices and followed is _UNSET:
+                    followed = _field(choices[0], "index")
+                for choice in [c for c in choices if _field(c, "index") == followed][:1]:
                     delta = _field(choice, "delta")
-                    text = _field(delta, "content")
-                    if isinstance(text, str) and text:
+                    # A refusal streams instead of content: text, as when not streamed.
+                    text = _content_text(_field(delta, "content")) or _text(
+                        _field(delta, "refusal")
+                    )
+                    if text:
                         assembler.add_text(text)
                         yield TextDelta(text)
-                    for piece in _field(delta, "tool_calls") or []:
+                    pieces = self._items(_field(delta, "tool_calls"), "'tool_calls'", model)
+                    for piece in pieces:
                         event = self._tool_call_delta(piece, indices)
                         assembler.add_tool_call(event)
                         yield event
                     reason = _field(choice, "finish_reason")
                     if reason is not None:
                         finish = reason
+        if finish is None and not received:
+            headers = getattr(getattr(stream, "response", None), "headers", None) or {}
+            kind = str(headers.get("content-type", ""))
+            if kind and "event-stream" not in kind:
+                # A server that ignores "stream": true answers with one JSON body.
+                raise self._malformed(
+                    f"a streaming request was answered with {kind!r}, not an event "
+                    "stream: the server does not seem to support streaming",
+                    model,
+                )
         if finish is None:
             raise ProviderUnavailableError(
                 "the stream ended before the model finished (no finish_reason): the "
@@ -228,23 +251,37 @@ class OpenAI(SDKProvider):
             f"{what} (from {self.base_url})", provider=self.name, model=model
         )
 
+    def _items(self, value: Any, what: str, model: str) -> list[Any]:
+        """``value`` if it is a list (``None`` meaning empty), else a malformed response."""
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise self._malformed(f"{what} is a {type(value).__name__}, not a list", model)
+        return value
+
     def _response(self, completion: Any, model: str) -> LLMResponse:
         choices = _field(completion, "choices")
         if not isinstance(choices, list) or not choices:
-            raise self._malformed("the response has no 'choices'", model)
-        choice = choices[0]
+            # Some servers answer an error with HTTP 200: what they said is the clue.
+            said = _text(_field(_field(completion, "error"), "message"))
+            said = f" (the body says: {redact(said, self._secrets)!r})" if said else ""
+            raise self._malformed(f"the response has no 'choices'{said}", model)
+        choice = _first_choice(choices)
         message = _field(choice, "message")
         if message is None:
             raise self._malformed("the first choice has no 'message'", model)
-        content = _field(message, "content")
-        if content is None:
+        raw_content = _field(message, "content")
+        if raw_content is None:
             # A refusal comes instead of content; the caller should see it as text.
-            content = _field(message, "refusal") or ""
-        if not isinstance(content, str):
-            raise self._malformed(f"'content' is a {type(content).__name__}, not text", model)
+            raw_content = _field(message, "refusal") or ""
+        content = _content_text(raw_content)
+        if content is None:
+            raise self._malformed(f"'content' is a {type(raw_content).__name__}, not text", model)
         calls = tuple(
             self._tool_call(raw, position, model)
-            for position, raw in enumerate(_field(message, "tool_calls") or [])
+            for position, raw in enumerate(
+                self._items(_field(message, "tool_calls"), "'tool_calls'", model)
+            )
         )
         return LLMResponse(
             message=Message(role="assistant", content=content, tool_calls=calls),
@@ -283,20 +320,24 @@ class OpenAI(SDKProvider):
         index = _field(piece, "index")
         call_id = _text(_field(piece, "id")) or None
         function = _field(piece, "function")
+        name = _text(_field(function, "name")) or None
         arguments = _field(function, "arguments")
+        if isinstance(arguments, Mapping):
+            # Some servers stream the arguments as an object, as they send them whole.
+            arguments = arguments_json(dict(arguments))
         return ToolCallDelta(
-            index=indices.of(index if isinstance(index, int) else None, call_id),
+            index=indices.of(index if isinstance(index, int) else None, call_id, name),
             id=call_id,
-            name=_text(_field(function, "name")) or None,
+            name=name,
             arguments=arguments if isinstance(arguments, str) else "",
         )
 
     def _usage(self, raw: Any, model: str) -> Usage:
         if raw is None:
             return Usage()
-        prompt = _field(raw, "prompt_tokens") or 0
-        completion = _field(raw, "completion_tokens") or 0
-        if not isinstance(prompt, int) or not isinstance(completion, int):
+        prompt = _token_count(_field(raw, "prompt_tokens"))
+        completion = _token_count(_field(raw, "completion_tokens"))
+        if prompt is None or completion is None:
             raise self._malformed(f"usage is not a pair of token counts: {raw!r}", model)
         return Usage(prompt, completion)
 
@@ -340,31 +381,97 @@ class OpenAI(SDKProvider):
 
 
 class _StreamIndices:
-    """The index in the turn of each streamed tool-call piece.
+    """The position in the turn of each streamed tool-call piece.
 
-    Servers send ``index``; some OpenAI-compatible ones do not. Then a piece with an id
-    starts a call at the next free index (the same id again means the same call), and a
-    piece without one continues the call before it: index-less calls sent in separate
-    chunks never merge into one.
+    Servers send ``index``, and then a call keeps it -- except that some
+    OpenAI-compatible servers number every call of a turn 0 (Ollama does,
+    ollama/ollama#15457; so do gateways translating Gemini): a piece whose id differs
+    from the one already at its index starts a new call rather than being glued onto
+    the call before (which would merge two calls into one with garbage arguments).
+    Some servers send no index at all. Then a piece with an id starts a call at the
+    next free position (the same id again means the same call); a piece with neither
+    index nor id starts one when it carries a name and the call before already has
+    one, and otherwise continues the call before it.
     """
 
-    __slots__ = ("_by_id", "_last", "_next")
+    __slots__ = ("_by_id", "_ids", "_last", "_named", "_next", "_raw", "_used")
 
     def __init__(self) -> None:
-        self._by_id: dict[str, int] = {}
+        self._by_id: dict[str, int] = {}  # call id -> position
+        self._ids: dict[int, str] = {}  # position -> the id its call was given
+        self._raw: dict[int, int] = {}  # server index -> position of its latest call
+        self._named: set[int] = set()  # positions whose call has its name
+        self._used: set[int] = set()
         self._next = 0
         self._last = 0
 
-    def of(self, index: int | None, call_id: str | None) -> int:
-        if index is None:
-            if call_id is None:
-                return self._last
-            index = self._by_id.get(call_id, self._next)
+    def of(self, index: int | None, call_id: str | None, name: str | None = None) -> int:
+        if index is not None:
+            position = self._raw.get(index)
+            if position is None:
+                position = self._next if index in self._used else index
+            elif call_id is not None and self._ids.get(position, call_id) != call_id:
+                position = self._next
+            self._raw[index] = position
+        elif call_id is not None:
+            position = self._by_id.get(call_id, self._next)
+        elif name is not None and self._last in self._named:
+            position = self._next
+        else:
+            position = self._last
         if call_id is not None:
-            self._by_id.setdefault(call_id, index)
-        self._next = max(self._next, index + 1)
-        self._last = index
-        return index
+            self._by_id.setdefault(call_id, position)
+            self._ids.setdefault(position, call_id)
+        if name is not None:
+            self._named.add(position)
+        self._used.add(position)
+        self._next = max(self._next, position + 1)
+        self._last = position
+        return position
+
+
+def _first_choice(choices: list[Any]) -> Any:
+    """The choice with index 0 (servers may list the ``n`` choices in any order)."""
+    for choice in choices:
+        if _field(choice, "index") == 0:
+            return choice
+    return choices[0]
+
+
+def _content_text(value: Any) -> str | None:
+    """Message text from ``content``: a string, or a list of content parts.
+
+    Some OpenAI-compatible servers (Mistral's, for reasoning models) answer with a list
+    of parts; the text parts are joined and the others (reasoning, images) skipped.
+    ``None`` when ``value`` is neither.
+    """
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return ""
+    if not isinstance(value, list):
+        return None
+    texts = []
+    for part in value:
+        if isinstance(part, str):
+            texts.append(part)
+        elif _field(part, "type") in ("text", "output_text", None):
+            texts.append(_text(_field(part, "text")))
+    return "".join(texts)
+
+
+def _token_count(value: Any) -> int | None:
+    """A token count: ``None`` (not sent) is 0; a whole float (``12.0``) is accepted.
+
+    ``None`` for anything else, a negative count included (it would be a credit).
+    """
+    if value is None:
+        return 0
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return None
+    return value
 
 
 def _import_sdk(name: str, model: str) -> Any:

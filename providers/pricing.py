@@ -9,6 +9,7 @@ exactly, then by its longest known prefix ending at a separator (``-``, ``:`` or
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -29,8 +30,10 @@ class Price:
     output_per_million: float
 
     def __post_init__(self) -> None:
-        if self.input_per_million < 0 or self.output_per_million < 0:
-            raise ValueError(f"a Price cannot be negative: {self}")
+        # NaN compares false with everything: a budget priced with it would never run out.
+        for value in (self.input_per_million, self.output_per_million):
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"a Price must be a finite, non-negative number: {self}")
 
     def cost(self, usage: Usage) -> float:
         """Dollars for ``usage`` at this price."""

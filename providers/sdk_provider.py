@@ -22,7 +22,9 @@ import anyio
 
 from perdure.providers.errors import ProviderError, ProviderUnavailableError, redact
 from perdure.providers.retry import RetryPolicy, retry_stream
+from perdure.providers.streams import closing
 from perdure.providers.types import LLMRequest, LLMResponse, StreamEvent
+from perdure.providers.wire import clean_event, clean_response
 
 __all__ = ["END", "SDKProvider", "transport_errors"]
 
@@ -54,12 +56,17 @@ class SDKProvider:
 
     async def complete(self, request: LLMRequest) -> LLMResponse:
         """One call, retried per ``retry``."""
-        return await self.retry.call(functools.partial(self._complete_once, request))
+        response = await self.retry.call(functools.partial(self._complete_once, request))
+        return clean_response(response)
 
     async def stream(self, request: LLMRequest) -> AsyncIterator[StreamEvent]:
         """A streamed call; retried only until its first event."""
-        async for event in retry_stream(self.retry, functools.partial(self._stream_once, request)):
-            yield event
+        attempts = retry_stream(self.retry, functools.partial(self._stream_once, request))
+        # Closed explicitly: when our consumer closes this stream, the attempt's HTTP
+        # response is closed then, not when the abandoned generator is finalized.
+        async with closing(attempts) as events:
+            async for event in events:
+                yield clean_event(event)
 
     async def _complete_once(self, request: LLMRequest) -> LLMResponse:
         raise NotImplementedError

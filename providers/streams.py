@@ -29,11 +29,13 @@ from perdure.providers.types import (
 )
 
 __all__ = [
+    "MAX_ARGUMENT_DEPTH",
     "ResponseAssembler",
     "closing",
     "arguments_json",
     "events_from_response",
     "parse_arguments",
+    "shallow",
     "split_words",
 ]
 
@@ -53,17 +55,50 @@ def split_words(text: str) -> list[str]:
 def parse_arguments(text: str) -> dict[str, Any] | str:
     """Tool-call arguments from their JSON text.
 
-    A JSON object becomes a dict; empty text means no arguments (``{}``); anything else
-    (invalid JSON, a JSON list or number) is kept verbatim as a ``str`` so the runtime
-    can tell the model its arguments were invalid instead of failing the step.
+    A JSON object becomes a dict; empty text means no arguments (``{}``); an object
+    encoded twice (a JSON string holding it, as some servers send) is decoded twice.
+    Anything else (invalid JSON -- ``NaN`` and ``Infinity`` included, which no strict
+    parser takes back --, a JSON list or number, an object nested more than
+    :data:`MAX_ARGUMENT_DEPTH` deep) is kept verbatim as a ``str`` so the runtime can
+    tell the model its arguments were invalid instead of failing the step.
     """
     if not text.strip():
         return {}
     try:
-        value = json.loads(text)
-    except ValueError:
+        value = _strict_json(text)
+        if isinstance(value, str) and value.lstrip().startswith("{"):
+            value = _strict_json(value)
+    except (ValueError, RecursionError):
         return text
-    return value if isinstance(value, dict) else text
+    if not isinstance(value, dict) or not shallow(value):
+        return text
+    return value
+
+
+def _strict_json(text: str) -> Any:
+    return json.loads(text, parse_constant=_not_json)
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
+#: Arguments nested deeper than this are kept as text: what walks them later (the
+#: cleaning of a response, the next request's JSON, a tool's schema check) recurses
+#: once per level, and would fail near Python's recursion limit.
+MAX_ARGUMENT_DEPTH = 100
+
+
+def shallow(value: Any, limit: int = MAX_ARGUMENT_DEPTH) -> bool:
+    """True if ``value`` (decoded JSON) nests at most ``limit`` containers deep."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return False
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return True
 
 
 def arguments_json(arguments: dict[str, Any] | str) -> str:

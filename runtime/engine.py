@@ -440,7 +440,13 @@ class Engine:
 
     async def _fail_llm(self, exc: BaseException, provider: str) -> None:
         state = self.journal.state
+        if isinstance(exc, ProviderError) and not exc.provider:
+            exc.provider = provider  # a custom provider's own error may not say whose
         error = _error(exc)
+        # The provider layer knows nothing of executions: say here which one and where.
+        where = f"execution {state.execution_id!r} step {state.step + 1}"
+        if where not in error["message"]:
+            error["message"] = f"{where}: {error['message']}"
         error["provider"] = provider
         for attr in ("model", "status"):
             value = getattr(exc, attr, None)
