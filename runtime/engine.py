@@ -46,6 +46,7 @@ from perdure.providers.errors import (
     ProviderError,
     RetryableProviderError,
 )
+from perdure.providers.fallback import Fallback
 from perdure.providers.retry import RetryPolicy
 from perdure.providers.streams import closing
 from perdure.providers.types import (
@@ -170,6 +171,13 @@ def _retry_policy(llm: Any) -> RetryPolicy | None:
         policy = getattr(member, "retry", None)
         if isinstance(policy, RetryPolicy):
             return policy
+    return None
+
+
+def _fallback_rest(llm: Any) -> Fallback | None:
+    """The members of a Fallback after its first, as a chain; None if there are none."""
+    if isinstance(llm, Fallback) and len(llm.providers) > 1:
+        return Fallback(llm.providers[1:], name=llm.name)
     return None
 
 
@@ -372,20 +380,35 @@ class Engine:
                     raise self._malformed(llm, "its stream ended without a ResponseCompleted")
                 return self._checked(llm, response)
             delay = policy.delay_for(failure, attempt)
-            if delay is None:
-                raise failure
-            attempt += 1
             state = self.journal.state
-            log.info(
-                "execution %s step %d: the stream broke after part of the answer was "
-                "streamed (%s); asking again (attempt %d/%d) in %.2f s",
-                state.execution_id,
-                state.step + 1,
-                failure,
-                attempt,
-                policy.max_attempts,
-                delay,
-            )
+            if delay is None:
+                # A chain's member that keeps breaking mid-stream has had its retries:
+                # the next member serves, as it would for a call nobody watched (which
+                # falls back inside Fallback.complete).
+                rest = _fallback_rest(llm)
+                if rest is None:
+                    raise failure
+                llm, policy, attempt, delay = rest, _retry_policy(rest), 1, 0.0
+                log.warning(
+                    "execution %s step %d: the stream kept breaking after part of the "
+                    "answer was streamed (%s); handing the call to the next provider, %r",
+                    state.execution_id,
+                    state.step + 1,
+                    failure,
+                    getattr(rest.providers[0], "name", "?"),
+                )
+            else:
+                attempt += 1
+                log.info(
+                    "execution %s step %d: the stream broke after part of the answer was "
+                    "streamed (%s); asking again (attempt %d/%d) in %.2f s",
+                    state.execution_id,
+                    state.step + 1,
+                    failure,
+                    attempt,
+                    policy.max_attempts,
+                    delay,
+                )
             sink = self.sink_for()
             if sink is not None:
                 sink(
@@ -397,7 +420,8 @@ class Engine:
                         "error": str(failure),
                     }
                 )
-            await policy.sleep(delay)
+            if policy is not None:
+                await policy.sleep(delay)
 
     def _checked(self, llm: Any, response: Any) -> LLMResponse:
         """``response`` if it is an LLMResponse the log can record, else a typed error.

@@ -1310,8 +1310,9 @@ class Runtime:
 
         If a stream breaks after some of its pieces were yielded (a dropped connection),
         the model call is made again from the start, within the provider's retry
-        policy: a ``{"event": "retrying", "step": N, "attempt": A, "delay": S, "error":
-        "..."}`` dict says so, and the pieces of step N yielded before it are void.
+        policy (then, for a ``Fallback``, by its next member): a ``{"event": "retrying",
+        "step": N, "attempt": A, "delay": S, "error": "..."}`` dict says so, and the
+        pieces of step N yielded before it are void.
         Streaming an execution that is already running yields its pieces from its next
         model call on. Like :meth:`run`, it first waits for the signals sent while no
         runtime ran (see :meth:`wait_recovered`).
