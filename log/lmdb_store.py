@@ -528,6 +528,7 @@ class LmdbLog:
                 ) from None
             raise LogError(f"data dir {self._path!r}: cannot open the LMDB environment ({exc})")
         try:
+            self._check_file_size(env)
             if self._client:
                 # Database handles opened in a read transaction die with it: use a
                 # (write) transaction that commits, though a client changes nothing.
@@ -561,6 +562,23 @@ class LmdbLog:
             env.set_mapsize(map_size)
         self._env = env
         self._records, self._streams, self._by_meta, self._meta = dbs
+
+    def _check_file_size(self, env: lmdb.Environment) -> None:
+        """Refuse a data.mdb shorter than the pages its last transaction uses.
+
+        LMDB reads pages through the memory map: touching one past the end of a truncated
+        file (a partial copy or restore) kills the process with SIGBUS, which no caller
+        could catch or report. The file only grows while the log is open, so its size
+        taken after the meta page is read is never short for an intact store.
+        """
+        used = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+        size = os.path.getsize(self._data_file)
+        if size < used:
+            raise LogError(
+                f"data dir {self._path!r}: data.mdb is {size} bytes, but its last committed "
+                f"transaction uses {used}: the file was truncated (a partial copy or "
+                f"restore?) and cannot be read safely; restore the data dir from a backup"
+            )
 
     def _sync_secondary_index(self, txn: lmdb.Transaction, dbs: list[Any]) -> None:
         """Rebuild ``by_meta`` if the set of indexed meta keys changed since last open."""

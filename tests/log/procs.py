@@ -166,6 +166,21 @@ async def corrupt_and_append(path: str, corrupt: str, append: str) -> None:
     say("done", last + 1)
 
 
+async def try_open(path: str, role: str) -> None:
+    """Open the dir as ``role`` (owner or client) and say 'opened', or 'error TYPE MESSAGE'.
+
+    Run in a child because a bad store could kill the process (SIGBUS) instead of
+    raising: the parent then sees the signal, not a line.
+    """
+    try:
+        async with await LmdbLog.open(path, types=TYPES, client=role == "client") as log:
+            await log.last_seq("s")
+    except Exception as exc:
+        say("error", type(exc).__name__, str(exc))
+    else:
+        say("opened")
+
+
 MODES = {
     "owner": owner,
     "client": client,
@@ -173,6 +188,7 @@ MODES = {
     "crash-writer": crash_writer,
     "fill": fill,
     "corrupt-and-append": corrupt_and_append,
+    "try-open": try_open,
 }
 
 if __name__ == "__main__":

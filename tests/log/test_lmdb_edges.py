@@ -1,0 +1,58 @@
+"""LmdbLog at its edges: damaged files, inherited locks, racing closes, dying owners."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+import anyio
+import pytest
+
+from perdure.log.lmdb_store import LOCK_FILE
+
+from .conformance import note
+from .test_lmdb_store import Child, open_log
+
+
+def _fill(path: Path) -> int:
+    """A log of 20 streams of 50 records; return the size of its data.mdb."""
+
+    async def fill() -> None:
+        async with await open_log(path) as log:
+            for s in range(20):
+                records = [note(i, pad="x" * 500) for i in range(50)]
+                await log.append(f"s/{s}", records, expect=0)
+
+    anyio.run(fill)
+    return os.path.getsize(path / "data.mdb")
+
+
+@pytest.mark.parametrize("role", ["owner", "client"])
+@pytest.mark.parametrize("keep", [0.5, 0.99])
+def test_a_truncated_data_file_is_refused_by_name_not_a_crash(
+    tmp_path: Path, role: str, keep: float
+) -> None:
+    """LMDB maps data.mdb: reading a page past the end of a truncated file is SIGBUS.
+
+    Opening must look at the file's size first and refuse with an error that names the
+    dir and says to restore it, whether the opener is the owner or the CLI's client.
+    """
+    size = _fill(tmp_path)
+    cut = int(size * keep) // 4096 * 4096 + 100  # not even on a page boundary
+    os.truncate(tmp_path / "data.mdb", cut)
+    child = Child("try-open", str(tmp_path), role)
+    said = child.line(60)
+    assert child.finish() == 0, f"the opener died (signal {-child.proc.returncode})"
+    words = said.split(" ", 2)
+    assert words[:2] == ["error", "LogError"], said
+    assert str(tmp_path) in words[2]
+    assert f"data.mdb is {cut} bytes" in words[2]
+    assert "truncated" in words[2] and "restore the data dir from a backup" in words[2]
+    # Refusing changed nothing, and took no lock with it.
+    assert os.path.getsize(tmp_path / "data.mdb") == cut
+    fd = os.open(tmp_path / LOCK_FILE, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
