@@ -80,6 +80,7 @@ import shutil
 import struct
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from functools import partial
@@ -426,8 +427,19 @@ class LmdbLog:
                     f"dir an owner has created"
                 )
         else:
-            os.makedirs(self._path, exist_ok=True)
-            self._lock_fd = self._take_owner_lock()
+            try:
+                os.makedirs(self._path, exist_ok=True)
+                self._lock_fd = self._take_owner_lock()
+                _lock_holders.add(self)
+            except OSError as exc:
+                if os.path.exists(self._path) and not os.path.isdir(self._path):
+                    why = "is not a directory"
+                else:
+                    why = f"cannot be created or locked ({exc.strerror or exc})"
+                raise LogError(
+                    f"data dir {self._path!r} {why}; open the log in a directory this "
+                    f"process can create and write (or open an existing one as a client)"
+                ) from None
         try:
             self._open_env(map_size)
         except BaseException:
@@ -497,9 +509,25 @@ class LmdbLog:
         return None
 
     def _release_owner_lock(self) -> None:
+        _lock_holders.discard(self)
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing the last descriptor drops the flock
             self._lock_fd = None
+
+    def _drop_inherited_lock(self) -> None:
+        """In a forked child: close the copy of the owner lock's descriptor.
+
+        A flock belongs to the open file, which fork shares with the child: a child that
+        outlived a SIGKILLed owner (a multiprocessing worker, say) would keep the dir
+        locked, and the restarted owner would be refused, told to stop a dead process.
+        The child never owns the dir (LMDB handles are unusable after fork anyway).
+        """
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def _open_env(self, map_size: int) -> None:
         sync = self._durability == "fsync"
@@ -1618,6 +1646,20 @@ class LmdbLog:
             **self._counters,
         }
 
+
+# The owners open in this process, so a forked child can close its copies of their lock
+# descriptors (see LmdbLog._drop_inherited_lock). Process-wide by nature: fork copies
+# every descriptor of the process, whoever opened it.
+_lock_holders: weakref.WeakSet[LmdbLog] = weakref.WeakSet()
+
+
+def _drop_inherited_locks() -> None:
+    for log in list(_lock_holders):
+        log._drop_inherited_lock()
+    _lock_holders.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 _DB_NAMES: Final = (b"records", b"streams", b"by_meta", b"meta")
 _MISSING: Final = object()

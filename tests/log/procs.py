@@ -181,6 +181,22 @@ async def try_open(path: str, role: str) -> None:
         say("opened")
 
 
+async def owner_forks(path: str) -> None:
+    """Own the dir, then fork a child that outlives us; say both pids, then wait.
+
+    The child holds on to whatever fork gave it (as a multiprocessing worker would) and
+    sleeps; the parent test SIGKILLs us, then the child.
+    """
+    async with await LmdbLog.open(path, types=TYPES, durability="process") as log:
+        await log.append("s", [NewRecord("note", {"i": 0})], expect=ANY)
+        child = os.fork()
+        if child == 0:
+            time.sleep(120)
+            os._exit(0)
+        say("forked", os.getpid(), child)
+        await next_line()
+
+
 MODES = {
     "owner": owner,
     "client": client,
@@ -189,6 +205,7 @@ MODES = {
     "fill": fill,
     "corrupt-and-append": corrupt_and_append,
     "try-open": try_open,
+    "owner-forks": owner_forks,
 }
 
 if __name__ == "__main__":

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import fcntl
 import os
+import signal
 from pathlib import Path
 
 import anyio
 import pytest
 
-from perdure.log.lmdb_store import LOCK_FILE
+from perdure.log import LogError
+from perdure.log.lmdb_store import LOCK_FILE, LmdbLog
 
-from .conformance import note
+from .conformance import TYPES, note
 from .test_lmdb_store import Child, open_log
 
 
@@ -56,3 +58,46 @@ def test_a_truncated_data_file_is_refused_by_name_not_a_crash(
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     finally:
         os.close(fd)
+
+
+def test_a_forked_child_does_not_keep_a_dead_owners_lock(tmp_path: Path) -> None:
+    """A flock belongs to the open file, which fork shares: a child that outlives a
+    SIGKILLed owner (a multiprocessing worker, say) must not lock out its restart."""
+    owner = Child("owner-forks", str(tmp_path))
+    grandchild = 0
+    try:
+        owner_pid, grandchild = map(int, owner.expect("forked"))
+        owner.kill()
+        os.kill(grandchild, 0)  # still alive, holding every descriptor fork gave it
+
+        async def reopen() -> None:
+            async with await LmdbLog.open(tmp_path, types=TYPES) as log:
+                assert log.is_owner
+                assert await log.last_seq("s") == 1
+            assert owner_pid != os.getpid()
+
+        anyio.run(reopen)
+    finally:
+        owner.proc.kill()
+        owner.proc.wait(30)
+        if grandchild:
+            # Reparented to init (or a subreaper), which reaps it: not our child.
+            os.kill(grandchild, signal.SIGKILL)
+
+
+@pytest.mark.anyio
+async def test_an_owner_open_on_a_file_or_under_one_is_a_named_error(tmp_path: Path) -> None:
+    a_file = tmp_path / "plain-file"
+    a_file.write_text("not a dir")
+    with pytest.raises(LogError) as caught:
+        await open_log(a_file)
+    assert f"data dir {str(a_file)!r} is not a directory" in str(caught.value)
+    with pytest.raises(LogError) as caught:
+        await open_log(a_file / "data")
+    message = str(caught.value)
+    assert f"data dir {str(a_file / 'data')!r} cannot be created or locked" in message
+    assert "Not a directory" in message
+    # A client is told the same dir holds no log.
+    with pytest.raises(LogError, match="holds no perdure log"):
+        await open_log(a_file, client=True)
+    assert a_file.read_text() == "not a dir"
