@@ -463,6 +463,8 @@ class LmdbLog:
         self._stopping = False
         self._closing = False
         self._closed = False
+        # Set once aclose() has released everything: a second closer waits for it.
+        self._released_event = threading.Event()
         self._waiters = AppendWaiters()
         self._poller: threading.Thread | None = None
         self._poll_stop = threading.Event()
@@ -633,17 +635,25 @@ class LmdbLog:
         """Commit what is queued, stop the threads, close LMDB and release the dir.
 
         Later calls raise ``LogClosedError``; tasks in ``wait_for_append`` get it too.
-        Calling ``aclose`` again does nothing. Closing completes even when the caller
+        Calling ``aclose`` again does nothing more: a call made while another task is
+        still closing returns once that close is done, so whoever returns from
+        ``aclose`` may reopen the dir at once. Closing completes even when the caller
         is cancelled (the usual case when ``async with`` is left by a timeout): the
         cancellation is raised once the dir is released.
         """
         if self._closing:
+            if not self._released_event.is_set():
+                # Any loop's task may be the second closer: wait in a worker thread.
+                await anyio.to_thread.run_sync(self._released_event.wait, abandon_on_cancel=True)
             return
         self._closing = True
         # Shielded: given up half way, LMDB would stay open and the flock held, so the
         # dir could not be opened again by this process or any other.
         with anyio.CancelScope(shield=True):
-            await self._close()
+            try:
+                await self._close()
+            finally:
+                self._released_event.set()
         await _checkpoint_if_cancelled()
 
     async def _close(self) -> None:

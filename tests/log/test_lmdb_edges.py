@@ -10,7 +10,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from perdure.log import LogError
+from perdure.log import LogClosedError, LogError
 from perdure.log.lmdb_store import LOCK_FILE, LmdbLog
 
 from .conformance import TYPES, note
@@ -101,3 +101,26 @@ async def test_an_owner_open_on_a_file_or_under_one_is_a_named_error(tmp_path: P
     with pytest.raises(LogError, match="holds no perdure log"):
         await open_log(a_file, client=True)
     assert a_file.read_text() == "not a dir"
+
+
+@pytest.mark.anyio
+async def test_a_second_aclose_returns_only_once_the_dir_is_released(tmp_path: Path) -> None:
+    """Whoever returns from aclose() may reopen the dir, even if another task began the
+    close: the second caller must not return while the first is still closing."""
+    log = await open_log(tmp_path)
+    await log.append("s", [note(0)], expect=0)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(log.aclose)
+        await anyio.lowlevel.checkpoint()  # the first close is under way
+        await log.aclose()
+        # Released: another open file description can take the flock, and this
+        # process can open the dir again.
+        fd = os.open(tmp_path / LOCK_FILE, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+        with pytest.raises(LogClosedError):
+            await log.last_seq("s")
+        async with await open_log(tmp_path) as again:
+            assert await again.last_seq("s") == 1
