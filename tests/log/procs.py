@@ -197,6 +197,21 @@ async def owner_forks(path: str) -> None:
         await next_line()
 
 
+async def client_signaller(path: str, tag: str) -> None:
+    """Open as a client and append signals one by one forever, saying each ack.
+
+    Each line is ``ack SEQ ID``; ids are ``TAG-N``. The parent SIGKILLs us.
+    """
+    async with await LmdbLog.open(path, types=TYPES, client=True, durability="fsync") as log:
+        say("ready", os.getpid())
+        for n in range(10**9):
+            signal_id = f"{tag}-{n}"
+            seq = await log.append(
+                "signals/client", [NewRecord("signal", {"id": signal_id})], expect=ANY
+            )
+            say("ack", seq, signal_id)
+
+
 MODES = {
     "owner": owner,
     "client": client,
@@ -206,6 +221,7 @@ MODES = {
     "corrupt-and-append": corrupt_and_append,
     "try-open": try_open,
     "owner-forks": owner_forks,
+    "client-signaller": client_signaller,
 }
 
 if __name__ == "__main__":

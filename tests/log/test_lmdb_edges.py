@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import fcntl
 import os
+import random
 import signal
+import struct
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import anyio
+import lmdb
 import pytest
 
-from perdure.log import LogClosedError, LogError
+from perdure.log import ConflictError, CorruptRecordError, LogClosedError, LogError
+from perdure.log.codec import encode_record, unseal
 from perdure.log.lmdb_store import LOCK_FILE, LmdbLog
 
-from .conformance import TYPES, note
-from .test_lmdb_store import Child, open_log
+from .conformance import TYPES, collect, note
+from .test_lmdb_store import Child, WriterGate, open_log
 
 
 def _fill(path: Path) -> int:
@@ -124,3 +130,135 @@ async def test_a_second_aclose_returns_only_once_the_dir_is_released(tmp_path: P
             await log.last_seq("s")
         async with await open_log(tmp_path) as again:
             assert await again.last_seq("s") == 1
+
+
+def _raw_put(path: Path, stream: str, seq: int, value: bytes) -> None:
+    """Store a record at (stream, seq) behind the log's back, index untouched."""
+    env = lmdb.open(str(path), max_dbs=8)
+    try:
+        records = env.open_db(b"records")
+        streams = env.open_db(b"streams")
+        with env.begin(write=True) as txn:
+            sid = unseal(txn.get(stream.encode(), db=streams), 5)[0]
+            txn.put(struct.pack(">IQ", sid, seq), value, db=records)
+    finally:
+        env.close()
+
+
+@pytest.mark.anyio
+async def test_an_append_onto_a_stray_record_is_refused_alone_and_overwrites_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record past the index's end (a foreign writer's, or damage): the append that
+    would land on it fails with the stream and seq, undoes its own earlier puts, and
+    leaves the rest of its batch committed."""
+    async with await open_log(tmp_path) as log:
+        await log.append("s", [note(1), note(2)], expect=0)
+        await log.append("t", [note(1)], expect=0)
+    stray = encode_record("note", 1, 0.0, {"stray": True})
+    _raw_put(tmp_path, "s", 4, stray)
+    async with await open_log(tmp_path) as log:
+        gate = WriterGate(log, monkeypatch)
+        outcomes: dict[str, Any] = {}
+
+        async def append(stream: str, expect: int, count: int) -> None:
+            try:
+                records = [note(100 + i) for i in range(count)]
+                outcomes[stream] = await log.append(stream, records, expect=expect)
+            except LogError as exc:
+                outcomes[stream] = exc
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(log.append, "held", [note(0)], 0)
+            await gate.wait_held()
+            # One batch: seq 3 of 's' is free, seq 4 holds the stray record.
+            tg.start_soon(append, "t", 1, 2)
+            tg.start_soon(append, "s", 2, 2)
+            tg.start_soon(append, "u", 0, 1)
+            await anyio.wait_all_tasks_blocked()
+            gate.open()
+        assert outcomes["t"] == 3 and outcomes["u"] == 1
+        error = outcomes["s"]
+        assert isinstance(error, CorruptRecordError)
+        assert (error.stream, error.seq) == ("s", 4)
+        assert "refusing to overwrite" in str(error)
+        assert (await log.stats())["commits"] == 2
+        # Nothing of the refused append stayed: seq 3 is free again, the index says 2,
+        # and the stray record is still the one found at seq 4.
+        assert await log.last_seq("s") == 2
+        assert [r.payload["i"] for r in await collect(log, "s")] == [1, 2]
+        faults = [(f.stream, f.seq, f.kind) for f in await log.check()]
+        assert faults == [("s", 3, "gap"), ("s", 4, "index")]
+        # The next append to 's' is refused the same way (a conflict would be a lie).
+        with pytest.raises(CorruptRecordError):
+            await log.append("s", [note(3), note(4)], expect=2)
+        with pytest.raises(ConflictError):
+            await log.append("s", [note(3)], expect=3)
+    env = lmdb.open(str(tmp_path), max_dbs=8)
+    try:
+        records = env.open_db(b"records")
+        streams = env.open_db(b"streams")
+        with env.begin() as txn:
+            sid = unseal(txn.get(b"s", db=streams), 5)[0]
+            assert txn.get(struct.pack(">IQ", sid, 4), db=records) == stray
+            assert txn.get(struct.pack(">IQ", sid, 3), db=records) is None
+    finally:
+        env.close()
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_client_appending_while_the_owner_is_sigkilled_loses_nothing(
+    tmp_path: Path, backend: str
+) -> None:
+    """The owner dies mid group commit (likely holding LMDB's write lock, in fsync mode
+    most of its time is a commit) while a client process appends signals: the client
+    carries on, and the next owner sees every acknowledged signal exactly once."""
+    seed = int(os.environ.get("PERDURE_CRASH_SEED", random.randrange(2**32)))
+    rng = random.Random(seed)
+    client_acks: dict[int, str] = {}
+    owner_acks: list[tuple[str, int, str, int]] = []
+    for round_id in range(3):
+        owner = Child("crash-writer", str(tmp_path), str(round_id), str(rng.random()))
+        client = None
+        try:
+            owner.expect("ready")
+            client = Child("client-signaller", str(tmp_path), f"r{round_id}", backend=backend)
+            client.expect("ready")
+            for _ in range(rng.randint(10, 200)):
+                words = owner.expect("ack")
+                owner_acks.append((words[0], int(words[1]), words[2], int(words[3])))
+            owner.kill()
+            # The client is not stuck behind the dead owner's write lock.
+            for _ in range(30):
+                seq, signal_id = client.expect("ack")
+                assert int(seq) not in client_acks, f"seq {seq} acknowledged twice (seed {seed})"
+                client_acks[int(seq)] = signal_id
+            client.kill()
+            # Whatever the client said before it died, drained.
+            while (line := client.lines.get(timeout=30)) != "":
+                words = line.split()
+                if words[0] == "ack":
+                    client_acks[int(words[1])] = words[2]
+        finally:
+            owner.proc.kill()
+            owner.proc.wait(30)
+            if client is not None:
+                client.proc.kill()
+                client.proc.wait(30)
+
+    async def verify() -> None:
+        async with await LmdbLog.open(tmp_path, types=TYPES) as log:
+            assert await log.check() == [], f"seed {seed}"
+            signals = await collect(log, "signals/client")
+            assert [r.seq for r in signals] == list(range(1, len(signals) + 1))
+            ids = [r.payload["id"] for r in signals]
+            repeated = [i for i, n in Counter(ids).items() if n > 1]
+            assert repeated == [], f"signals stored twice: {repeated} (seed {seed})"
+            for seq, signal_id in client_acks.items():
+                assert ids[seq - 1] == signal_id, f"acknowledged seq {seq} (seed {seed})"
+            for stream, last_seq, batch, size in owner_acks:
+                records = await collect(log, stream, after=last_seq - size)
+                assert [r.payload["batch"] for r in records[:size]] == [batch] * size
+
+    anyio.run(verify)
+    assert len(client_acks) >= 90
