@@ -477,6 +477,7 @@ class LmdbLog:
             "largest_batch": 0,
             "largest_batch_bytes": 0,
             "map_growths": 0,
+            "stale_readers_cleared": self._stale_readers_at_open,
             "poll_wake_callbacks": 0,
         }
         self._writer = threading.Thread(
@@ -559,6 +560,11 @@ class LmdbLog:
             raise LogError(f"data dir {self._path!r}: cannot open the LMDB environment ({exc})")
         try:
             self._check_file_size(env)
+            # LMDB frees a dead process's reader slots only when no process has the
+            # environment open; with a client (the CLI, a dashboard) open across an
+            # owner's crash, a slot held mid-read would pin every page freed after it,
+            # and data.mdb would grow with each commit.
+            self._stale_readers_at_open: int = env.reader_check()
             if self._client:
                 # Database handles opened in a read transaction die with it: use a
                 # (write) transaction that commits, though a client changes nothing.
@@ -873,6 +879,7 @@ class LmdbLog:
         """Apply ``batch`` in one write transaction, growing the map as needed."""
         probed = False
         exact = False
+        readers_checked = False
         while True:
             guard = self._guard
             guard.acquire_shared()
@@ -912,6 +919,13 @@ class LmdbLog:
             if failure == "retry":
                 continue
             if failure == "map_full":
+                if not readers_checked:
+                    # A process that died inside a read transaction pins the pages
+                    # freed since, so the map fills though little is live: free its
+                    # slot and try again before growing the map.
+                    readers_checked = True
+                    if self._clear_stale_readers():
+                        continue
                 reason = self._grow_map()
                 if reason is not None:
                     return [StorageFullError(self._path, reason) for _ in batch], []
@@ -1111,6 +1125,17 @@ class LmdbLog:
         if next_id is not None and next_id != first_new_id:
             put(_NEXT_ID_KEY, _ID.pack(next_id), db=self._meta)
         return outcomes, states
+
+    def _clear_stale_readers(self) -> int:
+        """Free the reader slots of dead processes; return how many were freed."""
+        self._guard.acquire_shared()
+        try:
+            cleared: int = self._env.reader_check()
+        finally:
+            self._guard.release_shared()
+        if cleared:
+            self._counters["stale_readers_cleared"] += cleared
+        return cleared
 
     def _grow_map(self) -> str | None:
         """Double the map, bounded by the free disk; return why not, or None if grown."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import struct
 import sys
 import time
@@ -212,6 +213,14 @@ async def client_signaller(path: str, tag: str) -> None:
             say("ack", seq, signal_id)
 
 
+def die_reading(path: str) -> None:
+    """Begin a read transaction, say so, and SIGKILL ourselves inside it."""
+    env = lmdb.open(path, map_size=0, max_dbs=8)  # 0: keep the owner's map size
+    txn = env.begin()
+    say("reading", os.getpid(), txn.id())
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 MODES = {
     "owner": owner,
     "client": client,
@@ -222,6 +231,7 @@ MODES = {
     "try-open": try_open,
     "owner-forks": owner_forks,
     "client-signaller": client_signaller,
+    "die-reading": die_reading,
 }
 
 if __name__ == "__main__":
@@ -230,4 +240,7 @@ if __name__ == "__main__":
     backend = "asyncio"
     if argv and argv[0].startswith("--backend="):
         backend = argv.pop(0).partition("=")[2]
-    anyio.run(MODES[argv[0]], *argv[1:], backend=backend)
+    mode = MODES[argv[0]]
+    if mode is die_reading:  # plain LMDB, no event loop
+        die_reading(*argv[1:])
+    anyio.run(mode, *argv[1:], backend=backend)
