@@ -198,18 +198,19 @@ async def owner_forks(path: str) -> None:
         await next_line()
 
 
-async def client_signaller(path: str, tag: str) -> None:
+async def client_signaller(path: str, tag: str, pad: str = "0") -> None:
     """Open as a client and append signals one by one forever, saying each ack.
 
-    Each line is ``ack SEQ ID``; ids are ``TAG-N``. The parent SIGKILLs us.
+    Each line is ``ack SEQ ID``; ids are ``TAG-N``; each signal carries ``pad`` bytes of
+    padding (enough of it makes the client grow the map). The parent SIGKILLs us.
     """
+    padding = "p" * int(pad)
     async with await LmdbLog.open(path, types=TYPES, client=True, durability="fsync") as log:
         say("ready", os.getpid())
         for n in range(10**9):
             signal_id = f"{tag}-{n}"
-            seq = await log.append(
-                "signals/client", [NewRecord("signal", {"id": signal_id})], expect=ANY
-            )
+            payload = {"id": signal_id, "pad": padding}
+            seq = await log.append("signals/client", [NewRecord("signal", payload)], expect=ANY)
             say("ack", seq, signal_id)
 
 

@@ -318,3 +318,56 @@ async def test_a_full_map_frees_dead_readers_before_growing(tmp_path: Path) -> N
         assert stats["stale_readers_cleared"] == 1, stats
         assert [r.seq for r in await collect(log, "s")] == list(range(1, 2002))
         assert await log.check() == []
+
+
+@pytest.mark.anyio
+async def test_a_replay_suspended_across_map_growths_by_owner_and_client(
+    tmp_path: Path,
+) -> None:
+    """A reader suspended between chunks while the map grows twice under it: once by a
+    client process appending large signals (the owner must adopt the new size), once by
+    the owner's own appends to the stream being read. The reader sees one contiguous,
+    consistent sequence; every acknowledged signal is stored exactly once."""
+    async with await open_log(tmp_path, map_size=64 * 1024) as log:
+        await log.append("long", [note(i, pad="l" * 100) for i in range(600)], expect=0)
+        start_size = (await log.stats())["map_size"]
+        chunks = log.read_chunks("long")
+        got = list(await chunks.__anext__())
+        before = await log.stats()
+        client = await anyio.to_thread.run_sync(
+            lambda: Child("client-signaller", str(tmp_path), "c", str(20_000))
+        )
+        acks: dict[int, str] = {}
+        try:
+            await anyio.to_thread.run_sync(client.expect, "ready")
+            for _ in range(60):  # 1.2 MB of signals: the client grows the map
+                seq, signal_id = await anyio.to_thread.run_sync(client.expect, "ack")
+                acks[int(seq)] = signal_id
+            got += await chunks.__anext__()  # adopts the client's map size
+            adopted = await log.stats()
+            assert adopted["map_size"] > before["map_size"]
+            assert adopted["map_growths"] == before["map_growths"]  # the client's growth
+            own_growths = adopted["map_growths"]
+            last = await log.last_seq("long")
+            big = [note(i, pad="g" * 20_000) for i in range(last, last + 100)]
+            await log.append("long", big, expect=last)
+            assert (await log.stats())["map_growths"] > own_growths
+            async for chunk in chunks:
+                got += chunk
+        finally:
+            await anyio.to_thread.run_sync(client.kill)
+        while (line := client.lines.get(timeout=30)) != "":
+            words = line.split()
+            if words[0] == "ack":
+                acks[int(words[1])] = words[2]
+        assert [r.seq for r in got] == list(range(1, 701))
+        assert [r.payload["i"] for r in got] == list(range(700))
+        stats = await log.stats()
+        assert stats["map_size"] >= start_size * 16
+        signals = await collect(log, "signals/client")
+        assert [r.seq for r in signals] == list(range(1, len(signals) + 1))
+        ids = [r.payload["id"] for r in signals]
+        assert len(set(ids)) == len(ids)
+        for seq, signal_id in acks.items():
+            assert ids[seq - 1] == signal_id
+        assert await log.check() == []
