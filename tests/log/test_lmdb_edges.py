@@ -7,6 +7,7 @@ import os
 import random
 import signal
 import struct
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -371,3 +372,63 @@ async def test_a_replay_suspended_across_map_growths_by_owner_and_client(
         for seq, signal_id in acks.items():
             assert ids[seq - 1] == signal_id
         assert await log.check() == []
+
+
+def _log_threads(path: Path) -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.endswith(str(path)) and t.is_alive()]
+
+
+@pytest.mark.anyio
+async def test_aclose_amid_queued_appends_waiters_and_a_suspended_replay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aclose() while the writer is inside a commit, appends are queued behind it, tasks
+    wait for appends (so the poller runs) and a replay is suspended between chunks:
+    every queued append gets its seq, everyone else a LogClosedError, nothing hangs, and
+    neither the writer nor the poller thread outlives the log."""
+    log = await open_log(tmp_path)
+    await log.append("long", [note(i) for i in range(600)], expect=0)
+    chunks = log.read_chunks("long")
+    assert len(await chunks.__anext__()) < 600
+    gate = WriterGate(log, monkeypatch)
+    results: dict[str, Any] = {}
+
+    async def record(name: str, call: Any) -> None:
+        try:
+            results[name] = await call
+        except LogClosedError as exc:
+            results[name] = exc
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(record, "held", log.append("held", [note(0)], 0))
+            await gate.wait_held()
+            for i in range(20):
+                tg.start_soon(record, f"q/{i}", log.append(f"q/{i}", [note(i)], 0))
+            for i in range(5):
+                tg.start_soon(record, f"wait/{i}", log.wait_for_append(f"w/{i}", 0))
+            await anyio.wait_all_tasks_blocked()
+            assert len(_log_threads(tmp_path)) == 2  # the writer and the poller
+            tg.start_soon(record, "aclose", log.aclose())
+            await anyio.wait_all_tasks_blocked()
+            # Closing: new calls are refused at once, while the held commit still runs.
+            with pytest.raises(LogClosedError):
+                await log.append("late", [note(0)], expect=0)
+            with pytest.raises(LogClosedError):
+                await log.wait_for_append("late", 0)
+            gate.open()
+        with pytest.raises(LogClosedError):
+            async for _ in chunks:
+                pass
+    assert results.pop("aclose") is None
+    assert results.pop("held") == 1
+    assert {name: results.pop(name) for name in [f"q/{i}" for i in range(20)]} == {
+        f"q/{i}": 1 for i in range(20)
+    }
+    assert sorted(results) == [f"wait/{i}" for i in range(5)]
+    assert all(isinstance(exc, LogClosedError) for exc in results.values())
+    assert _log_threads(tmp_path) == []
+    async with await open_log(tmp_path) as again:
+        assert [await again.last_seq(f"q/{i}") for i in range(20)] == [1] * 20
+        assert await again.last_seq("late") == 0
+    assert _log_threads(tmp_path) == []
