@@ -438,7 +438,7 @@ class LmdbLog:
                     why = f"cannot be created or locked ({exc.strerror or exc})"
                 raise LogError(
                     f"data dir {self._path!r} {why}; open the log in a directory this "
-                    f"process can create and write (or open an existing one as a client)"
+                    f"process can create and write"
                 ) from None
         try:
             self._open_env(map_size)

@@ -7,6 +7,8 @@ import os
 import random
 import signal
 import struct
+import subprocess
+import sys
 import threading
 from collections import Counter
 from pathlib import Path
@@ -21,7 +23,7 @@ from perdure.log.codec import encode_record, unseal
 from perdure.log.lmdb_store import LOCK_FILE, LmdbLog
 
 from .conformance import TYPES, collect, note
-from .test_lmdb_store import Child, WriterGate, open_log
+from .test_lmdb_store import PROCS, Child, WriterGate, _unshare_works, open_log
 
 
 def _fill(path: Path) -> int:
@@ -432,3 +434,35 @@ async def test_aclose_amid_queued_appends_waiters_and_a_suspended_replay(
         assert [await again.last_seq(f"q/{i}") for i in range(20)] == [1] * 20
         assert await again.last_seq("late") == 0
     assert _log_threads(tmp_path) == []
+
+
+@pytest.mark.skipif(not _unshare_works(), reason="needs unprivileged user namespaces")
+def test_a_read_only_data_dir_is_a_named_error_for_owner_and_client(tmp_path: Path) -> None:
+    """On a read-only mount (a backup, say): owner and client are each refused with a
+    LogError naming the dir and the reason, not a bare OSError."""
+    data = tmp_path / "ro" / "data"
+
+    async def make() -> None:
+        async with await open_log(data) as log:
+            await log.append("s", [note(0)], expect=0)
+
+    anyio.run(make)
+    mount = tmp_path / "ro"
+    opens = " ; ".join(
+        f"{sys.executable} {PROCS} try-open {path} {role}"
+        for path, role in [(data, "owner"), (data, "client"), (mount / "new", "owner")]
+    )
+    script = f"mount --bind {mount} {mount} && mount -o remount,bind,ro {mount} && {opens}"
+    result = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    owner, client, new = result.stdout.strip().splitlines()
+    assert owner.startswith(f"error LogError data dir {str(data)!r} cannot be created or locked")
+    assert "Read-only file system" in owner
+    assert client.startswith(f"error LogError data dir {str(data)!r}: cannot open")
+    assert "Read-only file system" in client
+    assert new.startswith(f"error LogError data dir {str(mount / 'new')!r} cannot be created")
