@@ -338,6 +338,19 @@ def _index_prefix(field: str, value_key: bytes) -> bytes:
     return bytes((len(field_bytes),)) + field_bytes + bytes((len(value),)) + value
 
 
+def _stream_name(name_key: bytes) -> str:
+    """A stream name from its index key; ``CorruptRecordError`` if it is not UTF-8.
+
+    Keys carry no checksum: a damaged one is named (escaped) as the stream's entry,
+    never left to surface as a bare ``UnicodeDecodeError``.
+    """
+    try:
+        return name_key.decode("utf-8")
+    except UnicodeDecodeError:
+        name = name_key.decode("utf-8", "backslashreplace")
+        raise CorruptRecordError(name, None, "its name in the index is not UTF-8") from None
+
+
 def _decode_entry(name: str, raw: bytes) -> list[Any]:
     """Unseal a stream index entry: ``[id, last_seq, created_at, updated_at, meta]``.
 
@@ -623,8 +636,7 @@ class LmdbLog:
             return
         txn.drop(dbs[2], delete=False)
         for name_key, raw in txn.cursor(db=dbs[1]):
-            name = name_key.decode("utf-8")
-            meta = _decode_entry(name, raw)[4]
+            meta = _decode_entry(_stream_name(name_key), raw)[4]
             for field in self._indexed:
                 if field in meta:
                     key = _index_prefix(field, meta_value_key(meta[field])) + name_key
@@ -1348,7 +1360,7 @@ class LmdbLog:
                 name_key = key[skip:]
                 raw = txn.get(name_key, db=streams_db) if by_index else value
                 if raw is not None:
-                    chunk.append((name_key.decode("utf-8"), raw))
+                    chunk.append((_stream_name(name_key), raw))
                 last = key
             return chunk, None
         finally:

@@ -466,3 +466,42 @@ def test_a_read_only_data_dir_is_a_named_error_for_owner_and_client(tmp_path: Pa
     assert client.startswith(f"error LogError data dir {str(data)!r}: cannot open")
     assert "Read-only file system" in client
     assert new.startswith(f"error LogError data dir {str(mount / 'new')!r} cannot be created")
+
+
+@pytest.mark.anyio
+async def test_a_damaged_stream_name_key_is_a_named_error_in_listings_and_reindexing(
+    tmp_path: Path,
+) -> None:
+    """Index keys carry no checksum: a damaged byte in a stream's name (here, the name
+    no longer UTF-8) must surface as that stream's CorruptRecordError, not as a bare
+    UnicodeDecodeError out of streams() or out of opening with other indexed keys."""
+    async with await open_log(tmp_path) as log:
+        for name in ("exec/a", "exec/b", "exec/c"):
+            await log.append(name, [note(0)], expect=0, meta={"status": "run"})
+    env = lmdb.open(str(tmp_path), max_dbs=8)
+    try:
+        streams = env.open_db(b"streams")
+        with env.begin(write=True) as txn:
+            entry = txn.get(b"exec/b", db=streams)
+            txn.delete(b"exec/b", db=streams)
+            txn.put(b"exec/\xe2", entry, db=streams)
+    finally:
+        env.close()
+    async with await open_log(tmp_path) as log:
+        with pytest.raises(CorruptRecordError) as caught:
+            _ = [info async for info in log.streams("exec/")]
+        assert (caught.value.stream, caught.value.seq) == ("exec/\\xe2", None)
+        assert "stream 'exec/\\\\xe2' index entry: corrupt (its name" in str(caught.value)
+        # The index-driven listing finds no entry under the old name: nothing to list.
+        assert [i.stream async for i in log.streams(where={"status": "run"})] == [
+            "exec/a",
+            "exec/c",
+        ]
+        faults = [str(f) for f in await log.check()]
+        assert "store: index: undecodable name b'exec/\\xe2'" in faults
+    with pytest.raises(CorruptRecordError) as caught:
+        await open_log(tmp_path, indexed=("status", "owner"))
+    assert caught.value.stream == "exec/\\xe2"
+    # Refused whole: the dir is not left locked, and still opens as it was.
+    async with await open_log(tmp_path) as log:
+        assert await log.last_seq("exec/a") == 1
