@@ -73,17 +73,19 @@ async def client_append(path: str, stream: str) -> None:
         say("appended", seq)
 
 
-async def crash_writer(path: str, round_id: str, seed: str) -> None:
+async def crash_writer(path: str, round_id: str, seed: str, map_size: str = "0") -> None:
     """Append batches from many tasks forever, saying each acknowledged batch.
 
     Each line is ``ack STREAM LAST_SEQ BATCH_ID SIZE``: the batch's records carry
     ``{"batch": BATCH_ID, "i": 0..SIZE-1, "size": SIZE}``, so the parent can tell a
     whole batch from a partial one whether or not it was acknowledged. The parent
-    SIGKILLs us at a random moment.
+    SIGKILLs us at a random moment. A ``map_size`` other than 0 opens with that
+    initial map (a tiny one makes the map grow while we run).
     """
     rng = random.Random(seed)
     pad = "x" * 200
-    async with await LmdbLog.open(path, types=TYPES, durability="fsync") as log:
+    sizing = {"map_size": int(map_size)} if int(map_size) else {}
+    async with await LmdbLog.open(path, types=TYPES, durability="fsync", **sizing) as log:
 
         async def own_stream(task: int) -> None:
             stream = f"exec/{task}"

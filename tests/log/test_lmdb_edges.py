@@ -215,13 +215,16 @@ def test_a_client_appending_while_the_owner_is_sigkilled_loses_nothing(
 ) -> None:
     """The owner dies mid group commit (likely holding LMDB's write lock, in fsync mode
     most of its time is a commit) while a client process appends signals: the client
-    carries on, and the next owner sees every acknowledged signal exactly once."""
+    carries on, and the next owner sees every acknowledged signal exactly once. The
+    first owner starts from a 64 KiB map, so owner and client grow it as they go (a
+    reopened environment keeps its grown map)."""
     seed = int(os.environ.get("PERDURE_CRASH_SEED", random.randrange(2**32)))
     rng = random.Random(seed)
     client_acks: dict[int, str] = {}
     owner_acks: list[tuple[str, int, str, int]] = []
     for round_id in range(3):
-        owner = Child("crash-writer", str(tmp_path), str(round_id), str(rng.random()))
+        args = (str(tmp_path), str(round_id), str(rng.random()), str(64 * 1024))
+        owner = Child("crash-writer", *args)
         client = None
         try:
             owner.expect("ready")
@@ -265,6 +268,7 @@ def test_a_client_appending_while_the_owner_is_sigkilled_loses_nothing(
 
     anyio.run(verify)
     assert len(client_acks) >= 90
+    assert os.path.getsize(tmp_path / "data.mdb") > 64 * 1024 * 4  # the map did grow
 
 
 def _die_reading(path: Path) -> int:
