@@ -338,6 +338,83 @@ def _index_prefix(field: str, value_key: bytes) -> bytes:
     return bytes((len(field_bytes),)) + field_bytes + bytes((len(value),)) + value
 
 
+# LMDB's on-disk layout (lmdb.h / mdb.c, 64-bit builds), just enough to find the pages
+# its trees use without touching the memory map: see LmdbLog._check_file_size.
+_PAGE_HEAD: Final = struct.Struct("<QHHHH")  # pgno, pad, flags, lower, upper
+_OVERFLOW_PAGES: Final = struct.Struct("<I")  # after pgno, pad, flags: the run's length
+_NODE_HEAD: Final = struct.Struct("<HHHH")  # lo, hi, flags, key size
+_PGNO: Final = struct.Struct("<Q")
+_DB_ROOT: Final = struct.Struct("<IHHQQQQQ")  # pad, flags, depth, 4 counts, root
+_META_DBS: Final = 40  # page header (16), magic, version, address, map size
+_META_TXNID: Final = _META_DBS + 2 * _DB_ROOT.size + 8
+_P_BRANCH, _P_LEAF, _P_OVERFLOW, _P_LEAF2 = 0x01, 0x02, 0x04, 0x20
+_F_BIGDATA, _F_SUBDATA, _F_DUPDATA = 0x01, 0x02, 0x04
+_NO_PAGE: Final = 2**64 - 1
+
+
+def _page_beyond_end(data_file: str, psize: int, last_pgno: int, size: int) -> int | None:
+    """The first page the newest meta's trees use that lies past ``size``, or None.
+
+    Reads pages with ``os.pread`` only. Anything that does not parse as expected is
+    None (not proven truncated): refusing an intact store would be worse.
+    """
+    fd = os.open(data_file, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+
+        def page(pgno: int) -> bytes:
+            return os.pread(fd, psize, pgno * psize)
+
+        metas = [page(0), page(1)]
+        if any(len(m) < _META_TXNID + 8 for m in metas):
+            return None
+        meta = max(metas, key=lambda m: _PGNO.unpack_from(m, _META_TXNID)[0])
+        roots = [_DB_ROOT.unpack_from(meta, _META_DBS + k * _DB_ROOT.size)[7] for k in (0, 1)]
+        todo = [root for root in roots if root != _NO_PAGE]
+        seen: set[int] = set()
+        while todo:
+            pgno = todo.pop()
+            if pgno in seen or pgno > last_pgno or pgno < 2:
+                return None
+            seen.add(pgno)
+            if (pgno + 1) * psize > size:
+                return pgno
+            raw = page(pgno)
+            _, _, flags, lower, _ = _PAGE_HEAD.unpack_from(raw)
+            if flags & _P_LEAF2:
+                continue  # fixed-size keys, no pointers
+            if not flags & (_P_BRANCH | _P_LEAF):
+                return None
+            for k in range((lower - _PAGE_HEAD.size) // 2):
+                at = struct.unpack_from("<H", raw, _PAGE_HEAD.size + 2 * k)[0]
+                lo, hi, node_flags, ksize = _NODE_HEAD.unpack_from(raw, at)
+                if flags & _P_BRANCH:
+                    todo.append(lo | hi << 16 | node_flags << 32)
+                    continue
+                data = at + _NODE_HEAD.size + ksize
+                if node_flags & _F_BIGDATA:
+                    first = _PGNO.unpack_from(raw, data)[0]
+                    if first > last_pgno:
+                        return None
+                    if (first + 1) * psize > size:
+                        return first
+                    head = os.pread(fd, _PAGE_HEAD.size, first * psize)
+                    if len(head) < _PAGE_HEAD.size or not _PAGE_HEAD.unpack(head)[2] & _P_OVERFLOW:
+                        return None
+                    pages = _OVERFLOW_PAGES.unpack_from(head, 12)[0]
+                    if (first + pages) * psize > size:
+                        return first + pages - 1
+                elif node_flags & _F_SUBDATA:
+                    root = _DB_ROOT.unpack_from(raw, data)[7]
+                    if root != _NO_PAGE:
+                        todo.append(root)
+                # _F_DUPDATA alone: a sub-page inside this node; nothing to follow.
+        return None
+    except (struct.error, OSError):
+        return None
+    finally:
+        os.close(fd)
+
+
 def _stream_name(name_key: bytes) -> str:
     """A stream name from its index key; ``CorruptRecordError`` if it is not UTF-8.
 
@@ -613,20 +690,28 @@ class LmdbLog:
         self._records, self._streams, self._by_meta, self._meta = dbs
 
     def _check_file_size(self, env: lmdb.Environment) -> None:
-        """Refuse a data.mdb shorter than the pages its last transaction uses.
+        """Refuse a data.mdb cut short (a partial copy or restore), by name.
 
         LMDB reads pages through the memory map: touching one past the end of a truncated
-        file (a partial copy or restore) kills the process with SIGBUS, which no caller
-        could catch or report. The file only grows while the log is open, so its size
-        taken after the meta page is read is never short for an intact store.
+        file kills the process with SIGBUS, which no caller could catch or report. An
+        intact file may end before the last page number too (LMDB does not write pages
+        freed in the transaction that allocated them), so when it is short, the trees
+        are walked (with pread, never the map) for a page in use past the end; only
+        that is refused. The file only grows while the log is open, so its size taken
+        after the meta page is read is never too small for the pages that meta uses.
         """
-        used = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+        psize: int = env.stat()["psize"]
+        last_pgno: int = env.info()["last_pgno"]
         size = os.path.getsize(self._data_file)
-        if size < used:
+        if size >= (last_pgno + 1) * psize:
+            return
+        beyond = _page_beyond_end(self._data_file, psize, last_pgno, size)
+        if beyond is not None:
             raise LogError(
-                f"data dir {self._path!r}: data.mdb is {size} bytes, but its last committed "
-                f"transaction uses {used}: the file was truncated (a partial copy or "
-                f"restore?) and cannot be read safely; restore the data dir from a backup"
+                f"data dir {self._path!r}: data.mdb is {size} bytes, but page {beyond} "
+                f"(at byte {beyond * psize}) is in use: the file was truncated (a partial "
+                f"copy or restore?) and cannot be read safely; restore the data dir from a "
+                f"backup"
             )
 
     def _sync_secondary_index(self, txn: lmdb.Transaction, dbs: list[Any]) -> None:

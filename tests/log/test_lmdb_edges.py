@@ -58,7 +58,7 @@ def test_a_truncated_data_file_is_refused_by_name_not_a_crash(
     words = said.split(" ", 2)
     assert words[:2] == ["error", "LogError"], said
     assert str(tmp_path) in words[2]
-    assert f"data.mdb is {cut} bytes" in words[2]
+    assert f"data.mdb is {cut} bytes, but page " in words[2] and "is in use" in words[2]
     assert "truncated" in words[2] and "restore the data dir from a backup" in words[2]
     # Refusing changed nothing, and took no lock with it.
     assert os.path.getsize(tmp_path / "data.mdb") == cut
@@ -67,6 +67,36 @@ def test_a_truncated_data_file_is_refused_by_name_not_a_crash(
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     finally:
         os.close(fd)
+
+
+def test_a_data_file_ending_before_its_free_tail_pages_still_opens(tmp_path: Path) -> None:
+    """LMDB does not write pages freed in the transaction that allocated them, so an
+    intact data.mdb can end before its last page number (mdb_copy clamps to the file
+    size for this reason). Such a file must open: only a page in use past the end is
+    truncation. Simulated by raising the newest meta page's last page number by 3."""
+    _fill(tmp_path)
+    data_file = tmp_path / "data.mdb"
+    raw = bytearray(data_file.read_bytes())
+    txnids = [struct.unpack_from("<Q", raw, at + 144)[0] for at in (0, 4096)]
+    newest = 4096 * txnids.index(max(txnids))
+    last_pgno = struct.unpack_from("<Q", raw, newest + 136)[0]
+    assert (last_pgno + 1) * 4096 == len(raw)
+    struct.pack_into("<Q", raw, newest + 136, last_pgno + 3)
+    data_file.write_bytes(bytes(raw))
+    for role in ("client", "owner"):
+        child = Child("try-open", str(tmp_path), role)
+        said = child.line(60)
+        assert child.finish() == 0
+        assert said == "opened", said
+
+    async def use() -> None:
+        async with await open_log(tmp_path) as log:
+            assert (await log.stats())["file_bytes"] < (last_pgno + 3) * 4096
+            assert [r.payload["i"] for r in await collect(log, "s/19")] == list(range(50))
+            assert await log.append("s/19", [note(50)], expect=50) == 51
+            assert await log.check() == []
+
+    anyio.run(use)
 
 
 def test_a_forked_child_does_not_keep_a_dead_owners_lock(tmp_path: Path) -> None:
