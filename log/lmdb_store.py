@@ -1073,7 +1073,13 @@ class LmdbLog:
         cache = self._entries
         if len(cache) > _MAX_CACHED_ENTRIES:
             cache.clear()
-        self._entries_txnid = txnid
+        # A transaction that changed nothing (a batch of conflicts, say) leaves no trace:
+        # LMDB does not use up its id, so the next write transaction, ours or another
+        # process's, gets the same one. The cache then holds the store as of the id
+        # before; keyed to this one, a commit by another process in between would go
+        # unnoticed, and a stale entry would be written back over its appends.
+        wrote = any(state.dirty for state in states.values())
+        self._entries_txnid = txnid if wrote else txnid - 1
         for name, state in states.items():
             cache[name] = state.entry()
         counters = self._counters

@@ -18,7 +18,7 @@ import anyio
 import lmdb
 import pytest
 
-from perdure.log import ConflictError, CorruptRecordError, LogClosedError, LogError
+from perdure.log import ANY, ConflictError, CorruptRecordError, LogClosedError, LogError
 from perdure.log.codec import encode_record, unseal
 from perdure.log.lmdb_store import LOCK_FILE, LmdbLog
 
@@ -539,3 +539,37 @@ async def test_a_damaged_stream_name_key_is_a_named_error_in_listings_and_reinde
     # Refused whole: the dir is not left locked, and still opens as it was.
     async with await open_log(tmp_path) as log:
         assert await log.last_seq("exec/a") == 1
+
+
+@pytest.mark.anyio
+async def test_a_batch_that_changes_nothing_does_not_hide_a_clients_commit(tmp_path: Path) -> None:
+    """LMDB does not use up the id of a write transaction that changed nothing (here, a
+    batch of one conflict), so a client's next commit takes that very id. The writer's
+    cache of index entries, keyed by transaction id, must still see that commit: a
+    stale entry written back would drop the client's acknowledged signal (set_meta) or
+    fail an ANY append with a false 'record already exists'."""
+
+    async def client_appends() -> None:
+        child = await anyio.to_thread.run_sync(
+            lambda: Child("client-append", str(tmp_path), "signals/x")
+        )
+        await anyio.to_thread.run_sync(child.expect, "appended")
+        assert await anyio.to_thread.run_sync(child.finish) == 0
+
+    async with await open_log(tmp_path) as log:
+        assert await log.append("signals/x", [note(1)], expect=0) == 1
+        with pytest.raises(ConflictError):
+            await log.append("signals/x", [note(2)], expect=0)
+        await client_appends()  # seq 2, in the id the conflict batch left unused
+        await log.set_meta("signals/x", {"status": "seen"})
+        assert await log.last_seq("signals/x") == 2
+        with pytest.raises(ConflictError):
+            await log.append("signals/x", [note(2)], expect=0)
+        await client_appends()  # seq 3, the same way
+        assert await log.append("signals/x", [note(4)], expect=ANY) == 4
+        records = await collect(log, "signals/x")
+        assert [r.seq for r in records] == [1, 2, 3, 4]
+        assert [r.type for r in records] == ["note", "signal", "signal", "note"]
+        info = await log.stream_info("signals/x")
+        assert info is not None and info.meta == {"status": "seen"}
+        assert await log.check() == []
