@@ -54,14 +54,17 @@ Map size
 --------
 The map starts at ``map_size`` bytes and grows by itself: on ``MDB_MAP_FULL`` the
 writer aborts the transaction, doubles the map (bounded by the free disk) and applies
-the same batch again from scratch, expects included. When the disk is full, every
+the same batch again from scratch, expects included. (First it frees the reader slots
+of processes that died inside a read transaction: each pins every page freed after
+its snapshot, so the map fills though little of it is live.) When the disk is full, every
 append of the batch fails with ``StorageFullError`` and nothing of it is written.
 
 Ownership
 ---------
 One process owns a data dir: it holds an exclusive ``flock`` on ``owner.lock`` (whose
 content is its pid) for as long as the log is open. The kernel drops the lock when the
-process dies, even by SIGKILL, so a restarted process is never locked out. Other
+process dies, even by SIGKILL, so a restarted process is never locked out (a forked
+child closes its copy of the lock's descriptor, so it cannot keep the lock). Other
 processes may open the dir with ``client=True``: they read everything and may append
 only to signal streams (``signals/...``); LMDB's own lock serialises their write
 transactions with the owner's. A task in ``wait_for_append`` notices another
