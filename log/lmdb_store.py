@@ -54,14 +54,17 @@ Map size
 --------
 The map starts at ``map_size`` bytes and grows by itself: on ``MDB_MAP_FULL`` the
 writer aborts the transaction, doubles the map (bounded by the free disk) and applies
-the same batch again from scratch, expects included. When the disk is full, every
+the same batch again from scratch, expects included. (First it frees the reader slots
+of processes that died inside a read transaction: each pins every page freed after
+its snapshot, so the map fills though little of it is live.) When the disk is full, every
 append of the batch fails with ``StorageFullError`` and nothing of it is written.
 
 Ownership
 ---------
 One process owns a data dir: it holds an exclusive ``flock`` on ``owner.lock`` (whose
 content is its pid) for as long as the log is open. The kernel drops the lock when the
-process dies, even by SIGKILL, so a restarted process is never locked out. Other
+process dies, even by SIGKILL, so a restarted process is never locked out (a forked
+child closes its copy of the lock's descriptor, so it cannot keep the lock). Other
 processes may open the dir with ``client=True``: they read everything and may append
 only to signal streams (``signals/...``); LMDB's own lock serialises their write
 transactions with the owner's. A task in ``wait_for_append`` notices another
@@ -80,6 +83,7 @@ import shutil
 import struct
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from functools import partial
@@ -337,6 +341,96 @@ def _index_prefix(field: str, value_key: bytes) -> bytes:
     return bytes((len(field_bytes),)) + field_bytes + bytes((len(value),)) + value
 
 
+# LMDB's on-disk layout (lmdb.h / mdb.c, 64-bit builds), just enough to find the pages
+# its trees use without touching the memory map: see LmdbLog._check_file_size.
+_PAGE_HEAD: Final = struct.Struct("<QHHHH")  # pgno, pad, flags, lower, upper
+_OVERFLOW_PAGES: Final = struct.Struct("<I")  # after pgno, pad, flags: the run's length
+_NODE_HEAD: Final = struct.Struct("<HHHH")  # lo, hi, flags, key size
+_PGNO: Final = struct.Struct("<Q")
+_DB_ROOT: Final = struct.Struct("<IHHQQQQQ")  # pad, flags, depth, 4 counts, root
+_META_DBS: Final = 40  # page header (16), magic, version, address, map size
+_META_TXNID: Final = _META_DBS + 2 * _DB_ROOT.size + 8
+_P_BRANCH, _P_LEAF, _P_OVERFLOW, _P_LEAF2 = 0x01, 0x02, 0x04, 0x20
+_F_BIGDATA, _F_SUBDATA, _F_DUPDATA = 0x01, 0x02, 0x04
+_NO_PAGE: Final = 2**64 - 1
+
+
+def _page_beyond_end(data_file: str, psize: int, last_pgno: int, size: int) -> int | None:
+    """The first page the newest meta's trees use that lies past ``size``, or None.
+
+    Reads pages with ``os.pread`` only. Anything that does not parse as expected is
+    None (not proven truncated): refusing an intact store would be worse.
+    """
+    fd = os.open(data_file, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+
+        def page(pgno: int) -> bytes:
+            return os.pread(fd, psize, pgno * psize)
+
+        metas = [page(0), page(1)]
+        if any(len(m) < _META_TXNID + 8 for m in metas):
+            return None
+        meta = max(metas, key=lambda m: _PGNO.unpack_from(m, _META_TXNID)[0])
+        roots = [_DB_ROOT.unpack_from(meta, _META_DBS + k * _DB_ROOT.size)[7] for k in (0, 1)]
+        todo = [root for root in roots if root != _NO_PAGE]
+        seen: set[int] = set()
+        while todo:
+            pgno = todo.pop()
+            if pgno in seen or pgno > last_pgno or pgno < 2:
+                return None
+            seen.add(pgno)
+            if (pgno + 1) * psize > size:
+                return pgno
+            raw = page(pgno)
+            _, _, flags, lower, _ = _PAGE_HEAD.unpack_from(raw)
+            if flags & _P_LEAF2:
+                continue  # fixed-size keys, no pointers
+            if not flags & (_P_BRANCH | _P_LEAF):
+                return None
+            for k in range((lower - _PAGE_HEAD.size) // 2):
+                at = struct.unpack_from("<H", raw, _PAGE_HEAD.size + 2 * k)[0]
+                lo, hi, node_flags, ksize = _NODE_HEAD.unpack_from(raw, at)
+                if flags & _P_BRANCH:
+                    todo.append(lo | hi << 16 | node_flags << 32)
+                    continue
+                data = at + _NODE_HEAD.size + ksize
+                if node_flags & _F_BIGDATA:
+                    first = _PGNO.unpack_from(raw, data)[0]
+                    if first > last_pgno:
+                        return None
+                    if (first + 1) * psize > size:
+                        return first
+                    head = os.pread(fd, _PAGE_HEAD.size, first * psize)
+                    if len(head) < _PAGE_HEAD.size or not _PAGE_HEAD.unpack(head)[2] & _P_OVERFLOW:
+                        return None
+                    pages = _OVERFLOW_PAGES.unpack_from(head, 12)[0]
+                    if (first + pages) * psize > size:
+                        return first + pages - 1
+                elif node_flags & _F_SUBDATA:
+                    root = _DB_ROOT.unpack_from(raw, data)[7]
+                    if root != _NO_PAGE:
+                        todo.append(root)
+                # _F_DUPDATA alone: a sub-page inside this node; nothing to follow.
+        return None
+    except (struct.error, OSError):
+        return None
+    finally:
+        os.close(fd)
+
+
+def _stream_name(name_key: bytes) -> str:
+    """A stream name from its index key; ``CorruptRecordError`` if it is not UTF-8.
+
+    Keys carry no checksum: a damaged one is named (escaped) as the stream's entry,
+    never left to surface as a bare ``UnicodeDecodeError``.
+    """
+    try:
+        return name_key.decode("utf-8")
+    except UnicodeDecodeError:
+        name = name_key.decode("utf-8", "backslashreplace")
+        raise CorruptRecordError(name, None, "its name in the index is not UTF-8") from None
+
+
 def _decode_entry(name: str, raw: bytes) -> list[Any]:
     """Unseal a stream index entry: ``[id, last_seq, created_at, updated_at, meta]``.
 
@@ -426,8 +520,19 @@ class LmdbLog:
                     f"dir an owner has created"
                 )
         else:
-            os.makedirs(self._path, exist_ok=True)
-            self._lock_fd = self._take_owner_lock()
+            try:
+                os.makedirs(self._path, exist_ok=True)
+                self._lock_fd = self._take_owner_lock()
+                _lock_holders.add(self)
+            except OSError as exc:
+                if os.path.exists(self._path) and not os.path.isdir(self._path):
+                    why = "is not a directory"
+                else:
+                    why = f"cannot be created or locked ({exc.strerror or exc})"
+                raise LogError(
+                    f"data dir {self._path!r} {why}; open the log in a directory this "
+                    f"process can create and write"
+                ) from None
         try:
             self._open_env(map_size)
         except BaseException:
@@ -451,6 +556,8 @@ class LmdbLog:
         self._stopping = False
         self._closing = False
         self._closed = False
+        # Set once aclose() has released everything: a second closer waits for it.
+        self._released_event = threading.Event()
         self._waiters = AppendWaiters()
         self._poller: threading.Thread | None = None
         self._poll_stop = threading.Event()
@@ -463,6 +570,7 @@ class LmdbLog:
             "largest_batch": 0,
             "largest_batch_bytes": 0,
             "map_growths": 0,
+            "stale_readers_cleared": self._stale_readers_at_open,
             "poll_wake_callbacks": 0,
         }
         self._writer = threading.Thread(
@@ -497,9 +605,25 @@ class LmdbLog:
         return None
 
     def _release_owner_lock(self) -> None:
+        _lock_holders.discard(self)
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing the last descriptor drops the flock
             self._lock_fd = None
+
+    def _drop_inherited_lock(self) -> None:
+        """In a forked child: close the copy of the owner lock's descriptor.
+
+        A flock belongs to the open file, which fork shares with the child: a child that
+        outlived a SIGKILLed owner (a multiprocessing worker, say) would keep the dir
+        locked, and the restarted owner would be refused, told to stop a dead process.
+        The child never owns the dir (LMDB handles are unusable after fork anyway).
+        """
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def _open_env(self, map_size: int) -> None:
         sync = self._durability == "fsync"
@@ -528,6 +652,12 @@ class LmdbLog:
                 ) from None
             raise LogError(f"data dir {self._path!r}: cannot open the LMDB environment ({exc})")
         try:
+            self._check_file_size(env)
+            # LMDB frees a dead process's reader slots only when no process has the
+            # environment open; with a client (the CLI, a dashboard) open across an
+            # owner's crash, a slot held mid-read would pin every page freed after it,
+            # and data.mdb would grow with each commit.
+            self._stale_readers_at_open: int = env.reader_check()
             if self._client:
                 # Database handles opened in a read transaction die with it: use a
                 # (write) transaction that commits, though a client changes nothing.
@@ -562,6 +692,31 @@ class LmdbLog:
         self._env = env
         self._records, self._streams, self._by_meta, self._meta = dbs
 
+    def _check_file_size(self, env: lmdb.Environment) -> None:
+        """Refuse a data.mdb cut short (a partial copy or restore), by name.
+
+        LMDB reads pages through the memory map: touching one past the end of a truncated
+        file kills the process with SIGBUS, which no caller could catch or report. An
+        intact file may end before the last page number too (LMDB does not write pages
+        freed in the transaction that allocated them), so when it is short, the trees
+        are walked (with pread, never the map) for a page in use past the end; only
+        that is refused. The file only grows while the log is open, so its size taken
+        after the meta page is read is never too small for the pages that meta uses.
+        """
+        psize: int = env.stat()["psize"]
+        last_pgno: int = env.info()["last_pgno"]
+        size = os.path.getsize(self._data_file)
+        if size >= (last_pgno + 1) * psize:
+            return
+        beyond = _page_beyond_end(self._data_file, psize, last_pgno, size)
+        if beyond is not None:
+            raise LogError(
+                f"data dir {self._path!r}: data.mdb is {size} bytes, but page {beyond} "
+                f"(at byte {beyond * psize}) is in use: the file was truncated (a partial "
+                f"copy or restore?) and cannot be read safely; restore the data dir from a "
+                f"backup"
+            )
+
     def _sync_secondary_index(self, txn: lmdb.Transaction, dbs: list[Any]) -> None:
         """Rebuild ``by_meta`` if the set of indexed meta keys changed since last open."""
         wanted = cbor2.dumps(list(self._indexed))
@@ -569,8 +724,7 @@ class LmdbLog:
             return
         txn.drop(dbs[2], delete=False)
         for name_key, raw in txn.cursor(db=dbs[1]):
-            name = name_key.decode("utf-8")
-            meta = _decode_entry(name, raw)[4]
+            meta = _decode_entry(_stream_name(name_key), raw)[4]
             for field in self._indexed:
                 if field in meta:
                     key = _index_prefix(field, meta_value_key(meta[field])) + name_key
@@ -587,17 +741,25 @@ class LmdbLog:
         """Commit what is queued, stop the threads, close LMDB and release the dir.
 
         Later calls raise ``LogClosedError``; tasks in ``wait_for_append`` get it too.
-        Calling ``aclose`` again does nothing. Closing completes even when the caller
+        Calling ``aclose`` again does nothing more: a call made while another task is
+        still closing returns once that close is done, so whoever returns from
+        ``aclose`` may reopen the dir at once. Closing completes even when the caller
         is cancelled (the usual case when ``async with`` is left by a timeout): the
         cancellation is raised once the dir is released.
         """
         if self._closing:
+            if not self._released_event.is_set():
+                # Any loop's task may be the second closer: wait in a worker thread.
+                await anyio.to_thread.run_sync(self._released_event.wait, abandon_on_cancel=True)
             return
         self._closing = True
         # Shielded: given up half way, LMDB would stay open and the flock held, so the
         # dir could not be opened again by this process or any other.
         with anyio.CancelScope(shield=True):
-            await self._close()
+            try:
+                await self._close()
+            finally:
+                self._released_event.set()
         await _checkpoint_if_cancelled()
 
     async def _close(self) -> None:
@@ -817,6 +979,7 @@ class LmdbLog:
         """Apply ``batch`` in one write transaction, growing the map as needed."""
         probed = False
         exact = False
+        readers_checked = False
         while True:
             guard = self._guard
             guard.acquire_shared()
@@ -856,6 +1019,13 @@ class LmdbLog:
             if failure == "retry":
                 continue
             if failure == "map_full":
+                if not readers_checked:
+                    # A process that died inside a read transaction pins the pages
+                    # freed since, so the map fills though little is live: free its
+                    # slot and try again before growing the map.
+                    readers_checked = True
+                    if self._clear_stale_readers():
+                        continue
                 reason = self._grow_map()
                 if reason is not None:
                     return [StorageFullError(self._path, reason) for _ in batch], []
@@ -906,7 +1076,13 @@ class LmdbLog:
         cache = self._entries
         if len(cache) > _MAX_CACHED_ENTRIES:
             cache.clear()
-        self._entries_txnid = txnid
+        # A transaction that changed nothing (a batch of conflicts, say) leaves no trace:
+        # LMDB does not use up its id, so the next write transaction, ours or another
+        # process's, gets the same one. The cache then holds the store as of the id
+        # before; keyed to this one, a commit by another process in between would go
+        # unnoticed, and a stale entry would be written back over its appends.
+        wrote = any(state.dirty for state in states.values())
+        self._entries_txnid = txnid if wrote else txnid - 1
         for name, state in states.items():
             cache[name] = state.entry()
         counters = self._counters
@@ -1055,6 +1231,17 @@ class LmdbLog:
         if next_id is not None and next_id != first_new_id:
             put(_NEXT_ID_KEY, _ID.pack(next_id), db=self._meta)
         return outcomes, states
+
+    def _clear_stale_readers(self) -> int:
+        """Free the reader slots of dead processes; return how many were freed."""
+        self._guard.acquire_shared()
+        try:
+            cleared: int = self._env.reader_check()
+        finally:
+            self._guard.release_shared()
+        if cleared:
+            self._counters["stale_readers_cleared"] += cleared
+        return cleared
 
     def _grow_map(self) -> str | None:
         """Double the map, bounded by the free disk; return why not, or None if grown."""
@@ -1267,7 +1454,7 @@ class LmdbLog:
                 name_key = key[skip:]
                 raw = txn.get(name_key, db=streams_db) if by_index else value
                 if raw is not None:
-                    chunk.append((name_key.decode("utf-8"), raw))
+                    chunk.append((_stream_name(name_key), raw))
                 last = key
             return chunk, None
         finally:
@@ -1600,6 +1787,20 @@ class LmdbLog:
             **self._counters,
         }
 
+
+# The owners open in this process, so a forked child can close its copies of their lock
+# descriptors (see LmdbLog._drop_inherited_lock). Process-wide by nature: fork copies
+# every descriptor of the process, whoever opened it.
+_lock_holders: weakref.WeakSet[LmdbLog] = weakref.WeakSet()
+
+
+def _drop_inherited_locks() -> None:
+    for log in list(_lock_holders):
+        log._drop_inherited_lock()
+    _lock_holders.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 _DB_NAMES: Final = (b"records", b"streams", b"by_meta", b"meta")
 _MISSING: Final = object()

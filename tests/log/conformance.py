@@ -588,6 +588,28 @@ class EventLogConformance:
         with pytest.raises(LogClosedError):
             await log.last_seq("s")
 
+    async def test_close_under_a_suspended_reader_and_listing(self, log: EventLog) -> None:
+        """A replay or a listing suspended between chunks when the log closes: the next
+        chunk is LogClosedError (never a crash, a hang or a silently short read)."""
+        await log.append("long", [note(i) for i in range(600)], expect=0)
+        for i in range(600):
+            await log.append(f"x/{i:04d}", [], expect=0, meta={"status": "s"})
+        chunks = log.read_chunks("long")
+        first = await chunks.__anext__()
+        assert [r.seq for r in first] == list(range(1, len(first) + 1)) and len(first) < 600
+        records = log.read("long", after=10)
+        assert (await records.__anext__()).seq == 11
+        listings = [log.streams("x/"), log.streams(where={"status": "s"})]
+        for listing_ in listings:
+            assert (await listing_.__anext__()).stream == "x/0000"
+        with anyio.fail_after(10):
+            await log.aclose()
+        for suspended in [chunks, records, *listings]:
+            with pytest.raises(LogClosedError):
+                with anyio.fail_after(10):
+                    async for _ in suspended:
+                        pass
+
     async def test_close_wakes_waiters_with_log_closed(self, log: EventLog) -> None:
         errors: list[BaseException] = []
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import struct
 import sys
 import time
@@ -72,17 +73,19 @@ async def client_append(path: str, stream: str) -> None:
         say("appended", seq)
 
 
-async def crash_writer(path: str, round_id: str, seed: str) -> None:
+async def crash_writer(path: str, round_id: str, seed: str, map_size: str = "0") -> None:
     """Append batches from many tasks forever, saying each acknowledged batch.
 
     Each line is ``ack STREAM LAST_SEQ BATCH_ID SIZE``: the batch's records carry
     ``{"batch": BATCH_ID, "i": 0..SIZE-1, "size": SIZE}``, so the parent can tell a
     whole batch from a partial one whether or not it was acknowledged. The parent
-    SIGKILLs us at a random moment.
+    SIGKILLs us at a random moment. A ``map_size`` other than 0 opens with that
+    initial map (a tiny one makes the map grow while we run).
     """
     rng = random.Random(seed)
     pad = "x" * 200
-    async with await LmdbLog.open(path, types=TYPES, durability="fsync") as log:
+    sizing = {"map_size": int(map_size)} if int(map_size) else {}
+    async with await LmdbLog.open(path, types=TYPES, durability="fsync", **sizing) as log:
 
         async def own_stream(task: int) -> None:
             stream = f"exec/{task}"
@@ -166,6 +169,61 @@ async def corrupt_and_append(path: str, corrupt: str, append: str) -> None:
     say("done", last + 1)
 
 
+async def try_open(path: str, role: str) -> None:
+    """Open the dir as ``role`` (owner or client) and say 'opened', or 'error TYPE MESSAGE'.
+
+    Run in a child because a bad store could kill the process (SIGBUS) instead of
+    raising: the parent then sees the signal, not a line.
+    """
+    try:
+        async with await LmdbLog.open(path, types=TYPES, client=role == "client") as log:
+            await log.last_seq("s")
+    except Exception as exc:
+        say("error", type(exc).__name__, str(exc))
+    else:
+        say("opened")
+
+
+async def owner_forks(path: str) -> None:
+    """Own the dir, then fork a child that outlives us; say both pids, then wait.
+
+    The child holds on to whatever fork gave it (as a multiprocessing worker would) and
+    sleeps; the parent test SIGKILLs us, then the child.
+    """
+    async with await LmdbLog.open(path, types=TYPES, durability="process") as log:
+        await log.append("s", [NewRecord("note", {"i": 0})], expect=ANY)
+        child = os.fork()
+        if child == 0:
+            time.sleep(120)
+            os._exit(0)
+        say("forked", os.getpid(), child)
+        await next_line()
+
+
+async def client_signaller(path: str, tag: str, pad: str = "0") -> None:
+    """Open as a client and append signals one by one forever, saying each ack.
+
+    Each line is ``ack SEQ ID``; ids are ``TAG-N``; each signal carries ``pad`` bytes of
+    padding (enough of it makes the client grow the map). The parent SIGKILLs us.
+    """
+    padding = "p" * int(pad)
+    async with await LmdbLog.open(path, types=TYPES, client=True, durability="fsync") as log:
+        say("ready", os.getpid())
+        for n in range(10**9):
+            signal_id = f"{tag}-{n}"
+            payload = {"id": signal_id, "pad": padding}
+            seq = await log.append("signals/client", [NewRecord("signal", payload)], expect=ANY)
+            say("ack", seq, signal_id)
+
+
+def die_reading(path: str) -> None:
+    """Begin a read transaction, say so, and SIGKILL ourselves inside it."""
+    env = lmdb.open(path, map_size=0, max_dbs=8)  # 0: keep the owner's map size
+    txn = env.begin()
+    say("reading", os.getpid(), txn.id())
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 MODES = {
     "owner": owner,
     "client": client,
@@ -173,6 +231,10 @@ MODES = {
     "crash-writer": crash_writer,
     "fill": fill,
     "corrupt-and-append": corrupt_and_append,
+    "try-open": try_open,
+    "owner-forks": owner_forks,
+    "client-signaller": client_signaller,
+    "die-reading": die_reading,
 }
 
 if __name__ == "__main__":
@@ -181,4 +243,7 @@ if __name__ == "__main__":
     backend = "asyncio"
     if argv and argv[0].startswith("--backend="):
         backend = argv.pop(0).partition("=")[2]
-    anyio.run(MODES[argv[0]], *argv[1:], backend=backend)
+    mode = MODES[argv[0]]
+    if mode is die_reading:  # plain LMDB, no event loop
+        die_reading(*argv[1:])
+    anyio.run(mode, *argv[1:], backend=backend)
