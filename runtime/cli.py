@@ -24,6 +24,7 @@ every command.
 from __future__ import annotations
 
 import argparse
+import codecs
 import errno
 import getpass
 import importlib
@@ -50,6 +51,7 @@ from perdure.agent import Agent
 from perdure.budget import Budget
 from perdure.cli_export import export_document, record_to_json, to_json_value
 from perdure.cli_render import (
+    clip,
     fmt_bytes,
     fmt_clock,
     fmt_dollars,
@@ -139,10 +141,14 @@ def _buffered_stdout() -> TextIO:
     except (AttributeError, OSError, ValueError):
         return stdout  # replaced by something without a descriptor: use it as it is
     raw = io.FileIO(fd, "w", closefd=False)
+    errors = stdout.errors or "strict"
     return io.TextIOWrapper(
         io.BufferedWriter(raw),
         encoding=stdout.encoding or "utf-8",
-        errors=stdout.errors or "strict",
+        # A terminal or pipe whose encoding lacks a character (PYTHONIOENCODING=ascii,
+        # a Latin-1 locale) gets it escaped rather than a crash halfway through a table;
+        # JSON is written ASCII-only there (see _ensure_ascii), so it stays valid.
+        errors="backslashreplace" if errors == "strict" else errors,
         line_buffering=raw.isatty(),  # a person at a terminal sees each line at once
     )
 
@@ -215,8 +221,22 @@ def _report(out: TextIO, as_json: bool, message: str, kind: str, code: int, usag
 
 
 def _write_json(out: TextIO, doc: Any) -> None:
-    out.write(json.dumps(to_json_value(doc), ensure_ascii=False, indent=2, allow_nan=False))
-    out.write("\n")
+    text = json.dumps(
+        to_json_value(doc), ensure_ascii=_ensure_ascii(out), indent=2, allow_nan=False
+    )
+    out.write(text + "\n")
+
+
+def _ensure_ascii(out: TextIO) -> bool:
+    """Whether JSON for ``out`` must escape non-ASCII: its encoding cannot hold all of
+    Unicode (an escaped character would no longer be valid JSON)."""
+    encoding = getattr(out, "encoding", None)
+    if not isinstance(encoding, str):
+        return False  # a StringIO: text, no encoding at all
+    try:
+        return not codecs.lookup(encoding).name.startswith(("utf-", "utf_", "gb18030"))
+    except LookupError:
+        return True
 
 
 @dataclass(slots=True)
@@ -709,9 +729,10 @@ def _inspect_lines(d: Mapping[str, Any]) -> list[str]:
         pairs.append(("output", fmt_json(d["output"])))
     if d["error"]:
         err = d["error"]
-        pairs.append(("error", f"{d['failure_kind']}: {err.get('type')}: {err.get('message')}"))
+        message = clip(f"{err.get('type')}: {err.get('message')}", None)
+        pairs.append(("error", f"{d['failure_kind']}: {message}"))
     if d["cancel_reason"] is not None:
-        pairs.append(("cancelled", d["cancel_reason"] or "(no reason given)"))
+        pairs.append(("cancelled", clip(d["cancel_reason"], None) or "(no reason given)"))
     steps = f"{d['steps']} (max {d['max_steps']} LLM calls), {d['records']} records"
     pairs.append(("steps", steps))
     pairs.append(
@@ -815,8 +836,9 @@ def _inspect_lines(d: Mapping[str, Any]) -> list[str]:
         lines.append("pending signals (in the inbox, not yet delivered)")
         for p in d["pending_signals"]:
             lines.append(
-                f"  inbox seq {p['inbox_seq']}: {p['name']} {fmt_json(p['payload'], 80)} "
-                f"by {p['by']} at {fmt_time(p['sent_at'])}{_held_note(p)}"
+                f"  inbox seq {p['inbox_seq']}: {clip(p['name'], 80)} "
+                f"{fmt_json(p['payload'], 80)} by {clip(p['by'], 80)} at "
+                f"{fmt_time(p['sent_at'])}{_held_note(p)}"
             )
     if d["next_steps"]:
         lines.append("next")
@@ -842,7 +864,8 @@ def _blocker(b: Mapping[str, Any], child: Mapping[str, Any] | None = None) -> st
         args = fmt_json(b.get("arguments"), 100)
         head = f"{kind} {b.get('confirmation_id')}: step {b.get('step')} {b.get('tool')} {args}"
         if kind == "contract":
-            return f"{head}; contract {b.get('contract')!r} blocked it: {b.get('message')}"
+            why = clip(str(b.get("message")), None)
+            return f"{head}; contract {b.get('contract')!r} blocked it: {why}"
         return head
     if kind == "budget":
         return f"budget: {b.get('limit')} {b.get('limit_value')} reached (used {b.get('used')})"
@@ -853,7 +876,7 @@ def _blocker(b: Mapping[str, Any], child: Mapping[str, Any] | None = None) -> st
             f"finished; key {b.get('key')}; the tool is not idempotent"
         )
     if kind == "drift":
-        return f"drift: {b.get('message')}"
+        return f"drift: {clip(str(b.get('message')), None)}"
     if kind == "signal":
         return f"signal: step {b.get('step')} {b.get('tool')} waits for signal {b.get('name')!r}"
     if kind == "child":
@@ -939,7 +962,7 @@ async def _export(ctx: _Ctx, args: argparse.Namespace) -> int:
         return 0
     # stdout, spelled "-" or as a path to it (-o /dev/stdout): only the document goes
     # there, so that it stays one JSON document for the reader.
-    ctx.out.write(json.dumps(doc, ensure_ascii=False, allow_nan=False) + "\n")
+    ctx.out.write(json.dumps(doc, ensure_ascii=_ensure_ascii(ctx.out), allow_nan=False) + "\n")
     return 0
 
 
@@ -1227,7 +1250,7 @@ async def _send(
         )
     else:
         names = ", ".join(f"{s['name']} (inbox seq {s['inbox_seq']})" for s in sent)
-        lines = [f"sent {names} to execution {eid} as {by}"]
+        lines = [f"sent {clip(names, None)} to execution {eid} as {clip(by, None)}"]
         agent = meta.get("agent")
         if owner is None:
             lines.append(
@@ -1583,6 +1606,9 @@ async def _replay(ctx: _Ctx, args: argparse.Namespace) -> int:
             report = replayer.replay(events)
             if not report.execution_id:
                 report.execution_id = _eid(info)
+            # The status every other command shows: the index's ("queued" is kept there
+            # only; the records of a queued execution fold to "running").
+            report.status = str(info.meta.get("status"))
             reports.append(report)
     bad = [r for r in reports if not r.ok]
     if ctx.json:

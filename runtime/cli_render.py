@@ -30,9 +30,18 @@ __all__ = [
 ]
 
 
+#: Characters that would move the cursor or end the line in a terminal (line breaks,
+#: tabs, escape sequences, C1 controls, Unicode line separators), as visible escapes.
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+_CONTROLS.update({0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r", 0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
 def clip(text: str, limit: int | None) -> str:
-    """``text`` on one line, cut to ``limit`` characters (None: whole)."""
-    text = text.replace("\r", "\\r").replace("\n", "\\n")
+    """``text`` on one line with control characters escaped, cut to ``limit``
+    characters (None: whole)."""
+    # A value from the log (an operator's --by, a signal name, an error message) must
+    # not break a table row or send escape sequences to the terminal.
+    text = text.translate(_CONTROLS)
     if limit is None or len(text) <= limit:
         return text
     return text[: max(limit - 1, 0)] + "…"
@@ -168,6 +177,11 @@ def render_change(change: Mapping[str, Any]) -> str:
 _CLIP = 160
 
 
+def _text(value: Any, limit: int = _CLIP) -> str:
+    """A plain value from the log (a name, a reason, who acted) for one table cell."""
+    return clip(str(value), limit)
+
+
 def render_entry(e: Mapping[str, Any]) -> tuple[str, str, str]:
     """A timeline entry as (step, kind, detail) cells."""
     kind = str(e["kind"])
@@ -207,7 +221,7 @@ def _tool(e: Mapping[str, Any]) -> str:
         outcome = f"ok {fmt_json(e.get('output'), 80)}"
     elif status in ("error", "rejected"):
         err = e.get("error") or {}
-        outcome = f"{status} {err.get('type', 'Error')}: {clip(str(err.get('message', '')), 80)}"
+        outcome = f"{status} {_text(err.get('type', 'Error'))}: {_text(err.get('message', ''), 80)}"
     elif status == "started":
         outcome = "started, no outcome recorded (running, or in doubt after a crash)"
     else:
@@ -237,17 +251,17 @@ def _approval(e: Mapping[str, Any]) -> str:
 def _approved(e: Mapping[str, Any]) -> str:
     note = f", note {fmt_json(e['note'], 80)}" if e.get("note") else ""
     what = "override of" if e.get("override") else ""
-    return f"{what} {e['confirmation_id']} by {e['by']}{note}".strip()
+    return f"{what} {e['confirmation_id']} by {_text(e['by'])}{note}".strip()
 
 
 def _rejected(e: Mapping[str, Any]) -> str:
-    return f"{e['confirmation_id']} by {e['by']}: {clip(str(e.get('reason', '')), _CLIP)}"
+    return f"{e['confirmation_id']} by {_text(e['by'])}: {_text(e.get('reason', ''))}"
 
 
 def _waiting(e: Mapping[str, Any]) -> str:
     if e.get("wait") == "child":
         return f"for child execution {(e.get('detail') or {}).get('child_id', '?')}"
-    return f"for signal {e.get('name')!r}"
+    return f"for signal {_text(repr(e.get('name')))}"
 
 
 def _suspended(e: Mapping[str, Any]) -> str:
@@ -282,16 +296,16 @@ def _drift(e: Mapping[str, Any]) -> str:
 
 def _failed(e: Mapping[str, Any]) -> str:
     err = e.get("error") or {}
-    return f"{e.get('failure')}: {err.get('type', 'Error')}: {clip(str(err.get('message')), _CLIP)}"
+    return f"{e.get('failure')}: {_text(err.get('type', 'Error'))}: {_text(err.get('message'))}"
 
 
 def _resolved(e: Mapping[str, Any]) -> str:
     if e.get("action") == "complete":
-        return f"complete with {fmt_json(e.get('output'), 80)} by {e['by']}"
+        return f"complete with {fmt_json(e.get('output'), 80)} by {_text(e['by'])}"
     if e.get("action") == "fail":
         err = e.get("error") or {}
-        return f"fail ({clip(str(err.get('message', '')), 80)}) by {e['by']}"
-    return f"{e.get('action')} by {e['by']}"
+        return f"fail ({_text(err.get('message', ''), 80)}) by {_text(e['by'])}"
+    return f"{e.get('action')} by {_text(e['by'])}"
 
 
 def _other(e: Mapping[str, Any]) -> str:
@@ -307,15 +321,17 @@ _DETAIL = {
     "approved": _approved,
     "rejected": _rejected,
     "waiting": _waiting,
-    "signal": lambda e: f"{e['name']} {fmt_json(e.get('payload'), 80)} by {e['by']}",
-    "signal_ignored": lambda e: f"{e['name']} by {e['by']}: {e['reason']}",
-    "budget_raised": lambda e: f"to {fmt_json(e.get('budget'))} by {e['by']}",
+    "signal": lambda e: f"{_text(e['name'])} {fmt_json(e.get('payload'), 80)} by {_text(e['by'])}",
+    "signal_ignored": lambda e: f"{_text(e['name'])} by {_text(e['by'])}: {_text(e['reason'])}",
+    "budget_raised": lambda e: f"to {fmt_json(e.get('budget'))} by {_text(e['by'])}",
     "resolved": _resolved,
     "drift": _drift,
-    "drift_accepted": lambda e: f"by {e['by']}",
+    "drift_accepted": lambda e: f"by {_text(e['by'])}",
     "suspended": _suspended,
-    "resumed": lambda e: f"by {e['by']}",
+    "resumed": lambda e: f"by {_text(e['by'])}",
     "completed": lambda e: fmt_json(e.get("output"), _CLIP),
     "failed": _failed,
-    "cancelled": lambda e: f"by {e['by']}" + (f": {e['reason']}" if e.get("reason") else ""),
+    "cancelled": lambda e: (
+        f"by {_text(e['by'])}" + (f": {_text(e['reason'])}" if e.get("reason") else "")
+    ),
 }
