@@ -81,7 +81,7 @@ from perdure.log import ANY, Fault, LmdbLog, LogError, Record, StreamInfo
 from perdure.result import ExecutionInfo
 from perdure.signals import BUILTIN, canonical_name, precheck
 from perdure.state import TERMINAL, ExecutionState, apply
-from perdure.status import STATUSES, describe, owner_pid, pending_signals
+from perdure.status import STATUSES, PendingSignal, describe, owner_pid, pending_signals
 
 __all__ = ["CliError", "build_parser", "console_command", "main", "run"]
 
@@ -339,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--by", help="who is acting (default: cli:USER@HOST)")
         p.add_argument(
             "--wait",
-            type=float,
+            type=_seconds,
             metavar="SECONDS",
             help="wait until the owning runtime has taken the signal and the execution "
             "has settled; exit 1 if it has not within SECONDS (or no runtime owns the dir)",
@@ -408,13 +408,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _seconds(text: str) -> float:
+    """A ``--wait`` value: seconds, zero or more (``inf``: until it settles)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if math.isnan(value) or value < 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give the seconds to wait, 0 or more (inf waits until it settles)"
+        )
+    return value
+
+
 # -- shared pieces --------------------------------------------------------------------------
 
 
 @asynccontextmanager
 async def _open(ctx: _Ctx) -> AsyncIterator[LmdbLog]:
     """The data dir's log, opened as a client (never the owner lock; signals only)."""
-    log = await LmdbLog.open(ctx.data_dir, types=record_types(), client=True)
+    try:
+        log = await LmdbLog.open(ctx.data_dir, types=record_types(), client=True)
+    except LogError as exc:
+        text = str(exc)
+        if "holds no perdure log" not in text and "MDB_INVALID" not in text:
+            raise
+        raise CliError(
+            f"{text}; is it the data dir a Runtime opened? pass --data-dir DIR or set "
+            f"PERDURE_DATA_DIR",
+            "no_data_dir",
+        ) from None
     try:
         yield log
     finally:
@@ -1180,30 +1203,40 @@ async def _check_histories(log: LmdbLog, skip: set[str]) -> list[Fault]:
 async def _send(
     ctx: _Ctx,
     args: argparse.Namespace,
-    signals: Sequence[tuple[str, Any]] | Callable[[StreamInfo], Sequence[tuple[str, Any]]],
+    signals: Sequence[tuple[str, Any]]
+    | Callable[[LmdbLog, StreamInfo], Awaitable[Sequence[tuple[str, Any]]]],
     *,
     check: Callable[[LmdbLog, StreamInfo], Awaitable[None]] | None = None,
 ) -> int:
-    """Check each signal against the index entry, then append them all to the inbox."""
+    """Check each signal against the index entry and the signals already waiting in the
+    inbox, then append them all to the inbox."""
     eid = args.execution_id
     by = args.by or _operator()
     async with _open(ctx) as log:
         info = await _find(log, ctx, eid)
         meta = info.meta
-        todo = signals(info) if callable(signals) else signals
+        todo = await signals(log, info) if callable(signals) else signals
         for name, payload in todo:
+            data = payload if isinstance(payload, Mapping) else {}
             problem = precheck(
                 eid,
                 str(meta.get("status")),
                 list(meta.get("confirmations") or ()),
                 name,
-                payload if isinstance(payload, Mapping) else {},
+                data,
                 usage=meta,
             )
             if problem is not None:
+                if canonical_name(name) in ("approve", "reject"):
+                    problem = await _decided(log, info, canonical_name(name), data, problem)
                 raise CliError(problem, "invalid_signal")
         if check is not None:
             await check(log, info)
+        # Delivery takes one decision per confirmation (one cancel, one resolve...) and
+        # turns the rest down; while the first still waits in the inbox the index does
+        # not show it yet, so a second one is refused here rather than stored as a no-op.
+        waiting = (await pending_signals(log)).get(eid, [])
+        todo = _not_yet_sent(eid, todo, waiting, owner_pid(ctx.data_dir), ctx.data_dir)
         # What the signals can do depends on what the execution waits for: the index
         # says why it is suspended; the suspension itself (folded from the records)
         # names the signals its tools wait for.
@@ -1272,6 +1305,105 @@ async def _send(
             )
         ctx.lines(lines)
     return 1 if settled is False else 0
+
+
+async def _decided(
+    log: LmdbLog, info: StreamInfo, kind: str, payload: Mapping[str, Any], problem: str
+) -> str:
+    """Why an approve/reject cannot apply, from the records when they know more than
+    the index: the confirmation was decided already, or it is a child execution's."""
+    eid, cid = _eid(info), payload.get("confirmation_id")
+    if not cid:
+        return problem
+    for e in reversed(timeline(await _history(log, info))):
+        if e["kind"] in ("approved", "rejected") and e.get("confirmation_id") == cid:
+            verb = "overridden" if e.get("override") else e["kind"]
+            step = f", step {e['step']}" if e.get("step") else ""
+            status = str(info.meta.get("status"))
+            now = f"; the execution is {status}" if status in TERMINAL else ""
+            return (
+                f"confirmation {cid!r} of execution {eid!r} was already {verb} by "
+                f"{clip(str(e.get('by')), 80)} (seq {e['seq']}{step}){now}; a confirmation "
+                f"is decided once, so nothing was sent; see 'perdure steps {eid}'"
+            )
+    async for child in log.streams(prefix=f"{_PREFIX}{eid[:200]}"):
+        if child.meta.get("parent") == eid and cid in (child.meta.get("confirmations") or ()):
+            child_id = _eid(child)
+            rest = "[--note TEXT]" if kind == "approve" else "--reason WHY"
+            return (
+                f"confirmation {cid!r} belongs to child execution {child_id!r}, which "
+                f"execution {eid!r} waits for; decide it there: perdure {kind} "
+                f"{shlex.quote(child_id)} {cid} {rest}; nothing was sent"
+            )
+    return problem
+
+
+#: Signals that deliver once: a second one, sent while the first waits in the inbox, is
+#: turned down on delivery (approve and reject are matched by confirmation id).
+_ONCE = ("resolve", "resume", "accept_drift")
+
+
+def _not_yet_sent(
+    eid: str,
+    todo: Sequence[tuple[str, Any]],
+    waiting: Sequence[PendingSignal],
+    owner: int | None,
+    data_dir: str,
+) -> list[tuple[str, Any]]:
+    """``todo`` less what a signal already waiting in the inbox does; raises if that
+    leaves nothing to send, or if a signal would contradict one that waits.
+
+    A ``resume`` or ``accept_drift`` already waiting is simply not sent again (so
+    ``resume ID --max-llm-calls N`` still sends the budget); a second decision on a
+    confirmation, a second resolve and anything after a cancel are refused, naming the
+    signal that waits.
+    """
+    out = list(todo)
+    if not waiting:
+        return out
+    when = (
+        f"runtime pid {owner} has not delivered it yet"
+        if owner is not None
+        else f"no runtime owns {data_dir}: it is delivered at the next start"
+    )
+
+    def which(p: PendingSignal) -> str:
+        return f"{p.name} by {clip(p.by, 80)} (inbox seq {p.seq}{_held_note(p.to_dict())})"
+
+    def refuse(what: str) -> NoReturn:
+        raise CliError(
+            f"execution {eid!r}: {what}; {when}. Nothing was sent; see 'perdure inspect {eid}'",
+            "already_sent",
+        )
+
+    kinds = [(canonical_name(p.name), p) for p in waiting]
+    cancel = next((p for k, p in kinds if k == "cancel"), None)
+    if cancel is not None:
+        refuse(f"a cancel waits in the inbox, {which(cancel)}, and then it takes no more signals")
+    for name, payload in todo:
+        kind = canonical_name(name)
+        data = payload if isinstance(payload, Mapping) else {}
+        for k, p in kinds:
+            theirs = p.payload if isinstance(p.payload, Mapping) else {}
+            if kind in ("approve", "reject") and k in ("approve", "reject"):
+                cid = data.get("confirmation_id")
+                if cid is not None and theirs.get("confirmation_id") == cid:
+                    refuse(
+                        f"confirmation {cid!r} already has a decision waiting in the inbox, "
+                        f"{which(p)}; a confirmation is decided once"
+                    )
+            elif kind == "resolve" and k == "resolve":
+                refuse(
+                    f"a decision on the in-doubt call already waits in the inbox, {which(p)} "
+                    f"({theirs.get('action')})"
+                )
+            elif kind in _ONCE and k == kind and (name, payload) in out:
+                out.remove((name, payload))
+    if not out:
+        asked = {canonical_name(name) for name, _ in todo}
+        same = next(p for k, p in kinds if k in asked)
+        refuse(f"{which(same)} already waits in the inbox and does the same")
+    return out
 
 
 def _effect(
@@ -1394,8 +1526,17 @@ async def _reject(ctx: _Ctx, args: argparse.Namespace) -> int:
 
 async def _signal(ctx: _Ctx, args: argparse.Namespace) -> int:
     payload = None if args.payload is None else _parse_json(args.payload, "the signal payload")
-    if not args.name.strip():
+    name = args.name
+    if not name.strip():
         raise CliError("a signal needs a name", "usage", 2)
+    if name != name.strip() or clip(name, None) != name:
+        # wait_for_signal('go') never matches 'go ' or 'go\n': almost surely a quoting slip.
+        raise CliError(
+            f"signal name {name!r} has surrounding spaces or control characters; a tool waits "
+            f"for an exact name, e.g. perdure signal {shlex.quote(args.execution_id)} go",
+            "usage",
+            2,
+        )
     return await _send(ctx, args, [(args.name, payload)])
 
 
@@ -1437,7 +1578,7 @@ async def _resume(ctx: _Ctx, args: argparse.Namespace) -> int:
         raise CliError(f"resume {args.execution_id}: {exc}", "usage", 2) from None
     owner = owner_pid(ctx.data_dir)
 
-    def plan(info: StreamInfo) -> list[tuple[str, Any]]:
+    async def plan(log: LmdbLog, info: StreamInfo) -> list[tuple[str, Any]]:
         # What Runtime.resume sends: the budget, the drift acceptance, and a resume for
         # a failed execution (or one suspended for drift that is not being accepted).
         eid, meta = _eid(info), info.meta
@@ -1454,7 +1595,10 @@ async def _resume(ctx: _Ctx, args: argparse.Namespace) -> int:
             return todo or [("resume", {})]  # a terminal status: precheck says why not
         text = describe(meta, owned=owner is not None)
         if status == "suspended":
-            hints = next_steps(eid, "suspended", {"kind": reason, **_reason_hint(meta)})
+            # The suspension as recorded names what it waits for (a signal's name, the
+            # budget limit reached); the index entry only says why.
+            suspension = _fold(info, await _history(log, info)).suspend_reason
+            hints = next_steps(eid, "suspended", suspension or {"kind": reason})
             raise CliError(
                 f"execution {eid!r} is {text}; resume does not decide that"
                 + (f": {hints[0]}" if hints else ""),
@@ -1473,11 +1617,6 @@ async def _resume(ctx: _Ctx, args: argparse.Namespace) -> int:
         )
 
     return await _send(ctx, args, plan)
-
-
-def _reason_hint(meta: Mapping[str, Any]) -> dict[str, Any]:
-    confirmations = list(meta.get("confirmations") or ())
-    return {"confirmation_id": confirmations[0]} if confirmations else {}
 
 
 # -- replay ---------------------------------------------------------------------------------
