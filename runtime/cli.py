@@ -79,7 +79,7 @@ from perdure.events import (
 from perdure.journal import index_meta
 from perdure.log import ANY, Fault, LmdbLog, LogError, Record, StreamInfo
 from perdure.result import ExecutionInfo
-from perdure.signals import BUILTIN, canonical_name, precheck
+from perdure.signals import BUILTIN, canonical_name, in_doubt_problem, precheck
 from perdure.state import TERMINAL, ExecutionState, apply
 from perdure.status import STATUSES, PendingSignal, describe, owner_pid, pending_signals
 
@@ -1553,14 +1553,9 @@ async def _resolve(ctx: _Ctx, args: argparse.Namespace) -> int:
         payload = {"action": "fail", "reason": args.fail}
 
     async def in_doubt(log: LmdbLog, info: StreamInfo) -> None:
-        state = _fold(info, await _history(log, info))
-        if not any(c.status == "started" and not c.idempotent for c in state.calls):
-            raise CliError(
-                f"execution {info.stream[len(_PREFIX) :]!r} has no tool call in doubt "
-                f"(status {info.meta.get('status')}); resolve decides a non-idempotent tool "
-                f"call that started but never finished",
-                "invalid_signal",
-            )
+        problem = in_doubt_problem(_eid(info), _fold(info, await _history(log, info)))
+        if problem is not None:
+            raise CliError(problem, "invalid_signal")
 
     return await _send(ctx, args, [("resolve", payload)], check=in_doubt)
 

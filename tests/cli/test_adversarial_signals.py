@@ -12,7 +12,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from perdure import Agent, Runtime
+from perdure import Agent, ExecutionNotFoundError, InvalidSignalError, Runtime
 from perdure.events import INBOX_STREAM, execution_stream, record_types
 from perdure.log import LmdbLog
 from perdure.providers import Scripted
@@ -250,3 +250,31 @@ async def test_a_childs_confirmation_sent_to_its_parent_points_to_the_child(
         assert done.is_completed and done.output == "Managed."
         kinds = [r.type async for r in rt.log.read(execution_stream(child_id))]
     assert kinds.count("approval.granted") == 1 and kinds.count("tool.completed") == 1
+
+
+# -- the same mistakes through the Runtime's operator API -------------------------------------
+
+
+@pytest.mark.anyio
+async def test_rt_resolve_with_nothing_in_doubt_is_refused_and_records_nothing(
+    fresh_store: Store,
+) -> None:
+    path = fresh_store.path
+    async with Runtime(path, agents=agents.ALL, durability="process", shutdown_timeout=2.0) as rt:
+        before = [r.type async for r in rt.log.read(execution_stream("pay-1"))]
+        with pytest.raises(InvalidSignalError) as caught:
+            await rt.resolve("pay-1", retry=True)
+        assert str(caught.value) == (
+            "execution 'pay-1' has no tool call in doubt (status suspended); resolve decides a "
+            "non-idempotent tool call that started but never finished"
+        )
+        after = [r.type async for r in rt.log.read(execution_stream("pay-1"))]
+        assert after == before  # no signal.ignored either
+        with pytest.raises(ExecutionNotFoundError):
+            await rt.resolve("nope", fail="x")
+        with pytest.raises(ValueError, match="unknown status 'bogus'; use one of running, "):
+            await rt.executions(status="bogus")
+        assert [e.execution_id for e in await rt.executions(status="failed")] == ["fail-1"]
+    # The CLI says the same, from the same check.
+    ran = await anyio.to_thread.run_sync(perdure, path, "resolve", "pay-1", "--retry")
+    assert ran.err == f"perdure: error: {caught.value}\n"
