@@ -977,7 +977,7 @@ async def _export(ctx: _Ctx, args: argparse.Namespace) -> int:
     target = args.output
     if target and target != "-" and not _is_stdout(target, ctx.out):
         text = json.dumps(doc, ensure_ascii=False, allow_nan=False) + "\n"
-        await anyio.to_thread.run_sync(_write_export, eid, target, text)
+        await anyio.to_thread.run_sync(_write_export, eid, target, text, ctx.abs_dir)
         if ctx.json:
             ctx.emit({"execution_id": eid, "file": target, "records": len(records)})
         else:
@@ -997,14 +997,15 @@ def _is_stdout(target: str, out: TextIO) -> bool:
         return False
 
 
-def _write_export(eid: str, target: str, text: str) -> None:
+def _write_export(eid: str, target: str, text: str, data_dir: str) -> None:
     """Write an export to ``target`` without ever replacing something that is not a file.
 
     A regular file (or a new one) is written aside and renamed over, so a reader never
     sees half an export; through a symlink, the temporary file goes beside the link's
     real target and is renamed onto that, so the link stays a link. Anything else that
     exists (a terminal, a FIFO, /dev/null, /dev/full) is written into as it is: renaming
-    over it would replace the device node or the FIFO with a JSON file.
+    over it would replace the device node or the FIFO with a JSON file. Nothing in the
+    data dir is written: ``-o DIR/data.mdb`` would replace the whole log with one export.
     """
 
     def fail(why: str, kind: str = "error", code: int = 1) -> NoReturn:
@@ -1016,15 +1017,24 @@ def _write_export(eid: str, target: str, text: str) -> None:
         st = None  # a new file (or a dangling link: its target is created)
     except OSError as exc:
         fail(_os_error(exc))
+    name = eid.replace("/", "_")  # a child's id holds a slash: no subdirectory
     if st is not None and stat.S_ISDIR(st.st_mode):
         fail(
-            f"it is a directory; give a file name, e.g. -o {os.path.join(target, eid)}.json",
+            f"it is a directory; give a file name, e.g. -o {os.path.join(target, name)}.json",
             "usage",
             2,
         )
     if st is not None and stat.S_ISBLK(st.st_mode):
         fail("it is a block device (a disk); give a file name", "usage", 2)
     real = os.path.realpath(target)
+    store = os.path.realpath(data_dir)
+    if os.path.commonpath([real, store]) == store or _is_store_file(st, store):
+        fail(
+            f"it is inside the data dir {data_dir!r}, next to (or onto) the log itself; "
+            f"write the export somewhere else, e.g. -o {name}.json",
+            "usage",
+            2,
+        )
     if st is not None and not stat.S_ISREG(st.st_mode):
         _write_into(target, text, fail)
         return
@@ -1061,6 +1071,19 @@ def _write_export(eid: str, target: str, text: str) -> None:
         except OSError:
             pass
         raise
+
+
+def _is_store_file(st: os.stat_result | None, store: str) -> bool:
+    """Whether ``st`` is one of the data dir's own files (reached by another path)."""
+    if st is None:
+        return False
+    for name in ("data.mdb", "lock.mdb", "owner.lock"):
+        try:
+            if os.path.samestat(st, os.stat(os.path.join(store, name))):
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def _write_into(target: str, text: str, fail: Callable[[str], NoReturn]) -> None:

@@ -222,3 +222,28 @@ async def test_export_round_trips_approvals_rejections_signals_budgets_and_drift
         "budget-1": {"budget.raised"},
     }.items():
         await anyio.to_thread.run_sync(check, eid, types)
+
+
+def test_an_export_never_lands_in_the_data_dir(fresh_store: Store, tmp_path: Path) -> None:
+    # -o DIR/data.mdb used to rename the export over the log: the whole store, gone.
+    path = fresh_store.path
+    # lock.mdb is LMDB's reader table, which every reader writes: not compared.
+    kept = ("data.mdb", "owner.lock")
+    before = {name: (path / name).read_bytes() for name in kept}
+    link = tmp_path / "innocent.json"
+    link.symlink_to(path / "data.mdb")
+    for target in (path / "data.mdb", path / "owner.lock", path / "new.json", link):
+        ran = perdure(path, "export", "weather-1", "-o", str(target))
+        assert (ran.code, ran.out) == (2, ""), target
+        assert ran.err == (
+            f"perdure: error: cannot write the export of 'weather-1' to {str(target)!r}: it is "
+            f"inside the data dir {str(path)!r}, next to (or onto) the log itself; write the "
+            f"export somewhere else, e.g. -o weather-1.json\n"
+        )
+    assert {name: (path / name).read_bytes() for name in kept} == before
+    assert sorted(p.name for p in path.iterdir()) == ["data.mdb", "lock.mdb", "owner.lock"]
+    assert perdure_here(path, "health").code == 0
+    # A directory given for a child's export: the suggested file name has no slash.
+    child = perdure_here(path, "export", "boss-1/2", "-o", str(tmp_path))
+    assert child.code == 2
+    assert f"give a file name, e.g. -o {tmp_path / 'boss-1_2'}.json" in child.err
