@@ -178,6 +178,14 @@ def run(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         return _report(out, wants_json, str(exc), "usage", 2, usage=exc.usage)
     except SystemExit as exc:  # --help and --version print and exit 0
         return exc.code if isinstance(exc.code, int) else 0
+    if args.data_dir is not None and not args.data_dir.strip():
+        # An unset shell variable (--data-dir "$DIR") must not fall back to
+        # $PERDURE_DATA_DIR or ./perdure-data: that would act on another store.
+        message = (
+            "--data-dir is empty (an unset shell variable?); pass the data dir a Runtime "
+            "opened, or leave --data-dir out to use $PERDURE_DATA_DIR"
+        )
+        return _report(out, wants_json, message, "usage", 2)
     data_dir = args.data_dir or os.environ.get("PERDURE_DATA_DIR") or DEFAULT_DATA_DIR
     ctx = _Ctx(data_dir, os.path.abspath(data_dir), bool(args.json), out)
     command: Callable[[_Ctx, argparse.Namespace], Awaitable[int]] = args.handler
@@ -1228,8 +1236,6 @@ async def _send(
     args: argparse.Namespace,
     signals: Sequence[tuple[str, Any]]
     | Callable[[LmdbLog, StreamInfo], Awaitable[Sequence[tuple[str, Any]]]],
-    *,
-    check: Callable[[LmdbLog, StreamInfo], Awaitable[None]] | None = None,
 ) -> int:
     """Check each signal against the index entry and the signals already waiting in the
     inbox, then append them all to the inbox."""
@@ -1253,8 +1259,11 @@ async def _send(
                 if canonical_name(name) in ("approve", "reject"):
                     problem = await _decided(log, info, canonical_name(name), data, problem)
                 raise CliError(problem, "invalid_signal")
-        if check is not None:
-            await check(log, info)
+        if any(canonical_name(name) == "resolve" for name, _ in todo):
+            # Also when sent as 'perdure signal ID resolve JSON': the index cannot tell.
+            problem = in_doubt_problem(eid, _fold(info, await _history(log, info)))
+            if problem is not None:
+                raise CliError(problem, "invalid_signal")
         # Delivery takes one decision per confirmation (one cancel, one resolve...) and
         # turns the rest down; while the first still waits in the inbox the index does
         # not show it yet, so a second one is refused here rather than stored as a no-op.
@@ -1574,13 +1583,7 @@ async def _resolve(ctx: _Ctx, args: argparse.Namespace) -> int:
         payload = {"action": "complete", "output": _parse_json(args.complete, "--complete")}
     else:
         payload = {"action": "fail", "reason": args.fail}
-
-    async def in_doubt(log: LmdbLog, info: StreamInfo) -> None:
-        problem = in_doubt_problem(_eid(info), _fold(info, await _history(log, info)))
-        if problem is not None:
-            raise CliError(problem, "invalid_signal")
-
-    return await _send(ctx, args, [("resolve", payload)], check=in_doubt)
+    return await _send(ctx, args, [("resolve", payload)])
 
 
 async def _resume(ctx: _Ctx, args: argparse.Namespace) -> int:

@@ -91,7 +91,10 @@ def precheck(
     if kind in ("approve", "reject"):
         cid = payload.get("confirmation_id")
         if not cid:
-            return f"a {kind} signal needs a confirmation_id"
+            return (
+                f"{name!r} needs a confirmation_id in its payload; see 'perdure inspect "
+                f"{execution_id}' for the pending ones"
+            )
         if cid not in confirmations:
             pending = ", ".join(confirmations) or "none"
             return (

@@ -17,7 +17,7 @@ from perdure.events import INBOX_STREAM, execution_stream, record_types
 from perdure.log import LmdbLog
 from perdure.providers import Scripted
 from tests.cli import agents
-from tests.cli.conftest import Owner, Store, perdure, perdure_here
+from tests.cli.conftest import Owner, Store, cli_env, perdure, perdure_here
 
 
 def inbox_last_seq(path: Path) -> int:
@@ -278,3 +278,35 @@ async def test_rt_resolve_with_nothing_in_doubt_is_refused_and_records_nothing(
     # The CLI says the same, from the same check.
     ran = await anyio.to_thread.run_sync(perdure, path, "resolve", "pay-1", "--retry")
     assert ran.err == f"perdure: error: {caught.value}\n"
+
+
+def test_an_empty_data_dir_never_falls_back_to_another_store(store: Store) -> None:
+    # --data-dir "$DIR" with DIR unset, while PERDURE_DATA_DIR names a real store: acting
+    # on that store instead would approve in the wrong place.
+    env = cli_env(PERDURE_DATA_DIR=str(store.path))
+    for where in (("--data-dir", "", "status"), ("status", "--data-dir", " ")):
+        ran = perdure(None, *where, env=env)
+        assert (ran.code, ran.out) == (2, ""), where
+        assert ran.err == (
+            "perdure: error: --data-dir is empty (an unset shell variable?); pass the data dir "
+            "a Runtime opened, or leave --data-dir out to use $PERDURE_DATA_DIR\n"
+        )
+    assert perdure(None, "status", "--json", env=env).json()["data_dir"] == str(store.path)
+
+
+def test_built_in_signals_sent_by_name_get_the_same_checks(fresh_store: Store) -> None:
+    path = fresh_store.path
+    before = inbox_last_seq(path)
+    resolve = perdure(path, "signal", "pay-1", "resolve", '{"action": "retry"}')
+    assert (resolve.code, resolve.out) == (1, "")
+    assert resolve.err == (
+        "perdure: error: execution 'pay-1' has no tool call in doubt (status suspended); "
+        "resolve decides a non-idempotent tool call that started but never finished\n"
+    )
+    bare = perdure_here(path, "signal", "pay-1", "approval")
+    assert bare.code == 1
+    assert bare.err == (
+        "perdure: error: 'approval' needs a confirmation_id in its payload; see 'perdure "
+        "inspect pay-1' for the pending ones\n"
+    )
+    assert inbox_last_seq(path) == before
