@@ -310,3 +310,36 @@ def test_built_in_signals_sent_by_name_get_the_same_checks(fresh_store: Store) -
         "inspect pay-1' for the pending ones\n"
     )
     assert inbox_last_seq(path) == before
+
+
+def test_reject_signal_and_budget_sent_with_no_runtime_apply_at_the_next_start(
+    fresh_store: Store, owner_factory: type[Owner]
+) -> None:
+    path, cid = fresh_store.path, fresh_store.cids["guard-1"]
+    sent = [
+        perdure(path, "reject", "guard-1", cid, "--reason", "not Zurich", "--by", "ops"),
+        perdure(path, "signal", "wait-1", "go", '{"ready": "oui ✓"}', "--by", "ops"),
+        perdure(path, "resume", "budget-1", "--max-llm-calls", "3", "--by", "ops"),
+    ]
+    assert [r.code for r in sent] == [0, 0, 0], [r.err for r in sent]
+    listed = {e["execution_id"]: e for e in perdure(path, "status", "--json").json()["executions"]}
+    for eid in ("guard-1", "wait-1", "budget-1"):
+        assert listed[eid]["pending_signals"] == 1, eid
+        assert "1 signal pending, delivered at next start" in listed[eid]["status_text"], eid
+    with owner_factory(path) as owner:
+        owner.expect("ready")
+        want, seen = {"completed guard-1", "completed wait-1", "completed budget-1"}, set()
+        while seen != want:
+            seen |= {owner.expect("")} & want
+
+    def steps(eid: str) -> list[dict]:
+        return perdure_here(path, "steps", eid, "--json").json()["steps"]
+
+    [rejected] = [e for e in steps("guard-1") if e["kind"] == "tool"]
+    assert rejected["status"] == "rejected" and rejected["error"]["message"] == "not Zurich"
+    [waited] = [e for e in steps("wait-1") if e["kind"] == "tool"]
+    assert waited["output"] == {"ready": "oui ✓"}
+    [raised] = [e for e in steps("budget-1") if e["kind"] == "budget_raised"]
+    assert raised["by"] == "ops" and raised["budget"]["max_llm_calls"] == 3
+    after = {e["execution_id"]: e for e in perdure(path, "status", "--json").json()["executions"]}
+    assert [after[eid]["pending_signals"] for eid in ("guard-1", "wait-1", "budget-1")] == [0] * 3
