@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import anyio
@@ -247,3 +248,44 @@ def test_an_export_never_lands_in_the_data_dir(fresh_store: Store, tmp_path: Pat
     child = perdure_here(path, "export", "boss-1/2", "-o", str(tmp_path))
     assert child.code == 2
     assert f"give a file name, e.g. -o {tmp_path / 'boss-1_2'}.json" in child.err
+
+
+gate = threading.Event()
+
+
+@tool("hold", description="Hold until released")
+def hold() -> str:
+    """Blocks its execution (and its concurrency slot) until the test releases it."""
+    gate.wait(timeout=30)
+    return "released"
+
+
+holder = Agent(
+    "holder",
+    instructions="You hold.",
+    tools=[hold],
+    llm=Scripted([Scripted.call("hold"), "Held."]),
+)
+
+
+@pytest.mark.anyio
+async def test_a_queued_execution_reads_queued_in_status_and_replay(tmp_path: Path) -> None:
+    path = tmp_path / "data"
+    gate.clear()
+    async with Runtime(
+        path, agents=[holder], max_concurrency=1, durability="process", shutdown_timeout=5.0
+    ) as rt:
+        try:
+            await rt.spawn(holder, "first", execution_id="hold-1")
+            await rt.spawn(holder, "second", execution_id="hold-2")  # waits for the slot
+            listed = await anyio.to_thread.run_sync(perdure, path, "status", "--json")
+            replayed = await anyio.to_thread.run_sync(
+                perdure, path, "replay", "--agent", f"{__name__}:holder", "--json"
+            )
+        finally:
+            gate.set()
+        with anyio.fail_after(10):
+            assert (await rt.wait("hold-2", until="finished")).is_completed
+    statuses = {e["execution_id"]: e["status"] for e in listed.json()["executions"]}
+    assert statuses["hold-2"] == "queued"
+    assert {e["execution_id"]: e["status"] for e in replayed.json()["executions"]} == statuses
