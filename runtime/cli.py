@@ -537,23 +537,58 @@ def _finite_float(literal: str) -> float:
     return value
 
 
+#: How deeply a JSON value from the command line may nest. The log's CBOR decoder reads
+#: back at most 400 levels, and a payload is nested further when it is recorded (the
+#: signal, then the tool result and the model's messages that carry it): a deeper one
+#: would be written and then never read again, by the runtime or by any command.
+MAX_JSON_DEPTH = 64
+
+
 def _parse_json(text: str, what: str) -> Any:
     try:
         # json.loads takes NaN and Infinity by default; JSON has neither, and a payload
         # holding one would be stored as a tagged float no JSON reader expects.
-        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
     except _NotJson as exc:
         raise CliError(
             f"{what} is not valid JSON: {exc}: {text[:80]!r}; use null, a finite number, "
             f'or a string such as "NaN"',
             "bad_json",
         ) from None
+    except RecursionError:
+        value = None  # deeper than Python's own limit: refused below
+        depth = sys.getrecursionlimit()
     except json.JSONDecodeError as exc:
         raise CliError(
             f"{what} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}): "
             f"{text[:80]!r}; quote it for the shell, e.g. '{{\"key\": 1}}' or '\"text\"'",
             "bad_json",
         ) from None
+    else:
+        depth = _depth(value)
+    if depth > MAX_JSON_DEPTH:
+        raise CliError(
+            f"{what} nests {'more than ' if value is None else ''}{depth} levels deep, more "
+            f"than the {MAX_JSON_DEPTH} a payload may (the log could not read it back): "
+            f"{text[:80]!r}; flatten it",
+            "bad_json",
+        )
+    return value
+
+
+def _depth(value: Any) -> int:
+    """How many arrays and objects deep ``value`` nests (a scalar: 0), without recursing."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, level = todo.pop()
+        children = (
+            item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        )
+        if children is None:
+            continue
+        deepest = max(deepest, level)
+        todo.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def _owner_text(ctx: _Ctx, owner: int | None) -> str:

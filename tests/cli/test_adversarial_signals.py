@@ -13,8 +13,8 @@ import anyio
 import pytest
 
 from perdure import Agent, ExecutionNotFoundError, InvalidSignalError, Runtime
-from perdure.events import INBOX_STREAM, execution_stream, record_types
-from perdure.log import LmdbLog
+from perdure.events import INBOX_STREAM, SignalSent, encode, execution_stream, record_types
+from perdure.log import ANY, LmdbLog
 from perdure.providers import Scripted
 from tests.cli import agents
 from tests.cli.conftest import Owner, Store, cli_env, perdure, perdure_here
@@ -343,3 +343,74 @@ def test_reject_signal_and_budget_sent_with_no_runtime_apply_at_the_next_start(
     assert raised["by"] == "ops" and raised["budget"]["max_llm_calls"] == 3
     after = {e["execution_id"]: e for e in perdure(path, "status", "--json").json()["executions"]}
     assert [after[eid]["pending_signals"] for eid in ("guard-1", "wait-1", "budget-1")] == [0] * 3
+
+
+# -- a payload nested deeper than the log can read back -----------------------------------------
+
+
+def nested(depth: int) -> list:
+    """A list nested ``depth`` levels deep."""
+    value: list = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+def test_a_payload_nested_deeper_than_the_log_reads_is_refused(fresh_store: Store) -> None:
+    path = fresh_store.path
+    before = inbox_last_seq(path)
+    for depth in (65, 450, 5000):
+        text = "[" * depth + "]" * depth
+        ran = perdure_here(path, "signal", "wait-1", "go", text, "--json")
+        assert ran.code == 1, depth
+        error = ran.json()["error"]
+        assert error["kind"] == "bad_json"
+        assert (
+            "levels deep, more than the 64 a payload may (the log could not read it "
+            in (error["message"])
+        )
+    complete = perdure(path, "resolve", "pay-1", "--complete", "[" * 500 + "]" * 500)
+    assert complete.code == 1 and "nests 500 levels deep" in complete.err
+    assert inbox_last_seq(path) == before
+    assert perdure_here(path, "signal", "wait-1", "go", "[" * 64 + "]" * 64).code == 0
+
+
+def test_an_unreadable_inbox_record_neither_stops_the_runtime_nor_the_status_views(
+    fresh_store: Store, owner_factory: type[Owner]
+) -> None:
+    # What 'perdure signal' used to write for a payload 450 levels deep: CBOR the log
+    # encodes but its decoder refuses (more than 400 levels). The owner's inbox pump
+    # died on it at every restart until the supervisor stopped the whole runtime.
+    path = fresh_store.path
+
+    async def append_poison() -> int:
+        log = await LmdbLog.open(path, types=record_types(), client=True)
+        try:
+            record = encode(SignalSent("wait-1", "go", nested(450), "test"))
+            return await log.append(INBOX_STREAM, [record], expect=ANY)
+        finally:
+            await log.aclose()
+
+    bad = anyio.run(append_poison)
+    listed = perdure(path, "status", "--json")
+    assert listed.code == 0, listed.err
+    health = perdure(path, "health", "--json")
+    assert health.code == 1
+    assert [(f["stream"], f["seq"]) for f in health.json()["faults"]] == [(INBOX_STREAM, bad)]
+
+    with owner_factory(path) as owner:
+        owner.expect("ready")
+        ran = perdure(path, "signal", "wait-1", "go", '{"after": "poison"}', "--wait", "10")
+        assert ran.code == 0, ran.out + ran.err
+        owner.expect("completed wait-1")
+        # Still serving: an approval after it is delivered too.
+        assert perdure(path, "approve", "pay-1", fresh_store.cids["pay-1"]).code == 0
+        owner.expect("completed pay-1")
+    assert owner.proc.returncode == 0
+    assert f"inbox seq {bad}: refused, the record cannot be read" in owner.stderr_path.read_text()
+    [tool] = [
+        e
+        for e in perdure_here(path, "steps", "wait-1", "--json").json()["steps"]
+        if e["kind"] == "tool"
+    ]
+    assert tool["output"] == {"after": "poison"}
