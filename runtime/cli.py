@@ -771,11 +771,37 @@ async def _inspect(ctx: _Ctx, args: argparse.Namespace) -> int:
             f"step {in_doubt[0]['step']} ({in_doubt[0]['tool']}) is in doubt; decide it now: "
             f"perdure resolve {eid} --retry | --complete JSON | --fail [REASON]"
         ]
+    if pending:
+        doc["next_steps"] = _after_pending(doc["next_steps"], pending, owner)
     if ctx.json:
         ctx.emit(doc)
     else:
         ctx.lines(_inspect_lines(doc))
     return 0
+
+
+def _after_pending(
+    steps: list[str], pending: Sequence[PendingSignal], owner: int | None
+) -> list[str]:
+    """The next steps once the signals waiting in the inbox are counted: a confirmation
+    with a decision waiting, or anything after a waiting cancel, needs nothing more
+    (the signal commands would refuse it)."""
+    when = (
+        f"runtime pid {owner} delivers it"
+        if owner is not None
+        else "delivered when a runtime next opens the dir"
+    )
+    kinds = [canonical_name(p.name) for p in pending]
+    if "cancel" in kinds:
+        return [f"a cancel waits in the inbox ({when}); nothing more to decide"]
+    decided = {
+        str(p.payload.get("confirmation_id"))
+        for p, k in zip(pending, kinds, strict=True)
+        if k in ("approve", "reject") and isinstance(p.payload, Mapping)
+    }
+    kept = [s for s in steps if not any(f" {cid} " in f"{s} " for cid in decided)]
+    waiting = ", ".join(f"{p.name} (inbox seq {p.seq})" for p in pending)
+    return [f"waiting in the inbox: {clip(waiting, 200)} ({when})", *kept]
 
 
 def _inspect_lines(d: Mapping[str, Any]) -> list[str]:

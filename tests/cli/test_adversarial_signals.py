@@ -414,3 +414,24 @@ def test_an_unreadable_inbox_record_neither_stops_the_runtime_nor_the_status_vie
         if e["kind"] == "tool"
     ]
     assert tool["output"] == {"after": "poison"}
+
+
+def test_inspect_does_not_suggest_a_decision_that_already_waits_in_the_inbox(
+    fresh_store: Store,
+) -> None:
+    path, cid = fresh_store.path, fresh_store.cids["pay-1"]
+    before = perdure_here(path, "inspect", "pay-1", "--json").json()["next_steps"]
+    assert any(f"perdure approve pay-1 {cid}" in s for s in before)
+    assert perdure_here(path, "approve", "pay-1", cid).code == 0
+    seq = inbox_last_seq(path)
+    after = perdure_here(path, "inspect", "pay-1", "--json").json()["next_steps"]
+    assert after == [
+        f"waiting in the inbox: approve (inbox seq {seq}) (delivered when a runtime next "
+        f"opens the dir)"
+    ]
+    assert perdure_here(path, "cancel", "wait-1").code == 0
+    text = perdure(path, "inspect", "wait-1").out
+    assert text.endswith(
+        "next\n  a cancel waits in the inbox (delivered when a runtime next opens the dir); "
+        "nothing more to decide\n"
+    )
