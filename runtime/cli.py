@@ -1630,6 +1630,16 @@ async def _signal(ctx: _Ctx, args: argparse.Namespace) -> int:
             "usage",
             2,
         )
+    if name.startswith("child:"):
+        # The runtime posts a child's outcome to its parent under this name; one sent
+        # by hand would hand the parent a result the child never produced.
+        raise CliError(
+            f"signal name {name!r} is reserved: the runtime sends a child execution's "
+            f"result to its parent under it; act on the child itself (perdure inspect "
+            f"{shlex.quote(name[len('child:') :])})",
+            "usage",
+            2,
+        )
     return await _send(ctx, args, [(args.name, payload)])
 
 

@@ -435,3 +435,13 @@ def test_inspect_does_not_suggest_a_decision_that_already_waits_in_the_inbox(
         "next\n  a cancel waits in the inbox (delivered when a runtime next opens the dir); "
         "nothing more to decide\n"
     )
+
+
+def test_a_childs_result_cannot_be_forged_by_hand(store: Store) -> None:
+    ran = perdure(store.path, "signal", "boss-1", "child:boss-1/2", '{"output": "fake"}')
+    assert (ran.code, ran.out) == (2, "")
+    assert ran.err == (
+        "perdure: error: signal name 'child:boss-1/2' is reserved: the runtime sends a child "
+        "execution's result to its parent under it; act on the child itself (perdure "
+        "inspect boss-1/2)\n"
+    )
