@@ -79,7 +79,7 @@ from perdure.events import (
 from perdure.journal import index_meta
 from perdure.log import ANY, Fault, LmdbLog, LogError, Record, StreamInfo
 from perdure.result import ExecutionInfo
-from perdure.signals import BUILTIN, canonical_name, precheck
+from perdure.signals import BUILTIN, canonical_name, in_doubt_problem, precheck
 from perdure.state import TERMINAL, ExecutionState, apply
 from perdure.status import STATUSES, PendingSignal, describe, owner_pid, pending_signals
 
@@ -178,6 +178,14 @@ def run(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         return _report(out, wants_json, str(exc), "usage", 2, usage=exc.usage)
     except SystemExit as exc:  # --help and --version print and exit 0
         return exc.code if isinstance(exc.code, int) else 0
+    if args.data_dir is not None and not args.data_dir.strip():
+        # An unset shell variable (--data-dir "$DIR") must not fall back to
+        # $PERDURE_DATA_DIR or ./perdure-data: that would act on another store.
+        message = (
+            "--data-dir is empty (an unset shell variable?); pass the data dir a Runtime "
+            "opened, or leave --data-dir out to use $PERDURE_DATA_DIR"
+        )
+        return _report(out, wants_json, message, "usage", 2)
     data_dir = args.data_dir or os.environ.get("PERDURE_DATA_DIR") or DEFAULT_DATA_DIR
     ctx = _Ctx(data_dir, os.path.abspath(data_dir), bool(args.json), out)
     command: Callable[[_Ctx, argparse.Namespace], Awaitable[int]] = args.handler
@@ -529,23 +537,58 @@ def _finite_float(literal: str) -> float:
     return value
 
 
+#: How deeply a JSON value from the command line may nest. The log's CBOR decoder reads
+#: back at most 400 levels, and a payload is nested further when it is recorded (the
+#: signal, then the tool result and the model's messages that carry it): a deeper one
+#: would be written and then never read again, by the runtime or by any command.
+MAX_JSON_DEPTH = 64
+
+
 def _parse_json(text: str, what: str) -> Any:
     try:
         # json.loads takes NaN and Infinity by default; JSON has neither, and a payload
         # holding one would be stored as a tagged float no JSON reader expects.
-        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
     except _NotJson as exc:
         raise CliError(
             f"{what} is not valid JSON: {exc}: {text[:80]!r}; use null, a finite number, "
             f'or a string such as "NaN"',
             "bad_json",
         ) from None
+    except RecursionError:
+        value = None  # deeper than Python's own limit: refused below
+        depth = sys.getrecursionlimit()
     except json.JSONDecodeError as exc:
         raise CliError(
             f"{what} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}): "
             f"{text[:80]!r}; quote it for the shell, e.g. '{{\"key\": 1}}' or '\"text\"'",
             "bad_json",
         ) from None
+    else:
+        depth = _depth(value)
+    if depth > MAX_JSON_DEPTH:
+        raise CliError(
+            f"{what} nests {'more than ' if value is None else ''}{depth} levels deep, more "
+            f"than the {MAX_JSON_DEPTH} a payload may (the log could not read it back): "
+            f"{text[:80]!r}; flatten it",
+            "bad_json",
+        )
+    return value
+
+
+def _depth(value: Any) -> int:
+    """How many arrays and objects deep ``value`` nests (a scalar: 0), without recursing."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, level = todo.pop()
+        children = (
+            item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        )
+        if children is None:
+            continue
+        deepest = max(deepest, level)
+        todo.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def _owner_text(ctx: _Ctx, owner: int | None) -> str:
@@ -728,11 +771,37 @@ async def _inspect(ctx: _Ctx, args: argparse.Namespace) -> int:
             f"step {in_doubt[0]['step']} ({in_doubt[0]['tool']}) is in doubt; decide it now: "
             f"perdure resolve {eid} --retry | --complete JSON | --fail [REASON]"
         ]
+    if pending:
+        doc["next_steps"] = _after_pending(doc["next_steps"], pending, owner)
     if ctx.json:
         ctx.emit(doc)
     else:
         ctx.lines(_inspect_lines(doc))
     return 0
+
+
+def _after_pending(
+    steps: list[str], pending: Sequence[PendingSignal], owner: int | None
+) -> list[str]:
+    """The next steps once the signals waiting in the inbox are counted: a confirmation
+    with a decision waiting, or anything after a waiting cancel, needs nothing more
+    (the signal commands would refuse it)."""
+    when = (
+        f"runtime pid {owner} delivers it"
+        if owner is not None
+        else "delivered when a runtime next opens the dir"
+    )
+    kinds = [canonical_name(p.name) for p in pending]
+    if "cancel" in kinds:
+        return [f"a cancel waits in the inbox ({when}); nothing more to decide"]
+    decided = {
+        str(p.payload.get("confirmation_id"))
+        for p, k in zip(pending, kinds, strict=True)
+        if k in ("approve", "reject") and isinstance(p.payload, Mapping)
+    }
+    kept = [s for s in steps if not any(f" {cid} " in f"{s} " for cid in decided)]
+    waiting = ", ".join(f"{p.name} (inbox seq {p.seq})" for p in pending)
+    return [f"waiting in the inbox: {clip(waiting, 200)} ({when})", *kept]
 
 
 def _inspect_lines(d: Mapping[str, Any]) -> list[str]:
@@ -977,7 +1046,7 @@ async def _export(ctx: _Ctx, args: argparse.Namespace) -> int:
     target = args.output
     if target and target != "-" and not _is_stdout(target, ctx.out):
         text = json.dumps(doc, ensure_ascii=False, allow_nan=False) + "\n"
-        await anyio.to_thread.run_sync(_write_export, eid, target, text)
+        await anyio.to_thread.run_sync(_write_export, eid, target, text, ctx.abs_dir)
         if ctx.json:
             ctx.emit({"execution_id": eid, "file": target, "records": len(records)})
         else:
@@ -997,14 +1066,15 @@ def _is_stdout(target: str, out: TextIO) -> bool:
         return False
 
 
-def _write_export(eid: str, target: str, text: str) -> None:
+def _write_export(eid: str, target: str, text: str, data_dir: str) -> None:
     """Write an export to ``target`` without ever replacing something that is not a file.
 
     A regular file (or a new one) is written aside and renamed over, so a reader never
     sees half an export; through a symlink, the temporary file goes beside the link's
     real target and is renamed onto that, so the link stays a link. Anything else that
     exists (a terminal, a FIFO, /dev/null, /dev/full) is written into as it is: renaming
-    over it would replace the device node or the FIFO with a JSON file.
+    over it would replace the device node or the FIFO with a JSON file. Nothing in the
+    data dir is written: ``-o DIR/data.mdb`` would replace the whole log with one export.
     """
 
     def fail(why: str, kind: str = "error", code: int = 1) -> NoReturn:
@@ -1016,15 +1086,24 @@ def _write_export(eid: str, target: str, text: str) -> None:
         st = None  # a new file (or a dangling link: its target is created)
     except OSError as exc:
         fail(_os_error(exc))
+    name = eid.replace("/", "_")  # a child's id holds a slash: no subdirectory
     if st is not None and stat.S_ISDIR(st.st_mode):
         fail(
-            f"it is a directory; give a file name, e.g. -o {os.path.join(target, eid)}.json",
+            f"it is a directory; give a file name, e.g. -o {os.path.join(target, name)}.json",
             "usage",
             2,
         )
     if st is not None and stat.S_ISBLK(st.st_mode):
         fail("it is a block device (a disk); give a file name", "usage", 2)
     real = os.path.realpath(target)
+    store = os.path.realpath(data_dir)
+    if os.path.commonpath([real, store]) == store or _is_store_file(st, store):
+        fail(
+            f"it is inside the data dir {data_dir!r}, next to (or onto) the log itself; "
+            f"write the export somewhere else, e.g. -o {name}.json",
+            "usage",
+            2,
+        )
     if st is not None and not stat.S_ISREG(st.st_mode):
         _write_into(target, text, fail)
         return
@@ -1061,6 +1140,19 @@ def _write_export(eid: str, target: str, text: str) -> None:
         except OSError:
             pass
         raise
+
+
+def _is_store_file(st: os.stat_result | None, store: str) -> bool:
+    """Whether ``st`` is one of the data dir's own files (reached by another path)."""
+    if st is None:
+        return False
+    for name in ("data.mdb", "lock.mdb", "owner.lock"):
+        try:
+            if os.path.samestat(st, os.stat(os.path.join(store, name))):
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def _write_into(target: str, text: str, fail: Callable[[str], NoReturn]) -> None:
@@ -1205,8 +1297,6 @@ async def _send(
     args: argparse.Namespace,
     signals: Sequence[tuple[str, Any]]
     | Callable[[LmdbLog, StreamInfo], Awaitable[Sequence[tuple[str, Any]]]],
-    *,
-    check: Callable[[LmdbLog, StreamInfo], Awaitable[None]] | None = None,
 ) -> int:
     """Check each signal against the index entry and the signals already waiting in the
     inbox, then append them all to the inbox."""
@@ -1230,8 +1320,11 @@ async def _send(
                 if canonical_name(name) in ("approve", "reject"):
                     problem = await _decided(log, info, canonical_name(name), data, problem)
                 raise CliError(problem, "invalid_signal")
-        if check is not None:
-            await check(log, info)
+        if any(canonical_name(name) == "resolve" for name, _ in todo):
+            # Also when sent as 'perdure signal ID resolve JSON': the index cannot tell.
+            problem = in_doubt_problem(eid, _fold(info, await _history(log, info)))
+            if problem is not None:
+                raise CliError(problem, "invalid_signal")
         # Delivery takes one decision per confirmation (one cancel, one resolve...) and
         # turns the rest down; while the first still waits in the inbox the index does
         # not show it yet, so a second one is refused here rather than stored as a no-op.
@@ -1537,6 +1630,16 @@ async def _signal(ctx: _Ctx, args: argparse.Namespace) -> int:
             "usage",
             2,
         )
+    if name.startswith("child:"):
+        # The runtime posts a child's outcome to its parent under this name; one sent
+        # by hand would hand the parent a result the child never produced.
+        raise CliError(
+            f"signal name {name!r} is reserved: the runtime sends a child execution's "
+            f"result to its parent under it; act on the child itself (perdure inspect "
+            f"{shlex.quote(name[len('child:') :])})",
+            "usage",
+            2,
+        )
     return await _send(ctx, args, [(args.name, payload)])
 
 
@@ -1551,18 +1654,7 @@ async def _resolve(ctx: _Ctx, args: argparse.Namespace) -> int:
         payload = {"action": "complete", "output": _parse_json(args.complete, "--complete")}
     else:
         payload = {"action": "fail", "reason": args.fail}
-
-    async def in_doubt(log: LmdbLog, info: StreamInfo) -> None:
-        state = _fold(info, await _history(log, info))
-        if not any(c.status == "started" and not c.idempotent for c in state.calls):
-            raise CliError(
-                f"execution {info.stream[len(_PREFIX) :]!r} has no tool call in doubt "
-                f"(status {info.meta.get('status')}); resolve decides a non-idempotent tool "
-                f"call that started but never finished",
-                "invalid_signal",
-            )
-
-    return await _send(ctx, args, [("resolve", payload)], check=in_doubt)
+    return await _send(ctx, args, [("resolve", payload)])
 
 
 async def _resume(ctx: _Ctx, args: argparse.Namespace) -> int:

@@ -12,10 +12,11 @@ after a crash only costs a few no-op deliveries.
 
 No signal is dropped:
 
-- a signal that can never apply (its execution does not exist, or the record is not a
-  signal at all) is *refused*: logged with the reason, then passed. One an execution
-  turns down (a confirmation already decided, a payload it cannot use) is recorded in
-  the execution's own stream as ``signal.ignored`` with the reason;
+- a signal that can never apply (its execution does not exist, the record cannot be read
+  or decoded, or it is not a signal at all) is *refused*: logged with the reason, then
+  passed. One an execution turns down (a confirmation already decided, a payload it
+  cannot use) is recorded in the execution's own stream as ``signal.ignored`` with the
+  reason;
 - a delivery that *fails* (the log or the execution's actor raised) *holds* its lane: it
   and every later signal for the same execution wait and are tried again with backoff
   (0.05 s, doubling, at most 30 s), logged each time. Other executions' signals carry
@@ -48,6 +49,7 @@ import anyio.abc
 
 from perdure.actors import Actor
 from perdure.events import INBOX_STREAM, SignalSent, decode
+from perdure.log.errors import CorruptRecordError
 from perdure.log.protocol import Record
 
 if TYPE_CHECKING:
@@ -163,16 +165,33 @@ class InboxPump(Actor):
                 await self._room.wait()
             await runtime.log.wait_for_append(INBOX_STREAM, self._read)
             taken = 0
-            async for record in runtime.log.read(INBOX_STREAM, after=self._read):
-                signal = _signal(record)
-                if signal is None:
-                    runtime._inbox_through(record.seq)
-                else:
-                    self._queue(record.seq, signal)
-                self._read = record.seq
+            try:
+                async for record in runtime.log.read(INBOX_STREAM, after=self._read):
+                    signal = _signal(record)
+                    if signal is None:
+                        runtime._inbox_through(record.seq)
+                    else:
+                        self._queue(record.seq, signal)
+                    self._read = record.seq
+                    taken += 1
+                    if self._queued >= _QUEUED_MAX:
+                        break
+            except CorruptRecordError as exc:
+                if exc.seq is None or exc.seq <= self._read:
+                    raise
+                # A record that cannot be read at all is refused like one that cannot
+                # be decoded: raising here would restart the pump onto the same record
+                # until the supervisor gave up, and one bad signal would stop the
+                # runtime (and every start after it).
+                log.error(
+                    "inbox seq %d: refused, the record cannot be read (%s); it is passed "
+                    "over. Run 'perdure health' to check the store",
+                    exc.seq,
+                    exc.detail,
+                )
+                runtime._inbox_through(exc.seq)
+                self._read = exc.seq
                 taken += 1
-                if self._queued >= _QUEUED_MAX:
-                    break
             if taken:
                 self._changed.set()
 

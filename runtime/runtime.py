@@ -68,9 +68,9 @@ from perdure.log.protocol import ANY, Durability
 from perdure.providers.pricing import Price, Pricing
 from perdure.providers.types import LLMResponse
 from perdure.result import ExecutionInfo, Result, SuspendReason
-from perdure.signals import SignalStatus, precheck
+from perdure.signals import SignalStatus, in_doubt_problem, precheck
 from perdure.state import TERMINAL, ExecutionState
-from perdure.status import describe
+from perdure.status import STATUSES, describe
 from perdure.tool_threads import ToolThreads
 
 __all__ = ["ExecutionHandle", "Runtime"]
@@ -862,6 +862,8 @@ class Runtime:
     ) -> list[ExecutionInfo]:
         """Executions from the index (no replay), optionally filtered; as of after the
         signals sent while no runtime ran (see :meth:`wait_recovered`)."""
+        if status is not None and status not in STATUSES:
+            raise ValueError(f"unknown status {status!r}; use one of {', '.join(STATUSES)}")
         await self._caught_up()
         where: dict[str, Any] = {"kind": "execution"}
         if status is not None:
@@ -1068,6 +1070,9 @@ class Runtime:
             payload = {"action": "complete", "output": complete}
         else:
             payload = {"action": "fail", "reason": fail}
+        problem = in_doubt_problem(execution_id, await self.state(execution_id))
+        if problem is not None:  # else it would be recorded as ignored, and "delivered"
+            raise InvalidSignalError(problem, execution_id)
         return await self.signal(execution_id, "resolve", payload, by=by)
 
     async def resume(

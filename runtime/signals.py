@@ -29,7 +29,15 @@ from perdure.events import (
 )
 from perdure.state import TERMINAL, ExecutionState
 
-__all__ = ["BUILTIN", "NO_NOTE", "SignalStatus", "canonical_name", "precheck", "translate"]
+__all__ = [
+    "BUILTIN",
+    "NO_NOTE",
+    "SignalStatus",
+    "canonical_name",
+    "in_doubt_problem",
+    "precheck",
+    "translate",
+]
 
 #: What ``rt.signal`` reports of a signal it sent (durable in the inbox in every case):
 #: ``"delivered"`` (the execution took it, or turned it down on the record), ``"held"``
@@ -83,7 +91,10 @@ def precheck(
     if kind in ("approve", "reject"):
         cid = payload.get("confirmation_id")
         if not cid:
-            return f"a {kind} signal needs a confirmation_id"
+            return (
+                f"{name!r} needs a confirmation_id in its payload; see 'perdure inspect "
+                f"{execution_id}' for the pending ones"
+            )
         if cid not in confirmations:
             pending = ", ".join(confirmations) or "none"
             return (
@@ -102,6 +113,21 @@ def precheck(
             return f"the budget {dict(raw)!r} is not valid: {exc}"
         return _budget_raise_problem(execution_id, raw, usage)
     return None
+
+
+def in_doubt_problem(execution_id: str, state: ExecutionState) -> str | None:
+    """Why a ``resolve`` cannot apply to the execution in ``state``, or None if it may.
+
+    The index entry cannot tell (a call is in doubt in a ``running`` execution whose
+    process died, before a runtime suspends it), so this needs the folded state; a
+    resolve with nothing in doubt would only be recorded as ignored.
+    """
+    if state.status in TERMINAL or _in_doubt_step(state, None) is not None:
+        return None  # a terminal status is precheck's to name
+    return (
+        f"execution {execution_id!r} has no tool call in doubt (status {state.status}); "
+        f"resolve decides a non-idempotent tool call that started but never finished"
+    )
 
 
 #: Budget limit -> (its key in the index entry, what it counts, the CLI option).

@@ -17,12 +17,13 @@ Nothing here takes the owner lock or writes: the owner is found by reading the p
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from perdure.events import INBOX_STREAM, SignalSent, decode, execution_stream
-from perdure.log.protocol import EventLog
+from perdure.log.errors import CorruptRecordError
+from perdure.log.protocol import EventLog, Record
 
 __all__ = [
     "STATUSES",
@@ -179,8 +180,11 @@ async def pending_signals(log: EventLog) -> dict[str, list[PendingSignal]]:
     through = max(cursor, int(info.meta.get("through", 0) or 0))
     held: Mapping[str, Any] = info.meta.get("held") or {}
     found: dict[str, list[PendingSignal]] = {}
-    async for record in log.read(INBOX_STREAM, after=cursor):
-        event = decode(record)
+    async for record in _readable(log, cursor):
+        try:
+            event = decode(record)
+        except Exception:  # the pump refuses it too; 'perdure health' names it
+            continue
         if not isinstance(event, SignalSent):
             continue
         hold = held.get(event.target)
@@ -216,3 +220,22 @@ async def pending_signals(log: EventLog) -> dict[str, list[PendingSignal]]:
         if left:
             out[target] = left
     return out
+
+
+async def _readable(log: EventLog, after: int) -> AsyncIterator[Record]:
+    """The inbox's records after ``after``, passing over any that cannot be read.
+
+    One unreadable record (a checksum failure, CBOR the decoder refuses) must not make
+    every status view fail: it is no pending signal anyone can act on, and ``perdure
+    health`` names it by stream and seq.
+    """
+    while True:
+        try:
+            async for record in log.read(INBOX_STREAM, after=after):
+                after = record.seq
+                yield record
+            return
+        except CorruptRecordError as exc:
+            if exc.seq is None or exc.seq <= after:
+                raise  # the index entry itself, or no way past it
+            after = exc.seq
