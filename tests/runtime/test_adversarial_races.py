@@ -1,0 +1,210 @@
+"""Races inside one process: concurrent spawns of one id, cancels against approvals and
+queue slots, and a store whose reads take their time (as a networked store's do).
+
+Each test states the combination it adds to test_suspension.py / test_runtime_core.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from perdure import Agent, PromptMismatchError, Runtime, current_idempotency_key, tool
+from perdure.events import execution_stream, record_types
+from perdure.log import MemoryLog
+from perdure.providers import LLMRequest, Scripted
+from tests.runtime.test_suspension import actor_starts, hibernated
+
+pytestmark = pytest.mark.anyio
+
+
+class YieldingLog:
+    """A real log whose index reads yield to the event loop before answering, the way a
+    store across a network does (the in-process stores answer without yielding)."""
+
+    def __init__(self, log: Any) -> None:
+        self._log = log
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._log, name)
+
+    async def stream_info(self, stream: str) -> Any:
+        await anyio.lowlevel.checkpoint()
+        return await self._log.stream_info(stream)
+
+
+def worker(ran: list[str], gate: anyio.Event | None = None) -> Agent:
+    """One tool call (waiting for ``gate`` if given), then an answer."""
+
+    @tool
+    async def work(name: str) -> str:
+        ran.append(f"{name} {current_idempotency_key()}")
+        if gate is not None:
+            await gate.wait()
+        return name
+
+    def script(request: LLMRequest) -> Any:
+        if any(m.role == "tool" for m in request.messages):
+            return "done"
+        return Scripted.call("work", name=request.messages[-1].content)
+
+    return Agent("worker", tools=[work], llm=Scripted(script, record=False))
+
+
+async def test_concurrent_spawns_of_an_undriven_execution_on_a_yielding_store(
+    anyio_backend: Any,
+) -> None:
+    """Two spawns (and recovery for the agent just registered) race to start the actor
+    of an execution that was left running; each must return its handle, one actor must
+    drive it, and the interrupted call re-runs once, under its key.
+
+    Not covered before: concurrent starts of one execution's actor when the store's
+    reads yield (every other test runs on stores that answer without yielding).
+    """
+    ran: list[str] = []
+    started = anyio.Event()
+    gate = anyio.Event()
+
+    @tool
+    async def work(name: str) -> str:
+        ran.append(f"{name} {current_idempotency_key()}")
+        started.set()
+        await gate.wait()
+        return name
+
+    def script(request: LLMRequest) -> Any:
+        if any(m.role == "tool" for m in request.messages):
+            return "done"
+        return Scripted.call("work", name=request.messages[-1].content)
+
+    def make() -> Agent:
+        return Agent("worker", tools=[work], llm=Scripted(script, record=False))
+
+    log = YieldingLog(MemoryLog(record_types()))
+    async with Runtime(log=log, shutdown_timeout=0.05) as rt:  # type: ignore[arg-type]
+        await rt.spawn(make(), "a", execution_id="u-1")
+        await started.wait()  # closed with the call in flight: it stays "running"
+    gate.set()
+    async with Runtime(log=log, shutdown_timeout=2.0) as rt:  # type: ignore[arg-type]
+        await rt.wait_recovered()  # the agent is not registered: left alone
+        agent = make()
+        async with anyio.create_task_group() as tg:
+            for _ in range(2):
+                tg.start_soon(lambda: rt.spawn(agent, "a", execution_id="u-1"))
+        with anyio.fail_after(10):
+            r = await rt.wait("u-1")
+    assert r.status == "completed" and r.output == "done"
+    assert len(ran) == 2 and ran[0] == ran[1]  # the in-doubt call, re-run once, same key
+
+
+async def spawn_as(rt: Runtime, agent: Agent, prompt: str, eid: str, out: dict[str, Any]) -> None:
+    try:
+        out[prompt] = (await rt.spawn(agent, prompt, execution_id=eid)).execution_id
+    except PromptMismatchError as exc:
+        out[prompt] = exc
+
+
+async def test_one_id_spawned_at_once_with_two_prompts_under_a_full_queue(
+    open_runtime: Any,
+) -> None:
+    """One new id spawned concurrently with two prompts, while the only slot is taken:
+    exactly one prompt wins, the other is an error naming both, and no slot or queue
+    entry leaks (the winner runs once a slot frees, and so does the next execution).
+
+    Not covered before: concurrent spawns of one id with *different* prompts, queued.
+    """
+    ran: list[str] = []
+    gate = anyio.Event()
+    agent = worker(ran, gate)
+    async with open_runtime(max_concurrency=1) as rt:
+        await rt.spawn(agent, "first", execution_id="s-0")
+        out: dict[str, Any] = {}
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(spawn_as, rt, agent, "left", "s-1", out)
+            tg.start_soon(spawn_as, rt, agent, "right", "s-1", out)
+        [winner] = [p for p, v in out.items() if v == "s-1"]
+        [loser] = [p for p, v in out.items() if p != winner]
+        error = out[loser]
+        assert isinstance(error, PromptMismatchError)
+        assert repr(winner) in str(error) and repr(loser) in str(error)
+        assert (await rt.result("s-1")).status == "queued"
+        await rt.spawn(agent, "after", execution_id="s-2")
+        gate.set()
+        with anyio.fail_after(10):
+            for eid in ("s-0", "s-1", "s-2"):
+                assert (await rt.wait(eid)).status == "completed"
+        assert rt._slots == set() and not rt._queue and not rt._queued
+    assert [x.split()[0] for x in ran] == ["first", winner, "after"]
+
+
+async def test_cancel_and_approve_sent_together_end_cancelled_and_stay_so(
+    open_runtime: Any,
+) -> None:
+    """Approve and cancel sent at once to a suspended execution whose approved tool then
+    blocks: whichever lands first, it ends cancelled, the tool ran at most once, and no
+    restart ever resumes it.
+
+    Not covered before: a cancel racing an approval of the same execution.
+    """
+    ran: list[str] = []
+    blocking = anyio.Event()
+
+    @tool(requires_confirmation=True)
+    async def pay(amount: float) -> str:
+        ran.append(current_idempotency_key())
+        await blocking.wait()  # never set: only the cancel ends it
+        return "paid"
+
+    def make() -> Agent:
+        return Agent("payer", tools=[pay], llm=Scripted([Scripted.call("pay", amount=1.0), "x"]))
+
+    async with open_runtime() as rt:
+        r = await rt.run(make(), "pay", execution_id="ca-1")
+        cid = r.suspend_reason.confirmation_id  # type: ignore[union-attr]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(rt.approve, "ca-1", cid)
+            tg.start_soon(rt.cancel, "ca-1", "stop")
+        with anyio.fail_after(10):
+            assert (await rt.wait("ca-1")).status == "cancelled"
+        assert await hibernated(rt, "ca-1")
+    assert len(ran) <= 1
+    async with open_runtime(agents=[make()]) as rt:
+        starts = actor_starts(rt)
+        assert await hibernated(rt, "ca-1")
+        assert starts == [] and (await rt.result("ca-1")).status == "cancelled"
+        types = [rec.type async for rec in rt.log.read(execution_stream("ca-1"))]
+    assert types[-1] == "execution.cancelled" and len(ran) <= 1
+
+
+async def test_cancel_of_a_queued_execution_racing_its_slot_never_leaks_the_slot(
+    open_runtime: Any,
+) -> None:
+    """The slot frees (the running execution finishes) while the queued one is being
+    cancelled: it ends cancelled (never completed), its slot goes to the next one, and
+    it never resumes after a restart.
+
+    Not covered before: cancel and slot hand-over of the same queued execution at once.
+    """
+    ran: list[str] = []
+    gate = anyio.Event()
+    agent = worker(ran, gate)
+    async with open_runtime(max_concurrency=1) as rt:
+        await rt.spawn(agent, "a", execution_id="qr-a")
+        await rt.spawn(agent, "b", execution_id="qr-b")
+        await rt.spawn(agent, "c", execution_id="qr-c")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(rt.cancel, "qr-b", "not needed")
+            gate.set()
+        with anyio.fail_after(10):
+            assert (await rt.wait("qr-a")).status == "completed"
+            assert (await rt.wait("qr-b")).status == "cancelled"
+            assert (await rt.wait("qr-c")).status == "completed"
+        assert rt._slots == set() and not rt._queue
+    assert [x.split()[0] for x in ran if not x.startswith("b ")] == ["a", "c"]
+    async with open_runtime(agents=[worker(ran)]) as rt:
+        starts = actor_starts(rt)
+        await rt.wait_recovered()
+        assert "qr-b" not in starts and (await rt.result("qr-b")).status == "cancelled"
