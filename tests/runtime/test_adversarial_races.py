@@ -208,3 +208,43 @@ async def test_cancel_of_a_queued_execution_racing_its_slot_never_leaks_the_slot
         starts = actor_starts(rt)
         await rt.wait_recovered()
         assert "qr-b" not in starts and (await rt.result("qr-b")).status == "cancelled"
+
+
+async def test_a_second_approval_of_one_turn_is_taken_while_the_first_call_runs(
+    open_runtime: Any,
+) -> None:
+    """Two calls of one turn need approval; the first is approved and runs (slowly);
+    approving the second meanwhile is accepted, and each runs once, in turn order.
+
+    Not covered before: approving a pending call while a sibling call is running.
+    """
+    ran: list[str] = []
+    first_running = anyio.Event()
+    release = anyio.Event()
+
+    @tool(requires_confirmation=True)
+    async def pay(to: str) -> str:
+        ran.append(f"{to} {current_idempotency_key()}")
+        if to == "a":
+            first_running.set()
+            await release.wait()
+        return f"paid {to}"
+
+    llm = Scripted([[Scripted.call("pay", to="a"), Scripted.call("pay", to="b")], "both paid"])
+    agent = Agent("payer2", tools=[pay], llm=llm)
+    async with open_runtime() as rt:
+        r = await rt.run(agent, "pay both", execution_id="ap-1")
+        assert r.suspend_reason is not None
+        first, second = (b["confirmation_id"] for b in r.suspend_reason.pending)
+        await rt.approve("ap-1", first)
+        with anyio.fail_after(10):
+            await first_running.wait()
+            # the index lists the call still waiting for a decision while its sibling runs
+            [info] = await rt.executions(agent="payer2")
+            assert info.status == "running" and info.confirmations == (second,)
+            assert await rt.approve("ap-1", second) == "delivered"
+            release.set()
+            r = await rt.wait("ap-1")
+    assert r.status == "completed" and r.output == "both paid"
+    assert [m.content for m in r.transcript if m.role == "tool"] == ["paid a", "paid b"]
+    assert [x.split()[0] for x in ran] == ["a", "b"]
