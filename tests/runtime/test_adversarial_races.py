@@ -248,3 +248,92 @@ async def test_a_second_approval_of_one_turn_is_taken_while_the_first_call_runs(
     assert r.status == "completed" and r.output == "both paid"
     assert [m.content for m in r.transcript if m.role == "tool"] == ["paid a", "paid b"]
     assert [x.split()[0] for x in ran] == ["a", "b"]
+
+
+class SlowDisk:
+    """A real log with the LMDB writer's cancellation rule (an append, once taken, is
+    committed whatever happens to its caller) and one slow commit: the first append to
+    ``stream`` holding a ``hold_type`` record is committed only once another append to
+    that stream queues behind it (appends to a stream are taken in order)."""
+
+    def __init__(self, log: Any, tg: Any, stream: str, hold_type: str) -> None:
+        self._log = log
+        self._tg = tg
+        self._stream = stream
+        self._hold_type: str | None = hold_type
+        self.held = anyio.Event()  # the slow commit has been taken and waits
+        self._behind = anyio.Event()
+        self._done: anyio.Event | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._log, name)
+
+    async def append(self, stream: str, records: Any, expect: Any, meta: Any = None) -> int:
+        if stream == self._stream and self._done is not None and not self._done.is_set():
+            self._behind.set()
+            await self._done.wait()  # in order: after the slow one
+        elif stream == self._stream and any(r.type == self._hold_type for r in records):
+            self._hold_type = None
+            done = self._done = anyio.Event()
+            outcome: dict[str, Any] = {}
+
+            async def commit() -> None:
+                await self._behind.wait()
+                try:
+                    outcome["seq"] = await self._log.append(stream, records, expect, meta)
+                except Exception as exc:
+                    outcome["error"] = exc
+                finally:
+                    done.set()
+
+            self._tg.start_soon(commit)  # the disk's, not the caller's: cancelling the
+            self.held.set()  # caller does not take it back
+            await done.wait()
+            if "error" in outcome:
+                raise outcome["error"]
+            return outcome["seq"]  # type: ignore[no-any-return]
+        return await self._log.append(stream, records, expect, meta)  # type: ignore[no-any-return]
+
+
+async def test_a_cancel_that_cuts_an_append_short_still_cancels_at_once(
+    anyio_backend: Any,
+) -> None:
+    """The cancel lands while the engine's append of a tool outcome is on its way to
+    disk; the append is committed after the cancel re-read the log. The cancel must
+    still be recorded and stop the execution at once: no further model call or tool
+    call, and never resumed.
+
+    Not covered before, and failing before the fix: the cancel's append conflicted
+    with the late commit, the actor crashed and restarted, and its new incarnation
+    drove the execution on (model and tools called after the cancel) until the
+    delivery was retried; under enough steps it failed with 'crash' instead.
+    """
+    asked: list[int] = []
+
+    @tool
+    def step(n: int) -> int:
+        return n
+
+    def script(request: LLMRequest) -> Any:
+        turn = sum(1 for m in request.messages if m.role == "assistant")
+        asked.append(turn)
+        return Scripted.call("step", n=turn) if turn < 50 else "done"
+
+    agent = Agent("stepper", tools=[step], llm=Scripted(script, record=False), max_steps=100)
+    memory = MemoryLog(record_types())
+    async with anyio.create_task_group() as disk:
+        log = SlowDisk(memory, disk, execution_stream("cx-1"), "tool.completed")
+        async with Runtime(log=log, shutdown_timeout=2.0) as rt:  # type: ignore[arg-type]
+            await rt.spawn(agent, "go", execution_id="cx-1")
+            with anyio.fail_after(10):
+                await log.held.wait()  # the first tool outcome is on its way to disk
+                assert await rt.cancel("cx-1", "stop") == "delivered"
+                r = await rt.wait("cx-1")
+            assert r.status == "cancelled"
+            assert asked == [0]  # nothing was asked after the cancel
+            types = [rec.type async for rec in memory.read(execution_stream("cx-1"))]
+            assert types[-2:] == ["tool.completed", "execution.cancelled"]
+        async with Runtime(log=memory, agents=[agent], shutdown_timeout=2.0) as rt:  # type: ignore[arg-type]
+            assert await hibernated(rt, "cx-1")
+            assert (await rt.result("cx-1")).status == "cancelled"
+    assert asked == [0]
