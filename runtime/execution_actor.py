@@ -117,7 +117,7 @@ class ExecutionActor(Actor):
             await self._cancel(message)
             return
         definition = self.agent.definition() if self.agent is not None else None
-        before = state.status
+        before, before_reason = state.status, state.suspend_reason
         try:
             events = translate(
                 state, message.name, message.payload, message.by, message.seq, definition
@@ -166,7 +166,13 @@ class ExecutionActor(Actor):
                 await self.runtime._enqueue(self.execution_id)
                 self._stop()
         else:
-            if before != state.status or state.status != "suspended":
+            # Still suspended, but maybe for something else now (an approval granted,
+            # then the tool budget blocks the call): that is a suspension to report.
+            if (
+                before != state.status
+                or state.status != "suspended"
+                or state.suspend_reason != before_reason
+            ):
                 self.runtime._settled(self.execution_id, state)
             self._stop()
 

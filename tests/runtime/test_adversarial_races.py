@@ -12,7 +12,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from perdure import Agent, PromptMismatchError, Runtime, current_idempotency_key, tool
+from perdure import Agent, Budget, PromptMismatchError, Runtime, current_idempotency_key, tool
 from perdure.events import execution_stream, record_types
 from perdure.log import MemoryLog
 from perdure.providers import LLMRequest, Scripted
@@ -337,3 +337,46 @@ async def test_a_cancel_that_cuts_an_append_short_still_cancels_at_once(
             assert await hibernated(rt, "cx-1")
             assert (await rt.result("cx-1")).status == "cancelled"
     assert asked == [0]
+
+
+async def test_on_suspend_fires_again_when_a_signal_leaves_it_waiting_for_something_else(
+    open_runtime: Any,
+) -> None:
+    """Approving a call the tool budget then blocks: the execution goes on waiting, now
+    for a budget raise; on_suspend says so (a service that raises budgets from its
+    callback would otherwise never hear of it), and the raise finishes the run.
+
+    Not covered before, and failing before the fix: on_suspend fired for the approval
+    only, and the execution sat waiting for a raise nobody was told about.
+    """
+
+    @tool(requires_confirmation=True)
+    def gated() -> str:
+        return "gated ran"
+
+    @tool
+    def free() -> str:
+        return "free ran"
+
+    llm = Scripted([[Scripted.call("gated"), Scripted.call("free")], "done"])
+    agent = Agent("budgeted2", tools=[gated, free], llm=llm, budget=Budget(max_tool_calls=1))
+    async with open_runtime() as rt:
+        seen: list[str] = []
+        raised = anyio.Event()
+
+        @rt.on_suspend
+        async def route(result: Any, reason: Any) -> None:
+            seen.append(reason.kind)
+            if reason.kind == "budget":
+                await rt.resume(result.execution_id, budget=Budget(max_tool_calls=5), wait=False)
+                raised.set()
+
+        r = await rt.run(agent, "go", execution_id="ob-1")
+        assert r.suspend_reason is not None and r.suspend_reason.kind == "approval"
+        await rt.approve("ob-1", r.suspend_reason.confirmation_id)
+        with anyio.fail_after(10):
+            await raised.wait()
+            r = await rt.wait("ob-1", until="finished")
+    assert seen == ["approval", "budget"]
+    assert r.status == "completed"
+    assert [m.content for m in r.transcript if m.role == "tool"] == ["gated ran", "free ran"]
