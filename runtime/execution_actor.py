@@ -26,7 +26,9 @@ from perdure.agent import Agent
 from perdure.engine import Engine
 from perdure.events import ExecutionCancelled, SignalIgnored
 from perdure.journal import Journal
+from perdure.log import ConflictError
 from perdure.signals import canonical_name, translate
+from perdure.state import TERMINAL
 
 if TYPE_CHECKING:
     from perdure.runtime import Runtime
@@ -115,7 +117,7 @@ class ExecutionActor(Actor):
             await self._cancel(message)
             return
         definition = self.agent.definition() if self.agent is not None else None
-        before = state.status
+        before, before_reason = state.status, state.suspend_reason
         try:
             events = translate(
                 state, message.name, message.payload, message.by, message.seq, definition
@@ -164,7 +166,13 @@ class ExecutionActor(Actor):
                 await self.runtime._enqueue(self.execution_id)
                 self._stop()
         else:
-            if before != state.status or state.status != "suspended":
+            # Still suspended, but maybe for something else now (an approval granted,
+            # then the tool budget blocks the call): that is a suspension to report.
+            if (
+                before != state.status
+                or state.status != "suspended"
+                or state.suspend_reason != before_reason
+            ):
                 self.runtime._settled(self.execution_id, state)
             self._stop()
 
@@ -174,13 +182,28 @@ class ExecutionActor(Actor):
         if self.driving and self._drive_scope is not None and self._drive_done is not None:
             self._drive_scope.cancel()
             await self._drive_done.wait()
-        if journal.broken:
-            # An append was cut short by the cancellation: whether it was written is
-            # only known to the log, so start again from the log.
-            journal = self.journal = await Journal.open(self.runtime.log, self.execution_id)
         payload = message.payload if isinstance(message.payload, Mapping) else {}
-        journal.stage(ExecutionCancelled(str(payload.get("reason") or ""), message.by, message.seq))
-        await journal.flush()
+        cancelled = ExecutionCancelled(str(payload.get("reason") or ""), message.by, message.seq)
+        for attempt in range(3):
+            if journal.broken:
+                # An append was cut short by the cancellation: whether it was written is
+                # only known to the log, so start again from the log.
+                journal = self.journal = await Journal.open(self.runtime.log, self.execution_id)
+            if journal.state.status in TERMINAL:
+                break  # that append finished the execution after all; nothing to cancel
+            journal.stage(cancelled)
+            try:
+                await journal.flush()
+            except ConflictError:
+                # The append cut short was taken by the store and committed after the
+                # log was read above (a taken append is written whatever happens to its
+                # caller): read the log again. Only that one append can be in flight.
+                if attempt == 2:
+                    raise
+                continue
+            break
+        # Settled here in every case: the engine, cancelled, did not (it may have
+        # completed the execution in that last append).
         self.runtime._settled(self.execution_id, journal.state)
         self._stop()
 

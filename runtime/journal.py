@@ -40,7 +40,10 @@ def index_meta(state: ExecutionState) -> dict[str, Any]:
         "agent": state.agent,
         "status": state.status,
         "reason": reason["kind"] if reason else None,
-        "confirmations": [p["confirmation_id"] for p in blockers if p.get("confirmation_id")],
+        # Every call waiting for a decision, not only those the suspension names: while
+        # a sibling of the same turn runs (an approved one, say) the execution is
+        # "running", and approving the others then must not be refused as unknown.
+        "confirmations": [c.confirmation_id for c in state.calls if c.status == "approval"],
         # The children it waits for: a restart re-posts a finished one's outcome (the
         # post after the child settled may have been lost in a crash).
         "waiting_on": [p["child_id"] for p in blockers if p.get("kind") == "child"],

@@ -647,13 +647,17 @@ class Runtime:
             if pending is None:
                 break
             await pending.wait()
-        meta = await self.log.stream_info(execution_stream(eid))
-        agent = self._agents.get(meta.meta.get("agent", "")) if meta else None
-        if drive and agent is None:
-            self._release(eid)
-            return None
+        # Claimed before the first await: a concurrent start (a second spawn, a signal,
+        # recovery) must wait for this one, not pass the check above while this one
+        # reads the index and then start the same child again (a store whose reads
+        # yield, as a networked one does, makes that window real).
         done = self._starting[eid] = anyio.Event()
         try:
+            meta = await self.log.stream_info(execution_stream(eid))
+            agent = self._agents.get(meta.meta.get("agent", "")) if meta else None
+            if drive and agent is None:
+                self._release(eid)
+                return None
             spec = ChildSpec(
                 key,
                 lambda: ExecutionActor(self, eid, agent, drive=eid in self._slots),

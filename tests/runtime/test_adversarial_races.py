@@ -1,0 +1,382 @@
+"""Races inside one process: concurrent spawns of one id, cancels against approvals and
+queue slots, and a store whose reads take their time (as a networked store's do).
+
+Each test states the combination it adds to test_suspension.py / test_runtime_core.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from perdure import Agent, Budget, PromptMismatchError, Runtime, current_idempotency_key, tool
+from perdure.events import execution_stream, record_types
+from perdure.log import MemoryLog
+from perdure.providers import LLMRequest, Scripted
+from tests.runtime.test_suspension import actor_starts, hibernated
+
+pytestmark = pytest.mark.anyio
+
+
+class YieldingLog:
+    """A real log whose index reads yield to the event loop before answering, the way a
+    store across a network does (the in-process stores answer without yielding)."""
+
+    def __init__(self, log: Any) -> None:
+        self._log = log
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._log, name)
+
+    async def stream_info(self, stream: str) -> Any:
+        await anyio.lowlevel.checkpoint()
+        return await self._log.stream_info(stream)
+
+
+def worker(ran: list[str], gate: anyio.Event | None = None) -> Agent:
+    """One tool call (waiting for ``gate`` if given), then an answer."""
+
+    @tool
+    async def work(name: str) -> str:
+        ran.append(f"{name} {current_idempotency_key()}")
+        if gate is not None:
+            await gate.wait()
+        return name
+
+    def script(request: LLMRequest) -> Any:
+        if any(m.role == "tool" for m in request.messages):
+            return "done"
+        return Scripted.call("work", name=request.messages[-1].content)
+
+    return Agent("worker", tools=[work], llm=Scripted(script, record=False))
+
+
+async def test_concurrent_spawns_of_an_undriven_execution_on_a_yielding_store(
+    anyio_backend: Any,
+) -> None:
+    """Two spawns (and recovery for the agent just registered) race to start the actor
+    of an execution that was left running; each must return its handle, one actor must
+    drive it, and the interrupted call re-runs once, under its key.
+
+    Not covered before: concurrent starts of one execution's actor when the store's
+    reads yield (every other test runs on stores that answer without yielding).
+    """
+    ran: list[str] = []
+    started = anyio.Event()
+    gate = anyio.Event()
+
+    @tool
+    async def work(name: str) -> str:
+        ran.append(f"{name} {current_idempotency_key()}")
+        started.set()
+        await gate.wait()
+        return name
+
+    def script(request: LLMRequest) -> Any:
+        if any(m.role == "tool" for m in request.messages):
+            return "done"
+        return Scripted.call("work", name=request.messages[-1].content)
+
+    def make() -> Agent:
+        return Agent("worker", tools=[work], llm=Scripted(script, record=False))
+
+    log = YieldingLog(MemoryLog(record_types()))
+    async with Runtime(log=log, shutdown_timeout=0.05) as rt:  # type: ignore[arg-type]
+        await rt.spawn(make(), "a", execution_id="u-1")
+        await started.wait()  # closed with the call in flight: it stays "running"
+    gate.set()
+    async with Runtime(log=log, shutdown_timeout=2.0) as rt:  # type: ignore[arg-type]
+        await rt.wait_recovered()  # the agent is not registered: left alone
+        agent = make()
+        async with anyio.create_task_group() as tg:
+            for _ in range(2):
+                tg.start_soon(lambda: rt.spawn(agent, "a", execution_id="u-1"))
+        with anyio.fail_after(10):
+            r = await rt.wait("u-1")
+    assert r.status == "completed" and r.output == "done"
+    assert len(ran) == 2 and ran[0] == ran[1]  # the in-doubt call, re-run once, same key
+
+
+async def spawn_as(rt: Runtime, agent: Agent, prompt: str, eid: str, out: dict[str, Any]) -> None:
+    try:
+        out[prompt] = (await rt.spawn(agent, prompt, execution_id=eid)).execution_id
+    except PromptMismatchError as exc:
+        out[prompt] = exc
+
+
+async def test_one_id_spawned_at_once_with_two_prompts_under_a_full_queue(
+    open_runtime: Any,
+) -> None:
+    """One new id spawned concurrently with two prompts, while the only slot is taken:
+    exactly one prompt wins, the other is an error naming both, and no slot or queue
+    entry leaks (the winner runs once a slot frees, and so does the next execution).
+
+    Not covered before: concurrent spawns of one id with *different* prompts, queued.
+    """
+    ran: list[str] = []
+    gate = anyio.Event()
+    agent = worker(ran, gate)
+    async with open_runtime(max_concurrency=1) as rt:
+        await rt.spawn(agent, "first", execution_id="s-0")
+        out: dict[str, Any] = {}
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(spawn_as, rt, agent, "left", "s-1", out)
+            tg.start_soon(spawn_as, rt, agent, "right", "s-1", out)
+        [winner] = [p for p, v in out.items() if v == "s-1"]
+        [loser] = [p for p, v in out.items() if p != winner]
+        error = out[loser]
+        assert isinstance(error, PromptMismatchError)
+        assert repr(winner) in str(error) and repr(loser) in str(error)
+        assert (await rt.result("s-1")).status == "queued"
+        await rt.spawn(agent, "after", execution_id="s-2")
+        gate.set()
+        with anyio.fail_after(10):
+            for eid in ("s-0", "s-1", "s-2"):
+                assert (await rt.wait(eid)).status == "completed"
+        assert rt._slots == set() and not rt._queue and not rt._queued
+    assert [x.split()[0] for x in ran] == ["first", winner, "after"]
+
+
+async def test_cancel_and_approve_sent_together_end_cancelled_and_stay_so(
+    open_runtime: Any,
+) -> None:
+    """Approve and cancel sent at once to a suspended execution whose approved tool then
+    blocks: whichever lands first, it ends cancelled, the tool ran at most once, and no
+    restart ever resumes it.
+
+    Not covered before: a cancel racing an approval of the same execution.
+    """
+    ran: list[str] = []
+    blocking = anyio.Event()
+
+    @tool(requires_confirmation=True)
+    async def pay(amount: float) -> str:
+        ran.append(current_idempotency_key())
+        await blocking.wait()  # never set: only the cancel ends it
+        return "paid"
+
+    def make() -> Agent:
+        return Agent("payer", tools=[pay], llm=Scripted([Scripted.call("pay", amount=1.0), "x"]))
+
+    async with open_runtime() as rt:
+        r = await rt.run(make(), "pay", execution_id="ca-1")
+        cid = r.suspend_reason.confirmation_id  # type: ignore[union-attr]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(rt.approve, "ca-1", cid)
+            tg.start_soon(rt.cancel, "ca-1", "stop")
+        with anyio.fail_after(10):
+            assert (await rt.wait("ca-1")).status == "cancelled"
+        assert await hibernated(rt, "ca-1")
+    assert len(ran) <= 1
+    async with open_runtime(agents=[make()]) as rt:
+        starts = actor_starts(rt)
+        assert await hibernated(rt, "ca-1")
+        assert starts == [] and (await rt.result("ca-1")).status == "cancelled"
+        types = [rec.type async for rec in rt.log.read(execution_stream("ca-1"))]
+    assert types[-1] == "execution.cancelled" and len(ran) <= 1
+
+
+async def test_cancel_of_a_queued_execution_racing_its_slot_never_leaks_the_slot(
+    open_runtime: Any,
+) -> None:
+    """The slot frees (the running execution finishes) while the queued one is being
+    cancelled: it ends cancelled (never completed), its slot goes to the next one, and
+    it never resumes after a restart.
+
+    Not covered before: cancel and slot hand-over of the same queued execution at once.
+    """
+    ran: list[str] = []
+    gate = anyio.Event()
+    agent = worker(ran, gate)
+    async with open_runtime(max_concurrency=1) as rt:
+        await rt.spawn(agent, "a", execution_id="qr-a")
+        await rt.spawn(agent, "b", execution_id="qr-b")
+        await rt.spawn(agent, "c", execution_id="qr-c")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(rt.cancel, "qr-b", "not needed")
+            gate.set()
+        with anyio.fail_after(10):
+            assert (await rt.wait("qr-a")).status == "completed"
+            assert (await rt.wait("qr-b")).status == "cancelled"
+            assert (await rt.wait("qr-c")).status == "completed"
+        assert rt._slots == set() and not rt._queue
+    assert [x.split()[0] for x in ran if not x.startswith("b ")] == ["a", "c"]
+    async with open_runtime(agents=[worker(ran)]) as rt:
+        starts = actor_starts(rt)
+        await rt.wait_recovered()
+        assert "qr-b" not in starts and (await rt.result("qr-b")).status == "cancelled"
+
+
+async def test_a_second_approval_of_one_turn_is_taken_while_the_first_call_runs(
+    open_runtime: Any,
+) -> None:
+    """Two calls of one turn need approval; the first is approved and runs (slowly);
+    approving the second meanwhile is accepted, and each runs once, in turn order.
+
+    Not covered before: approving a pending call while a sibling call is running.
+    """
+    ran: list[str] = []
+    first_running = anyio.Event()
+    release = anyio.Event()
+
+    @tool(requires_confirmation=True)
+    async def pay(to: str) -> str:
+        ran.append(f"{to} {current_idempotency_key()}")
+        if to == "a":
+            first_running.set()
+            await release.wait()
+        return f"paid {to}"
+
+    llm = Scripted([[Scripted.call("pay", to="a"), Scripted.call("pay", to="b")], "both paid"])
+    agent = Agent("payer2", tools=[pay], llm=llm)
+    async with open_runtime() as rt:
+        r = await rt.run(agent, "pay both", execution_id="ap-1")
+        assert r.suspend_reason is not None
+        first, second = (b["confirmation_id"] for b in r.suspend_reason.pending)
+        await rt.approve("ap-1", first)
+        with anyio.fail_after(10):
+            await first_running.wait()
+            # the index lists the call still waiting for a decision while its sibling runs
+            [info] = await rt.executions(agent="payer2")
+            assert info.status == "running" and info.confirmations == (second,)
+            assert await rt.approve("ap-1", second) == "delivered"
+            release.set()
+            r = await rt.wait("ap-1")
+    assert r.status == "completed" and r.output == "both paid"
+    assert [m.content for m in r.transcript if m.role == "tool"] == ["paid a", "paid b"]
+    assert [x.split()[0] for x in ran] == ["a", "b"]
+
+
+class SlowDisk:
+    """A real log with the LMDB writer's cancellation rule (an append, once taken, is
+    committed whatever happens to its caller) and one slow commit: the first append to
+    ``stream`` holding a ``hold_type`` record is committed only once another append to
+    that stream queues behind it (appends to a stream are taken in order)."""
+
+    def __init__(self, log: Any, tg: Any, stream: str, hold_type: str) -> None:
+        self._log = log
+        self._tg = tg
+        self._stream = stream
+        self._hold_type: str | None = hold_type
+        self.held = anyio.Event()  # the slow commit has been taken and waits
+        self._behind = anyio.Event()
+        self._done: anyio.Event | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._log, name)
+
+    async def append(self, stream: str, records: Any, expect: Any, meta: Any = None) -> int:
+        if stream == self._stream and self._done is not None and not self._done.is_set():
+            self._behind.set()
+            await self._done.wait()  # in order: after the slow one
+        elif stream == self._stream and any(r.type == self._hold_type for r in records):
+            self._hold_type = None
+            done = self._done = anyio.Event()
+            outcome: dict[str, Any] = {}
+
+            async def commit() -> None:
+                await self._behind.wait()
+                try:
+                    outcome["seq"] = await self._log.append(stream, records, expect, meta)
+                except Exception as exc:
+                    outcome["error"] = exc
+                finally:
+                    done.set()
+
+            self._tg.start_soon(commit)  # the disk's, not the caller's: cancelling the
+            self.held.set()  # caller does not take it back
+            await done.wait()
+            if "error" in outcome:
+                raise outcome["error"]
+            return outcome["seq"]  # type: ignore[no-any-return]
+        return await self._log.append(stream, records, expect, meta)  # type: ignore[no-any-return]
+
+
+async def test_a_cancel_that_cuts_an_append_short_still_cancels_at_once(
+    anyio_backend: Any,
+) -> None:
+    """The cancel lands while the engine's append of a tool outcome is on its way to
+    disk; the append is committed after the cancel re-read the log. The cancel must
+    still be recorded and stop the execution at once: no further model call or tool
+    call, and never resumed.
+
+    Not covered before, and failing before the fix: the cancel's append conflicted
+    with the late commit, the actor crashed and restarted, and its new incarnation
+    drove the execution on (model and tools called after the cancel) until the
+    delivery was retried; under enough steps it failed with 'crash' instead.
+    """
+    asked: list[int] = []
+
+    @tool
+    def step(n: int) -> int:
+        return n
+
+    def script(request: LLMRequest) -> Any:
+        turn = sum(1 for m in request.messages if m.role == "assistant")
+        asked.append(turn)
+        return Scripted.call("step", n=turn) if turn < 50 else "done"
+
+    agent = Agent("stepper", tools=[step], llm=Scripted(script, record=False), max_steps=100)
+    memory = MemoryLog(record_types())
+    async with anyio.create_task_group() as disk:
+        log = SlowDisk(memory, disk, execution_stream("cx-1"), "tool.completed")
+        async with Runtime(log=log, shutdown_timeout=2.0) as rt:  # type: ignore[arg-type]
+            await rt.spawn(agent, "go", execution_id="cx-1")
+            with anyio.fail_after(10):
+                await log.held.wait()  # the first tool outcome is on its way to disk
+                assert await rt.cancel("cx-1", "stop") == "delivered"
+                r = await rt.wait("cx-1")
+            assert r.status == "cancelled"
+            assert asked == [0]  # nothing was asked after the cancel
+            types = [rec.type async for rec in memory.read(execution_stream("cx-1"))]
+            assert types[-2:] == ["tool.completed", "execution.cancelled"]
+        async with Runtime(log=memory, agents=[agent], shutdown_timeout=2.0) as rt:  # type: ignore[arg-type]
+            assert await hibernated(rt, "cx-1")
+            assert (await rt.result("cx-1")).status == "cancelled"
+    assert asked == [0]
+
+
+async def test_on_suspend_fires_again_when_a_signal_leaves_it_waiting_for_something_else(
+    open_runtime: Any,
+) -> None:
+    """Approving a call the tool budget then blocks: the execution goes on waiting, now
+    for a budget raise; on_suspend says so (a service that raises budgets from its
+    callback would otherwise never hear of it), and the raise finishes the run.
+
+    Not covered before, and failing before the fix: on_suspend fired for the approval
+    only, and the execution sat waiting for a raise nobody was told about.
+    """
+
+    @tool(requires_confirmation=True)
+    def gated() -> str:
+        return "gated ran"
+
+    @tool
+    def free() -> str:
+        return "free ran"
+
+    llm = Scripted([[Scripted.call("gated"), Scripted.call("free")], "done"])
+    agent = Agent("budgeted2", tools=[gated, free], llm=llm, budget=Budget(max_tool_calls=1))
+    async with open_runtime() as rt:
+        seen: list[str] = []
+        raised = anyio.Event()
+
+        @rt.on_suspend
+        async def route(result: Any, reason: Any) -> None:
+            seen.append(reason.kind)
+            if reason.kind == "budget":
+                await rt.resume(result.execution_id, budget=Budget(max_tool_calls=5), wait=False)
+                raised.set()
+
+        r = await rt.run(agent, "go", execution_id="ob-1")
+        assert r.suspend_reason is not None and r.suspend_reason.kind == "approval"
+        await rt.approve("ob-1", r.suspend_reason.confirmation_id)
+        with anyio.fail_after(10):
+            await raised.wait()
+            r = await rt.wait("ob-1", until="finished")
+    assert seen == ["approval", "budget"]
+    assert r.status == "completed"
+    assert [m.content for m in r.transcript if m.role == "tool"] == ["gated ran", "free ran"]
