@@ -211,14 +211,36 @@ def encode_records(
                 f"register the newer version first; nothing was written"
             )
         try:
-            values.append(encode_record(rtype, version, timestamp, record.payload))
+            value = encode_record(rtype, version, timestamp, record.payload)
         except Exception as exc:  # cbor2 raises CBOREncodeError, TypeError, ValueError...
             raise LogError(
                 f"stream {stream!r}: record {i} (type {rtype!r}) has a payload CBOR cannot "
                 f"encode ({exc}); use dicts, lists, str, bytes, numbers, bools and None; "
                 f"nothing was written"
             ) from exc
+        if len(value) > _ALWAYS_READABLE_BYTES:
+            _check_readable(stream, i, rtype, value)
+        values.append(value)
     return values
+
+
+#: cbor2 encodes containers nested to any depth but decodes at most 400 levels, so a
+#: record could be written that no reader could read back. Every level costs at least
+#: one byte, so a value this short cannot be too deep; longer ones are decoded once
+#: before they are written (a few microseconds per KB, on records that are mostly a
+#: model's answers).
+_ALWAYS_READABLE_BYTES: Final = 400
+
+
+def _check_readable(stream: str, i: int, rtype: str, value: bytes) -> None:
+    try:
+        _loads(value)
+    except Exception as exc:
+        raise LogError(
+            f"stream {stream!r}: record {i} (type {rtype!r}) encodes, but could not be read "
+            f"back ({exc}); make the payload flatter (the decoder reads at most 400 nested "
+            f"containers); nothing was written"
+        ) from exc
 
 
 def decode_record(known: Mapping[str, int], stream: str, seq: int, value: bytes) -> Record:

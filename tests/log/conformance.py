@@ -201,6 +201,23 @@ class EventLogConformance:
         assert await log.last_seq("s") == 0
         assert await log.stream_info("s") is None
 
+    async def test_a_payload_too_deep_to_read_back_is_refused_whole(self, log: EventLog) -> None:
+        def nested(depth: int) -> Any:
+            value: Any = "x" * 500  # long enough that the record is checked, not waved through
+            for _ in range(depth):
+                value = [value]
+            return value
+
+        # The decoder's limit is 400 containers; the envelope and the dict are two.
+        fine, deep = nested(398), nested(399)
+        with pytest.raises(LogError, match=r"record 1 \(type 'note'\).*read back.*400") as caught:
+            await log.append("s", [note(1), NewRecord("note", {"v": deep})], expect=0)
+        assert "'s'" in str(caught.value) and "nothing was written" in str(caught.value)
+        assert await log.last_seq("s") == 0
+        assert await log.append("s", [NewRecord("note", {"v": fine})], expect=0) == 1
+        (record,) = [r async for r in log.read("s")]
+        assert record.payload == {"v": fine}
+
     async def test_empty_batch_checks_expect_and_merges_meta(self, log: EventLog) -> None:
         assert await log.append("s", [], expect=0, meta={"status": "new"}) == 0
         info = await log.stream_info("s")
