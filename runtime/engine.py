@@ -48,7 +48,7 @@ from perdure.providers.errors import (
 )
 from perdure.providers.fallback import Fallback
 from perdure.providers.retry import RetryPolicy
-from perdure.providers.streams import closing
+from perdure.providers.streams import MAX_ARGUMENT_DEPTH, closing
 from perdure.providers.types import (
     LLMRequest,
     LLMResponse,
@@ -121,24 +121,37 @@ class Conversation(Sequence[Message]):
         yield from self._messages
 
 
-def plain_value(value: Any, where: str = "result") -> Any:
+#: How deeply a tool's result may nest. The log's CBOR decoder reads at most 400 levels,
+#: and a result is read back inside its record and, later, inside the messages that
+#: carry it; the same bound as a model's tool-call arguments keeps it far from that.
+MAX_RESULT_DEPTH = MAX_ARGUMENT_DEPTH
+
+
+def plain_value(value: Any, where: str = "result", depth: int = 0) -> Any:
     """``value`` as plain data the log can record (dataclasses and tuples converted).
 
-    Raises TypeError naming the offending part when something cannot be recorded.
+    Raises TypeError naming the offending part when something cannot be recorded
+    (including a value nested more than :data:`MAX_RESULT_DEPTH` containers deep).
     """
     if value is None or isinstance(value, str | int | float | bool | bytes):
         return value
+    if depth >= MAX_RESULT_DEPTH:
+        raise TypeError(
+            f"{where}: nested more than {MAX_RESULT_DEPTH} containers deep, which the log "
+            f"would not read back; return a flatter value (or a JSON string)"
+        )
+    depth += 1
     if isinstance(value, Mapping):
         out = {}
         for k, v in value.items():
             if not isinstance(k, str):
                 raise TypeError(f"{where}: dict key {k!r} is not a str")
-            out[k] = plain_value(v, f"{where}.{k}")
+            out[k] = plain_value(v, f"{where}.{k}", depth)
         return out
     if isinstance(value, list | tuple):
-        return [plain_value(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [plain_value(v, f"{where}[{i}]", depth) for i, v in enumerate(value)]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return plain_value(dataclasses.asdict(value), where)
+        return plain_value(dataclasses.asdict(value), where, depth - 1)
     raise TypeError(
         f"{where}: a {type(value).__name__} cannot be recorded in the log; return str, "
         f"numbers, bools, None, lists, dicts or dataclasses of those"

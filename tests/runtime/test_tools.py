@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -299,3 +300,35 @@ def test_retries_on_a_non_idempotent_tool_are_refused() -> None:
 
     assert "current_idempotency_key()" in str(info.value) and "'charge'" in str(info.value)
     assert not tool("pay", idempotent=False)(lambda amount: "ok").retries  # fine without
+
+
+@pytest.mark.anyio
+async def test_a_result_nested_too_deep_to_read_back_is_a_tool_error_not_an_unreadable_log(
+    open_runtime: Any,
+) -> None:
+    """Invariant 7: a result the log could not read back is refused before it is written."""
+
+    def nested(depth: int) -> Any:
+        value: Any = "leaf"
+        for _ in range(depth):
+            value = [value]
+        return value
+
+    @tool
+    def dig(depth: int) -> Any:
+        return nested(depth)
+
+    llm = Scripted([[Scripted.call("dig", depth=100), Scripted.call("dig", depth=450)], "dug"])
+    agent = Agent("digger", tools=[dig], llm=llm)
+    async with open_runtime() as rt:
+        live = await rt.run(agent, "dig", execution_id="dig-1")
+        replayed = await load_state(rt.log, "dig-1")
+    assert live.status == "completed" and live.output == "dug"
+    ok, deep = [m for m in live.transcript if m.role == "tool"]
+    assert not ok.is_error and json.loads(ok.content) == nested(100)
+    assert deep.is_error
+    assert deep.content == (
+        "ERROR (TypeError): result" + "[0]" * 100 + ": nested more than 100 containers deep, "
+        "which the log would not read back; return a flatter value (or a JSON string)"
+    )
+    assert replayed.messages == list(live.transcript)  # the log reads back whole
