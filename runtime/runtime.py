@@ -140,6 +140,10 @@ class _Services:
         return await self._rt._tool_threads.run(fn)
 
 
+#: Appends of a crashed execution's failure tried before giving up (each after a re-read).
+_RECORD_CRASH_TRIES = 5
+
+
 class Runtime:
     """A durable runtime over one data dir. See the module docstring.
 
@@ -700,9 +704,8 @@ class Runtime:
     async def _record_crash(self, eid: str, error: BaseException) -> None:
         """The engine crashed more often than allowed: fail the execution, with the cause."""
         stream = execution_stream(eid)
-        try:
-            last = await self.log.last_seq(stream)
-            failed = ExecutionFailed(
+        failed = encode(
+            ExecutionFailed(
                 "crash",
                 {
                     "type": type(error).__name__,
@@ -711,12 +714,28 @@ class Runtime:
                     f"'perdure resume {eid}')",
                 },
             )
-            await self.log.append(stream, [encode(failed)], expect=last, meta={"status": "failed"})
-            state = await load_state(self.log, eid)
+        )
+        try:
+            for attempt in range(1, _RECORD_CRASH_TRIES + 1):
+                state = await load_state(self.log, eid)
+                if state.status != "running":
+                    break  # it settled before it crashed (or a signal settled it since)
+                try:
+                    await self.log.append(
+                        stream, [failed], expect=state.seq, meta={"status": "failed"}
+                    )
+                except ConflictError:
+                    # A signal was recorded meanwhile (delivery appends to the stream):
+                    # read again, so the failure lands after it and nothing is lost.
+                    if attempt == _RECORD_CRASH_TRIES:
+                        raise
+                    continue
+                state = await load_state(self.log, eid)
+                log.error("execution %s failed after repeated crashes: %r", eid, error)
+                break
         except Exception:
             log.exception("execution %s: could not record its failure", eid)
             return
-        log.error("execution %s failed after repeated crashes: %r", eid, error)
         self._settled(eid, state)
 
     def _settled(self, eid: str, state: ExecutionState) -> None:

@@ -12,12 +12,14 @@ from perdure import (
     Agent,
     InvalidExecutionIdError,
     PromptMismatchError,
+    Runtime,
     ToolError,
     current_idempotency_key,
     tool,
 )
-from perdure.events import execution_stream
-from perdure.providers import LLMRequest, Message, RateLimitError, Scripted, ToolCall
+from perdure.events import SignalIgnored, encode, execution_stream, record_types
+from perdure.log import ANY, MemoryLog
+from perdure.providers import LLMRequest, Message, Pricing, RateLimitError, Scripted, ToolCall
 from perdure.providers.types import LLMResponse, Usage
 
 pytestmark = pytest.mark.anyio
@@ -291,6 +293,43 @@ async def test_engine_crashes_restart_the_actor_and_then_fail_it(open_runtime: A
         assert r.status == "failed"
         assert r.error is not None and "engine bug" in r.error["message"]
         assert r.error["type"] == "RuntimeError"
+
+
+class _SignalSlipsIn:
+    """A real log on which a signal record lands just before the first append of an
+    ``execution.failed`` record, as inbox delivery can while the failure is recorded."""
+
+    def __init__(self, log: Any) -> None:
+        self._log = log
+        self.slipped = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._log, name)
+
+    async def append(self, stream: str, records: Any, expect: Any, meta: Any = None) -> int:
+        if not self.slipped and any(r.type == "execution.failed" for r in records):
+            self.slipped = True
+            ignored = encode(SignalIgnored("nudge", "nothing to do", "test"))
+            await self._log.append(stream, [ignored], expect=ANY)
+        return await self._log.append(stream, records, expect, meta)  # type: ignore[no-any-return]
+
+
+async def test_a_failure_after_repeated_crashes_is_recorded_after_a_signal_that_raced_it(
+    tmp_path: Any,
+) -> None:
+    class AlwaysBroken(Pricing):
+        def cost(self, model: str, usage: Usage) -> float | None:
+            raise RuntimeError("engine bug")
+
+    log = _SignalSlipsIn(MemoryLog(record_types()))
+    agent = Agent("crashy", llm=Scripted(["fine"]))
+    async with Runtime(log=log, pricing=AlwaysBroken(), shutdown_timeout=2.0) as rt:  # type: ignore[arg-type]
+        with anyio.fail_after(20):  # the failure used to be lost: wait() never returned
+            r = await rt.run(agent, "go", execution_id="racy")
+        types = [rec.type async for rec in rt.log.read(execution_stream("racy"))]
+    assert log.slipped
+    assert r.status == "failed" and r.error is not None and "engine bug" in r.error["message"]
+    assert types[-2:] == ["signal.ignored", "execution.failed"]
 
 
 async def test_custom_provider_returning_garbage_fails_clearly(open_runtime: Any) -> None:
