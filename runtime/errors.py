@@ -68,7 +68,8 @@ class InvalidExecutionIdError(ExecutionError, ValueError):
 
 
 class PromptMismatchError(ExecutionError):
-    """An existing execution id was spawned again with a different prompt."""
+    """An existing execution id was spawned again with a different prompt (or agent,
+    budget or metadata)."""
 
 
 class ExecutionNotFoundError(ExecutionError, LookupError):

@@ -64,6 +64,7 @@ from perdure.fingerprint import digest
 from perdure.inbox import InboxPump
 from perdure.journal import Journal, load_state
 from perdure.log import ConflictError, EventLog
+from perdure.log.codec import meta_value_key
 from perdure.log.protocol import ANY, Durability
 from perdure.providers.pricing import Price, Pricing
 from perdure.providers.types import LLMResponse
@@ -138,6 +139,11 @@ class _Services:
 
     async def run_in_thread(self, fn: Callable[[], Any]) -> Any:
         return await self._rt._tool_threads.run(fn)
+
+
+def _same_data(value: Any) -> bytes:
+    """A form in which two values compare equal if the log records them alike."""
+    return meta_value_key(value)
 
 
 #: Appends of a crashed execution's failure tried before giving up (each after a re-read).
@@ -475,7 +481,7 @@ class Runtime:
         existing = await self.log.stream_info(execution_stream(eid))
         if existing is not None:
             await self._caught_up()
-            await self._check_same(eid, definition_agent, prompt)
+            await self._check_same(eid, definition_agent, prompt, budget, metadata)
             # As it is now that the backlog is in (a resume may have made it runnable).
             existing = await self.log.stream_info(execution_stream(eid))
             assert existing is not None
@@ -516,7 +522,7 @@ class Runtime:
             # execution if the prompt matches.
             if took_slot:
                 self._release(eid)
-            await self._check_same(eid, definition_agent, prompt)
+            await self._check_same(eid, definition_agent, prompt, budget, metadata)
             return ExecutionHandle(eid, self)
         except BaseException:
             if took_slot:
@@ -528,7 +534,21 @@ class Runtime:
             self._push_queue(eid)
         return ExecutionHandle(eid, self)
 
-    async def _check_same(self, eid: str, agent: Agent, prompt: str) -> None:
+    async def _check_same(
+        self,
+        eid: str,
+        agent: Agent,
+        prompt: str,
+        budget: Budget | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Refuse a spawn of an existing id that asks for something else than it holds.
+
+        The prompt and agent always count; a budget or metadata only when this spawn
+        gives one (an agent's own budget may change with a deploy: that is not a
+        different spawn). The budget compared is the one the execution was spawned
+        with, not one raised since, so repeating the original spawn still resumes it.
+        """
         first = None
         async for record in self.log.read(execution_stream(eid)):
             first = decode(record)
@@ -545,6 +565,20 @@ class Runtime:
         if first.agent != agent.name:
             raise PromptMismatchError(
                 f"execution {eid!r} belongs to agent {first.agent!r}, not {agent.name!r}", eid
+            )
+        if budget is not None and budget.to_dict() != (first.budget or {}):
+            raise PromptMismatchError(
+                f"execution {eid!r} already exists with budget {first.budget or 'none'}; it "
+                f"was spawned again with budget {budget.to_dict()}. Use a new execution id, "
+                f"or raise its budget with rt.resume({eid!r}, budget=...) (perdure resume)",
+                eid,
+            )
+        if metadata is not None and _same_data(dict(metadata)) != _same_data(first.metadata):
+            raise PromptMismatchError(
+                f"execution {eid!r} already exists with metadata {_clip(repr(first.metadata))}; "
+                f"it was spawned again with metadata {_clip(repr(dict(metadata)))}. Use a new "
+                f"execution id, or pass the original metadata to resume it",
+                eid,
             )
 
     async def run(

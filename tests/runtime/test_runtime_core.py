@@ -10,6 +10,7 @@ import pytest
 
 from perdure import (
     Agent,
+    Budget,
     InvalidExecutionIdError,
     PromptMismatchError,
     Runtime,
@@ -218,6 +219,33 @@ async def test_execution_ids(open_runtime: Any) -> None:
         with pytest.raises(PromptMismatchError) as info:
             await rt.spawn(agent, "another prompt", execution_id="order-123")
         assert "the prompt" in str(info.value) and "another prompt" in str(info.value)
+
+
+async def test_an_existing_id_spawned_with_another_budget_or_metadata_is_refused(
+    open_runtime: Any,
+) -> None:
+    agent = Agent("ids", llm=Scripted(["one", "two"]))
+    budget = Budget(max_llm_calls=5)
+    async with open_runtime() as rt:
+        first = await rt.run(
+            agent, "p", execution_id="b-1", budget=budget, metadata={"tags": ("a", "b")}
+        )
+        # the same spawn again (metadata as it reads back, tuples as lists) is the same
+        # execution; so is one that does not say
+        again = await rt.run(
+            agent, "p", execution_id="b-1", budget=budget, metadata={"tags": ["a", "b"]}
+        )
+        assert (await rt.run(agent, "p", execution_id="b-1")).output == again.output
+        assert again.output == first.output == "one"
+        with pytest.raises(PromptMismatchError) as info:
+            await rt.spawn(agent, "p", execution_id="b-1", budget=Budget(max_llm_calls=50))
+        message = str(info.value)
+        assert "'b-1'" in message and "'max_llm_calls': 5" in message
+        assert "'max_llm_calls': 50" in message and "rt.resume('b-1', budget=...)" in message
+        with pytest.raises(PromptMismatchError, match="metadata"):
+            await rt.spawn(agent, "p", execution_id="b-1", metadata={"tags": ["c"]})
+        after = await rt.result("b-1")
+    assert after.output == "one" and after.usage.llm_calls == 1  # nothing ran again
 
 
 async def test_replaying_a_completed_execution_calls_and_writes_nothing(
