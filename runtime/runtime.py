@@ -141,6 +141,12 @@ class _Services:
         return await self._rt._tool_threads.run(fn)
 
 
+def _orphan_cancel(parent: str, reason: str) -> dict[str, str]:
+    """The cancel payload for a child whose parent was cancelled."""
+    why = f"its parent {parent!r} was cancelled"
+    return {"reason": f"{why}: {reason}" if reason else why}
+
+
 def _same_data(value: Any) -> bytes:
     """A form in which two values compare equal if the log records them alike."""
     return meta_value_key(value)
@@ -795,6 +801,8 @@ class Runtime:
         if parent and status in ("completed", "failed", "cancelled") and self._tg is not None:
             payload = {"status": status, "output": state.output, "error": state.error}
             self._tg.start_soon(self._post_child_outcome, parent["execution_id"], eid, payload)
+        if status == "cancelled" and self._tg is not None:
+            self._tg.start_soon(self._cancel_children, eid, state.cancel_reason or "")
 
     async def _post_child_outcome(self, parent: str, child: str, payload: Any) -> None:
         try:
@@ -808,6 +816,39 @@ class Runtime:
                 parent,
                 payload.get("status"),
             )
+
+    async def _cancel_children(self, parent: str, reason: str) -> None:
+        """Cancel the unfinished children of a cancelled execution (theirs follow in turn).
+
+        Nobody is left to take their results, and a child waiting for an approval must
+        not run its tool once approved. A crash before these cancels are posted is made
+        good at the next open (see :meth:`_orphaned`).
+        """
+        try:
+            async for info in self.log.streams(prefix=f"exec/{parent}/"):
+                if info.meta.get("parent") == parent and info.meta.get("status") not in _FINISHED:
+                    child = info.stream[len("exec/") :]
+                    await self._post(child, "cancel", _orphan_cancel(parent, reason), "runtime")
+        except Exception:
+            log.exception(
+                "execution %s was cancelled, but cancelling its children failed; they are "
+                "cancelled when a runtime next opens the data dir",
+                parent,
+            )
+
+    async def _cancel_if_orphaned(self, eid: str, meta: Mapping[str, Any]) -> bool:
+        """At open: cancel this unfinished execution if its parent was cancelled.
+
+        True if it was (a cancel is posted; it must not be resumed meanwhile).
+        """
+        parent = meta.get("parent")
+        if not parent:
+            return False
+        info = await self.log.stream_info(execution_stream(parent))
+        if info is None or info.meta.get("status") != "cancelled":
+            return False
+        await self._post(eid, "cancel", _orphan_cancel(parent, ""), "runtime")
+        return True
 
     # -- waiting and reading ----------------------------------------------------------------
 
@@ -1099,6 +1140,7 @@ class Runtime:
     async def cancel(self, execution_id: str, reason: str = "", *, by: str = "api") -> SignalStatus:
         """Cancel for good: a running execution stops at once (its running tool too).
 
+        Its unfinished child executions (delegations) are cancelled with it, and theirs.
         Returns what :meth:`signal` returns.
         """
         return await self.signal(execution_id, "cancel", {"reason": reason}, by=by)
@@ -1269,13 +1311,16 @@ class Runtime:
         await self._caught_up()
 
     async def _recover(self) -> None:
-        """At open: resume running and queued executions; re-wake parents of finished children."""
+        """At open: resume running and queued executions; re-wake parents of finished
+        children; cancel the unfinished children of cancelled parents."""
         waiting: dict[str, list[str]] = {}
         found: list[tuple[float, str]] = []
         for status in ("running", "queued"):
             async for info in self.log.streams(prefix="exec/", where={"status": status}):
                 eid = info.stream[len("exec/") :]
                 agent = info.meta.get("agent", "")
+                if await self._cancel_if_orphaned(eid, info.meta):
+                    continue
                 if agent in self._agents:
                     found.append((info.created_at, eid))
                 else:
@@ -1312,7 +1357,8 @@ class Runtime:
             )
 
     async def _rewake_parents(self) -> None:
-        """Post the outcome of every finished child its suspended parent still waits for.
+        """Post the outcome of every finished child its suspended parent still waits for
+        (and cancel suspended children of cancelled parents).
 
         A child's outcome is posted to its parent after the child settles; a crash in
         between loses the post, so each open posts it again for every child a suspended
@@ -1320,6 +1366,8 @@ class Runtime:
         """
         async for info in self.log.streams(prefix="exec/", where={"status": "suspended"}):
             parent = info.stream[len("exec/") :]
+            if await self._cancel_if_orphaned(parent, info.meta):
+                continue  # a child whose own parent is gone: nothing to wake it for
             if parent in self._inbox_held:
                 continue  # its signals wait for a retry; the child's outcome may be there
             children = info.meta.get("waiting_on")

@@ -859,3 +859,56 @@ async def test_a_childs_approval_shows_in_the_parents_result_and_listing(
             r = await rt.wait("bp-1", until="finished")
         [listed] = await rt.executions(agent="boss")
     assert r.output == "all done" and listed.waiting_on == ()
+
+
+def _boss_and_banker(ran: list[tuple[str, float]]) -> Agent:
+    banker = transfer_agent(ran, final="child done")
+    return Agent(
+        "boss",
+        llm=Scripted([Scripted.call("delegate_to_banker", task="move it"), "all done"]),
+        agents=[banker],
+    )
+
+
+async def test_cancelling_a_parent_cancels_its_unfinished_child(open_runtime: Any) -> None:
+    """Nobody is left to take the child's result: an approval sent later runs nothing."""
+    ran: list[tuple[str, float]] = []
+    async with open_runtime() as rt:
+        await rt.run(_boss_and_banker(ran), "go", execution_id="cp-1")
+        child = await rt.wait("cp-1/2")
+        assert child.status == "suspended"
+        cid = child.suspend_reason.confirmation_id  # type: ignore[union-attr]
+        await rt.cancel("cp-1", "no longer needed")
+        with anyio.fail_after(10):
+            child = await rt.wait("cp-1/2", until="finished")
+        state = await rt.state("cp-1/2")
+        with pytest.raises(InvalidSignalError):
+            await rt.approve("cp-1/2", cid)
+        parent = await rt.result("cp-1")
+    assert parent.status == "cancelled" and child.status == "cancelled"
+    assert state.cancel_reason == "its parent 'cp-1' was cancelled: no longer needed"
+    assert ran == []
+
+
+async def test_a_child_left_unfinished_by_a_crash_after_its_parents_cancel_is_cancelled_at_open(
+    open_runtime: Any,
+) -> None:
+    ran: list[tuple[str, float]] = []
+    boss = _boss_and_banker(ran)
+    async with open_runtime() as rt:
+        await rt.run(boss, "go", execution_id="cp-2")
+        assert (await rt.wait("cp-2/2")).status == "suspended"
+
+        async def crashed_before_cascading(parent: str, reason: str) -> None:
+            pass
+
+        rt._cancel_children = crashed_before_cascading  # type: ignore[method-assign]
+        await rt.cancel("cp-2", "stop")
+        assert (await rt.result("cp-2")).status == "cancelled"
+        assert (await rt.result("cp-2/2")).status == "suspended"  # the cascade was lost
+    async with open_runtime(agents=[boss]) as rt:
+        with anyio.fail_after(10):
+            child = await rt.wait("cp-2/2", until="finished")
+        state = await rt.state("cp-2/2")
+    assert child.status == "cancelled" and ran == []
+    assert state.cancel_reason == "its parent 'cp-2' was cancelled"
