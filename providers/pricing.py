@@ -4,7 +4,8 @@
 exactly, then by its longest known prefix ending at a separator (``-``, ``:`` or
 ``@``), so dated names such as ``gpt-4o-mini-2024-07-18`` or
 ``claude-sonnet-4-5-20250929`` find their family's price while ``gpt-4o`` never takes
-``gpt-4``'s. An unknown model costs ``None``: the runtime decides what that means.
+``gpt-4``'s; a gateway's ``vendor/model`` name is looked up as ``model`` if not listed
+itself. An unknown model costs ``None``: the runtime decides what that means.
 """
 
 from __future__ import annotations
@@ -108,7 +109,18 @@ class Pricing:
         return Pricing({**self._prices, **prices})
 
     def price(self, model: str) -> Price | None:
-        """The price of ``model``: an exact match, else its longest known prefix."""
+        """The price of ``model``: an exact match, else its longest known prefix.
+
+        A name a gateway qualifies with its vendor (``openai/gpt-4o-mini``, as
+        OpenRouter and LiteLLM name models) that is not in the table as such is looked
+        up without the qualifier.
+        """
+        found = self._family(model)
+        if found is None and "/" in model:
+            found = self._family(model.rsplit("/", 1)[1])
+        return found
+
+    def _family(self, model: str) -> Price | None:
         exact = self._prices.get(model)
         if exact is not None:
             return exact

@@ -40,6 +40,18 @@ def test_prefix_must_end_at_a_separator() -> None:
     assert Pricing({"llama3": Price(0, 0)}).price("llama3:8b") == Price(0, 0)
 
 
+def test_a_gateways_vendor_qualified_name_finds_the_models_price() -> None:
+    pricing = Pricing.default()
+    assert pricing.price("openai/gpt-4o-mini") == pricing.price("gpt-4o-mini")
+    assert pricing.price("anthropic/claude-sonnet-4-5-20250929") == pricing.price(
+        "claude-sonnet-4-5"
+    )
+    assert pricing.price("openai/my-local-model") is None
+    # a price listed under the qualified name itself wins (a gateway's own price)
+    own = pricing.with_prices({"openrouter/gpt-4o-mini": Price(1, 2)})
+    assert own.price("openrouter/gpt-4o-mini") == Price(1, 2)
+
+
 def test_unknown_model_costs_none() -> None:
     pricing = Pricing.default()
     assert pricing.price("my-local-model") is None
