@@ -69,7 +69,7 @@ from perdure.log.protocol import ANY, Durability
 from perdure.providers.pricing import Price, Pricing
 from perdure.providers.types import LLMResponse
 from perdure.result import ExecutionInfo, Result, SuspendReason
-from perdure.signals import SignalStatus, in_doubt_problem, precheck
+from perdure.signals import SignalStatus, canonical_name, in_doubt_problem, precheck
 from perdure.state import TERMINAL, ExecutionState
 from perdure.status import STATUSES, describe
 from perdure.tool_threads import ToolThreads
@@ -139,6 +139,17 @@ class _Services:
 
     async def run_in_thread(self, fn: Callable[[], Any]) -> Any:
         return await self._rt._tool_threads.run(fn)
+
+
+def _not_found(log: EventLog, execution_id: str) -> ExecutionNotFoundError:
+    """The error for an id this data dir has no execution under, saying what to check."""
+    where = getattr(log, "path", None)
+    place = f"data dir {str(where)!r}" if where else "this runtime's log"
+    return ExecutionNotFoundError(
+        f"no execution {execution_id!r} in {place}; check the id (rt.executions() or "
+        f"'perdure status' lists them) and that this is the data dir it ran in",
+        execution_id,
+    )
 
 
 def _orphan_cancel(parent: str, reason: str) -> dict[str, str]:
@@ -909,9 +920,7 @@ class Runtime:
                 return await self._with_children(Result.from_state(journal.state))
         info = await self.log.stream_info(execution_stream(execution_id))
         if info is None:
-            raise ExecutionNotFoundError(
-                f"no execution {execution_id!r} in this data dir", execution_id
-            )
+            raise _not_found(self.log, execution_id)
         state = await load_state(self.log, execution_id)
         status = info.meta.get("status")
         return await self._with_children(
@@ -950,9 +959,7 @@ class Runtime:
         the signals sent while no runtime ran (see :meth:`wait_recovered`)."""
         await self._caught_up()
         if await self.log.stream_info(execution_stream(execution_id)) is None:
-            raise ExecutionNotFoundError(
-                f"no execution {execution_id!r} in this data dir", execution_id
-            )
+            raise _not_found(self.log, execution_id)
         return await load_state(self.log, execution_id)
 
     async def executions(
@@ -1005,9 +1012,7 @@ class Runtime:
         await self._caught_up()
         info = await self.log.stream_info(execution_stream(execution_id))
         if info is None:
-            raise ExecutionNotFoundError(
-                f"no execution {execution_id!r} in this data dir", execution_id
-            )
+            raise _not_found(self.log, execution_id)
         meta = info.meta
         problem = precheck(
             execution_id,
@@ -1018,9 +1023,46 @@ class Runtime:
             usage=meta,
         )
         if problem is not None:
+            if canonical_name(name) in ("approve", "reject") and isinstance(payload, Mapping):
+                problem = await self._why_not_pending(
+                    execution_id, str(meta.get("status")), payload.get("confirmation_id"), problem
+                )
             raise InvalidSignalError(problem, execution_id)
         seq = await self._post(execution_id, name, payload, by)
         return await self._delivered(seq)
+
+    async def _why_not_pending(self, eid: str, status: str, cid: Any, problem: str) -> str:
+        """Say more than "not pending" when the log knows more: who decided it already,
+        or which child execution it belongs to (read only on this error path)."""
+        if not isinstance(cid, str) or not cid:
+            return problem
+        decided = None
+        async for record in self.log.read(execution_stream(eid)):
+            if (
+                record.type in ("approval.granted", "approval.rejected")
+                and record.payload.get("confirmation_id") == cid
+            ):
+                decided = record
+        if decided is not None:
+            p = decided.payload
+            verb = "rejected" if decided.type == "approval.rejected" else "approved"
+            if p.get("override"):
+                verb = "overridden"
+            now = f"; the execution is {status}" if status in _FINISHED else ""
+            return (
+                f"confirmation {cid!r} of execution {eid!r} was already {verb} by "
+                f"{p.get('by')!r} (seq {decided.seq}){now}; a confirmation is decided once, "
+                f"so nothing was sent"
+            )
+        async for child in self.log.streams(prefix=f"exec/{eid}/"):
+            if child.meta.get("parent") == eid and cid in (child.meta.get("confirmations") or ()):
+                child_id = child.stream[len("exec/") :]
+                return (
+                    f"confirmation {cid!r} belongs to child execution {child_id!r}, which "
+                    f"execution {eid!r} waits for; decide it there (rt.approve({child_id!r}, "
+                    f"{cid!r}) or rt.reject); nothing was sent"
+                )
+        return problem
 
     async def _post(self, target: str, name: str, payload: Any, by: str) -> int:
         record = encode(SignalSent(target, name, payload, by))
@@ -1196,9 +1238,7 @@ class Runtime:
             await self.signal(execution_id, "accept_drift", {}, by=by)
         info = await self.log.stream_info(execution_stream(execution_id))
         if info is None:
-            raise ExecutionNotFoundError(
-                f"no execution {execution_id!r} in this data dir", execution_id
-            )
+            raise _not_found(self.log, execution_id)
         status, reason = info.meta.get("status"), info.meta.get("reason")
         if status == "failed" or (status == "suspended" and reason == "drift"):
             await self.signal(execution_id, "resume", {}, by=by)

@@ -658,3 +658,18 @@ def test_a_tool_raising_keyboard_interrupt_stops_the_process_and_leaves_the_call
     resumed = run()
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert resumed.stdout.split() == ["completed", "done"]
+
+
+async def test_an_unknown_execution_id_is_a_clear_error_saying_what_to_check(
+    open_runtime: Any, data_dir: Any
+) -> None:
+    from perdure import ExecutionNotFoundError
+
+    async with open_runtime() as rt:
+        for call in (rt.result, rt.wait, rt.cancel):
+            with pytest.raises(ExecutionNotFoundError) as info:
+                await call("no-such-run")
+            message = str(info.value)
+            assert message.startswith(f"no execution 'no-such-run' in data dir {str(data_dir)!r}")
+            assert "'perdure status' lists them" in message
+            assert info.value.execution_id == "no-such-run"

@@ -912,3 +912,39 @@ async def test_a_child_left_unfinished_by_a_crash_after_its_parents_cancel_is_ca
         state = await rt.state("cp-2/2")
     assert child.status == "cancelled" and ran == []
     assert state.cancel_reason == "its parent 'cp-2' was cancelled"
+
+
+async def test_approving_a_decided_or_a_childs_confirmation_says_who_or_where(
+    open_runtime: Any,
+) -> None:
+    ran: list[tuple[str, float]] = []
+
+    @tool("transfer_funds", requires_confirmation=True)
+    def transfer_funds(dst: str, amount: float) -> str:
+        ran.append((dst, amount))
+        return "ok"
+
+    twice = Scripted(
+        [
+            Scripted.call("transfer_funds", dst="savings", amount=1.0),
+            Scripted.call("transfer_funds", dst="savings", amount=2.0),
+            "done",
+        ]
+    )
+    agent = Agent("twice", tools=[transfer_funds], llm=twice)
+    async with open_runtime() as rt:
+        first = await rt.run(agent, "go", execution_id="tw-1")
+        cid = first.suspend_reason.confirmation_id  # type: ignore[union-attr]
+        await rt.approve("tw-1", cid, by="alice")
+        second = await rt.wait("tw-1")
+        assert second.is_suspended and second.suspend_reason.confirmation_id != cid  # type: ignore[union-attr]
+        with pytest.raises(InvalidSignalError) as info:
+            await rt.reject("tw-1", cid, "too late")
+        assert str(info.value).startswith(
+            f"confirmation {cid!r} of execution 'tw-1' was already approved by 'alice' (seq "
+        )
+        await rt.run(_boss_and_banker(ran), "go", execution_id="cp-3")
+        child_cid = (await rt.wait("cp-3/2")).suspend_reason.confirmation_id  # type: ignore[union-attr]
+        with pytest.raises(InvalidSignalError, match="belongs to child execution 'cp-3/2'"):
+            await rt.approve("cp-3", child_cid)
+    assert ran == [("savings", 1.0)]
