@@ -81,7 +81,14 @@ from perdure.log import ANY, Fault, LmdbLog, LogError, Record, StreamInfo
 from perdure.result import ExecutionInfo
 from perdure.signals import BUILTIN, canonical_name, in_doubt_problem, precheck
 from perdure.state import TERMINAL, ExecutionState, apply
-from perdure.status import STATUSES, PendingSignal, describe, owner_pid, pending_signals
+from perdure.status import (
+    STATUSES,
+    PendingSignal,
+    describe,
+    owner_pid,
+    pending_signals,
+    registered_agents,
+)
 
 __all__ = ["CliError", "build_parser", "console_command", "main", "run"]
 
@@ -609,14 +616,15 @@ async def _status(ctx: _Ctx, args: argparse.Namespace) -> int:
             where["agent"] = args.agent
         infos = [info async for info in log.streams(prefix=_PREFIX, where=where)]
         pending = await pending_signals(log)
+        owner = owner_pid(ctx.data_dir)
+        agents = await registered_agents(log, owner)
     infos.sort(key=lambda i: (i.created_at, i.stream))
-    owner = owner_pid(ctx.data_dir)
     rows = []
     for info in infos:
         eid = _eid(info)
         item = ExecutionInfo.from_index(eid, info.meta, info.created_at, info.updated_at).to_dict()
         n = len(pending.get(eid, ()))
-        item["status_text"] = describe(info.meta, owned=owner is not None, pending=n)
+        item["status_text"] = describe(info.meta, owned=owner is not None, pending=n, agents=agents)
         item["pending_signals"] = n
         rows.append(item)
     if ctx.json:
@@ -624,6 +632,9 @@ async def _status(ctx: _Ctx, args: argparse.Namespace) -> int:
             {
                 "data_dir": ctx.abs_dir,
                 "owner_pid": owner,
+                "owner": None
+                if owner is None
+                else {"pid": owner, **({} if agents is None else {"agents": sorted(agents)})},
                 "filters": {"status": args.status, "agent": args.agent},
                 "executions": rows,
             }
@@ -680,6 +691,7 @@ async def _inspect(ctx: _Ctx, args: argparse.Namespace) -> int:
         state = _fold(info, history)
         owner = owner_pid(ctx.data_dir)
         owned = owner is not None
+        agents = await registered_agents(log, owner)
         # A child's own suspension (an approval, say) shows from the parent's side.
         waiting_on = []
         for child_id in _child_blockers(state.suspend_reason):
@@ -691,7 +703,10 @@ async def _inspect(ctx: _Ctx, args: argparse.Namespace) -> int:
                     "agent": cmeta.get("agent"),
                     "status": cmeta.get("status"),
                     "status_text": describe(
-                        cmeta, owned=owned, pending=len(all_pending.get(child_id, ()))
+                        cmeta,
+                        owned=owned,
+                        pending=len(all_pending.get(child_id, ())),
+                        agents=agents,
                     )
                     if child is not None
                     else "not started yet",
@@ -724,7 +739,7 @@ async def _inspect(ctx: _Ctx, args: argparse.Namespace) -> int:
         "execution_id": eid,
         "agent": state.agent or meta.get("agent"),
         "status": status,
-        "status_text": describe(meta, owned=owned, pending=len(pending)),
+        "status_text": describe(meta, owned=owned, pending=len(pending), agents=agents),
         "reason": meta.get("reason"),
         "confirmations": list(meta.get("confirmations") or ()),
         "owner_pid": owner,
@@ -754,7 +769,7 @@ async def _inspect(ctx: _Ctx, args: argparse.Namespace) -> int:
                 "execution_id": _eid(c),
                 "agent": c.meta.get("agent"),
                 "status": c.meta.get("status"),
-                "status_text": describe(c.meta, owned=owned),
+                "status_text": describe(c.meta, owned=owned, agents=agents),
                 "steps": c.meta.get("steps", 0),
                 "dollars": c.meta.get("dollars", 0.0),
             }
@@ -991,9 +1006,10 @@ async def _steps(ctx: _Ctx, args: argparse.Namespace) -> int:
         info = await _find(log, ctx, eid)
         history = await _history(log, info)
         pending = (await pending_signals(log)).get(eid, [])
+        owner = owner_pid(ctx.data_dir)
+        agents = await registered_agents(log, owner)
     entries = timeline(history)
-    owner = owner_pid(ctx.data_dir)
-    status_text = describe(info.meta, owned=owner is not None, pending=len(pending))
+    status_text = describe(info.meta, owned=owner is not None, pending=len(pending), agents=agents)
     if ctx.json:
         ctx.emit(
             {
@@ -1359,7 +1375,8 @@ async def _send(
             if owner is not None:
                 info, settled = await _wait_settled(log, eid, last, args.wait)
         pending = (await pending_signals(log)).get(eid, [])
-    status_text = describe(info.meta, owned=owner is not None, pending=len(pending))
+        agents = await registered_agents(log, owner)
+    status_text = describe(info.meta, owned=owner is not None, pending=len(pending), agents=agents)
     if ctx.json:
         ctx.emit(
             {
@@ -1382,6 +1399,11 @@ async def _send(
             lines.append(
                 f"no runtime owns {ctx.data_dir}: the signal is stored and takes effect when a "
                 f"runtime with agent {agent!r} registered opens it"
+            )
+        elif agents is not None and agent not in agents:
+            lines.append(
+                f"runtime pid {owner} delivers it, but has no agent {agent!r} registered: "
+                f"the execution carries on once that runtime registers it (rt.register)"
             )
         elif settled is None:
             lines.append(f"runtime pid {owner} delivers it{effect}")

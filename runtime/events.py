@@ -50,6 +50,10 @@ __all__ = [
 #: runtime delivers it to its execution.
 INBOX_STREAM = "signals/inbox"
 
+#: The owning runtime's index entry: its pid and the agents it has registered, so the
+#: CLI can tell an execution that waits for its agent from one that is running.
+RUNTIME_STREAM = "runtime/owner"
+
 _EXECUTION_PREFIX = "exec/"
 
 

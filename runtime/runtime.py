@@ -51,6 +51,7 @@ from perdure.errors import (
 )
 from perdure.events import (
     INBOX_STREAM,
+    RUNTIME_STREAM,
     ExecutionFailed,
     ExecutionStarted,
     SignalSent,
@@ -217,6 +218,8 @@ class Runtime:
         self.restart_within = restart_within
         self.backend = backend
         self._agents: dict[str, Agent] = {}
+        self._agents_dirty = False
+        self._publishing = False
         self._services = _Services(self)
         self._tool_threads = ToolThreads(max_tool_threads)
         self._callbacks: dict[str, list[Callback]] = {
@@ -380,10 +383,32 @@ class Runtime:
             a = todo.pop()
             if self._agents.get(a.name) is a:
                 continue
+            new = a.name not in self._agents
             self._agents[a.name] = a
             todo.extend(a.agents)
             if self._open and self._tg is not None:
                 self._tg.start_soon(self._recover_agent, a.name)
+                if new:
+                    self._publish_agents()
+
+    def _publish_agents(self) -> None:
+        """Write the registered agents' names to the index (one writer at a time)."""
+        self._agents_dirty = True
+        if not self._publishing and self._tg is not None:
+            self._publishing = True
+            self._tg.start_soon(self._publish_agents_now)
+
+    async def _publish_agents_now(self) -> None:
+        try:
+            while self._agents_dirty:
+                self._agents_dirty = False
+                meta = {"kind": "runtime", "pid": os.getpid(), "agents": sorted(self._agents)}
+                await self.log.append(RUNTIME_STREAM, [], expect=ANY, meta=meta)
+        except Exception:
+            # Only what the CLI says about waiting executions depends on it.
+            log.exception("could not record the registered agents in the index")
+        finally:
+            self._publishing = False
 
     def agent(self, name: str) -> Agent:
         """The registered agent called ``name``."""
@@ -1305,6 +1330,7 @@ class Runtime:
 
     async def _recover_then_pump(self) -> None:
         try:
+            self._publish_agents()
             await self._recover_at_open()
         except anyio.get_cancelled_exc_class():
             raise

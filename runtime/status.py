@@ -8,7 +8,9 @@ does not hold are passed in:
 - whether a process owns the data dir (:func:`owner_pid`): a ``running`` execution with
   no owner is not running at all; it carries on when a runtime next opens the dir;
 - how many signals for it wait in the inbox, not yet delivered
-  (:func:`pending_signals`).
+  (:func:`pending_signals`);
+- which agents the owning runtime has registered (:func:`registered_agents`): a
+  ``running`` execution whose agent the owner lacks waits until it is registered.
 
 Nothing here takes the owner lock or writes: the owner is found by reading the pid in
 ``owner.lock`` and asking the kernel whether anyone holds the lock on that file.
@@ -21,7 +23,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from perdure.events import INBOX_STREAM, SignalSent, decode, execution_stream
+from perdure.events import INBOX_STREAM, RUNTIME_STREAM, SignalSent, decode, execution_stream
 from perdure.log.errors import CorruptRecordError
 from perdure.log.protocol import EventLog, Record
 
@@ -31,6 +33,7 @@ __all__ = [
     "describe",
     "owner_pid",
     "pending_signals",
+    "registered_agents",
 ]
 
 #: Every status an execution's index entry may hold.
@@ -40,12 +43,19 @@ _LOCK_FILE = "owner.lock"
 _LOCKS = "/proc/locks"
 
 
-def describe(meta: Mapping[str, Any], *, owned: bool | None = None, pending: int = 0) -> str:
+def describe(
+    meta: Mapping[str, Any],
+    *,
+    owned: bool | None = None,
+    pending: int = 0,
+    agents: frozenset[str] | None = None,
+) -> str:
     """One execution's status in words, e.g. ``"suspended (approval c-1a2b)"``.
 
     ``meta`` is the execution's index entry. ``owned`` says whether a process owns the
     data dir (None: unknown, say nothing about it); ``pending`` is how many signals for
-    the execution wait in the inbox.
+    the execution wait in the inbox; ``agents``, the agents the owner has registered
+    (None: unknown).
     """
     status = str(meta.get("status") or "unknown")
     notes: list[str] = []
@@ -58,11 +68,30 @@ def describe(meta: Mapping[str, Any], *, owned: bool | None = None, pending: int
             notes.append(reason)
     elif status in ("running", "queued") and owned is False:
         notes.append("no owner: resumes at next start")
+    elif status in ("running", "queued") and owned and agents is not None:
+        agent = str(meta.get("agent") or "")
+        if agent not in agents:
+            notes.append(f"the owner has no agent {agent!r} registered: waits until it does")
     if pending:
         noun = "signal" if pending == 1 else "signals"
         where = "" if owned is not False else ", delivered at next start"
         notes.append(f"{pending} {noun} pending{where}")
     return f"{status} ({'; '.join(notes)})" if notes else status
+
+
+async def registered_agents(log: EventLog, owner: int | None) -> frozenset[str] | None:
+    """The agents the runtime that owns the dir (pid ``owner``) has registered.
+
+    None when nobody owns it, or the owner has not said (an older version, or it is
+    still opening): then nothing is said about agents.
+    """
+    if owner is None:
+        return None
+    info = await log.stream_info(RUNTIME_STREAM)
+    if info is None or info.meta.get("pid") != owner:
+        return None  # written by an earlier owner
+    agents = info.meta.get("agents")
+    return frozenset(str(a) for a in agents) if isinstance(agents, list) else None
 
 
 def owner_pid(data_dir: str | os.PathLike[str]) -> int | None:

@@ -1,10 +1,11 @@
 """A service owning a data dir, for the CLI tests.
 
-    python tests/cli/owner.py DIR [--spawn AGENT ID PROMPT]
+    python tests/cli/owner.py DIR [--spawn AGENT ID PROMPT] [--without AGENT]
 
 
-Opens a Runtime on DIR with every agent of ``tests.cli.agents`` registered, optionally
-spawns one execution, and reports on stdout, one flushed line per event:
+Opens a Runtime on DIR with every agent of ``tests.cli.agents`` registered (but the one
+named by ``--without``), optionally spawns one execution, and reports on stdout, one
+flushed line per event:
 
     ready PID                       the runtime is open (it owns DIR, its inbox is tailed)
     completed ID / suspended ID KIND / failed ID / cancelled ID    as executions settle
@@ -38,9 +39,11 @@ async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("data_dir")
     parser.add_argument("--spawn", nargs=3, metavar=("AGENT", "ID", "PROMPT"))
+    parser.add_argument("--without", metavar="AGENT", help="leave this agent unregistered")
     args = parser.parse_args()
+    registered = [a for a in agents.ALL if a.name != args.without]
     async with Runtime(
-        args.data_dir, agents=agents.ALL, durability="process", shutdown_timeout=2.0
+        args.data_dir, agents=registered, durability="process", shutdown_timeout=2.0
     ) as rt:
 
         @rt.on_complete

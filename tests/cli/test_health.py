@@ -48,7 +48,7 @@ def test_health_on_a_clean_store(store: Store) -> None:
     assert any(line.startswith("map ") and "used of" in line for line in lines)
     doc = perdure_here(store.path, "health", "--json").json()
     assert doc["ok"] is True and doc["faults"] == []
-    assert doc["stats"]["streams"] == 12  # 11 executions and the inbox
+    assert doc["stats"]["streams"] == 13  # 11 executions, the inbox, the owner's agents
     assert 0 < doc["stats"]["map_used_fraction"] < 1
     assert doc["owner_pid"] is None
 

@@ -6,6 +6,8 @@ Runtime's ``wait``) with a timeout, never a sleep.
 
 from __future__ import annotations
 
+import time
+
 import anyio
 import pytest
 
@@ -42,6 +44,39 @@ def test_approve_while_another_process_owns_the_dir_resumes_it(
     assert perdure_here(path, "inspect", "pay-1", "--json").json()["status"] == "completed"
     owner.close()
     assert owner.proc.returncode == 0
+
+
+def test_an_owner_without_the_executions_agent_is_named_not_said_to_resume_it(
+    fresh_store: Store, owner_factory: type[Owner]
+) -> None:
+    path, cid = fresh_store.path, fresh_store.cids["pay-1"]
+    owner = owner_factory(path, "--without", "banker")
+    pid = int(owner.expect("ready").split()[1])
+    # The agents are published as the runtime opens: wait for them, by asking.
+    deadline = time.monotonic() + 10
+    while "agents" not in (perdure(path, "status", "--json").json().get("owner") or {}):
+        assert time.monotonic() < deadline, "the owner never published its agents"
+    ran = perdure(path, "approve", "pay-1", cid, "--wait", "5")
+    assert ran.code == 1  # delivered, but it does not settle: nothing runs it
+    assert (
+        f"runtime pid {pid} delivers it, but has no agent 'banker' registered: the execution "
+        f"carries on once that runtime registers it (rt.register)"
+    ) in ran.out
+    listed = perdure(path, "status", "--json").json()
+    pay = next(e for e in listed["executions"] if e["execution_id"] == "pay-1")
+    assert pay["status"] == "running"
+    assert pay["status_text"] == (
+        "running (the owner has no agent 'banker' registered: waits until it does)"
+    )
+    published = listed["owner"]
+    assert published["pid"] == pid and "banker" not in published["agents"]
+    assert {a.name for a in agents.ALL} - {"banker"} <= set(published["agents"])
+    owner.close()
+    # A runtime that has the agent carries it on, the approval already in hand.
+    owner = owner_factory(path)
+    owner.expect("ready")
+    owner.expect("completed pay-1", timeout=10)
+    owner.close()
 
 
 def test_reject_signal_resume_and_cancel_through_a_live_owner(
