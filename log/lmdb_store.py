@@ -1585,18 +1585,26 @@ class LmdbLog:
         next_id_before = self._read_next_id()
         by_id = self._check_index(faults)
         next_id = self._read_next_id()
-        if by_id and max(by_id) >= next_id:
+        if next_id is None or next_id_before is None:
+            # A health scan reports this, and scans on as if the value were right.
+            faults.append(Fault(None, None, "index", "the next stream id is missing or malformed"))
+            next_id = next_id_before = max(by_id, default=0) + 1
+        elif by_id and max(by_id) >= next_id:
             faults.append(Fault(None, None, "index", f"next stream id {next_id} is in use"))
         self._check_records(faults, by_id, next_id_before)
         self._check_secondary(faults)
         return faults
 
-    def _read_next_id(self) -> int:
+    def _read_next_id(self) -> int | None:
+        """The next stream id, or None if the stored value is missing or malformed."""
         txn = self._begin_read()
         try:
-            return _ID.unpack(txn.get(_NEXT_ID_KEY, db=self._meta))[0]  # type: ignore[no-any-return]
+            raw = txn.get(_NEXT_ID_KEY, db=self._meta)
         finally:
             self._end_read(txn)
+        if raw is None or len(raw) != _ID.size:
+            return None
+        return _ID.unpack(raw)[0]  # type: ignore[no-any-return]
 
     def _scan(self, db: Any, visit: Callable[[lmdb.Transaction, bytes, bytes], None]) -> None:
         """``visit(txn, key, value)`` for every key of ``db`` in order, a chunk per txn."""

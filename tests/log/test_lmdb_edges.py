@@ -573,3 +573,24 @@ async def test_a_batch_that_changes_nothing_does_not_hide_a_clients_commit(tmp_p
         info = await log.stream_info("signals/x")
         assert info is not None and info.meta == {"status": "seen"}
         assert await log.check() == []
+
+
+@pytest.mark.anyio
+async def test_a_malformed_next_stream_id_is_a_fault_the_scan_reports_not_a_crash(
+    tmp_path: Path,
+) -> None:
+    async with await open_log(tmp_path) as log:
+        await log.append("s", [note(1)], expect=0)
+    env = lmdb.open(str(tmp_path), max_dbs=8)
+    try:
+        meta = env.open_db(b"meta")
+        with env.begin(write=True) as txn:
+            txn.put(b"next_stream_id", b"\x01", db=meta)  # 1 byte, not 4
+    finally:
+        env.close()
+    async with await LmdbLog.open(tmp_path, types=TYPES, client=True) as log:
+        faults = await log.check()
+        assert [r.seq async for r in log.read("s")] == [1]  # the records still read
+    assert [(f.stream, f.seq, f.kind, f.detail) for f in faults] == [
+        (None, None, "index", "the next stream id is missing or malformed")
+    ]
