@@ -799,8 +799,8 @@ def _after_pending(
     steps: list[str], pending: Sequence[PendingSignal], owner: int | None
 ) -> list[str]:
     """The next steps once the signals waiting in the inbox are counted: a confirmation
-    with a decision waiting, or anything after a waiting cancel, needs nothing more
-    (the signal commands would refuse it)."""
+    with a decision waiting, a named signal already sent, or anything after a waiting
+    cancel, needs nothing more (the signal commands would refuse or duplicate it)."""
     when = (
         f"runtime pid {owner} delivers it"
         if owner is not None
@@ -815,6 +815,10 @@ def _after_pending(
         if k in ("approve", "reject") and isinstance(p.payload, Mapping)
     }
     kept = [s for s in steps if not any(f" {cid} " in f"{s} " for cid in decided)]
+    # A named signal a tool waits for, already waiting in the inbox: sending it again
+    # would only queue a second one behind it.
+    sent = {shlex.quote(p.name) for p, k in zip(pending, kinds, strict=True) if k not in BUILTIN}
+    kept = [s for s in kept if not (s.startswith("send it: ") and s.split(" ")[-2] in sent)]
     waiting = ", ".join(f"{p.name} (inbox seq {p.seq})" for p in pending)
     return [f"waiting in the inbox: {clip(waiting, 200)} ({when})", *kept]
 

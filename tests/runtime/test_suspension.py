@@ -770,6 +770,18 @@ async def test_a_held_signal_blocks_no_caller_and_no_other_execution(data_dir: A
             held, behind = (await pending_signals(rt.log))["p-1"]
             assert (held.name, behind.name) == ("first", "second")
             assert held.attempts >= 1 and "injected read failure" in str(held.error)
+            # ... and so does 'perdure inspect', read by an operator from another process
+            from tests.cli.conftest import perdure
+
+            shown = await anyio.to_thread.run_sync(perdure, data_dir, "inspect", "p-1")
+            lines = [ln for ln in shown.out.splitlines() if ln.startswith("  inbox seq")]
+            assert len(lines) == 2, shown.out
+            assert lines[0].startswith(f"  inbox seq {held.seq}: first ")
+            assert "; held: delivery failed " in lines[0] and "being retried" in lines[0]
+            assert "injected read failure" in lines[0]
+            assert lines[1].startswith(f"  inbox seq {behind.seq}: second ")
+            assert lines[1].endswith("; waiting behind a held signal for this execution")
+            assert "send it:" not in shown.out  # both wait in the inbox already
             # A retry that hangs holds up nobody else.
             flaky.stall = anyio.Event()
             with anyio.fail_after(10):
