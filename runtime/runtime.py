@@ -548,6 +548,11 @@ class Runtime:
         )
         journal = Journal(self.log, ExecutionState(), eid)
         journal.stage(started)
+        if self.max_concurrency is not None:
+            # Slots go first come, first served: the executions a crash interrupted
+            # (and those queued before it) came before this one, so recovery schedules
+            # them first.
+            await self._caught_up()
         # A concurrent spawn of the same id may hold the slot already: the loser of
         # the append below must not give back a slot that is the winner's.
         took_slot = eid not in self._slots

@@ -960,3 +960,42 @@ async def test_approving_a_decided_or_a_childs_confirmation_says_who_or_where(
         with pytest.raises(InvalidSignalError, match="belongs to child execution 'cp-3/2'"):
             await rt.approve("cp-3", child_cid)
     assert ran == [("savings", 1.0)]
+
+
+async def test_after_a_restart_interrupted_and_queued_executions_start_before_new_ones(
+    open_runtime: Any,
+) -> None:
+    """First come, first served across a restart: a spawn made the moment the runtime
+    opens again does not take the slot of an execution the crash interrupted."""
+    started: list[str] = []
+    hold = anyio.Event()
+    holding = True
+
+    @tool
+    async def work(name: str) -> str:
+        started.append(name)
+        if holding:
+            await hold.wait()  # never set: the runtime closes under it
+        return name
+
+    def script(request: LLMRequest) -> Any:
+        if any(m.role == "tool" for m in request.messages):
+            return "done"
+        return Scripted.call("work", name=request.messages[-1].content)
+
+    agent = Agent("fifo", tools=[work], llm=Scripted(script, record=False))
+    async with open_runtime(max_concurrency=1, agents=[agent]) as rt:
+        for name in ("a", "b"):
+            await rt.spawn(agent, name, execution_id=name)
+        with anyio.fail_after(10):
+            while started != ["a"]:
+                await anyio.wait_all_tasks_blocked()
+        assert [e.execution_id for e in await rt.executions(status="queued")] == ["b"]
+    holding = False
+    started.clear()
+    async with open_runtime(max_concurrency=1, agents=[agent]) as rt:
+        await rt.spawn(agent, "c", execution_id="c")  # at once, before recovery is done
+        with anyio.fail_after(10):
+            for name in ("a", "b", "c"):
+                assert (await rt.wait(name)).status == "completed"
+    assert started == ["a", "b", "c"]
