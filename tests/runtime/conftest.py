@@ -1,4 +1,5 @@
-"""Fixtures for runtime tests: a Runtime on a real LMDB data dir in tmp_path."""
+"""Fixtures for runtime tests: a Runtime on a real LMDB data dir in tmp_path; and
+:func:`calling_once`, the one-tool-call agent many of them drive."""
 
 from __future__ import annotations
 
@@ -9,9 +10,21 @@ from typing import Any
 
 import pytest
 
-from perdure import Runtime
+from perdure import Agent, Runtime, Tool
+from perdure.providers import LLMRequest, Scripted
 
 RuntimeFactory = Callable[..., Any]
+
+
+def calling_once(name: str, work: Tool) -> Agent:
+    """An agent whose model calls ``work(name=<the prompt>)`` once, then says "done"."""
+
+    def script(request: LLMRequest) -> Any:
+        if any(m.role == "tool" for m in request.messages):
+            return "done"
+        return Scripted.call(work.name, name=request.messages[-1].content)
+
+    return Agent(name, tools=[work], llm=Scripted(script, record=False))
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from perdure import Agent, Budget, PromptMismatchError, Runtime, current_idempot
 from perdure.events import execution_stream, record_types
 from perdure.log import MemoryLog
 from perdure.providers import LLMRequest, Scripted
+from tests.runtime.conftest import calling_once
 from tests.runtime.test_suspension import actor_starts, hibernated
 
 pytestmark = pytest.mark.anyio
@@ -46,12 +47,7 @@ def worker(ran: list[str], gate: anyio.Event | None = None) -> Agent:
             await gate.wait()
         return name
 
-    def script(request: LLMRequest) -> Any:
-        if any(m.role == "tool" for m in request.messages):
-            return "done"
-        return Scripted.call("work", name=request.messages[-1].content)
-
-    return Agent("worker", tools=[work], llm=Scripted(script, record=False))
+    return calling_once("worker", work)
 
 
 async def test_concurrent_spawns_of_an_undriven_execution_on_a_yielding_store(
@@ -75,13 +71,8 @@ async def test_concurrent_spawns_of_an_undriven_execution_on_a_yielding_store(
         await gate.wait()
         return name
 
-    def script(request: LLMRequest) -> Any:
-        if any(m.role == "tool" for m in request.messages):
-            return "done"
-        return Scripted.call("work", name=request.messages[-1].content)
-
     def make() -> Agent:
-        return Agent("worker", tools=[work], llm=Scripted(script, record=False))
+        return calling_once("worker", work)
 
     log = YieldingLog(MemoryLog(record_types()))
     async with Runtime(log=log, shutdown_timeout=0.05) as rt:  # type: ignore[arg-type]

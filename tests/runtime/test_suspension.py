@@ -27,6 +27,7 @@ from perdure import (
 from perdure.events import decode, execution_stream
 from perdure.journal import load_state
 from perdure.providers import LLMRequest, Price, Pricing, Scripted, Usage
+from tests.runtime.conftest import calling_once
 
 pytestmark = pytest.mark.anyio
 
@@ -529,12 +530,7 @@ async def test_cancelling_a_queued_execution_fires_its_callback_once_and_never_s
         await gate.wait()
         return name
 
-    def script(request: LLMRequest) -> Any:
-        if any(m.role == "tool" for m in request.messages):
-            return "done"
-        return Scripted.call("work", name=request.messages[-1].content)
-
-    agent = Agent("slow", tools=[work], llm=Scripted(script, record=False))
+    agent = calling_once("slow", work)
     cancelled: list[str] = []
     async with open_runtime(max_concurrency=1) as rt:
         rt.on_cancel(lambda result: cancelled.append(result.execution_id))
@@ -568,12 +564,7 @@ async def test_concurrent_spawns_of_one_id_keep_max_concurrency(open_runtime: An
         running.discard(name)
         return name
 
-    def script(request: LLMRequest) -> Any:
-        if any(m.role == "tool" for m in request.messages):
-            return "done"
-        return Scripted.call("work", name=request.messages[-1].content)
-
-    agent = Agent("dup", tools=[work], llm=Scripted(script, record=False))
+    agent = calling_once("dup", work)
     async with open_runtime(max_concurrency=1) as rt:
         async with anyio.create_task_group() as tg:
             for _ in range(3):  # the same new execution, spawned three times at once
@@ -978,12 +969,7 @@ async def test_after_a_restart_interrupted_and_queued_executions_start_before_ne
             await hold.wait()  # never set: the runtime closes under it
         return name
 
-    def script(request: LLMRequest) -> Any:
-        if any(m.role == "tool" for m in request.messages):
-            return "done"
-        return Scripted.call("work", name=request.messages[-1].content)
-
-    agent = Agent("fifo", tools=[work], llm=Scripted(script, record=False))
+    agent = calling_once("fifo", work)
     async with open_runtime(max_concurrency=1, agents=[agent]) as rt:
         for name in ("a", "b"):
             await rt.spawn(agent, name, execution_id=name)
