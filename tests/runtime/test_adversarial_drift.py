@@ -290,3 +290,57 @@ def test_a_default_argument_value_and_a_rename_are_drift_named_as_such() -> None
         {"what": "tool", "tool": "old_name", "field": "removed"},
         {"what": "tool", "tool": "new_name", "field": "added"},
     ]
+
+
+def delegating(new_body: bool = False, gate: dict[str, Any] | None = None) -> Agent:
+    """A parent that delegates to a child whose one tool may wait on ``gate``."""
+    gate = gate if gate is not None else {}
+
+    if new_body:
+
+        async def work(x: str) -> str:
+            return "WORKED " + x
+    else:
+
+        async def work(x: str) -> str:
+            if "block" in gate:
+                gate["started"].set()
+                await gate["block"].wait()
+            return "worked " + x
+
+    child = Agent(
+        "helper",
+        instructions="Help.",
+        tools=[tool("work", description="Work")(work)],
+        llm=Scripted([Scripted.call("work", x="1"), "helped"]),
+    )
+    llm = Scripted([Scripted.call("delegate_to_helper", task="t"), "parent done"])
+    return Agent("boss", instructions="Delegate.", agents=[child], llm=llm)
+
+
+@pytest.mark.anyio
+async def test_a_delegate_agent_changed_under_its_running_child_is_drift_in_the_child(
+    open_runtime: Any,
+) -> None:
+    """The parent's fingerprint holds only the delegate tool (its name and the child's
+    description): the child's own definition is checked by the child execution, which
+    is where the changed code would run."""
+    gate = {"started": anyio.Event(), "block": anyio.Event()}
+    async with open_runtime(shutdown_timeout=0.05) as rt:
+        await rt.spawn(delegating(gate=gate), "go", execution_id="boss-1")
+        await gate["started"].wait()
+    async with open_runtime(agents=[delegating(new_body=True)]) as rt:
+        child = await rt.wait("boss-1/2")
+        assert child.status == "suspended" and child.suspend_reason is not None
+        assert child.suspend_reason.kind == "drift" and child.suspend_reason.tool == "work"
+        [change] = child.suspend_reason.changes
+        assert (change["what"], change["tool"], change["field"]) == ("tool", "work", "code")
+        parent = await rt.result("boss-1")
+        assert parent.status == "suspended" and parent.suspend_reason is not None
+        assert parent.suspend_reason.kind == "child"  # waits for the child, unchanged
+        assert (await load_state(rt.log, "boss-1")).drift == []
+        resumed = await rt.resume("boss-1/2", accept_drift=True)
+        assert resumed is not None and resumed.output == "helped"
+        with anyio.fail_after(30):
+            done = await rt.wait("boss-1", until="finished")
+    assert done.status == "completed" and done.output == "parent done"
