@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from perdure.budget import Budget
 from perdure.errors import AgentDefinitionError
-from perdure.fingerprint import digest, short
+from perdure.fingerprint import digest, short, short_json
 from perdure.providers.types import Provider, ToolSpec
 from perdure.tools import Tool
 
@@ -139,6 +139,7 @@ class Agent:
             "instructions_text": short(self.instructions),
             "model": self.model,
             "params": digest(self.params),
+            "params_text": short_json(self.params),
             "tools": {
                 name: {
                     **t.fingerprint,

@@ -47,8 +47,14 @@ def diff_definitions(before: Mapping[str, Any], after: Mapping[str, Any]) -> lis
             {"what": "model", "before": before.get("model"), "after": after.get("model")}
         )
     if before.get("params") != after.get("params"):
+        # The parameters as JSON when short (recorded since params_text exists), else
+        # their digests.
         changes.append(
-            {"what": "params", "before": before.get("params"), "after": after.get("params")}
+            {
+                "what": "params",
+                "before": before.get("params_text") or before.get("params"),
+                "after": after.get("params_text") or after.get("params"),
+            }
         )
     old_tools: Mapping[str, Any] = before.get("tools", {})
     new_tools: Mapping[str, Any] = after.get("tools", {})
@@ -148,15 +154,24 @@ class Replayer:
                 baseline = event.definition
             elif isinstance(event, LLMCompleted) and agent is not None and current is not None:
                 if event.fingerprint != agent.request_fingerprint:
-                    drift.append(
-                        {
-                            "step": event.step,
-                            "kind": "llm",
-                            "recorded": event.fingerprint,
-                            "current": agent.request_fingerprint,
-                            "changes": diff_definitions(baseline, current),
-                        }
-                    )
+                    # The runtime decides drift from the definition, which lists tools by
+                    # name: tools reordered (the request's digest changes) are not drift
+                    # there, so they are not here either.
+                    changes = [
+                        c
+                        for c in diff_definitions(baseline, current)
+                        if c.get("field") != "code"  # a tool's code is not in a request
+                    ]
+                    if changes:
+                        drift.append(
+                            {
+                                "step": event.step,
+                                "kind": "llm",
+                                "recorded": event.fingerprint,
+                                "current": agent.request_fingerprint,
+                                "changes": changes,
+                            }
+                        )
             elif isinstance(event, ToolStarted) and agent is not None and current is not None:
                 drift.extend(_tool_drift(agent, event, diff_definitions(baseline, current)))
         return ReplayReport(

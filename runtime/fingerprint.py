@@ -75,6 +75,10 @@ def code_digest(fn: Callable[..., Any]) -> str:
         if inspect.isfunction(inspect.unwrap(call)):
             kind = type(target)
             return digest(["instance", kind.__qualname__, code_digest(call)])
+    if getattr(target, "__name__", None) == "<lambda>":
+        node = _lambda_node(target)
+        if node is not None:
+            return digest(["lambda", ast.dump(node, annotate_fields=False)])
     try:
         source = textwrap.dedent(inspect.getsource(target))
         tree = ast.parse(source)
@@ -96,6 +100,51 @@ def code_digest(fn: Callable[..., Any]) -> str:
 
 # " at 0x7f3a..." in reprs such as <function f at 0x7f3a...>: different in every process.
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _lambda_node(fn: Any) -> ast.Lambda | None:
+    """The lambda's own node in its file, or None if its source cannot be found.
+
+    ``inspect.getsource`` gives the whole line(s) a lambda is on, so a digest of that
+    would change with the code around it (moved into a call spread over lines, or a
+    sibling lambda on the same line edited): drift where the lambda did not change.
+    Its node is found by the position of its body, which the code object records.
+    """
+    code = getattr(fn, "__code__", None)
+    if not isinstance(code, types.CodeType):
+        return None
+    try:
+        lines, _ = inspect.findsource(fn)
+        tree = ast.parse("".join(lines))
+    except (OSError, TypeError, SyntaxError, ValueError):
+        return None
+    spans = [
+        (line, col, end_line, end_col)
+        for line, end_line, col, end_col in code.co_positions()
+        if line is not None and col is not None and end_line is not None and end_col
+    ]
+    if not spans:
+        return None
+    line, col, end_line, end_col = spans[0]
+    best: ast.Lambda | None = None
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Lambda):
+            continue
+        body = node.body
+        start = (body.lineno, body.col_offset)
+        end = (body.end_lineno or body.lineno, body.end_col_offset or 0)
+        # The innermost lambda whose body holds the code's first expression.
+        inside = start <= (line, col) and (end_line, end_col) <= end
+        if inside and (best is None or _size(body) < _size(best.body)):
+            best = node
+    return best
+
+
+def _size(node: ast.expr) -> tuple[int, int]:
+    return (
+        (node.end_lineno or node.lineno) - node.lineno,
+        (node.end_col_offset or 0) - node.col_offset,
+    )
 
 
 def _bytecode(code: types.CodeType) -> list[Any]:

@@ -333,8 +333,14 @@ class Runtime:
     def __enter__(self) -> Any:
         from perdure.sync import SyncRuntime
 
-        self._sync = SyncRuntime(self)
-        return self._sync.__enter__()
+        if self._open or self._sync is not None:
+            raise RuntimeError("this Runtime is already open: use the one 'with' you have")
+        # Kept only once open: a refused second 'with' must not replace the open one,
+        # whose __exit__ would then close nothing (its loop thread and dir lock leaked).
+        sync = SyncRuntime(self)
+        entered = sync.__enter__()
+        self._sync = sync
+        return entered
 
     def __exit__(self, *exc_info: Any) -> None:
         sync, self._sync = self._sync, None

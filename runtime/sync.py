@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
+import anyio
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from perdure.agent import Agent
 from perdure.budget import Budget
+from perdure.errors import RuntimeClosedError
 from perdure.result import ExecutionInfo, Result
 from perdure.signals import SignalStatus
 
@@ -34,6 +38,10 @@ class SyncRuntime:
         self.runtime = runtime
         self._stack = contextlib.ExitStack()
         self._portal: BlockingPortal | None = None
+        # The pumps of the streams still open: closing the runtime ends none of them (an
+        # execution stopped by the close never sends its Result), so __exit__ stops them
+        # first, or the portal would wait for them for ever.
+        self._pumps: set[Future[Any]] = set()
 
     def __enter__(self) -> SyncRuntime:
         try:
@@ -45,15 +53,18 @@ class SyncRuntime:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
+        for future in list(self._pumps):
+            future.cancel()
         self._stack.__exit__(*exc_info)
         self._portal = None
 
-    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    def _open_portal(self) -> BlockingPortal:
         if self._portal is None:
-            from perdure.errors import RuntimeClosedError
-
             raise RuntimeClosedError("the Runtime is closed: use it inside 'with Runtime(...)'")
-        return self._portal.call(lambda: fn(*args, **kwargs))
+        return self._portal
+
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._open_portal().call(lambda: fn(*args, **kwargs))
 
     def register(self, agent: Agent) -> None:
         """See :meth:`Runtime.register` (run on the loop thread: it may start recovery)."""
@@ -151,29 +162,58 @@ class SyncRuntime:
         )
 
     def stream(self, agent: Agent | str, prompt: str, **kwargs: Any) -> Iterator[Any]:
-        """See :meth:`Runtime.stream`: the same items, as a blocking iterator."""
+        """See :meth:`Runtime.stream`: the same items, as a blocking iterator.
+
+        Leaving the loop early (``break``) stops the stream, not the execution: it runs
+        on in the runtime, and one the runtime's close interrupts resumes at the next
+        open. The close ends a stream still being read with ``RuntimeClosedError``.
+        """
+        portal = self._open_portal()  # now, not at the first next()
+        kwargs["execution_id"] = kwargs.get("execution_id") or uuid.uuid4().hex
+        return self._stream(portal, agent, prompt, kwargs)
+
+    def _stream(
+        self, portal: BlockingPortal, agent: Agent | str, prompt: str, kwargs: dict[str, Any]
+    ) -> Iterator[Any]:
         items: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        eid = kwargs["execution_id"]
 
         async def pump() -> None:
             try:
                 async for item in self.runtime.stream(agent, prompt, **kwargs):
                     items.put(item)
+            except anyio.get_cancelled_exc_class():  # the close (or an abandoned stream)
+                items.put(
+                    _Failure(
+                        RuntimeClosedError(
+                            f"the Runtime closed while execution {eid!r} was being "
+                            f"streamed; it resumes when a Runtime opens this data dir again"
+                        )
+                    )
+                )
+                raise
             except BaseException as exc:  # handed to the consuming thread, then re-raised
                 items.put(_Failure(exc))
                 raise
             finally:
                 items.put(_END)
 
-        assert self._portal is not None
-        future = self._portal.start_task_soon(pump)
-        while True:
-            item = items.get()
-            if item is _END:
-                break
-            if isinstance(item, _Failure):
-                raise item.exc
-            yield item
-        future.result()
+        future = portal.start_task_soon(pump)
+        self._pumps.add(future)
+        try:
+            while True:
+                item = items.get()
+                if item is _END:
+                    break
+                if isinstance(item, _Failure):
+                    raise item.exc
+                yield item
+            future.result()
+        finally:
+            self._pumps.discard(future)
+            # Abandoned (break, an exception in the loop body): nothing reads the pump
+            # any more, and it would keep the portal from closing.
+            future.cancel()
 
 
 class _Failure:

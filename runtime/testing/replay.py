@@ -18,7 +18,11 @@ A crash here is the runtime being torn down mid-flight in-process (every task ca
 at once, the log kept): what was appended stays, what was not is lost, exactly the
 durability boundary a SIGKILL draws. perdure's own suite also kills real processes; this
 helper is the fast, in-process version for your agents. ``make_agent`` must build the
-same agent each time, with a deterministic model (``Scripted``, or recorded answers).
+same agent each time, with a deterministic model (``Scripted``, or recorded answers);
+it is called again for every lifetime, as a restarted process builds its agents anew.
+The log ends exactly after the chosen step, on either event loop. When the crashed run
+differs, the agent is run once more without a crash, to tell an agent that is not
+deterministic at all from one a restart changes.
 """
 
 from __future__ import annotations
@@ -56,26 +60,52 @@ class ReplayCheck:
     #: idempotency key -> how many attempts the log recorded (``tool.started``)
     attempts: dict[str, int] = field(default_factory=dict)
     crashes_happened: int = 0
+    #: a second run with no crash, made only when the crashed run differs: tells an
+    #: agent that is not deterministic from one that a restart changes
+    control: Result | None = None
 
     @property
     def same_transcript(self) -> bool:
         """True if the crashed run ended with the reference's status and transcript."""
-        return (
-            self.crashed.status == self.reference.status
-            and self.crashed.transcript == self.reference.transcript
-            and self.crashed.output == self.reference.output
-        )
+        return _same(self.reference, self.crashed)
 
     @property
     def problems(self) -> list[str]:
         """Every way the crashed run differs from what exactly-once promises."""
         out: list[str] = []
-        if not self.same_transcript:
+        control = self.control
+        if control is not None and not _same(self.reference, control):
+            out.append(
+                "the agent is not deterministic: two runs with no crash at all differ"
+                + _first_difference(self.reference.transcript, control.transcript)
+                + ". A tool or the model answers from something outside the conversation "
+                "(the time, randomness, state kept between runs); this check can only "
+                "judge an agent that answers the same to the same conversation"
+            )
+        elif self._in_doubt() is not None:
+            reason = self._in_doubt()
+            assert reason is not None
+            out.append(
+                f"the crashed run suspended with reason unknown_outcome: step "
+                f"{reason.get('step')}, tool {reason.get('tool')!r} (idempotent=False), "
+                f"was interrupted after it started, so nobody knows if it took effect; "
+                f"the runtime leaves that to a person (rt.resolve). If the tool honours "
+                f"current_idempotency_key(), declare it idempotent; else this is the "
+                f"crash your runbook must cover"
+            )
+        elif not self.same_transcript:
             out.append(
                 f"final state differs: reference {self.reference.status} "
                 f"{_clip(self.reference.output)!r}, crashed {self.crashed.status} "
                 f"{_clip(self.crashed.output)!r}"
                 + _first_difference(self.reference.transcript, self.crashed.transcript)
+                + (
+                    ". Runs without a crash agree, so a restart changed something: state "
+                    "the agent keeps in memory (a counter, a cache, the model's own count "
+                    "of its calls) that a new process starts without, or a replay bug"
+                    if control is not None
+                    else ""
+                )
             )
         for key, count in sorted(self.invocations.items()):
             recorded = self.attempts.get(key, 0)
@@ -86,6 +116,13 @@ class ReplayCheck:
             elif count > recorded:
                 out.append(f"tool call {key} ran {count}x but only {recorded} attempts began")
         return out
+
+    def _in_doubt(self) -> Any:
+        """The crashed run's unknown_outcome suspension, if that is how it ended."""
+        reason = self.crashed.suspend_reason
+        if self.reference.is_suspended or reason is None or reason.kind != "unknown_outcome":
+            return None
+        return reason.details
 
     def assert_ok(self) -> None:
         """Raise AssertionError listing every problem, if there is any."""
@@ -98,7 +135,11 @@ class ReplayCheck:
 
 
 def crash_points(max_step: int = 20, max_crashes: int = 3) -> Any:
-    """A hypothesis strategy: up to ``max_crashes`` step counts in ``1..max_step``."""
+    """A hypothesis strategy: up to ``max_crashes`` step counts in ``1..max_step``.
+
+    A point past the end of the execution crashes nothing (that lifetime finishes the
+    run); :attr:`ReplayCheck.crashes_happened` says how many crashes really happened.
+    """
     from hypothesis import strategies as st
 
     return st.lists(st.integers(1, max_step), min_size=1, max_size=max_crashes)
@@ -173,23 +214,27 @@ async def check_crash_replay(
     end; otherwise a suspension ends the run (and is compared like any final state).
     """
     reference = await _run(
-        make_agent(), prompt, execution_id, None, approve, MemoryLog(record_types())
+        make_agent(), prompt, execution_id, None, approve, _KillableLog(record_types())
     )
-    log = MemoryLog(record_types())
+    log = _KillableLog(record_types())
     counting = _Counting()
-    agent = counting.agent(make_agent())
     crashes = 0
+    # Each lifetime builds the agent anew, as a restarted process does: what an agent
+    # keeps in memory (a model counting its calls) is lost at a crash here too.
     for steps in crash_after:
-        if await _run(agent, prompt, execution_id, steps, approve, log) is None:
+        if (
+            await _run(counting.agent(make_agent()), prompt, execution_id, steps, approve, log)
+            is None
+        ):
             crashes += 1
-    final = await _run(agent, prompt, execution_id, None, approve, log)
+    final = await _run(counting.agent(make_agent()), prompt, execution_id, None, approve, log)
     assert final is not None
     attempts: dict[str, int] = {}
     async for record in log.read(execution_stream(execution_id)):
         if record.type == "tool.started":
             attempts[record.payload["key"]] = record.payload["attempt"]
     state = await load_state(log, execution_id)
-    return ReplayCheck(
+    check = ReplayCheck(
         crash_after=list(crash_after),
         reference=reference,  # type: ignore[arg-type]
         crashed=Result.from_state(state),
@@ -197,6 +242,36 @@ async def check_crash_replay(
         attempts=attempts,
         crashes_happened=crashes,
     )
+    if not check.same_transcript:
+        check.control = await _run(
+            make_agent(), prompt, execution_id, None, approve, _KillableLog(record_types())
+        )
+    return check
+
+
+class _KillableLog(MemoryLog):
+    """A memory log a simulated SIGKILL cuts: nothing is appended once ``killed``.
+
+    Tearing the runtime down takes a few scheduling rounds, in which the execution
+    would go on writing steps; a crash point would then land a step or two late, at a
+    different place from run to run (and from asyncio to trio), and hypothesis would
+    call a failing example flaky. The writes wait instead, until the teardown cancels
+    them: the log ends exactly after the chosen step, as a killed process's would.
+    """
+
+    killed = False
+
+    async def append(self, *args: Any, **kwargs: Any) -> int:
+        """See :meth:`MemoryLog.append`; waits for ever once killed."""
+        if self.killed:
+            await anyio.sleep_forever()
+        return await super().append(*args, **kwargs)
+
+    async def set_meta(self, *args: Any, **kwargs: Any) -> None:
+        """See :meth:`MemoryLog.set_meta`; waits for ever once killed."""
+        if self.killed:
+            await anyio.sleep_forever()
+        await super().set_meta(*args, **kwargs)
 
 
 async def _run(
@@ -205,10 +280,11 @@ async def _run(
     execution_id: str,
     crash_after: int | None,
     approve: bool,
-    log: MemoryLog,
+    log: _KillableLog,
 ) -> Result | None:
     """One process lifetime; None if it was crashed before the execution settled."""
     outcome: Result | None = None
+    log.killed = False
     with anyio.CancelScope() as crash:
         async with Runtime(None, log=log, agents=[agent], shutdown_timeout=0.0) as rt:
             steps = 0
@@ -218,6 +294,7 @@ async def _run(
                 nonlocal steps
                 steps += 1
                 if crash_after is not None and steps >= crash_after:
+                    log.killed = True  # at once: this step is the last one written
                     crash.cancel()
 
             await rt.spawn(agent, prompt, execution_id=execution_id)
@@ -234,6 +311,10 @@ async def _run(
                 outcome = result
                 break
     return None if crash.cancelled_caught else outcome
+
+
+def _same(a: Result, b: Result) -> bool:
+    return a.status == b.status and a.transcript == b.transcript and a.output == b.output
 
 
 def _clip(text: str | None, n: int = 60) -> str | None:
