@@ -285,8 +285,12 @@ async def test_result_executions_signal_and_stream_right_after_open_see_the_back
         assert r.status in ("running", "suspended"), r
         assert r.suspend_reason is None or r.suspend_reason.confirmation_id != fresh.cids["twice-1"]
         # signal: approving the first transfer again is refused, it was decided
-        with pytest.raises(InvalidSignalError, match="no pending confirmation"):
-            await rt.approve("twice-1", fresh.cids["twice-1"])
+        cid = fresh.cids["twice-1"]
+        with pytest.raises(
+            InvalidSignalError,
+            match=f"{cid!r} of execution 'twice-1' was already approved by 'cli:",
+        ):
+            await rt.approve("twice-1", cid)
     assert [t for t, _ in await history(fresh.path, "twice-1")].count("approval.granted") == 1
 
     await anyio.to_thread.run_sync(backlog, fresh, approve)
