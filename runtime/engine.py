@@ -588,8 +588,13 @@ class Engine:
         for call in action.rerun:
             tool = self.agent.tools.get(call.tool)
             if tool is None:
+                # It started and has no outcome: the model must not take "no such
+                # tool" to mean that nothing happened.
                 self._unknown_tool(
-                    call, f"tool {call.tool!r} no longer exists in agent {self.agent.name!r}"
+                    call,
+                    f"tool {call.tool!r} no longer exists in agent {self.agent.name!r}; "
+                    f"its call was interrupted after it started (idempotency key "
+                    f"{call.key}), so it may have taken effect",
                 )
                 continue
             self._stage_start(call, tool, attempt=call.attempts + 1)

@@ -167,6 +167,9 @@ async def test_a_tool_removed_while_its_call_is_in_doubt(
     # the call that was in doubt went back to the model as an error, marked as one
     [answer] = [m for m in state.messages if m.role == "tool" and m.name == "a"]
     assert answer.is_error and "no longer exists" in answer.content
+    # ... and told that the interrupted call may have happened all the same
+    assert "was interrupted after it started (idempotency key rm-1:2:" in answer.content
+    assert answer.content.endswith("so it may have taken effect")
 
 
 def test_perdure_replay_agrees_with_the_runtime(tmp_path: Path) -> None:
