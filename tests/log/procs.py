@@ -192,10 +192,17 @@ async def owner_forks(path: str) -> None:
     """
     async with await LmdbLog.open(path, types=TYPES, durability="process") as log:
         await log.append("s", [NewRecord("note", {"i": 0})], expect=ANY)
+        ready_r, ready_w = os.pipe()
         child = os.fork()
         if child == 0:
+            # fork() has returned here, so the log's at-fork hook has run: say so, or
+            # the parent test may race the hook on a busy machine.
+            os.write(ready_w, b"x")
             time.sleep(120)
             os._exit(0)
+        os.close(ready_w)
+        os.read(ready_r, 1)
+        os.close(ready_r)
         say("forked", os.getpid(), child)
         await next_line()
 
