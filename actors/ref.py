@@ -64,7 +64,8 @@ class ActorRef:
         """Send ``message`` and return what the actor's ``receive`` returns for it.
 
         Raises :class:`AskTimeout` if no reply came within ``timeout`` seconds (the
-        wait for room in a full mailbox counts), :class:`ActorCrashed` (with the
+        wait for room in a full mailbox counts; a ``timeout`` <= 0 always raises it,
+        after queueing the message if there is room), :class:`ActorCrashed` (with the
         error as ``__cause__``) if ``receive`` raised while handling this message,
         and :class:`MailboxClosed` if the child is gone or stopped before replying.
         """
@@ -81,8 +82,14 @@ class ActorRef:
         else:
             if timeout is None:
                 await parking.wait(envelope.waiter)
-            else:
+            elif timeout > 0:
                 await parking.wait_for(envelope.waiter, timeout)
+            else:
+                # No time to wait (as anyio.fail_after(0)): the message is queued, but a
+                # reply never counts, whichever task the backend happens to run first
+                # (trio would also refuse a negative timeout outright).
+                await checkpoint()
+                raise AskTimeout(self.path, timeout)
         if not envelope.done:
             raise AskTimeout(self.path, math.inf if timeout is None else timeout)
         return envelope.outcome()
