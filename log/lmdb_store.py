@@ -658,23 +658,14 @@ class LmdbLog:
             # owner's crash, a slot held mid-read would pin every page freed after it,
             # and data.mdb would grow with each commit.
             self._stale_readers_at_open: int = env.reader_check()
-            if self._client:
-                # Database handles opened in a read transaction die with it: use a
-                # (write) transaction that commits, though a client changes nothing.
-                with env.begin(write=True) as txn:
-                    dbs = [env.open_db(name, txn=txn, create=False) for name in _DB_NAMES]
-                    marker = txn.get(_FORMAT_KEY, db=dbs[3])
-            else:
-                with env.begin(write=True) as txn:
-                    dbs = [env.open_db(name, txn=txn) for name in _DB_NAMES]
-                    marker = txn.get(_FORMAT_KEY, db=dbs[3])
-                    if marker is None:
-                        if txn.stat(dbs[0])["entries"] or txn.stat(dbs[1])["entries"]:
-                            raise LogError(f"data dir {self._path!r}: records but no format marker")
-                        txn.put(_FORMAT_KEY, _FORMAT, db=dbs[3])
-                        txn.put(_NEXT_ID_KEY, _ID.pack(1), db=dbs[3])
-                        marker = _FORMAT
-                    self._sync_secondary_index(txn, dbs)
+            while True:
+                try:
+                    dbs, marker = self._open_dbs(env)
+                    break
+                except lmdb.MapResizedError:
+                    # Another process (the owner, or a client) grew the map since this
+                    # environment was opened: take up its size and begin again.
+                    env.set_mapsize(0)
         except lmdb.NotFoundError:
             env.close()
             raise LogError(f"data dir {self._path!r} holds no perdure log") from None
@@ -691,6 +682,26 @@ class LmdbLog:
             env.set_mapsize(map_size)
         self._env = env
         self._records, self._streams, self._by_meta, self._meta = dbs
+
+    def _open_dbs(self, env: lmdb.Environment) -> tuple[list[Any], bytes | None]:
+        """The named databases and the format marker (an owner creates them if new)."""
+        if self._client:
+            # Database handles opened in a read transaction die with it: use a
+            # (write) transaction that commits, though a client changes nothing.
+            with env.begin(write=True) as txn:
+                dbs = [env.open_db(name, txn=txn, create=False) for name in _DB_NAMES]
+                return dbs, txn.get(_FORMAT_KEY, db=dbs[3])
+        with env.begin(write=True) as txn:
+            dbs = [env.open_db(name, txn=txn) for name in _DB_NAMES]
+            marker = txn.get(_FORMAT_KEY, db=dbs[3])
+            if marker is None:
+                if txn.stat(dbs[0])["entries"] or txn.stat(dbs[1])["entries"]:
+                    raise LogError(f"data dir {self._path!r}: records but no format marker")
+                txn.put(_FORMAT_KEY, _FORMAT, db=dbs[3])
+                txn.put(_NEXT_ID_KEY, _ID.pack(1), db=dbs[3])
+                marker = _FORMAT
+            self._sync_secondary_index(txn, dbs)
+        return dbs, marker
 
     def _check_file_size(self, env: lmdb.Environment) -> None:
         """Refuse a data.mdb cut short (a partial copy or restore), by name.

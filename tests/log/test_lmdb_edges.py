@@ -594,3 +594,26 @@ async def test_a_malformed_next_stream_id_is_a_fault_the_scan_reports_not_a_cras
     assert [(f.stream, f.seq, f.kind, f.detail) for f in faults] == [
         (None, None, "index", "the next stream id is missing or malformed")
     ]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("client", [False, True])
+async def test_opening_while_another_process_grows_the_map_begins_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client: bool
+) -> None:
+    """LMDB refuses the first transaction of an environment whose map another process
+    grew after it was opened (MDB_MAP_RESIZED): the open takes up the size, not the error."""
+    async with await open_log(tmp_path) as log:
+        await log.append("s", [note(1)], expect=0)
+    real = LmdbLog._open_dbs
+    refused: list[bool] = []
+
+    def grown_meanwhile(self: LmdbLog, env: Any) -> Any:
+        if not refused:
+            refused.append(True)
+            raise lmdb.MapResizedError("MDB_MAP_RESIZED")
+        return real(self, env)
+
+    monkeypatch.setattr(LmdbLog, "_open_dbs", grown_meanwhile)
+    async with await LmdbLog.open(tmp_path, types=TYPES, client=client) as log:
+        assert refused and await log.last_seq("s") == 1
