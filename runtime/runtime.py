@@ -159,11 +159,6 @@ def _orphan_cancel(parent: str, reason: str) -> dict[str, str]:
     return {"reason": f"{why}: {reason}" if reason else why}
 
 
-def _same_data(value: Any) -> bytes:
-    """A form in which two values compare equal if the log records them alike."""
-    return meta_value_key(value)
-
-
 #: Appends of a crashed execution's failure tried before giving up (each after a re-read).
 _RECORD_CRASH_TRIES = 5
 
@@ -626,7 +621,9 @@ class Runtime:
                 f"or raise its budget with rt.resume({eid!r}, budget=...) (perdure resume)",
                 eid,
             )
-        if metadata is not None and _same_data(dict(metadata)) != _same_data(first.metadata):
+        # compared as the log records them (a tuple reads back as a list)
+        same = metadata is None or meta_value_key(dict(metadata)) == meta_value_key(first.metadata)
+        if not same:
             raise PromptMismatchError(
                 f"execution {eid!r} already exists with metadata {_clip(repr(first.metadata))}; "
                 f"it was spawned again with metadata {_clip(repr(dict(metadata)))}. Use a new "
