@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from .fast_init import fast_init
+
 __all__ = [
     "LLMRequest",
     "LLMResponse",
@@ -29,6 +31,7 @@ __all__ = [
 Role = Literal["system", "user", "assistant", "tool"]
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class ToolCall:
     """A tool call requested by the model.
@@ -52,6 +55,7 @@ class ToolCall:
         return cls(id=data["id"], name=data["name"], arguments=data["arguments"])
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Message:
     """One chat message.
@@ -114,6 +118,7 @@ class ToolSpec:
         }
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Usage:
     """Token usage reported by the provider for one call."""
@@ -141,6 +146,7 @@ class Usage:
         return cls(input_tokens=data.get("input", 0), output_tokens=data.get("output", 0))
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class LLMRequest:
     """One call to a model.
@@ -157,6 +163,7 @@ class LLMRequest:
     params: Mapping[str, Any] = field(default_factory=dict)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class LLMResponse:
     """What a model answered: an assistant message plus accounting.
@@ -194,6 +201,7 @@ class LLMResponse:
         )
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class TextDelta:
     """A piece of assistant text, as it streams."""
@@ -201,6 +209,7 @@ class TextDelta:
     text: str
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class ToolCallDelta:
     """A piece of a streaming tool call (``index`` is its position in the turn)."""
@@ -211,6 +220,7 @@ class ToolCallDelta:
     arguments: str = ""
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class ResponseCompleted:
     """The last event of every stream: the whole response, as ``complete`` returns it."""

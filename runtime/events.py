@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 from perdure.log.protocol import NewRecord, Record, RecordTypes
+from perdure.providers.fast_init import fast_init
 
 __all__ = [
     "EVENT_TYPES",
@@ -96,6 +97,7 @@ class ExecutionStarted(Event):
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class LLMCompleted(Event):
     """The model answered step ``step``; only the answer is recorded, never the history."""
@@ -108,6 +110,7 @@ class LLMCompleted(Event):
     latency_ms: float
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class ToolStarted(Event):
     """A tool call is about to run (write-ahead: recorded before the call is made)."""
@@ -125,6 +128,7 @@ class ToolStarted(Event):
     attempt: int
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class ToolCompleted(Event):
     """A tool call has an outcome: ``ok``, ``error`` or ``rejected``.

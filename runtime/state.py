@@ -43,6 +43,7 @@ from perdure.events import (
     ToolStarted,
     encode,
 )
+from perdure.providers.fast_init import fast_init
 from perdure.providers.types import Message, ToolCall
 
 __all__ = [
@@ -435,11 +436,13 @@ class Idle:
     """Nothing to do: the execution is finished (or failed and not resumed)."""
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class CallLLM:
     """Ask the model for the next step."""
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Run:
     """Admit ``admit`` (never started: gates then start) and re-run ``rerun``."""
