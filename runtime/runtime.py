@@ -304,6 +304,10 @@ class Runtime:
                 event.set()
         for event in self._inbox_waiters.values():
             event.set()
+        # A stream being read ends now, not when its execution settles: the close stops
+        # that execution without settling it (it resumes at the next start).
+        for sink in list(self._sinks.values()):
+            sink(_CLOSED)
         try:
             try:
                 if self._tg is not None:
@@ -1500,6 +1504,10 @@ class Runtime:
         Streaming an execution that is already running yields its pieces from its next
         model call on. Like :meth:`run`, it first waits for the signals sent while no
         runtime ran (see :meth:`wait_recovered`).
+
+        Closing the runtime (from another task) while the stream is read ends it at once
+        with :class:`RuntimeClosedError` naming the execution, which stays durable and
+        resumes at the next start.
         """
         self._require_open()
         eid = _check_id(execution_id) if execution_id is not None else uuid.uuid4().hex
@@ -1508,6 +1516,9 @@ class Runtime:
 
         def sink(item: Any) -> None:
             nonlocal sent
+            if item is _CLOSED:
+                send.close()
+                return
             sent += 1
             try:
                 send.send_nowait(item)
@@ -1529,12 +1540,24 @@ class Runtime:
             if settled and not sent:
                 yield await self.result(eid)  # settled already: replay streams nothing
                 return
+            last: Any = None
             async with receive:
-                async for item in receive:
-                    yield item
+                async for last in receive:
+                    yield last
+            if not isinstance(last, Result):
+                where = f"the data dir {self.path!r}" if self.path else "its log"
+                raise RuntimeClosedError(
+                    f"the Runtime was closed while execution {eid!r} was being streamed; "
+                    f"the execution is durable and resumes at the next start of a Runtime "
+                    f"on {where} (stream or wait for it there)"
+                )
         finally:
             self._sinks.pop(eid, None)
             send.close()
+
+
+#: Sent to each stream's sink when the runtime closes (see :meth:`Runtime.stream`).
+_CLOSED = object()
 
 
 def _child_key(execution_id: str) -> str:
