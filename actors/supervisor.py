@@ -290,6 +290,16 @@ class Supervisor:
             await self._terminate(ctx, final=True)
         self._forget(ctx, "it was stopped by stop_child")
 
+    def hurry(self) -> None:
+        """Make this supervisor's shutdown (coming or under way) cancel children at once.
+
+        No child gets its graceful ``shutdown`` timeout any more (those being waited
+        out are cut short): each is cancelled, its ``on_stop`` run in a cancelled scope,
+        and nested supervisors hurry in turn. The stop order stays reverse start order.
+        For a process that must stop now (Ctrl-C) over state that is durable anyway.
+        """
+        self._hurry()
+
     def ref(self, id: str) -> ActorRef | None:
         """The ref of child ``id``, or None if there is no such child (O(1))."""
         ctx = self._children.get(id)

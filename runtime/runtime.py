@@ -29,6 +29,7 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any, Literal
 from urllib.parse import quote, unquote
 
@@ -177,6 +178,10 @@ class Runtime:
     - ``max_restarts`` / ``restart_within``: how many unexpected crashes of one
       execution's engine are retried (replaying its log) before it is failed.
     - ``max_tool_threads``: worker threads for sync tools (more calls wait their turn).
+    - ``shutdown_timeout``: at close, how long each running execution may take to reach
+      its next step boundary before it is cancelled (it resumes at the next start
+      either way). Leaving ``with``/``async with`` by ``KeyboardInterrupt`` (Ctrl-C)
+      does not wait: running executions are cancelled at once.
     - ``backend``: the event loop the sync facade (``with Runtime(...)``) runs.
     """
 
@@ -293,10 +298,17 @@ class Runtime:
             raise
         return self
 
-    async def __aexit__(self, *exc_info: Any) -> None:
-        await self._close()
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # Ctrl-C means stop now: every execution is durable (it resumes at the next
+        # start), so none is given its graceful shutdown timeout.
+        await self._close(now=exc_type is not None and issubclass(exc_type, KeyboardInterrupt))
 
-    async def _close(self) -> None:
+    async def _close(self, *, now: bool = False) -> None:
         self._open = False
         self._ready.set()  # whoever waits for the work at open hears that it is closed
         for waiters in self._waiters.values():
@@ -319,6 +331,8 @@ class Runtime:
                 # ... and the supervisor tree is shut down all the same.
                 if self._root is not None:
                     root, self._root = self._root, None
+                    if now:
+                        root.hurry()
                     await root.__aexit__(None, None, None)
         finally:
             # A closed pool takes no calls; a fresh one (no threads until used) serves
