@@ -39,6 +39,7 @@ from typing import Any, Literal
 import anyio
 import anyio.abc
 from anyio.abc import TaskGroup
+from anyio.lowlevel import cancel_shielded_checkpoint, checkpoint_if_cancelled
 
 from perdure.actors.actor import Actor, StopReason
 from perdure.actors.context import ActorContext
@@ -279,8 +280,17 @@ class Supervisor:
         ``on_start`` raised — the child is then not added — and :class:`ActorError`
         if the id is taken or the supervisor is not running. If the caller is
         cancelled while ``on_start`` runs, the child is cancelled and removed.
+
+        Always a checkpoint (as anyio's own calls are), even when the child starts
+        without awaiting anything: cancelled on entry, it raises and starts nothing;
+        on every outcome it lets other tasks run before it returns or raises.
         """
-        return await self._start(spec)
+        await checkpoint_if_cancelled()
+        try:
+            return await self._start(spec)
+        finally:
+            # Shielded: a child that started is not to be lost to a cancellation now.
+            await cancel_shielded_checkpoint()
 
     async def stop_child(self, id: str) -> None:
         """Stop a child for good (gracefully, within its shutdown timeout) and remove it.

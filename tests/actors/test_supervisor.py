@@ -561,6 +561,41 @@ async def test_a_broken_observer_is_logged_and_does_not_break_the_supervisor(
     assert "observer bug" in caplog.text
 
 
+@pytest.mark.parametrize("kind", ["quiet", "start-only"], ids=["no-on_start", "sync-on_start"])
+async def test_start_child_is_a_checkpoint_even_when_the_child_starts_synchronously(
+    kind: str,
+) -> None:
+    journal = Journal()
+    async with Supervisor() as sup:
+        # A cancellation point: cancelled before the call, it raises and starts nothing.
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await sup.start_child(ChildSpec("x", probe("x", journal, kind=kind)))
+            pytest.fail("start_child in a cancelled scope returned")  # pragma: no cover
+        assert scope.cancelled_caught
+        assert sup.ref("x") is None and journal.made("x") == 0
+        # ... also when it fails at once (a taken id).
+        await sup.start_child(ChildSpec("y", probe("y", journal, kind=kind)))
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await sup.start_child(ChildSpec("y", probe("y", journal, kind=kind)))
+        assert scope.cancelled_caught
+        # A scheduling point: a loop of starts lets another task run (without one, the
+        # task started here would not run before the loop ends and cancels it).
+        ran: list[int] = []
+
+        async def other() -> None:
+            ran.append(len(sup.children()))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(other)
+            for i in range(2):  # trio may run the task after the first resumption
+                await sup.start_child(ChildSpec(f"z{i}", probe(f"z{i}", journal, kind=kind)))
+            seen = list(ran)
+            tg.cancel_scope.cancel()
+        assert seen in ([2], [3]), seen  # it ran while the loop went on
+
+
 # ---- structured concurrency ---------------------------------------------------------
 
 
@@ -902,10 +937,11 @@ async def test_children_crashing_in_the_same_instant_fail_the_supervisor_once() 
     at_decision: list[object] = []
 
     def try_start_child(sup: Supervisor) -> object:
-        # Observers run synchronously, inside the decision. start_child of a hookless
+        # Observers run synchronously, inside the decision. The start of a hookless
         # child never suspends, so driving its coroutine by hand runs it right here,
-        # before anything else can run: exactly "just after the decision".
-        coro = sup.start_child(ChildSpec("late", Quiet))
+        # before anything else can run: exactly "just after the decision". (_start is
+        # start_child without the checkpoints around it, which would suspend.)
+        coro = sup._start(ChildSpec("late", Quiet))
         try:
             coro.send(None)
         except StopIteration:
