@@ -180,6 +180,12 @@ class ActorContext:
                     await fn(*args)
                 except Exception as exc:
                     self._background_crashed(exc)
+                except BaseException as exc:
+                    if isinstance(exc, anyio.get_cancelled_exc_class()):
+                        raise
+                    # KeyboardInterrupt / SystemExit: the whole tree stops (no restart);
+                    # this incarnation stops in its turn, with on_stop.
+                    self._sup._interrupted(exc)
                 finally:
                     bg.discard(scope)
         finally:

@@ -39,6 +39,7 @@ from typing import Any, Literal
 import anyio
 import anyio.abc
 from anyio.abc import TaskGroup
+from anyio.lowlevel import cancel_shielded_checkpoint, checkpoint_if_cancelled
 
 from perdure.actors.actor import Actor, StopReason
 from perdure.actors.context import ActorContext
@@ -112,6 +113,10 @@ class Supervisor:
     children gracefully in reverse start order, each within its ``shutdown``
     timeout, then cancelled; this shutdown is shielded from the caller's
     cancellation so that it always completes (bounded by the sum of the timeouts).
+
+    A ``KeyboardInterrupt`` or ``SystemExit`` raised by any actor of the tree is no
+    crash: the whole tree stops as above and that exception leaves the root's
+    ``async with`` as itself (see :mod:`perdure.actors`).
     """
 
     def __init__(
@@ -153,6 +158,9 @@ class Supervisor:
         self._outer: TaskGroup  # the body's: set by __aenter__
         self._released: anyio.Event  # lets _host return: set by __aexit__
         self._failure: RestartIntensityExceeded | None = None
+        # At the root only: the KeyboardInterrupt / SystemExit an actor raised, which
+        # stops the whole tree and is raised out of the root's async with.
+        self._interrupt: BaseException | None = None
         self._brutal = False  # set by a parent whose shutdown timeout for us expired
         self._graces: set[anyio.CancelScope] = set()  # graceful stop waits in progress
         self._group_lock: anyio.Lock | None = None
@@ -211,6 +219,8 @@ class Supervisor:
                 await self._shutdown()
             self._state = "stopped"
             await self._close_task_group(exc)
+            if self._interrupt is not None:
+                raise self._interrupt from None  # (what cancelled the start)
             raise
         return self
 
@@ -228,6 +238,10 @@ class Supervisor:
             if self._state != "failed":
                 self._state = "stopped"
             suppress = await self._close_task_group(exc)
+        if self._interrupt is not None and exc is not self._interrupt:
+            # An actor's KeyboardInterrupt / SystemExit: it cancelled the body (see
+            # _interrupted), and leaves as itself, whatever the body raised then.
+            raise self._interrupt from None
         if self._failure is not None:
             raise self._failure
         return suppress
@@ -266,8 +280,17 @@ class Supervisor:
         ``on_start`` raised — the child is then not added — and :class:`ActorError`
         if the id is taken or the supervisor is not running. If the caller is
         cancelled while ``on_start`` runs, the child is cancelled and removed.
+
+        Always a checkpoint (as anyio's own calls are), even when the child starts
+        without awaiting anything: cancelled on entry, it raises and starts nothing;
+        on every outcome it lets other tasks run before it returns or raises.
         """
-        return await self._start(spec)
+        await checkpoint_if_cancelled()
+        try:
+            return await self._start(spec)
+        finally:
+            # Shielded: a child that started is not to be lost to a cancellation now.
+            await cancel_shielded_checkpoint()
 
     async def stop_child(self, id: str) -> None:
         """Stop a child for good (gracefully, within its shutdown timeout) and remove it.
@@ -289,6 +312,16 @@ class Supervisor:
         with anyio.CancelScope(shield=True):
             await self._terminate(ctx, final=True)
         self._forget(ctx, "it was stopped by stop_child")
+
+    def hurry(self) -> None:
+        """Make this supervisor's shutdown (coming or under way) cancel children at once.
+
+        No child gets its graceful ``shutdown`` timeout any more (those being waited
+        out are cut short): each is cancelled, its ``on_stop`` run in a cancelled scope,
+        and nested supervisors hurry in turn. The stop order stays reverse start order.
+        For a process that must stop now (Ctrl-C) over state that is durable anyway.
+        """
+        self._hurry()
 
     def ref(self, id: str) -> ActorRef | None:
         """The ref of child ``id``, or None if there is no such child (O(1))."""
@@ -510,13 +543,14 @@ class Supervisor:
                 ctx.restart_count += 1
                 ctx._begin_incarnation()
         except BaseException as exc:
-            # Not a crash we handle (cancellation from outside the tree, or a
-            # BaseException such as a suspension from receive): it tears the tree down,
-            # but whoever awaits the reply to the current message learns so now rather
-            # than at its timeout.
+            # Not a crash we handle: a cancellation from outside the tree (raised on),
+            # or an interrupt that no code path below caught (the whole tree stops, see
+            # _interrupted). Whoever awaits the reply to the current message learns so
+            # now rather than at its timeout.
             current, ctx._current = ctx._current, None
+            cancelled = isinstance(exc, anyio.get_cancelled_exc_class())
             if current is not None:
-                if isinstance(exc, anyio.get_cancelled_exc_class()):
+                if cancelled:
                     error: BaseException = MailboxClosed(
                         ctx.path, "its task was cancelled before it replied"
                     )
@@ -524,7 +558,9 @@ class Supervisor:
                     error = ActorCrashed(ctx.path, exc)
                     error.__cause__ = exc
                 current.fail(error)
-            raise
+            if cancelled or isinstance(exc, Exception):
+                raise
+            self._interrupted(exc)
         finally:
             ctx._runner_alive = False
             if ctx._handshake is not None:
@@ -560,6 +596,7 @@ class Supervisor:
         actor.ctx = ctx
         ctx._actor = actor
         reason: StopReason | None = None
+        interrupt: BaseException | None = None
         if not started and type(actor).on_start is not Actor.on_start:
             # (Skipped when not overridden: a scope per spawn is measurable at 10^5.)
             with anyio.CancelScope() as scope:
@@ -571,8 +608,14 @@ class Supervisor:
                     await actor.on_start()
                 except Exception as exc:
                     reason = StopReason.crashed(exc)
+                except BaseException as exc:
+                    if isinstance(exc, anyio.get_cancelled_exc_class()):
+                        raise
+                    interrupt = exc
                 ctx._busy = False
             ctx._scope = None
+            if interrupt is not None:
+                reason = await self._until_shut_down(ctx, interrupt)
             if reason is None and scope.cancelled_caught:
                 reason = _requested(ctx) if ctx._crash is None else StopReason.crashed(ctx._crash)
             if reason is not None:
@@ -622,6 +665,15 @@ class Supervisor:
                             item.fail(crashed)
                             reason = StopReason.crashed(exc)
                             break
+                        except BaseException as exc:
+                            if isinstance(exc, anyio.get_cancelled_exc_class()):
+                                raise
+                            ctx._current = None
+                            crashed = ActorCrashed(ctx.path, exc)
+                            crashed.__cause__ = exc
+                            item.fail(crashed)
+                            interrupt = exc
+                            break
                         ctx._current = None
                         item.reply(value)
                     else:
@@ -630,8 +682,15 @@ class Supervisor:
                         except Exception as exc:
                             reason = StopReason.crashed(exc)
                             break
+                        except BaseException as exc:
+                            if isinstance(exc, anyio.get_cancelled_exc_class()):
+                                raise
+                            interrupt = exc
+                            break
                 ctx._busy = False
             ctx._scope = None
+            if interrupt is not None:
+                reason = await self._until_shut_down(ctx, interrupt)
         if reason is None:
             # Stop requested, shutdown timeout expired, or a ctx.start_soon task crashed.
             reason = StopReason.crashed(ctx._crash) if ctx._crash is not None else _requested(ctx)
@@ -667,6 +726,55 @@ class Supervisor:
             await actor.on_stop(reason)
         except Exception:
             logger.exception("%s: on_stop(%s) raised; ignored", ctx.path, reason)
+        except BaseException as exc:
+            if isinstance(exc, anyio.get_cancelled_exc_class()):
+                raise
+            self._interrupted(exc)  # the stop goes on; the tree stops after it
+
+    # ---- interrupts ----------------------------------------------------------------
+
+    def _root(self) -> Supervisor:
+        sup = self
+        while sup._parent is not None:
+            sup = sup._parent
+        return sup
+
+    def _interrupted(self, exc: BaseException) -> None:
+        """An actor's code raised ``exc``, a BaseException that is no cancellation
+        (KeyboardInterrupt, SystemExit): the whole tree stops, and ``exc`` leaves it.
+
+        Not a crash: nothing restarts from now on (see _after_exit). The root's body is
+        cancelled, so its ``__aexit__`` shuts the tree down in reverse start order (each
+        actor's on_stop with reason shutdown) and then raises ``exc`` itself. The first
+        interrupt wins; a later one is logged.
+        """
+        root = self._root()
+        if root._interrupt is not None:
+            if exc is not root._interrupt:
+                logger.warning(
+                    "%s: %r raised while the tree was already stopping for %r",
+                    self._path,
+                    exc,
+                    root._interrupt,
+                )
+            return
+        root._interrupt = exc
+        logger.warning("%s: %r raised by an actor; stopping the whole tree", self._path, exc)
+        if root._state not in ("new", "stopped"):
+            root._outer.cancel_scope.cancel()
+
+    async def _until_shut_down(self, ctx: ActorContext, exc: BaseException) -> StopReason:
+        """``ctx``'s on_start or receive raised the interrupt ``exc``: stop the tree,
+        and wait here until its shutdown comes to ``ctx`` (reverse start order), so that
+        the child's stop, too, comes in its turn."""
+        self._interrupted(exc)
+        with anyio.CancelScope() as scope:
+            ctx._scope = scope
+            if ctx._forced:
+                scope.cancel()
+            await ctx.wait_stopping()
+        ctx._scope = None
+        return StopReason.SHUTDOWN
 
     async def _drain_background(self, ctx: ActorContext, reason: StopReason) -> None:
         """Give the incarnation's tasks the shutdown timeout (none after a crash), then cancel."""
@@ -740,7 +848,7 @@ class Supervisor:
             return _EXIT
         if crashed:
             logger.warning("%s crashed: %r", ctx.path, reason.error, exc_info=reason.error)
-        if self._state != "running":
+        if self._state != "running" or self._root()._interrupt is not None:
             self._forget(ctx, f"it {kind} while its supervisor was stopping")
             self._emit(kind, ctx, reason, False)
             return _EXIT
@@ -848,6 +956,11 @@ class Supervisor:
                 self._group_launching = child
                 try:
                     error = await self._launch(child)
+                except BaseException as exc:
+                    if isinstance(exc, (Exception, anyio.get_cancelled_exc_class())):
+                        raise
+                    self._interrupted(exc)  # its on_start: the tree stops, no more starts
+                    return
                 finally:
                     self._group_launching = None
                 if error is not None and child._pending_group:

@@ -519,6 +519,11 @@ class LmdbLog:
                     f"data dir {self._path!r} holds no perdure log; a client can only open a "
                     f"dir an owner has created"
                 )
+            if not os.path.exists(os.path.join(self._path, "lock.mdb")):
+                # Opening the environment would create LMDB's lock.mdb: first make sure,
+                # creating nothing, that the dir holds a log (a client never leaves a
+                # file in a wrong dir).
+                self._check_holds_a_log()
         else:
             try:
                 os.makedirs(self._path, exist_ok=True)
@@ -682,6 +687,41 @@ class LmdbLog:
             env.set_mapsize(map_size)
         self._env = env
         self._records, self._streams, self._by_meta, self._meta = dbs
+
+    def _check_holds_a_log(self) -> None:
+        """Raise unless data.mdb holds a perdure log; read it without LMDB's lock file.
+
+        Only for a dir without lock.mdb: no process has the environment open (every
+        LMDB open creates that file), so reading without locks races no writer.
+        """
+        try:
+            env = lmdb.open(
+                self._path,
+                map_size=0,
+                subdir=True,
+                max_dbs=8,
+                readonly=True,
+                lock=False,
+                readahead=False,
+                create=False,
+            )
+        except lmdb.Error as exc:
+            raise LogError(
+                f"data dir {self._path!r}: cannot open the LMDB environment ({exc})"
+            ) from None
+        try:
+            self._check_file_size(env)  # before any read through the map
+            with env.begin() as txn:
+                try:
+                    meta = env.open_db(_DB_NAMES[3], txn=txn, create=False)
+                except lmdb.Error:  # no such database, or a key of another program
+                    marker = None
+                else:
+                    marker = txn.get(_FORMAT_KEY, db=meta)
+        finally:
+            env.close()
+        if marker is None:
+            raise LogError(f"data dir {self._path!r} holds no perdure log")
 
     def _open_dbs(self, env: lmdb.Environment) -> tuple[list[Any], bytes | None]:
         """The named databases and the format marker (an owner creates them if new)."""

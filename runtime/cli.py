@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
 import errno
 import getpass
 import importlib
@@ -42,7 +43,7 @@ import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, NoReturn, TextIO
+from typing import IO, Any, NoReturn, TextIO
 
 import anyio
 
@@ -118,6 +119,11 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise _UsageError(f"{self.prog}: error: {message}", self.format_usage())
 
+    def _print_message(self, message: str, file: IO[str] | None = None) -> None:
+        # argparse's own swallows OSError: --help into a closed pipe would exit 0.
+        if message:
+            (file or sys.stderr).write(message)
+
 
 # -- entry points ---------------------------------------------------------------------------
 
@@ -180,7 +186,10 @@ def run(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     out = out if out is not None else sys.stdout
     parser = build_parser()
     try:
-        args = parser.parse_args(args_list)
+        # --help and --version print to sys.stdout: make that ``out``, so that a closed
+        # pipe is seen when ``out`` is flushed (exit 141), as for every command.
+        with contextlib.redirect_stdout(out):
+            args = parser.parse_args(args_list)
     except _UsageError as exc:
         return _report(out, wants_json, str(exc), "usage", 2, usage=exc.usage)
     except SystemExit as exc:  # --help and --version print and exit 0

@@ -29,6 +29,7 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any, Literal
 from urllib.parse import quote, unquote
 
@@ -177,6 +178,10 @@ class Runtime:
     - ``max_restarts`` / ``restart_within``: how many unexpected crashes of one
       execution's engine are retried (replaying its log) before it is failed.
     - ``max_tool_threads``: worker threads for sync tools (more calls wait their turn).
+    - ``shutdown_timeout``: at close, how long each running execution may take to reach
+      its next step boundary before it is cancelled (it resumes at the next start
+      either way). Leaving ``with``/``async with`` by ``KeyboardInterrupt`` (Ctrl-C)
+      does not wait: running executions are cancelled at once.
     - ``backend``: the event loop the sync facade (``with Runtime(...)``) runs.
     """
 
@@ -293,10 +298,17 @@ class Runtime:
             raise
         return self
 
-    async def __aexit__(self, *exc_info: Any) -> None:
-        await self._close()
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # Ctrl-C means stop now: every execution is durable (it resumes at the next
+        # start), so none is given its graceful shutdown timeout.
+        await self._close(now=exc_type is not None and issubclass(exc_type, KeyboardInterrupt))
 
-    async def _close(self) -> None:
+    async def _close(self, *, now: bool = False) -> None:
         self._open = False
         self._ready.set()  # whoever waits for the work at open hears that it is closed
         for waiters in self._waiters.values():
@@ -304,6 +316,10 @@ class Runtime:
                 event.set()
         for event in self._inbox_waiters.values():
             event.set()
+        # A stream being read ends now, not when its execution settles: the close stops
+        # that execution without settling it (it resumes at the next start).
+        for sink in list(self._sinks.values()):
+            sink(_CLOSED)
         try:
             try:
                 if self._tg is not None:
@@ -315,6 +331,8 @@ class Runtime:
                 # ... and the supervisor tree is shut down all the same.
                 if self._root is not None:
                     root, self._root = self._root, None
+                    if now:
+                        root.hurry()
                     await root.__aexit__(None, None, None)
         finally:
             # A closed pool takes no calls; a fresh one (no threads until used) serves
@@ -1500,6 +1518,10 @@ class Runtime:
         Streaming an execution that is already running yields its pieces from its next
         model call on. Like :meth:`run`, it first waits for the signals sent while no
         runtime ran (see :meth:`wait_recovered`).
+
+        Closing the runtime (from another task) while the stream is read ends it at once
+        with :class:`RuntimeClosedError` naming the execution, which stays durable and
+        resumes at the next start.
         """
         self._require_open()
         eid = _check_id(execution_id) if execution_id is not None else uuid.uuid4().hex
@@ -1508,6 +1530,9 @@ class Runtime:
 
         def sink(item: Any) -> None:
             nonlocal sent
+            if item is _CLOSED:
+                send.close()
+                return
             sent += 1
             try:
                 send.send_nowait(item)
@@ -1529,12 +1554,24 @@ class Runtime:
             if settled and not sent:
                 yield await self.result(eid)  # settled already: replay streams nothing
                 return
+            last: Any = None
             async with receive:
-                async for item in receive:
-                    yield item
+                async for last in receive:
+                    yield last
+            if not isinstance(last, Result):
+                where = f"the data dir {self.path!r}" if self.path else "its log"
+                raise RuntimeClosedError(
+                    f"the Runtime was closed while execution {eid!r} was being streamed; "
+                    f"the execution is durable and resumes at the next start of a Runtime "
+                    f"on {where} (stream or wait for it there)"
+                )
         finally:
             self._sinks.pop(eid, None)
             send.close()
+
+
+#: Sent to each stream's sink when the runtime closes (see :meth:`Runtime.stream`).
+_CLOSED = object()
 
 
 def _child_key(execution_id: str) -> str:

@@ -3,6 +3,11 @@
 The event loop (asyncio by default, or trio) runs in a background thread started with
 anyio's blocking portal; every method here is the async method of the same name, called
 through the portal and waited for. Callbacks still run on the loop thread.
+
+Ctrl-C (``KeyboardInterrupt``) while a call waits, or anywhere in the ``with`` body,
+closes the runtime without its graceful ``shutdown_timeout``: running executions are
+cancelled at once (each resumes at the next start, nothing is lost), and the
+``KeyboardInterrupt`` is raised on out of ``with``.
 """
 
 from __future__ import annotations

@@ -65,6 +65,35 @@ def test_a_reader_gone_before_the_first_write_exits_141_quietly(
     assert (proc.returncode, proc.stderr) == (141, "")
 
 
+@pytest.mark.parametrize("unbuffered", [False, True], ids=["buffered", "unbuffered"])
+@pytest.mark.parametrize("args", [("--help",), ("--version",), ("approve", "--help")], ids=" ".join)
+def test_help_and_version_into_a_closed_pipe_exit_141_quietly(
+    args: tuple[str, ...], unbuffered: bool
+) -> None:
+    # argparse prints these to sys.stdout itself: buffered, the failed flush at exit
+    # said "Exception ignored ... BrokenPipeError" and exited 120; unbuffered, argparse
+    # swallowed the error and exited 0, as if the text had been read.
+    env = cli_env()
+    env.pop("PYTHONUNBUFFERED", None)
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "perdure.cli", *args],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            cwd=REPO,
+            env=env,
+        )
+    finally:
+        os.close(write_end)
+    assert (proc.returncode, proc.stderr) == (141, "")
+
+
 def run_with_encoding(store: Store, encoding: str, *args: str) -> subprocess.CompletedProcess:
     """The CLI with stdout in ``encoding`` (PYTHONIOENCODING), output as bytes."""
     return subprocess.run(

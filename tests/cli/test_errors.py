@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lmdb
 import pytest
 
 from tests.cli.conftest import REPO, Ran, Store, cli_env, perdure, perdure_here
@@ -47,6 +48,15 @@ def test_missing_or_empty_data_dir(tmp_path: Path) -> None:
     empty = perdure_here(tmp_path, "status")
     assert empty.code == 1 and "holds no perdure log (no data.mdb)" in empty.err
     assert not (tmp_path / "data.mdb").exists()  # a reader never creates a log
+    foreign = tmp_path / "foreign"  # another program's LMDB data, closed (no lock.mdb)
+    env = lmdb.open(str(foreign), max_dbs=2)
+    with env.begin(write=True) as txn:
+        txn.put(b"key", b"value")
+    env.close()
+    (foreign / "lock.mdb").unlink()
+    ran = perdure(foreign, "status")
+    assert ran.code == 1 and "holds no perdure log" in ran.err, ran.err
+    assert sorted(p.name for p in foreign.iterdir()) == ["data.mdb"]  # nothing left behind
     a_file = tmp_path / "data.json"
     a_file.write_text("{}")
     ran = perdure(a_file, "status")

@@ -617,3 +617,47 @@ async def test_opening_while_another_process_grows_the_map_begins_again(
     monkeypatch.setattr(LmdbLog, "_open_dbs", grown_meanwhile)
     async with await LmdbLog.open(tmp_path, types=TYPES, client=client) as log:
         assert refused and await log.last_seq("s") == 1
+
+
+def _listing(path: Path) -> list[tuple[str, int]] | None:
+    """The names and sizes in ``path`` (None if it does not exist)."""
+    if not path.exists():
+        return None
+    return sorted((p.name, p.stat().st_size) for p in path.iterdir())
+
+
+@pytest.mark.anyio
+async def test_a_client_open_of_a_dir_without_a_log_creates_nothing_there(tmp_path: Path) -> None:
+    foreign = tmp_path / "foreign"  # another program's LMDB environment, no lock file
+    env = lmdb.open(str(foreign), max_dbs=2)
+    with env.begin(write=True) as txn:
+        txn.put(b"key", b"value")
+    env.close()
+    (foreign / "lock.mdb").unlink()
+    empty_file = tmp_path / "empty-file"  # a data.mdb of zero bytes
+    empty_file.mkdir()
+    (empty_file / "data.mdb").touch()
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "data.mdb").write_bytes(os.urandom(8192))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    missing = tmp_path / "missing"
+    for where, says in [
+        (foreign, "holds no perdure log"),
+        (empty_file, "cannot open the LMDB environment"),
+        (junk, "cannot open the LMDB environment"),
+        (empty, "holds no perdure log"),
+        (missing, "holds no perdure log"),
+    ]:
+        before = _listing(where)
+        with pytest.raises(LogError, match=says):
+            await open_log(where, client=True)
+        assert _listing(where) == before, where
+    # A real log whose lock file is gone (a restored copy) still opens as a client.
+    real = tmp_path / "real"
+    async with await open_log(real) as log:
+        await log.append("s", [note(0)], expect=0)
+    (real / "lock.mdb").unlink()
+    async with await open_log(real, client=True) as log:
+        assert len(await collect(log, "s")) == 1

@@ -13,7 +13,9 @@ from perdure import (
     Budget,
     InvalidExecutionIdError,
     PromptMismatchError,
+    Result,
     Runtime,
+    RuntimeClosedError,
     ToolError,
     current_idempotency_key,
     tool,
@@ -673,3 +675,58 @@ async def test_an_unknown_execution_id_is_a_clear_error_saying_what_to_check(
             assert message.startswith(f"no execution 'no-such-run' in data dir {str(data_dir)!r}")
             assert "'perdure status' lists them" in message
             assert info.value.execution_id == "no-such-run"
+
+
+#: While a test holds it: (started, release) events for the ``held`` tool.
+HOLD: dict[str, tuple[anyio.Event, anyio.Event]] = {}
+
+
+@tool("held", description="Wait while a test holds it")
+async def held(x: str) -> str:
+    """Return ``x``; while a test holds the gate, wait for its release first."""
+    gate = HOLD.get("gate")
+    if gate is not None:
+        started, release = gate
+        started.set()
+        await release.wait()
+    return x
+
+
+holder = Agent("holder", tools=[held], llm=Scripted([Scripted.call("held", x="y"), "done"]))
+
+
+async def test_a_stream_being_read_when_another_task_closes_the_runtime_ends_with_a_clear_error(
+    open_runtime: Any,
+) -> None:
+    started, release = HOLD["gate"] = (anyio.Event(), anyio.Event())
+    got: list[Any] = []
+    errors: list[BaseException] = []
+
+    async def consume(rt: Runtime) -> None:
+        try:
+            async for item in rt.stream(holder, "go", execution_id="sc-1"):
+                got.append(item)
+        except RuntimeClosedError as exc:
+            errors.append(exc)
+        finally:
+            # The tool holds the close (its shutdown timeout is far longer than the
+            # limit below) until the stream has ended: only a stream that ends while
+            # the close waits lets the close finish in time.
+            release.set()
+
+    try:
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg, open_runtime(shutdown_timeout=60.0) as rt:
+                tg.start_soon(consume, rt)
+                await started.wait()
+    finally:
+        HOLD.clear()
+    [error] = errors
+    message = str(error)
+    assert "execution 'sc-1'" in message and "resumes" in message, message
+    assert "next" in message and "start" in message, message
+    assert not any(isinstance(item, Result) for item in got)
+    # Durable all along: the next start carries it on to the end.
+    async with open_runtime(agents=[holder]) as rt:
+        with anyio.fail_after(20):
+            assert (await rt.wait("sc-1")).status == "completed"
