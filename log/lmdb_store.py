@@ -276,6 +276,7 @@ class _StreamState:
         "meta_cbor",
         "name",
         "name_key",
+        "new_meta_cbor",
         "old_meta",
         "sid",
         "updated_at",
@@ -302,13 +303,18 @@ class _StreamState:
         self.meta = meta
         self.old_meta = meta
         self.meta_cbor = cbor2.dumps(meta) if meta_cbor is None else meta_cbor
+        # ``meta`` as CBOR once encoded() has stored it (so entry() needn't encode it
+        # again): it may only be taken while ``meta`` is still the dict it encodes.
+        self.new_meta_cbor: tuple[dict[str, Any], bytes] | None = None
         self.dirty = False
 
     def entry(self) -> _Entry:
         """The index entry as the writer caches it."""
-        if self.meta is not self.old_meta:
-            self.meta_cbor = cbor2.dumps(self.meta)
-            self.old_meta = self.meta
+        meta = self.meta
+        if meta is not self.old_meta:
+            done = self.new_meta_cbor
+            self.meta_cbor = done[1] if done is not None and done[0] is meta else cbor2.dumps(meta)
+            self.old_meta = meta
         return (
             self.sid,
             self.last_seq,
@@ -320,7 +326,12 @@ class _StreamState:
 
     def encoded(self) -> bytes:
         """The sealed index entry to store."""
-        meta_cbor = self.meta_cbor if self.meta is self.old_meta else cbor2.dumps(self.meta)
+        meta = self.meta
+        if meta is self.old_meta:
+            meta_cbor = self.meta_cbor
+        else:
+            meta_cbor = cbor2.dumps(meta)
+            self.new_meta_cbor = (meta, meta_cbor)
         return encode_entry(self.sid, self.last_seq, self.created_at, self.updated_at, meta_cbor)
 
 
