@@ -242,7 +242,8 @@ class Runtime:
         self._ready = anyio.Event()
         self._open_failed: BaseException | None = None
         self._waiters: dict[str, list[anyio.Event]] = {}
-        self._sinks: dict[str, Callable[[Any], None]] = {}
+        # Per execution, the sinks of the streams reading it (several may; see stream).
+        self._sinks: dict[str, list[Callable[[Any], None]]] = {}
         # The inbox pump's progress (see perdure.inbox), for rt.signal to wait on.
         self._inbox_cursor = 0
         self._inbox_done: set[int] = set()  # through (taken or refused) beyond the cursor
@@ -318,8 +319,9 @@ class Runtime:
             event.set()
         # A stream being read ends now, not when its execution settles: the close stops
         # that execution without settling it (it resumes at the next start).
-        for sink in list(self._sinks.values()):
-            sink(_CLOSED)
+        for sinks in list(self._sinks.values()):
+            for sink in list(sinks):
+                sink(_CLOSED)
         try:
             try:
                 if self._tg is not None:
@@ -856,9 +858,11 @@ class Runtime:
         )
         if kind is not None:
             self._fire(kind, state)
-        sink = self._sinks.get(eid)
-        if sink is not None:
-            sink(Result.from_state(state))
+        sinks = self._sinks.get(eid)
+        if sinks:
+            result = Result.from_state(state)
+            for sink in list(sinks):
+                sink(result)
         parent = state.parent
         if parent and status in ("completed", "failed", "cancelled") and self._tg is not None:
             payload = {"status": status, "output": state.output, "error": state.error}
@@ -1492,7 +1496,17 @@ class Runtime:
     # -- streaming ----------------------------------------------------------------------------
 
     def _sink_for(self, eid: str) -> Callable[[Any], None] | None:
-        return self._sinks.get(eid)
+        sinks = self._sinks.get(eid)
+        if not sinks:
+            return None
+        if len(sinks) == 1:
+            return sinks[0]
+
+        def fan_out(item: Any) -> None:
+            for sink in list(sinks):
+                sink(item)
+
+        return fan_out
 
     async def stream(
         self,
@@ -1516,8 +1530,9 @@ class Runtime:
         "step": N, "attempt": A, "delay": S, "error": "..."}`` dict says so, and the
         pieces of step N yielded before it are void.
         Streaming an execution that is already running yields its pieces from its next
-        model call on. Like :meth:`run`, it first waits for the signals sent while no
-        runtime ran (see :meth:`wait_recovered`).
+        model call on; several streams may read one execution, each getting everything
+        from when it joined to the end. Like :meth:`run`, it first waits for the signals
+        sent while no runtime ran (see :meth:`wait_recovered`).
 
         Closing the runtime (from another task) while the stream is read ends it at once
         with :class:`RuntimeClosedError` naming the execution, which stays durable and
@@ -1545,7 +1560,7 @@ class Runtime:
         # drive this execution while the backlog wait below is on); live or replay is
         # decided from the state BEFORE spawning: a fresh execution may well have
         # finished by the time spawn returns, and its deltas are waiting in the sink.
-        self._sinks[eid] = sink
+        self._sinks.setdefault(eid, []).append(sink)
         try:
             await self._caught_up()
             before = await self.log.stream_info(execution_stream(eid))
@@ -1566,7 +1581,11 @@ class Runtime:
                     f"on {where} (stream or wait for it there)"
                 )
         finally:
-            self._sinks.pop(eid, None)
+            sinks = self._sinks.get(eid)
+            if sinks is not None:
+                sinks.remove(sink)
+                if not sinks:
+                    del self._sinks[eid]
             send.close()
 
 

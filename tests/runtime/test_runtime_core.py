@@ -730,3 +730,34 @@ async def test_a_stream_being_read_when_another_task_closes_the_runtime_ends_wit
     async with open_runtime(agents=[holder]) as rt:
         with anyio.fail_after(20):
             assert (await rt.wait("sc-1")).status == "completed"
+
+
+async def test_two_streams_reading_one_execution_both_get_its_pieces_and_its_end(
+    open_runtime: Any,
+) -> None:
+    started, release = HOLD["gate"] = (anyio.Event(), anyio.Event())
+    first: list[Any] = []
+    second: list[Any] = []
+
+    async def consume(rt: Runtime, into: list[Any]) -> None:
+        async for item in rt.stream(holder, "go", execution_id="two-1"):
+            into.append(item)
+
+    try:
+        async with open_runtime() as rt:
+            with anyio.fail_after(20):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(consume, rt, first)
+                    await started.wait()  # the execution runs its tool, held
+                    # The second stream is in before the tool is released: it saw
+                    # nothing yet, and both must hear everything from here to the end.
+                    tg.start_soon(consume, rt, second)
+                    await anyio.wait_all_tasks_blocked()
+                    release.set()
+    finally:
+        HOLD.clear()
+    for items in (first, second):
+        assert isinstance(items[-1], Result) and items[-1].status == "completed", items
+    # Everything the second stream got is what the first got from the release on.
+    assert second == first[len(first) - len(second) :]
+    assert any(isinstance(i, dict) and i.get("event") == "step" for i in second), second
