@@ -180,7 +180,9 @@ class Runtime:
     - ``max_tool_threads``: worker threads for sync tools (more calls wait their turn).
     - ``shutdown_timeout``: at close, how long each running execution may take to reach
       its next step boundary before it is cancelled (it resumes at the next start
-      either way). Leaving ``with``/``async with`` by ``KeyboardInterrupt`` (Ctrl-C)
+      either way), and then how long async lifecycle callbacks still running (those of
+      executions that settled during the close, too) may take before they are
+      cancelled. Leaving ``with``/``async with`` by ``KeyboardInterrupt`` (Ctrl-C)
       does not wait: running executions are cancelled at once.
     - ``backend``: the event loop the sync facade (``with Runtime(...)``) runs.
     """
@@ -229,6 +231,10 @@ class Runtime:
         self._root: Supervisor | None = None
         self._executions: Supervisor | None = None
         self._tg: anyio.abc.TaskGroup | None = None
+        # Where async lifecycle callbacks run: entered before the supervisor tree and left
+        # after it, so executions that settle while the close stops the tree still get
+        # their callbacks (the close waits for them, within shutdown_timeout).
+        self._callback_tg: anyio.abc.TaskGroup | None = None
         self._live: dict[str, ExecutionActor] = {}
         self._starting: dict[str, anyio.Event] = {}
         self._slots: set[str] = set()
@@ -274,6 +280,9 @@ class Runtime:
                 self.path, types=record_types(), durability=self.durability
             )
         try:
+            callbacks = anyio.create_task_group()
+            await callbacks.__aenter__()
+            self._callback_tg = callbacks
             root = Supervisor(strategy="one_for_one", intensity=5, period=10.0, name="perdure")
             await root.__aenter__()  # cleans up after itself if it fails: no __aexit__ then
             self._root = root
@@ -330,12 +339,20 @@ class Runtime:
                     # Raises what a task of it raised (the work at open, say) ...
                     await tg.__aexit__(None, None, None)
             finally:
-                # ... and the supervisor tree is shut down all the same.
-                if self._root is not None:
-                    root, self._root = self._root, None
-                    if now:
-                        root.hurry()
-                    await root.__aexit__(None, None, None)
+                # ... and the supervisor tree is shut down all the same ...
+                try:
+                    if self._root is not None:
+                        root, self._root = self._root, None
+                        if now:
+                            root.hurry()
+                        await root.__aexit__(None, None, None)
+                finally:
+                    # ... and then the callbacks of what settled meanwhile are awaited.
+                    if self._callback_tg is not None:
+                        callbacks, self._callback_tg = self._callback_tg, None
+                        wait = 0.0 if now else self.shutdown_timeout
+                        callbacks.cancel_scope.deadline = anyio.current_time() + wait
+                        await callbacks.__aexit__(None, None, None)
         finally:
             # A closed pool takes no calls; a fresh one (no threads until used) serves
             # this Runtime if it is opened again.
@@ -481,15 +498,16 @@ class Runtime:
                 args = (result, result.error)
             else:
                 args = (result,)
+        tg = self._callback_tg
         for fn in callbacks:
             if inspect.iscoroutinefunction(fn):
-                if self._tg is not None:
-                    self._tg.start_soon(self._run_callback, fn, args, state.execution_id, kind)
+                if tg is not None:
+                    tg.start_soon(self._run_callback, fn, args, state.execution_id, kind)
                 continue
             try:
                 outcome = fn(*args)
-                if inspect.isawaitable(outcome) and self._tg is not None:
-                    self._tg.start_soon(self._await_callback, outcome, state.execution_id, kind)
+                if inspect.isawaitable(outcome) and tg is not None:
+                    tg.start_soon(self._await_callback, outcome, state.execution_id, kind)
             except Exception:
                 log.exception(
                     "execution %s: on_%s callback %r raised", state.execution_id, kind, fn
