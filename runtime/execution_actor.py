@@ -239,7 +239,9 @@ class ExecutionActor(Actor):
                 self._drive_done.set()
         if scope.cancelled_caught:
             return  # cancelled by a Cancel signal; _cancel records and settles
-        if ctx.stopping:
+        if ctx.stopping and state.status == "running":
             return  # runtime shutdown: stays "running" in the index, resumes at next start
+        # (Settled during a shutdown, too: an execution whose last step was in flight
+        # when the close began completes, suspends or fails, and its callbacks run.)
         self.runtime._settled(self.execution_id, state)
         self._stop()

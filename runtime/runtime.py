@@ -180,7 +180,9 @@ class Runtime:
     - ``max_tool_threads``: worker threads for sync tools (more calls wait their turn).
     - ``shutdown_timeout``: at close, how long each running execution may take to reach
       its next step boundary before it is cancelled (it resumes at the next start
-      either way). Leaving ``with``/``async with`` by ``KeyboardInterrupt`` (Ctrl-C)
+      either way), and then how long async lifecycle callbacks still running (those of
+      executions that settled during the close, too) may take before they are
+      cancelled. Leaving ``with``/``async with`` by ``KeyboardInterrupt`` (Ctrl-C)
       does not wait: running executions are cancelled at once.
     - ``backend``: the event loop the sync facade (``with Runtime(...)``) runs.
     """
@@ -229,6 +231,10 @@ class Runtime:
         self._root: Supervisor | None = None
         self._executions: Supervisor | None = None
         self._tg: anyio.abc.TaskGroup | None = None
+        # Where async lifecycle callbacks run: entered before the supervisor tree and left
+        # after it, so executions that settle while the close stops the tree still get
+        # their callbacks (the close waits for them, within shutdown_timeout).
+        self._callback_tg: anyio.abc.TaskGroup | None = None
         self._live: dict[str, ExecutionActor] = {}
         self._starting: dict[str, anyio.Event] = {}
         self._slots: set[str] = set()
@@ -242,7 +248,8 @@ class Runtime:
         self._ready = anyio.Event()
         self._open_failed: BaseException | None = None
         self._waiters: dict[str, list[anyio.Event]] = {}
-        self._sinks: dict[str, Callable[[Any], None]] = {}
+        # Per execution, the sinks of the streams reading it (several may; see stream).
+        self._sinks: dict[str, list[Callable[[Any], None]]] = {}
         # The inbox pump's progress (see perdure.inbox), for rt.signal to wait on.
         self._inbox_cursor = 0
         self._inbox_done: set[int] = set()  # through (taken or refused) beyond the cursor
@@ -273,6 +280,9 @@ class Runtime:
                 self.path, types=record_types(), durability=self.durability
             )
         try:
+            callbacks = anyio.create_task_group()
+            await callbacks.__aenter__()
+            self._callback_tg = callbacks
             root = Supervisor(strategy="one_for_one", intensity=5, period=10.0, name="perdure")
             await root.__aenter__()  # cleans up after itself if it fails: no __aexit__ then
             self._root = root
@@ -318,8 +328,9 @@ class Runtime:
             event.set()
         # A stream being read ends now, not when its execution settles: the close stops
         # that execution without settling it (it resumes at the next start).
-        for sink in list(self._sinks.values()):
-            sink(_CLOSED)
+        for sinks in list(self._sinks.values()):
+            for sink in list(sinks):
+                sink(_CLOSED)
         try:
             try:
                 if self._tg is not None:
@@ -328,12 +339,20 @@ class Runtime:
                     # Raises what a task of it raised (the work at open, say) ...
                     await tg.__aexit__(None, None, None)
             finally:
-                # ... and the supervisor tree is shut down all the same.
-                if self._root is not None:
-                    root, self._root = self._root, None
-                    if now:
-                        root.hurry()
-                    await root.__aexit__(None, None, None)
+                # ... and the supervisor tree is shut down all the same ...
+                try:
+                    if self._root is not None:
+                        root, self._root = self._root, None
+                        if now:
+                            root.hurry()
+                        await root.__aexit__(None, None, None)
+                finally:
+                    # ... and then the callbacks of what settled meanwhile are awaited.
+                    if self._callback_tg is not None:
+                        callbacks, self._callback_tg = self._callback_tg, None
+                        wait = 0.0 if now else self.shutdown_timeout
+                        callbacks.cancel_scope.deadline = anyio.current_time() + wait
+                        await callbacks.__aexit__(None, None, None)
         finally:
             # A closed pool takes no calls; a fresh one (no threads until used) serves
             # this Runtime if it is opened again.
@@ -479,15 +498,16 @@ class Runtime:
                 args = (result, result.error)
             else:
                 args = (result,)
+        tg = self._callback_tg
         for fn in callbacks:
             if inspect.iscoroutinefunction(fn):
-                if self._tg is not None:
-                    self._tg.start_soon(self._run_callback, fn, args, state.execution_id, kind)
+                if tg is not None:
+                    tg.start_soon(self._run_callback, fn, args, state.execution_id, kind)
                 continue
             try:
                 outcome = fn(*args)
-                if inspect.isawaitable(outcome) and self._tg is not None:
-                    self._tg.start_soon(self._await_callback, outcome, state.execution_id, kind)
+                if inspect.isawaitable(outcome) and tg is not None:
+                    tg.start_soon(self._await_callback, outcome, state.execution_id, kind)
             except Exception:
                 log.exception(
                     "execution %s: on_%s callback %r raised", state.execution_id, kind, fn
@@ -856,9 +876,11 @@ class Runtime:
         )
         if kind is not None:
             self._fire(kind, state)
-        sink = self._sinks.get(eid)
-        if sink is not None:
-            sink(Result.from_state(state))
+        sinks = self._sinks.get(eid)
+        if sinks:
+            result = Result.from_state(state)
+            for sink in list(sinks):
+                sink(result)
         parent = state.parent
         if parent and status in ("completed", "failed", "cancelled") and self._tg is not None:
             payload = {"status": status, "output": state.output, "error": state.error}
@@ -1492,7 +1514,17 @@ class Runtime:
     # -- streaming ----------------------------------------------------------------------------
 
     def _sink_for(self, eid: str) -> Callable[[Any], None] | None:
-        return self._sinks.get(eid)
+        sinks = self._sinks.get(eid)
+        if not sinks:
+            return None
+        if len(sinks) == 1:
+            return sinks[0]
+
+        def fan_out(item: Any) -> None:
+            for sink in list(sinks):
+                sink(item)
+
+        return fan_out
 
     async def stream(
         self,
@@ -1516,8 +1548,9 @@ class Runtime:
         "step": N, "attempt": A, "delay": S, "error": "..."}`` dict says so, and the
         pieces of step N yielded before it are void.
         Streaming an execution that is already running yields its pieces from its next
-        model call on. Like :meth:`run`, it first waits for the signals sent while no
-        runtime ran (see :meth:`wait_recovered`).
+        model call on; several streams may read one execution, each getting everything
+        from when it joined to the end. Like :meth:`run`, it first waits for the signals
+        sent while no runtime ran (see :meth:`wait_recovered`).
 
         Closing the runtime (from another task) while the stream is read ends it at once
         with :class:`RuntimeClosedError` naming the execution, which stays durable and
@@ -1545,7 +1578,7 @@ class Runtime:
         # drive this execution while the backlog wait below is on); live or replay is
         # decided from the state BEFORE spawning: a fresh execution may well have
         # finished by the time spawn returns, and its deltas are waiting in the sink.
-        self._sinks[eid] = sink
+        self._sinks.setdefault(eid, []).append(sink)
         try:
             await self._caught_up()
             before = await self.log.stream_info(execution_stream(eid))
@@ -1566,7 +1599,11 @@ class Runtime:
                     f"on {where} (stream or wait for it there)"
                 )
         finally:
-            self._sinks.pop(eid, None)
+            sinks = self._sinks.get(eid)
+            if sinks is not None:
+                sinks.remove(sink)
+                if not sinks:
+                    del self._sinks[eid]
             send.close()
 
 

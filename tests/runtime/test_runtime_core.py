@@ -22,7 +22,15 @@ from perdure import (
 )
 from perdure.events import SignalIgnored, encode, execution_stream, record_types
 from perdure.log import ANY, MemoryLog
-from perdure.providers import LLMRequest, Message, Pricing, RateLimitError, Scripted, ToolCall
+from perdure.providers import (
+    CallableProvider,
+    LLMRequest,
+    Message,
+    Pricing,
+    RateLimitError,
+    Scripted,
+    ToolCall,
+)
 from perdure.providers.types import LLMResponse, Usage
 
 pytestmark = pytest.mark.anyio
@@ -730,3 +738,75 @@ async def test_a_stream_being_read_when_another_task_closes_the_runtime_ends_wit
     async with open_runtime(agents=[holder]) as rt:
         with anyio.fail_after(20):
             assert (await rt.wait("sc-1")).status == "completed"
+
+
+async def test_two_streams_reading_one_execution_both_get_its_pieces_and_its_end(
+    open_runtime: Any,
+) -> None:
+    started, release = HOLD["gate"] = (anyio.Event(), anyio.Event())
+    first: list[Any] = []
+    second: list[Any] = []
+
+    async def consume(rt: Runtime, into: list[Any]) -> None:
+        async for item in rt.stream(holder, "go", execution_id="two-1"):
+            into.append(item)
+
+    try:
+        async with open_runtime() as rt:
+            with anyio.fail_after(20):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(consume, rt, first)
+                    await started.wait()  # the execution runs its tool, held
+                    # The second stream is in before the tool is released: it saw
+                    # nothing yet, and both must hear everything from here to the end.
+                    tg.start_soon(consume, rt, second)
+                    await anyio.wait_all_tasks_blocked()
+                    release.set()
+    finally:
+        HOLD.clear()
+    for items in (first, second):
+        assert isinstance(items[-1], Result) and items[-1].status == "completed", items
+    # Everything the second stream got is what the first got from the release on.
+    assert second == first[len(first) - len(second) :]
+    assert any(isinstance(i, dict) and i.get("event") == "step" for i in second), second
+
+
+async def test_an_execution_that_completes_while_the_runtime_closes_still_fires_its_callbacks(
+    open_runtime: Any,
+) -> None:
+    # The close waits (gracefully) for each running execution to reach a step boundary;
+    # one whose last model call is in flight then completes during the close, and its
+    # on_complete callbacks, sync and async, must still run.
+    started, release = anyio.Event(), anyio.Event()
+    seen: list[tuple[str, str]] = []
+
+    async def answer(messages: Any, tools: Any, model: str) -> dict[str, Any]:
+        started.set()
+        await release.wait()
+        return {"content": "done", "usage": {"input_tokens": 1, "output_tokens": 1}}
+
+    closing = Agent("closing", llm=CallableProvider(answer))
+
+    async def release_once_closing() -> None:
+        # Runs once the body below has left the runtime's block: the close is under way.
+        await anyio.wait_all_tasks_blocked()
+        release.set()
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg, open_runtime(shutdown_timeout=30.0) as rt:
+
+            @rt.on_complete
+            async def completed_async(result: Result) -> None:
+                await anyio.sleep(0)  # a real await: it needs a task to run in
+                seen.append(("async", result.execution_id))
+
+            @rt.on_complete
+            def completed_sync(result: Result) -> None:
+                seen.append(("sync", result.execution_id))
+
+            await rt.spawn(closing, "go", execution_id="late-1")
+            await started.wait()
+            tg.start_soon(release_once_closing)
+    assert sorted(seen) == [("async", "late-1"), ("sync", "late-1")], seen
+    async with open_runtime(agents=[closing]) as rt:
+        assert (await rt.wait("late-1")).status == "completed"
