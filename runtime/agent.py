@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
@@ -109,14 +110,22 @@ class Agent:
     def contract(self, name: str) -> Callable[[Contract], Contract]:
         """Register a check run before every tool call: ``fn(tool_name, arguments)``.
 
-        Raise (``ContractViolation`` or any exception) or return ``False`` to block the
-        call: the execution suspends with reason ``contract`` until an operator approves
+        A plain function (not ``async def``). Raise ``ContractViolation`` or return
+        ``False`` to block the call (any other exception blocks it too, reported as a bug
+        in the contract): the execution suspends with reason ``contract`` until an operator approves
         (an override, recorded with who and why) or rejects it (returned to the model).
         """
         if name in self.contracts:
             raise AgentDefinitionError(f"agent {self.name!r}: two contracts named {name!r}")
 
         def register(fn: Contract) -> Contract:
+            if inspect.iscoroutinefunction(fn):
+                # Called from the step that admits tool calls, which does not await: an
+                # async contract's body would never run.
+                raise AgentDefinitionError(
+                    f"agent {self.name!r}: contract {name!r} is an async function; a "
+                    f"contract must be a plain function (def, not async def)"
+                )
             self.contracts[name] = fn
             return fn
 
