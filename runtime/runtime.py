@@ -72,7 +72,7 @@ from perdure.providers.types import LLMResponse
 from perdure.result import ExecutionInfo, Result, SuspendReason
 from perdure.signals import SignalStatus, canonical_name, in_doubt_problem, precheck
 from perdure.state import TERMINAL, ExecutionState
-from perdure.status import STATUSES, describe
+from perdure.status import STATUSES, blocked_descendant, describe
 from perdure.tool_threads import ToolThreads
 
 __all__ = ["ExecutionHandle", "Runtime"]
@@ -843,7 +843,7 @@ class Runtime:
             sink(Result.from_state(state))
         parent = state.parent
         if parent and status in ("completed", "failed", "cancelled") and self._tg is not None:
-            payload = {"status": status, "output": state.output, "error": state.error}
+            payload = _outcome_payload(state)
             self._tg.start_soon(self._post_child_outcome, parent["execution_id"], eid, payload)
         if status == "cancelled" and self._tg is not None:
             self._tg.start_soon(self._cancel_children, eid, state.cancel_reason or "")
@@ -977,6 +977,19 @@ class Runtime:
                 "reason": meta.get("reason"),
                 "confirmations": list(meta.get("confirmations") or ()),
             }
+            deepest = await blocked_descendant(self.log, meta)
+            if deepest is not None:
+                # A grandchild's approval holds up the whole chain: name it here, so
+                # the parent's reason says whom to approve.
+                did, dmeta = deepest
+                now[child_id]["status_text"] += f"; waits for {did}: {describe(dmeta)}"
+                now[child_id]["blocked_at"] = {
+                    "execution_id": did,
+                    "status": dmeta.get("status"),
+                    "status_text": describe(dmeta),
+                    "reason": dmeta.get("reason"),
+                    "confirmations": list(dmeta.get("confirmations") or ()),
+                }
 
         def described(blocker: Mapping[str, Any]) -> dict[str, Any]:
             child = now.get(blocker.get("child_id", "")) if blocker.get("kind") == "child" else None
@@ -1320,10 +1333,7 @@ class Runtime:
                 )
                 continue
             if info.meta.get("status") in ("completed", "failed", "cancelled"):
-                state = await load_state(self.log, child)
-                return _child_outcome(
-                    child, {"status": state.status, "output": state.output, "error": state.error}
-                )
+                return _child_outcome(child, _outcome_payload(await load_state(self.log, child)))
             raise SuspendExecution(
                 "child", {"name": signal, "child_id": child, "agent": agent.name}
             )
@@ -1454,8 +1464,7 @@ class Runtime:
                 child = await self.log.stream_info(execution_stream(child_id))
                 if child is None or child.meta.get("status") not in _FINISHED:
                     continue
-                state = await load_state(self.log, child_id)
-                payload = {"status": state.status, "output": state.output, "error": state.error}
+                payload = _outcome_payload(await load_state(self.log, child_id))
                 await self._post(parent, f"child:{child_id}", payload, "runtime")
 
     async def _recover_agent(self, name: str) -> None:
@@ -1554,12 +1563,26 @@ def _execution_id(child_key: str) -> str:
     return unquote(child_key)
 
 
+def _outcome_payload(state: ExecutionState) -> dict[str, Any]:
+    """What a finished child tells its parent (the signal ``child:<id>``)."""
+    payload = {"status": state.status, "output": state.output, "error": state.error}
+    if state.status == "cancelled":
+        # A cancel has no error: without its reason the parent's model hears nothing.
+        payload["reason"] = state.cancel_reason or ""
+    return payload
+
+
 def _child_outcome(child: str, payload: Mapping[str, Any]) -> Any:
     status = payload.get("status")
     if status == "completed":
         return payload.get("output")
     error = payload.get("error") or {}
-    raise ToolError(f"delegated execution {child!r} {status}: {error.get('message', 'no detail')}")
+    if status == "cancelled":
+        why = payload.get("reason")
+        detail = f"cancelled: {why}" if why else "cancelled (no reason given)"
+    else:
+        detail = f"{status}: {error.get('message', 'no detail')}"
+    raise ToolError(f"delegated execution {child!r} {detail}")
 
 
 def _waiting_on(reason: Mapping[str, Any] | None) -> list[str]:
