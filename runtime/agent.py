@@ -36,7 +36,9 @@ class Agent:
     - ``llm`` / ``model``: the provider and, optionally, the model to ask it for
       (default: the provider's own model).
     - ``max_steps``: the most LLM calls one execution may make; beyond it, it fails.
-    - ``budget``: default spending limits for each execution (a spawn may override).
+    - ``budget``: default spending limits for each execution (a spawn's own budget
+      replaces it as a whole). Per execution: when this agent runs as a sub-agent, its
+      child executions are held to this budget, and their spend is not the parent's.
     - ``drift``: what to do when an execution resumes under a changed definition:
       ``"suspend"`` (default: wait for an operator), ``"fail"``, ``"warn"`` (log and
       continue), ``"accept"`` (record and continue).

@@ -120,6 +120,7 @@ class _Services:
     def __init__(self, runtime: Runtime) -> None:
         self._rt = runtime
         self._unpriced: set[str] = set()
+        self._unmetered: set[str] = set()
 
     def cost(self, model: str, response: LLMResponse) -> float | None:
         cost = self._rt.pricing.cost(model, response.usage)
@@ -130,6 +131,19 @@ class _Services:
                 "budgets; pass Runtime(pricing=Pricing.default().with_prices({...}))",
                 model,
             )
+        elif cost == 0.0 and response.usage.total_tokens == 0 and model not in self._unmetered:
+            price = self._rt.pricing.price(model)
+            if price is not None and (price.input_per_million or price.output_per_million):
+                # A priced model that reports no tokens (an OpenAI-compatible server that
+                # omits usage, say) costs $0 here: a max_dollars or max_tokens budget
+                # would never be reached. Said once per model, loudly.
+                self._unmetered.add(model)
+                log.warning(
+                    "model %r answered without reporting token usage: its calls count as "
+                    "0 tokens and $0, so max_dollars and max_tokens budgets cannot stop "
+                    "them (max_llm_calls still does); make the provider report usage",
+                    model,
+                )
         return cost
 
     def step_done(self, state: ExecutionState, step: Mapping[str, Any]) -> None:
@@ -504,6 +518,8 @@ class Runtime:
         _parent: Mapping[str, Any] | None = None,
     ) -> ExecutionHandle:
         """Start an execution; returns once its first record is durable.
+
+        ``budget`` replaces the agent's budget for this execution, as a whole.
 
         An existing ``execution_id`` with the same prompt resumes that execution (or
         returns it, if it is finished); with a different prompt it is an error. For an
