@@ -173,6 +173,9 @@ def _orphan_cancel(parent: str, reason: str) -> dict[str, str]:
     return {"reason": f"{why}: {reason}" if reason else why}
 
 
+#: How many generations up a child's start looks for a cancelled ancestor.
+_MAX_ANCESTORS = 32
+
 #: Appends of a crashed execution's failure tried before giving up (each after a re-read).
 _RECORD_CRASH_TRIES = 5
 
@@ -762,6 +765,12 @@ class Runtime:
             if drive and agent is None:
                 self._release(eid)
                 return None
+            if drive and meta is not None and await self._cancelled_ancestor(meta.meta):
+                # A child queued for a slot that its cancelled parent (or theirs) gave
+                # back: the cancel cascade is on its way (or, after a crash, comes at the
+                # next open); until it lands the child must not run anything.
+                self._release(eid)
+                return None
             spec = ChildSpec(
                 key,
                 lambda: ExecutionActor(self, eid, agent, drive=eid in self._slots),
@@ -910,6 +919,21 @@ class Runtime:
         await self._post(eid, "cancel", _orphan_cancel(parent, ""), "runtime")
         return True
 
+    async def _cancelled_ancestor(self, meta: Mapping[str, Any]) -> str | None:
+        """The nearest cancelled ancestor of the execution whose index entry is
+        ``meta``, or None (one index read per generation; none for a top-level one)."""
+        for _ in range(_MAX_ANCESTORS):
+            parent = meta.get("parent")
+            if not parent:
+                return None
+            info = await self.log.stream_info(execution_stream(str(parent)))
+            if info is None:
+                return None
+            if info.meta.get("status") == "cancelled":
+                return str(parent)
+            meta = info.meta
+        return None
+
     # -- waiting and reading ----------------------------------------------------------------
 
     async def wait(
@@ -983,13 +1007,16 @@ class Runtime:
         if reason is None or not ids:
             return result
         now: dict[str, dict[str, Any]] = {}
+        agents = frozenset(self._agents)  # a child of an agent not registered says so
         for child_id in ids:
             info = await self.log.stream_info(execution_stream(child_id))
             meta = info.meta if info is not None else {}
             now[child_id] = {
                 "execution_id": child_id,
                 "status": meta.get("status"),
-                "status_text": describe(meta) if info is not None else "not started yet",
+                "status_text": describe(meta, owned=True, agents=agents)
+                if info is not None
+                else "not started yet",
                 "reason": meta.get("reason"),
                 "confirmations": list(meta.get("confirmations") or ()),
             }
@@ -998,11 +1025,12 @@ class Runtime:
                 # A grandchild's approval holds up the whole chain: name it here, so
                 # the parent's reason says whom to approve.
                 did, dmeta = deepest
-                now[child_id]["status_text"] += f"; waits for {did}: {describe(dmeta)}"
+                text = describe(dmeta, owned=True, agents=agents)
+                now[child_id]["status_text"] += f"; waits for {did}: {text}"
                 now[child_id]["blocked_at"] = {
                     "execution_id": did,
                     "status": dmeta.get("status"),
-                    "status_text": describe(dmeta),
+                    "status_text": text,
                     "reason": dmeta.get("reason"),
                     "confirmations": list(dmeta.get("confirmations") or ()),
                 }

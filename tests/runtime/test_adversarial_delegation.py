@@ -189,6 +189,104 @@ async def test_delegations_two_at_a_time_and_two_deep_finish_under_max_concurren
     assert running and max(running) == 1
 
 
+@pytest.mark.anyio
+async def test_a_child_queued_for_a_slot_never_runs_once_its_parent_is_cancelled(
+    open_runtime: Any,
+) -> None:
+    """max_concurrency=1: the parent holds the slot (a sibling call runs) while its child
+    waits in the queue. Cancelling the parent gave the slot back and the queue started
+    the child at once, before the cancel cascade reached it: the child ran its tool
+    for a parent that no longer wanted it."""
+    inside = anyio.Event()
+    kid_ran: list[str] = []
+
+    @tool
+    async def hold() -> str:
+        inside.set()
+        await anyio.sleep_forever()
+        return "unreachable"
+
+    @tool
+    def effect() -> str:
+        kid_ran.append("effect")
+        return "done"
+
+    kid = Agent("kid", tools=[effect], llm=Scripted([Scripted.call("effect"), "kid done"]))
+    turn = [Scripted.call("delegate_to_kid", task="t"), Scripted.call("hold")]
+    boss = Agent("boss", tools=[hold], llm=Scripted([turn, "ok"]), agents=[kid])
+    async with open_runtime(max_concurrency=1) as rt:
+        queued = anyio.Event()
+        push = rt._push_queue
+
+        def pushed(eid: str) -> None:
+            push(eid)
+            if eid == "q-1/2":
+                queued.set()
+
+        rt._push_queue = pushed  # type: ignore[method-assign]
+        await rt.spawn(boss, "go", execution_id="q-1")
+        with anyio.fail_after(10):
+            await inside.wait()
+            await queued.wait()
+        assert (await rt.result("q-1/2")).status == "queued"
+        await rt.cancel("q-1", "changed my mind")
+        with anyio.fail_after(10):
+            child = await rt.wait("q-1/2", until="finished")
+        state = await rt.state("q-1/2")
+        slots, queue = set(rt._slots), list(rt._queue)
+    assert child.status == "cancelled" and kid_ran == []
+    assert state.usage.llm_calls == 0  # it never started
+    assert state.cancel_reason == "its parent 'q-1' was cancelled: changed my mind"
+    assert slots == set() and queue == []
+
+
+@pytest.mark.anyio
+async def test_a_child_whose_agent_is_not_registered_at_reopen_says_so_from_its_parent(
+    open_runtime: Any,
+) -> None:
+    """A deploy dropped the sub-agent: its running child waits, and the parent says
+    why; registering the sub-agent finishes the child, and the parent (whose delegate
+    tool is gone) suspends for drift naming that tool, not silently."""
+    inside = anyio.Event()
+    gate = anyio.Event()
+
+    @tool
+    async def hold() -> str:
+        inside.set()
+        await gate.wait()
+        return "held"
+
+    kid = Agent("kid", tools=[hold], llm=Scripted([Scripted.call("hold"), "kid done"]))
+    async with open_runtime() as rt:
+        await rt.spawn(boss_of(kid), "go", execution_id="u-1")
+        with anyio.fail_after(10):
+            await inside.wait()
+    without_kid = Agent("boss", llm=Scripted([Scripted.call("delegate_to_kid", task="t"), "ok"]))
+    async with open_runtime(agents=[without_kid]) as rt:
+        parent_settled = anyio.Event()
+        seen: list[Any] = []
+
+        def settled(r: Any, *_: Any) -> None:
+            if r.execution_id == "u-1":
+                seen.append(r.suspend_reason)
+                parent_settled.set()
+
+        rt.on_suspend(settled)
+        rt.on_complete(settled)
+        waiting = (await rt.result("u-1")).suspend_reason.child  # type: ignore[union-attr]
+        assert waiting["status_text"] == (
+            "running (the owner has no agent 'kid' registered: waits until it does)"
+        )
+        gate.set()
+        rt.register(kid)
+        with anyio.fail_after(10):
+            child = await rt.wait("u-1/2", until="finished")
+            await parent_settled.wait()
+    assert child.output == "kid done"
+    [reason] = seen
+    assert reason.kind == "drift" and reason.tool == "delegate_to_kid"
+
+
 # -- SIGKILL at every record of a delegation tree ------------------------------------------------
 
 TREE = ["t-1", "t-1/2", "t-1/3", "t-1/2/2"]
