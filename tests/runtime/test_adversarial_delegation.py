@@ -1,10 +1,11 @@
 """Adversarial probes of delegation between agents (parent and child executions).
 
 What earlier tests did not drive: a child cancelled on its own (its parent's model must
-hear why), a parent cancelled while its child is inside a tool, a grandchild's approval
-seen from the root (``rt.result`` and ``perdure inspect``), delegations two levels deep
-and two at a time under ``max_concurrency=1``, and SIGKILL at every record of such a
-tree (the worker is ``adversarial_worker.py``, scenario ``tree``).
+hear why), a parent cancelled while its child is inside a tool or queued for a slot, a
+grandchild's approval seen from the root (``rt.result`` and ``perdure inspect``), a
+child whose agent is not registered at reopen, delegations two levels deep and two at a
+time under ``max_concurrency=1``, a suspended execution's slot, and SIGKILL at every
+record of such a tree (the worker is ``adversarial_worker.py``, scenario ``tree``).
 """
 
 from __future__ import annotations
@@ -285,6 +286,39 @@ async def test_a_child_whose_agent_is_not_registered_at_reopen_says_so_from_its_
     assert child.output == "kid done"
     [reason] = seen
     assert reason.kind == "drift" and reason.tool == "delegate_to_kid"
+
+
+@pytest.mark.anyio
+async def test_a_suspended_execution_frees_its_slot_and_once_approved_queues_for_one(
+    open_runtime: Any,
+) -> None:
+    """max_concurrency=1: an execution waiting for a person holds no slot; approved
+    while another runs, it waits in the queue (durably: status "queued") and then
+    finishes."""
+    inside = anyio.Event()
+    gate = anyio.Event()
+
+    @tool
+    async def hold() -> str:
+        inside.set()
+        await gate.wait()
+        return "held"
+
+    waiter = Agent("waiter", tools=[act], llm=Scripted([Scripted.call("act"), "w done"]))
+    holder = Agent("holder", tools=[hold], llm=Scripted([Scripted.call("hold"), "h done"]))
+    async with open_runtime(max_concurrency=1) as rt:
+        r = await rt.run(waiter, "go", execution_id="s-1")
+        assert r.is_suspended
+        await rt.spawn(holder, "go", execution_id="s-2")
+        with anyio.fail_after(10):
+            await inside.wait()  # the suspended one gave its slot to this one
+        await rt.approve("s-1", r.suspend_reason.confirmation_id)  # type: ignore[union-attr]
+        [queued] = await rt.executions(status="queued")
+        assert queued.execution_id == "s-1"
+        gate.set()
+        with anyio.fail_after(10):
+            first, second = await rt.wait("s-1"), await rt.wait("s-2")
+    assert (first.output, second.output) == ("w done", "h done")
 
 
 # -- SIGKILL at every record of a delegation tree ------------------------------------------------
