@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
@@ -35,7 +36,9 @@ class Agent:
     - ``llm`` / ``model``: the provider and, optionally, the model to ask it for
       (default: the provider's own model).
     - ``max_steps``: the most LLM calls one execution may make; beyond it, it fails.
-    - ``budget``: default spending limits for each execution (a spawn may override).
+    - ``budget``: default spending limits for each execution (a spawn's own budget
+      replaces it as a whole). Per execution: when this agent runs as a sub-agent, its
+      child executions are held to this budget, and their spend is not the parent's.
     - ``drift``: what to do when an execution resumes under a changed definition:
       ``"suspend"`` (default: wait for an operator), ``"fail"``, ``"warn"`` (log and
       continue), ``"accept"`` (record and continue).
@@ -109,14 +112,22 @@ class Agent:
     def contract(self, name: str) -> Callable[[Contract], Contract]:
         """Register a check run before every tool call: ``fn(tool_name, arguments)``.
 
-        Raise (``ContractViolation`` or any exception) or return ``False`` to block the
-        call: the execution suspends with reason ``contract`` until an operator approves
+        A plain function (not ``async def``). Raise ``ContractViolation`` or return
+        ``False`` to block the call (any other exception blocks it too, reported as a bug
+        in the contract): the execution suspends with reason ``contract`` until an operator approves
         (an override, recorded with who and why) or rejects it (returned to the model).
         """
         if name in self.contracts:
             raise AgentDefinitionError(f"agent {self.name!r}: two contracts named {name!r}")
 
         def register(fn: Contract) -> Contract:
+            if inspect.iscoroutinefunction(fn):
+                # Called from the step that admits tool calls, which does not await: an
+                # async contract's body would never run.
+                raise AgentDefinitionError(
+                    f"agent {self.name!r}: contract {name!r} is an async function; a "
+                    f"contract must be a plain function (def, not async def)"
+                )
             self.contracts[name] = fn
             return fn
 

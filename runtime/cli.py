@@ -85,6 +85,7 @@ from perdure.state import TERMINAL, ExecutionState, apply
 from perdure.status import (
     STATUSES,
     PendingSignal,
+    blocked_descendant,
     describe,
     owner_pid,
     pending_signals,
@@ -723,6 +724,19 @@ async def _inspect(ctx: _Ctx, args: argparse.Namespace) -> int:
                     "confirmations": list(cmeta.get("confirmations") or ()),
                 }
             )
+            deepest = await blocked_descendant(log, cmeta) if child is not None else None
+            if deepest is not None:
+                # A grandchild's approval holds up the chain: say whom to decide.
+                did, dmeta = deepest
+                text = describe(dmeta, owned=owned, pending=len(all_pending.get(did, ())))
+                waiting_on[-1]["status_text"] += f"; waits for {did}: {text}"
+                waiting_on[-1]["blocked_at"] = {
+                    "execution_id": did,
+                    "status": dmeta.get("status"),
+                    "status_text": text,
+                    "reason": dmeta.get("reason"),
+                    "confirmations": list(dmeta.get("confirmations") or ()),
+                }
     meta = info.meta
     status = str(meta.get("status"))
     last_fingerprint = None
@@ -1005,7 +1019,8 @@ def _blocker(b: Mapping[str, Any], child: Mapping[str, Any] | None = None) -> st
             return head
         text = f"{head}: {child['status_text']}"
         if child.get("status") == "suspended":
-            text += f"; see 'perdure inspect {b.get('child_id')}'"
+            deepest = (child.get("blocked_at") or {}).get("execution_id") or b.get("child_id")
+            text += f"; see 'perdure inspect {deepest}'"
         return text
     return fmt_json(b)
 

@@ -16,6 +16,7 @@ copying it, and a request's fingerprint is computed once per agent definition.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import secrets
 import time
@@ -24,7 +25,7 @@ from typing import Any, Protocol
 
 import anyio
 
-from perdure.agent import Agent
+from perdure.agent import Agent, ContractViolation
 from perdure.context import SuspendExecution, ToolContext, _current
 from perdure.drift import describe_changes, diff_definitions
 from perdure.errors import ToolError
@@ -559,8 +560,26 @@ class Engine:
             try:
                 # A copy: the arguments are recorded, a contract must not change them.
                 verdict = check(tool.name, dict(fresh_arguments(arguments)))
+            except ContractViolation as exc:
+                return name, str(exc) or f"contract {name!r} refused the call"
             except Exception as exc:
-                return name, str(exc) or type(exc).__name__
+                # A bug in the contract, not a verdict: the call is still blocked (a
+                # check that cannot run must not let the call through), and the operator
+                # is told it is the contract that broke.
+                return name, (
+                    f"contract {name!r} raised {type(exc).__name__}: {exc} (a bug in the "
+                    f"contract, not a violation; fix it, then approve or reject this call)"
+                )
+            if inspect.isawaitable(verdict):
+                # An async contract's checks would never run: the call is blocked, never
+                # waved through by the coroutine object's truthiness.
+                close = getattr(verdict, "close", None)
+                if close is not None:
+                    close()
+                return name, (
+                    f"contract {name!r} returned an awaitable; contracts are plain functions "
+                    f"(def, not async def), so its check did not run"
+                )
             if verdict is False:
                 return name, f"contract {name!r} refused the call"
         return None

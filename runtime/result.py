@@ -31,7 +31,10 @@ class SuspendReason:
     - ``child``: a delegated child execution is running (``child_id``). From
       ``rt.result`` it also has ``child``: the child as of now (``status``,
       ``status_text`` such as ``"suspended (approval c-1a2b)"``, ``reason``,
-      ``confirmations``), so a child's approval shows from the parent.
+      ``confirmations``), so a child's approval shows from the parent; when that
+      child itself waits on a child (and so on), ``child["blocked_at"]`` is the
+      execution deepest down the chain, described the same way (a grandchild's
+      approval, say), and ``status_text`` names it.
 
     ``pending`` lists every blocker when more than one call waits.
     """

@@ -73,7 +73,7 @@ from perdure.providers.types import LLMResponse
 from perdure.result import ExecutionInfo, Result, SuspendReason
 from perdure.signals import SignalStatus, canonical_name, in_doubt_problem, precheck
 from perdure.state import TERMINAL, ExecutionState
-from perdure.status import STATUSES, describe
+from perdure.status import STATUSES, blocked_descendant, describe
 from perdure.tool_threads import ToolThreads
 
 __all__ = ["ExecutionHandle", "Runtime"]
@@ -121,6 +121,7 @@ class _Services:
     def __init__(self, runtime: Runtime) -> None:
         self._rt = runtime
         self._unpriced: set[str] = set()
+        self._unmetered: set[str] = set()
 
     def cost(self, model: str, response: LLMResponse) -> float | None:
         cost = self._rt.pricing.cost(model, response.usage)
@@ -131,6 +132,19 @@ class _Services:
                 "budgets; pass Runtime(pricing=Pricing.default().with_prices({...}))",
                 model,
             )
+        elif cost == 0.0 and response.usage.total_tokens == 0 and model not in self._unmetered:
+            price = self._rt.pricing.price(model)
+            if price is not None and (price.input_per_million or price.output_per_million):
+                # A priced model that reports no tokens (an OpenAI-compatible server that
+                # omits usage, say) costs $0 here: a max_dollars or max_tokens budget
+                # would never be reached. Said once per model, loudly.
+                self._unmetered.add(model)
+                log.warning(
+                    "model %r answered without reporting token usage: its calls count as "
+                    "0 tokens and $0, so max_dollars and max_tokens budgets cannot stop "
+                    "them (max_llm_calls still does); make the provider report usage",
+                    model,
+                )
         return cost
 
     def step_done(self, state: ExecutionState, step: Mapping[str, Any]) -> None:
@@ -159,6 +173,9 @@ def _orphan_cancel(parent: str, reason: str) -> dict[str, str]:
     why = f"its parent {parent!r} was cancelled"
     return {"reason": f"{why}: {reason}" if reason else why}
 
+
+#: How many generations up a child's start looks for a cancelled ancestor.
+_MAX_ANCESTORS = 32
 
 #: Appends of a crashed execution's failure tried before giving up (each after a re-read).
 _RECORD_CRASH_TRIES = 5
@@ -543,6 +560,8 @@ class Runtime:
     ) -> ExecutionHandle:
         """Start an execution; returns once its first record is durable.
 
+        ``budget`` replaces the agent's budget for this execution, as a whole.
+
         An existing ``execution_id`` with the same prompt resumes that execution (or
         returns it, if it is finished); with a different prompt it is an error. For an
         existing id this first waits until the signals sent while no runtime ran are
@@ -784,6 +803,12 @@ class Runtime:
             if drive and agent is None:
                 self._release(eid)
                 return None
+            if drive and meta is not None and await self._cancelled_ancestor(meta.meta):
+                # A child queued for a slot that its cancelled parent (or theirs) gave
+                # back: the cancel cascade is on its way (or, after a crash, comes at the
+                # next open); until it lands the child must not run anything.
+                self._release(eid)
+                return None
             spec = ChildSpec(
                 key,
                 lambda: ExecutionActor(self, eid, agent, drive=eid in self._slots),
@@ -883,7 +908,7 @@ class Runtime:
                 sink(result)
         parent = state.parent
         if parent and status in ("completed", "failed", "cancelled") and self._tg is not None:
-            payload = {"status": status, "output": state.output, "error": state.error}
+            payload = _outcome_payload(state)
             self._tg.start_soon(self._post_child_outcome, parent["execution_id"], eid, payload)
         if status == "cancelled" and self._tg is not None:
             self._tg.start_soon(self._cancel_children, eid, state.cancel_reason or "")
@@ -933,6 +958,21 @@ class Runtime:
             return False
         await self._post(eid, "cancel", _orphan_cancel(parent, ""), "runtime")
         return True
+
+    async def _cancelled_ancestor(self, meta: Mapping[str, Any]) -> str | None:
+        """The nearest cancelled ancestor of the execution whose index entry is
+        ``meta``, or None (one index read per generation; none for a top-level one)."""
+        for _ in range(_MAX_ANCESTORS):
+            parent = meta.get("parent")
+            if not parent:
+                return None
+            info = await self.log.stream_info(execution_stream(str(parent)))
+            if info is None:
+                return None
+            if info.meta.get("status") == "cancelled":
+                return str(parent)
+            meta = info.meta
+        return None
 
     # -- waiting and reading ----------------------------------------------------------------
 
@@ -1007,16 +1047,33 @@ class Runtime:
         if reason is None or not ids:
             return result
         now: dict[str, dict[str, Any]] = {}
+        agents = frozenset(self._agents)  # a child of an agent not registered says so
         for child_id in ids:
             info = await self.log.stream_info(execution_stream(child_id))
             meta = info.meta if info is not None else {}
             now[child_id] = {
                 "execution_id": child_id,
                 "status": meta.get("status"),
-                "status_text": describe(meta) if info is not None else "not started yet",
+                "status_text": describe(meta, owned=True, agents=agents)
+                if info is not None
+                else "not started yet",
                 "reason": meta.get("reason"),
                 "confirmations": list(meta.get("confirmations") or ()),
             }
+            deepest = await blocked_descendant(self.log, meta)
+            if deepest is not None:
+                # A grandchild's approval holds up the whole chain: name it here, so
+                # the parent's reason says whom to approve.
+                did, dmeta = deepest
+                text = describe(dmeta, owned=True, agents=agents)
+                now[child_id]["status_text"] += f"; waits for {did}: {text}"
+                now[child_id]["blocked_at"] = {
+                    "execution_id": did,
+                    "status": dmeta.get("status"),
+                    "status_text": text,
+                    "reason": dmeta.get("reason"),
+                    "confirmations": list(dmeta.get("confirmations") or ()),
+                }
 
         def described(blocker: Mapping[str, Any]) -> dict[str, Any]:
             child = now.get(blocker.get("child_id", "")) if blocker.get("kind") == "child" else None
@@ -1360,10 +1417,7 @@ class Runtime:
                 )
                 continue
             if info.meta.get("status") in ("completed", "failed", "cancelled"):
-                state = await load_state(self.log, child)
-                return _child_outcome(
-                    child, {"status": state.status, "output": state.output, "error": state.error}
-                )
+                return _child_outcome(child, _outcome_payload(await load_state(self.log, child)))
             raise SuspendExecution(
                 "child", {"name": signal, "child_id": child, "agent": agent.name}
             )
@@ -1494,8 +1548,7 @@ class Runtime:
                 child = await self.log.stream_info(execution_stream(child_id))
                 if child is None or child.meta.get("status") not in _FINISHED:
                     continue
-                state = await load_state(self.log, child_id)
-                payload = {"status": state.status, "output": state.output, "error": state.error}
+                payload = _outcome_payload(await load_state(self.log, child_id))
                 await self._post(parent, f"child:{child_id}", payload, "runtime")
 
     async def _recover_agent(self, name: str) -> None:
@@ -1628,12 +1681,26 @@ def _execution_id(child_key: str) -> str:
     return unquote(child_key)
 
 
+def _outcome_payload(state: ExecutionState) -> dict[str, Any]:
+    """What a finished child tells its parent (the signal ``child:<id>``)."""
+    payload = {"status": state.status, "output": state.output, "error": state.error}
+    if state.status == "cancelled":
+        # A cancel has no error: without its reason the parent's model hears nothing.
+        payload["reason"] = state.cancel_reason or ""
+    return payload
+
+
 def _child_outcome(child: str, payload: Mapping[str, Any]) -> Any:
     status = payload.get("status")
     if status == "completed":
         return payload.get("output")
     error = payload.get("error") or {}
-    raise ToolError(f"delegated execution {child!r} {status}: {error.get('message', 'no detail')}")
+    if status == "cancelled":
+        why = payload.get("reason")
+        detail = f"cancelled: {why}" if why else "cancelled (no reason given)"
+    else:
+        detail = f"{status}: {error.get('message', 'no detail')}"
+    raise ToolError(f"delegated execution {child!r} {detail}")
 
 
 def _waiting_on(reason: Mapping[str, Any] | None) -> list[str]:

@@ -111,6 +111,14 @@ def precheck(
             Budget.from_dict(raw)
         except (TypeError, ValueError) as exc:
             return f"the budget {dict(raw)!r} is not valid: {exc}"
+        if not any(raw.get(limit) is not None for limit in _USED):
+            # A limit left unset keeps what the execution has; with none set, the
+            # "raise" would be recorded and change nothing.
+            return (
+                f"execution {execution_id!r}: the budget raise sets no limit; name at least "
+                f"one (rt.resume({execution_id!r}, budget=Budget(max_llm_calls=N)) or "
+                f"'perdure resume {execution_id} --max-llm-calls N')"
+            )
         return _budget_raise_problem(execution_id, raw, usage)
     return None
 

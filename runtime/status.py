@@ -30,6 +30,7 @@ from perdure.log.protocol import EventLog, Record
 __all__ = [
     "STATUSES",
     "PendingSignal",
+    "blocked_descendant",
     "describe",
     "owner_pid",
     "pending_signals",
@@ -77,6 +78,35 @@ def describe(
         where = "" if owned is not False else ", delivered at next start"
         notes.append(f"{pending} {noun} pending{where}")
     return f"{status} ({'; '.join(notes)})" if notes else status
+
+
+#: How many generations below a child :func:`blocked_descendant` looks.
+_MAX_DEPTH = 32
+
+
+async def blocked_descendant(
+    log: EventLog, meta: Mapping[str, Any]
+) -> tuple[str, Mapping[str, Any]] | None:
+    """The execution deepest down a chain of delegations that ``meta``'s waits on.
+
+    ``meta`` is a child's index entry. If that child is suspended waiting for a child of
+    its own (and so on), the last one of the chain (its id and index entry) is what
+    holds the whole chain up: a grandchild's approval, say. None if ``meta`` waits for
+    no child. The first child waited on is followed at each level.
+    """
+    found: tuple[str, Mapping[str, Any]] | None = None
+    for _ in range(_MAX_DEPTH):
+        if meta.get("status") != "suspended" or meta.get("reason") != "child":
+            break
+        waiting = list(meta.get("waiting_on") or ())
+        if not waiting:
+            break
+        info = await log.stream_info(execution_stream(str(waiting[0])))
+        if info is None:
+            break
+        meta = info.meta
+        found = (str(waiting[0]), meta)
+    return found
 
 
 async def registered_agents(log: EventLog, owner: int | None) -> frozenset[str] | None:

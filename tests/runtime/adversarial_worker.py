@@ -24,6 +24,10 @@ and exits 0):
   killed, otherwise it approves the child and waits for the parent.
 - ``budget``: one turn of three calls under ``max_tool_calls=2``; the worker raises the
   budget once it suspends on it.
+- ``tree``: under ``max_concurrency=2`` a root delegates twice in one turn; one child
+  delegates again, to a grandchild whose tool requires confirmation (the worker approves
+  every approval it sees); the other child's tool is blocked by a contract (the worker
+  overrides it).
 
 The event loop is ``$PERDURE_TEST_BACKEND`` (asyncio by default, or trio).
 """
@@ -311,12 +315,93 @@ async def budget(rt: Runtime) -> None:
     emit(r)
 
 
+# -- tree: two concurrent delegations, one of them two levels deep, under max_concurrency=2 --
+
+
+@tool(requires_confirmation=True)
+def note(text: str) -> str:
+    """Write a note (needs approval)."""
+    return effect("note", text)
+
+
+@tool
+def file_it(doc: str) -> str:
+    """File a document."""
+    return effect("file_it", doc)
+
+
+def _tree_script(agent: str, first: Any) -> Any:
+    def script(request: LLMRequest) -> Any:
+        turn = turn_of(request)
+        llm_side(agent, turn)
+        return first if turn == 0 else answer(request)
+
+    return Scripted(script, record=False)
+
+
+scribe = Agent("scribe", tools=[note], llm=_tree_script("scribe", Scripted.call("note", text="x")))
+lead = Agent(
+    "lead", llm=_tree_script("lead", Scripted.call("delegate_to_scribe", task="w")), agents=[scribe]
+)
+clerk = Agent(
+    "clerk", tools=[file_it], llm=_tree_script("clerk", Scripted.call("file_it", doc="y"))
+)
+
+
+@clerk.contract("no-filing")
+def _no_filing(tool_name: str, arguments: dict[str, Any]) -> None:
+    from perdure import ContractViolation
+
+    if tool_name == "file_it":
+        raise ContractViolation("filing needs an override")
+
+
+root = Agent(
+    "root",
+    llm=_tree_script(
+        "root",
+        [
+            Scripted.call("delegate_to_lead", task="plan"),
+            Scripted.call("delegate_to_clerk", task="f"),
+        ],
+    ),
+    agents=[lead, clerk],
+)
+TREE = ["t-1", "t-1/2", "t-1/3", "t-1/2/2"]
+
+
+async def tree(rt: Runtime) -> None:
+    from perdure import InvalidSignalError
+
+    async def approve(eid: str, cid: str) -> None:
+        try:
+            await rt.approve(eid, cid, by="worker")
+        except InvalidSignalError:
+            pass  # approved already (by the callback and the sweep both)
+
+    @rt.on_suspend
+    async def on_suspend(r: Result, reason: Any) -> None:
+        if reason.kind in ("approval", "contract"):
+            await approve(r.execution_id, reason.confirmation_id)
+
+    await rt.spawn(root, "do it", execution_id="t-1")
+    # Suspended before this process started (so no callback fires for it): approve now.
+    for info in await rt.executions(status="suspended"):
+        r = await rt.result(info.execution_id)
+        if r.suspend_reason is not None and r.suspend_reason.kind in ("approval", "contract"):
+            await approve(info.execution_id, r.suspend_reason.confirmation_id)
+    await rt.wait("t-1", until="finished")
+    for eid in TREE:
+        emit(await rt.result(eid))
+
+
 SCENARIOS = {
     "mixed": (mixed, [mixer], None),
     "queue": (queue, [queuer], 1),
     "doubt": (doubt, [wirer], None),
     "delegate": (delegate, [boss], None),
     "budget": (budget, [fetcher], None),
+    "tree": (tree, [root], 2),
 }
 
 
