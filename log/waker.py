@@ -30,7 +30,7 @@ class Completion:
     exception instance, which :meth:`wait` raises.
     """
 
-    __slots__ = ("_done", "_future", "_outcome", "_task", "call_soon", "loop", "schedule")
+    __slots__ = ("_done", "_future", "_outcome", "_task", "loop")
 
     def __init__(self) -> None:
         self._done = False
@@ -42,21 +42,32 @@ class Completion:
             loop = None
         if loop is not None:
             #: The loop this completion resolves on (a grouping key for :func:`wake`).
-            self.loop: object = loop
-            #: Thread-safe, non-blocking: schedules ``fn(arg)`` on :attr:`loop`.
-            self.schedule: Callable[[Callable[[Any], None], Any], Any] = loop.call_soon_threadsafe
-            #: Not thread-safe: schedules ``fn(arg)`` on :attr:`loop` from the loop's thread.
-            self.call_soon: Callable[[Callable[[Any], None], Any], Any] = loop.call_soon
+            self.loop: Any = loop
             self._future: asyncio.Future[Any] | None = loop.create_future()
         else:
             # anyio runs on asyncio or trio; not asyncio, so trio.
             import trio
 
-            token = trio.lowlevel.current_trio_token()
-            self.loop = token
-            self.schedule = token.run_sync_soon
-            self.call_soon = token.run_sync_soon
+            self.loop = trio.lowlevel.current_trio_token()
             self._future = None
+
+    # The two ways to call back are looked up when used, not kept: a bound method per
+    # attribute would be two more objects per append for a fleet's garbage collector to
+    # scan while the append is in flight.
+
+    @property
+    def schedule(self) -> Callable[..., Any]:
+        """Thread-safe, non-blocking: ``schedule(fn, arg)`` runs ``fn(arg)`` on :attr:`loop`."""
+        if self._future is not None:
+            return self.loop.call_soon_threadsafe  # type: ignore[no-any-return]
+        return self.loop.run_sync_soon  # type: ignore[no-any-return]
+
+    @property
+    def call_soon(self) -> Callable[..., Any]:
+        """Like :attr:`schedule`, but only from the loop's own thread (cheaper on asyncio)."""
+        if self._future is not None:
+            return self.loop.call_soon  # type: ignore[no-any-return]
+        return self.loop.run_sync_soon  # type: ignore[no-any-return]
 
     def wait(self) -> Awaitable[Any]:
         """Wait for the outcome: ``await`` it for the value (or the exception, raised)."""

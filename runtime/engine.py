@@ -349,11 +349,15 @@ class Engine:
         )
         if not response.message.tool_calls:
             self.journal.stage(ExecutionCompleted(response.message.content))
+            del request, response
             await self.journal.flush()
             self._step_done({"step": step, "kind": "llm", "final": True})
             return
         action = plan(state)
         to_run = self._admit(action.admit) if isinstance(action, Run) else []
+        # Nothing below needs them: freed now, not parked with the append (a fleet's
+        # garbage collector scans every object that waits).
+        del request, response, action
         await self.journal.flush()
         self._step_done({"step": step, "kind": "llm", "tool_calls": len(state.calls)})
         await self._run_started(to_run)
@@ -634,6 +638,20 @@ class Engine:
                 tg.start_soon(self._run_one, call)
 
     async def _run_one(self, call: Call) -> None:
+        # The call runs in a frame of its own, gone before the outcome's append is
+        # awaited: what only the call needed (its context, the context-variable token)
+        # is then freed, not parked with the append (a fleet's garbage collector scans
+        # every object that waits).
+        outcome = await self._call(call)
+        if outcome is None:
+            return  # it waits for a signal (recorded)
+        status, output, error, latency_ms = outcome
+        self.journal.stage(ToolCompleted(call.step, status, output, error, latency_ms))
+        await self.journal.flush()
+        self._step_done({"step": call.step, "kind": "tool", "tool": call.tool, "status": status})
+
+    async def _call(self, call: Call) -> tuple[str, Any, dict[str, Any] | None, float] | None:
+        """Run one tool call: its status, output, error and latency (None: it waits)."""
         state = self.journal.state
         tool = self.agent.tools[call.tool]
         ctx = ToolContext(
@@ -657,7 +675,7 @@ class Engine:
                 )
             )
             await self.journal.flush()
-            return
+            return None
         except anyio.get_cancelled_exc_class():
             raise
         except TimeoutError:
@@ -685,10 +703,7 @@ class Engine:
             )
         finally:
             _current.reset(token)
-        latency_ms = (time.perf_counter() - started) * 1000.0
-        self.journal.stage(ToolCompleted(call.step, status, output, error, latency_ms))
-        await self.journal.flush()
-        self._step_done({"step": call.step, "kind": "tool", "tool": call.tool, "status": status})
+        return status, output, error, (time.perf_counter() - started) * 1000.0
 
     async def _invoke(self, tool: Tool, arguments: Any) -> Any:
         attempts = tool.retries + 1

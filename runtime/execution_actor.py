@@ -163,8 +163,11 @@ class ExecutionActor(Actor):
             elif self.runtime._try_acquire(self.execution_id):
                 self._start_drive()
             else:
-                await self.runtime._enqueue(self.execution_id)
+                # Stop first: once queued, a slot may free at any await, and the queue
+                # must then start a fresh actor (it waits for this one to stop), not
+                # make this one drive an instant before it stops.
                 self._stop()
+                await self.runtime._enqueue(self.execution_id)
         else:
             # Still suspended, but maybe for something else now (an approval granted,
             # then the tool budget blocks the call): that is a suspension to report.

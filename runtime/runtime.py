@@ -734,8 +734,10 @@ class Runtime:
 
     async def _enqueue(self, eid: str) -> None:
         """An execution that can run but has no slot waits in the queue (no task)."""
-        self._push_queue(eid)
+        # The index says so before the queue can start it: written after, "queued"
+        # could land on top of the appends of its run, and stay there.
         await self.log.set_meta(execution_stream(eid), {"status": "queued"})
+        self._push_queue(eid)
 
     def _start_queued(self) -> None:
         if self.max_concurrency is not None and len(self._slots) >= self.max_concurrency:

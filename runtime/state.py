@@ -436,10 +436,14 @@ class Idle:
     """Nothing to do: the execution is finished (or failed and not resumed)."""
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class CallLLM:
     """Ask the model for the next step."""
+
+
+# Field-less and frozen: one instance serves every plan (none is made per step).
+_IDLE = Idle()
+_CALL_LLM = CallLLM()
 
 
 @fast_init
@@ -472,7 +476,7 @@ Action = Idle | CallLLM | Run | Suspend | Fail
 def plan(state: ExecutionState) -> Action:
     """What ``state`` calls for next. Pure."""
     if state.status in TERMINAL or state.status == "failed" or state.status == "new":
-        return Idle()
+        return _IDLE
     if state.calls:
         return _plan_calls(state)
     if state.usage.llm_calls >= state.max_steps:
@@ -486,7 +490,7 @@ def plan(state: ExecutionState) -> Action:
         hit = budget.exhausted(state.usage)
         if hit is not None:
             return Suspend(_budget_reason(state, *hit))
-    return CallLLM()
+    return _CALL_LLM
 
 
 def _plan_calls(state: ExecutionState) -> Action:

@@ -371,3 +371,69 @@ async def test_on_suspend_fires_again_when_a_signal_leaves_it_waiting_for_someth
     assert seen == ["approval", "budget"]
     assert r.status == "completed"
     assert [m.content for m in r.transcript if m.role == "tool"] == ["gated ran", "free ran"]
+
+
+class HeldMetaLog(YieldingLog):
+    """A real log whose ``set_meta`` waits while the test holds it (a slow store)."""
+
+    def __init__(self, log: Any) -> None:
+        super().__init__(log)
+        self.held: anyio.Event | None = None  # set_meta waits for it while it is set
+        self.holding = anyio.Event()  # set once a set_meta is waiting
+
+    async def set_meta(self, stream: str, meta: Any) -> None:
+        if self.held is not None:
+            self.holding.set()
+            await self.held.wait()
+        await self._log.set_meta(stream, meta)
+
+
+async def test_a_signal_that_queues_an_execution_while_a_slot_frees_does_not_strand_it(
+    anyio_backend: Any,
+) -> None:
+    """max_concurrency=1: B waits for a signal while A holds the slot. B's signal comes;
+    B must queue, and its "queued" status write takes its time (a slow store); A ends
+    meanwhile and frees the slot. B used to be queued before that write, so the queue
+    made B's old actor drive an instant before it stopped: B stopped after one step,
+    out of the queue, "queued" in the index, and nothing ever started it again.
+
+    Not covered before: the slot freeing while a signal's execution is being queued
+    (seen only under load, in the two-deep delegation test).
+    """
+    gate = anyio.Event()
+
+    @tool
+    async def hold() -> str:
+        await gate.wait()
+        return "held"
+
+    @tool
+    async def approval() -> str:
+        from perdure import wait_for_signal
+
+        return str(wait_for_signal("go"))
+
+    a = Agent("a", tools=[hold], llm=Scripted([Scripted.call("hold"), "a done"]))
+    b = Agent(
+        "b", tools=[approval], llm=Scripted([Scripted.call("approval"), "b done"], record=False)
+    )
+    log = HeldMetaLog(MemoryLog(record_types()))
+    async with Runtime(log=log, max_concurrency=1, shutdown_timeout=2.0) as rt:  # type: ignore[arg-type]
+        with anyio.fail_after(20):
+            rb = await rt.run(b, "go", execution_id="b-1")
+            assert rb.is_suspended, rb
+            await rt.spawn(a, "go", execution_id="a-1")  # takes the only slot
+            assert rt._slots == {"a-1"}
+            held = log.held = anyio.Event()
+            async with anyio.create_task_group() as tg:
+                # (signal returns once B has taken it, which waits for the write.)
+                tg.start_soon(rt.signal, "b-1", "go", "yes")  # B is runnable, no slot
+                await log.holding.wait()  # ... and its "queued" write is under way
+                gate.set()
+                assert (await rt.wait("a-1")).status == "completed"  # the slot is free
+                log.held = None
+                held.set()
+            done = await rt.wait("b-1")
+    assert done.status == "completed" and done.output == "b done", done
+    info = await log.stream_info(execution_stream("b-1"))
+    assert info is not None and info.meta["status"] == "completed"
