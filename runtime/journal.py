@@ -35,6 +35,9 @@ def index_meta(state: ExecutionState) -> dict[str, Any]:
     reason = state.suspend_reason
     usage = state.usage
     blockers = (reason.get("pending") or (reason,)) if reason else ()
+    # Tuples, not lists: with nothing waiting they are the empty tuple, which the cyclic
+    # GC never tracks, and so neither is this dict, which the journal keeps for a whole
+    # step (a fleet has one per running execution). The log stores them as lists.
     return {
         "kind": "execution",
         "agent": state.agent,
@@ -43,10 +46,10 @@ def index_meta(state: ExecutionState) -> dict[str, Any]:
         # Every call waiting for a decision, not only those the suspension names: while
         # a sibling of the same turn runs (an approved one, say) the execution is
         # "running", and approving the others then must not be refused as unknown.
-        "confirmations": [c.confirmation_id for c in state.calls if c.status == "approval"],
+        "confirmations": tuple(c.confirmation_id for c in state.calls if c.status == "approval"),
         # The children it waits for: a restart re-posts a finished one's outcome (the
         # post after the child settled may have been lost in a crash).
-        "waiting_on": [p["child_id"] for p in blockers if p.get("kind") == "child"],
+        "waiting_on": tuple(p["child_id"] for p in blockers if p.get("kind") == "child"),
         "steps": state.step,
         "llm_calls": usage.llm_calls,
         "tool_calls": usage.tool_calls,
