@@ -86,6 +86,7 @@ from perdure.status import (
     STATUSES,
     PendingSignal,
     blocked_descendant,
+    confirmation_owner,
     describe,
     owner_pid,
     pending_signals,
@@ -1469,16 +1470,23 @@ async def _decided(
                 f"{clip(str(e.get('by')), 80)} (seq {e['seq']}{step}){now}; a confirmation "
                 f"is decided once, so nothing was sent; see 'perdure steps {eid}'"
             )
-    async for child in log.streams(prefix=f"{_PREFIX}{eid[:200]}"):
-        if child.meta.get("parent") == eid and cid in (child.meta.get("confirmations") or ()):
-            child_id = _eid(child)
-            rest = "[--note TEXT]" if kind == "approve" else "--reason WHY"
-            return (
-                f"confirmation {cid!r} belongs to child execution {child_id!r}, which "
-                f"execution {eid!r} waits for; decide it there: perdure {kind} "
-                f"{shlex.quote(child_id)} {cid} {rest}; nothing was sent"
-            )
-    return problem
+    chain = await confirmation_owner(log, eid, cid)
+    if chain is None:
+        return problem
+    owner = chain[-1]
+    if len(chain) == 1:
+        where = f"child execution {owner!r}, which execution {eid!r} waits for"
+    else:
+        links = ", which waits for ".join(repr(c) for c in chain)
+        where = (
+            f"execution {owner!r}, {len(chain)} delegations below {eid!r} "
+            f"({eid!r} waits for {links})"
+        )
+    rest = "[--note TEXT]" if kind == "approve" else "--reason WHY"
+    return (
+        f"confirmation {cid!r} belongs to {where}; decide it there: perdure {kind} "
+        f"{shlex.quote(owner)} {cid} {rest}; nothing was sent"
+    )
 
 
 #: Signals that deliver once: a second one, sent while the first waits in the inbox, is

@@ -231,7 +231,13 @@ def _tool(e: Mapping[str, Any]) -> str:
         notes.append(f"key {e['key']}")
     attempts = e.get("attempts")
     if attempts:
-        notes.append("attempt 1" if attempts == 1 else f"{attempts} attempts")
+        # Each wake-up (a signal or a child's outcome arrived) starts a new attempt on
+        # the record; shown apart, so that only re-runs after a crash read as attempts.
+        woken = int(e.get("wakeups") or 0)
+        runs = max(attempts - woken, 1)
+        notes.append("attempt 1" if runs == 1 else f"{runs} attempts")
+        if woken:
+            notes.append("woken 1 time" if woken == 1 else f"woken {woken} times")
     if e.get("idempotent") is False:
         notes.append("not idempotent")
     if e.get("latency_ms") is not None and status not in ("started", "planned"):

@@ -4,7 +4,8 @@ A pure fold over ``(record, event)`` pairs into a list of plain-data entries, ea
 the ``seq`` and ``time`` of the record that opened it and a ``kind``:
 
 ``started``, ``llm`` (model, provider, tokens, cost, latency, what it answered),
-``tool`` (one per tool call: arguments, idempotency key, attempts, outcome, result or
+``tool`` (one per tool call: arguments, idempotency key, attempts, wakeups (how many
+of those attempts began because what the call waited for arrived), outcome, result or
 error, latency; updated in place by later records about the same call),
 ``approval`` (a call waits for a decision), ``approved`` / ``rejected``, ``waiting``
 (a call waits for a signal or a child), ``signal``, ``signal_ignored``,
@@ -82,6 +83,7 @@ class _Builder:
                 key=None,
                 idempotent=None,
                 attempts=0,
+                wakeups=0,
                 status="planned",
                 output=None,
                 error=None,
@@ -127,6 +129,10 @@ class _Builder:
             )
         elif isinstance(e, ToolStarted):
             item = self.call(record, e.step)
+            if item["status"] == "waiting":
+                # Invoked again from the top because what it waited for (a signal, its
+                # child's outcome) arrived: a new attempt on the record, not a re-run.
+                item["wakeups"] += 1
             item.update(
                 tool=e.tool,
                 call_id=e.call_id,

@@ -73,7 +73,7 @@ from perdure.providers.types import LLMResponse
 from perdure.result import ExecutionInfo, Result, SuspendReason
 from perdure.signals import SignalStatus, canonical_name, in_doubt_problem, precheck
 from perdure.state import TERMINAL, ExecutionState
-from perdure.status import STATUSES, blocked_descendant, describe
+from perdure.status import STATUSES, blocked_descendant, confirmation_owner, describe
 from perdure.tool_threads import ToolThreads
 
 __all__ = ["ExecutionHandle", "Runtime"]
@@ -1157,15 +1157,22 @@ class Runtime:
         if problem is not None:
             if canonical_name(name) in ("approve", "reject") and isinstance(payload, Mapping):
                 problem = await self._why_not_pending(
-                    execution_id, str(meta.get("status")), payload.get("confirmation_id"), problem
+                    execution_id,
+                    str(meta.get("status")),
+                    payload.get("confirmation_id"),
+                    problem,
+                    canonical_name(name),
                 )
             raise InvalidSignalError(problem, execution_id)
         seq = await self._post(execution_id, name, payload, by)
         return await self._delivered(seq)
 
-    async def _why_not_pending(self, eid: str, status: str, cid: Any, problem: str) -> str:
+    async def _why_not_pending(
+        self, eid: str, status: str, cid: Any, problem: str, kind: str = "approve"
+    ) -> str:
         """Say more than "not pending" when the log knows more: who decided it already,
-        or which child execution it belongs to (read only on this error path)."""
+        or which descendant execution it belongs to, at any depth (read only on this
+        error path). ``kind`` is ``approve`` or ``reject``: the call to suggest."""
         if not isinstance(cid, str) or not cid:
             return problem
         decided = None
@@ -1186,15 +1193,25 @@ class Runtime:
                 f"{p.get('by')!r} (seq {decided.seq}){now}; a confirmation is decided once, "
                 f"so nothing was sent"
             )
-        async for child in self.log.streams(prefix=f"exec/{eid}/"):
-            if child.meta.get("parent") == eid and cid in (child.meta.get("confirmations") or ()):
-                child_id = child.stream[len("exec/") :]
-                return (
-                    f"confirmation {cid!r} belongs to child execution {child_id!r}, which "
-                    f"execution {eid!r} waits for; decide it there (rt.approve({child_id!r}, "
-                    f"{cid!r}) or rt.reject); nothing was sent"
-                )
-        return problem
+        chain = await confirmation_owner(self.log, eid, cid)
+        if chain is None:
+            return problem
+        owner = chain[-1]
+        if len(chain) == 1:
+            where = f"child execution {owner!r}, which execution {eid!r} waits for"
+        else:
+            # Name every link: the operator sees why the root is held up by it.
+            links = ", which waits for ".join(repr(c) for c in chain)
+            where = (
+                f"execution {owner!r}, {len(chain)} delegations below {eid!r} "
+                f"({eid!r} waits for {links})"
+            )
+        call = (
+            f"rt.reject({owner!r}, {cid!r}, reason)"
+            if kind == "reject"
+            else f"rt.approve({owner!r}, {cid!r})"
+        )
+        return f"confirmation {cid!r} belongs to {where}; decide it there: {call}; nothing was sent"
 
     async def _post(self, target: str, name: str, payload: Any, by: str) -> int:
         record = encode(SignalSent(target, name, payload, by))

@@ -31,6 +31,7 @@ __all__ = [
     "STATUSES",
     "PendingSignal",
     "blocked_descendant",
+    "confirmation_owner",
     "describe",
     "owner_pid",
     "pending_signals",
@@ -107,6 +108,33 @@ async def blocked_descendant(
         meta = info.meta
         found = (str(waiting[0]), meta)
     return found
+
+
+async def confirmation_owner(log: EventLog, eid: str, cid: str) -> list[str] | None:
+    """The chain of descendants of ``eid`` down to the one that holds confirmation ``cid``.
+
+    ``[child, ..., owner]``: a direct child's confirmation gives ``[child]``, a
+    grandchild's ``[child, grandchild]``. None if no descendant has ``cid`` pending. Each
+    candidate's ``parent`` fields are walked up to ``eid``, so an execution a user merely
+    named under ``eid``'s id (ids may hold "/") is never taken for a descendant.
+    """
+    async for info in log.streams(prefix=execution_stream(eid) + "/"):
+        if cid not in (info.meta.get("confirmations") or ()):
+            continue
+        chain = [info.stream[len(execution_stream("")) :]]
+        meta: Mapping[str, Any] = info.meta
+        for _ in range(_MAX_DEPTH):
+            parent = meta.get("parent")
+            if not parent:
+                break
+            if parent == eid:
+                return chain
+            up = await log.stream_info(execution_stream(str(parent)))
+            if up is None:
+                break
+            chain.insert(0, str(parent))
+            meta = up.meta
+    return None
 
 
 async def registered_agents(log: EventLog, owner: int | None) -> frozenset[str] | None:

@@ -209,9 +209,14 @@ async def check_crash_replay(
     """Run the reference, then the crashed-and-resumed run; return what they showed.
 
     ``crash_after[i]`` counts durable steps (each model answer, each tool outcome)
-    within the i-th process lifetime. With ``approve=True`` pending confirmations are
-    approved as they appear, so agents with ``requires_confirmation`` tools run to the
-    end; otherwise a suspension ends the run (and is compared like any final state).
+    within the i-th process lifetime, the steps of delegated child executions included.
+    With ``approve=True`` pending confirmations are approved as they appear, in the
+    execution or any descendant, so agents with ``requires_confirmation`` tools run to
+    the end; otherwise a suspension ends the run (and is compared like any final state).
+    A suspension on a delegated child is waited through; the child's tool calls are
+    counted against the ``tool.started`` attempts in the child's own log. A delegate
+    call invoked again when its child's outcome wakes the parent is not a re-run: it is
+    not counted as one.
     """
     reference = await _run(
         make_agent(), prompt, execution_id, None, approve, _KillableLog(record_types())
@@ -230,9 +235,14 @@ async def check_crash_replay(
     final = await _run(counting.agent(make_agent()), prompt, execution_id, None, approve, log)
     assert final is not None
     attempts: dict[str, int] = {}
-    async for record in log.read(execution_stream(execution_id)):
-        if record.type == "tool.started":
-            attempts[record.payload["key"]] = record.payload["attempt"]
+    # Delegated children log their own tool calls, in streams below the execution's.
+    streams = [execution_stream(execution_id)]
+    async for info in log.streams(prefix=execution_stream(execution_id) + "/"):
+        streams.append(info.stream)
+    for stream in streams:
+        async for record in log.read(stream):
+            if record.type == "tool.started":
+                attempts[record.payload["key"]] = record.payload["attempt"]
     state = await load_state(log, execution_id)
     check = ReplayCheck(
         crash_after=list(crash_after),
@@ -297,20 +307,79 @@ async def _run(
                     log.killed = True  # at once: this step is the last one written
                     crash.cancel()
 
+            settles = _Settles(rt)
             await rt.spawn(agent, prompt, execution_id=execution_id)
-            while True:
-                result = await rt.wait(execution_id)
-                if approve and result.is_suspended and result.suspend_reason is not None:
-                    pending = [p for p in result.suspend_reason.pending if p.get("confirmation_id")]
-                    if pending:
-                        for p in pending:
-                            await rt.approve(
-                                execution_id, p["confirmation_id"], by="perdure.testing"
-                            )
-                        continue
-                outcome = result
-                break
+            outcome = await _drive(rt, execution_id, approve, settles, set())
     return None if crash.cancelled_caught else outcome
+
+
+class _Settles:
+    """Counts each execution's settles (complete, suspend, fail, cancel) in a runtime.
+
+    A parent whose children have all finished is woken by their outcomes, through the
+    inbox, a moment later; :meth:`after` waits for that next settle without polling.
+    """
+
+    def __init__(self, rt: Runtime) -> None:
+        self.counts: Counter[str] = Counter()
+        self._changed = anyio.Event()
+        for register in (rt.on_complete, rt.on_suspend, rt.on_fail, rt.on_cancel):
+            register(self._settled)
+
+    def _settled(self, result: Result, *_: Any) -> None:
+        self.counts[result.execution_id] += 1
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def after(self, eid: str, seen: int) -> None:
+        """Return once ``eid`` has settled more than ``seen`` times."""
+        while self.counts[eid] <= seen:
+            await self._changed.wait()
+
+
+async def _drive(
+    rt: Runtime, eid: str, approve: bool, settles: _Settles, approved: set[str]
+) -> Result:
+    """Wait until ``eid`` is finished, or suspended on something this helper won't decide.
+
+    A suspension on delegated children is not an end: the children are driven the same
+    way (their confirmations approved, with ``approve``), and once they have finished
+    the parent, woken by their outcomes, is waited for again.
+    """
+    while True:
+        # Read before the status: a settle after the read below is then never missed.
+        seen = settles.counts[eid]
+        result = await rt.wait(eid)
+        reason = result.suspend_reason
+        if not result.is_suspended or reason is None:
+            return result
+        progress = in_flight = stuck = False
+        for blocker in reason.pending:
+            cid = blocker.get("confirmation_id")
+            child = blocker.get("child_id") if blocker.get("kind") == "child" else None
+            if approve and cid:
+                if cid in approved:
+                    in_flight = True  # approved; the execution is taking it
+                else:
+                    approved.add(cid)
+                    await rt.approve(eid, cid, by="perdure.testing")
+                    progress = True
+            elif child:
+                done = await _drive(rt, str(child), approve, settles, approved)
+                if done.is_suspended:
+                    stuck = True
+                else:
+                    in_flight = True  # its outcome is on its way to the parent
+            else:
+                stuck = True
+        if progress:
+            continue
+        if stuck:
+            # What this helper cannot decide (a signal, a budget, an unknown outcome)
+            # ends the run, as a suspension does without children.
+            return await rt.result(eid)
+        if in_flight:
+            await settles.after(eid, seen)
 
 
 def _same(a: Result, b: Result) -> bool:

@@ -131,6 +131,22 @@ def test_inspect_shows_prompt_fingerprints_usage_suspension_and_children(store: 
     assert cancelled["cancel_reason"] == "changed my mind"
 
 
+def test_steps_show_a_delegate_call_woken_by_its_childs_outcome_as_one_attempt(
+    store: Store,
+) -> None:
+    doc = perdure(store.path, "steps", "boss-1", "--json").json()
+    (call,) = [e for e in doc["steps"] if e["kind"] == "tool"]
+    # started, suspended for its child, invoked again when the child finished
+    assert (call["tool"], call["status"], call["attempts"], call["wakeups"]) == (
+        "delegate_to_helper",
+        "ok",
+        2,
+        1,
+    )
+    text = perdure(store.path, "steps", "boss-1").out
+    assert f"key {call['key']}, attempt 1, woken 1 time" in text
+
+
 def test_steps_show_llm_and_tool_calls_approvals_and_suspensions(store: Store) -> None:
     doc = perdure(store.path, "steps", "weather-1", "--json").json()
     kinds = [e["kind"] for e in doc["steps"]]

@@ -953,6 +953,39 @@ async def test_approving_a_decided_or_a_childs_confirmation_says_who_or_where(
     assert ran == [("savings", 1.0)]
 
 
+async def test_approving_a_grandchilds_confirmation_on_the_root_names_its_owner(
+    open_runtime: Any,
+) -> None:
+    """Two delegations down, the error names the execution that holds the confirmation,
+    the chain that leads to it, and the exact call to make; that call then works."""
+    ran: list[tuple[str, float]] = []
+    root = Agent(
+        "ceo",
+        llm=Scripted([Scripted.call("delegate_to_boss", task="have it moved"), "ceo done"]),
+        agents=[_boss_and_banker(ran)],
+    )
+    async with open_runtime() as rt:
+        await rt.run(root, "go", execution_id="gc-1")
+        await rt.wait("gc-1/2")  # suspended once it has spawned its own child
+        grandchild = await rt.wait("gc-1/2/2")
+        cid = grandchild.suspend_reason.confirmation_id  # type: ignore[union-attr]
+        with pytest.raises(InvalidSignalError) as approving:
+            await rt.approve("gc-1", cid)
+        with pytest.raises(InvalidSignalError) as rejecting:
+            await rt.reject("gc-1", cid, "no")
+        assert ran == []
+        await rt.approve("gc-1/2/2", cid)
+        with anyio.fail_after(10):
+            done = await rt.wait("gc-1", until="finished")
+    assert str(approving.value).startswith(
+        f"confirmation {cid!r} belongs to execution 'gc-1/2/2', 2 delegations below 'gc-1' "
+        f"('gc-1' waits for 'gc-1/2', which waits for 'gc-1/2/2'); decide it there: "
+        f"rt.approve('gc-1/2/2', {cid!r}); nothing was sent"
+    )
+    assert f"rt.reject('gc-1/2/2', {cid!r}, reason)" in str(rejecting.value)
+    assert done.status == "completed" and ran == [("savings", 5000.0)]
+
+
 async def test_after_a_restart_interrupted_and_queued_executions_start_before_new_ones(
     open_runtime: Any,
 ) -> None:

@@ -88,3 +88,107 @@ def test_approve_mode_drives_confirmations_to_the_end() -> None:
     check = anyio.run(lambda: check_crash_replay(make, "move", [1, 1], approve=True))
     check.assert_ok()
     assert check.crashed.status == "completed"
+
+
+def make_delegating(*, forgetful: bool = False) -> Agent:
+    """A boss that delegates a lookup to a helper agent, then books a table.
+
+    ``forgetful``: the helper's model counts its own calls in memory, which a restart
+    loses (a real bug this check must catch in a child as well).
+    """
+    calls = iter(range(1000))
+
+    @tool
+    def lookup(q: str) -> str:
+        return f"found {q}"
+
+    def helper_script(request: LLMRequest) -> Any:
+        turn = next(calls) if forgetful else sum(m.role == "assistant" for m in request.messages)
+        if turn == 0:
+            return Scripted.call("lookup", q="tables")
+        return "helper: " + "; ".join(m.content for m in request.messages if m.role == "tool")
+
+    @tool
+    def book(table: int) -> str:
+        return f"table {table} booked"
+
+    def boss_script(request: LLMRequest) -> Any:
+        turn = sum(1 for m in request.messages if m.role == "assistant")
+        if turn == 0:
+            return Scripted.call("delegate_to_helper", task="find a table")
+        if turn == 1:
+            return Scripted.call("book", table=1)
+        return "; ".join(m.content for m in request.messages if m.role == "tool")
+
+    helper = Agent("helper", tools=[lookup], llm=Scripted(helper_script, record=False))
+    return Agent("boss", tools=[book], llm=Scripted(boss_script, record=False), agents=[helper])
+
+
+#: The delegating run's durable steps: the boss's 3 answers and 2 tool outcomes, the
+#: helper's 2 answers and 1 tool outcome.
+DELEGATING_STEPS = 8
+
+
+@pytest.mark.anyio
+async def test_a_delegating_agent_passes_with_a_crash_at_every_step_boundary() -> None:
+    # The delegate call is invoked again each time its child's outcome wakes the boss
+    # (a new tool.started attempt): that is not a re-run, and must not be reported.
+    for point in range(1, DELEGATING_STEPS + 2):
+        check = await check_crash_replay(make_delegating, "book", [point])
+        check.assert_ok()
+        assert check.crashed.status == "completed"
+        assert check.crashes_happened == (1 if point <= DELEGATING_STEPS else 0)
+        # the helper's lookup ran, and its attempts are read from the child's own log
+        (child_key,) = [k for k in check.invocations if k.startswith("replay-check/2:")]
+        assert check.attempts[child_key] == check.invocations[child_key]
+    check = await check_crash_replay(make_delegating, "book", [2, 2, 2])
+    check.assert_ok()
+    assert check.crashes_happened == 3
+    check.attempts[child_key] = 1
+    check.invocations[child_key] = 2  # as if the runtime had re-run the child's call
+    assert any(f"{child_key} ran 2x though it was never interrupted" in p for p in check.problems)
+
+
+@pytest.mark.anyio
+async def test_a_broken_child_of_a_delegating_agent_still_fails() -> None:
+    # A crash after the helper's first answer (step 2): its restarted model starts
+    # counting from 0 again and asks for the lookup a second time.
+    check = await check_crash_replay(lambda: make_delegating(forgetful=True), "book", [2])
+    assert check.crashes_happened == 1 and not check.same_transcript
+    with pytest.raises(AssertionError, match="so a restart changed something"):
+        check.assert_ok()
+
+
+@pytest.mark.anyio
+async def test_approve_mode_decides_a_grandchilds_confirmation_across_crashes() -> None:
+    moved: list[str] = []
+
+    def make() -> Agent:
+        @tool(requires_confirmation=True)
+        def move(amount: float) -> str:
+            moved.append(current_idempotency_key())
+            return "moved"
+
+        banker = Agent(
+            "banker", tools=[move], llm=Scripted([Scripted.call("move", amount=5.0), "ok"])
+        )
+        boss = Agent(
+            "boss",
+            llm=Scripted([Scripted.call("delegate_to_banker", task="move"), "boss ok"]),
+            agents=[banker],
+        )
+        return Agent(
+            "ceo",
+            llm=Scripted([Scripted.call("delegate_to_boss", task="move"), "ceo ok"]),
+            agents=[boss],
+        )
+
+    for points in ([1], [3], [4, 1], [5]):
+        moved.clear()
+        check = await check_crash_replay(make, "move", points, approve=True)
+        check.assert_ok()
+        assert check.crashed.status == "completed" and check.crashed.output == "ceo ok"
+        assert check.crashes_happened == len(points)
+        # once in the reference, once in the crashed run: in the grandchild, approved
+        assert len(moved) == 2 and all(k.startswith("replay-check/2/2:2:") for k in moved)
+        assert check.invocations == {moved[1]: 1} and check.attempts[moved[1]] == 1
