@@ -88,6 +88,7 @@ from perdure.status import (
     blocked_descendant,
     confirmation_owner,
     describe,
+    owner_phrase,
     owner_pid,
     pending_signals,
     registered_agents,
@@ -1474,14 +1475,7 @@ async def _decided(
     if chain is None:
         return problem
     owner = chain[-1]
-    if len(chain) == 1:
-        where = f"child execution {owner!r}, which execution {eid!r} waits for"
-    else:
-        links = ", which waits for ".join(repr(c) for c in chain)
-        where = (
-            f"execution {owner!r}, {len(chain)} delegations below {eid!r} "
-            f"({eid!r} waits for {links})"
-        )
+    where = owner_phrase(eid, chain)
     rest = "[--note TEXT]" if kind == "approve" else "--reason WHY"
     return (
         f"confirmation {cid!r} belongs to {where}; decide it there: perdure {kind} "

@@ -73,7 +73,13 @@ from perdure.providers.types import LLMResponse
 from perdure.result import ExecutionInfo, Result, SuspendReason
 from perdure.signals import SignalStatus, canonical_name, in_doubt_problem, precheck
 from perdure.state import TERMINAL, ExecutionState
-from perdure.status import STATUSES, blocked_descendant, confirmation_owner, describe
+from perdure.status import (
+    STATUSES,
+    blocked_descendant,
+    confirmation_owner,
+    describe,
+    owner_phrase,
+)
 from perdure.tool_threads import ToolThreads
 
 __all__ = ["ExecutionHandle", "Runtime"]
@@ -1197,15 +1203,7 @@ class Runtime:
         if chain is None:
             return problem
         owner = chain[-1]
-        if len(chain) == 1:
-            where = f"child execution {owner!r}, which execution {eid!r} waits for"
-        else:
-            # Name every link: the operator sees why the root is held up by it.
-            links = ", which waits for ".join(repr(c) for c in chain)
-            where = (
-                f"execution {owner!r}, {len(chain)} delegations below {eid!r} "
-                f"({eid!r} waits for {links})"
-            )
+        where = owner_phrase(eid, chain)
         call = (
             f"rt.reject({owner!r}, {cid!r}, reason)"
             if kind == "reject"

@@ -32,6 +32,7 @@ __all__ = [
     "PendingSignal",
     "blocked_descendant",
     "confirmation_owner",
+    "owner_phrase",
     "describe",
     "owner_pid",
     "pending_signals",
@@ -135,6 +136,20 @@ async def confirmation_owner(log: EventLog, eid: str, cid: str) -> list[str] | N
             chain.insert(0, str(parent))
             meta = up.meta
     return None
+
+
+def owner_phrase(eid: str, chain: list[str]) -> str:
+    """Where a confirmation asked of ``eid`` lives, from :func:`confirmation_owner`'s chain.
+
+    Every link is named: the operator sees why ``eid`` is held up by it.
+    """
+    owner = chain[-1]
+    if len(chain) == 1:
+        return f"child execution {owner!r}, which execution {eid!r} waits for"
+    links = ", which waits for ".join(repr(c) for c in chain)
+    return (
+        f"execution {owner!r}, {len(chain)} delegations below {eid!r} ({eid!r} waits for {links})"
+    )
 
 
 async def registered_agents(log: EventLog, owner: int | None) -> frozenset[str] | None:
