@@ -349,14 +349,16 @@ def normalize_meta(stream: str, meta: Mapping[str, Any]) -> dict[str, Any]:
         if type(key) is not str:
             raise LogError(f"stream {stream!r}: meta keys must be str, got {key!r}")
         kind = type(value)
-        if kind is list:
+        if kind is list or kind is tuple:
             plain = plain and all(type(v) in _PLAIN for v in value)
         elif kind not in _PLAIN:
             plain = False
     if plain:
-        # Already what a CBOR round trip would give back (the usual case: small
-        # scalars): skip the round trip, a cost every append would otherwise pay.
-        return {k: list(v) if type(v) is list else v for k, v in meta.items()}
+        # What a CBOR round trip would give back, once sequences are lists (the usual
+        # case: small scalars): skip the round trip, a cost every append would otherwise
+        # pay, and keep the caller's value objects (the round trip would make fresh
+        # copies of every string, and the writer caches the meta of every stream).
+        return {k: list(v) if type(v) in (list, tuple) else v for k, v in meta.items()}
     try:
         return _loads(_dumps(dict(meta)))  # type: ignore[no-any-return]
     except Exception as exc:

@@ -27,6 +27,7 @@ from perdure.log.codec import (
     encode_record,
     encode_records,
     make_record,
+    normalize_meta,
     seal,
     unseal,
 )
@@ -242,3 +243,16 @@ def test_decode_all_is_decode_record_on_each_value(items: list[Any], first_seq: 
         assert error is None
     else:
         assert error is not None and (type(error), str(error)) == expected_error
+
+
+def test_meta_sequences_come_back_as_lists_and_plain_values_are_kept_as_given() -> None:
+    # Tuples become lists, as a CBOR round trip would make them, but without one: the
+    # writer caches every stream's meta, and a round trip would give each cached entry
+    # fresh copies of every key and string value (hundreds of bytes per execution).
+    agent = "".join(["ag", "ent-name"])  # not interned: identity shows if it is copied
+    meta = normalize_meta("s", {"agent": agent, "waiting_on": (), "confirmations": ("c-1",)})
+    assert meta == {"agent": agent, "waiting_on": [], "confirmations": ["c-1"]}
+    assert type(meta["waiting_on"]) is list and type(meta["confirmations"]) is list
+    assert meta["agent"] is agent
+    # Nested sequences still take the round trip: lists all the way down.
+    assert normalize_meta("s", {"x": ((1, 2), [3])}) == {"x": [[1, 2], [3]]}
