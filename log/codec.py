@@ -357,7 +357,7 @@ def normalize_meta(stream: str, meta: Mapping[str, Any]) -> dict[str, Any]:
         # What a CBOR round trip would give back, once sequences are lists (the usual
         # case: small scalars): skip the round trip, a cost every append would otherwise
         # pay, and keep the caller's value objects (the round trip would make fresh
-        # copies of every string, and the writer caches the meta of every stream).
+        # copies of every string, and the writer caches the meta of every stream in use).
         return {k: list(v) if type(v) in (list, tuple) else v for k, v in meta.items()}
     try:
         return _loads(_dumps(dict(meta)))  # type: ignore[no-any-return]

@@ -566,7 +566,13 @@ class LmdbLog:
         self._kicks: set[int] = set()
         # The writer's copy of stream index entries, valid while no other process
         # commits (checked by transaction id): saves a get and a decode per append.
+        # Two generations of _CACHE_GENERATION commits each: a stream written in this
+        # one or the one before is cached; one idle for longer (a suspended execution
+        # waiting for a person) is dropped, and read back from the store if it is ever
+        # written again. So the cache holds the streams in use, not all ever written.
         self._entries: dict[str, _Entry] = {}
+        self._entries_old: dict[str, _Entry] = {}
+        self._entries_commits = 0
         self._entries_txnid = -1
         self._writer_idle = False
         self._stopping = False
@@ -1063,8 +1069,8 @@ class LmdbLog:
                 if txnid != self._entries_txnid + 1:
                     # Another process committed since our last transaction: the cached
                     # index entries may be stale.
-                    self._entries = {}
-                outcomes, states = self._apply(txn, batch, self._entries, exact)
+                    self._drop_entries()
+                outcomes, states = self._apply(txn, batch, self._entries, self._entries_old, exact)
                 txn.commit()
                 txn = None
             except _Inconsistent:
@@ -1127,7 +1133,7 @@ class LmdbLog:
             # The cache may be half updated: drop it, so the next batch reads the
             # index entries from the store. Waiters left unwoken (if touched is
             # empty) are found by the poller, which sees every commit.
-            self._entries = {}
+            self._drop_entries()
             self._entries_txnid = -1
             logger.exception(
                 "log at %r: a batch of %s was committed, but updating the writer's state "
@@ -1136,6 +1142,12 @@ class LmdbLog:
                 _describe_batch(batch),
             )
         return outcomes, touched
+
+    def _drop_entries(self) -> None:
+        """Forget every cached index entry (both generations): they may be stale."""
+        self._entries = {}
+        self._entries_old = {}
+        self._entries_commits = 0
 
     def _after_commit(
         self,
@@ -1146,9 +1158,15 @@ class LmdbLog:
         txnid: int,
     ) -> None:
         """Cache the committed index entries and count the batch."""
+        self._entries_commits += 1
+        if (
+            self._entries_commits > _CACHE_GENERATION
+            or len(self._entries) + len(states) > _MAX_CACHED_ENTRIES
+        ):
+            self._entries_old = self._entries
+            self._entries = {}
+            self._entries_commits = 1
         cache = self._entries
-        if len(cache) > _MAX_CACHED_ENTRIES:
-            cache.clear()
         # A transaction that changed nothing (a batch of conflicts, say) leaves no trace:
         # LMDB does not use up its id, so the next write transaction, ours or another
         # process's, gets the same one. The cache then holds the store as of the id
@@ -1174,13 +1192,15 @@ class LmdbLog:
         txn: lmdb.Transaction,
         batch: list[_Pending],
         cache: dict[str, _Entry],
+        older: dict[str, _Entry],
         exact: bool = False,
     ) -> tuple[list[Any], dict[str, _StreamState]]:
         """Apply every pending write of the batch in ``txn``; return their outcomes.
 
         Runs again from scratch when a batch is retried (after growing the map), so
         expects are checked against what is committed, never against a failed attempt.
-        ``cache`` holds committed index entries; it is only read here.
+        ``cache`` and ``older`` (the generation before; ``cache`` wins) hold committed
+        index entries; they are only read here.
 
         Records are written with one ``putmulti`` for the whole batch: py-lmdb drops and
         retakes the GIL around every call, and each retake competes with a busy event
@@ -1202,6 +1222,8 @@ class LmdbLog:
             state = states.get(stream)
             if state is None:
                 entry = cache.get(stream)
+                if entry is None:
+                    entry = older.get(stream)
                 if entry is None:
                     raw = get(pending.stream_key, db=streams_db)
                     if raw is not None:
@@ -1887,8 +1909,12 @@ _DB_NAMES: Final = (b"records", b"streams", b"by_meta", b"meta")
 _MISSING: Final = object()
 _NO_META: Final[dict[str, Any]] = {}  # shared, never mutated: see _StreamState
 # The writer's cache only needs the streams appended to right now (a fleet's running
-# executions); each entry costs ~2 KB, and a runtime living for months touches millions
-# of streams, so the cache is cleared when it outgrows this.
+# executions). A generation of the cache spans this many commits: a running execution
+# appends every commit or two while its steps are quick, and when they are slow (an LLM
+# call of seconds) a miss costs one get and decode, nothing next to the call.
+_CACHE_GENERATION: Final = 8
+# ... or this many entries (each ~1 KB), whichever comes first: one huge batch must not
+# pin a generation's worth of memory.
 _MAX_CACHED_ENTRIES: Final = 4096
 
 

@@ -15,6 +15,8 @@ append carries everyone's events, and the log's group commit does the rest.
 from __future__ import annotations
 
 import gc
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import anyio
@@ -23,7 +25,30 @@ from perdure.events import Event, encode, execution_stream
 from perdure.log.protocol import EventLog, NewRecord
 from perdure.state import ExecutionState, apply_record
 
-__all__ = ["Journal", "index_meta", "load_state"]
+__all__ = ["INDEX_DEFAULTS", "Journal", "index_meta", "load_state"]
+
+
+#: The index fields an entry may lack, and the value every reader then takes (readers use
+#: ``meta.get(key, default)``). The journal leaves a field out of the stored entry while it
+#: holds its default, so a fleet of fresh or suspended executions stores ~70 B less each
+#: (index pages are mapped, so this is memory too). An entry written when every field was
+#: stored reads the same.
+INDEX_DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    {
+        "reason": None,
+        "confirmations": (),
+        # Absent with reason "child" (an entry older than this field) makes recovery
+        # ask the state, which is right for any entry, only slower.
+        "waiting_on": (),
+        "steps": 0,
+        "llm_calls": 0,
+        "tool_calls": 0,
+        "tokens": 0,
+        "dollars": 0.0,
+        "parent": None,
+        "signal_seq": 0,
+    }
+)
 
 
 def index_meta(state: ExecutionState) -> dict[str, Any]:
@@ -111,14 +136,25 @@ class Journal:
         self._meta_extra: dict[str, Any] | None = None
         # What the index entry holds, as far as this journal knows: only changed fields
         # are sent with an append (the index merges them), which keeps each append's
-        # index update small. Empty until the first append: that one sends everything.
-        self._last_meta: dict[str, Any] = {}
+        # index update small. A field the entry lacks reads as its default, so it is
+        # sent only once it differs; one going back to its default is sent explicitly
+        # (the index merges, it never removes). A new stream's entry lacks them all;
+        # an existing one's is learnt by ``open``, and until then every field is sent.
+        self._last_meta: dict[str, Any] = dict(INDEX_DEFAULTS) if state.seq == 0 else {}
 
     @classmethod
     async def open(cls, log: EventLog, execution_id: str) -> Journal:
         """Replay the stream and return a journal positioned at its end."""
         state = await load_state(log, execution_id)
-        return cls(log, state, execution_id)
+        journal = cls(log, state, execution_id)
+        if state.seq:
+            info = await log.stream_info(journal.stream)
+            if info is not None:
+                # Only which fields are absent is taken from the entry, not the values
+                # present: those are sent again with the first append, as ever, so a
+                # status written beside this journal (``queued``) is put right.
+                journal._last_meta = {k: v for k, v in INDEX_DEFAULTS.items() if k not in info.meta}
+        return journal
 
     @property
     def broken(self) -> bool:

@@ -27,6 +27,7 @@ from perdure.events import (
     SignalReceived,
     ToolResolved,
 )
+from perdure.journal import INDEX_DEFAULTS
 from perdure.state import TERMINAL, ExecutionState
 
 __all__ = [
@@ -161,7 +162,8 @@ def _budget_raise_problem(
         value = raw.get(limit)
         if value is None:
             continue
-        used = usage.get(key) if usage is not None else None
+        # An entry leaves a count out while it is zero (INDEX_DEFAULTS).
+        used = usage.get(key, INDEX_DEFAULTS[key]) if usage is not None else None
         used_text = f"it has used {_amount(used, what)}" if used is not None else ""
         fix = (
             f"pass a limit above {_amount(used or 0)} ('perdure resume {execution_id} "

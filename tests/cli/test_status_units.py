@@ -152,6 +152,8 @@ def test_export_codec_other_cbor_values_and_bad_tags() -> None:
         ({"max_tool_calls": 2}, {"tool_calls": 3}, "it has used 3 tool calls, so the limit"),
         ({"max_dollars": 0.25}, {"dollars": 0.25}, "it has used $0.25, so the limit"),
         ({"max_llm_calls": True}, None, "budget max_llm_calls must be a number, got True"),
+        # An index entry leaves a zero count out: it reads as zero used.
+        ({"max_tool_calls": 0}, {"llm_calls": 1}, "finite number (it has used 0 tool calls)"),
     ],
 )
 def test_precheck_refuses_a_budget_raise_that_raises_nothing(

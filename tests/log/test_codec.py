@@ -247,7 +247,7 @@ def test_decode_all_is_decode_record_on_each_value(items: list[Any], first_seq: 
 
 def test_meta_sequences_come_back_as_lists_and_plain_values_are_kept_as_given() -> None:
     # Tuples become lists, as a CBOR round trip would make them, but without one: the
-    # writer caches every stream's meta, and a round trip would give each cached entry
+    # writer caches the meta of every stream in use, and a round trip would give each entry
     # fresh copies of every key and string value (hundreds of bytes per execution).
     agent = "".join(["ag", "ent-name"])  # not interned: identity shows if it is copied
     meta = normalize_meta("s", {"agent": agent, "waiting_on": (), "confirmations": ("c-1",)})

@@ -33,7 +33,7 @@ from perdure.log import (
     lmdb_store,
 )
 from perdure.log.codec import seal, unseal
-from perdure.log.lmdb_store import LmdbLog
+from perdure.log.lmdb_store import _CACHE_GENERATION, LmdbLog
 
 from .conformance import TYPES, EventLogConformance, collect, note
 
@@ -814,6 +814,30 @@ async def test_changing_indexed_keys_rebuilds_the_index(tmp_path: Path) -> None:
         assert await log.check() == []
         env_stats = await log.stats()
         assert env_stats["streams"] == 10
+
+
+@pytest.mark.anyio
+async def test_the_writer_forgets_idle_streams_and_reads_them_back_intact(tmp_path: Path) -> None:
+    """The writer's cache keeps the streams written in its last two generations of
+    commits only: a stream left idle (a suspended execution) costs no memory, and is
+    read back from the store, seq, meta and secondary index intact, when written."""
+    async with await open_log(tmp_path) as log:
+        for i in range(50):
+            meta = {"status": "waiting", "n": i}
+            assert await log.append(f"cold/{i}", [note(i)], expect=0, meta=meta) == 1
+        for i in range(2 * _CACHE_GENERATION + 1):  # one commit each
+            assert await log.append("hot", [note(i)], expect=i) == i + 1
+        assert set(log._entries) | set(log._entries_old) == {"hot"}
+        with pytest.raises(ConflictError):
+            await log.append("cold/7", [note(0)], expect=0)
+        assert await log.append("cold/7", [note(1)], expect=1, meta={"status": "done"}) == 2
+        await log.set_meta("cold/8", {"status": "done"})
+        info = await log.stream_info("cold/7")
+        assert info is not None and (info.last_seq, info.meta) == (2, {"status": "done", "n": 7})
+        done = [i.stream async for i in log.streams(where={"status": "done"})]
+        assert done == ["cold/7", "cold/8"]
+        assert len([i async for i in log.streams(where={"status": "waiting"})]) == 48
+        assert await log.check() == []
 
 
 @pytest.mark.anyio

@@ -7,7 +7,9 @@ process-boundary versions, with SIGKILL, live in test_process_boundaries.py).
 
 from __future__ import annotations
 
+import gc
 import logging
+import tracemalloc
 from typing import Any
 from urllib.parse import unquote
 
@@ -447,6 +449,44 @@ async def test_fleet_listing_and_max_concurrency(open_runtime: Any) -> None:
             assert (await rt.wait(f"f-{n:02d}")).status == "completed"
         done = await rt.executions(status="completed", agent="worker")
     assert len(done) == 20 and peak == 3
+
+
+async def test_suspended_executions_leave_nothing_behind_on_the_heap(open_runtime: Any) -> None:
+    """Suspension costs nothing (invariant 6): once an execution hibernates, neither the
+    runtime nor the log's writer keeps anything of it in memory. The writer's cache of
+    index entries used to keep every suspended execution's entry (~1.2 KB each)."""
+
+    @tool(requires_confirmation=True)
+    def approve_me(n: int) -> str:
+        return f"approved {n}"
+
+    agent = Agent(
+        "fleet",
+        tools=[approve_me],
+        llm=Scripted([Scripted.call("approve_me", n=1), "done"], record=False),
+    )
+    count = 300
+    async with open_runtime(agents=[agent]) as rt:
+        warm = await rt.run(agent, "go", execution_id="warm")  # code paths, caches
+        assert warm.suspend_reason is not None
+        await rt.approve("warm", warm.suspend_reason.confirmation_id)
+        assert (await rt.wait("warm")).status == "completed"
+        del warm
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for n in range(count):
+                assert (await rt.run(agent, "go", execution_id=f"s-{n:04d}")).is_suspended
+            assert await hibernated(rt, f"s-{count - 1:04d}")
+            gc.collect()
+            grown = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert len(await rt.executions(status="suspended")) == count
+    # What is left is the last few executions' cache entries (the writer keeps the
+    # streams of its last commits) and the backends' lazily pruned tables.
+    assert grown / count < 300, grown / count
 
 
 async def test_queued_executions_start_in_the_order_they_were_spawned(
