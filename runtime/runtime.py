@@ -39,7 +39,7 @@ import anyio.abc
 from perdure.actors import ChildSpec, LifecycleEvent, Supervisor
 from perdure.agent import Agent
 from perdure.budget import Budget
-from perdure.context import SuspendExecution, ToolContext
+from perdure.context import ChildCharge, SuspendExecution, ToolContext
 from perdure.errors import (
     AgentDefinitionError,
     ExecutionNotFoundError,
@@ -72,7 +72,7 @@ from perdure.providers.pricing import Price, Pricing
 from perdure.providers.types import LLMResponse
 from perdure.result import ExecutionInfo, Result, SuspendReason
 from perdure.signals import SignalStatus, canonical_name, in_doubt_problem, precheck
-from perdure.state import TERMINAL, ExecutionState
+from perdure.state import TERMINAL, ExecutionState, budget_grant, limit_origin
 from perdure.status import (
     STATUSES,
     blocked_descendant,
@@ -1413,13 +1413,14 @@ class Runtime:
                 return _child_outcome(child, ctx.signals[signal])
             info = await self.log.stream_info(execution_stream(child))
             if info is None:
+                link: dict[str, Any] = {"execution_id": parent, "step": ctx.step}
+                grant = budget_grant(await self._live_state(parent))
+                if grant is not None:
+                    # What the parent has left now bounds the child (and its own
+                    # children); recorded in the child's start, so replay agrees.
+                    link.update(grant)
                 try:
-                    await self.spawn(
-                        agent,
-                        task,
-                        execution_id=child,
-                        _parent={"execution_id": parent, "step": ctx.step},
-                    )
+                    await self.spawn(agent, task, execution_id=child, _parent=link)
                 except PromptMismatchError:
                     continue  # spawned under this id meanwhile, by someone else
                 info = await self.log.stream_info(execution_stream(child))
@@ -1444,6 +1445,58 @@ class Runtime:
             f"taken by executions that are not its children; do not spawn executions under "
             f"ids of the form '{parent}/<step>'"
         )
+
+    async def _live_state(self, eid: str) -> ExecutionState:
+        """The state of ``eid`` as its running actor holds it (else replayed from the log)."""
+        actor = self._live.get(eid)
+        if actor is not None and actor.journal is not None and not actor.journal.broken:
+            return actor.journal.state
+        return await load_state(self.log, eid)
+
+    def _budget_changed(self, eid: str, state: ExecutionState) -> None:
+        """``eid``'s budget changed (raised, or handed down anew): hand what it has left
+        down to its unfinished children, which may be suspended on what they inherited.
+
+        Taken from ``state`` now, before anything else can change it. A crash before the
+        children have it is made good at the next open (see :meth:`_rehand_budget`).
+        """
+        grant = budget_grant(state) or {"budget": {}, "origins": {}}
+        if self._tg is not None and self._open:
+            self._tg.start_soon(self._hand_down_budget, eid, grant)
+
+    async def _hand_down_budget(self, parent: str, grant: Mapping[str, Any]) -> None:
+        try:
+            async for info in self.log.streams(prefix=f"exec/{parent}/"):
+                if info.meta.get("parent") == parent and info.meta.get("status") not in _FINISHED:
+                    child = info.stream[len("exec/") :]
+                    payload = {**grant, "parent": parent}
+                    await self._post(child, "parent_budget", payload, "runtime")
+        except Exception:
+            log.exception(
+                "execution %s: its budget changed, but handing it down to its children "
+                "failed; they get it when a runtime next opens the data dir",
+                parent,
+            )
+
+    async def _rehand_budget(self, eid: str, meta: Mapping[str, Any]) -> None:
+        """At open: a child suspended on a limit its parent handed down gets the
+        parent's budget again if the parent now has more left (a raise whose hand-down
+        a crash cut short)."""
+        parent = meta.get("parent")
+        if not parent or meta.get("reason") != "budget":
+            return
+        child = await load_state(self.log, eid)
+        reason = child.suspend_reason or {}
+        limit = str(reason.get("limit") or "")
+        if reason.get("kind") != "budget" or limit_origin(child, limit) == eid:
+            return
+        grant = budget_grant(await load_state(self.log, str(parent)))
+        if grant is None:
+            return
+        now = getattr(child.inherited, limit, None) if child.inherited is not None else None
+        offered = grant["budget"].get(limit)
+        if now is not None and (offered is None or offered > now):
+            await self._post(eid, "parent_budget", {**grant, "parent": parent}, "runtime")
 
     # -- recovery -----------------------------------------------------------------------------
 
@@ -1555,6 +1608,7 @@ class Runtime:
                 continue  # a child whose own parent is gone: nothing to wake it for
             if parent in self._inbox_held:
                 continue  # its signals wait for a retry; the child's outcome may be there
+            await self._rehand_budget(parent, info.meta)
             children = info.meta.get("waiting_on")
             if children is None:
                 if info.meta.get("reason") != "child":
@@ -1699,8 +1753,17 @@ def _execution_id(child_key: str) -> str:
 
 
 def _outcome_payload(state: ExecutionState) -> dict[str, Any]:
-    """What a finished child tells its parent (the signal ``child:<id>``)."""
-    payload = {"status": state.status, "output": state.output, "error": state.error}
+    """What a finished child tells its parent (the signal ``child:<id>``).
+
+    ``usage`` is what the child used, its own children's included: the parent is
+    charged it when it takes the outcome.
+    """
+    payload = {
+        "status": state.status,
+        "output": state.output,
+        "error": state.error,
+        "usage": state.total_usage.to_dict(),
+    }
     if state.status == "cancelled":
         # A cancel has no error: without its reason the parent's model hears nothing.
         payload["reason"] = state.cancel_reason or ""
@@ -1709,15 +1772,20 @@ def _outcome_payload(state: ExecutionState) -> dict[str, Any]:
 
 def _child_outcome(child: str, payload: Mapping[str, Any]) -> Any:
     status = payload.get("status")
+    usage = payload.get("usage")  # absent in outcomes recorded before tree budgets
     if status == "completed":
-        return payload.get("output")
+        output = payload.get("output")
+        return ChildCharge(output, child, usage) if isinstance(usage, Mapping) else output
     error = payload.get("error") or {}
     if status == "cancelled":
         why = payload.get("reason")
         detail = f"cancelled: {why}" if why else "cancelled (no reason given)"
     else:
         detail = f"{status}: {error.get('message', 'no detail')}"
-    raise ToolError(f"delegated execution {child!r} {detail}")
+    failure = ToolError(f"delegated execution {child!r} {detail}")
+    if isinstance(usage, Mapping):
+        failure.charge = ChildCharge(None, child, usage)  # type: ignore[attr-defined]
+    raise failure
 
 
 def _waiting_on(reason: Mapping[str, Any] | None) -> list[str]:
