@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import re
+import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -251,6 +252,8 @@ class Runtime:
             k: [] for k in ("complete", "suspend", "fail", "cancel", "step")
         }
         self._open = False
+        #: When this runtime opened the log (see _rewake_if_finished).
+        self._opened_at = math.inf
         self._root: Supervisor | None = None
         self._executions: Supervisor | None = None
         self._tg: anyio.abc.TaskGroup | None = None
@@ -322,6 +325,7 @@ class Runtime:
             self._tg = anyio.create_task_group()
             await self._tg.__aenter__()
             self._open = True
+            self._opened_at = time.time()
             # Recovery (resuming interrupted executions, delivering signals sent while no
             # runtime owned the dir) starts once the caller has the runtime: callbacks it
             # registers right after opening see every recovered execution settle.
@@ -918,6 +922,10 @@ class Runtime:
         if parent and status in ("completed", "failed", "cancelled") and self._tg is not None:
             payload = _outcome_payload(state)
             self._tg.start_soon(self._post_child_outcome, parent["execution_id"], eid, payload)
+        if status == "suspended" and self._tg is not None:
+            waited = _waiting_on(state.suspend_reason)
+            if waited:
+                self._tg.start_soon(self._rewake_if_finished, eid, waited)
         if status == "cancelled" and self._tg is not None:
             self._tg.start_soon(self._cancel_children, eid, state.cancel_reason or "")
 
@@ -932,6 +940,29 @@ class Runtime:
                 child,
                 parent,
                 payload.get("status"),
+            )
+
+    async def _rewake_if_finished(self, parent: str, children: list[str]) -> None:
+        """``parent`` suspended waiting for these children: post the outcome of any that
+        finished before this runtime opened. That child's own post may have been lost in
+        a crash while the parent ran (an open re-posts only to parents suspended then),
+        and the parent would wait for it for ever. A child that finished since, this
+        runtime posted itself (:meth:`_settled`): not posted twice."""
+        try:
+            for child_id in children:
+                info = await self.log.stream_info(execution_stream(child_id))
+                if (
+                    info is not None
+                    and info.meta.get("status") in _FINISHED
+                    and info.updated_at < self._opened_at
+                ):
+                    payload = _outcome_payload(await load_state(self.log, child_id))
+                    await self._post(parent, f"child:{child_id}", payload, "runtime")
+        except Exception:
+            log.exception(
+                "execution %s: could not check whether the children it waits for have "
+                "finished; it is woken when a runtime next opens the data dir",
+                parent,
             )
 
     async def _cancel_children(self, parent: str, reason: str) -> None:
