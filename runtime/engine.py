@@ -675,10 +675,10 @@ class Engine:
         status, output, error = "ok", None, None
         charge: ChildCharge | None = None
         try:
-            output = await self._invoke(tool, call.arguments)
-            if type(output) is ChildCharge:
-                charge, output = output, output.value
-            output = plain_value(output)
+            value = await self._invoke(tool, call.arguments)
+            if type(value) is ChildCharge:
+                charge, value = value, value.value
+            output = plain_value(value)  # on a TypeError the output stays None
         except SuspendExecution as suspend:
             self.journal.stage(
                 SignalAwaited(

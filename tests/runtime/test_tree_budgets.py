@@ -316,3 +316,37 @@ def test_the_charge_survives_sigkill_at_records_around_each_delegation(
 
     results = run_until_done(tmp_path, "charge", [f"append:{at}"], backend)
     check_charged_once(tmp_path, results)
+
+
+def test_the_fold_takes_the_tighter_limit_and_a_handed_down_raise_lifts_a_suspension() -> None:
+    """Pure: what a child inherited bounds it with its own budget; budget.inherited
+    replaces what it inherited and, if that lets it go on, it is running again; a
+    start record without an inherited budget (logs from before) leaves it unbounded."""
+    from perdure.events import (
+        BudgetInherited,
+        DelegationCharged,
+        ExecutionStarted,
+        ExecutionSuspended,
+    )
+    from perdure.state import ExecutionState, Suspend, apply, budget_grant, plan
+
+    link = {"execution_id": "p", "step": 2, "budget": {"max_llm_calls": 0, "max_dollars": 4.0}}
+    link["origins"] = {"max_llm_calls": "root", "max_dollars": "p"}
+    started = ExecutionStarted("p/2", "kid", "go", "r1", {}, 10, {"max_llm_calls": 5}, link)
+    state = apply(ExecutionState(), started)
+    assert state.limits == Budget(max_dollars=4.0, max_llm_calls=0)
+    action = plan(state)
+    assert isinstance(action, Suspend) and action.reason["origin"] == "root"
+    apply(state, ExecutionSuspended(action.reason))
+    apply(state, BudgetInherited({"max_llm_calls": 7}, "p", "runtime", {}, 3))
+    assert state.status == "running" and state.limits == Budget(max_llm_calls=5)
+    assert state.last_signal_seq == 3
+    usage = {"llm_calls": 2, "tool_calls": 1, "input_tokens": 2, "dollars": 1.5}
+    apply(state, DelegationCharged(4, "p/2/4", usage))
+    assert state.delegated is not None and state.delegated.dollars == 1.5
+    assert budget_grant(state) == {
+        "budget": {"max_llm_calls": 3},  # its own 5, less its child's 2
+        "origins": {"max_llm_calls": "p/2"},
+    }
+    old = ExecutionStarted("q/2", "kid", "go", "r1", {}, 10, None, {"execution_id": "q"})
+    assert apply(ExecutionState(), old).limits is None
