@@ -350,3 +350,28 @@ def test_the_fold_takes_the_tighter_limit_and_a_handed_down_raise_lifts_a_suspen
     }
     old = ExecutionStarted("q/2", "kid", "go", "r1", {}, 10, None, {"execution_id": "q"})
     assert apply(ExecutionState(), old).limits is None
+
+
+async def test_a_raise_whose_hand_down_was_lost_reaches_the_child_at_the_next_open(
+    open_runtime: Any,
+) -> None:
+    """The parent's raise is durable, but the process ends before the child has it
+    (here the hand-down is switched off for the first runtime): the next open hands it
+    down again, and the child resumes by itself."""
+    a, b = worker("a"), worker("b")
+    boss = orchestrator(a, b, budget=Budget(max_dollars=5.0))
+    async with open_runtime(pricing=PRICING) as rt:
+        settled = Settled(rt)
+        rt._budget_changed = lambda eid, state: None  # type: ignore[method-assign]
+        await rt.spawn(boss, "go", execution_id="tr-1")
+        with anyio.fail_after(10):
+            await settled.wait(rt, "tr-1/4")
+        await rt.resume("tr-1", budget=Budget(max_dollars=20.0))
+        assert (await rt.result("tr-1/4")).suspend_reason.kind == "budget"  # type: ignore[union-attr]
+        assert (await rt.state("tr-1")).budget == Budget(max_dollars=20.0)
+    async with open_runtime(pricing=PRICING, agents=[boss]) as rt:
+        with anyio.fail_after(10):
+            done = await rt.wait("tr-1", until="finished")
+        b_state = await rt.state("tr-1/4")
+    assert done.output == "all done" and done.total_usage.dollars == 9.0
+    assert b_state.inherited == Budget(max_dollars=15.0)
