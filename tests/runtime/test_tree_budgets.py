@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 import pytest
 
-from perdure import Agent, Budget, tool
+from perdure import Agent, Budget, InvalidSignalError, tool
 from perdure.events import execution_stream
 from perdure.providers import LLMRequest, Price, Pricing, Scripted, Usage
 from tests.cli.conftest import perdure
@@ -95,6 +95,9 @@ async def test_children_together_cannot_spend_past_the_parents_dollars_and_a_rai
         # the parent's own $2 and its children's $3 are told apart
         assert parent.usage.dollars == 2.0 and parent.delegated_usage.dollars == 3.0
 
+        # a raise is judged against what the tree used: $4.50 would stop it at once
+        with pytest.raises(InvalidSignalError, match=r"it has used \$5, so the limit"):
+            await rt.resume("tb-1", budget=Budget(max_dollars=4.5))
         await rt.resume("tb-1", budget=Budget(max_dollars=20.0))
         with anyio.fail_after(10):
             done = await rt.wait("tb-1", until="finished")
