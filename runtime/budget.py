@@ -56,6 +56,34 @@ class Budget:
         """This budget with every limit ``other`` sets replaced by ``other``'s."""
         return replace(self, **other.to_dict())
 
+    def tighter(self, other: Budget | None) -> Budget:
+        """Per limit, the lower of this budget's and ``other``'s (unset is unlimited)."""
+        if other is None:
+            return self
+        merged = {}
+        for name in _FIELDS:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            merged[name] = theirs if mine is None else mine if theirs is None else min(mine, theirs)
+        return Budget(**merged)
+
+    def left(self, usage: ExecutionUsage) -> Budget:
+        """What is left of each limit once ``usage`` is spent (never below zero)."""
+        return Budget(
+            **{
+                name: max(limit - used, 0 * limit)  # 0 or 0.0, as the limit is
+                for name, limit, used in self._checks(usage)
+                if limit is not None
+            }
+        )
+
+    def _checks(self, usage: ExecutionUsage) -> tuple[tuple[str, Any, Any], ...]:
+        return (
+            ("max_dollars", self.max_dollars, usage.dollars),
+            ("max_llm_calls", self.max_llm_calls, usage.llm_calls),
+            ("max_tool_calls", self.max_tool_calls, usage.tool_calls),
+            ("max_tokens", self.max_tokens, usage.total_tokens),
+        )
+
 
 _FIELDS = ("max_dollars", "max_llm_calls", "max_tool_calls", "max_tokens")
 
@@ -119,3 +147,24 @@ class ExecutionUsage:
             dollars=data.get("dollars", 0.0),
             by_model={k: dict(v) for k, v in data.get("by_model", {}).items()},
         )
+
+    def add(self, other: ExecutionUsage) -> None:
+        """Count everything ``other`` used as used here too (a child's usage, say)."""
+        self.llm_calls += other.llm_calls
+        self.tool_calls += other.tool_calls
+        self.input_tokens += other.input_tokens
+        self.output_tokens += other.output_tokens
+        self.dollars += other.dollars
+        for key, theirs in other.by_model.items():
+            entry = self.by_model.setdefault(key, {"calls": 0, "tokens": 0, "dollars": 0.0})
+            for field_name in ("calls", "tokens", "dollars"):
+                entry[field_name] += theirs.get(field_name, 0)
+
+    def plus(self, other: ExecutionUsage | None) -> ExecutionUsage:
+        """This usage and ``other``'s together, as a new object (``self`` if None)."""
+        if other is None:
+            return self
+        total = ExecutionUsage.from_dict(self.to_dict())
+        total.dollars = self.dollars  # unrounded: to_dict rounds for display
+        total.add(other)
+        return total

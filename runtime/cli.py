@@ -782,7 +782,10 @@ async def _inspect(ctx: _Ctx, args: argparse.Namespace) -> int:
         "steps": state.step,
         "max_steps": state.max_steps,
         "usage": state.usage.to_dict(),
+        "delegated_usage": state.delegated.to_dict() if state.delegated else None,
         "budget": state.budget.to_dict() if state.budget else None,
+        "inherited_budget": state.inherited.to_dict() if state.inherited else None,
+        "limits": state.limits.to_dict() if state.limits else None,
         "definition": state.definition,
         "request_fingerprint": last_fingerprint,
         "suspension": state.suspend_reason,
@@ -887,10 +890,32 @@ def _inspect_lines(d: Mapping[str, Any]) -> list[str]:
                 f"{fmt_dollars(u['dollars'])}",
             )
         )
+    delegated = d.get("delegated_usage")
+    if delegated:
+        # Apart from "usage" (its own): each dollar shows once in 'perdure status'.
+        pairs.append(
+            (
+                "delegated",
+                f"{_n(delegated['llm_calls'], 'LLM call')}, "
+                f"{_n(delegated['tool_calls'], 'tool call')}, {delegated['total_tokens']} "
+                f"tokens, {fmt_dollars(delegated['dollars'])} by its finished children "
+                f"(counted toward its budget)",
+            )
+        )
     budget = d["budget"]
     pairs.append(
         ("budget", ", ".join(f"{k} {v:g}" for k, v in budget.items()) if budget else "none")
     )
+    inherited = d.get("inherited_budget")
+    if inherited:
+        parent = (d["parent"] or {}).get("execution_id")
+        pairs.append(
+            (
+                "inherited",
+                ", ".join(f"{k} {v:g}" for k, v in inherited.items())
+                + f" (what {parent} had left; the tighter limit applies)",
+            )
+        )
     if d["metadata"]:
         pairs.append(("metadata", fmt_json(d["metadata"])))
     lines = key_values(pairs)
@@ -1004,7 +1029,15 @@ def _blocker(b: Mapping[str, Any], child: Mapping[str, Any] | None = None) -> st
             return f"{head}; contract {b.get('contract')!r} blocked it: {why}"
         return head
     if kind == "budget":
-        return f"budget: {b.get('limit')} {b.get('limit_value')} reached (used {b.get('used')})"
+        text = f"budget: {b.get('limit')} {b.get('limit_value')} reached (used {b.get('used')})"
+        if b.get("origin"):
+            whose = (
+                f"its parent {b.get('parent')}"
+                if b.get("origin") == b.get("parent")
+                else f"{b.get('origin')} (through its parent {b.get('parent')})"
+            )
+            text += f"; the limit is what was left of the budget of {whose}"
+        return text
     if kind == "unknown_outcome":
         return (
             f"unknown_outcome: step {b.get('step')} {b.get('tool')} "

@@ -144,7 +144,17 @@ def next_steps(execution_id: str, status: str, reason: Mapping[str, Any] | None)
             out.append(f"reject: {_cmd('reject', eid, cid, '--reason', 'WHY')}")
         elif kind == "budget":
             flag = _BUDGET_FLAGS.get(str(blocker.get("limit")), "--max-llm-calls")
-            out.append(f"raise the budget: {_cmd('resume', eid, flag, 'N')}")
+            origin = blocker.get("origin")
+            if origin and origin != eid:
+                # The limit is what an ancestor had left: raised there, it is handed
+                # down and this execution resumes by itself.
+                out.append(
+                    f"raise the budget of {origin}, whose limit this is (handed down, "
+                    f"it resumes this one): {_cmd('resume', str(origin), flag, 'N')}"
+                )
+                out.append(f"or let this one spend past it: {_cmd('resume', eid, flag, 'N')}")
+            else:
+                out.append(f"raise the budget: {_cmd('resume', eid, flag, 'N')}")
         elif kind == "unknown_outcome":
             out.append(
                 f"decide the in-doubt call: {_cmd('resolve', eid, '--retry')} | "
@@ -330,6 +340,12 @@ _DETAIL = {
     "signal": lambda e: f"{_text(e['name'])} {fmt_json(e.get('payload'), 80)} by {_text(e['by'])}",
     "signal_ignored": lambda e: f"{_text(e['name'])} by {_text(e['by'])}: {_text(e['reason'])}",
     "budget_raised": lambda e: f"to {fmt_json(e.get('budget'))} by {_text(e['by'])}",
+    "budget_inherited": lambda e: f"{fmt_json(e.get('budget'))} left by {_text(e['parent'])}",
+    "charged": lambda e: (
+        f"{_text(e['child'])} used {(e.get('usage') or {}).get('llm_calls', 0)} LLM calls, "
+        f"{(e.get('usage') or {}).get('tool_calls', 0)} tool calls, "
+        f"{fmt_dollars((e.get('usage') or {}).get('dollars', 0.0))}"
+    ),
     "resolved": _resolved,
     "drift": _drift,
     "drift_accepted": lambda e: f"by {_text(e['by'])}",

@@ -9,8 +9,9 @@ of those attempts began because what the call waited for arrived), outcome, resu
 error, latency; updated in place by later records about the same call),
 ``approval`` (a call waits for a decision), ``approved`` / ``rejected``, ``waiting``
 (a call waits for a signal or a child), ``signal``, ``signal_ignored``,
-``budget_raised``, ``resolved``, ``drift``, ``drift_accepted``, ``suspended``,
-``resumed``, ``completed``, ``failed``, ``cancelled``.
+``budget_raised``, ``budget_inherited`` (a parent's budget handed down), ``charged`` (a
+finished child's usage charged to this execution), ``resolved``, ``drift``,
+``drift_accepted``, ``suspended``, ``resumed``, ``completed``, ``failed``, ``cancelled``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from perdure.events import (
     ApprovalGranted,
     ApprovalRejected,
     ApprovalRequested,
+    BudgetInherited,
     BudgetRaised,
+    DelegationCharged,
     DriftAccepted,
     DriftDetected,
     Event,
@@ -203,6 +206,10 @@ class _Builder:
             self.entry(record, "signal_ignored", name=e.name, reason=e.reason, by=e.by)
         elif isinstance(e, BudgetRaised):
             self.entry(record, "budget_raised", budget=e.budget, by=e.by)
+        elif isinstance(e, BudgetInherited):
+            self.entry(record, "budget_inherited", budget=e.budget, parent=e.parent, by=e.by)
+        elif isinstance(e, DelegationCharged):
+            self.entry(record, "charged", step=e.step, child=e.child, usage=e.usage)
         elif isinstance(e, ToolResolved):
             self.entry(
                 record,

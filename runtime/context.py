@@ -39,6 +39,20 @@ class ToolContext:
     services: Any = None
 
 
+@dataclass(frozen=True, slots=True)
+class ChildCharge:
+    """A delegate call's outcome with what its child used (not public API).
+
+    The delegation service returns it (or attaches it, as ``charge``, to the ToolError
+    it raises for a failed child); the engine records the usage as charged to the
+    caller in the same append as the call's outcome, so it is charged exactly once.
+    """
+
+    value: Any
+    child: str
+    usage: Mapping[str, Any]
+
+
 _current: ContextVar[ToolContext | None] = ContextVar("perdure_tool_context", default=None)
 
 

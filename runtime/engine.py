@@ -26,11 +26,12 @@ from typing import Any, Protocol
 import anyio
 
 from perdure.agent import Agent, ContractViolation
-from perdure.context import SuspendExecution, ToolContext, _current
+from perdure.context import ChildCharge, SuspendExecution, ToolContext, _current
 from perdure.drift import describe_changes, diff_definitions
 from perdure.errors import ToolError
 from perdure.events import (
     ApprovalRequested,
+    DelegationCharged,
     DriftAccepted,
     DriftDetected,
     ExecutionCompleted,
@@ -645,13 +646,19 @@ class Engine:
         outcome = await self._call(call)
         if outcome is None:
             return  # it waits for a signal (recorded)
-        status, output, error, latency_ms = outcome
+        status, output, error, latency_ms, charge = outcome
+        if charge is not None:
+            # In the outcome's batch: charged with the child's result, exactly once.
+            self.journal.stage(DelegationCharged(call.step, charge.child, dict(charge.usage)))
         self.journal.stage(ToolCompleted(call.step, status, output, error, latency_ms))
         await self.journal.flush()
         self._step_done({"step": call.step, "kind": "tool", "tool": call.tool, "status": status})
 
-    async def _call(self, call: Call) -> tuple[str, Any, dict[str, Any] | None, float] | None:
-        """Run one tool call: its status, output, error and latency (None: it waits)."""
+    async def _call(
+        self, call: Call
+    ) -> tuple[str, Any, dict[str, Any] | None, float, ChildCharge | None] | None:
+        """Run one tool call: its status, output, error, latency and, for a delegation,
+        what the child used (None: it waits)."""
         state = self.journal.state
         tool = self.agent.tools[call.tool]
         ctx = ToolContext(
@@ -666,8 +673,12 @@ class Engine:
         token = _current.set(ctx)
         started = time.perf_counter()
         status, output, error = "ok", None, None
+        charge: ChildCharge | None = None
         try:
-            output = plain_value(await self._invoke(tool, call.arguments))
+            value = await self._invoke(tool, call.arguments)
+            if type(value) is ChildCharge:
+                charge, value = value, value.value
+            output = plain_value(value)  # on a TypeError the output stays None
         except SuspendExecution as suspend:
             self.journal.stage(
                 SignalAwaited(
@@ -688,6 +699,8 @@ class Engine:
             )
         except Exception as exc:
             status, error = "error", _error(exc)
+            found = getattr(exc, "charge", None)
+            charge = found if type(found) is ChildCharge else None
         except SystemExit as exc:
             # A tool calling sys.exit() (a CLI's main() wrapped as a tool, say) failed;
             # it must not stop the runtime or cancel its siblings. KeyboardInterrupt is
@@ -703,7 +716,7 @@ class Engine:
             )
         finally:
             _current.reset(token)
-        return status, output, error, (time.perf_counter() - started) * 1000.0
+        return status, output, error, (time.perf_counter() - started) * 1000.0, charge
 
     async def _invoke(self, tool: Tool, arguments: Any) -> Any:
         attempts = tool.retries + 1

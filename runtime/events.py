@@ -22,7 +22,9 @@ __all__ = [
     "ApprovalGranted",
     "ApprovalRejected",
     "ApprovalRequested",
+    "BudgetInherited",
     "BudgetRaised",
+    "DelegationCharged",
     "DriftAccepted",
     "DriftDetected",
     "Event",
@@ -221,12 +223,45 @@ class SignalIgnored(Event):
 
 @dataclass(frozen=True, slots=True)
 class BudgetRaised(Event):
-    """The execution's budget was replaced by a larger one."""
+    """The execution's budget was replaced by a larger one.
+
+    ``inherited``, when set, is what is left of the limits its parent handed down: a
+    limit this raise names is the operator's to set, so it no longer comes from the
+    parent (None: the inherited limits are unchanged; logs from before tree budgets).
+    """
 
     type: ClassVar[str] = "budget.raised"
     budget: dict[str, Any]
     by: str
     signal_seq: int = 0
+    inherited: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetInherited(Event):
+    """The parent's budget changed: ``budget`` is what it now has left for this child.
+
+    ``origins`` names, per limit, the execution whose budget it comes from (the parent,
+    or an ancestor further up whose budget bounds the parent's).
+    """
+
+    type: ClassVar[str] = "budget.inherited"
+    budget: dict[str, Any]
+    parent: str
+    by: str
+    origins: dict[str, str] = field(default_factory=dict)
+    signal_seq: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DelegationCharged(Event):
+    """A delegated child finished: what it used (its own descendants' included) is
+    charged to this execution. Appended with the delegate call's outcome, in one batch."""
+
+    type: ClassVar[str] = "delegation.charged"
+    step: int
+    child: str
+    usage: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,6 +367,8 @@ EVENT_TYPES: dict[str, type[Event]] = {
         SignalReceived,
         SignalIgnored,
         BudgetRaised,
+        BudgetInherited,
+        DelegationCharged,
         DriftDetected,
         DriftAccepted,
         ToolResolved,

@@ -24,7 +24,7 @@ import anyio
 from perdure.actors import Actor, StopReason
 from perdure.agent import Agent
 from perdure.engine import Engine
-from perdure.events import ExecutionCancelled, SignalIgnored
+from perdure.events import BudgetInherited, BudgetRaised, ExecutionCancelled, SignalIgnored
 from perdure.journal import Journal
 from perdure.log import ConflictError
 from perdure.signals import canonical_name, translate
@@ -144,6 +144,8 @@ class ExecutionActor(Actor):
                     event.reason,
                 )
         await journal.flush()
+        if any(isinstance(e, BudgetRaised | BudgetInherited) for e in events):
+            self.runtime._budget_changed(self.execution_id, state)
         if self.driving:
             return
         if state.status == "running":

@@ -63,7 +63,7 @@ def index_meta(state: ExecutionState) -> dict[str, Any]:
     # Tuples, not lists: with nothing waiting they are the empty tuple, which the cyclic
     # GC never tracks, and so neither is this dict, which the journal keeps for a whole
     # step (a fleet has one per running execution). The log stores them as lists.
-    return {
+    meta = {
         "kind": "execution",
         "agent": state.agent,
         "status": state.status,
@@ -83,6 +83,17 @@ def index_meta(state: ExecutionState) -> dict[str, Any]:
         "parent": state.parent["execution_id"] if state.parent else None,
         "signal_seq": state.last_signal_seq,
     }
+    delegated = state.delegated
+    if delegated is not None:
+        # Apart from its own usage above: summing "dollars" over every execution then
+        # counts each dollar once, while its budget is checked against both.
+        meta["delegated"] = {
+            "llm_calls": delegated.llm_calls,
+            "tool_calls": delegated.tool_calls,
+            "tokens": delegated.total_tokens,
+            "dollars": round(delegated.dollars, 6),
+        }
+    return meta
 
 
 async def load_state(log: EventLog, execution_id: str) -> ExecutionState:

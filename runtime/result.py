@@ -21,8 +21,11 @@ class SuspendReason:
       ``arguments``); decide with ``rt.approve`` / ``rt.reject``.
     - ``contract``: a contract blocked a call (``contract``, ``message``); approve to
       override, reject to tell the model.
-    - ``budget``: a limit was reached (``limit``, ``limit_value``, ``used``); raise it
-      with ``rt.resume(execution_id, budget=Budget(...))``.
+    - ``budget``: a limit was reached (``limit``, ``limit_value``, ``used``, counting
+      what its finished children used, ``delegated``); raise it with
+      ``rt.resume(execution_id, budget=Budget(...))``. When the limit is what its
+      parent had left (``parent``; ``origin``, the execution whose budget it is),
+      ``message`` says so: raise the origin's budget and it is handed down.
     - ``unknown_outcome``: a non-idempotent tool was interrupted (``tool``, ``step``,
       ``key``); decide with ``rt.resolve``.
     - ``drift``: the agent changed since the log was written (``changes``); accept with
@@ -80,9 +83,17 @@ class Result:
     output: str | None
     suspend_reason: SuspendReason | None
     error: Mapping[str, Any] | None
+    #: What this execution used itself (its own LLM and tool calls).
     usage: ExecutionUsage
     steps: int
     transcript: tuple[Message, ...] = ()
+    #: What its finished delegated children used, theirs included (charged to it).
+    delegated_usage: ExecutionUsage = field(default_factory=ExecutionUsage)
+
+    @property
+    def total_usage(self) -> ExecutionUsage:
+        """``usage`` plus ``delegated_usage``: what its budget is checked against."""
+        return self.usage.plus(self.delegated_usage)
 
     @property
     def is_suspended(self) -> bool:
@@ -113,6 +124,9 @@ class Result:
             usage=usage,
             steps=state.step,
             transcript=tuple(state.messages),
+            delegated_usage=ExecutionUsage.from_dict(state.delegated.to_dict())
+            if state.delegated is not None
+            else ExecutionUsage(),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -125,6 +139,7 @@ class Result:
             "suspend_reason": self.suspend_reason.to_dict() if self.suspend_reason else None,
             "error": dict(self.error) if self.error else None,
             "usage": self.usage.to_dict(),
+            "delegated_usage": self.delegated_usage.to_dict(),
             "steps": self.steps,
         }
 
@@ -148,6 +163,9 @@ class ExecutionInfo:
     confirmations: tuple[str, ...] = ()
     #: The child executions it waits for (suspended for ``child``).
     waiting_on: tuple[str, ...] = ()
+    #: What its finished children cost, charged to it (``dollars`` is its own spend, so
+    #: summing ``dollars`` over every execution counts each dollar once).
+    delegated_dollars: float = 0.0
 
     @classmethod
     def from_index(
@@ -169,6 +187,7 @@ class ExecutionInfo:
             updated_at=updated_at,
             confirmations=tuple(meta.get("confirmations", ())),
             waiting_on=tuple(meta.get("waiting_on") or ()),
+            delegated_dollars=(meta.get("delegated") or {}).get("dollars", 0.0),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -188,4 +207,5 @@ class ExecutionInfo:
             "updated_at": self.updated_at,
             "confirmations": list(self.confirmations),
             "waiting_on": list(self.waiting_on),
+            "delegated_dollars": self.delegated_dollars,
         }

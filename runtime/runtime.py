@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import re
+import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -39,7 +40,7 @@ import anyio.abc
 from perdure.actors import ChildSpec, LifecycleEvent, Supervisor
 from perdure.agent import Agent
 from perdure.budget import Budget
-from perdure.context import SuspendExecution, ToolContext
+from perdure.context import ChildCharge, SuspendExecution, ToolContext
 from perdure.errors import (
     AgentDefinitionError,
     ExecutionNotFoundError,
@@ -72,7 +73,7 @@ from perdure.providers.pricing import Price, Pricing
 from perdure.providers.types import LLMResponse
 from perdure.result import ExecutionInfo, Result, SuspendReason
 from perdure.signals import SignalStatus, canonical_name, in_doubt_problem, precheck
-from perdure.state import TERMINAL, ExecutionState
+from perdure.state import TERMINAL, ExecutionState, budget_grant, limit_origin
 from perdure.status import (
     STATUSES,
     blocked_descendant,
@@ -251,6 +252,8 @@ class Runtime:
             k: [] for k in ("complete", "suspend", "fail", "cancel", "step")
         }
         self._open = False
+        #: When this runtime opened the log (see _rewake_if_finished).
+        self._opened_at = math.inf
         self._root: Supervisor | None = None
         self._executions: Supervisor | None = None
         self._tg: anyio.abc.TaskGroup | None = None
@@ -322,6 +325,7 @@ class Runtime:
             self._tg = anyio.create_task_group()
             await self._tg.__aenter__()
             self._open = True
+            self._opened_at = time.time()
             # Recovery (resuming interrupted executions, delivering signals sent while no
             # runtime owned the dir) starts once the caller has the runtime: callbacks it
             # registers right after opening see every recovered execution settle.
@@ -918,6 +922,10 @@ class Runtime:
         if parent and status in ("completed", "failed", "cancelled") and self._tg is not None:
             payload = _outcome_payload(state)
             self._tg.start_soon(self._post_child_outcome, parent["execution_id"], eid, payload)
+        if status == "suspended" and self._tg is not None:
+            waited = _waiting_on(state.suspend_reason)
+            if waited:
+                self._tg.start_soon(self._rewake_if_finished, eid, waited)
         if status == "cancelled" and self._tg is not None:
             self._tg.start_soon(self._cancel_children, eid, state.cancel_reason or "")
 
@@ -932,6 +940,29 @@ class Runtime:
                 child,
                 parent,
                 payload.get("status"),
+            )
+
+    async def _rewake_if_finished(self, parent: str, children: list[str]) -> None:
+        """``parent`` suspended waiting for these children: post the outcome of any that
+        finished before this runtime opened. That child's own post may have been lost in
+        a crash while the parent ran (an open re-posts only to parents suspended then),
+        and the parent would wait for it for ever. A child that finished since, this
+        runtime posted itself (:meth:`_settled`): not posted twice."""
+        try:
+            for child_id in children:
+                info = await self.log.stream_info(execution_stream(child_id))
+                if (
+                    info is not None
+                    and info.meta.get("status") in _FINISHED
+                    and info.updated_at < self._opened_at
+                ):
+                    payload = _outcome_payload(await load_state(self.log, child_id))
+                    await self._post(parent, f"child:{child_id}", payload, "runtime")
+        except Exception:
+            log.exception(
+                "execution %s: could not check whether the children it waits for have "
+                "finished; it is woken when a runtime next opens the data dir",
+                parent,
             )
 
     async def _cancel_children(self, parent: str, reason: str) -> None:
@@ -1413,13 +1444,14 @@ class Runtime:
                 return _child_outcome(child, ctx.signals[signal])
             info = await self.log.stream_info(execution_stream(child))
             if info is None:
+                link: dict[str, Any] = {"execution_id": parent, "step": ctx.step}
+                grant = budget_grant(await self._live_state(parent))
+                if grant is not None:
+                    # What the parent has left now bounds the child (and its own
+                    # children); recorded in the child's start, so replay agrees.
+                    link.update(grant)
                 try:
-                    await self.spawn(
-                        agent,
-                        task,
-                        execution_id=child,
-                        _parent={"execution_id": parent, "step": ctx.step},
-                    )
+                    await self.spawn(agent, task, execution_id=child, _parent=link)
                 except PromptMismatchError:
                     continue  # spawned under this id meanwhile, by someone else
                 info = await self.log.stream_info(execution_stream(child))
@@ -1444,6 +1476,58 @@ class Runtime:
             f"taken by executions that are not its children; do not spawn executions under "
             f"ids of the form '{parent}/<step>'"
         )
+
+    async def _live_state(self, eid: str) -> ExecutionState:
+        """The state of ``eid`` as its running actor holds it (else replayed from the log)."""
+        actor = self._live.get(eid)
+        if actor is not None and actor.journal is not None and not actor.journal.broken:
+            return actor.journal.state
+        return await load_state(self.log, eid)
+
+    def _budget_changed(self, eid: str, state: ExecutionState) -> None:
+        """``eid``'s budget changed (raised, or handed down anew): hand what it has left
+        down to its unfinished children, which may be suspended on what they inherited.
+
+        Taken from ``state`` now, before anything else can change it. A crash before the
+        children have it is made good at the next open (see :meth:`_rehand_budget`).
+        """
+        grant = budget_grant(state) or {"budget": {}, "origins": {}}
+        if self._tg is not None and self._open:
+            self._tg.start_soon(self._hand_down_budget, eid, grant)
+
+    async def _hand_down_budget(self, parent: str, grant: Mapping[str, Any]) -> None:
+        try:
+            async for info in self.log.streams(prefix=f"exec/{parent}/"):
+                if info.meta.get("parent") == parent and info.meta.get("status") not in _FINISHED:
+                    child = info.stream[len("exec/") :]
+                    payload = {**grant, "parent": parent}
+                    await self._post(child, "parent_budget", payload, "runtime")
+        except Exception:
+            log.exception(
+                "execution %s: its budget changed, but handing it down to its children "
+                "failed; they get it when a runtime next opens the data dir",
+                parent,
+            )
+
+    async def _rehand_budget(self, eid: str, meta: Mapping[str, Any]) -> None:
+        """At open: a child suspended on a limit its parent handed down gets the
+        parent's budget again if the parent now has more left (a raise whose hand-down
+        a crash cut short)."""
+        parent = meta.get("parent")
+        if not parent or meta.get("reason") != "budget":
+            return
+        child = await load_state(self.log, eid)
+        reason = child.suspend_reason or {}
+        limit = str(reason.get("limit") or "")
+        if reason.get("kind") != "budget" or limit_origin(child, limit) == eid:
+            return
+        grant = budget_grant(await load_state(self.log, str(parent)))
+        if grant is None:
+            return
+        now = getattr(child.inherited, limit, None) if child.inherited is not None else None
+        offered = grant["budget"].get(limit)
+        if now is not None and (offered is None or offered > now):
+            await self._post(eid, "parent_budget", {**grant, "parent": parent}, "runtime")
 
     # -- recovery -----------------------------------------------------------------------------
 
@@ -1555,6 +1639,7 @@ class Runtime:
                 continue  # a child whose own parent is gone: nothing to wake it for
             if parent in self._inbox_held:
                 continue  # its signals wait for a retry; the child's outcome may be there
+            await self._rehand_budget(parent, info.meta)
             children = info.meta.get("waiting_on")
             if children is None:
                 if info.meta.get("reason") != "child":
@@ -1699,8 +1784,17 @@ def _execution_id(child_key: str) -> str:
 
 
 def _outcome_payload(state: ExecutionState) -> dict[str, Any]:
-    """What a finished child tells its parent (the signal ``child:<id>``)."""
-    payload = {"status": state.status, "output": state.output, "error": state.error}
+    """What a finished child tells its parent (the signal ``child:<id>``).
+
+    ``usage`` is what the child used, its own children's included: the parent is
+    charged it when it takes the outcome.
+    """
+    payload = {
+        "status": state.status,
+        "output": state.output,
+        "error": state.error,
+        "usage": state.total_usage.to_dict(),
+    }
     if state.status == "cancelled":
         # A cancel has no error: without its reason the parent's model hears nothing.
         payload["reason"] = state.cancel_reason or ""
@@ -1709,15 +1803,20 @@ def _outcome_payload(state: ExecutionState) -> dict[str, Any]:
 
 def _child_outcome(child: str, payload: Mapping[str, Any]) -> Any:
     status = payload.get("status")
+    usage = payload.get("usage")  # absent in outcomes recorded before tree budgets
     if status == "completed":
-        return payload.get("output")
+        output = payload.get("output")
+        return ChildCharge(output, child, usage) if isinstance(usage, Mapping) else output
     error = payload.get("error") or {}
     if status == "cancelled":
         why = payload.get("reason")
         detail = f"cancelled: {why}" if why else "cancelled (no reason given)"
     else:
         detail = f"{status}: {error.get('message', 'no detail')}"
-    raise ToolError(f"delegated execution {child!r} {detail}")
+    failure = ToolError(f"delegated execution {child!r} {detail}")
+    if isinstance(usage, Mapping):
+        failure.charge = ChildCharge(None, child, usage)  # type: ignore[attr-defined]
+    raise failure
 
 
 def _waiting_on(reason: Mapping[str, Any] | None) -> list[str]:

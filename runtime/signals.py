@@ -18,6 +18,7 @@ from perdure.budget import Budget
 from perdure.events import (
     ApprovalGranted,
     ApprovalRejected,
+    BudgetInherited,
     BudgetRaised,
     DriftAccepted,
     Event,
@@ -60,6 +61,8 @@ BUILTIN: dict[str, str] = {
     "resolve": "resolve",
     "resume": "resume",
     "accept_drift": "accept_drift",
+    # Sent by the runtime, not by people: a parent's budget changed (see translate).
+    "parent_budget": "parent_budget",
 }
 
 
@@ -164,6 +167,9 @@ def _budget_raise_problem(
             continue
         # An entry leaves a count out while it is zero (INDEX_DEFAULTS).
         used = usage.get(key, INDEX_DEFAULTS[key]) if usage is not None else None
+        delegated = usage.get("delegated") if usage is not None else None
+        if used is not None and isinstance(delegated, Mapping):
+            used += delegated.get(key, 0)  # its children's usage counts toward its budget
         used_text = f"it has used {_amount(used, what)}" if used is not None else ""
         fix = (
             f"pass a limit above {_amount(used or 0)} ('perdure resume {execution_id} "
@@ -238,7 +244,21 @@ def translate(
             return ignored("budget signal without a budget")
         new = Budget.from_dict(raw) or Budget()
         merged = state.budget.raised(new) if state.budget else new
-        return [BudgetRaised(merged.to_dict(), by, seq)]
+        inherited = None
+        if state.inherited is not None:
+            # A limit raised on this execution itself is the operator's word: it no
+            # longer comes from the parent (who set it spends past the parent's limit).
+            named = new.to_dict()
+            inherited = {k: v for k, v in state.inherited.to_dict().items() if k not in named}
+        return [BudgetRaised(merged.to_dict(), by, seq, inherited)]
+    if kind == "parent_budget":
+        raw = data.get("budget")
+        if not isinstance(raw, Mapping) or not state.parent:
+            return ignored("parent_budget signal without a budget, or not a child execution")
+        Budget.from_dict(raw)  # a bad limit raises: turned down on the record
+        parent = str(data.get("parent") or state.parent["execution_id"])
+        origins = {str(k): str(v) for k, v in (data.get("origins") or {}).items()}
+        return [BudgetInherited(dict(raw), parent, by, origins, seq)]
     if kind == "resolve":
         action = data.get("action")
         target = _in_doubt_step(state, data.get("step"))

@@ -23,7 +23,9 @@ from perdure.events import (
     ApprovalGranted,
     ApprovalRejected,
     ApprovalRequested,
+    BudgetInherited,
     BudgetRaised,
+    DelegationCharged,
     DriftAccepted,
     DriftDetected,
     Event,
@@ -57,6 +59,8 @@ __all__ = [
     "Suspend",
     "apply",
     "apply_record",
+    "budget_grant",
+    "limit_origin",
     "plan",
     "tool_message",
 ]
@@ -105,7 +109,15 @@ class ExecutionState:
     run_id: str = ""
     definition: dict[str, Any] = field(default_factory=dict)
     max_steps: int = 0
+    #: The execution's own budget (its agent's, its spawn's, or raised since).
     budget: Budget | None = None
+    #: What its parent had left when it delegated (or since, when the parent's budget
+    #: changed); None for a top-level execution or a parent without limits.
+    inherited: Budget | None = None
+    #: Per inherited limit, the execution whose budget it comes from.
+    origins: dict[str, str] = field(default_factory=dict)
+    #: The limits checked: per limit the tighter of ``budget`` and ``inherited``.
+    limits: Budget | None = None
     parent: dict[str, Any] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     #: The conversation, without the system message (instructions come from the agent).
@@ -113,7 +125,10 @@ class ExecutionState:
     #: The last step number handed out (an LLM call takes one, each of its tool calls one).
     step: int = 0
     calls: list[Call] = field(default_factory=list)
+    #: What it used itself (LLM and tool calls, tokens, dollars).
     usage: ExecutionUsage = field(default_factory=ExecutionUsage)
+    #: What its finished children used (theirs included), charged to it; None if none.
+    delegated: ExecutionUsage | None = None
     status: str = "new"
     suspend_reason: dict[str, Any] | None = None
     output: str | None = None
@@ -141,6 +156,11 @@ class ExecutionState:
             if c.confirmation_id == confirmation_id:
                 return c
         return None
+
+    @property
+    def total_usage(self) -> ExecutionUsage:
+        """Its own usage plus its children's: what its budget is checked against."""
+        return self.usage.plus(self.delegated)
 
     @property
     def pending_confirmations(self) -> list[Call]:
@@ -207,7 +227,11 @@ def _started(s: ExecutionState, p: Mapping[str, Any]) -> None:
     s.definition = p["definition"]
     s.max_steps = p["max_steps"]
     s.budget = Budget.from_dict(p.get("budget"))
-    s.parent = p.get("parent")
+    parent = s.parent = p.get("parent")
+    if parent and parent.get("budget") is not None:
+        s.inherited = Budget.from_dict(parent["budget"])
+        s.origins = dict(parent.get("origins") or {})
+    _set_limits(s)
     s.metadata = p.get("metadata") or {}
     s.messages.append(Message("user", p["prompt"]))
     s.status = "running"
@@ -320,7 +344,37 @@ def _signal_ignored(s: ExecutionState, p: Mapping[str, Any]) -> None:
 
 def _budget_raised(s: ExecutionState, p: Mapping[str, Any]) -> None:
     s.budget = Budget.from_dict(p["budget"])
+    inherited = p.get("inherited")
+    if inherited is not None:
+        s.inherited = Budget.from_dict(inherited)
+    _set_limits(s)
     _recheck(s)
+
+
+def _budget_inherited(s: ExecutionState, p: Mapping[str, Any]) -> None:
+    s.inherited = Budget.from_dict(p["budget"])
+    s.origins = dict(p.get("origins") or {})
+    _set_limits(s)
+    _recheck(s)
+
+
+def _delegation_charged(s: ExecutionState, p: Mapping[str, Any]) -> None:
+    usage = ExecutionUsage.from_dict(p["usage"])
+    if s.delegated is None:
+        s.delegated = usage
+    else:
+        s.delegated.add(usage)
+
+
+def _set_limits(s: ExecutionState) -> None:
+    own, inherited = s.budget, s.inherited
+    if inherited is None or inherited == _UNLIMITED:
+        s.limits = own
+    else:
+        s.limits = inherited.tighter(own)
+
+
+_UNLIMITED = Budget()
 
 
 def _drift_detected(s: ExecutionState, p: Mapping[str, Any]) -> None:
@@ -416,6 +470,8 @@ _HANDLERS: dict[str, Callable[[ExecutionState, Mapping[str, Any]], None]] = {
     SignalReceived.type: _signal_received,
     SignalIgnored.type: _signal_ignored,
     BudgetRaised.type: _budget_raised,
+    BudgetInherited.type: _budget_inherited,
+    DelegationCharged.type: _delegation_charged,
     DriftDetected.type: _drift_detected,
     DriftAccepted.type: _drift_accepted,
     ToolResolved.type: _tool_resolved,
@@ -485,9 +541,9 @@ def plan(state: ExecutionState) -> Action:
             f"the agent made {state.usage.llm_calls} LLM calls, its max_steps; raise "
             f"Agent(max_steps=...) if this is expected",
         )
-    budget = state.budget
+    budget = state.limits
     if budget is not None:
-        hit = budget.exhausted(state.usage)
+        hit = budget.exhausted(state.total_usage)
         if hit is not None:
             return Suspend(_budget_reason(state, *hit))
     return _CALL_LLM
@@ -497,10 +553,13 @@ def _plan_calls(state: ExecutionState) -> Action:
     admit: list[Call] = []
     rerun: list[Call] = []
     blockers: list[dict[str, Any]] = []
-    budget = state.budget
+    budget = state.limits
     left = float("inf")
+    used_tools = state.usage.tool_calls
+    if state.delegated is not None:
+        used_tools += state.delegated.tool_calls
     if budget is not None and budget.max_tool_calls is not None:
-        left = budget.max_tool_calls - state.usage.tool_calls
+        left = budget.max_tool_calls - used_tools
     for c in state.calls:
         status = c.status
         if status == "done":
@@ -508,11 +567,8 @@ def _plan_calls(state: ExecutionState) -> Action:
         if status in ("planned", "approved"):
             # A first start consumes tool budget; re-runs of a started call do not.
             if left <= 0:
-                blockers.append(
-                    _budget_reason(
-                        state, "max_tool_calls", budget.max_tool_calls, state.usage.tool_calls
-                    )  # type: ignore[union-attr]
-                )
+                limit = budget.max_tool_calls  # type: ignore[union-attr]
+                blockers.append(_budget_reason(state, "max_tool_calls", limit, used_tools))
                 continue
             left -= 1
             admit.append(c)
@@ -560,10 +616,57 @@ def _plan_calls(state: ExecutionState) -> Action:
 
 
 def _budget_reason(state: ExecutionState, limit: str, value: Any, used: Any) -> dict[str, Any]:
-    return {
+    reason = {
         "kind": "budget",
         "limit": limit,
         "limit_value": value,
         "used": used,
         "usage": state.usage.to_dict(),
     }
+    if state.delegated is not None:
+        reason["delegated"] = state.delegated.to_dict()
+    origin = limit_origin(state, limit)
+    if origin != state.execution_id and state.parent:
+        # The limit is what the parent had left: raising this execution's own budget
+        # would not be what the person who set the parent's expects; say where it is.
+        parent = state.parent["execution_id"]
+        reason["parent"] = parent
+        reason["origin"] = origin
+        option = "--" + limit.replace("_", "-")
+        whose = (
+            f"its parent {parent!r}'s budget"
+            if origin == parent
+            else f"the budget of {origin!r} (which bounds its parent {parent!r})"
+        )
+        reason["message"] = (
+            f"execution {state.execution_id!r} reached {limit} {value:g} (used {used:g}): "
+            f"that is what was left of {whose} when it was delegated; raise "
+            f"{origin!r}'s budget (rt.resume({origin!r}, budget=Budget({limit}=N)) or "
+            f"'perdure resume {origin} {option} N'): the raise is handed down and this "
+            f"execution resumes by itself; or raise this execution's own "
+            f"('perdure resume {state.execution_id} {option} N'), which lets it spend "
+            f"past what {origin!r} has left"
+        )
+    return reason
+
+
+def limit_origin(state: ExecutionState, limit: str) -> str:
+    """The execution whose budget sets ``limit`` for ``state``: its own, or an ancestor's."""
+    inherited = getattr(state.inherited, limit) if state.inherited is not None else None
+    own = getattr(state.budget, limit) if state.budget is not None else None
+    if inherited is not None and (own is None or inherited < own):
+        parent = state.parent["execution_id"] if state.parent else ""
+        return state.origins.get(limit) or parent
+    return state.execution_id
+
+
+def budget_grant(state: ExecutionState) -> dict[str, Any] | None:
+    """What ``state``'s execution has left to hand a child it delegates to, now.
+
+    ``{"budget": limits, "origins": {limit: execution id}}``, or None without limits.
+    """
+    limits = state.limits
+    if limits is None:
+        return None
+    left = limits.left(state.total_usage).to_dict()
+    return {"budget": left, "origins": {k: limit_origin(state, k) for k in left}}

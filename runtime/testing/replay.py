@@ -23,6 +23,14 @@ it is called again for every lifetime, as a restarted process builds its agents 
 The log ends exactly after the chosen step, on either event loop. When the crashed run
 differs, the agent is run once more without a crash, to tell an agent that is not
 deterministic at all from one a restart changes.
+
+What it does not explore: the interleavings of executions that could run at once. A
+crash point counts steps across the whole delegation tree, so for it to name the same
+place on every run the helper runs one execution at a time (``max_concurrency=1``), and
+children delegated in the same turn are started in call order: each runs to its end
+before the next begins. Your agent's concurrent children are so checked in one order
+(the first call's child first), never racing each other; a bug that needs them to race
+is not found here (perdure's own suite kills real processes running them at once).
 """
 
 from __future__ import annotations
@@ -198,6 +206,76 @@ class _Counting:
         )
 
 
+class _Turnstile:
+    """One agent's delegate calls of a turn spawn their children in call order.
+
+    Within one process lifetime: each call waits until the delegate calls before it in
+    its turn (those running now, i.e. started and not finished) have started or found
+    their child. With one execution running at a time, the children then run in that
+    order, whatever order the event loop (trio shuffles) runs the calls' tasks in.
+    """
+
+    def __init__(self, names: frozenset[str]) -> None:
+        self.names = names
+        self._passed: dict[tuple[str, int, int], anyio.Event] = {}
+
+    def passed(self, eid: str, step: int, attempt: int) -> anyio.Event:
+        return self._passed.setdefault((eid, step, attempt), anyio.Event())
+
+
+class _InOrder(DelegateTool):
+    """A delegate tool that waits its turn (see :class:`_Turnstile`) before delegating."""
+
+    __slots__ = ("_turnstile",)
+
+    def __init__(self, agent: Agent, turnstile: _Turnstile) -> None:
+        super().__init__(agent)
+        self._turnstile = turnstile
+
+    async def invoke(self, arguments: Any, run_in_thread: Any = None) -> Any:
+        """Wait for the earlier delegate calls of this turn, then delegate."""
+        from perdure.context import current_tool_context
+
+        ctx = current_tool_context()
+        turnstile = self._turnstile
+        for call in _running_calls(ctx):
+            if call.step < ctx.step and call.tool in turnstile.names:
+                await turnstile.passed(ctx.execution_id, call.step, call.attempts).wait()
+        try:
+            return await super().invoke(arguments, run_in_thread)
+        finally:
+            turnstile.passed(ctx.execution_id, ctx.step, ctx.attempt).set()
+
+
+def _running_calls(ctx: Any) -> list[Any]:
+    """The calling execution's tool calls that are running now (its live state)."""
+    runtime = getattr(ctx.services, "_rt", None)
+    actor = runtime._live.get(ctx.execution_id) if runtime is not None else None
+    journal = actor.journal if actor is not None else None
+    if journal is None:
+        return []
+    return [c for c in journal.state.calls if c.status == "started"]
+
+
+def _fresh(agent: Agent) -> Agent:
+    """A prepared copy of ``agent`` (the user's own object is left as it is)."""
+    return _prepared(_Counting().agent(agent))
+
+
+def _prepared(agent: Agent) -> Agent:
+    """``agent`` (and its sub-agents, at any depth) delegating in call order."""
+    for sub in agent.agents:
+        _prepared(sub)
+    names = frozenset(n for n, t in agent.tools.items() if isinstance(t, DelegateTool))
+    if names:
+        turnstile = _Turnstile(names)
+        for name in names:
+            tool = agent.tools[name]
+            assert isinstance(tool, DelegateTool)
+            agent.tools[name] = _InOrder(tool.agent, turnstile)
+    return agent
+
+
 async def check_crash_replay(
     make_agent: Callable[[], Agent],
     prompt: str,
@@ -219,7 +297,7 @@ async def check_crash_replay(
     not counted as one.
     """
     reference = await _run(
-        make_agent(), prompt, execution_id, None, approve, _KillableLog(record_types())
+        _fresh(make_agent()), prompt, execution_id, None, approve, _KillableLog(record_types())
     )
     log = _KillableLog(record_types())
     counting = _Counting()
@@ -227,12 +305,11 @@ async def check_crash_replay(
     # Each lifetime builds the agent anew, as a restarted process does: what an agent
     # keeps in memory (a model counting its calls) is lost at a crash here too.
     for steps in crash_after:
-        if (
-            await _run(counting.agent(make_agent()), prompt, execution_id, steps, approve, log)
-            is None
-        ):
+        agent = _prepared(counting.agent(make_agent()))
+        if await _run(agent, prompt, execution_id, steps, approve, log) is None:
             crashes += 1
-    final = await _run(counting.agent(make_agent()), prompt, execution_id, None, approve, log)
+    agent = _prepared(counting.agent(make_agent()))
+    final = await _run(agent, prompt, execution_id, None, approve, log)
     assert final is not None
     attempts: dict[str, int] = {}
     # Delegated children log their own tool calls, in streams below the execution's.
@@ -254,7 +331,12 @@ async def check_crash_replay(
     )
     if not check.same_transcript:
         check.control = await _run(
-            make_agent(), prompt, execution_id, None, approve, _KillableLog(record_types())
+            _fresh(make_agent()),
+            prompt,
+            execution_id,
+            None,
+            approve,
+            _KillableLog(record_types()),
         )
     return check
 
@@ -296,7 +378,10 @@ async def _run(
     outcome: Result | None = None
     log.killed = False
     with anyio.CancelScope() as crash:
-        async with Runtime(None, log=log, agents=[agent], shutdown_timeout=0.0) as rt:
+        # One execution at a time: see the module docstring.
+        async with Runtime(
+            None, log=log, agents=[agent], shutdown_timeout=0.0, max_concurrency=1
+        ) as rt:
             steps = 0
 
             @rt.on_step

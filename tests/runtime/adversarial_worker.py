@@ -8,7 +8,9 @@ this process, with where one of
   (so every record boundary is a crash point: between an approval and the tool's
   start, between a tool's start and its outcome, between a resolve and the re-run...);
 - ``tool-before`` / ``tool-after``: inside the n-th tool call this process makes,
-  before / after its side effect was written to SIDE_FILE (fsync'd).
+  before / after its side effect was written to SIDE_FILE (fsync'd);
+- ``child-done``: right after the n-th delegated child's completion became durable,
+  before its parent has taken (and been charged) its outcome.
 
 Every tool writes ``key<TAB>name<TAB>arg`` to SIDE_FILE; every model call writes
 ``llm<TAB>agent<TAB>turn<TAB>$PERDURE_RUN`` (which run of the worker asked). Scenarios
@@ -24,6 +26,9 @@ and exits 0):
   killed, otherwise it approves the child and waits for the parent.
 - ``budget``: one turn of three calls under ``max_tool_calls=2``; the worker raises the
   budget once it suspends on it.
+- ``charge``: a root under ``max_llm_calls=6`` delegates to two children in turn (two
+  LLM calls each); their usage is charged to it, so it stops on its budget before its
+  answer; the worker then raises it to 10.
 - ``tree``: under ``max_concurrency=2`` a root delegates twice in one turn; one child
   delegates again, to a grandchild whose tool requires confirmation (the worker approves
   every approval it sees); the other child's tool is blocked by a contract (the worker
@@ -48,7 +53,7 @@ from perdure import Agent, Budget, Result, Runtime, current_idempotency_key, too
 from perdure.providers import LLMRequest, Scripted
 
 _lock = threading.Lock()
-_counts: dict[str, int] = {"append": 0, "tool": 0}
+_counts: dict[str, int] = {"append": 0, "tool": 0, "child-done": 0}
 CRASHES: set[tuple[str, int]] = set()
 SIDE = ""
 BACKEND = os.environ.get("PERDURE_TEST_BACKEND", "asyncio")
@@ -89,11 +94,19 @@ def _crash_after_appends() -> None:
     """SIGKILL right after the n-th journal append of this process is durable."""
     flush = journal_module.Journal.flush
 
+    finished: set[str] = set()
+
     async def counting_flush(self: Any) -> None:
         before = self.state.seq
         await flush(self)
         if self.state.seq != before and ("append", _count("append")) in CRASHES:
             die()
+        # (staging folds at once: the state says "completed" before the flush already)
+        done = self.state.status == "completed" and self.state.parent
+        if done and self.state.seq != before and self.stream not in finished:
+            finished.add(self.stream)
+            if ("child-done", _count("child-done")) in CRASHES:
+                die()
 
     journal_module.Journal.flush = counting_flush  # type: ignore[method-assign]
 
@@ -395,6 +408,58 @@ async def tree(rt: Runtime) -> None:
         emit(await rt.result(eid))
 
 
+# -- charge: children's usage charged to a parent with a budget --------------------------------
+
+
+def spender_script(request: LLMRequest) -> Any:
+    turn = turn_of(request)
+    llm_side(next(m.content for m in request.messages if m.role == "user"), turn)
+    return Scripted.call("job", name=request.messages[-1].content) if turn == 0 else "spent"
+
+
+spender = Agent("spender", tools=[job], llm=Scripted(spender_script, record=False))
+
+
+def payer_script(request: LLMRequest) -> Any:
+    turn = turn_of(request)
+    llm_side("payer", turn)
+    if turn < 2:
+        return Scripted.call("delegate_to_spender", task=f"part{turn}")
+    return answer(request)
+
+
+payer = Agent(
+    "payer",
+    llm=Scripted(payer_script, record=False),
+    agents=[spender],
+    budget=Budget(max_llm_calls=6),
+)
+
+
+async def charge(rt: Runtime) -> None:
+    from perdure import InvalidSignalError
+
+    async def raise_budget() -> None:
+        try:
+            await rt.resume("ch-1", budget=Budget(max_llm_calls=10), wait=False, by="worker")
+        except InvalidSignalError:
+            pass  # raised already (by the callback and the sweep both) and finished
+
+    @rt.on_suspend
+    async def on_suspend(r: Result, reason: Any) -> None:
+        if r.execution_id == "ch-1" and reason.kind == "budget":
+            await raise_budget()
+
+    await rt.spawn(payer, "pay", execution_id="ch-1")
+    # Suspended before this process started (so no callback fires for it): raise now.
+    r = await rt.result("ch-1")
+    if r.suspend_reason is not None and r.suspend_reason.kind == "budget":
+        await raise_budget()
+    await rt.wait("ch-1", until="finished")
+    for eid in ("ch-1", "ch-1/2", "ch-1/4"):
+        emit(await rt.result(eid))
+
+
 SCENARIOS = {
     "mixed": (mixed, [mixer], None),
     "queue": (queue, [queuer], 1),
@@ -402,6 +467,7 @@ SCENARIOS = {
     "delegate": (delegate, [boss], None),
     "budget": (budget, [fetcher], None),
     "tree": (tree, [root], 2),
+    "charge": (charge, [payer], None),
 }
 
 
@@ -420,7 +486,7 @@ def main() -> None:
         for spec in crash.split(","):
             where, n = spec.split(":")
             CRASHES.add((where, int(n)))
-    if any(where == "append" for where, _ in CRASHES):
+    if any(where in ("append", "child-done") for where, _ in CRASHES):
         _crash_after_appends()
     anyio.run(main_async, data_dir, scenario, backend=BACKEND)
 

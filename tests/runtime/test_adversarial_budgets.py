@@ -80,11 +80,13 @@ async def test_a_raise_that_lifts_nothing_is_refused_and_unset_limits_are_kept(
     assert r is not None and r.status == "completed" and r.usage.llm_calls == 4
 
 
-async def test_a_spawns_budget_replaces_the_agents_and_a_childs_spend_is_its_own(
+async def test_a_spawns_budget_replaces_the_agents_and_a_childs_spend_is_charged_to_it(
     open_runtime: Any,
 ) -> None:
-    """As the README says: a per-spawn Budget replaces the agent's as a whole, and a
-    child execution is held to its own agent's budget; its spend is not its parent's."""
+    """As the README says: a per-spawn Budget replaces the agent's as a whole, a child
+    is held to its own agent's budget (as well as to what its parent has left), and
+    once it finishes what it used is charged to the parent, apart from the parent's own
+    usage."""
     child = stepper("kid", 2, Budget(max_llm_calls=1))
     parent = Agent(
         "boss",
@@ -93,21 +95,29 @@ async def test_a_spawns_budget_replaces_the_agents_and_a_childs_spend_is_its_own
         budget=Budget(max_llm_calls=2),
     )
     async with open_runtime() as rt:
-        r = await rt.run(parent, "go", execution_id="sb-1", budget=Budget(max_tool_calls=3))
+        r = await rt.run(parent, "go", execution_id="sb-1", budget=Budget(max_tool_calls=9))
         assert r.is_suspended and r.suspend_reason.kind == "child"  # type: ignore[union-attr]
         kid = await rt.wait("sb-1/2")
         # the child is stopped by its own agent's budget, and it shows from the parent
         assert kid.suspend_reason is not None and kid.suspend_reason.kind == "budget"
+        assert "parent" not in kid.suspend_reason.details  # its own limit, not inherited
         seen = (await rt.result("sb-1")).suspend_reason.child  # type: ignore[union-attr]
         assert seen["status_text"] == "suspended (budget)"
         await rt.resume("sb-1/2", budget=Budget(max_llm_calls=3))
         with anyio.fail_after(10):
             r = await rt.wait("sb-1", until="finished")
         state = await rt.state("sb-1")
+        kid_state = await rt.state("sb-1/2")
         kid = await rt.result("sb-1/2")
     assert r.output == "all done"
-    assert state.budget == Budget(max_tool_calls=3)  # the agent's max_llm_calls is gone
-    assert r.usage.llm_calls == 2 and kid.usage.llm_calls == 3  # each its own
+    assert state.budget == Budget(max_tool_calls=9)  # the agent's max_llm_calls is gone
+    assert state.inherited is None and kid.usage.llm_calls == 3
+    # the child inherited what the parent had left (9 tool calls less its delegate call)
+    assert kid_state.inherited == Budget(max_tool_calls=8)
+    assert kid_state.limits == Budget(max_llm_calls=3, max_tool_calls=8)
+    assert r.usage.llm_calls == 2 and r.usage.tool_calls == 1  # the parent's own
+    assert r.delegated_usage.llm_calls == 3 and r.delegated_usage.tool_calls == 2
+    assert r.total_usage.tool_calls == 3
 
 
 async def test_a_priced_model_that_reports_no_usage_is_named_once(

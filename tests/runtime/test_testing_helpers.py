@@ -192,3 +192,79 @@ async def test_approve_mode_decides_a_grandchilds_confirmation_across_crashes() 
         # once in the reference, once in the crashed run: in the grandchild, approved
         assert len(moved) == 2 and all(k.startswith("replay-check/2/2:2:") for k in moved)
         assert check.invocations == {moved[1]: 1} and check.attempts[moved[1]] == 1
+
+
+def make_fanning_out() -> Agent:
+    """A boss that delegates to two helpers in one turn (both waited for at once)."""
+
+    def helper(name: str) -> Agent:
+        @tool(name=f"look_{name}")
+        def look(q: str) -> str:
+            return f"{name} found {q}"
+
+        def script(request: LLMRequest) -> Any:
+            if sum(m.role == "assistant" for m in request.messages) == 0:
+                return Scripted.call(f"look_{name}", q="x")
+            return f"{name}: " + "; ".join(m.content for m in request.messages if m.role == "tool")
+
+        return Agent(name, tools=[look], llm=Scripted(script, record=False))
+
+    def boss_script(request: LLMRequest) -> Any:
+        if sum(m.role == "assistant" for m in request.messages) == 0:
+            return [
+                Scripted.call("delegate_to_ha", task="a"),
+                Scripted.call("delegate_to_hb", task="b"),
+            ]
+        return "; ".join(m.content for m in request.messages if m.role == "tool")
+
+    return Agent(
+        "boss", llm=Scripted(boss_script, record=False), agents=[helper("ha"), helper("hb")]
+    )
+
+
+#: The fanning-out run's durable steps: the boss's 2 answers and 2 delegate outcomes,
+#: each helper's 2 answers and 1 tool outcome.
+FANNING_STEPS = 10
+
+
+async def _cut_at(point: int) -> tuple[Any, ...]:
+    """The records a crash after ``point`` steps leaves, per stream (one lifetime).
+
+    Less the child outcomes delivered to the waiting parent (``signal.received``): the
+    first child's outcome is delivered while the second child runs, so whether it is in
+    the log at a crash in the second child is a race the helper does not remove (and
+    need not: every open posts a finished child's outcome to its parent again)."""
+    from perdure.events import record_types
+    from perdure.testing.replay import _KillableLog, _prepared, _run
+
+    log = _KillableLog(record_types())
+    await _run(_prepared(make_fanning_out()), "go", "replay-check", point, False, log)
+    out = []
+    async for info in log.streams(prefix="exec/"):
+        types = [r.type async for r in log.read(info.stream) if r.type != "signal.received"]
+        out.append((info.stream, tuple(types)))
+    return tuple(sorted(out))
+
+
+@pytest.mark.anyio
+async def test_a_crash_point_lands_in_the_same_place_when_two_children_are_waited_at_once() -> None:
+    """Both children used to run at once: which of their steps (and the parent's) came
+    first differed from run to run (and more under trio, whose scheduler shuffles), so a
+    crash point cut the log at a different place each time and hypothesis called a
+    failing example flaky. The helper now runs them one at a time, in call order.
+
+    Crashes [2, 5] also hung for ever: the second child finished in the second lifetime
+    and its outcome's post died with it, while its parent was running (so the next open
+    did not re-post it, that being only for suspended parents); the parent then
+    suspended waiting for a child that had long finished. A parent that suspends now
+    gets the outcome of any child it waits for that finished before the runtime opened."""
+    for point in range(1, FANNING_STEPS + 1):
+        cuts = {await _cut_at(point) for _ in range(6)}
+        assert len(cuts) == 1, f"crash point {point} cut the log {len(cuts)} ways: {cuts}"
+    for points in ([3], [6], [9], [2, 5], [7, 1, 1]):
+        for _ in range(2):
+            check = await check_crash_replay(make_fanning_out, "go", points)
+            check.assert_ok()
+            assert check.crashed.output == "ha: ha found x; hb: hb found x"
+            assert check.crashes_happened == len(points)
+            assert len(check.attempts) == 4  # two delegate calls, two lookups
