@@ -90,6 +90,15 @@ def precheck(
     refused too.
     """
     kind = canonical_name(name)
+    if kind == "parent_budget":
+        # Only the runtime hands a parent's budget down (with what the parent has left);
+        # one sent by hand would grant a child limits no ancestor has.
+        return (
+            f"signal name {name!r} is reserved: the runtime hands a parent's budget down "
+            f"under it; raise the budget where it comes from ('perdure inspect "
+            f"{execution_id}' names it) with 'perdure resume ID --max-dollars N ...', or "
+            f"this execution's own with 'perdure resume {execution_id} ...'"
+        )
     if status in TERMINAL:
         return f"execution {execution_id!r} is {status}; it takes no more signals"
     if kind in ("approve", "reject"):

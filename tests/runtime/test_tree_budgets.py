@@ -152,6 +152,31 @@ async def test_a_parents_llm_calls_bound_its_children_and_the_cli_raise_reaches_
     assert "inherited  max_llm_calls 15 (what tl-1 had left" in child.out, child.out
 
 
+async def test_a_parent_budget_signal_sent_by_hand_is_refused_and_grants_nothing(
+    open_runtime: Any, data_dir: Path
+) -> None:
+    """Only the runtime hands a parent's budget down: the same signal from the API or the
+    CLI would grant a child limits no ancestor has, so both refuse it, naming the way out."""
+    a, b = worker("a"), worker("b")
+    boss = orchestrator(a, b, budget=Budget(max_llm_calls=5))
+    async with open_runtime() as rt:
+        settled = Settled(rt)
+        await rt.spawn(boss, "go", execution_id="tf-1")
+        with anyio.fail_after(10):
+            b_result = await settled.wait(rt, "tf-1/4")
+        assert b_result.suspend_reason is not None
+        forged = {"budget": {"max_llm_calls": 1000}, "parent": "tf-1"}
+        with pytest.raises(InvalidSignalError, match="'parent_budget' is reserved") as caught:
+            await rt.signal("tf-1/4", "parent_budget", forged)
+        assert "perdure resume tf-1/4" in str(caught.value)
+        sent = await anyio.to_thread.run_sync(
+            perdure, data_dir, "signal", "tf-1/4", "parent_budget", '{"budget": {}}'
+        )
+        assert sent.code != 0 and "reserved" in sent.err, (sent.code, sent.err)
+        assert (await rt.wait("tf-1/4")).is_suspended
+        assert (await rt.state("tf-1/4")).inherited == Budget(max_llm_calls=0)
+
+
 async def test_raising_the_childs_own_budget_lets_it_spend_past_the_parent_which_then_stops(
     open_runtime: Any,
 ) -> None:
