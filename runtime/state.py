@@ -14,12 +14,13 @@ suspension status written to the index, the CLI and the engine all agree.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from perdure.budget import Budget, ExecutionUsage
 from perdure.events import (
+    EVENT_TYPES,
     ApprovalGranted,
     ApprovalRejected,
     ApprovalRequested,
@@ -42,8 +43,10 @@ from perdure.events import (
     ToolResolved,
     ToolStarted,
     encode,
+    event_fields,
 )
-from perdure.providers.fast_init import fast_init
+from perdure.log.protocol import Record
+from perdure.providers.fast_init import fast_init, fast_new
 from perdure.providers.types import Message, ToolCall
 
 __all__ = [
@@ -57,9 +60,14 @@ __all__ = [
     "Suspend",
     "apply",
     "apply_record",
+    "apply_records",
     "plan",
     "tool_message",
 ]
+
+# Replay builds a few of these per step: the builders skip the constructor's machinery.
+_message = fast_new(Message)
+_tool_call = fast_new(ToolCall)
 
 #: Statuses an execution never leaves (a failed one can be resumed by an operator).
 TERMINAL = frozenset({"completed", "cancelled"})
@@ -154,24 +162,24 @@ class ExecutionState:
 def tool_message(call: Call) -> Message:
     """The tool message the model sees for a finished call (deterministic)."""
     if call.outcome == "ok":
-        out = call.output
-        if isinstance(out, str):
-            content = out
-        elif out is None or isinstance(out, bool):
-            content = "null" if out is None else ("true" if out else "false")
-        elif type(out) is int:
-            content = str(out)  # what json.dumps gives, without its machinery
-        else:
-            content = json.dumps(out, ensure_ascii=False, default=repr)
-        # Positional arguments: a frozen dataclass parses keywords at twice the cost,
-        # and replay builds one of these per tool call.
-        return Message("tool", content, (), call.call_id, call.tool)
+        return _message("tool", _ok_content(call.output), (), call.call_id, call.tool)
     err = call.error or {}
     if call.outcome == "rejected":
         content = f"REJECTED by {call.rejected_by or 'an operator'}: {err.get('message', '')}"
     else:
         content = f"ERROR ({err.get('type', 'Error')}): {err.get('message', '')}"
-    return Message("tool", content, (), call.call_id, call.tool, True)
+    return _message("tool", content, (), call.call_id, call.tool, True)
+
+
+def _ok_content(out: Any) -> str:
+    """What the model reads for a tool's successful output."""
+    if isinstance(out, str):
+        return out
+    if out is None or isinstance(out, bool):
+        return "null" if out is None else ("true" if out else "false")
+    if type(out) is int:
+        return str(out)  # what json.dumps gives, without its machinery
+    return json.dumps(out, ensure_ascii=False, default=repr)
 
 
 # -- apply -------------------------------------------------------------------------------
@@ -193,10 +201,81 @@ def apply_record(state: ExecutionState, type: str, payload: Mapping[str, Any]) -
     if handler is None:
         raise TypeError(f"no apply rule for record type {type!r}")
     handler(state, payload)
-    seq = payload.get("signal_seq", 0)
-    if seq > state.last_signal_seq:
-        state.last_signal_seq = seq
     return state
+
+
+def apply_records(state: ExecutionState, records: Sequence[Record]) -> ExecutionState:
+    """Fold ``records`` into ``state`` in order: the same as :func:`apply_record` on each.
+
+    For replay. The usual tool step (a model answer with one tool call, its start, its
+    successful outcome: three records in a row) is folded in one go, without the
+    transient :class:`Call` the three would otherwise build, look up twice and drop;
+    everything else, and a step cut in two by the end of ``records``, goes record by
+    record.
+    """
+    handlers = _HANDLERS
+    n = len(records)
+    i = 0
+    while i < n:
+        record = records[i]
+        rtype = record[2]  # indexing: cheaper than unpacking a tuple subclass
+        payload = record[5]
+        if rtype == "llm.completed" and i + 2 < n and _tool_step(state, payload, records, i):
+            i += 3
+            continue
+        handler = handlers.get(rtype)
+        if handler is None:
+            raise TypeError(f"no apply rule for record type {rtype!r}")
+        handler(state, payload)
+        i += 1
+    return state
+
+
+def _tool_step(s: ExecutionState, p: Mapping[str, Any], records: Sequence[Record], i: int) -> bool:
+    """Fold records i..i+2 as one tool step if they are one; False (nothing done) if not."""
+    # Everything is read before anything changes, with plain subscripts: the keys are
+    # the ones the live path always writes. A record without one (or of another shape)
+    # is left to the record-by-record handlers, which read it their way.
+    try:
+        response = p["response"]
+        msg = response["message"]
+        raw_calls = msg["tool_calls"]
+        if len(raw_calls) != 1:
+            return False
+        started = records[i + 1]
+        completed = records[i + 2]
+        if started[2] != "tool.started" or completed[2] != "tool.completed":
+            return False
+        start = started[5]
+        done = completed[5]
+        step = p["step"] + 1
+        if start["step"] != step or done["step"] != step or done["status"] != "ok":
+            return False
+        c = raw_calls[0]
+        call = _tool_call(c["id"], c["name"], c["arguments"])
+        tokens = response["usage"]
+        provider = response["provider"]
+        model = response["model"]
+        input_tokens = tokens["input"]
+        output_tokens = tokens["output"]
+        cost = p["cost"] or 0.0
+        first_attempt = start["attempt"] == 1
+        out = done["output"]
+        content = str(out) if type(out) is int else _ok_content(out)  # ints: the usual
+        text = msg["content"] or ""
+    except (KeyError, TypeError, ValueError):
+        return False
+    # What _llm_completed, _tool_started and _tool_completed do in turn, less the Call.
+    messages = s.messages
+    messages.append(_message("assistant", text, (call,)))
+    usage = s.usage
+    usage.add_llm_call(provider, model, input_tokens, output_tokens, cost)
+    if first_attempt:
+        usage.tool_calls += 1
+    messages.append(_message("tool", content, (), call.id, call.name))
+    s.calls = []
+    s.step = step
+    return True
 
 
 def _started(s: ExecutionState, p: Mapping[str, Any]) -> None:
@@ -209,7 +288,7 @@ def _started(s: ExecutionState, p: Mapping[str, Any]) -> None:
     s.budget = Budget.from_dict(p.get("budget"))
     s.parent = p.get("parent")
     s.metadata = p.get("metadata") or {}
-    s.messages.append(Message("user", p["prompt"]))
+    s.messages.append(_message("user", p["prompt"]))
     s.status = "running"
 
 
@@ -221,11 +300,11 @@ def _llm_completed(s: ExecutionState, p: Mapping[str, Any]) -> None:
     if raw_calls:
         if len(raw_calls) == 1:  # the common turn, without the generator machinery
             c = raw_calls[0]
-            call = ToolCall(c["id"], c["name"], c["arguments"])
+            call = _tool_call(c["id"], c["name"], c["arguments"])
             calls: tuple[ToolCall, ...] = (call,)
             s.calls = [Call(step + 1, step, 0, call.id, call.name, call.arguments)]
         else:
-            calls = tuple(ToolCall(c["id"], c["name"], c["arguments"]) for c in raw_calls)
+            calls = tuple(_tool_call(c["id"], c["name"], c["arguments"]) for c in raw_calls)
             s.calls = [
                 Call(step + 1 + i, step, i, c.id, c.name, c.arguments) for i, c in enumerate(calls)
             ]
@@ -234,7 +313,7 @@ def _llm_completed(s: ExecutionState, p: Mapping[str, Any]) -> None:
         calls = ()
         s.calls = []
         s.step = step
-    s.messages.append(Message("assistant", msg.get("content") or "", calls))
+    s.messages.append(_message("assistant", msg.get("content") or "", calls))
     usage = response.get("usage") or {}
     s.usage.add_llm_call(
         response.get("provider", ""),
@@ -404,7 +483,22 @@ def _recheck(s: ExecutionState, drift_settled: bool = False) -> None:
         s.suspend_reason = None
 
 
-_HANDLERS: dict[str, Callable[[ExecutionState, Mapping[str, Any]], None]] = {
+_Handler = Callable[[ExecutionState, Mapping[str, Any]], None]
+
+
+def _noting_signal_seq(handler: _Handler) -> _Handler:
+    """``handler``, then ``last_signal_seq`` raised to the record's ``signal_seq``."""
+
+    def apply_signalled(s: ExecutionState, p: Mapping[str, Any]) -> None:
+        handler(s, p)
+        seq = p.get("signal_seq", 0)
+        if seq > s.last_signal_seq:
+            s.last_signal_seq = seq
+
+    return apply_signalled
+
+
+_HANDLERS: dict[str, _Handler] = {
     ExecutionStarted.type: _started,
     LLMCompleted.type: _llm_completed,
     ToolStarted.type: _tool_started,
@@ -426,6 +520,11 @@ _HANDLERS: dict[str, Callable[[ExecutionState, Mapping[str, Any]], None]] = {
     ExecutionCancelled.type: _cancelled,
     SignalSent.type: _signal_sent,
 }
+# Only events that have a signal_seq field carry one (a payload is exactly its event's
+# fields), so only their records pay for looking it up.
+for _type, _cls in EVENT_TYPES.items():
+    if "signal_seq" in event_fields(_cls):
+        _HANDLERS[_type] = _noting_signal_seq(_HANDLERS[_type])
 
 
 # -- plan --------------------------------------------------------------------------------

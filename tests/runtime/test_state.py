@@ -25,7 +25,16 @@ from perdure.events import (
     encode,
 )
 from perdure.log.protocol import Record
-from perdure.state import CallLLM, ExecutionState, Fail, Run, Suspend, apply, plan
+from perdure.state import (
+    CallLLM,
+    ExecutionState,
+    Fail,
+    Run,
+    Suspend,
+    apply,
+    apply_records,
+    plan,
+)
 
 
 def started(**kw: Any) -> ExecutionStarted:
@@ -243,3 +252,65 @@ def test_replaying_the_same_log_gives_the_same_state(order: list[int], outcomes:
     for e in events:
         apply(replayed, decode(Record("s", 1, encode(e).type, 1, 0.0, encode(e).payload)))
     assert replayed == live
+
+
+# -- replay folds a chunk at a time ------------------------------------------------------
+
+_TURNS = st.lists(
+    st.tuples(
+        st.integers(min_value=0, max_value=2),  # tool calls in the turn (0: final answer)
+        st.sampled_from(["ok", "error"]),
+        st.sampled_from([7, "text", None, True, {"k": [1, 2]}, 2.5]),  # the tool's output
+        # re-run after a crash (a second tool.started), or only a second attempt's start
+        st.sampled_from(["once", "rerun", "second"]),
+        st.integers(min_value=0, max_value=3),  # a signal arrives after the turn
+    ),
+    min_size=1,
+    max_size=6,
+)
+
+
+def _history(turns: list[tuple[int, str, Any, str, int]]) -> list[Event]:
+    """A plausible stream: turns of tool calls, re-runs, errors, signals between turns."""
+    events: list[Event] = [started(max_steps=100)]
+    step = 0
+    for n_calls, outcome, output, rerun, signal in turns:
+        step += 1
+        events.append(llm(step, *[("t", {"i": i}) for i in range(n_calls)]))
+        calls = [step + 1 + i for i in range(n_calls)]
+        for s in calls:
+            events.append(tstart(s, attempt=2 if rerun == "second" else 1))
+            if rerun == "rerun":
+                events.append(tstart(s, attempt=2))
+        for s in reversed(calls):  # outcomes out of call order
+            if outcome == "ok":
+                events.append(ToolCompleted(s, "ok", output))
+            else:
+                events.append(ToolCompleted(s, "error", None, {"type": "E", "message": "m"}))
+        step += n_calls
+        if signal:
+            events.append(SignalReceived(f"s{signal}", {"n": signal}, "ops", signal_seq=signal))
+        if not n_calls:
+            break
+    return events
+
+
+@given(_TURNS, st.lists(st.integers(min_value=1, max_value=40), max_size=4))
+def test_replay_by_chunks_builds_the_state_apply_builds(
+    turns: list[tuple[int, str, Any, str, int]], cuts: list[int]
+) -> None:
+    """apply_records (replay's fold, with its one-tool-step shortcut) equals apply on
+    each event, wherever the chunks of the stream are cut (a step may straddle two)."""
+    events = _history(turns)
+    live = fold(*events)
+    records = [
+        Record("exec/x1", i + 1, r.type, r.version, 0.0, r.payload)
+        for i, r in enumerate(encode(e) for e in events)
+    ]
+    replayed = ExecutionState()
+    start = 0
+    for cut in [*sorted({min(c, len(records)) for c in cuts}), len(records)]:
+        apply_records(replayed, records[start:cut])
+        start = cut
+    assert replayed == live
+    assert replayed.messages == live.messages and replayed.usage == live.usage
