@@ -216,66 +216,144 @@ def apply_records(state: ExecutionState, records: Sequence[Record]) -> Execution
     handlers = _HANDLERS
     n = len(records)
     i = 0
+    # The usage of a run of such steps is tallied here and added to ``usage`` when the
+    # run ends (nothing in it reads usage): adding it call by call, into a dict entry
+    # per model, cost more than the rest of the step. Every float is added in
+    # the same order as call by call, so the sums are the same to the last bit.
+    tally = False  # a tally is open, for provider/model
+    provider = model = ""
+    calls = first_starts = tokens_in = tokens_out = 0
+    dollars = model_dollars = 0.0
     while i < n:
         record = records[i]
         rtype = record[2]  # indexing: cheaper than unpacking a tuple subclass
         payload = record[5]
-        if rtype == "llm.completed" and i + 2 < n and _tool_step(state, payload, records, i):
-            i += 3
-            continue
+        if rtype == "llm.completed" and i + 2 < n:
+            # Everything is read before anything changes, with plain subscripts: the
+            # keys are the ones the live path always writes. Records without one (or of
+            # another shape) are left to the record-by-record handlers below.
+            try:
+                response = payload["response"]
+                msg = response["message"]
+                raw_calls = msg["tool_calls"]
+                started = records[i + 1]
+                completed = records[i + 2]
+                start = started[5]
+                done = completed[5]
+                step = payload["step"] + 1
+                tokens = response["usage"]
+                step_in = tokens["input"]
+                step_out = tokens["output"]
+                fused = (
+                    len(raw_calls) == 1
+                    and started[2] == "tool.started"
+                    and completed[2] == "tool.completed"
+                    and start["step"] == step
+                    and done["step"] == step
+                    and done["status"] == "ok"
+                    # ints: tallying float token counts could round differently
+                    and type(step_in) is int
+                    and type(step_out) is int
+                )
+                if fused:
+                    step_provider = response["provider"]
+                    step_model = response["model"]
+                    cost = payload["cost"] or 0.0
+                    c = raw_calls[0]
+                    call_id = c["id"]
+                    name = c["name"]
+                    call = _tool_call(call_id, name, c["arguments"])
+                    first_attempt = start["attempt"] == 1
+                    out = done["output"]
+                    content = str(out) if type(out) is int else _ok_content(out)
+                    text = msg["content"] or ""
+            except (KeyError, TypeError, ValueError):
+                fused = False
+            if fused:
+                # What _llm_completed, _tool_started and _tool_completed do in turn,
+                # less the Call, with the usage tallied.
+                messages = state.messages
+                messages.append(_message("assistant", text, (call,)))
+                messages.append(_message("tool", content, (), call_id, name))
+                if state.calls:  # usually already the empty list the last turn left
+                    state.calls = []
+                state.step = step
+                if not tally or step_provider != provider or step_model != model:
+                    if tally:
+                        _add_llm_calls(
+                            state.usage, provider, model, calls, first_starts, tokens_in,
+                            tokens_out, dollars, model_dollars,
+                        )  # fmt: skip
+                    tally = True
+                    provider = step_provider
+                    model = step_model
+                    calls = first_starts = tokens_in = tokens_out = 0
+                    usage = state.usage
+                    dollars = usage.dollars
+                    entry = usage.by_model.get(_model_key(provider, model))
+                    model_dollars = 0.0 if entry is None else entry["dollars"]
+                calls += 1
+                if first_attempt:
+                    first_starts += 1
+                tokens_in += step_in
+                tokens_out += step_out
+                dollars += cost
+                model_dollars += cost
+                i += 3
+                continue
+        if tally:
+            _add_llm_calls(
+                state.usage, provider, model, calls, first_starts, tokens_in, tokens_out,
+                dollars, model_dollars,
+            )  # fmt: skip
+            tally = False
         handler = handlers.get(rtype)
         if handler is None:
             raise TypeError(f"no apply rule for record type {rtype!r}")
         handler(state, payload)
         i += 1
+    if tally:
+        _add_llm_calls(
+            state.usage, provider, model, calls, first_starts, tokens_in, tokens_out, dollars,
+            model_dollars,
+        )  # fmt: skip
     return state
 
 
-def _tool_step(s: ExecutionState, p: Mapping[str, Any], records: Sequence[Record], i: int) -> bool:
-    """Fold records i..i+2 as one tool step if they are one; False (nothing done) if not."""
-    # Everything is read before anything changes, with plain subscripts: the keys are
-    # the ones the live path always writes. A record without one (or of another shape)
-    # is left to the record-by-record handlers, which read it their way.
-    try:
-        response = p["response"]
-        msg = response["message"]
-        raw_calls = msg["tool_calls"]
-        if len(raw_calls) != 1:
-            return False
-        started = records[i + 1]
-        completed = records[i + 2]
-        if started[2] != "tool.started" or completed[2] != "tool.completed":
-            return False
-        start = started[5]
-        done = completed[5]
-        step = p["step"] + 1
-        if start["step"] != step or done["step"] != step or done["status"] != "ok":
-            return False
-        c = raw_calls[0]
-        call = _tool_call(c["id"], c["name"], c["arguments"])
-        tokens = response["usage"]
-        provider = response["provider"]
-        model = response["model"]
-        input_tokens = tokens["input"]
-        output_tokens = tokens["output"]
-        cost = p["cost"] or 0.0
-        first_attempt = start["attempt"] == 1
-        out = done["output"]
-        content = str(out) if type(out) is int else _ok_content(out)  # ints: the usual
-        text = msg["content"] or ""
-    except (KeyError, TypeError, ValueError):
-        return False
-    # What _llm_completed, _tool_started and _tool_completed do in turn, less the Call.
-    messages = s.messages
-    messages.append(_message("assistant", text, (call,)))
-    usage = s.usage
-    usage.add_llm_call(provider, model, input_tokens, output_tokens, cost)
-    if first_attempt:
-        usage.tool_calls += 1
-    messages.append(_message("tool", content, (), call.id, call.name))
-    s.calls = []
-    s.step = step
-    return True
+def _model_key(provider: str, model: str) -> str:
+    """The ``by_model`` key of a call (as ``ExecutionUsage.add_llm_call`` makes it)."""
+    return f"{provider}/{model}" if provider else model
+
+
+def _add_llm_calls(
+    usage: ExecutionUsage,
+    provider: str,
+    model: str,
+    calls: int,
+    first_starts: int,
+    tokens_in: int,
+    tokens_out: int,
+    dollars: float,
+    model_dollars: float,
+) -> None:
+    """Add a tally of tool steps to ``usage``: what ``add_llm_call`` on each LLM call,
+    and counting each first start of a tool, would give.
+
+    ``dollars`` and ``model_dollars`` are the new totals (summed in call order from the
+    totals the tally started at), not increments.
+    """
+    usage.llm_calls += calls
+    usage.tool_calls += first_starts
+    usage.input_tokens += tokens_in
+    usage.output_tokens += tokens_out
+    usage.dollars = dollars
+    key = _model_key(provider, model)
+    entry = usage.by_model.get(key)
+    if entry is None:
+        entry = usage.by_model[key] = {"calls": 0, "tokens": 0, "dollars": 0.0}
+    entry["calls"] += calls
+    entry["tokens"] += tokens_in + tokens_out
+    entry["dollars"] = model_dollars
 
 
 def _started(s: ExecutionState, p: Mapping[str, Any]) -> None:
