@@ -285,28 +285,30 @@ def decode_all(
     crc32 = _crc32
     loads = _loads
     residue = CRC_RESIDUE
-    get = known.get
     new = _tuple_new
     records: list[Record] = []
     add = records.append
     seq = first_seq - 1
     for value in values:
         seq += 1
-        if crc32(value) == residue:
+        # 0x85 opens a definite 5-item CBOR array, so whatever decodes from it is a list
+        # of five: that replaces the type and length checks on the decoded envelope.
+        if crc32(value) == residue and value[0] == 0x85:
             try:
-                items = loads(value)
-            except Exception:
-                items = None
-            if type(items) is list and len(items) == 5:
-                rtype, version, timestamp, payload, _ = items
+                rtype, version, timestamp, payload, _ = loads(value)
+                # ``known[rtype]`` only finds a str (cbor2 decodes nothing else that
+                # equals one); KeyError (unknown type) or TypeError (unhashable) means
+                # the slow path below, as does anything else odd. Exact types: neither
+                # True nor 1.0 may pass as version 1.
                 if (
-                    type(rtype) is str
-                    and type(version) is int
+                    type(version) is int
                     and type(timestamp) is float
-                    and 1 <= version <= get(rtype, 0)
+                    and 0 < version <= known[rtype]
                 ):
                     add(new(Record, (stream, seq, rtype, version, timestamp, payload)))
                     continue
+            except Exception:  # the slow path names what is wrong
+                pass
         # Not the common shape: decode_record either accepts it or names what is wrong.
         try:
             add(decode_record(known, stream, seq, value))

@@ -45,6 +45,7 @@ __all__ = [
     "ToolStarted",
     "decode",
     "encode",
+    "event_fields",
     "execution_stream",
     "record_types",
 ]
@@ -384,6 +385,11 @@ EVENT_TYPES: dict[str, type[Event]] = {
 _FIELD_NAMES: dict[type[Event], tuple[str, ...]] = {
     cls: tuple(f.name for f in fields(cls)) for cls in EVENT_TYPES.values()
 }
+
+
+def event_fields(cls: type[Event]) -> tuple[str, ...]:
+    """The payload keys of ``cls``'s records (its fields, in order)."""
+    return _FIELD_NAMES[cls]
 
 
 def record_types() -> RecordTypes:

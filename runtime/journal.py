@@ -23,7 +23,7 @@ import anyio
 
 from perdure.events import Event, encode, execution_stream
 from perdure.log.protocol import EventLog, NewRecord
-from perdure.state import ExecutionState, apply_record
+from perdure.state import ExecutionState, apply_record, apply_records
 
 __all__ = ["INDEX_DEFAULTS", "Journal", "index_meta", "load_state"]
 
@@ -111,8 +111,7 @@ async def load_state(log: EventLog, execution_id: str) -> ExecutionState:
     gc.disable()
     try:
         async for chunk in log.read_chunks(execution_stream(execution_id)):
-            for record in chunk:
-                apply_record(state, record.type, record.payload)
+            apply_records(state, chunk)
             seq = chunk[-1].seq
     finally:
         if collecting:

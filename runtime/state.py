@@ -14,12 +14,13 @@ suspension status written to the index, the CLI and the engine all agree.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from perdure.budget import Budget, ExecutionUsage
 from perdure.events import (
+    EVENT_TYPES,
     ApprovalGranted,
     ApprovalRejected,
     ApprovalRequested,
@@ -44,8 +45,10 @@ from perdure.events import (
     ToolResolved,
     ToolStarted,
     encode,
+    event_fields,
 )
-from perdure.providers.fast_init import fast_init
+from perdure.log.protocol import Record
+from perdure.providers.fast_init import fast_init, fast_new
 from perdure.providers.types import Message, ToolCall
 
 __all__ = [
@@ -59,11 +62,16 @@ __all__ = [
     "Suspend",
     "apply",
     "apply_record",
+    "apply_records",
     "budget_grant",
     "limit_origin",
     "plan",
     "tool_message",
 ]
+
+# Replay builds a few of these per step: the builders skip the constructor's machinery.
+_message = fast_new(Message)
+_tool_call = fast_new(ToolCall)
 
 #: Statuses an execution never leaves (a failed one can be resumed by an operator).
 TERMINAL = frozenset({"completed", "cancelled"})
@@ -174,24 +182,24 @@ class ExecutionState:
 def tool_message(call: Call) -> Message:
     """The tool message the model sees for a finished call (deterministic)."""
     if call.outcome == "ok":
-        out = call.output
-        if isinstance(out, str):
-            content = out
-        elif out is None or isinstance(out, bool):
-            content = "null" if out is None else ("true" if out else "false")
-        elif type(out) is int:
-            content = str(out)  # what json.dumps gives, without its machinery
-        else:
-            content = json.dumps(out, ensure_ascii=False, default=repr)
-        # Positional arguments: a frozen dataclass parses keywords at twice the cost,
-        # and replay builds one of these per tool call.
-        return Message("tool", content, (), call.call_id, call.tool)
+        return _message("tool", _ok_content(call.output), (), call.call_id, call.tool)
     err = call.error or {}
     if call.outcome == "rejected":
         content = f"REJECTED by {call.rejected_by or 'an operator'}: {err.get('message', '')}"
     else:
         content = f"ERROR ({err.get('type', 'Error')}): {err.get('message', '')}"
-    return Message("tool", content, (), call.call_id, call.tool, True)
+    return _message("tool", content, (), call.call_id, call.tool, True)
+
+
+def _ok_content(out: Any) -> str:
+    """What the model reads for a tool's successful output."""
+    if isinstance(out, str):
+        return out
+    if out is None or isinstance(out, bool):
+        return "null" if out is None else ("true" if out else "false")
+    if type(out) is int:
+        return str(out)  # what json.dumps gives, without its machinery
+    return json.dumps(out, ensure_ascii=False, default=repr)
 
 
 # -- apply -------------------------------------------------------------------------------
@@ -213,10 +221,159 @@ def apply_record(state: ExecutionState, type: str, payload: Mapping[str, Any]) -
     if handler is None:
         raise TypeError(f"no apply rule for record type {type!r}")
     handler(state, payload)
-    seq = payload.get("signal_seq", 0)
-    if seq > state.last_signal_seq:
-        state.last_signal_seq = seq
     return state
+
+
+def apply_records(state: ExecutionState, records: Sequence[Record]) -> ExecutionState:
+    """Fold ``records`` into ``state`` in order: the same as :func:`apply_record` on each.
+
+    For replay. The usual tool step (a model answer with one tool call, its start, its
+    successful outcome: three records in a row) is folded in one go, without the
+    transient :class:`Call` the three would otherwise build, look up twice and drop;
+    everything else, and a step cut in two by the end of ``records``, goes record by
+    record.
+    """
+    handlers = _HANDLERS
+    n = len(records)
+    i = 0
+    # The usage of a run of such steps is tallied here and added to ``usage`` when the
+    # run ends (nothing in it reads usage): adding it call by call, into a dict entry
+    # per model, cost more than the rest of the step. Every float is added in
+    # the same order as call by call, so the sums are the same to the last bit.
+    tally = False  # a tally is open, for provider/model
+    provider = model = ""
+    calls = first_starts = tokens_in = tokens_out = 0
+    dollars = model_dollars = 0.0
+    while i < n:
+        record = records[i]
+        rtype = record[2]  # indexing: cheaper than unpacking a tuple subclass
+        payload = record[5]
+        if rtype == "llm.completed" and i + 2 < n:
+            # Everything is read before anything changes, with plain subscripts: the
+            # keys are the ones the live path always writes. Records without one (or of
+            # another shape) are left to the record-by-record handlers below.
+            try:
+                response = payload["response"]
+                msg = response["message"]
+                raw_calls = msg["tool_calls"]
+                started = records[i + 1]
+                completed = records[i + 2]
+                start = started[5]
+                done = completed[5]
+                step = payload["step"] + 1
+                tokens = response["usage"]
+                step_in = tokens["input"]
+                step_out = tokens["output"]
+                fused = (
+                    len(raw_calls) == 1
+                    and started[2] == "tool.started"
+                    and completed[2] == "tool.completed"
+                    and start["step"] == step
+                    and done["step"] == step
+                    and done["status"] == "ok"
+                    # ints: tallying float token counts could round differently
+                    and type(step_in) is int
+                    and type(step_out) is int
+                )
+                if fused:
+                    step_provider = response["provider"]
+                    step_model = response["model"]
+                    cost = payload["cost"] or 0.0
+                    c = raw_calls[0]
+                    call_id = c["id"]
+                    name = c["name"]
+                    call = _tool_call(call_id, name, c["arguments"])
+                    first_attempt = start["attempt"] == 1
+                    out = done["output"]
+                    content = str(out) if type(out) is int else _ok_content(out)
+                    text = msg["content"] or ""
+            except (KeyError, TypeError, ValueError):
+                fused = False
+            if fused:
+                # What _llm_completed, _tool_started and _tool_completed do in turn,
+                # less the Call, with the usage tallied.
+                messages = state.messages
+                messages.append(_message("assistant", text, (call,)))
+                messages.append(_message("tool", content, (), call_id, name))
+                if state.calls:  # usually already the empty list the last turn left
+                    state.calls = []
+                state.step = step
+                if not tally or step_provider != provider or step_model != model:
+                    if tally:
+                        _add_llm_calls(
+                            state.usage, provider, model, calls, first_starts, tokens_in,
+                            tokens_out, dollars, model_dollars,
+                        )  # fmt: skip
+                    tally = True
+                    provider = step_provider
+                    model = step_model
+                    calls = first_starts = tokens_in = tokens_out = 0
+                    usage = state.usage
+                    dollars = usage.dollars
+                    entry = usage.by_model.get(_model_key(provider, model))
+                    model_dollars = 0.0 if entry is None else entry["dollars"]
+                calls += 1
+                if first_attempt:
+                    first_starts += 1
+                tokens_in += step_in
+                tokens_out += step_out
+                dollars += cost
+                model_dollars += cost
+                i += 3
+                continue
+        if tally:
+            _add_llm_calls(
+                state.usage, provider, model, calls, first_starts, tokens_in, tokens_out,
+                dollars, model_dollars,
+            )  # fmt: skip
+            tally = False
+        handler = handlers.get(rtype)
+        if handler is None:
+            raise TypeError(f"no apply rule for record type {rtype!r}")
+        handler(state, payload)
+        i += 1
+    if tally:
+        _add_llm_calls(
+            state.usage, provider, model, calls, first_starts, tokens_in, tokens_out, dollars,
+            model_dollars,
+        )  # fmt: skip
+    return state
+
+
+def _model_key(provider: str, model: str) -> str:
+    """The ``by_model`` key of a call (as ``ExecutionUsage.add_llm_call`` makes it)."""
+    return f"{provider}/{model}" if provider else model
+
+
+def _add_llm_calls(
+    usage: ExecutionUsage,
+    provider: str,
+    model: str,
+    calls: int,
+    first_starts: int,
+    tokens_in: int,
+    tokens_out: int,
+    dollars: float,
+    model_dollars: float,
+) -> None:
+    """Add a tally of tool steps to ``usage``: what ``add_llm_call`` on each LLM call,
+    and counting each first start of a tool, would give.
+
+    ``dollars`` and ``model_dollars`` are the new totals (summed in call order from the
+    totals the tally started at), not increments.
+    """
+    usage.llm_calls += calls
+    usage.tool_calls += first_starts
+    usage.input_tokens += tokens_in
+    usage.output_tokens += tokens_out
+    usage.dollars = dollars
+    key = _model_key(provider, model)
+    entry = usage.by_model.get(key)
+    if entry is None:
+        entry = usage.by_model[key] = {"calls": 0, "tokens": 0, "dollars": 0.0}
+    entry["calls"] += calls
+    entry["tokens"] += tokens_in + tokens_out
+    entry["dollars"] = model_dollars
 
 
 def _started(s: ExecutionState, p: Mapping[str, Any]) -> None:
@@ -233,7 +390,7 @@ def _started(s: ExecutionState, p: Mapping[str, Any]) -> None:
         s.origins = dict(parent.get("origins") or {})
     _set_limits(s)
     s.metadata = p.get("metadata") or {}
-    s.messages.append(Message("user", p["prompt"]))
+    s.messages.append(_message("user", p["prompt"]))
     s.status = "running"
 
 
@@ -245,11 +402,11 @@ def _llm_completed(s: ExecutionState, p: Mapping[str, Any]) -> None:
     if raw_calls:
         if len(raw_calls) == 1:  # the common turn, without the generator machinery
             c = raw_calls[0]
-            call = ToolCall(c["id"], c["name"], c["arguments"])
+            call = _tool_call(c["id"], c["name"], c["arguments"])
             calls: tuple[ToolCall, ...] = (call,)
             s.calls = [Call(step + 1, step, 0, call.id, call.name, call.arguments)]
         else:
-            calls = tuple(ToolCall(c["id"], c["name"], c["arguments"]) for c in raw_calls)
+            calls = tuple(_tool_call(c["id"], c["name"], c["arguments"]) for c in raw_calls)
             s.calls = [
                 Call(step + 1 + i, step, i, c.id, c.name, c.arguments) for i, c in enumerate(calls)
             ]
@@ -258,7 +415,7 @@ def _llm_completed(s: ExecutionState, p: Mapping[str, Any]) -> None:
         calls = ()
         s.calls = []
         s.step = step
-    s.messages.append(Message("assistant", msg.get("content") or "", calls))
+    s.messages.append(_message("assistant", msg.get("content") or "", calls))
     usage = response.get("usage") or {}
     s.usage.add_llm_call(
         response.get("provider", ""),
@@ -458,7 +615,22 @@ def _recheck(s: ExecutionState, drift_settled: bool = False) -> None:
         s.suspend_reason = None
 
 
-_HANDLERS: dict[str, Callable[[ExecutionState, Mapping[str, Any]], None]] = {
+_Handler = Callable[[ExecutionState, Mapping[str, Any]], None]
+
+
+def _noting_signal_seq(handler: _Handler) -> _Handler:
+    """``handler``, then ``last_signal_seq`` raised to the record's ``signal_seq``."""
+
+    def apply_signalled(s: ExecutionState, p: Mapping[str, Any]) -> None:
+        handler(s, p)
+        seq = p.get("signal_seq", 0)
+        if seq > s.last_signal_seq:
+            s.last_signal_seq = seq
+
+    return apply_signalled
+
+
+_HANDLERS: dict[str, _Handler] = {
     ExecutionStarted.type: _started,
     LLMCompleted.type: _llm_completed,
     ToolStarted.type: _tool_started,
@@ -482,6 +654,11 @@ _HANDLERS: dict[str, Callable[[ExecutionState, Mapping[str, Any]], None]] = {
     ExecutionCancelled.type: _cancelled,
     SignalSent.type: _signal_sent,
 }
+# Only events that have a signal_seq field carry one (a payload is exactly its event's
+# fields), so only their records pay for looking it up.
+for _type, _cls in EVENT_TYPES.items():
+    if "signal_seq" in event_fields(_cls):
+        _HANDLERS[_type] = _noting_signal_seq(_HANDLERS[_type])
 
 
 # -- plan --------------------------------------------------------------------------------

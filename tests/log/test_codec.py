@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Any
 
 import cbor2
@@ -221,6 +222,12 @@ def test_decode_all_is_decode_record_on_each_value(items: list[Any], first_seq: 
             at, xor = damage
             value[at % len(value)] ^= xor
         values.append(bytes(value))
+    _assert_decode_all_matches_decode_record(known, first_seq, values)
+
+
+def _assert_decode_all_matches_decode_record(
+    known: dict[str, int], first_seq: int, values: list[bytes]
+) -> None:
     records, error = decode_all(known, "s", first_seq, values)
     expected: list[Record] = []
     expected_error = None
@@ -243,6 +250,49 @@ def test_decode_all_is_decode_record_on_each_value(items: list[Any], first_seq: 
         assert error is None
     else:
         assert error is not None and (type(error), str(error)) == expected_error
+
+
+# Envelopes whose checksum is right but whose shape is not a record's: a writer with a
+# bug could seal any of these. Each item is (what the envelope holds, its CBOR bytes).
+odd_envelopes = st.sampled_from(
+    [
+        ["t", 1, 1.5, {}],  # a good one, for contrast
+        ["u", 2, 1.5, [1]],
+        ["t", True, 1.5, {}],  # bool equals 1 but is not a version
+        ["t", 1.0, 1.5, {}],  # neither is a float
+        ["t", 0, 1.5, {}],
+        ["t", -1, 1.5, {}],
+        ["u", 3, 1.5, {}],  # newer than the reader knows
+        ["gone", 1, 1.5, {}],
+        [1, 1, 1.5, {}],
+        [["t"], 1, 1.5, {}],  # unhashable type
+        [b"t", 1, 1.5, {}],
+        ["t", 1, 2, {}],  # an int timestamp
+        ["t", 1, None, {}],
+        ["t", 1, 1.5],  # too short
+        ["t", 1, 1.5, {}, 9],  # too long
+    ]
+)
+
+
+@settings(max_examples=200)
+@given(st.lists(odd_envelopes, min_size=1, max_size=6), st.integers(1, 1000), st.booleans())
+def test_decode_all_refuses_sealed_envelopes_of_the_wrong_shape_as_decode_record_does(
+    envelopes: list[list[Any]], first_seq: int, as_map: bool
+) -> None:
+    """The fast path's shortcuts on the envelope's shape never accept what decode_record
+    refuses, even when the checksum (which proves only that the bytes are intact) is good.
+    """
+    values = [seal(list(items)) for items in envelopes]
+    if as_map:  # a sealed map of five entries (not an array) in front of the rest
+        values.insert(0, _sealed_map())
+    _assert_decode_all_matches_decode_record({"t": 1, "u": 2}, first_seq, values)
+
+
+def _sealed_map() -> bytes:
+    """A value with a good checksum that decodes to a map, not an envelope array."""
+    head = cbor2.dumps({"t": 1, 1: 2, 1.5: 3, "p": 4, "c": b"\x00\x00\x00\x00"})[:-4]
+    return head + zlib.crc32(head).to_bytes(4, "little")
 
 
 def test_meta_sequences_come_back_as_lists_and_plain_values_are_kept_as_given() -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from perdure.providers import LLMRequest, Message, ToolCall
-from perdure.providers.fast_init import fast_init
+from perdure.providers.fast_init import fast_init, fast_new
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,3 +105,48 @@ def test_classes_it_cannot_serve_are_refused() -> None:
     for cls in (NotFrozen, NoSlots, PostInit, KeywordOnly, WithInitVar):
         with pytest.raises(TypeError, match="fast_init"):
             fast_init(cls)
+
+
+@dataclass(frozen=True, slots=True)
+class Built:
+    a: int
+    b: str = "b"
+    c: list[int] = field(default_factory=list)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [(1,), (1, "x"), (1, "x", [2])],
+)
+def test_fast_new_builds_what_the_constructor_builds(args: tuple[Any, ...]) -> None:
+    built = fast_new(Built)(*args)
+    assert type(built) is Built and built == Built(*args)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        built.a = 2  # type: ignore[misc]
+    assert pickle.loads(pickle.dumps(built)) == built
+    assert dataclasses.replace(built, a=5) == Built(5, *args[1:])
+    # a default factory runs per object, as the constructor's does
+    assert fast_new(Built)(1).c is not fast_new(Built)(1).c
+    message = fast_new(Message)("tool", "out", (), "call_1", "noop", True)
+    assert message == Message("tool", "out", (), "call_1", "noop", True)
+    assert repr(message) == repr(Message("tool", "out", (), "call_1", "noop", True))
+    assert hash(message) == hash(Message("tool", "out", (), "call_1", "noop", True))
+
+
+def test_fast_new_refuses_what_it_cannot_build() -> None:
+    @dataclass(frozen=True, slots=True)
+    class NotInInit:
+        a: int
+        b: int = field(default=0, init=False)
+
+    @dataclass(frozen=True, slots=True, weakref_slot=True)
+    class WeakReferable:
+        a: int
+
+    @dataclass(frozen=True)
+    class NoSlots:
+        a: int
+
+    for cls in (NotInInit, WeakReferable, NoSlots):
+        with pytest.raises(TypeError, match="fast_new"):
+            fast_new(cls)

@@ -102,12 +102,19 @@ def _crash_during_replays() -> None:
 
     replaying = [0]
     fold = journal.apply_record
+    fold_chunk = journal.apply_records
     replay = journal.load_state
 
     def counting_fold(state: Any, type: str, payload: Any) -> Any:
         if replaying[0]:
             _maybe_crash("replay")
         return fold(state, type, payload)
+
+    def counting_chunk_fold(state: Any, records: Any) -> Any:
+        if replaying[0]:
+            for _ in records:  # one crash point per record, as if folded one by one
+                _maybe_crash("replay")
+        return fold_chunk(state, records)
 
     async def counting_replay(log: Any, execution_id: str) -> Any:
         replaying[0] += 1
@@ -117,6 +124,7 @@ def _crash_during_replays() -> None:
             replaying[0] -= 1
 
     journal.apply_record = counting_fold  # type: ignore[assignment]
+    journal.apply_records = counting_chunk_fold  # type: ignore[assignment]
     journal.load_state = counting_replay  # type: ignore[assignment]
 
 

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Sequence
 
 import pytest
 
@@ -12,7 +11,8 @@ import perdure.journal
 from perdure.events import encode, execution_stream, record_types
 from perdure.journal import load_state
 from perdure.log import MemoryLog, NewRecord
-from perdure.state import ExecutionState, apply_record
+from perdure.log.protocol import Record
+from perdure.state import ExecutionState, apply_records
 from tests.runtime.test_state import llm, started
 
 pytestmark = pytest.mark.anyio
@@ -33,11 +33,11 @@ def gc_seen_by_fold(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """Whether GC was on at each record the replay folded."""
     seen: list[bool] = []
 
-    def spying(state: ExecutionState, type: str, payload: Any) -> ExecutionState:
-        seen.append(gc.isenabled())
-        return apply_record(state, type, payload)
+    def spying(state: ExecutionState, records: Sequence[Record]) -> ExecutionState:
+        seen.extend(gc.isenabled() for _ in records)
+        return apply_records(state, records)
 
-    monkeypatch.setattr(perdure.journal, "apply_record", spying)
+    monkeypatch.setattr(perdure.journal, "apply_records", spying)
     return seen
 
 

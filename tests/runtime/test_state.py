@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from perdure.events import (
@@ -25,7 +26,16 @@ from perdure.events import (
     encode,
 )
 from perdure.log.protocol import Record
-from perdure.state import CallLLM, ExecutionState, Fail, Run, Suspend, apply, plan
+from perdure.state import (
+    CallLLM,
+    ExecutionState,
+    Fail,
+    Run,
+    Suspend,
+    apply,
+    apply_records,
+    plan,
+)
 
 
 def started(**kw: Any) -> ExecutionStarted:
@@ -243,3 +253,87 @@ def test_replaying_the_same_log_gives_the_same_state(order: list[int], outcomes:
     for e in events:
         apply(replayed, decode(Record("s", 1, encode(e).type, 1, 0.0, encode(e).payload)))
     assert replayed == live
+
+
+# -- replay folds a chunk at a time ------------------------------------------------------
+
+_TURNS = st.lists(
+    st.tuples(
+        st.sampled_from([1, 1, 1, 2, 0]),  # tool calls in the turn (0: final answer)
+        st.sampled_from(["ok", "error"]),
+        st.sampled_from([7, "text", None, True, {"k": [1, 2]}, 2.5]),  # the tool's output
+        # re-run after a crash (a second tool.started), or only a second attempt's start
+        st.sampled_from(["once", "once", "rerun", "second"]),
+        st.sampled_from([0, 0, 0, 1, 2]),  # a signal (with this seq) arrives after the turn
+        # who answered (a fallback chain switches models; "" is a provider-less model)
+        st.sampled_from([("p", "m"), ("q", "m"), ("", "p/m"), ("p", "m2")]),
+        st.sampled_from([0.1, 0.2, 0.0, None, 3]),  # the call's cost
+    ),
+    min_size=1,
+    max_size=12,
+)
+
+
+def _history(turns: list[tuple[Any, ...]]) -> list[Event]:
+    """A plausible stream: turns of tool calls, re-runs, errors, signals between turns."""
+    events: list[Event] = [started(max_steps=100)]
+    step = 0
+    for n_calls, outcome, output, rerun, signal, (provider, model), cost in turns:
+        step += 1
+        answer = llm(step, *[("t", {"i": i}) for i in range(n_calls)])
+        response = {**answer.response, "provider": provider, "model": model}
+        events.append(dataclasses.replace(answer, response=response, cost=cost))
+        calls = [step + 1 + i for i in range(n_calls)]
+        for s in calls:
+            events.append(tstart(s, attempt=2 if rerun == "second" else 1))
+            if rerun == "rerun":
+                events.append(tstart(s, attempt=2))
+        for s in reversed(calls):  # outcomes out of call order
+            if outcome == "ok":
+                events.append(ToolCompleted(s, "ok", output))
+            else:
+                events.append(ToolCompleted(s, "error", None, {"type": "E", "message": "m"}))
+        step += n_calls
+        if signal:
+            events.append(SignalReceived(f"s{signal}", {"n": signal}, "ops", signal_seq=signal))
+        if not n_calls:
+            break
+    return events
+
+
+@settings(max_examples=300)
+@given(_TURNS, st.lists(st.integers(min_value=1, max_value=60), max_size=4))
+def test_replay_by_chunks_builds_the_state_apply_builds(
+    turns: list[tuple[Any, ...]], cuts: list[int]
+) -> None:
+    """apply_records (replay's fold, with its one-tool-step shortcut) equals apply on
+    each event, wherever the chunks of the stream are cut (a step may straddle two)."""
+    events = _history(turns)
+    live = fold(*events)
+    records = [
+        Record("exec/x1", i + 1, r.type, r.version, 0.0, r.payload)
+        for i, r in enumerate(encode(e) for e in events)
+    ]
+    replayed = ExecutionState()
+    start = 0
+    for cut in [*sorted({min(c, len(records)) for c in cuts}), len(records)]:
+        apply_records(replayed, records[start:cut])
+        start = cut
+    assert replayed == live
+    assert replayed.messages == live.messages and replayed.usage == live.usage
+
+
+def test_replay_sums_costs_in_call_order_to_the_last_bit() -> None:
+    # (0.1 + 0.1) + 1.1 != 0.1 + (0.1 + 1.1) in floats: a tally that summed a run of
+    # steps on its own and added the sum at the end would show here. The first step
+    # fails its tool (so it is folded record by record) and starts the totals at 0.1.
+    turns = [(1, "error", None, "once", 0, ("p", "m"), 0.1)]
+    turns += [(1, "ok", 7, "once", 0, ("p", "m"), c) for c in (0.1, 1.1)]
+    events = _history(turns)
+    live = fold(*events)
+    records = [
+        Record("exec/x1", i + 1, e.type, 1, 0.0, encode(e).payload) for i, e in enumerate(events)
+    ]
+    replayed = apply_records(ExecutionState(), records)
+    assert replayed.usage.dollars == live.usage.dollars == (0.1 + 0.1) + 1.1 != 0.1 + (0.1 + 1.1)
+    assert replayed.usage.by_model == live.usage.by_model and replayed == live
