@@ -972,17 +972,28 @@ class Runtime:
         not run its tool once approved. A crash before these cancels are posted is made
         good at the next open (see :meth:`_orphaned`).
         """
+        await self._post_to_children(
+            parent,
+            "cancel",
+            _orphan_cancel(parent, reason),
+            "was cancelled, but cancelling its children failed; they are cancelled when a "
+            "runtime next opens the data dir",
+        )
+
+    async def _post_to_children(
+        self, parent: str, name: str, payload: Mapping[str, Any], failed: str
+    ) -> None:
+        """Post signal ``name`` to every unfinished child of ``parent``, as the runtime.
+
+        A failure is logged, never raised: ``failed`` says what went wrong and what the
+        next open makes good.
+        """
         try:
             async for info in self.log.streams(prefix=f"exec/{parent}/"):
                 if info.meta.get("parent") == parent and info.meta.get("status") not in _FINISHED:
-                    child = info.stream[len("exec/") :]
-                    await self._post(child, "cancel", _orphan_cancel(parent, reason), "runtime")
+                    await self._post(info.stream[len("exec/") :], name, payload, "runtime")
         except Exception:
-            log.exception(
-                "execution %s was cancelled, but cancelling its children failed; they are "
-                "cancelled when a runtime next opens the data dir",
-                parent,
-            )
+            log.exception("execution %s %s", parent, failed)
 
     async def _cancel_if_orphaned(self, eid: str, meta: Mapping[str, Any]) -> bool:
         """At open: cancel this unfinished execution if its parent was cancelled.
@@ -1496,18 +1507,13 @@ class Runtime:
             self._tg.start_soon(self._hand_down_budget, eid, grant)
 
     async def _hand_down_budget(self, parent: str, grant: Mapping[str, Any]) -> None:
-        try:
-            async for info in self.log.streams(prefix=f"exec/{parent}/"):
-                if info.meta.get("parent") == parent and info.meta.get("status") not in _FINISHED:
-                    child = info.stream[len("exec/") :]
-                    payload = {**grant, "parent": parent}
-                    await self._post(child, "parent_budget", payload, "runtime")
-        except Exception:
-            log.exception(
-                "execution %s: its budget changed, but handing it down to its children "
-                "failed; they get it when a runtime next opens the data dir",
-                parent,
-            )
+        await self._post_to_children(
+            parent,
+            "parent_budget",
+            {**grant, "parent": parent},
+            "changed its budget, but handing it down to its children failed; they get it "
+            "when a runtime next opens the data dir",
+        )
 
     async def _rehand_budget(self, eid: str, meta: Mapping[str, Any]) -> None:
         """At open: a child suspended on a limit its parent handed down gets the
