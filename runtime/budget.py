@@ -30,13 +30,7 @@ class Budget:
 
     def exhausted(self, usage: ExecutionUsage) -> tuple[str, float, float] | None:
         """The first limit ``usage`` has reached, as (limit name, limit, used), or None."""
-        checks = (
-            ("max_llm_calls", self.max_llm_calls, usage.llm_calls),
-            ("max_tokens", self.max_tokens, usage.total_tokens),
-            ("max_dollars", self.max_dollars, usage.dollars),
-            ("max_tool_calls", self.max_tool_calls, usage.tool_calls),
-        )
-        for name, limit, used in checks:
+        for name, limit, used in self._checks(usage):
             if limit is not None and used >= limit:
                 return name, limit, used
         return None
@@ -77,11 +71,12 @@ class Budget:
         )
 
     def _checks(self, usage: ExecutionUsage) -> tuple[tuple[str, Any, Any], ...]:
+        # (limit name, limit, used), in the order exhaustion is reported
         return (
-            ("max_dollars", self.max_dollars, usage.dollars),
             ("max_llm_calls", self.max_llm_calls, usage.llm_calls),
-            ("max_tool_calls", self.max_tool_calls, usage.tool_calls),
             ("max_tokens", self.max_tokens, usage.total_tokens),
+            ("max_dollars", self.max_dollars, usage.dollars),
+            ("max_tool_calls", self.max_tool_calls, usage.tool_calls),
         )
 
 
@@ -116,7 +111,7 @@ class ExecutionUsage:
         self.input_tokens += input_tokens
         self.output_tokens += output_tokens
         self.dollars += dollars
-        key = f"{provider}/{model}" if provider else model
+        key = model_key(provider, model)
         entry = self.by_model.get(key)
         if entry is None:
             entry = self.by_model[key] = {"calls": 0, "tokens": 0, "dollars": 0.0}
@@ -164,7 +159,11 @@ class ExecutionUsage:
         """This usage and ``other``'s together, as a new object (``self`` if None)."""
         if other is None:
             return self
-        total = ExecutionUsage.from_dict(self.to_dict())
-        total.dollars = self.dollars  # unrounded: to_dict rounds for display
+        total = replace(self, by_model={k: dict(v) for k, v in self.by_model.items()})
         total.add(other)
         return total
+
+
+def model_key(provider: str, model: str) -> str:
+    """The ``by_model`` key of an LLM call: ``"provider/model"``, or the model alone."""
+    return f"{provider}/{model}" if provider else model

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from perdure.budget import Budget, ExecutionUsage
+from perdure.budget import Budget, ExecutionUsage, model_key
 from perdure.events import (
     EVENT_TYPES,
     ApprovalGranted,
@@ -310,7 +310,7 @@ def apply_records(state: ExecutionState, records: Sequence[Record]) -> Execution
                     calls = first_starts = tokens_in = tokens_out = 0
                     usage = state.usage
                     dollars = usage.dollars
-                    entry = usage.by_model.get(_model_key(provider, model))
+                    entry = usage.by_model.get(model_key(provider, model))
                     model_dollars = 0.0 if entry is None else entry["dollars"]
                 calls += 1
                 if first_attempt:
@@ -340,11 +340,6 @@ def apply_records(state: ExecutionState, records: Sequence[Record]) -> Execution
     return state
 
 
-def _model_key(provider: str, model: str) -> str:
-    """The ``by_model`` key of a call (as ``ExecutionUsage.add_llm_call`` makes it)."""
-    return f"{provider}/{model}" if provider else model
-
-
 def _add_llm_calls(
     usage: ExecutionUsage,
     provider: str,
@@ -367,7 +362,7 @@ def _add_llm_calls(
     usage.input_tokens += tokens_in
     usage.output_tokens += tokens_out
     usage.dollars = dollars
-    key = _model_key(provider, model)
+    key = model_key(provider, model)
     entry = usage.by_model.get(key)
     if entry is None:
         entry = usage.by_model[key] = {"calls": 0, "tokens": 0, "dollars": 0.0}
