@@ -1251,8 +1251,12 @@ class Runtime:
             trees = await still_eligible(self.log, trees, cut)
             purged: list[str] = []
             for batch in batches(trees):
-                await self.log.delete_streams([execution_stream(eid) for eid in batch])
+                # Shielded: a delete the writer took commits whatever happens to its
+                # caller, and the claim must hold until it has.
+                with anyio.CancelScope(shield=True):
+                    await self.log.delete_streams([execution_stream(eid) for eid in batch])
                 purged += batch
+                await anyio.lowlevel.checkpoint_if_cancelled()
         finally:
             for eid in claimed:
                 del self._purging[eid]

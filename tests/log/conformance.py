@@ -731,6 +731,12 @@ class EventLogConformance:
         assert got == {"deleted": 0, "kept": 2}
         assert (await log.stats())["waiters"] == 0
 
+    async def test_delete_after_close_is_refused(self, log: EventLog) -> None:
+        await log.append("s", [note(1)], expect=0)
+        await log.aclose()
+        with pytest.raises(LogClosedError):
+            await log.delete_streams(["s"])
+
     async def test_delete_refuses_a_bare_name_and_bad_names(self, log: EventLog) -> None:
         await log.append("s", [note(1)], expect=0)
         with pytest.raises(LogError, match="sequence of stream names"):
