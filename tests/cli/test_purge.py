@@ -32,6 +32,8 @@ def test_purge_deletes_finished_trees_only(fresh_store: Store) -> None:
 
     none = perdure(fresh_store.path, "purge", "--older-than", "30d", "--json")
     assert none.code == 0 and none.json()["purged"] == []
+    said = perdure(fresh_store.path, "purge", "--older-than", "4w")
+    assert said.code == 0 and said.out.startswith("nothing to purge: no finished execution")
 
     failed = perdure(fresh_store.path, "purge", "--older-than", "0s", "--status", "failed")
     assert failed.code == 0, failed.err
