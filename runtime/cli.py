@@ -788,8 +788,7 @@ async def _purge(ctx: _Ctx, args: argparse.Namespace) -> int:
     lines += [f"kept {k['execution_id']}: {k['why']}" for k in kept]
     if not rows:
         lines.append(
-            f"nothing to purge: no finished execution tree was last updated before "
-            f"{fmt_time(cut)}"
+            f"nothing to purge: no finished execution tree was last updated before {fmt_time(cut)}"
         )
         ctx.lines(lines)
         return 0
