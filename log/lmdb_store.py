@@ -172,7 +172,8 @@ _WITHDRAWN: Final = 2
 _APPEND: Final = 0
 _SET_META: Final = 1
 # A delete goes alone in its write transaction (see _writer_main): its ``values`` are
-# the index keys (UTF-8 names) of the streams to delete.
+# the index keys (UTF-8 names) of the streams to delete, and _apply_delete leaves the
+# names of those it found in its ``meta``, under "deleted".
 _DELETE: Final = 2
 
 _STORAGE_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
@@ -1080,8 +1081,9 @@ class LmdbLog:
         ]
         if batch[0].kind == _DELETE and type(outcomes[0]) is int and self._waiters:
             # The streams they waited on are gone: wake them with the last seq now, 0.
-            for name_key in batch[0].values:
-                items += ((c, 0) for c in self._waiters.pop_stream(name_key.decode("utf-8")))
+            # (Not those waiting for a stream that did not exist: nothing changed.)
+            for name in (batch[0].meta or {}).get("deleted", ()):
+                items += ((c, 0) for c in self._waiters.pop_stream(name))
         if touched and self._waiters:
             try:
                 items += self._waiters.due(touched)
@@ -1427,6 +1429,7 @@ class LmdbLog:
                     key = _index_prefix(field, meta_value_key(meta[field])) + name_key
                     txn.delete(key, db=by_meta)
             txn.delete(name_key, db=streams_db)
+        pending.meta = {"deleted": [name_key.decode("utf-8") for name_key, _, _ in found]}
         return len(found)
 
     def _clear_stale_readers(self) -> int:
