@@ -46,6 +46,7 @@ __all__ = [
     "check_expect",
     "check_indexed_fields",
     "check_stream_name",
+    "check_stream_names",
     "decode_all",
     "decode_record",
     "encode_entry",
@@ -331,6 +332,20 @@ def check_stream_name(stream: object) -> bytes:
             f"must be 1 to {MAX_STREAM_NAME_BYTES} bytes"
         )
     return encoded
+
+
+def check_stream_names(streams: object) -> dict[str, bytes]:
+    """Validate the names given to ``delete_streams``: each name once, with its key.
+
+    A bare ``str`` is refused: it is a sequence too, and would name one stream per
+    character.
+    """
+    if isinstance(streams, (str, bytes)) or not isinstance(streams, Sequence):
+        raise LogError(
+            f"delete_streams takes a sequence of stream names, got "
+            f"{streams.__class__.__name__} {streams!r}; wrap a single name in a list"
+        )
+    return {stream: check_stream_name(stream) for stream in streams}
 
 
 # Values that come back from CBOR exactly as they went in (NaN aside, which compares

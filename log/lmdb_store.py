@@ -99,6 +99,7 @@ from .codec import (
     check_expect,
     check_indexed_fields,
     check_stream_name,
+    check_stream_names,
     decode_all,
     encode_entry,
     encode_records,
@@ -170,6 +171,10 @@ _WITHDRAWN: Final = 2
 
 _APPEND: Final = 0
 _SET_META: Final = 1
+# A delete goes alone in its write transaction (see _writer_main): its ``values`` are
+# the index keys (UTF-8 names) of the streams to delete, and _apply_delete leaves the
+# names of those it found in its ``meta``, under "deleted".
+_DELETE: Final = 2
 
 _STORAGE_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _checkpoint = anyio.lowlevel.checkpoint
@@ -594,6 +599,7 @@ class LmdbLog:
             "map_growths": 0,
             "stale_readers_cleared": self._stale_readers_at_open,
             "poll_wake_callbacks": 0,
+            "streams_deleted": 0,
         }
         self._writer = threading.Thread(
             target=self._writer_main, name=f"perdure-log-writer {self._path}", daemon=True
@@ -932,6 +938,40 @@ class LmdbLog:
             self._withdraw(pending)
             raise
 
+    async def delete_streams(self, streams: Sequence[str]) -> int:
+        """Delete ``streams`` atomically; see :meth:`perdure.log.EventLog.delete_streams`.
+
+        Owner only (a client gets ``ClientWriteError``). The delete is queued to the
+        writer thread like an append and applied alone in one write transaction, so it
+        is ordered with the appends queued before and after it, and its records, index
+        entries and ``by_meta`` keys go together or not at all. Returns once durable.
+        Tasks of this process waiting on a deleted stream are woken with 0; a client
+        process's waiters are not (its poller sees no append) and keep waiting until
+        their timeout or an append past their ``after``. Stream ids are never reused,
+        so a stream appended again afresh shares nothing with its past. LMDB puts the
+        freed pages on its free list and reuses them for later writes: ``data.mdb``
+        does not shrink (copy it with compaction, ``mdb_copy -c``, to give space back).
+        """
+        if self._closing:
+            raise self._closed_error()
+        names = check_stream_names(streams)
+        if self._client:
+            raise ClientWriteError(next(iter(names), "(none)"))
+        if not names:
+            return 0
+        await _checkpoint_if_cancelled()
+        completion = Completion()
+        first = next(iter(names))
+        pending = _Pending(
+            _DELETE, first, names[first], list(names.values()), None, None, _time(), completion
+        )
+        self._submit(pending)
+        try:
+            return await completion.wait()  # type: ignore[no-any-return]
+        except BaseException:
+            self._withdraw(pending)
+            raise
+
     def _submit(self, pending: _Pending) -> None:
         # The writer is not told about this append at once: a callback scheduled on
         # the caller's loop tells it once the tasks that are ready now have run (a kick).
@@ -995,6 +1035,12 @@ class LmdbLog:
                     pending = queue[0]
                     if batch and nbytes + pending.nbytes > MAX_BATCH_BYTES:
                         break
+                    # A delete takes a transaction of its own, after the writes queued
+                    # before it: _apply keeps a batch's index entries in memory until
+                    # the end, which a delete in the middle would have to see through.
+                    deleting = pending.kind == _DELETE
+                    if deleting and batch:
+                        break
                     queue.popleft()
                     available -= 1
                     self._taken += 1
@@ -1003,6 +1049,8 @@ class LmdbLog:
                     pending.state = _TAKEN
                     batch.append(pending)
                     nbytes += pending.nbytes
+                    if deleting:
+                        break
             if not batch:
                 continue
             try:
@@ -1031,6 +1079,11 @@ class LmdbLog:
         items: list[tuple[Completion, Any]] = [
             (pending.completion, outcome) for pending, outcome in zip(batch, outcomes, strict=True)
         ]
+        if batch[0].kind == _DELETE and type(outcomes[0]) is int and self._waiters:
+            # The streams they waited on are gone: wake them with the last seq now, 0.
+            # (Not those waiting for a stream that did not exist: nothing changed.)
+            for name in (batch[0].meta or {}).get("deleted", ()):
+                items += ((c, 0) for c in self._waiters.pop_stream(name))
         if touched and self._waiters:
             try:
                 items += self._waiters.due(touched)
@@ -1070,7 +1123,12 @@ class LmdbLog:
                     # Another process committed since our last transaction: the cached
                     # index entries may be stale.
                     self._drop_entries()
-                outcomes, states = self._apply(txn, batch, self._entries, self._entries_old, exact)
+                if batch[0].kind == _DELETE:
+                    outcomes, states = [self._apply_delete(txn, batch[0])], {}
+                else:
+                    outcomes, states = self._apply(
+                        txn, batch, self._entries, self._entries_old, exact
+                    )
                 txn.commit()
                 txn = None
             except _Inconsistent:
@@ -1173,6 +1231,14 @@ class LmdbLog:
         # before; keyed to this one, a commit by another process in between would go
         # unnoticed, and a stale entry would be written back over its appends.
         wrote = any(state.dirty for state in states.values())
+        if batch[0].kind == _DELETE:
+            # Never let a cached entry bring a deleted stream back: the next append to
+            # it must find no entry and start the stream afresh.
+            wrote = type(outcomes[0]) is int and outcomes[0] > 0
+            for name_key in batch[0].values:
+                name = name_key.decode("utf-8")
+                self._entries.pop(name, None)
+                self._entries_old.pop(name, None)
         self._entries_txnid = txnid if wrote else txnid - 1
         for name, state in states.items():
             cache[name] = state.entry()
@@ -1181,7 +1247,10 @@ class LmdbLog:
         counters["largest_batch"] = max(counters["largest_batch"], len(batch))
         counters["largest_batch_bytes"] = max(counters["largest_batch_bytes"], nbytes)
         for pending, outcome in zip(batch, outcomes, strict=True):
-            if type(outcome) is int:
+            if pending.kind == _DELETE:
+                if type(outcome) is int:
+                    counters["streams_deleted"] += outcome
+            elif type(outcome) is int:
                 counters["appends"] += 1
                 counters["records_appended"] += len(pending.values)
             elif isinstance(outcome, ConflictError):
@@ -1326,6 +1395,42 @@ class LmdbLog:
         if next_id is not None and next_id != first_new_id:
             put(_NEXT_ID_KEY, _ID.pack(next_id), db=self._meta)
         return outcomes, states
+
+    def _apply_delete(self, txn: lmdb.Transaction, pending: _Pending) -> int | LogError:
+        """Delete the streams ``pending`` names in ``txn``; return how many existed.
+
+        Every entry is read and decoded before anything is deleted: a corrupt one fails
+        the whole delete (returned, not raised) with nothing changed, since without its
+        stream id its records cannot be found.
+        """
+        streams_db = self._streams
+        found: list[tuple[bytes, int, dict[str, Any]]] = []
+        for name_key in pending.values:
+            raw = txn.get(name_key, db=streams_db)
+            if raw is None:
+                continue
+            try:
+                sid, _, _, _, meta = _decode_entry(name_key.decode("utf-8"), raw)
+            except CorruptRecordError as exc:
+                return exc
+            found.append((name_key, sid, meta))
+        records_db = self._records
+        by_meta = self._by_meta
+        for name_key, sid, meta in found:
+            prefix = _ID.pack(sid)
+            cursor = txn.cursor(db=records_db)
+            if cursor.set_range(prefix):
+                # delete() moves the cursor to the next key (b"" past the end).
+                while cursor.key()[:4] == prefix:
+                    if not cursor.delete():
+                        break
+            for field in self._indexed:
+                if field in meta:
+                    key = _index_prefix(field, meta_value_key(meta[field])) + name_key
+                    txn.delete(key, db=by_meta)
+            txn.delete(name_key, db=streams_db)
+        pending.meta = {"deleted": [name_key.decode("utf-8") for name_key, _, _ in found]}
+        return len(found)
 
     def _clear_stale_readers(self) -> int:
         """Free the reader slots of dead processes; return how many were freed."""
@@ -1668,12 +1773,15 @@ class LmdbLog:
         return await anyio.to_thread.run_sync(self._check_sync)
 
     # The store may change between two chunks of a scan, but only in these ways:
-    # records are added past a stream's last seq (never removed or rewritten), index
-    # entries are rewritten in place (never removed), new streams take ids from
-    # next_stream_id upward, and secondary index keys move with meta. So a record past
-    # the index's last seq, or of an unknown stream id, is checked again against the
+    # records are added past a stream's last seq (never rewritten), index entries are
+    # rewritten in place, new streams take ids from next_stream_id upward, secondary
+    # index keys move with meta, and delete_streams removes a stream's entry, records
+    # and keys in one transaction (its id is never used again). So a record past the
+    # index's last seq, or of an unknown stream id, is checked again against the
     # transaction that found it before it is called a fault; seq gaps are tracked
-    # across chunks, as each stream's records are only ever added at its end.
+    # across chunks, as each stream's records are only ever added at its end; and a
+    # stream whose records are missing is looked up again before that is called a gap,
+    # since it may have been deleted after the index was read.
 
     def _check_sync(self) -> list[Fault]:
         faults: list[Fault] = []
@@ -1806,7 +1914,7 @@ class LmdbLog:
             faults.append(Fault(None, None, "orphan", detail))
         for sid, (name, last_seq) in by_id.items():
             have = expected.get(sid, 1) - 1
-            if have < last_seq:
+            if have < last_seq and self._stream_id_now(name) == sid:
                 faults.append(
                     Fault(
                         name,
@@ -1815,6 +1923,20 @@ class LmdbLog:
                         f"records {have + 1}..{last_seq} missing (index says {last_seq})",
                     )
                 )
+
+    def _stream_id_now(self, name: str) -> int | None:
+        """The stream's id in a fresh read transaction; None if deleted or unreadable."""
+        txn = self._begin_read()
+        try:
+            raw = txn.get(name.encode("utf-8"), db=self._streams)
+        finally:
+            self._end_read(txn)
+        if raw is None:
+            return None
+        try:
+            return _decode_entry(name, raw)[0]  # type: ignore[no-any-return]
+        except CorruptRecordError:
+            return None
 
     def _stream_ids_among(self, sids: set[int]) -> set[int]:
         """Which of ``sids`` an index entry now names (another scan of the index)."""

@@ -21,6 +21,7 @@ from .codec import (
     check_expect,
     check_indexed_fields,
     check_stream_name,
+    check_stream_names,
     decode_all,
     encode_records,
     meta_matches,
@@ -31,7 +32,7 @@ from .codec import (
 )
 from .errors import ConflictError, LogClosedError, LogError
 from .protocol import Fault, NewRecord, Record, RecordTypes, StreamInfo
-from .waker import AppendWaiters, wake
+from .waker import AppendWaiters, Completion, wake
 
 __all__ = ["MemoryLog"]
 
@@ -159,6 +160,39 @@ class MemoryLog:
                 )
             entry.updated_at = time.time()
             self._merge_meta(stream, entry, new_meta)
+
+    async def delete_streams(self, streams: Sequence[str]) -> int:
+        """Delete ``streams`` atomically; see :meth:`perdure.log.EventLog.delete_streams`.
+
+        Waiters on a deleted stream are woken with 0, as the LMDB store does.
+        """
+        self._check_open()
+        names = check_stream_names(streams)
+        await _checkpoint()
+        woken: list[Completion] = []
+        deleted = 0
+        with self._lock:
+            self._check_open()
+            for name in names:
+                entry = self._streams.pop(name, None)
+                if entry is None:
+                    continue
+                deleted += 1
+                del self._names[bisect.bisect_left(self._names, name)]
+                meta = cbor2.loads(entry.meta)
+                for field in self._indexed:
+                    if field not in meta:
+                        continue
+                    key = (field, meta_value_key(meta[field]))
+                    indexed = self._index.get(key)
+                    if indexed is not None:
+                        indexed.discard(name)
+                        if not indexed:
+                            del self._index[key]
+                woken += self._waiters.pop_stream(name)
+        if woken:
+            wake((completion, 0) for completion in woken)
+        return deleted
 
     def _merge_meta(self, stream: str, entry: _Stream, new_meta: dict[str, Any]) -> None:
         old = cbor2.loads(entry.meta)

@@ -212,6 +212,21 @@ class EventLog(Protocol):
         """Shallow-merge ``meta`` into an existing stream's index entry (owner only)."""
         ...
 
+    async def delete_streams(self, streams: Sequence[str]) -> int:
+        """Delete ``streams`` (records, index entry, secondary index keys) atomically.
+
+        Owner only: a client raises ``ClientWriteError``, as for an append. Applied in
+        one write, ordered with appends like an append. Names that do not exist are
+        skipped; returns how many did. Afterwards each deleted stream is as one that never
+        existed: ``last_seq`` is 0, ``stream_info`` None, it is not listed, ``check()``
+        reports nothing for it, an append with ``expect=0`` starts it afresh (one naming
+        its old last seq gets ``ConflictError``). Tasks of this handle waiting in
+        :meth:`wait_for_append` on a deleted stream are woken with 0 (its last seq now,
+        at most their ``after``): the stream they waited on is gone. A store on disk may
+        reuse the freed space for new records without returning it to the filesystem.
+        """
+        ...
+
     async def wait_for_append(self, stream: str, after: int, timeout: float | None = None) -> int:
         """Wait until ``stream``'s last seq exceeds ``after``; return the new last seq.
 

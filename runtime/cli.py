@@ -12,6 +12,8 @@ signal against the execution's index entry, then append it to the inbox stream
 through the same client path, exactly as ``Runtime.approve`` and friends do: the
 owning runtime notices within ~50 ms, delivers it and auto-resumes the execution; with
 no runtime running the signal waits in the inbox and takes effect at the next start.
+``purge`` deletes finished executions, so it must own the dir: with a runtime running it
+refuses, naming the owner's pid (that service can call ``rt.purge(...)`` itself).
 
 Every command takes ``--json`` (one JSON document on stdout, errors included) and
 otherwise prints aligned text for people. Exit status: 0 success; 1 an error, a fault
@@ -33,12 +35,14 @@ import io
 import json
 import math
 import os
+import re
 import secrets
 import shlex
 import shutil
 import socket
 import stat
 import sys
+import time
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -78,8 +82,9 @@ from perdure.events import (
     record_types,
 )
 from perdure.journal import index_meta
-from perdure.log import ANY, Fault, LmdbLog, LogError, Record, StreamInfo
+from perdure.log import ANY, DataDirLockedError, Fault, LmdbLog, LogError, Record, StreamInfo
 from perdure.result import ExecutionInfo
+from perdure.retention import FINISHED, batches, cutoff, eligible_trees
 from perdure.signals import BUILTIN, canonical_name, in_doubt_problem, precheck
 from perdure.state import TERMINAL, ExecutionState, apply
 from perdure.status import (
@@ -420,6 +425,26 @@ def build_parser() -> argparse.ArgumentParser:
     signal_options(p)
 
     p = command(
+        "purge",
+        _purge,
+        "delete finished executions (whole delegation trees) last updated before a cutoff",
+    )
+    p.add_argument(
+        "--older-than",
+        required=True,
+        type=_duration,
+        metavar="DURATION",
+        help="how long ago their last update was at least: 30d, 12h, 90m, 3600s, 2w",
+    )
+    p.add_argument(
+        "--status",
+        action="append",
+        choices=FINISHED,
+        help="only trees whose root has this status (repeatable; default: all three)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="list what would go; delete nothing")
+
+    p = command(
         "replay",
         _replay,
         "replay recorded executions against the current agent code; exit 1 on drift",
@@ -446,6 +471,21 @@ def _seconds(text: str) -> float:
             f"{text!r}: give the seconds to wait, 0 or more (inf waits until it settles)"
         )
     return value
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([smhdw])\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _duration(text: str) -> float:
+    """A ``--older-than`` value: a number and a unit (s, m, h, d, w), in seconds."""
+    match = _DURATION.match(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration; give a number and a unit: 30d, 12h, 90m, 3600s "
+            f"or 2w (0s: every finished execution)"
+        )
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 
 # -- shared pieces --------------------------------------------------------------------------
@@ -681,6 +721,82 @@ async def _status(ctx: _Ctx, args: argparse.Namespace) -> int:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     lines.append(f"{len(rows)} execution{'s' if len(rows) != 1 else ''}: {summary}")
+    ctx.lines(lines)
+    return 0
+
+
+# -- purge ----------------------------------------------------------------------------------
+
+
+async def _purge(ctx: _Ctx, args: argparse.Namespace) -> int:
+    statuses = frozenset(args.status or FINISHED)
+    now = time.time()
+    cut = cutoff(args.older_than, now)
+    try:
+        # Deleting is the owner's alone: with the owner lock held, no runtime can be
+        # running an execution (or starting an actor) while its streams go.
+        log = await LmdbLog.open(ctx.data_dir, types=record_types())
+    except DataDirLockedError as exc:
+        owner = f"runtime pid {exc.pid}" if exc.pid is not None else "another process"
+        raise CliError(
+            f"data dir {ctx.data_dir!r} is owned by {owner}; only the owner may delete "
+            f"executions: call rt.purge(...) in that service (it skips the executions it "
+            f"is running), or stop it first and run 'perdure purge' again",
+            "owned",
+        ) from None
+    async with log:
+        trees = await eligible_trees(log, cut, statuses)
+        pending = await pending_signals(log)
+        # A signal waiting in the inbox for a tree is delivered at the next start: the
+        # tree is kept for it (deleted, its id reused, the signal would reach the new one).
+        held = [t for t in trees if not pending.keys().isdisjoint(t.members)]
+        trees = [t for t in trees if pending.keys().isdisjoint(t.members)]
+        rows = []
+        for tree in trees:
+            for eid in tree.members:
+                info = await log.stream_info(execution_stream(eid))
+                assert info is not None  # we own the dir: nothing else deletes
+                item = ExecutionInfo.from_index(eid, info.meta, info.created_at, info.updated_at)
+                rows.append({**item.to_dict(), "root": tree.root})
+        if not args.dry_run:
+            for batch in batches(trees):
+                await log.delete_streams([execution_stream(eid) for eid in batch])
+    kept = [{"execution_id": t.root, "why": "signals for it wait in the inbox"} for t in held]
+    if ctx.json:
+        ctx.emit(
+            {
+                "data_dir": ctx.abs_dir,
+                "dry_run": bool(args.dry_run),
+                "older_than_seconds": args.older_than,
+                "cutoff": cut,
+                "statuses": sorted(statuses),
+                "purged": rows,
+                "kept": kept,
+            }
+        )
+        return 0
+    verb = "would purge" if args.dry_run else "purged"
+    lines: list[str] = []
+    if rows:
+        lines += table(
+            ("EXECUTION", "AGENT", "STATUS", "TREE", "UPDATED"),
+            (
+                (r["execution_id"], r["agent"], r["status"], r["root"], fmt_time(r["updated_at"]))
+                for r in rows
+            ),
+        )
+    lines += [f"kept {k['execution_id']}: {k['why']}" for k in kept]
+    if not rows:
+        lines.append(
+            f"nothing to purge: no finished execution tree was last updated before {fmt_time(cut)}"
+        )
+        ctx.lines(lines)
+        return 0
+    lines.append(
+        f"{verb} {_n(len(rows), 'execution')} in {_n(len(trees), 'tree')}, finished and last "
+        f"updated before {fmt_time(cut)}"
+        + ("; run again without --dry-run to delete them" if args.dry_run and rows else "")
+    )
     ctx.lines(lines)
     return 0
 

@@ -20,6 +20,7 @@ crash replays the log and carries on; repeated crashes give up on that execution
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import inspect
 import logging
 import math
@@ -72,6 +73,14 @@ from perdure.log.protocol import ANY, Durability
 from perdure.providers.pricing import Price, Pricing
 from perdure.providers.types import LLMResponse
 from perdure.result import ExecutionInfo, Result, SuspendReason
+from perdure.retention import (
+    FINISHED,
+    batches,
+    check_statuses,
+    cutoff,
+    eligible_trees,
+    still_eligible,
+)
 from perdure.signals import SignalStatus, canonical_name, in_doubt_problem, precheck
 from perdure.state import TERMINAL, ExecutionState, budget_grant, limit_origin
 from perdure.status import (
@@ -80,6 +89,7 @@ from perdure.status import (
     confirmation_owner,
     describe,
     owner_phrase,
+    pending_signals,
 )
 from perdure.tool_threads import ToolThreads
 
@@ -262,6 +272,10 @@ class Runtime:
         # their callbacks (the close waits for them, within shutdown_timeout).
         self._callback_tg: anyio.abc.TaskGroup | None = None
         self._live: dict[str, ExecutionActor] = {}
+        # Executions a purge is deleting, each with the event set when it is done:
+        # nothing may start an actor for them (its first append would recreate the
+        # stream).
+        self._purging: dict[str, anyio.Event] = {}
         self._starting: dict[str, anyio.Event] = {}
         self._slots: set[str] = set()
         self._queue: deque[str] = deque()
@@ -588,6 +602,7 @@ class Runtime:
         eid = _check_id(execution_id) if execution_id is not None else uuid.uuid4().hex
         if definition_agent.llm is None:
             raise AgentDefinitionError(f"agent {definition_agent.name!r} has no llm to call")
+        await self._not_purging(eid)
         existing = await self.log.stream_info(execution_stream(eid))
         if existing is not None:
             await self._caught_up()
@@ -790,6 +805,9 @@ class Runtime:
         assert self._executions is not None
         key = _child_key(eid)
         while True:
+            # Checked again after every wait below, with no await between the last
+            # check and the claim of _starting that a purge respects.
+            await self._not_purging(eid)
             ref = self._executions.ref(key)
             if ref is not None:
                 actor = self._live.get(eid)
@@ -811,7 +829,12 @@ class Runtime:
         done = self._starting[eid] = anyio.Event()
         try:
             meta = await self.log.stream_info(execution_stream(eid))
-            agent = self._agents.get(meta.meta.get("agent", "")) if meta else None
+            if meta is None:
+                # No such execution (purged, say): an actor would record a signal as
+                # the first record of a stream of that name, recreating it half-made.
+                self._release(eid)
+                return None
+            agent = self._agents.get(meta.meta.get("agent", ""))
             if drive and agent is None:
                 self._release(eid)
                 return None
@@ -1072,6 +1095,7 @@ class Runtime:
         :meth:`wait_recovered`); only what is durable is reported.
         """
         await self._caught_up()
+        await self._not_purging(execution_id)
         actor = self._live.get(execution_id)
         if actor is not None and actor.journal is not None:
             journal = actor.journal
@@ -1138,6 +1162,7 @@ class Runtime:
         """The full replayed state of an execution (a copy if it is live), as of after
         the signals sent while no runtime ran (see :meth:`wait_recovered`)."""
         await self._caught_up()
+        await self._not_purging(execution_id)
         if await self.log.stream_info(execution_stream(execution_id)) is None:
             raise _not_found(self.log, execution_id)
         return await load_state(self.log, execution_id)
@@ -1163,6 +1188,87 @@ class Runtime:
                 )
             )
         return out
+
+    # -- retention ----------------------------------------------------------------------------
+
+    async def purge(
+        self,
+        older_than: float | datetime.timedelta,
+        *,
+        statuses: Iterable[str] = FINISHED,
+        dry_run: bool = False,
+    ) -> list[str]:
+        """Delete finished executions last updated more than ``older_than`` ago.
+
+        ``older_than`` is seconds or a ``timedelta`` (0: every finished execution).
+        Only a root execution (one with no parent) whose status is in ``statuses`` is
+        chosen, and only when every execution of its delegation tree is finished
+        (completed, failed or cancelled) and last updated before the cutoff; then the
+        whole tree is deleted in one atomic delete. Never an execution that is running,
+        suspended or queued, nor one with a live actor or a signal waiting for it in
+        the inbox: its tree waits for a later purge. Returns the ids deleted, each root
+        before its descendants (``dry_run=True``: the ids that would be, deleting
+        nothing).
+
+        A purged id is unknown afterwards: ``result``, ``signal`` and the rest raise
+        ``ExecutionNotFoundError``, a signal already in the inbox for it is refused
+        when delivered, and ``spawn`` under the id starts a new execution. The data
+        dir's disk space is reused for new records, not returned to the filesystem.
+        """
+        self._require_open()
+        chosen = check_statuses(statuses)
+        cut = cutoff(older_than, time.time())
+        await self._caught_up()
+        trees = await eligible_trees(self.log, cut, chosen)
+        # A finished execution's actor stops a moment after it settles: wait for
+        # those, or a purge right after rt.run would find its execution still busy.
+        with anyio.move_on_after(self.shutdown_timeout):
+            for tree in trees:
+                for eid in tree.members:
+                    actor = self._live.get(eid)
+                    if actor is not None and actor.stop_requested:
+                        await actor.stopped.wait()
+        waiting = await pending_signals(self.log) if trees else {}
+        # Read and claimed with no await in between: an actor starting later waits
+        # for the purge (see _start_actor), and finds the stream gone.
+        busy = (
+            self._live.keys()
+            | self._starting.keys()
+            | self._slots
+            | self._queued
+            | self._purging.keys()
+            | self._inbox_held
+            | waiting.keys()
+        )
+        trees = [t for t in trees if busy.isdisjoint(t.members)]
+        if dry_run or not trees:
+            return [eid for tree in trees for eid in tree.members]
+        claimed = [eid for tree in trees for eid in tree.members]
+        done = anyio.Event()
+        self._purging.update(dict.fromkeys(claimed, done))
+        try:
+            # A failed execution resumed (or updated) since the listing keeps its tree.
+            trees = await still_eligible(self.log, trees, cut)
+            purged: list[str] = []
+            for batch in batches(trees):
+                # Shielded: a delete the writer took commits whatever happens to its
+                # caller, and the claim must hold until it has.
+                with anyio.CancelScope(shield=True):
+                    await self.log.delete_streams([execution_stream(eid) for eid in batch])
+                purged += batch
+                await anyio.lowlevel.checkpoint_if_cancelled()
+        finally:
+            for eid in claimed:
+                del self._purging[eid]
+            done.set()
+        if purged:
+            log.info("purged %d finished executions updated before %s", len(purged), cut)
+        return purged
+
+    async def _not_purging(self, eid: str) -> None:
+        """Wait while a purge is deleting ``eid`` (then it is gone, or kept)."""
+        while (done := self._purging.get(eid)) is not None:
+            await done.wait()
 
     # -- signals ------------------------------------------------------------------------------
 
@@ -1190,6 +1296,7 @@ class Runtime:
         is refused, not sent twice.
         """
         await self._caught_up()
+        await self._not_purging(execution_id)
         info = await self.log.stream_info(execution_stream(execution_id))
         if info is None:
             raise _not_found(self.log, execution_id)
@@ -1332,6 +1439,13 @@ class Runtime:
         for _ in range(10):
             ref = await self._start_actor(target, drive=False)
             if ref is None:
+                log.warning(
+                    "signal %r (inbox seq %d) refused: execution %r was purged before it "
+                    "could take it",
+                    signal.name,
+                    seq,
+                    target,
+                )
                 return
             try:
                 await ref.ask(Deliver(seq, signal.name, signal.payload, signal.by), timeout=None)

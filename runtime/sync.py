@@ -13,9 +13,10 @@ cancelled at once (each resumes at the next start, nothing is lost), and the
 from __future__ import annotations
 
 import contextlib
+import datetime
 import queue
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,7 @@ from perdure.agent import Agent
 from perdure.budget import Budget
 from perdure.errors import RuntimeClosedError
 from perdure.result import ExecutionInfo, Result
+from perdure.retention import FINISHED
 from perdure.signals import SignalStatus
 
 if TYPE_CHECKING:
@@ -120,6 +122,16 @@ class SyncRuntime:
     ) -> list[ExecutionInfo]:
         """See :meth:`Runtime.executions`."""
         return self._call(self.runtime.executions, status=status, agent=agent)
+
+    def purge(
+        self,
+        older_than: float | datetime.timedelta,
+        *,
+        statuses: Iterable[str] = FINISHED,
+        dry_run: bool = False,
+    ) -> list[str]:
+        """See :meth:`Runtime.purge`."""
+        return self._call(self.runtime.purge, older_than, statuses=statuses, dry_run=dry_run)
 
     def signal(
         self, execution_id: str, name: str, payload: Any = None, **kwargs: Any

@@ -649,3 +649,113 @@ class EventLogConformance:
         assert await log.check() == []
         stats = await log.stats()
         assert (stats["streams"], stats["records"]) == (2, 3)
+
+    # -- delete_streams ------------------------------------------------------------------
+
+    async def test_delete_streams_leaves_no_trace(self, log: EventLog) -> None:
+        await log.append("exec/a", [note(i) for i in range(300)], 0, {"status": "done"})
+        await log.append("exec/b", [note(1)], expect=0, meta={"status": "done", "kind": "k"})
+        await log.append("exec/c", [note(1), note(2)], expect=0, meta={"status": "done"})
+        assert await log.delete_streams(["exec/a", "exec/b", "exec/missing", "exec/a"]) == 2
+        for gone in ("exec/a", "exec/b"):
+            assert await log.last_seq(gone) == 0
+            assert await log.stream_info(gone) is None
+            assert await collect(log, gone) == []
+        assert await listing(log) == ["exec/c"]
+        assert await listing(log, "exec/", where={"status": "done"}) == ["exec/c"]
+        assert await listing(log, where={"kind": "k"}) == []
+        assert await log.check() == []
+        stats = await log.stats()
+        assert (stats["streams"], stats["records"]) == (1, 2)
+        # Nothing left to delete: unknown names are skipped, an empty list is fine.
+        assert await log.delete_streams(["exec/a", "never"]) == 0
+        assert await log.delete_streams([]) == 0
+        assert [r.seq for r in await collect(log, "exec/c")] == [1, 2]
+
+    async def test_deleted_stream_starts_afresh(self, log: EventLog) -> None:
+        # "hot" was written in the last commit; "cold" many commits ago (a store that
+        # caches index entries by age holds the two in different places).
+        await log.append("cold", [note(1), note(2), note(3)], expect=0, meta={"status": "x"})
+        for i in range(3 * 8):
+            await log.append("other", [note(i)], expect=i)
+        await log.append("hot", [note(1), note(2)], expect=0, meta={"status": "x"})
+        assert await log.delete_streams(["cold", "hot"]) == 2
+        for stream, old_last in (("cold", 3), ("hot", 2)):
+            with pytest.raises(ConflictError) as caught:
+                await log.append(stream, [note(99)], expect=old_last)
+            assert (caught.value.expected, caught.value.actual) == (old_last, 0)
+            assert await log.append(stream, [note(7)], expect=0) == 1
+            assert [r.payload["i"] for r in await collect(log, stream)] == [7]
+            info = await log.stream_info(stream)
+            assert info is not None and info.last_seq == 1 and dict(info.meta) == {}
+        assert await listing(log, where={"status": "x"}) == []
+        assert await log.check() == []
+
+    async def test_delete_is_all_or_nothing_for_readers(self, log: EventLog) -> None:
+        names = [f"d/{i:03}" for i in range(40)]
+        for name in names:
+            await log.append(name, [note(1)], expect=0, meta={"status": "s"})
+        seen: list[int] = []
+        done = anyio.Event()
+
+        async def reader() -> None:
+            while not done.is_set():
+                seen.append(len(await listing(log, "d/", where={"status": "s"})))
+                await anyio.lowlevel.checkpoint()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(reader)
+            await anyio.lowlevel.checkpoint()
+            assert await log.delete_streams(names) == 40
+            done.set()
+        assert set(seen) <= {0, 40}
+        assert await listing(log) == []
+
+    async def test_delete_wakes_waiters_with_zero(self, log: EventLog) -> None:
+        await log.append("s", [note(1)], expect=0)
+        got: dict[str, int] = {}
+
+        async def wait(name: str, stream: str) -> None:
+            got[name] = await log.wait_for_append(stream, 1)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait, "deleted", "s")
+            tg.start_soon(wait, "kept", "t")
+            await anyio.wait_all_tasks_blocked()
+            with anyio.fail_after(10):
+                # "t" does not exist yet: naming it deletes nothing, wakes nobody.
+                assert await log.delete_streams(["s", "t"]) == 1
+                while "deleted" not in got:
+                    await anyio.wait_all_tasks_blocked()
+            assert got == {"deleted": 0}
+            await log.append("t", [note(1), note(2)], expect=0)
+        assert got == {"deleted": 0, "kept": 2}
+        assert (await log.stats())["waiters"] == 0
+
+    async def test_delete_after_close_is_refused(self, log: EventLog) -> None:
+        await log.append("s", [note(1)], expect=0)
+        await log.aclose()
+        with pytest.raises(LogClosedError):
+            await log.delete_streams(["s"])
+
+    async def test_delete_refuses_a_bare_name_and_bad_names(self, log: EventLog) -> None:
+        await log.append("s", [note(1)], expect=0)
+        with pytest.raises(LogError, match="sequence of stream names"):
+            await log.delete_streams("s")  # type: ignore[arg-type]
+        with pytest.raises(LogError, match="stream names are str"):
+            await log.delete_streams(["s", 5])  # type: ignore[list-item]
+        assert await log.last_seq("s") == 1
+
+    async def test_delete_survives_reopen(self, log: EventLog, tmp_path: Path) -> None:
+        await log.append("a", [note(1), note(2)], expect=0, meta={"status": "x"})
+        await log.append("b", [note(1)], expect=0, meta={"status": "x"})
+        assert await log.delete_streams(["a"]) == 1
+        log = await self.reopen(log, tmp_path, TYPES)
+        try:
+            assert await log.stream_info("a") is None
+            assert await listing(log, where={"status": "x"}) == ["b"]
+            assert await log.append("a", [note(5)], expect=0) == 1
+            assert [r.payload["i"] for r in await collect(log, "a")] == [5]
+            assert await log.check() == []
+        finally:
+            await log.aclose()

@@ -2,7 +2,8 @@
 
 The state machine checks records against a model; this checks everything else the
 protocol promises (meta merging, ``where`` matching by canonical CBOR, index-driven
-and scanned listings, empty appends, ``set_meta`` on missing streams, conflicts) by
+and scanned listings, empty appends, ``set_meta`` on missing streams, conflicts,
+deleting streams and appending to them again) by
 comparing the two stores with each other, operation by operation.
 """
 
@@ -49,6 +50,7 @@ ops = st.one_of(
         st.none() | st.dictionaries(st.sampled_from(KEYS), meta_values, max_size=2),
     ),
     st.tuples(st.just("info"), st.sampled_from(STREAMS)),
+    st.tuples(st.just("delete"), st.lists(st.sampled_from(STREAMS), max_size=3)),
 )
 
 
@@ -75,6 +77,8 @@ async def _run(log: EventLog, op: tuple[Any, ...]) -> Any:
             return await log.append(stream, records, expect=expect[how], meta=meta)
         if op[0] == "set_meta":
             return await log.set_meta(op[1], op[2])
+        if op[0] == "delete":
+            return await log.delete_streams(op[1])
         if op[0] == "list":
             return [
                 (i.stream, i.last_seq, _same(dict(i.meta))) async for i in log.streams(op[1], op[2])

@@ -1058,3 +1058,112 @@ async def test_an_append_whose_kick_never_comes_is_still_committed(tmp_path: Pat
         # And the next burst is released by its own kick again.
         with anyio.fail_after(10):
             assert await log.append("s", [note(1)], expect=1) == 2
+
+
+# -- delete_streams: LMDB only -----------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_client_cannot_delete(tmp_path: Path) -> None:
+    async with await open_log(tmp_path) as owner:
+        await owner.append("exec/1", [note(1)], expect=0)
+        await owner.append("signals/x", [NewRecord("signal", {})], expect=0)
+    # (LMDB allows one handle per process: the client opens once the owner is closed.)
+    async with await open_log(tmp_path, client=True) as client:
+        for stream in ("exec/1", "signals/x"):
+            with pytest.raises(ClientWriteError, match=repr(stream)):
+                await client.delete_streams([stream])
+        assert await client.last_seq("exec/1") == 1
+        assert await client.last_seq("signals/x") == 1
+
+
+@pytest.mark.anyio
+async def test_delete_with_a_corrupt_entry_deletes_nothing(tmp_path: Path) -> None:
+    async with await open_log(tmp_path) as log:
+        await log.append("good", [note(1)], expect=0, meta={"status": "x"})
+        await log.append("bad", [note(1)], expect=0)
+    env, (_, streams, _, _) = _raw_env(tmp_path)
+    with env.begin(write=True) as txn:
+        txn.put(b"bad", b"\x00not a sealed entry", db=streams)
+    env.close()
+    async with await open_log(tmp_path) as log:
+        with pytest.raises(CorruptRecordError, match="'bad'"):
+            await log.delete_streams(["good", "bad"])
+        assert await log.last_seq("good") == 1
+        assert [i.stream async for i in log.streams(where={"status": "x"})] == ["good"]
+
+
+@pytest.mark.anyio
+async def test_delete_between_appends_of_one_burst(tmp_path: Path) -> None:
+    """A delete queued among many appends gets its own transaction; none is lost."""
+    async with await open_log(tmp_path) as log:
+        await log.append("old", [note(i) for i in range(10)], expect=0, meta={"status": "x"})
+        deleted: list[int] = []
+
+        async def delete() -> None:
+            deleted.append(await log.delete_streams(["old"]))
+
+        async with anyio.create_task_group() as tg:
+            for i in range(50):
+                tg.start_soon(log.append, f"new/{i}", [note(i)], 0, {"status": "x"})
+            tg.start_soon(delete)
+            for i in range(50, 100):
+                tg.start_soon(log.append, f"new/{i}", [note(i)], 0, {"status": "x"})
+        assert deleted == [1]
+        names = [i.stream async for i in log.streams(where={"status": "x"})]
+        assert names == sorted(f"new/{i}" for i in range(100))
+        assert await log.check() == []
+        assert (await log.stats())["streams_deleted"] == 1
+
+
+@pytest.mark.anyio
+async def test_check_during_a_delete_reports_no_gap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream deleted after check() read the index is not reported as missing records."""
+    async with await open_log(tmp_path) as log:
+        await log.append("a", [note(i) for i in range(5)], expect=0, meta={"status": "x"})
+        await log.append("b", [note(1)], expect=0)
+        original = LmdbLog._check_index
+
+        def index_then_delete(self: LmdbLog, faults: list[Any]) -> Any:
+            by_id = original(self, faults)
+            # What the writer thread would do between the scan's transactions.
+            pending = lmdb_store._Pending(
+                lmdb_store._DELETE,
+                "a",
+                b"a",
+                [b"a"],
+                None,
+                None,
+                0.0,
+                None,  # type: ignore[arg-type]
+            )
+            with self._env.begin(write=True) as txn:
+                assert self._apply_delete(txn, pending) == 1
+            return by_id
+
+        monkeypatch.setattr(LmdbLog, "_check_index", index_then_delete)
+        assert await log.check() == []
+        monkeypatch.undo()
+        assert await log.stream_info("a") is None
+        # The writer notices the foreign transaction and rereads "b" from the store.
+        assert await log.append("b", [note(2)], expect=1) == 2
+        assert await log.check() == []
+
+
+@pytest.mark.anyio
+async def test_deleted_space_is_reused_not_returned(tmp_path: Path) -> None:
+    async with await open_log(tmp_path) as log:
+        batch = [NewRecord("note", {"i": i, "pad": "x" * 400}) for i in range(200)]
+        for round in range(3):
+            for k in range(10):
+                await log.append(f"r{round}/{k}", batch, expect=0)
+            if round == 0:
+                size_after_first = (await log.stats())["map_used_bytes"]
+            assert await log.delete_streams([f"r{round}/{k}" for k in range(10)]) == 10
+        stats = await log.stats()
+        assert stats["records"] == 0
+        # Three rounds of ~1 MB each fit in the pages the first round used (plus slack
+        # for LMDB's free list and the two meta pages), not in three times as many.
+        assert stats["map_used_bytes"] < 2 * size_after_first

@@ -1,8 +1,8 @@
 """A hypothesis state machine drives each store against a model: a dict of lists.
 
 Rules: append, stale append (must conflict and write nothing), concurrent appends at
-one expected seq (exactly one wins), concurrent ANY appends, reopen, read from a random
-seq. Async calls go through a blocking portal, one event loop per machine run, on
+one expected seq (exactly one wins), concurrent ANY appends, delete streams, reopen,
+read from a random seq. Async calls go through a blocking portal, one event loop per machine run, on
 asyncio and on trio.
 """
 
@@ -138,6 +138,18 @@ class LogMachine(RuleBasedStateMachine):
             start = len(self.model[stream])
             assert [seq for seq, _ in landed] == list(range(start + 1, start + 1 + len(landed)))
             self.model[stream].extend({"n": n} for _, n in landed)
+
+    @rule(chosen=st.lists(streams, max_size=3))
+    def delete_streams(self, chosen: list[str]) -> None:
+        existing = {s for s in chosen if self.model[s]}
+        assert self.portal.call(self.log.delete_streams, chosen) == len(existing)
+        for stream in chosen:
+            self.model[stream] = []
+
+        async def names() -> list[str]:
+            return [info.stream async for info in self.log.streams()]
+
+        assert self.portal.call(names) == sorted(s for s in STREAMS if self.model[s])
 
     @rule()
     def reopen(self) -> None:
