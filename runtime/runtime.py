@@ -994,9 +994,11 @@ class Runtime:
         next open makes good.
         """
         try:
-            async for info in self.log.streams(prefix=f"exec/{parent}/"):
-                if info.meta.get("parent") == parent and info.meta.get("status") not in _FINISHED:
-                    await self._post(info.stream[len("exec/") :], name, payload, "runtime")
+            for prefix in _children_prefixes(parent):
+                async for info in self.log.streams(prefix=execution_stream(prefix)):
+                    meta = info.meta
+                    if meta.get("parent") == parent and meta.get("status") not in _FINISHED:
+                        await self._post(info.stream[len("exec/") :], name, payload, "runtime")
         except Exception:
             log.exception("execution %s %s", parent, failed)
 
@@ -1820,6 +1822,15 @@ def _child_id(parent: str, step: int, variant: int) -> str:
     if len(parent) + len(suffix) > _MAX_ID:
         return f"{parent[:200]}~{digest(parent)}{suffix}"
     return parent + suffix
+
+
+def _children_prefixes(parent: str) -> tuple[str, ...]:
+    """The id prefixes ``parent``'s children have: its own id, and the shortened form
+    :func:`_child_id` gives children whose id would be too long."""
+    own = parent + "/"
+    if len(parent) <= 200:
+        return (own,)  # "parent/<step>" fits in _MAX_ID for any step a run reaches
+    return own, f"{parent[:200]}~{digest(parent)}/"
 
 
 def _execution_id(child_key: str) -> str:

@@ -524,3 +524,34 @@ def test_a_root_raise_comes_down_two_levels_whatever_hand_down_a_sigkill_cuts_sh
     done = run_worker(tmp_path, "handdown", "none", backend, PERDURE_RUN="1")
     assert done.returncode == 0, done.stderr[-3000:]
     check_handed_down(tmp_path, results_of(done))
+
+
+async def test_a_raise_and_a_cancel_reach_the_child_of_a_parent_whose_id_is_too_long_to_extend(
+    open_runtime: Any,
+) -> None:
+    """A child's id is its parent's plus "/step", shortened (with a digest) when that would
+    be too long: the parent's hand-downs and cancels must find that child too."""
+    from perdure.runtime import _child_id
+
+    long_id, long_id2 = "L" * 254, "L" * 253 + "M"
+    kid, kid2 = _child_id(long_id, 2, 0), _child_id(long_id2, 2, 0)
+    assert not kid.startswith(long_id) and not kid2.startswith(long_id2)  # shortened
+    a, b = worker("a"), worker("b")
+    boss = orchestrator(a, budget=Budget(max_llm_calls=2))
+    other = orchestrator(b, budget=Budget(max_llm_calls=2), name="other")
+    async with open_runtime() as rt:
+        settled = Settled(rt)
+        await rt.spawn(boss, "go", execution_id=long_id)
+        await rt.spawn(other, "go", execution_id=long_id2)
+        with anyio.fail_after(10):
+            stopped = await settled.wait(rt, kid)
+            await settled.wait(rt, kid2)
+        assert stopped.suspend_reason.parent == long_id  # type: ignore[union-attr]
+        await rt.resume(long_id, budget=Budget(max_llm_calls=20))
+        with anyio.fail_after(10):
+            done = await rt.wait(long_id, until="finished")
+        assert done.output == "all done" and done.delegated_usage.llm_calls == 3
+        await rt.cancel(long_id2, "not needed")
+        with anyio.fail_after(10):
+            cancelled = await rt.wait(kid2, until="finished")
+    assert cancelled.status == "cancelled"
