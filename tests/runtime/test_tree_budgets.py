@@ -70,6 +70,37 @@ async def tree_dollars(rt: Any) -> float:
     return round(sum(info.dollars for info in await rt.executions()), 6)
 
 
+async def assert_index_agrees_with_replay(rt: Any) -> None:
+    """Every execution's index entry (defaults filled in for the fields it leaves out)
+    is what a replay of its stream gives; and ``rt.executions()`` reads it so."""
+    from perdure.journal import INDEX_DEFAULTS, index_meta, load_state
+
+    def plain(meta: dict[str, Any]) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in meta.items()}
+
+    infos = {i.execution_id: i for i in await rt.executions()}
+    async for entry in rt.log.streams(prefix="exec/"):
+        eid = entry.stream[len("exec/") :]
+        state = await load_state(rt.log, eid)
+        want = plain(index_meta(state))
+        assert plain({**INDEX_DEFAULTS, **entry.meta}) == want, eid
+        info = infos[eid]
+        assert (info.status, info.reason, info.parent) == (
+            want["status"],
+            want["reason"],
+            want["parent"],
+        )
+        assert (info.steps, info.llm_calls, info.tool_calls, info.tokens, info.dollars) == (
+            want["steps"],
+            want["llm_calls"],
+            want["tool_calls"],
+            want["tokens"],
+            want["dollars"],
+        )
+        assert list(info.waiting_on) == want["waiting_on"]
+        assert info.delegated_dollars == (want.get("delegated") or {}).get("dollars", 0.0)
+
+
 async def test_children_together_cannot_spend_past_the_parents_dollars_and_a_raise_on_the_parent_resumes_the_child(  # noqa: E501
     open_runtime: Any,
 ) -> None:
@@ -424,11 +455,13 @@ async def test_a_root_raise_whose_hand_down_was_lost_reaches_a_grandchild_at_the
         assert leaf_result.suspend_reason.origin == "tq-1"  # type: ignore[union-attr]
         await rt.resume("tq-1", budget=Budget(max_llm_calls=50))
         assert (await rt.state("tq-1/2")).inherited == Budget(max_llm_calls=2)  # not handed
+        await assert_index_agrees_with_replay(rt)
     async with open_runtime(agents=[root]) as rt:
         with anyio.fail_after(10):
             done = await rt.wait("tq-1", until="finished")
         middle_state = await rt.state("tq-1/2")
         leaf_state = await rt.state("tq-1/2/2")
+        await assert_index_agrees_with_replay(rt)
     assert done.output == "all done"
     assert middle_state.inherited == Budget(max_llm_calls=49)
     assert leaf_state.inherited == Budget(max_llm_calls=48)
@@ -473,6 +506,7 @@ async def test_a_lost_hand_down_reaches_a_child_that_was_waiting_for_an_approval
         with anyio.fail_after(10):
             waiting = await settled.wait(rt, "ta-1/2")
         assert waiting.suspend_reason.kind == "approval"  # type: ignore[union-attr]
+        await assert_index_agrees_with_replay(rt)
         await rt.resume("ta-1", budget=Budget(max_llm_calls=20))
         assert (await rt.state("ta-1/2")).inherited == Budget(max_llm_calls=2)  # not handed
     async with open_runtime(agents=[boss]) as rt:
@@ -480,6 +514,7 @@ async def test_a_lost_hand_down_reaches_a_child_that_was_waiting_for_an_approval
         with anyio.fail_after(10):
             done = await rt.wait("ta-1", until="finished")
         kid_state = await rt.state("ta-1/2")
+        await assert_index_agrees_with_replay(rt)
     assert done.output == "all done"
     assert kid_state.status == "completed" and kid_state.usage.llm_calls == 3
     assert kid_state.inherited == Budget(max_llm_calls=19)
