@@ -927,7 +927,7 @@ class Runtime:
             if waited:
                 self._tg.start_soon(self._rewake_if_finished, eid, waited)
             reason = state.suspend_reason or {}
-            if reason.get("kind") == "budget" and reason.get("parent"):
+            if reason.get("kind") == "budget" and reason.get("parent") and self._open:
                 # On a limit it inherited: a raise above may not have come down to it
                 # (it ran, or waited for an approval, when a crash cut the hand-down).
                 self._tg.start_soon(self._rehand_if_owed, eid)
