@@ -949,6 +949,11 @@ class Runtime:
             waited = _waiting_on(state.suspend_reason)
             if waited:
                 self._tg.start_soon(self._rewake_if_finished, eid, waited)
+            reason = state.suspend_reason or {}
+            if reason.get("kind") == "budget" and reason.get("parent") and self._open:
+                # On a limit it inherited: a raise above may not have come down to it
+                # (it ran, or waited for an approval, when a crash cut the hand-down).
+                self._tg.start_soon(self._rehand_if_owed, eid)
         if status == "cancelled" and self._tg is not None:
             self._tg.start_soon(self._cancel_children, eid, state.cancel_reason or "")
 
@@ -1012,9 +1017,11 @@ class Runtime:
         next open makes good.
         """
         try:
-            async for info in self.log.streams(prefix=f"exec/{parent}/"):
-                if info.meta.get("parent") == parent and info.meta.get("status") not in _FINISHED:
-                    await self._post(info.stream[len("exec/") :], name, payload, "runtime")
+            for prefix in _children_prefixes(parent):
+                async for info in self.log.streams(prefix=execution_stream(prefix)):
+                    meta = info.meta
+                    if meta.get("parent") == parent and meta.get("status") not in _FINISHED:
+                        await self._post(info.stream[len("exec/") :], name, payload, "runtime")
         except Exception:
             log.exception("execution %s %s", parent, failed)
 
@@ -1630,24 +1637,56 @@ class Runtime:
         )
 
     async def _rehand_budget(self, eid: str, meta: Mapping[str, Any]) -> None:
-        """At open: a child suspended on a limit its parent handed down gets the
-        parent's budget again if the parent now has more left (a raise whose hand-down
-        a crash cut short)."""
-        parent = meta.get("parent")
-        if not parent or meta.get("reason") != "budget":
-            return
+        """At open: a child suspended on a limit an ancestor handed down gets more if an
+        ancestor now has more to hand (a raise whose hand-down a crash cut short)."""
+        if meta.get("parent") and meta.get("reason") == "budget":
+            await self._rehand_owed(eid)
+
+    async def _rehand_owed(self, eid: str) -> None:
+        """``eid`` is suspended on a limit it inherited: if a raise above it never came
+        all the way down, hand it down again from where it stopped.
+
+        A raise goes down one generation at a time, each hand-down posted once the one
+        above has recorded its own; a crash can cut that chain at any generation, and a
+        child that was not suspended on its budget then (running, or waiting for an
+        approval) is not looked at by the next open. So this goes up from ``eid`` to
+        the first execution whose parent can hand it more than it holds, and posts the
+        parent's grant there: the usual hand-down takes it the rest of the way.
+        """
         child = await load_state(self.log, eid)
         reason = child.suspend_reason or {}
         limit = str(reason.get("limit") or "")
-        if reason.get("kind") != "budget" or limit_origin(child, limit) == eid:
+        if child.status != "suspended" or reason.get("kind") != "budget" or not limit:
             return
-        grant = budget_grant(await load_state(self.log, str(parent)))
-        if grant is None:
-            return
-        now = getattr(child.inherited, limit, None) if child.inherited is not None else None
-        offered = grant["budget"].get(limit)
-        if now is not None and (offered is None or offered > now):
-            await self._post(eid, "parent_budget", {**grant, "parent": parent}, "runtime")
+        for _ in range(_MAX_ANCESTORS):
+            if not child.parent or limit_origin(child, limit) == child.execution_id:
+                return  # its own limit: nothing above holds it back
+            now = getattr(child.inherited, limit, None) if child.inherited is not None else None
+            if now is None:
+                return
+            parent_id = str(child.parent["execution_id"])
+            parent = await load_state(self.log, parent_id)
+            grant = budget_grant(parent)
+            if parent.status in TERMINAL or grant is None:
+                return
+            offered = grant["budget"].get(limit)
+            if offered is None or offered > now:
+                await self._post(
+                    child.execution_id, "parent_budget", {**grant, "parent": parent_id}, "runtime"
+                )
+                return
+            child = parent
+
+    async def _rehand_if_owed(self, eid: str) -> None:
+        """:meth:`_rehand_owed` for a child that just suspended on what it inherited."""
+        try:
+            await self._rehand_owed(eid)
+        except Exception:
+            log.exception(
+                "execution %s: could not check whether a raise above it is owed to it; "
+                "it is checked again when a runtime next opens the data dir",
+                eid,
+            )
 
     # -- recovery -----------------------------------------------------------------------------
 
@@ -1897,6 +1936,15 @@ def _child_id(parent: str, step: int, variant: int) -> str:
     if len(parent) + len(suffix) > _MAX_ID:
         return f"{parent[:200]}~{digest(parent)}{suffix}"
     return parent + suffix
+
+
+def _children_prefixes(parent: str) -> tuple[str, ...]:
+    """The id prefixes ``parent``'s children have: its own id, and the shortened form
+    :func:`_child_id` gives children whose id would be too long."""
+    own = parent + "/"
+    if len(parent) <= 200:
+        return (own,)  # "parent/<step>" fits in _MAX_ID for any step a run reaches
+    return own, f"{parent[:200]}~{digest(parent)}/"
 
 
 def _execution_id(child_key: str) -> str:

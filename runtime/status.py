@@ -119,7 +119,10 @@ async def confirmation_owner(log: EventLog, eid: str, cid: str) -> list[str] | N
     candidate's ``parent`` fields are walked up to ``eid``, so an execution a user merely
     named under ``eid``'s id (ids may hold "/") is never taken for a descendant.
     """
-    async for info in log.streams(prefix=execution_stream(eid) + "/"):
+    # A child's id is "eid/step", or "eid[:200]~digest/step" when that would be too long
+    # (see Runtime._delegate): the walk up the parent fields below tells them apart.
+    prefix = execution_stream(eid) + "/" if len(eid) <= 200 else execution_stream(eid[:200])
+    async for info in log.streams(prefix=prefix):
         if cid not in (info.meta.get("confirmations") or ()):
             continue
         chain = [info.stream[len(execution_stream("")) :]]

@@ -11,6 +11,8 @@ this process, with where one of
   before / after its side effect was written to SIDE_FILE (fsync'd);
 - ``child-done``: right after the n-th delegated child's completion became durable,
   before its parent has taken (and been charged) its outcome.
+- ``raised`` / ``inherited``: right after the n-th append holding a ``budget.raised`` /
+  ``budget.inherited`` record became durable, before it is handed down any further.
 
 Every tool writes ``key<TAB>name<TAB>arg`` to SIDE_FILE; every model call writes
 ``llm<TAB>agent<TAB>turn<TAB>$PERDURE_RUN`` (which run of the worker asked). Scenarios
@@ -29,6 +31,9 @@ and exits 0):
 - ``charge``: a root under ``max_llm_calls=6`` delegates to two children in turn (two
   LLM calls each); their usage is charged to it, so it stops on its budget before its
   answer; the worker then raises it to 10.
+- ``handdown``: a root under ``max_llm_calls=3`` delegates to a middle execution, which
+  delegates to a leaf; the leaf stops on the root's limit, and the worker raises the
+  root's budget to 20 (unless a run before it did), which must come down two levels.
 - ``tree``: under ``max_concurrency=2`` a root delegates twice in one turn; one child
   delegates again, to a grandchild whose tool requires confirmation (the worker approves
   every approval it sees); the other child's tool is blocked by a contract (the worker
@@ -53,7 +58,7 @@ from perdure import Agent, Budget, Result, Runtime, current_idempotency_key, too
 from perdure.providers import LLMRequest, Scripted
 
 _lock = threading.Lock()
-_counts: dict[str, int] = {"append": 0, "tool": 0, "child-done": 0}
+_counts: dict[str, int] = {"append": 0, "tool": 0, "child-done": 0, "raised": 0, "inherited": 0}
 CRASHES: set[tuple[str, int]] = set()
 SIDE = ""
 BACKEND = os.environ.get("PERDURE_TEST_BACKEND", "asyncio")
@@ -98,9 +103,14 @@ def _crash_after_appends() -> None:
 
     async def counting_flush(self: Any) -> None:
         before = self.state.seq
+        types = {record.type for record in self._staged}
         await flush(self)
         if self.state.seq != before and ("append", _count("append")) in CRASHES:
             die()
+        for kind in ("raised", "inherited"):
+            written = self.state.seq != before and f"budget.{kind}" in types
+            if written and (kind, _count(kind)) in CRASHES:
+                die()
         # (staging folds at once: the state says "completed" before the flush already)
         done = self.state.status == "completed" and self.state.parent
         if done and self.state.seq != before and self.stream not in finished:
@@ -460,6 +470,57 @@ async def charge(rt: Runtime) -> None:
         emit(await rt.result(eid))
 
 
+# -- handdown: a raise on a root handed down two levels ------------------------------------------
+
+
+def _relay_script(agent: str, delegate_to: str) -> Any:
+    def script(request: LLMRequest) -> Any:
+        turn = turn_of(request)
+        llm_side(agent, turn)
+        return Scripted.call(delegate_to, task="go") if turn == 0 else answer(request)
+
+    return Scripted(script, record=False)
+
+
+def leaf_script(request: LLMRequest) -> Any:
+    turn = turn_of(request)
+    llm_side("leaf", turn)
+    return Scripted.call("job", name=f"leaf{turn}") if turn < 2 else answer(request)
+
+
+leaf = Agent("leaf", tools=[job], llm=Scripted(leaf_script, record=False))
+middle = Agent("middle", llm=_relay_script("middle", "delegate_to_leaf"), agents=[leaf])
+top = Agent(
+    "top",
+    llm=_relay_script("top", "delegate_to_middle"),
+    agents=[middle],
+    budget=Budget(max_llm_calls=3),
+)
+HANDDOWN = ["h-1", "h-1/2", "h-1/2/2"]
+
+
+async def handdown(rt: Runtime) -> None:
+    async def raise_once() -> None:
+        # A run before this one may have raised it already: its hand-down must reach
+        # the leaf without another raise.
+        if (await rt.state("h-1")).budget != Budget(max_llm_calls=20):
+            await rt.resume("h-1", budget=Budget(max_llm_calls=20), wait=False, by="worker")
+
+    @rt.on_suspend
+    async def on_suspend(r: Result, reason: Any) -> None:
+        if r.execution_id == "h-1/2/2" and reason.kind == "budget":
+            await raise_once()
+
+    await rt.spawn(top, "go", execution_id="h-1")
+    # Suspended before this process started (so no callback fires for it): raise now.
+    if any(info.execution_id == "h-1/2/2" for info in await rt.executions(status="suspended")):
+        await raise_once()
+    with anyio.fail_after(30):
+        await rt.wait("h-1", until="finished")
+    for eid in HANDDOWN:
+        emit(await rt.result(eid))
+
+
 SCENARIOS = {
     "mixed": (mixed, [mixer], None),
     "queue": (queue, [queuer], 1),
@@ -468,6 +529,7 @@ SCENARIOS = {
     "budget": (budget, [fetcher], None),
     "tree": (tree, [root], 2),
     "charge": (charge, [payer], None),
+    "handdown": (handdown, [top], None),
 }
 
 
@@ -486,7 +548,7 @@ def main() -> None:
         for spec in crash.split(","):
             where, n = spec.split(":")
             CRASHES.add((where, int(n)))
-    if any(where in ("append", "child-done") for where, _ in CRASHES):
+    if any(where in ("append", "child-done", "raised", "inherited") for where, _ in CRASHES):
         _crash_after_appends()
     anyio.run(main_async, data_dir, scenario, backend=BACKEND)
 

@@ -337,3 +337,200 @@ def test_replay_sums_costs_in_call_order_to_the_last_bit() -> None:
     replayed = apply_records(ExecutionState(), records)
     assert replayed.usage.dollars == live.usage.dollars == (0.1 + 0.1) + 1.1 != 0.1 + (0.1 + 1.1)
     assert replayed.usage.by_model == live.usage.by_model and replayed == live
+
+
+# -- the chunk fold against the record-by-record fold, over every shape a stream takes ----
+
+
+def _shaped_history(draw: st.DrawFn) -> list[Event]:
+    """A stream mixing usual tool steps (which the chunk fold takes in one go) with every
+    record that breaks a run of them: approvals, budgets, delegations, drift, doubt."""
+    from perdure.events import (
+        BudgetInherited,
+        DelegationCharged,
+        DriftAccepted,
+        DriftDetected,
+        ExecutionCancelled,
+        ExecutionCompleted,
+        ExecutionFailed,
+        ExecutionResumed,
+        SignalIgnored,
+    )
+
+    parent = draw(
+        st.sampled_from(
+            [
+                None,
+                {"execution_id": "p", "step": 2},
+                {
+                    "execution_id": "p",
+                    "step": 2,
+                    "budget": {"max_llm_calls": 90, "max_dollars": 50.0},
+                    "origins": {"max_llm_calls": "root", "max_dollars": "p"},
+                },
+            ]
+        )
+    )
+    budget = draw(st.sampled_from([None, {"max_llm_calls": 80}, {"max_tool_calls": 70}]))
+    events: list[Event] = [started(max_steps=100, budget=budget, parent=parent)]
+    step = 0
+    seq = 0
+
+    def signal_seq() -> int:
+        nonlocal seq
+        seq += 1
+        return seq
+
+    def answer(*calls: tuple[str, dict[str, Any]]) -> LLMCompleted:
+        nonlocal step
+        step += 1
+        base = llm(step, *calls)
+        provider, model = draw(st.sampled_from([("p", "m"), ("q", "m"), ("", "p/m")]))
+        # floats (some providers report them) are not tallied: the sums could round apart
+        tokens = draw(st.sampled_from([(10, 5), (1, 0), (0.1, 1), (1.1, 0.2)]))
+        response = {
+            **base.response,
+            "provider": provider,
+            "model": model,
+            "usage": {"input": tokens[0], "output": tokens[1]},
+        }
+        cost = draw(st.sampled_from([0.1, 0.2, 0.0, None, 3]))
+        return dataclasses.replace(base, response=response, cost=cost)
+
+    def start(s: int, attempt: int = 1, idempotent: bool = True) -> ToolStarted:
+        return ToolStarted(
+            s, step, s - step - 1, f"c{step}-{s - step - 1}", "t", {}, f"k{s}", "fp", idempotent,
+            attempt,
+        )  # fmt: skip
+
+    for _ in range(draw(st.integers(1, 10))):
+        kind = draw(
+            st.sampled_from(
+                ["tools", "tools", "tools", "approval", "mixed", "budget", "inherited",
+                 "delegate", "drift", "doubt", "failed", "signal"]
+            )
+        )  # fmt: skip
+        if kind == "tools":
+            n = draw(st.sampled_from([1, 1, 2, 3]))
+            events.append(answer(*[("t", {"i": i}) for i in range(n)]))
+            calls = [step + 1 + i for i in range(n)]
+            for s in calls:
+                events.append(start(s))
+            for s in draw(st.permutations(calls)):
+                if draw(st.booleans()):
+                    events.append(ToolCompleted(s, "ok", draw(st.sampled_from([7, "x", None]))))
+                else:
+                    events.append(ToolCompleted(s, "error", None, {"type": "E", "message": "m"}))
+            step += n
+        elif kind in ("approval", "mixed"):
+            n = 1 if kind == "approval" else 2
+            events.append(answer(*[("t", {"i": i}) for i in range(n)]))
+            gated = step + n
+            if n == 2:
+                events.append(start(step + 1))
+            events.append(ApprovalRequested(gated, f"c-{gated}", "t", {}, "approval"))
+            if n == 2:
+                events.append(ToolCompleted(step + 1, "ok", "first"))
+            events.append(ExecutionSuspended({"kind": "approval", "step": gated}))
+            if draw(st.booleans()):
+                events.append(ApprovalGranted(f"c-{gated}", "ops", None, False, signal_seq()))
+                events.append(start(gated))
+                events.append(ToolCompleted(gated, "ok", "approved"))
+            else:
+                events.append(ApprovalRejected(f"c-{gated}", "ops", "no", signal_seq()))
+            step += n
+        elif kind == "budget":
+            events.append(ExecutionSuspended({"kind": "budget", "limit": "max_llm_calls"}))
+            inherited = draw(st.sampled_from([None, {}, {"max_dollars": 40.0}]))
+            # a low limit keeps it suspended, with the usage as of the raise in its reason
+            raised = {"max_llm_calls": draw(st.sampled_from([95, 1, 2, 3]))}
+            events.append(BudgetRaised(raised, "ops", signal_seq(), inherited))
+        elif kind == "inherited":
+            left = draw(
+                st.sampled_from(
+                    [{"max_llm_calls": 60}, {"max_dollars": 0.5}, {"max_tokens": 30}, {}]
+                )
+            )
+            origins = {k: "root" for k in left}
+            events.append(BudgetInherited(left, "p", "runtime", origins, signal_seq()))
+        elif kind == "delegate":
+            events.append(answer(("delegate_to_kid", {"task": "go"})))
+            s = step + 1
+            child = f"x1/{s}"
+            events.append(start(s))
+            events.append(SignalAwaited(s, "child", f"child:{child}", {"child_id": child}))
+            events.append(ExecutionSuspended({"kind": "child", "child_id": child}))
+            usage = {"llm_calls": 2, "tool_calls": 1, "input_tokens": 4, "dollars": 0.3}
+            outcome = {"status": "completed", "output": "kid done", "usage": usage}
+            events.append(SignalReceived(f"child:{child}", outcome, "runtime", signal_seq()))
+            events.append(start(s, attempt=2))
+            events.append(DelegationCharged(s, child, usage))
+            events.append(ToolCompleted(s, "ok", "kid done"))
+            step += 1
+        elif kind == "drift":
+            events.append(DriftDetected(step, [{"field": "model"}], "suspend"))
+            events.append(ExecutionSuspended({"kind": "drift"}))
+            events.append(DriftAccepted({"instructions": "new"}, "ops", signal_seq()))
+        elif kind == "doubt":
+            events.append(answer(("t", {"i": 0})))
+            s = step + 1
+            events.append(start(s, idempotent=False))
+            events.append(ExecutionSuspended({"kind": "unknown_outcome", "step": s}))
+            action = draw(st.sampled_from(["retry", "complete", "fail"]))
+            events.append(ToolResolved(s, action, "ops", output="by hand", signal_seq=signal_seq()))
+            if action == "retry":
+                events.append(start(s, attempt=2, idempotent=False))
+                events.append(ToolCompleted(s, "ok", "again"))
+            step += 1
+        elif kind == "failed":
+            events.append(ExecutionFailed("llm", {"type": "E", "message": "down"}, step))
+            events.append(ExecutionResumed("ops", signal_seq()))
+        else:
+            events.append(SignalReceived("go", {"n": 1}, "ops", signal_seq()))
+            events.append(SignalIgnored("stale", "no such call", "ops", signal_seq()))
+    end = draw(st.sampled_from(["open", "open", "completed", "cancelled"]))
+    if end == "completed":
+        events.append(answer())
+        events.append(ExecutionCompleted("done"))
+    elif end == "cancelled":
+        events.append(ExecutionCancelled("enough", "ops", signal_seq()))
+    return events
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.composite(_shaped_history)(), st.lists(st.integers(1, 80), max_size=4))
+def test_the_chunk_fold_equals_the_record_fold_over_every_shape_of_stream(
+    events: list[Event], cuts: list[int]
+) -> None:
+    """Replay's apply_records, fed the stream in chunks cut anywhere, builds exactly the
+    state apply_record builds record by record: usage (tallied over runs of tool steps),
+    limits, delegated usage, suspension, signal seq, transcript, the open calls."""
+    import cbor2
+
+    from perdure.state import apply_record
+
+    def stored() -> list[Record]:
+        # What a reader hands out: payloads decoded afresh from CBOR, shared by nothing.
+        return [
+            Record("exec/x1", i + 1, r.type, r.version, 0.0, cbor2.loads(cbor2.dumps(r.payload)))
+            for i, r in enumerate(encode(e) for e in events)
+        ]
+
+    records = stored()
+    chunked = ExecutionState()
+    start = 0
+    for cut in [*sorted({min(c, len(records)) for c in cuts}), len(records)]:
+        apply_records(chunked, records[start:cut])
+        start = cut
+    # Every record but a tool step's may read what the ones before it folded (a budget
+    # check reads usage): the chunk fold must have it right there too, not only at the
+    # end (a later record may settle what an earlier one got wrong).
+    tool_step = {"llm.completed", "tool.started", "tool.completed"}
+    one_by_one = ExecutionState()
+    for n, record in enumerate(stored(), 1):
+        apply_record(one_by_one, record.type, record.payload)
+        if record.type not in tool_step and n < len(records):
+            assert apply_records(ExecutionState(), records[:n]) == one_by_one, record
+    assert chunked == one_by_one
+    assert chunked.usage.to_dict() == one_by_one.usage.to_dict()
+    assert chunked.limits == one_by_one.limits and chunked.delegated == one_by_one.delegated

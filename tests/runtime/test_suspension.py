@@ -993,6 +993,25 @@ async def test_approving_a_decided_or_a_childs_confirmation_says_who_or_where(
     assert ran == [("savings", 1.0)]
 
 
+async def test_a_childs_confirmation_is_found_under_a_parent_whose_id_is_too_long_to_extend(
+    open_runtime: Any,
+) -> None:
+    """A child's id is shortened (with a digest) when "parent/step" would be too long:
+    the parent's approve still names the child that holds the confirmation."""
+    from perdure.runtime import _child_id
+
+    ran: list[tuple[str, float]] = []
+    parent = "P" * 254
+    child = _child_id(parent, 2, 0)
+    assert not child.startswith(parent)
+    async with open_runtime() as rt:
+        await rt.run(_boss_and_banker(ran), "go", execution_id=parent)
+        child_cid = (await rt.wait(child)).suspend_reason.confirmation_id  # type: ignore[union-attr]
+        with pytest.raises(InvalidSignalError, match=f"belongs to child execution '{child}'"):
+            await rt.approve(parent, child_cid)
+    assert ran == []
+
+
 async def test_approving_a_grandchilds_confirmation_on_the_root_names_its_owner(
     open_runtime: Any,
 ) -> None:

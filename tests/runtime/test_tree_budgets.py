@@ -70,6 +70,37 @@ async def tree_dollars(rt: Any) -> float:
     return round(sum(info.dollars for info in await rt.executions()), 6)
 
 
+async def assert_index_agrees_with_replay(rt: Any) -> None:
+    """Every execution's index entry (defaults filled in for the fields it leaves out)
+    is what a replay of its stream gives; and ``rt.executions()`` reads it so."""
+    from perdure.journal import INDEX_DEFAULTS, index_meta, load_state
+
+    def plain(meta: dict[str, Any]) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in meta.items()}
+
+    infos = {i.execution_id: i for i in await rt.executions()}
+    async for entry in rt.log.streams(prefix="exec/"):
+        eid = entry.stream[len("exec/") :]
+        state = await load_state(rt.log, eid)
+        want = plain(index_meta(state))
+        assert plain({**INDEX_DEFAULTS, **entry.meta}) == want, eid
+        info = infos[eid]
+        assert (info.status, info.reason, info.parent) == (
+            want["status"],
+            want["reason"],
+            want["parent"],
+        )
+        assert (info.steps, info.llm_calls, info.tool_calls, info.tokens, info.dollars) == (
+            want["steps"],
+            want["llm_calls"],
+            want["tool_calls"],
+            want["tokens"],
+            want["dollars"],
+        )
+        assert list(info.waiting_on) == want["waiting_on"]
+        assert info.delegated_dollars == (want.get("delegated") or {}).get("dollars", 0.0)
+
+
 async def test_children_together_cannot_spend_past_the_parents_dollars_and_a_raise_on_the_parent_resumes_the_child(  # noqa: E501
     open_runtime: Any,
 ) -> None:
@@ -403,3 +434,159 @@ async def test_a_raise_whose_hand_down_was_lost_reaches_the_child_at_the_next_op
         b_state = await rt.state("tr-1/4")
     assert done.output == "all done" and done.total_usage.dollars == 9.0
     assert b_state.inherited == Budget(max_dollars=15.0)
+
+
+async def test_a_root_raise_whose_hand_down_was_lost_reaches_a_grandchild_at_the_next_open(
+    open_runtime: Any,
+) -> None:
+    """Three levels: the root's raise is durable, but the process ends before the middle
+    execution has it, so the middle one has nothing more to hand its child. The next open
+    goes up from the grandchild suspended on the root's limit to the first ancestor that
+    can hand down more (here the middle one, from the root), and the raise comes down."""
+    leaf = worker("leaf")
+    middle = orchestrator(leaf, name="middle")
+    root = orchestrator(middle, name="root", budget=Budget(max_llm_calls=3))
+    async with open_runtime() as rt:
+        settled = Settled(rt)
+        rt._budget_changed = lambda eid, state: None  # type: ignore[method-assign]
+        await rt.spawn(root, "go", execution_id="tq-1")
+        with anyio.fail_after(10):
+            leaf_result = await settled.wait(rt, "tq-1/2/2")
+        assert leaf_result.suspend_reason.origin == "tq-1"  # type: ignore[union-attr]
+        await rt.resume("tq-1", budget=Budget(max_llm_calls=50))
+        assert (await rt.state("tq-1/2")).inherited == Budget(max_llm_calls=2)  # not handed
+        await assert_index_agrees_with_replay(rt)
+    async with open_runtime(agents=[root]) as rt:
+        with anyio.fail_after(10):
+            done = await rt.wait("tq-1", until="finished")
+        middle_state = await rt.state("tq-1/2")
+        leaf_state = await rt.state("tq-1/2/2")
+        await assert_index_agrees_with_replay(rt)
+    assert done.output == "all done"
+    assert middle_state.inherited == Budget(max_llm_calls=49)
+    assert leaf_state.inherited == Budget(max_llm_calls=48)
+    assert done.total_usage.llm_calls == 2 + 2 + 3
+
+
+def signing_worker(name: str) -> Agent:
+    """Three LLM calls: a call that needs approval, one that does not, then an answer."""
+
+    @tool(name=f"sign_{name}", requires_confirmation=True)
+    def sign(doc: str) -> str:
+        """Sign a document."""
+        return f"signed {doc}"
+
+    @tool(name=f"file_{name}")
+    def file_it(doc: str) -> str:
+        """File a document."""
+        return f"filed {doc}"
+
+    def script(request: LLMRequest) -> Any:
+        turn = sum(1 for m in request.messages if m.role == "assistant")
+        if turn == 0:
+            return Scripted.call(f"sign_{name}", doc="d")
+        return Scripted.call(f"file_{name}", doc="d") if turn == 1 else f"{name} done"
+
+    llm = Scripted(script, record=False, model="metered", usage=Usage(1, 0))
+    return Agent(name, tools=[sign, file_it], llm=llm)
+
+
+async def test_a_lost_hand_down_reaches_a_child_that_was_waiting_for_an_approval_then(
+    open_runtime: Any,
+) -> None:
+    """The child waited for an approval when the parent's raise was recorded, and the
+    hand-down was lost: the open does not see a budget suspension, but once approved the
+    child reaches what it inherited; the raise it is owed is handed down then."""
+    kid = signing_worker("kid")
+    boss = orchestrator(kid, budget=Budget(max_llm_calls=3))
+    async with open_runtime() as rt:
+        settled = Settled(rt)
+        rt._budget_changed = lambda eid, state: None  # type: ignore[method-assign]
+        await rt.spawn(boss, "go", execution_id="ta-1")
+        with anyio.fail_after(10):
+            waiting = await settled.wait(rt, "ta-1/2")
+        assert waiting.suspend_reason.kind == "approval"  # type: ignore[union-attr]
+        await assert_index_agrees_with_replay(rt)
+        await rt.resume("ta-1", budget=Budget(max_llm_calls=20))
+        assert (await rt.state("ta-1/2")).inherited == Budget(max_llm_calls=2)  # not handed
+    async with open_runtime(agents=[boss]) as rt:
+        await rt.approve("ta-1/2", waiting.suspend_reason.confirmation_id)  # type: ignore[union-attr]
+        with anyio.fail_after(10):
+            done = await rt.wait("ta-1", until="finished")
+        kid_state = await rt.state("ta-1/2")
+        await assert_index_agrees_with_replay(rt)
+    assert done.output == "all done"
+    assert kid_state.status == "completed" and kid_state.usage.llm_calls == 3
+    assert kid_state.inherited == Budget(max_llm_calls=19)
+
+
+def check_handed_down(base: Path, results: dict[str, dict[str, Any]]) -> None:
+    """The root's one raise reached the leaf two levels down; every child charged once."""
+    from perdure.state import ExecutionState, apply_record
+
+    assert [results[e]["status"] for e in ("h-1", "h-1/2", "h-1/2/2")] == ["completed"] * 3
+    logs = records_of(base)
+    states = {}
+    for eid, records in logs.items():
+        state = states[eid] = ExecutionState()
+        for r in records:
+            apply_record(state, r.type, r.payload)
+    raised = [r.payload["budget"] for r in logs["h-1"] if r.type == "budget.raised"]
+    assert raised == [{"max_llm_calls": 20}]
+    # 20 less the root's one call; less the middle's one call
+    assert states["h-1/2"].inherited == Budget(max_llm_calls=19)
+    assert states["h-1/2/2"].inherited == Budget(max_llm_calls=18)
+    for parent, child in (("h-1", "h-1/2"), ("h-1/2", "h-1/2/2")):
+        charged = [r.payload for r in logs[parent] if r.type == "delegation.charged"]
+        assert [c["child"] for c in charged] == [child]
+    assert states["h-1"].total_usage.llm_calls == 2 + 2 + 3
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@pytest.mark.parametrize("crash", ["raised:1", "inherited:1", "inherited:2"])
+def test_a_root_raise_comes_down_two_levels_whatever_hand_down_a_sigkill_cuts_short(
+    crash: str, backend: str, tmp_path: Path
+) -> None:
+    """SIGKILL right after the root's raise is durable (nothing handed down: the middle
+    execution, waiting on its child, has nothing more to give), after the middle one
+    has it (the leaf does not), and after the leaf has it."""
+    import signal
+
+    from tests.runtime.test_adversarial_crashes import results_of, run_worker
+
+    killed = run_worker(tmp_path, "handdown", crash, backend, PERDURE_RUN="0")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]  # it did crash
+    done = run_worker(tmp_path, "handdown", "none", backend, PERDURE_RUN="1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    check_handed_down(tmp_path, results_of(done))
+
+
+async def test_a_raise_and_a_cancel_reach_the_child_of_a_parent_whose_id_is_too_long_to_extend(
+    open_runtime: Any,
+) -> None:
+    """A child's id is its parent's plus "/step", shortened (with a digest) when that would
+    be too long: the parent's hand-downs and cancels must find that child too."""
+    from perdure.runtime import _child_id
+
+    long_id, long_id2 = "L" * 254, "L" * 253 + "M"
+    kid, kid2 = _child_id(long_id, 2, 0), _child_id(long_id2, 2, 0)
+    assert not kid.startswith(long_id) and not kid2.startswith(long_id2)  # shortened
+    a, b = worker("a"), worker("b")
+    boss = orchestrator(a, budget=Budget(max_llm_calls=2))
+    other = orchestrator(b, budget=Budget(max_llm_calls=2), name="other")
+    async with open_runtime() as rt:
+        settled = Settled(rt)
+        await rt.spawn(boss, "go", execution_id=long_id)
+        await rt.spawn(other, "go", execution_id=long_id2)
+        with anyio.fail_after(10):
+            stopped = await settled.wait(rt, kid)
+            await settled.wait(rt, kid2)
+        assert stopped.suspend_reason.parent == long_id  # type: ignore[union-attr]
+        await rt.resume(long_id, budget=Budget(max_llm_calls=20))
+        with anyio.fail_after(10):
+            done = await rt.wait(long_id, until="finished")
+        assert done.output == "all done" and done.delegated_usage.llm_calls == 3
+        await rt.cancel(long_id2, "not needed")
+        with anyio.fail_after(10):
+            cancelled = await rt.wait(kid2, until="finished")
+    assert cancelled.status == "cancelled"
