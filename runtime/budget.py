@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -25,7 +26,16 @@ class Budget:
     def __post_init__(self) -> None:
         for name in ("max_dollars", "max_llm_calls", "max_tool_calls", "max_tokens"):
             value = getattr(self, name)
-            if value is not None and value < 0:
+            if value is None:
+                continue
+            # NaN compares false with everything: as a limit it would never be reached,
+            # an unlimited budget that looks like a limit. A bool is an int to Python
+            # but never a limit anyone meant.
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError(
+                    f"Budget.{name} must be a number or None, got {type(value).__name__} {value!r}"
+                )
+            if math.isnan(value) or value < 0:
                 raise ValueError(f"Budget.{name} must be >= 0 or None, got {value}")
 
     def exhausted(self, usage: ExecutionUsage) -> tuple[str, float, float] | None:

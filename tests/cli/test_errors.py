@@ -192,12 +192,15 @@ def test_a_budget_raise_that_raises_nothing_is_refused_before_anything_is_sent(
         "so the limit would be reached at once; "
         + fix.format(used=15, flag="tokens", limit="tokens"),
     }
-    for value in ("nan", "inf", "0"):
+    for value in ("inf", "0"):
         dollars = perdure_here(store.path, "resume", "budget-1", "--max-dollars", value)
         assert dollars.code == 1, value
         assert f"cannot raise max_dollars to {float(value)!r}: a raised limit must be a " in (
             dollars.err
         )
+    # NaN is no budget at all (Budget refuses it when made, as it does -1): a usage error.
+    nan = perdure_here(store.path, "resume", "budget-1", "--max-dollars", "nan")
+    assert nan.code == 2 and "Budget.max_dollars must be >= 0 or None, got nan" in nan.err
     assert perdure_here(store.path, "inspect", "budget-1", "--json").json()["pending_signals"] == []
 
 

@@ -289,10 +289,10 @@ def test_a_signal_is_said_to_resume_the_execution_only_when_a_tool_waits_for_it(
 
 
 def test_rt_resume_refuses_a_budget_that_raises_nothing(fresh_store: Store) -> None:
-    # The same precheck as the CLI's: a limit of 0 (or NaN) would be recorded as a
-    # "raise" and suspend the execution again at once.
+    # The same precheck as the CLI's: a limit of 0 (or infinity) would be recorded as a
+    # "raise" and suspend the execution again at once (NaN is refused by Budget itself).
     with Runtime(fresh_store.path, agents=agents.ALL, durability="process") as rt:
-        for budget in (Budget(max_llm_calls=0), Budget(max_dollars=float("nan"))):
+        for budget in (Budget(max_llm_calls=0), Budget(max_dollars=float("inf"))):
             with pytest.raises(InvalidSignalError, match="a raised limit must be a positive"):
                 rt.resume("budget-1", budget=budget, wait=False)
         assert rt.result("budget-1").is_suspended

@@ -136,3 +136,26 @@ async def test_a_priced_model_that_reports_no_usage_is_named_once(
         r.getMessage() for r in caplog.records if "without reporting token usage" in r.getMessage()
     ]
     assert len(warned) == 1 and "'gpt-4o'" in warned[0] and "max_dollars" in warned[0]
+
+
+@pytest.mark.parametrize(
+    ("limits", "error", "says"),
+    [
+        ({"max_dollars": float("nan")}, ValueError, "Budget.max_dollars must be >= 0"),
+        ({"max_llm_calls": -1}, ValueError, "Budget.max_llm_calls must be >= 0"),
+        ({"max_tokens": "1000"}, TypeError, "Budget.max_tokens must be a number"),
+        ({"max_tool_calls": True}, TypeError, "Budget.max_tool_calls must be a number"),
+    ],
+)
+def test_a_budget_that_could_never_be_reached_or_read_is_refused_when_made(
+    limits: dict[str, Any], error: type[Exception], says: str
+) -> None:
+    # NaN compares false with everything: accepted, it would be an unlimited budget that
+    # looks like a limit (a raise already refused it; a spawn did not).
+    with pytest.raises(error, match=says):
+        Budget(**limits)
+
+
+def test_limits_that_are_numbers_are_kept_as_given() -> None:
+    budget = Budget(max_dollars=0.5, max_llm_calls=3, max_tool_calls=0, max_tokens=10**9)
+    assert Budget.from_dict(budget.to_dict()) == budget
