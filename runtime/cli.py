@@ -85,7 +85,7 @@ from perdure.journal import index_meta
 from perdure.log import ANY, DataDirLockedError, Fault, LmdbLog, LogError, Record, StreamInfo
 from perdure.result import ExecutionInfo
 from perdure.retention import FINISHED, batches, cutoff, eligible_trees
-from perdure.signals import BUILTIN, canonical_name, in_doubt_problem, precheck
+from perdure.signals import BUILTIN, canonical_name, in_doubt_problem, precheck, resume_problem
 from perdure.state import TERMINAL, ExecutionState, apply
 from perdure.status import (
     STATUSES,
@@ -1515,6 +1515,10 @@ async def _send(
                 if canonical_name(name) in ("approve", "reject"):
                     problem = await _decided(log, info, canonical_name(name), data, problem)
                 raise CliError(problem, "invalid_signal")
+            if canonical_name(name) == "resume":
+                problem = await resume_problem(log, eid, meta)
+                if problem is not None:
+                    raise CliError(problem, "invalid_signal")
         if any(canonical_name(name) == "resolve" for name, _ in todo):
             # Also when sent as 'perdure signal ID resolve JSON': the index cannot tell.
             problem = in_doubt_problem(eid, _fold(info, await _history(log, info)))

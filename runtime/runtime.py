@@ -81,7 +81,13 @@ from perdure.retention import (
     eligible_trees,
     still_eligible,
 )
-from perdure.signals import SignalStatus, canonical_name, in_doubt_problem, precheck
+from perdure.signals import (
+    SignalStatus,
+    canonical_name,
+    in_doubt_problem,
+    precheck,
+    resume_problem,
+)
 from perdure.state import TERMINAL, ExecutionState, budget_grant, limit_origin
 from perdure.status import (
     STATUSES,
@@ -1326,6 +1332,10 @@ class Runtime:
                     canonical_name(name),
                 )
             raise InvalidSignalError(problem, execution_id)
+        if canonical_name(name) == "resume":
+            problem = await resume_problem(self.log, execution_id, meta)
+            if problem is not None:
+                raise InvalidSignalError(problem, execution_id)
         seq = await self._post(execution_id, name, payload, by)
         return await self._delivered(seq)
 

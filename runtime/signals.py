@@ -28,7 +28,8 @@ from perdure.events import (
     SignalReceived,
     ToolResolved,
 )
-from perdure.journal import INDEX_DEFAULTS
+from perdure.journal import INDEX_DEFAULTS, load_state
+from perdure.log.protocol import EventLog
 from perdure.state import TERMINAL, ExecutionState
 
 __all__ = [
@@ -134,6 +135,28 @@ def precheck(
             )
         return _budget_raise_problem(execution_id, raw, usage)
     return None
+
+
+async def resume_problem(log: EventLog, execution_id: str, meta: Mapping[str, Any]) -> str | None:
+    """Why resuming the failed execution ``execution_id`` would be work for nobody: its
+    parent has already taken the failure as its delegate call's result. None if not.
+
+    Resumed then, the child would run to an outcome no parent waits for, and spend what
+    its parent's budget never counts (the parent was charged once, with the failure).
+    ``meta`` is the child's index entry. Reads the parent's log, on this path only.
+    """
+    parent = meta.get("parent")
+    if meta.get("status") != "failed" or not isinstance(parent, str) or not parent:
+        return None
+    state = await load_state(log, parent)
+    if f"child:{execution_id}" not in state.signals:
+        return None  # the parent has not taken it yet: a retry still reaches it
+    return (
+        f"execution {execution_id!r} is a child of {parent!r}, which has already taken its "
+        f"failure as the result of its delegate call: resumed, it would run for nobody, "
+        f"outside {parent!r}'s budget; retry the work through the parent instead (resume "
+        f"{parent!r} if it failed too, or run its agent again)"
+    )
 
 
 def in_doubt_problem(execution_id: str, state: ExecutionState) -> str | None:

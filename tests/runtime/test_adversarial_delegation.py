@@ -21,7 +21,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from perdure import Agent, tool
+from perdure import Agent, InvalidSignalError, tool
 from perdure.providers import Scripted, TerminalProviderError
 from tests.cli.conftest import perdure
 from tests.runtime.test_adversarial_crashes import (
@@ -391,3 +391,40 @@ def test_a_delegation_tree_survives_sigkill_at_any_record(
         assert grant["override"] is True and grant["by"] == "worker"
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.anyio
+async def test_a_failed_child_whose_parent_took_the_failure_is_not_resumed(
+    open_runtime: Any, data_dir: Path
+) -> None:
+    """Resumed, such a child ran to an outcome no parent waited for, and spent outside
+    its parent's budget (the parent was charged once, with the failure)."""
+    calls: dict[str, int] = {}
+
+    def fails_once(request: Any) -> Any:
+        task = request.messages[-1].content
+        calls[task] = calls.get(task, 0) + 1
+        if calls[task] == 1:
+            raise TerminalProviderError("model down")
+        return "recovered"
+
+    child = Agent("flaky", llm=Scripted(fails_once))
+    async with open_runtime() as rt:
+        await rt.run(boss_of(child), "go", execution_id="rp-1")
+        with anyio.fail_after(10):
+            parent = await rt.wait("rp-1", until="finished")
+        assert parent.status == "completed"
+        assert (await rt.result("rp-1/2")).status == "failed"
+        with pytest.raises(InvalidSignalError, match="which has already taken its failure"):
+            await rt.resume("rp-1/2", wait=False)
+        # A failed execution nobody waits for is resumed as before.
+        alone = await rt.run(child, "alone", execution_id="alone")
+        assert alone.status == "failed"
+        assert (await rt.resume("alone")).output == "recovered"  # type: ignore[union-attr]
+    assert calls == {"t": 1, "alone": 2}
+    ran = perdure(data_dir, "resume", "rp-1/2")
+    assert ran.code == 1
+    assert "'rp-1/2' is a child of 'rp-1', which has already taken its failure" in ran.err
+    async with open_runtime(agents=[boss_of(child)]) as rt:
+        assert (await rt.result("rp-1/2")).status == "failed"
+    assert calls == {"t": 1, "alone": 2}
