@@ -121,10 +121,6 @@ def precheck(
         raw = payload.get("budget")
         if not isinstance(raw, Mapping):
             return "a budget signal needs a budget (max_dollars, max_llm_calls, ...)"
-        try:
-            Budget.from_dict(raw)
-        except (TypeError, ValueError) as exc:
-            return f"the budget {dict(raw)!r} is not valid: {exc}"
         if not any(raw.get(limit) is not None for limit in _USED):
             # A limit left unset keeps what the execution has; with none set, the
             # "raise" would be recorded and change nothing.
@@ -133,7 +129,14 @@ def precheck(
                 f"one (rt.resume({execution_id!r}, budget=Budget(max_llm_calls=N)) or "
                 f"'perdure resume {execution_id} --max-llm-calls N')"
             )
-        return _budget_raise_problem(execution_id, raw, usage)
+        # The raise's own checks first: they name the limit and say what to send instead.
+        problem = _budget_raise_problem(execution_id, raw, usage)
+        if problem is not None:
+            return problem
+        try:
+            Budget.from_dict(raw)
+        except (TypeError, ValueError) as exc:
+            return f"the budget {dict(raw)!r} is not valid: {exc}"
     return None
 
 
