@@ -45,7 +45,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import machine as shared_machine
-from bench.machine import rss_kb
+from bench.machine import reference_loop_ms, rss_kb
 
 BACKENDS = ("asyncio", "trio")
 TARGET_ASK_RATIO = 1.5
@@ -352,6 +352,7 @@ def main() -> None:
         f"anyio {info['anyio']}, trio {info['trio']}, load average {info['load']}"
         + (" (quick)" if args.quick else "")
     )
+    print(f"speed: {info['speed']}")
     flat: dict[str, float] = {}
     rows: list[tuple[str, dict[str, str], str]] = []
     started = time.perf_counter()
@@ -493,6 +494,7 @@ def main() -> None:
         print(f"{label:{width}}  {values['asyncio']:>14}  {values['trio']:>14}  {target}")
     print(f"({time.perf_counter() - started:.0f} s; load average now {machine()['load']})")
     if args.json:
+        flat["reference_loop_ms"] = reference_loop_ms()
         with open(args.json, "w") as f:
             json.dump(flat, f, indent=2, sort_keys=True)
             f.write("\n")

@@ -46,6 +46,7 @@ import lmdb
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import machine as shared_machine
+from bench.machine import reference_loop_ms
 from perdure.log import ANY, LmdbLog, NewRecord, RecordTypes, lmdb_store
 from perdure.log.codec import decode_record, encode_record
 
@@ -373,6 +374,7 @@ def main() -> None:
     results["replay_vs_raw"] = results["replay_records_per_s"] / results["raw_replay_records_per_s"]
     results["cpu_count"] = float(os.cpu_count() or 0)
     results["load_avg_1m_at_start"] = float(info["load"].split()[0])
+    results["reference_loop_ms"] = reference_loop_ms()
 
     print_table(info, args, results)
     if args.json:
@@ -386,6 +388,7 @@ def print_table(info: dict[str, str], args: argparse.Namespace, r: dict[str, flo
         f"machine: {info['cpu']}, {info['cores']} cores, Python {info['python']}, "
         f"LMDB {info['lmdb']}, load avg {info['load']}"
     )
+    print(f"speed: {info['speed']}")
     print(f"record: {r['stored_value_bytes']:.0f} stored bytes (payload + envelope + CRC)")
     print()
     rows = [("case", "records/s", "p50 µs", "p99 µs", "notes")]

@@ -6,11 +6,21 @@ import json
 import os
 import platform
 import sys
+import timeit
 from collections.abc import Mapping, Sequence
+from functools import cache
 from pathlib import Path
 from typing import Any
 
-__all__ = ["machine", "print_machine", "print_table", "rss_kb", "rss_parts_kb", "write_json"]
+__all__ = [
+    "machine",
+    "print_machine",
+    "print_table",
+    "reference_loop_ms",
+    "rss_kb",
+    "rss_parts_kb",
+    "write_json",
+]
 
 
 def machine() -> dict[str, str]:
@@ -30,7 +40,17 @@ def machine() -> dict[str, str]:
         "python": platform.python_version(),
         "platform": platform.platform(terse=True),
         "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "speed": f"sum(range(10**6)) in {reference_loop_ms():.1f} ms (best of 5)",
     }
+
+
+@cache
+def reference_loop_ms() -> float:
+    """Milliseconds one ``sum(range(10**6))`` takes here (best of 5): the CPU's speed."""
+    # The same model name covers hosts whose cores run at very different speeds (we saw
+    # 10.8 and 18.2 ms here, both "AMD EPYC"): a fixed interpreter loop tells a reader
+    # which machine a table came from, so figures against absolute targets compare.
+    return min(timeit.repeat("sum(range(10**6))", number=1, repeat=5)) * 1000
 
 
 def print_machine(extra: Mapping[str, str] | None = None) -> None:
@@ -93,5 +113,6 @@ def write_json(path: str, figures: Mapping[str, Any]) -> None:
     """Write one flat JSON object: the figures, plus ``machine_*`` strings."""
     flat: dict[str, Any] = {k: v for k, v in figures.items() if isinstance(v, int | float)}
     flat.update({f"machine_{k}": v for k, v in machine().items()})
+    flat["machinereference_loop_ms"] = reference_loop_ms()
     Path(path).write_text(json.dumps(flat, indent=2, sort_keys=True) + "\n")
     print(f"\nwrote {path}", file=sys.stderr)
