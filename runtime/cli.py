@@ -759,8 +759,23 @@ async def _purge(ctx: _Ctx, args: argparse.Namespace) -> int:
                 item = ExecutionInfo.from_index(eid, info.meta, info.created_at, info.updated_at)
                 rows.append({**item.to_dict(), "root": tree.root})
         if not args.dry_run:
+            deleted = 0
             for batch in batches(trees):
-                await log.delete_streams([execution_stream(eid) for eid in batch])
+                try:
+                    await log.delete_streams([execution_stream(eid) for eid in batch])
+                except LogError as exc:
+                    if not deleted:
+                        raise
+                    # What was deleted is gone: say so, or the operator would think
+                    # the purge did nothing.
+                    raise CliError(
+                        f"purged {_n(deleted, 'execution')}, then deleting the next "
+                        f"{len(batch)} failed ({exc}); those are intact (each delete is "
+                        f"atomic): fix the cause and run 'perdure purge' again to delete "
+                        f"the rest",
+                        "partial_purge",
+                    ) from exc
+                deleted += len(batch)
     kept = [{"execution_id": t.root, "why": "signals for it wait in the inbox"} for t in held]
     if ctx.json:
         ctx.emit(

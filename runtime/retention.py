@@ -146,12 +146,13 @@ async def still_eligible(log: EventLog, trees: Sequence[Tree], cut: float) -> li
     return kept
 
 
-def batches(trees: Sequence[Tree], size: int = BATCH) -> Iterator[list[str]]:
-    """The trees' members in groups of whole trees, about ``size`` ids each.
+def batches(trees: Sequence[Tree], size: int | None = None) -> Iterator[list[str]]:
+    """The trees' members in groups of whole trees, about ``size`` ids each (``BATCH``).
 
     Each group is one ``delete_streams`` call: a tree is never split between two, so
     it goes whole or not at all; grouping saves a commit (an fsync) per tree.
     """
+    size = BATCH if size is None else size
     batch: list[str] = []
     for tree in trees:
         if batch and len(batch) + len(tree.members) > size:

@@ -1264,10 +1264,15 @@ class Runtime:
             trees = await still_eligible(self.log, trees, cut)
             purged: list[str] = []
             for batch in batches(trees):
-                # Shielded: a delete the writer took commits whatever happens to its
-                # caller, and the claim must hold until it has.
-                with anyio.CancelScope(shield=True):
-                    await self.log.delete_streams([execution_stream(eid) for eid in batch])
+                try:
+                    # Shielded: a delete the writer took commits whatever happens to its
+                    # caller, and the claim must hold until it has.
+                    with anyio.CancelScope(shield=True):
+                        await self.log.delete_streams([execution_stream(eid) for eid in batch])
+                except Exception as exc:
+                    if purged:
+                        _note_partial_purge(exc, purged, batch)
+                    raise
                 purged += batch
                 await anyio.lowlevel.checkpoint_if_cancelled()
         finally:
@@ -2007,3 +2012,20 @@ def _waiting_on(reason: Mapping[str, Any] | None) -> list[str]:
 
 def _clip(text: str, n: int = 60) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _note_partial_purge(exc: Exception, purged: list[str], failed: list[str]) -> None:
+    """Say on ``exc`` (and in the log) what a purge deleted before it failed: the caller
+    gets no return value, and those ids are gone."""
+    note = (
+        f"purge: deleted {len(purged)} of the executions it chose before this failure "
+        f"({_clip_ids(purged)}); the {len(failed)} in the delete that failed are intact (each "
+        f"delete is atomic): fix the cause and run the purge again to delete them"
+    )
+    exc.add_note(note)
+    log.error("%s (%s: %s)", note, type(exc).__name__, exc)
+
+
+def _clip_ids(ids: list[str], shown: int = 5) -> str:
+    text = ", ".join(repr(i) for i in ids[:shown])
+    return text + (f" and {len(ids) - shown} more" if len(ids) > shown else "")

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.cli.conftest import EXPECTED, Store, perdure
+import pytest
+
+from perdure import retention
+from perdure.log import LmdbLog, StorageFullError
+from tests.cli.conftest import EXPECTED, Store, perdure, perdure_here
 
 FINISHED_ROOTS = ["archive-1", "boss-1", "cancel-1", "fail-1", "report-1", "weather-1"]
 
@@ -82,3 +86,32 @@ def test_purge_needs_a_duration_with_a_unit(fresh_store: Store) -> None:
     missing = perdure(fresh_store.path, "purge")
     assert missing.code == 2 and "--older-than" in missing.err
     assert listed(fresh_store) == sorted(EXPECTED)
+
+
+def test_a_purge_that_fails_part_way_says_what_it_deleted(
+    fresh_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deletes go a batch at a time; when a later one fails, the ones before it are gone,
+    and the operator is told so (and that running purge again finishes the job)."""
+    monkeypatch.setattr(retention, "BATCH", 1)  # one tree per delete
+    deletes: list[int] = []
+    real = LmdbLog.delete_streams
+
+    async def second_fails(self: LmdbLog, streams: Any) -> int:
+        deletes.append(len(streams))
+        if len(deletes) == 2:
+            raise StorageFullError(str(fresh_store.path))
+        return await real(self, streams)
+
+    monkeypatch.setattr(LmdbLog, "delete_streams", second_fails)
+    failed = perdure_here(fresh_store.path, "purge", "--older-than", "0s")
+    assert failed.code == 1
+    assert "purged 1 execution, then deleting the next 2 failed" in failed.err
+    assert "run 'perdure purge' again" in failed.err
+    first_root = sorted(FINISHED_ROOTS)[0]
+    assert first_root not in listed(fresh_store)
+
+    monkeypatch.setattr(LmdbLog, "delete_streams", real)
+    rest = perdure(fresh_store.path, "purge", "--older-than", "0s", "--json")
+    assert rest.code == 0, rest.err
+    assert first_root not in purged_ids(rest.json()) and len(purged_ids(rest.json())) == 6

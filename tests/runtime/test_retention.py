@@ -14,9 +14,9 @@ from typing import Any
 import anyio
 import pytest
 
-from perdure import Agent, ExecutionNotFoundError, Runtime, record_types, tool
+from perdure import Agent, ExecutionNotFoundError, Runtime, record_types, retention, tool
 from perdure.events import INBOX_STREAM, SignalSent, encode
-from perdure.log import ANY, LmdbLog, MemoryLog, NewRecord
+from perdure.log import ANY, LmdbLog, MemoryLog, NewRecord, StorageFullError
 from perdure.providers import Scripted, TerminalProviderError
 from perdure.retention import Tree, batches, check_statuses, cutoff, eligible_trees
 from perdure.status import pending_signals
@@ -189,6 +189,37 @@ async def test_a_signal_during_a_purge_is_refused_and_recreates_nothing(
             assert [i.stream async for i in log.streams(prefix="exec/")] == []
     finally:
         await log.aclose()
+
+
+class SecondDeleteFails(LmdbLog):
+    """An LmdbLog whose second delete fails as a full disk would."""
+
+    deletes = 0
+
+    async def delete_streams(self, streams: Any) -> int:
+        self.deletes += 1
+        if self.deletes == 2:
+            raise StorageFullError("the test's disk")
+        return await super().delete_streams(streams)
+
+
+async def test_a_purge_that_fails_part_way_says_what_it_deleted(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(retention, "BATCH", 1)  # one tree per delete
+    log = await SecondDeleteFails.open(data_dir, types=record_types(), durability="process")
+    async with Runtime(None, log=log) as rt:
+        for i in range(3):
+            await rt.run(answering(), "p", execution_id=f"job-{i}")
+        with pytest.raises(StorageFullError) as raised:
+            await rt.purge(0)
+        notes = "\n".join(getattr(raised.value, "__notes__", []))
+        assert "deleted 1 of the executions it chose before this failure ('job-0')" in notes
+        assert "run the purge again" in notes
+        assert "deleted 1 of the executions" in caplog.text  # the log says so too
+        assert await ids(rt) == ["job-1", "job-2"]  # job-0 is gone; the failed one intact
+        assert await rt.purge(0) == ["job-1", "job-2"]  # deletes work again
+        assert await ids(rt) == []
 
 
 def test_sync_facade_purges(data_dir: Path) -> None:
