@@ -13,6 +13,7 @@ from .errors import (
     LogClosedError,
     LogError,
     StorageFullError,
+    TrimmedError,
     UnknownRecordTypeError,
     UnknownRecordVersionError,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "RecordTypes",
     "StorageFullError",
     "StreamInfo",
+    "TrimmedError",
     "UnknownRecordTypeError",
     "UnknownRecordVersionError",
     "is_signal_stream",

@@ -49,6 +49,7 @@ __all__ = [
     "check_indexed_fields",
     "check_stream_name",
     "check_stream_names",
+    "check_through",
     "decode_all",
     "decode_record",
     "encode_entry",
@@ -60,6 +61,7 @@ __all__ = [
     "normalize_meta",
     "record_fault",
     "seal",
+    "trim_beyond_error",
     "unseal",
     "where_conditions",
 ]
@@ -427,6 +429,20 @@ def check_after(stream: str, after: object) -> None:
     """Validate a ``read``/``wait_for_append`` position: an int >= 0."""
     if type(after) is not int or after < 0:
         raise LogError(f"stream {stream!r}: 'after' must be a seq (an int >= 0), got {after!r}")
+
+
+def check_through(stream: str, through: object) -> None:
+    """Validate a ``trim`` position: an int >= 0."""
+    if type(through) is not int or through < 0:
+        raise LogError(f"stream {stream!r}: 'through' must be a seq (an int >= 0), got {through!r}")
+
+
+def trim_beyond_error(stream: str, through: int, last_seq: int) -> LogError:
+    """The error of a ``trim`` past the stream's end (the same from every store)."""
+    return LogError(
+        f"stream {stream!r}: cannot trim through seq {through}, the stream's last seq is "
+        f"{last_seq}; nothing was trimmed — trim through at most {last_seq}"
+    )
 
 
 def check_indexed_fields(indexed: Sequence[str]) -> tuple[str, ...]:

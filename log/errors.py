@@ -14,6 +14,7 @@ __all__ = [
     "LogClosedError",
     "LogError",
     "StorageFullError",
+    "TrimmedError",
     "UnknownRecordTypeError",
     "UnknownRecordVersionError",
 ]
@@ -127,6 +128,24 @@ class ClientWriteError(LogError):
         super().__init__(
             f"stream {stream!r}: this log is open as a client, which may only append to "
             f"signal streams (names starting with 'signals/')"
+        )
+
+
+class TrimmedError(LogError):
+    """A read asked for records that were trimmed from the front of their stream.
+
+    ``after`` is the seq the read was asked to start after; ``first_seq`` is the first
+    seq the stream still keeps (records before it were removed by ``trim``).
+    """
+
+    def __init__(self, stream: str, after: int, first_seq: int) -> None:
+        self.stream = stream
+        self.after = after
+        self.first_seq = first_seq
+        super().__init__(
+            f"stream {stream!r}: a read from seq {after + 1} asks for trimmed records; the "
+            f"stream was trimmed through seq {first_seq - 1} and keeps seq {first_seq} on — "
+            f"read with after={first_seq - 1} (stream_info().first_seq - 1) or later"
         )
 
 

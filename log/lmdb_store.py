@@ -18,7 +18,10 @@ Layout
     of the meta value, or a BLAKE2b digest of it when longer than 32 bytes (matches are
     then confirmed against the stream's meta).
 ``meta``
-    the format marker and the next stream id.
+    the format marker, the next stream id, and each trimmed stream's *trim mark*: key
+    ``trimmed/`` + the stream name, value the sealed ``[through]`` (the last seq
+    :meth:`LmdbLog.trim` removed; records ``1..through`` are gone on purpose, which
+    ``check()`` tells from a gap).
 
 Group commit
 ------------
@@ -100,6 +103,7 @@ from .codec import (
     check_indexed_fields,
     check_stream_name,
     check_stream_names,
+    check_through,
     decode_all,
     encode_entry,
     encode_records,
@@ -107,6 +111,8 @@ from .codec import (
     meta_value_key,
     normalize_meta,
     record_fault,
+    seal,
+    trim_beyond_error,
     unseal,
     where_conditions,
 )
@@ -118,6 +124,7 @@ from .errors import (
     LogClosedError,
     LogError,
     StorageFullError,
+    TrimmedError,
 )
 from .protocol import (
     SIGNAL_STREAM_PREFIX,
@@ -161,6 +168,9 @@ LOCK_FILE: Final = "owner.lock"
 _FORMAT_KEY: Final = b"format"
 _FORMAT: Final = b"perdure.log/1"
 _NEXT_ID_KEY: Final = b"next_stream_id"
+# In the meta database: + stream name (UTF-8) -> sealed [through] (see the module doc).
+# Keyed by name, not id, so listing a stream's entry finds its mark without decoding it.
+_TRIM_PREFIX: Final = b"trimmed/"
 _RECORD_KEY: Final = struct.Struct(">IQ")
 _ID: Final = struct.Struct(">I")
 _pack_seq = struct.Struct(">Q").pack
@@ -181,6 +191,9 @@ _SET_META: Final = 1
 # the index keys (UTF-8 names) of the streams to delete, and _apply_delete leaves the
 # names of those it found in its ``meta``, under "deleted".
 _DELETE: Final = 2
+# A trim goes alone too: its ``expect`` is the seq to trim through; it leaves its index
+# entry as it is (the last seq does not move) and writes the stream's trim mark.
+_TRIM: Final = 3
 
 _STORAGE_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _checkpoint = anyio.lowlevel.checkpoint
@@ -472,6 +485,22 @@ def _decode_entry(name: str, raw: bytes) -> list[Any]:
     return entry
 
 
+def _decode_trim(name: str, raw: bytes | None) -> int:
+    """A stream's trim mark (the last seq trimmed; 0 if ``raw`` is None, never trimmed).
+
+    Raises ``CorruptRecordError`` with ``seq=None`` (the stream, not a record).
+    """
+    if raw is None:
+        return 0
+    try:
+        (through,) = unseal(raw, 1)
+    except ValueError as exc:
+        raise CorruptRecordError(name, None, f"its trim mark is corrupt ({exc})") from None
+    if type(through) is not int or through < 0:
+        raise CorruptRecordError(name, None, "its trim mark is malformed")
+    return through
+
+
 class LmdbLog:
     """An :class:`~perdure.log.EventLog` on LMDB with group commit; see the module doc.
 
@@ -606,6 +635,7 @@ class LmdbLog:
             "stale_readers_cleared": self._stale_readers_at_open,
             "poll_wake_callbacks": 0,
             "streams_deleted": 0,
+            "records_trimmed": 0,
         }
         self._writer = threading.Thread(
             target=self._writer_main, name=f"perdure-log-writer {self._path}", daemon=True
@@ -978,6 +1008,32 @@ class LmdbLog:
             self._withdraw(pending)
             raise
 
+    async def trim(self, stream: str, through: int) -> int:
+        """Delete ``stream``'s records up to ``through``; see :meth:`perdure.log.EventLog.trim`.
+
+        Owner only (a client gets ``ClientWriteError``). Like a delete, the trim is
+        queued to the writer thread and applied alone in one write transaction, after
+        the writes queued before it: its records and the stream's trim mark (how far it
+        was trimmed, in the ``meta`` database) change together or not at all. Returns
+        once durable. The index entry is left as it is, so the writer's cached entries
+        stay valid. Freed pages are reused by LMDB, as for a delete.
+        """
+        if self._closing:
+            raise self._closed_error()
+        stream_key = check_stream_name(stream)
+        if self._client:
+            raise ClientWriteError(stream)
+        check_through(stream, through)
+        await _checkpoint_if_cancelled()
+        completion = Completion()
+        pending = _Pending(_TRIM, stream, stream_key, [], through, None, _time(), completion)
+        self._submit(pending)
+        try:
+            return await completion.wait()  # type: ignore[no-any-return]
+        except BaseException:
+            self._withdraw(pending)
+            raise
+
     def _submit(self, pending: _Pending) -> None:
         # The writer is not told about this append at once: a callback scheduled on
         # the caller's loop tells it once the tasks that are ready now have run (a kick).
@@ -1041,11 +1097,12 @@ class LmdbLog:
                     pending = queue[0]
                     if batch and nbytes + pending.nbytes > MAX_BATCH_BYTES:
                         break
-                    # A delete takes a transaction of its own, after the writes queued
-                    # before it: _apply keeps a batch's index entries in memory until
-                    # the end, which a delete in the middle would have to see through.
-                    deleting = pending.kind == _DELETE
-                    if deleting and batch:
+                    # A delete (or a trim) takes a transaction of its own, after the
+                    # writes queued before it: _apply keeps a batch's index entries in
+                    # memory until the end, which a delete in the middle would have to
+                    # see through.
+                    alone = pending.kind >= _DELETE
+                    if alone and batch:
                         break
                     queue.popleft()
                     available -= 1
@@ -1055,7 +1112,7 @@ class LmdbLog:
                     pending.state = _TAKEN
                     batch.append(pending)
                     nbytes += pending.nbytes
-                    if deleting:
+                    if alone:
                         break
             if not batch:
                 continue
@@ -1131,6 +1188,8 @@ class LmdbLog:
                     self._drop_entries()
                 if batch[0].kind == _DELETE:
                     outcomes, states = [self._apply_delete(txn, batch[0])], {}
+                elif batch[0].kind == _TRIM:
+                    outcomes, states = [self._apply_trim(txn, batch[0])], {}
                 else:
                     outcomes, states = self._apply(
                         txn, batch, self._entries, self._entries_old, exact
@@ -1245,6 +1304,8 @@ class LmdbLog:
                 name = name_key.decode("utf-8")
                 self._entries.pop(name, None)
                 self._entries_old.pop(name, None)
+        elif batch[0].kind == _TRIM:
+            wrote = type(outcomes[0]) is int and outcomes[0] > 0
         self._entries_txnid = txnid if wrote else txnid - 1
         for name, state in states.items():
             cache[name] = state.entry()
@@ -1256,6 +1317,9 @@ class LmdbLog:
             if pending.kind == _DELETE:
                 if type(outcome) is int:
                     counters["streams_deleted"] += outcome
+            elif pending.kind == _TRIM:
+                if type(outcome) is int:
+                    counters["records_trimmed"] += outcome
             elif type(outcome) is int:
                 counters["appends"] += 1
                 counters["records_appended"] += len(pending.values)
@@ -1434,9 +1498,42 @@ class LmdbLog:
                 if field in meta:
                     key = _index_prefix(field, meta_value_key(meta[field])) + name_key
                     txn.delete(key, db=by_meta)
+            txn.delete(_TRIM_PREFIX + name_key, db=self._meta)
             txn.delete(name_key, db=streams_db)
         pending.meta = {"deleted": [name_key.decode("utf-8") for name_key, _, _ in found]}
         return len(found)
+
+    def _apply_trim(self, txn: lmdb.Transaction, pending: _Pending) -> int | LogError:
+        """Trim ``pending.stream`` through ``pending.expect`` in ``txn``; how many went.
+
+        Errors are returned, not raised, with nothing changed: a trim past the last
+        seq, or a corrupt entry or trim mark (without them the records to delete, or
+        the ones already gone, are unknown).
+        """
+        stream = pending.stream
+        name_key = pending.stream_key
+        through = pending.expect
+        assert through is not None
+        raw = txn.get(name_key, db=self._streams)
+        try:
+            sid, last_seq = _decode_entry(stream, raw)[:2] if raw is not None else (0, 0)
+            trimmed = _decode_trim(stream, txn.get(_TRIM_PREFIX + name_key, db=self._meta))
+        except CorruptRecordError as exc:
+            return exc
+        if through > last_seq:
+            return trim_beyond_error(stream, through, last_seq)
+        if through <= trimmed:
+            return 0
+        prefix = _ID.pack(sid)
+        last_key = _RECORD_KEY.pack(sid, through)
+        cursor = txn.cursor(db=self._records)
+        if cursor.set_range(_RECORD_KEY.pack(sid, trimmed + 1)):
+            # delete() moves the cursor to the next key (b"" past the end).
+            while cursor.key()[:4] == prefix and cursor.key() <= last_key:
+                if not cursor.delete():
+                    break
+        txn.put(_TRIM_PREFIX + name_key, seal([through]), db=self._meta)
+        return through - trimmed
 
     def _clear_stale_readers(self) -> int:
         """Free the reader slots of dead processes; return how many were freed."""
@@ -1564,6 +1661,10 @@ class LmdbLog:
             last_key = _RECORD_KEY.pack(sid, after + count)
             cursor = txn.cursor(db=self._records)
             if not cursor.set_range(first_key) or cursor.key() != first_key:
+                # Looked up only now: a read of kept records pays nothing for trims.
+                trimmed = _decode_trim(stream, txn.get(_TRIM_PREFIX + stream_key, db=self._meta))
+                if after < trimmed:
+                    raise TrimmedError(stream, after, trimmed + 1)
                 raise CorruptRecordError(
                     stream, after + 1, f"record missing (the stream index says it has {last_seq})"
                 )
@@ -1606,9 +1707,10 @@ class LmdbLog:
         txn = self._begin_read()
         try:
             raw = txn.get(stream_key, db=self._streams)
+            mark = txn.get(_TRIM_PREFIX + stream_key, db=self._meta) if raw is not None else None
         finally:
             self._end_read(txn)
-        return None if raw is None else _info(stream, raw)
+        return None if raw is None else _info(stream, raw, mark)
 
     async def streams(
         self, prefix: str = "", where: Mapping[str, Any] | None = None
@@ -1633,20 +1735,21 @@ class LmdbLog:
                 len(scan_prefix), full_prefix, position, exclusive, driver is not None
             )
             exclusive = True
-            for name, raw in chunk:
-                info = _info(name, raw)
+            for name, raw, mark in chunk:
+                info = _info(name, raw, mark)
                 if meta_matches(info.meta, conditions):
                     yield info
 
     def _list_chunk(
         self, skip: int, full_prefix: bytes, start: bytes, exclusive: bool, by_index: bool
-    ) -> tuple[list[tuple[str, bytes]], bytes | None]:
-        """Up to READ_CHUNK (name, index entry) pairs with keys from ``start`` on.
+    ) -> tuple[list[tuple[str, bytes, bytes | None]], bytes | None]:
+        """Up to READ_CHUNK (name, index entry, trim mark) with keys from ``start`` on.
 
         Returns them and the key to continue after, or None when the listing is done.
         """
-        chunk: list[tuple[str, bytes]] = []
+        chunk: list[tuple[str, bytes, bytes | None]] = []
         streams_db = self._streams
+        meta_db = self._meta
         txn = self._begin_read()
         try:
             cursor = txn.cursor(db=self._by_meta if by_index else streams_db)
@@ -1663,7 +1766,8 @@ class LmdbLog:
                 name_key = key[skip:]
                 raw = txn.get(name_key, db=streams_db) if by_index else value
                 if raw is not None:
-                    chunk.append((_stream_name(name_key), raw))
+                    mark = txn.get(_TRIM_PREFIX + name_key, db=meta_db)
+                    chunk.append((_stream_name(name_key), raw, mark))
                 last = key
             return chunk, None
         finally:
@@ -1784,13 +1888,15 @@ class LmdbLog:
     # The store may change between two chunks of a scan, but only in these ways:
     # records are added past a stream's last seq (never rewritten), index entries are
     # rewritten in place, new streams take ids from next_stream_id upward, secondary
-    # index keys move with meta, and delete_streams removes a stream's entry, records
-    # and keys in one transaction (its id is never used again). So a record past the
-    # index's last seq, or of an unknown stream id, is checked again against the
-    # transaction that found it before it is called a fault; seq gaps are tracked
-    # across chunks, as each stream's records are only ever added at its end; and a
-    # stream whose records are missing is looked up again before that is called a gap,
-    # since it may have been deleted after the index was read.
+    # index keys move with meta, delete_streams removes a stream's entry, records
+    # and keys in one transaction (its id is never used again), and trim removes a
+    # stream's first records and raises its trim mark in one transaction. So a record
+    # past the index's last seq, or of an unknown stream id, is checked again against
+    # the transaction that found it before it is called a fault; seq gaps are tracked
+    # across chunks, as each stream's records are only ever added at its end (and
+    # taken from its front); and missing records are looked up again (the stream's id
+    # and trim mark) before they are called a gap, since the stream may have been
+    # deleted or trimmed after the index was read.
 
     def _check_sync(self) -> list[Fault]:
         faults: list[Fault] = []
@@ -1805,6 +1911,7 @@ class LmdbLog:
             faults.append(Fault(None, None, "index", f"next stream id {next_id} is in use"))
         self._check_records(faults, by_id, next_id_before)
         self._check_secondary(faults)
+        self._check_trim_marks(faults)
         return faults
 
     def _read_next_id(self) -> int | None:
@@ -1843,9 +1950,11 @@ class LmdbLog:
                 self._end_read(txn)
 
     def _check_index(self, faults: list[Fault]) -> dict[int, list[Any]]:
-        """Check every index entry (and its secondary index keys); map id -> [name, last]."""
+        """Check every index entry (its secondary index keys and trim mark too); map
+        id -> [name, last seq, last seq trimmed]."""
         by_id: dict[int, list[Any]] = {}
         by_meta = self._by_meta
+        meta_db = self._meta
         indexed = self._indexed
 
         def visit(txn: lmdb.Transaction, name_key: bytes, raw: bytes) -> None:
@@ -1863,7 +1972,23 @@ class LmdbLog:
                 faults.append(
                     Fault(name, None, "index", f"stream id {sid} also used by {by_id[sid][0]!r}")
                 )
-            by_id[sid] = [name, last_seq]
+            try:
+                trimmed = _decode_trim(name, txn.get(_TRIM_PREFIX + name_key, db=meta_db))
+            except CorruptRecordError as exc:
+                faults.append(Fault(name, None, "index", exc.detail))
+                trimmed = 0
+            if trimmed > last_seq:
+                faults.append(
+                    Fault(
+                        name,
+                        None,
+                        "index",
+                        f"its trim mark says trimmed through seq {trimmed}, past its last "
+                        f"seq {last_seq}",
+                    )
+                )
+                trimmed = last_seq
+            by_id[sid] = [name, last_seq, trimmed]
             # In the entry's own transaction: the entry and its keys change together.
             for field in indexed:
                 if field in meta:
@@ -1882,6 +2007,7 @@ class LmdbLog:
         """Check every record: checksum, decoding, seq order, and against the index."""
         known = self._known
         streams_db = self._streams
+        meta_db = self._meta
         expected: dict[int, int] = {}
         orphans: dict[int, int] = {}
 
@@ -1894,11 +2020,23 @@ class LmdbLog:
             if owner is None:
                 orphans[sid] = orphans.get(sid, 0) + 1
                 return
-            name, last_seq = owner
-            want = expected.get(sid, 1)
-            if seq != want:
-                faults.append(Fault(name, want, "gap", f"records {want}..{seq - 1} missing"))
-            expected[sid] = seq + 1
+            name, last_seq, trimmed = owner
+            want = expected.get(sid, trimmed + 1)
+            if seq < want:
+                faults.append(
+                    Fault(name, seq, "index", f"record kept although trimmed through {trimmed}")
+                )
+            elif seq != want:
+                # Trimmed since the index was read? Ask this transaction's trim mark.
+                try:
+                    mark = txn.get(_TRIM_PREFIX + name.encode("utf-8"), db=meta_db)
+                    fresh = _decode_trim(name, mark)
+                except CorruptRecordError:
+                    fresh = trimmed  # reported by the index scan
+                if fresh < seq - 1:
+                    first = max(want, fresh + 1)
+                    faults.append(Fault(name, first, "gap", f"records {first}..{seq - 1} missing"))
+            expected[sid] = max(seq + 1, want)
             if seq > last_seq:
                 # Appended since the index was read? Ask this transaction's index.
                 fresh = _last_seq_in(txn, streams_db, name)
@@ -1921,9 +2059,14 @@ class LmdbLog:
         for sid, count in sorted(orphans.items()):
             detail = f"{count} records of unknown stream id {sid}"
             faults.append(Fault(None, None, "orphan", detail))
-        for sid, (name, last_seq) in by_id.items():
-            have = expected.get(sid, 1) - 1
-            if have < last_seq and self._stream_id_now(name) == sid:
+        for sid, (name, last_seq, trimmed) in by_id.items():
+            have = expected.get(sid, trimmed + 1) - 1
+            if have >= last_seq:
+                continue
+            sid_now, trimmed_now = self._stream_now(name)
+            # Trimmed since: the records it removed are no gap.
+            have = max(have, trimmed_now)
+            if have < last_seq and sid_now == sid:
                 faults.append(
                     Fault(
                         name,
@@ -1933,19 +2076,26 @@ class LmdbLog:
                     )
                 )
 
-    def _stream_id_now(self, name: str) -> int | None:
-        """The stream's id in a fresh read transaction; None if deleted or unreadable."""
+    def _stream_now(self, name: str) -> tuple[int | None, int]:
+        """The stream's id and trim mark in a fresh read transaction; the id is None if
+        the stream was deleted or its entry is unreadable, the mark 0 if unreadable."""
+        name_key = name.encode("utf-8")
         txn = self._begin_read()
         try:
-            raw = txn.get(name.encode("utf-8"), db=self._streams)
+            raw = txn.get(name_key, db=self._streams)
+            mark = txn.get(_TRIM_PREFIX + name_key, db=self._meta)
         finally:
             self._end_read(txn)
         if raw is None:
-            return None
+            return None, 0
         try:
-            return _decode_entry(name, raw)[0]  # type: ignore[no-any-return]
+            sid: int = _decode_entry(name, raw)[0]
         except CorruptRecordError:
-            return None
+            return None, 0
+        try:
+            return sid, _decode_trim(name, mark)
+        except CorruptRecordError:
+            return sid, 0
 
     def _stream_ids_among(self, sids: set[int]) -> set[int]:
         """Which of ``sids`` an index entry now names (another scan of the index)."""
@@ -1961,6 +2111,20 @@ class LmdbLog:
 
         self._scan(self._streams, visit)
         return found
+
+    def _check_trim_marks(self, faults: list[Fault]) -> None:
+        """Report trim marks of streams that do not exist (a delete removes both)."""
+        streams_db = self._streams
+
+        def visit(txn: lmdb.Transaction, key: bytes, _: bytes) -> None:
+            if not key.startswith(_TRIM_PREFIX):
+                return
+            name_key = key[len(_TRIM_PREFIX) :]
+            if txn.get(name_key, db=streams_db) is None:
+                name = name_key.decode("utf-8", "backslashreplace")
+                faults.append(Fault(name, None, "orphan", "a trim mark of a stream not indexed"))
+
+        self._scan(self._meta, visit)
 
     def _check_secondary(self, faults: list[Fault]) -> None:
         """Report secondary index keys that no stream's meta accounts for."""
@@ -2075,6 +2239,7 @@ def _last_seq_in(txn: lmdb.Transaction, streams_db: Any, name: str) -> int | Non
         return None
 
 
-def _info(stream: str, raw: bytes) -> StreamInfo:
+def _info(stream: str, raw: bytes, mark: bytes | None) -> StreamInfo:
     _, last_seq, created_at, updated_at, meta = _decode_entry(stream, raw)
-    return StreamInfo(stream, last_seq, created_at, updated_at, meta)
+    first_seq = _decode_trim(stream, mark) + 1
+    return StreamInfo(stream, last_seq, created_at, updated_at, meta, first_seq)

@@ -22,15 +22,17 @@ from .codec import (
     check_indexed_fields,
     check_stream_name,
     check_stream_names,
+    check_through,
     decode_all,
     encode_records,
     meta_matches,
     meta_value_key,
     normalize_meta,
     record_fault,
+    trim_beyond_error,
     where_conditions,
 )
-from .errors import ConflictError, LogClosedError, LogError
+from .errors import ConflictError, LogClosedError, LogError, TrimmedError
 from .protocol import Fault, NewRecord, Record, RecordTypes, StreamInfo
 from .waker import AppendWaiters, Completion, wake
 
@@ -43,15 +45,21 @@ _checkpoint = anyio.lowlevel.checkpoint
 
 
 class _Stream:
-    __slots__ = ("created_at", "meta", "updated_at", "values")
+    __slots__ = ("created_at", "meta", "trimmed", "updated_at", "values")
 
     def __init__(self, created_at: float) -> None:
+        # The records from seq trimmed + 1 on: trim() drops them from the front.
         self.values: list[bytes] = []
+        self.trimmed = 0
         self.created_at = created_at
         self.updated_at = created_at
         # Kept CBOR-encoded so a caller mutating a returned StreamInfo.meta cannot
         # reach into the store, exactly as with the LMDB store.
         self.meta = cbor2.dumps({})
+
+    @property
+    def last_seq(self) -> int:
+        return self.trimmed + len(self.values)
 
 
 class MemoryLog:
@@ -127,7 +135,7 @@ class MemoryLog:
         with self._lock:
             self._check_open()
             entry = self._streams.get(stream)
-            current = len(entry.values) if entry is not None else 0
+            current = entry.last_seq if entry is not None else 0
             if expect is not None and expect != current:
                 raise ConflictError(stream, expect, current)
             if entry is None:
@@ -137,7 +145,7 @@ class MemoryLog:
             entry.updated_at = timestamp
             if new_meta:
                 self._merge_meta(stream, entry, new_meta)
-            last = len(entry.values)
+            last = entry.last_seq
             self._appends += 1
             due = self._waiters.due(((stream, last),)) if values else []
         if due:
@@ -194,6 +202,25 @@ class MemoryLog:
             wake((completion, 0) for completion in woken)
         return deleted
 
+    async def trim(self, stream: str, through: int) -> int:
+        """Drop ``stream``'s records up to ``through``; see :meth:`perdure.log.EventLog.trim`."""
+        self._check_open()
+        check_stream_name(stream)
+        check_through(stream, through)
+        await _checkpoint()
+        with self._lock:
+            self._check_open()
+            entry = self._streams.get(stream)
+            last = entry.last_seq if entry is not None else 0
+            if through > last:
+                raise trim_beyond_error(stream, through, last)
+            if entry is None or through <= entry.trimmed:
+                return 0
+            removed = through - entry.trimmed
+            del entry.values[:removed]
+            entry.trimmed = through
+            return removed
+
     def _merge_meta(self, stream: str, entry: _Stream, new_meta: dict[str, Any]) -> None:
         old = cbor2.loads(entry.meta)
         merged = {**old, **new_meta}
@@ -227,7 +254,10 @@ class MemoryLog:
                 entry = self._streams.get(stream)
                 if entry is None:
                     return
-                chunk = entry.values[seq : seq + READ_CHUNK]
+                trimmed = entry.trimmed
+                if seq < trimmed:
+                    raise TrimmedError(stream, seq, trimmed + 1)
+                chunk = entry.values[seq - trimmed : seq - trimmed + READ_CHUNK]
             records, error = decode_all(known, stream, seq + 1, chunk)
             if records:
                 yield records
@@ -247,7 +277,7 @@ class MemoryLog:
         with self._lock:
             self._check_open()
             entry = self._streams.get(stream)
-            return len(entry.values) if entry is not None else 0
+            return entry.last_seq if entry is not None else 0
 
     async def stream_info(self, stream: str) -> StreamInfo | None:
         """The stream's index entry, or None if it does not exist."""
@@ -261,10 +291,11 @@ class MemoryLog:
     def _info(stream: str, entry: _Stream) -> StreamInfo:
         return StreamInfo(
             stream=stream,
-            last_seq=len(entry.values),
+            last_seq=entry.last_seq,
             created_at=entry.created_at,
             updated_at=entry.updated_at,
             meta=cbor2.loads(entry.meta),
+            first_seq=entry.trimmed + 1,
         )
 
     async def streams(
@@ -324,10 +355,12 @@ class MemoryLog:
         faults: list[Fault] = []
         with self._lock:
             self._check_open()
-            snapshot = [(name, list(e.values), e.meta) for name, e in self._streams.items()]
+            snapshot = [
+                (name, list(e.values), e.trimmed, e.meta) for name, e in self._streams.items()
+            ]
             index = {key: set(names) for key, names in self._index.items()}
-        for name, values, meta_blob in sorted(snapshot, key=lambda item: item[0]):
-            for seq, value in enumerate(values, 1):
+        for name, values, trimmed, meta_blob in sorted(snapshot, key=lambda item: item[0]):
+            for seq, value in enumerate(values, trimmed + 1):
                 fault = record_fault(self._known, name, seq, value)
                 if fault is not None:
                     faults.append(fault)

@@ -81,7 +81,9 @@ class StreamInfo:
     """One entry of the stream index.
 
     ``meta`` is small, opaque to the log, and replaced key by key (a shallow merge) by
-    the ``meta`` argument of the append that changes it.
+    the ``meta`` argument of the append that changes it. ``first_seq`` is the first seq
+    the stream still stores: 1 unless :meth:`EventLog.trim` removed records from its
+    front, ``last_seq + 1`` once every record was trimmed.
     """
 
     stream: str
@@ -89,6 +91,7 @@ class StreamInfo:
     created_at: float
     updated_at: float
     meta: Mapping[str, Any] = field(default_factory=dict)
+    first_seq: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +188,9 @@ class EventLog(Protocol):
 
         Reads in chunks and yields to the event loop between chunks, so replaying a long
         stream never stalls other tasks. A corrupt or unknown record raises the named
-        error; nothing is skipped.
+        error; nothing is skipped. Asking for records removed by :meth:`trim` (``after``
+        below ``first_seq - 1``, now or by a trim between two chunks) raises
+        ``TrimmedError``.
         """
         ...
 
@@ -224,6 +229,22 @@ class EventLog(Protocol):
         :meth:`wait_for_append` on a deleted stream are woken with 0 (its last seq now,
         at most their ``after``): the stream they waited on is gone. A store on disk may
         reuse the freed space for new records without returning it to the filesystem.
+        """
+        ...
+
+    async def trim(self, stream: str, through: int) -> int:
+        """Delete ``stream``'s records with seq <= ``through`` atomically; return how many.
+
+        Owner only: a client raises ``ClientWriteError``, as for ``delete_streams``.
+        ``through`` past the stream's last seq raises ``LogError`` naming the stream,
+        ``through`` and the last seq; trimming at or below what was already trimmed
+        (or ``through=0``) removes nothing and returns 0. The stream keeps its last seq,
+        meta and place in the index: appends go on at ``last_seq + 1`` and ``expect``
+        means what it always did. ``stream_info().first_seq`` becomes ``through + 1``;
+        reading with ``after < first_seq - 1`` raises ``TrimmedError``, reading from
+        ``after >= first_seq - 1`` works as before. ``check()`` does not call the
+        trimmed prefix a gap. Waiters in :meth:`wait_for_append` are not woken (the last
+        seq did not move).
         """
         ...
 

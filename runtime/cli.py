@@ -82,7 +82,16 @@ from perdure.events import (
     record_types,
 )
 from perdure.journal import index_meta
-from perdure.log import ANY, DataDirLockedError, Fault, LmdbLog, LogError, Record, StreamInfo
+from perdure.log import (
+    ANY,
+    DataDirLockedError,
+    Fault,
+    LmdbLog,
+    LogError,
+    Record,
+    StreamInfo,
+    TrimmedError,
+)
 from perdure.result import ExecutionInfo
 from perdure.retention import FINISHED, batches, cutoff, eligible_trees
 from perdure.signals import BUILTIN, canonical_name, in_doubt_problem, precheck, resume_problem
@@ -1487,16 +1496,33 @@ async def _check_histories(log: LmdbLog, skip: set[str]) -> list[Fault]:
             )
     if INBOX_STREAM not in skip:
         try:
-            async for record in log.read(INBOX_STREAM):
-                if not isinstance(decode(record), SignalSent):
-                    faults.append(
-                        Fault(INBOX_STREAM, record.seq, "history", f"a {record.type!r} record")
-                    )
+            await _check_inbox(log, faults)
         except LogError as exc:
             faults.append(Fault(INBOX_STREAM, getattr(exc, "seq", None), "decode", str(exc)))
         except EventDecodeError as exc:
             faults.append(Fault(INBOX_STREAM, None, "decode", str(exc)))
     return faults
+
+
+async def _check_inbox(log: LmdbLog, faults: list[Fault]) -> None:
+    """Every record the inbox keeps must be a signal.
+
+    The owner trims delivered signals from the inbox's front, so the scan starts at its
+    first kept seq, and moves on past records a running owner trims during the scan.
+    """
+    info = await log.stream_info(INBOX_STREAM)
+    after = info.first_seq - 1 if info is not None else 0
+    while True:
+        try:
+            async for record in log.read(INBOX_STREAM, after=after):
+                after = record.seq
+                if not isinstance(decode(record), SignalSent):
+                    faults.append(
+                        Fault(INBOX_STREAM, record.seq, "history", f"a {record.type!r} record")
+                    )
+            return
+        except TrimmedError as exc:
+            after = exc.first_seq - 1
 
 
 # -- signals --------------------------------------------------------------------------------

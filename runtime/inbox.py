@@ -33,6 +33,14 @@ processes (``perdure inspect``) to tell which signals are still pending:
 At open the pump first delivers the *backlog* (everything in the inbox when it starts)
 and only then lets the runtime resume interrupted executions: a cancel sent while no
 runtime ran stops its execution before it can call a model or a tool again.
+
+Delivered signals do not stay in the inbox for ever: the pump *trims* the inbox (see
+``EventLog.trim``) through its stored ``cursor``, never further, and only once that
+cursor is durable in the index entry, so a held signal, and anything not yet through,
+stays; and a restarted pump always finds its cursor at or past what was trimmed. It
+trims every :data:`TRIM_EVERY` signals through, when the inbox has been quiet for
+:data:`TRIM_IDLE` seconds, and when it stops. A trim that fails is logged and tried
+again later; delivery never waits for it.
 """
 
 from __future__ import annotations
@@ -49,13 +57,13 @@ import anyio.abc
 
 from perdure.actors import Actor
 from perdure.events import INBOX_STREAM, SignalSent, decode
-from perdure.log.errors import CorruptRecordError
+from perdure.log.errors import CorruptRecordError, LogClosedError
 from perdure.log.protocol import Record
 
 if TYPE_CHECKING:
     from perdure.runtime import Runtime
 
-__all__ = ["RETRY_FIRST", "RETRY_MAX", "InboxPump"]
+__all__ = ["RETRY_FIRST", "RETRY_MAX", "TRIM_EVERY", "TRIM_IDLE", "InboxPump"]
 
 log = logging.getLogger("perdure.runtime")
 
@@ -69,6 +77,14 @@ _WORKERS = 64
 RETRY_FIRST = 0.05
 #: The longest wait between two tries of a failed delivery, in seconds.
 RETRY_MAX = 30.0
+
+#: The pump trims the inbox once this many signals past the last trim are through.
+TRIM_EVERY = 256
+#: Seconds without progress after which the pump trims what is through anyway, so a
+#: quiet service does not keep its last few signals for ever.
+TRIM_IDLE = 1.0
+#: The longest wait before a failed trim is tried again when idle, in seconds.
+_TRIM_RETRY_MAX = 60.0
 
 
 @dataclass(slots=True)
@@ -94,6 +110,13 @@ class InboxPump(Actor):
         # Lanes with signals to deliver now; each lane is in here at most once, and is
         # otherwise being delivered or waiting for its retry.
         self._ready_send, self._ready = anyio.create_memory_object_stream[str](math.inf)
+        # The cursor as stored (durable) in the inbox's index entry: the most a trim may
+        # remove. And the last seq trimmed (the inbox's first_seq - 1).
+        self._stored_cursor = 0
+        self._trimmed = 0
+        self._trim_wait = TRIM_IDLE  # doubles while trims fail
+        self._trim_failures = 0
+        self._trim_due = TRIM_EVERY  # the stored cursor at which to trim, busy or not
 
     async def on_start(self) -> None:
         self.ctx.start_soon(self._run, name="perdure-inbox")
@@ -108,12 +131,37 @@ class InboxPump(Actor):
 
                 tg.start_soon(stop_when_asked)
                 await self._pump(tg)
+        # Stopping: trim what the stored cursor has got through, so a service stopped
+        # after a quiet spell leaves no delivered tail. Shielded, and bounded: a trim
+        # is one short write, and a stop must not hang on a store that does not answer.
+        with anyio.CancelScope(shield=True) as final:
+            final.deadline = anyio.current_time() + 0.5
+            await self._trim()
 
     async def _pump(self, tg: anyio.abc.TaskGroup) -> None:
         runtime = self.runtime
         info = await runtime.log.stream_info(INBOX_STREAM)
         meta: Mapping[str, Any] = info.meta if info else {}
-        self._read = int(meta.get("cursor", 0) or 0)
+        stored = int(meta.get("cursor", 0) or 0)
+        self._stored_cursor = stored
+        self._trimmed = info.first_seq - 1 if info else 0
+        self._read = max(stored, self._trimmed)
+        self._trim_due = self._trimmed + TRIM_EVERY
+        if stored < self._trimmed:
+            # The pump trims only through a cursor already stored, so this takes a trim
+            # made by something else. Reading from the cursor would fail (those records
+            # are gone) on every start: the signals trimmed cannot be delivered anyway.
+            log.error(
+                "inbox: the stored cursor (seq %d) lags behind what was trimmed (through "
+                "seq %d): signals %d..%d are gone and cannot be delivered; delivery goes on "
+                "from seq %d. Check with 'perdure inspect' whether an execution waits for "
+                "one of them and send it again",
+                stored,
+                self._trimmed,
+                stored + 1,
+                self._trimmed,
+                self._trimmed + 1,
+            )
         backlog_end = info.last_seq if info else 0
         runtime._inbox_reset(self._read)
         self._tg = tg
@@ -123,13 +171,22 @@ class InboxPump(Actor):
         # As stored (an inbox that does not exist yet reads as one with nothing through):
         # nothing is written before there is progress to write.
         written: dict[str, Any] = {
-            "cursor": self._read,
-            "through": max(self._read, int(meta.get("through", 0) or 0)),
+            "cursor": stored,
+            "through": max(stored, int(meta.get("through", 0) or 0)),
             "held": dict(meta.get("held") or {}),
         }
         self._changed.set()
         while True:
-            await self._changed.wait()
+            if self._trimmed < self._stored_cursor:
+                # Something is through but not trimmed: trim it if nothing moves for a
+                # while (under load the TRIM_EVERY rule below does it).
+                with anyio.move_on_after(self._trim_wait):
+                    await self._changed.wait()
+                if not self._changed.is_set():
+                    await self._trim()
+                    continue
+            else:
+                await self._changed.wait()
             self._changed = anyio.Event()
             through, cursor, held = self._progress()
             if through >= backlog_end:
@@ -140,9 +197,57 @@ class InboxPump(Actor):
                 # deliveries share it.
                 await runtime.log.set_meta(INBOX_STREAM, books)
                 written = books
+                self._stored_cursor = cursor
                 booked, runtime._inbox_booked = runtime._inbox_booked, anyio.Event()
                 booked.set()
             runtime._inbox_moved(cursor)
+            if self._stored_cursor >= self._trim_due:
+                # After set_meta returned: the cursor trimmed through is durable, so no
+                # restart can find its stored cursor behind what was trimmed. (The log
+                # commits in order: a crash that lost that set_meta lost the trim too.)
+                await self._trim()
+
+    async def _trim(self) -> None:
+        """Trim the inbox through the stored cursor; log (never raise) a failure."""
+        through = self._stored_cursor
+        log_ = self.runtime.log
+        if through <= self._trimmed or not log_.is_owner:
+            return
+        try:
+            await log_.trim(INBOX_STREAM, through)
+        except anyio.get_cancelled_exc_class():
+            raise
+        except LogClosedError:
+            return  # the runtime is closing; the next start trims
+        except Exception as exc:
+            self._trim_failures += 1
+            self._trim_wait = min(self._trim_wait * 2, _TRIM_RETRY_MAX)
+            self._trim_due = through + TRIM_EVERY
+            # Once per streak of failures: retries come every idle spell.
+            if self._trim_failures == 1:
+                log.warning(
+                    "inbox: trimming the delivered signals through seq %d failed (%s: %s); "
+                    "signals are still delivered, and the trim is tried again after %d more "
+                    "signals or when the inbox is quiet. If this keeps failing, the inbox "
+                    "only grows: run 'perdure health' and check the disk holding the data "
+                    "dir",
+                    through,
+                    type(exc).__name__,
+                    exc,
+                    TRIM_EVERY,
+                    exc_info=exc,
+                )
+            return
+        if self._trim_failures:
+            log.info(
+                "inbox: trimmed through seq %d again after %d failures",
+                through,
+                self._trim_failures,
+            )
+        self._trimmed = through
+        self._trim_failures = 0
+        self._trim_wait = TRIM_IDLE
+        self._trim_due = through + TRIM_EVERY
 
     def _progress(self) -> tuple[int, int, dict[str, dict[str, Any]]]:
         """(through, cursor, held) as of now (see the module docstring)."""

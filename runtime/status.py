@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from perdure.events import INBOX_STREAM, RUNTIME_STREAM, SignalSent, decode, execution_stream
-from perdure.log.errors import CorruptRecordError
+from perdure.log.errors import CorruptRecordError, TrimmedError
 from perdure.log.protocol import EventLog, Record
 
 __all__ = [
@@ -276,7 +276,8 @@ async def pending_signals(log: EventLog) -> dict[str, list[PendingSignal]]:
     (see perdure.inbox: its ``cursor``, ``through`` and ``held`` in the inbox's index
     entry) and its execution has not recorded it (an execution records the inbox seq
     of each signal it takes, so a cursor that lags after a crash does not count as
-    pending). Reads only the inbox's tail, after the cursor.
+    pending). Reads only the inbox's tail, after the cursor (the owner trims the inbox
+    only through its stored cursor, so that tail is kept).
     """
     info = await log.stream_info(INBOX_STREAM)
     if info is None:
@@ -332,7 +333,8 @@ async def _readable(log: EventLog, after: int) -> AsyncIterator[Record]:
 
     One unreadable record (a checksum failure, CBOR the decoder refuses) must not make
     every status view fail: it is no pending signal anyone can act on, and ``perdure
-    health`` names it by stream and seq.
+    health`` names it by stream and seq. Records the owner trims meanwhile (it moved its
+    cursor past them after ours was read, and trimmed) are through: they are passed.
     """
     while True:
         try:
@@ -340,6 +342,9 @@ async def _readable(log: EventLog, after: int) -> AsyncIterator[Record]:
                 after = record.seq
                 yield record
             return
+        except TrimmedError as exc:
+            after = max(after, exc.first_seq - 1)
+            continue
         except CorruptRecordError as exc:
             if exc.seq is None or exc.seq <= after:
                 raise  # the index entry itself, or no way past it

@@ -365,6 +365,12 @@ class _KillableLog(MemoryLog):
             await anyio.sleep_forever()
         await super().set_meta(*args, **kwargs)
 
+    async def trim(self, *args: Any, **kwargs: Any) -> int:
+        """See :meth:`MemoryLog.trim`; waits for ever once killed."""
+        if self.killed:
+            await anyio.sleep_forever()
+        return await super().trim(*args, **kwargs)
+
 
 async def _run(
     agent: Agent,

@@ -26,6 +26,7 @@ from perdure.log import (
     Record,
     RecordTypes,
     StreamInfo,
+    TrimmedError,
     UnknownRecordTypeError,
     UnknownRecordVersionError,
 )
@@ -756,6 +757,167 @@ class EventLogConformance:
             assert await listing(log, where={"status": "x"}) == ["b"]
             assert await log.append("a", [note(5)], expect=0) == 1
             assert [r.payload["i"] for r in await collect(log, "a")] == [5]
+            assert await log.check() == []
+        finally:
+            await log.aclose()
+
+    # -- trim ----------------------------------------------------------------------------
+
+    async def test_trim_then_read(self, log: EventLog) -> None:
+        await log.append("s", [note(i) for i in range(1, 601)], expect=0, meta={"status": "x"})
+        await log.append("other", [note(1)], expect=0)
+        assert await log.trim("s", 300) == 300
+        info = await log.stream_info("s")
+        assert info is not None
+        assert (info.first_seq, info.last_seq, dict(info.meta)) == (301, 600, {"status": "x"})
+        assert await log.last_seq("s") == 600
+        kept = await collect(log, "s", 300)
+        assert [r.seq for r in kept] == list(range(301, 601))
+        assert [r.payload["i"] for r in kept] == list(range(301, 601))
+        assert [r.seq for r in await collect(log, "s", 550)] == list(range(551, 601))
+        chunks = [c async for c in log.read_chunks("s", 300)]
+        assert [r.seq for c in chunks for r in c] == list(range(301, 601))
+        # Other streams and the listing are untouched; the listing shows first_seq too.
+        assert [r.seq for r in await collect(log, "other")] == [1]
+        firsts = {i.stream: i.first_seq async for i in log.streams()}
+        assert firsts == {"other": 1, "s": 301}
+        assert [i.first_seq async for i in log.streams(where={"status": "x"})] == [301]
+        stats = await log.stats()
+        assert stats["records"] == 301
+
+    async def test_untrimmed_first_seq_is_one(self, log: EventLog) -> None:
+        await log.append("s", [note(1)], expect=0)
+        info = await log.stream_info("s")
+        assert info is not None and info.first_seq == 1
+        # Built without it (as callers did before trim existed), it still means "all kept".
+        assert StreamInfo("s", 3, 0.0, 0.0).first_seq == 1
+
+    async def test_reading_a_trimmed_range_is_named(self, log: EventLog) -> None:
+        await log.append("inbox", [note(i) for i in range(1, 11)], expect=0)
+        await log.trim("inbox", 4)
+        for after in (0, 3):
+            with pytest.raises(TrimmedError) as caught:
+                await collect(log, "inbox", after)
+            error = caught.value
+            assert isinstance(error, LogError)
+            assert (error.stream, error.after, error.first_seq) == ("inbox", after, 5)
+            assert "'inbox'" in str(error) and f"seq {after + 1}" in str(error)
+            assert "after=4" in str(error)
+            with pytest.raises(TrimmedError):
+                [c async for c in log.read_chunks("inbox", after)]
+        assert [r.seq for r in await collect(log, "inbox", 4)] == list(range(5, 11))
+
+    async def test_a_trim_between_two_chunks_is_named(self, log: EventLog) -> None:
+        await log.append("s", [note(i) for i in range(1, 1001)], expect=0)
+        seen: list[int] = []
+        with pytest.raises(TrimmedError) as caught:
+            async for chunk in log.read_chunks("s"):
+                if not seen:
+                    await log.trim("s", 900)
+                seen += [r.seq for r in chunk]
+        assert seen and seen == list(range(1, len(seen) + 1))
+        assert caught.value.first_seq == 901 and caught.value.after == len(seen)
+
+    async def test_trim_then_append(self, log: EventLog) -> None:
+        await log.append("s", [note(i) for i in range(1, 6)], expect=0)
+        await log.trim("s", 3)
+        with pytest.raises(ConflictError) as caught:
+            await log.append("s", [note(0)], expect=2)
+        assert (caught.value.expected, caught.value.actual) == (2, 5)
+        assert await log.append("s", [note(6)], expect=5) == 6
+        assert await log.append("s", [note(7)], expect=ANY) == 7
+        assert [r.payload["i"] for r in await collect(log, "s", 3)] == [4, 5, 6, 7]
+        info = await log.stream_info("s")
+        assert info is not None and (info.first_seq, info.last_seq) == (4, 7)
+        assert await log.check() == []
+
+    async def test_trim_all(self, log: EventLog) -> None:
+        await log.append("s", [note(i) for i in range(1, 4)], expect=0, meta={"status": "x"})
+        assert await log.trim("s", 3) == 3
+        info = await log.stream_info("s")
+        assert info is not None and (info.first_seq, info.last_seq) == (4, 3)
+        assert await collect(log, "s", 3) == []
+        assert await log.last_seq("s") == 3
+        assert await listing(log, where={"status": "x"}) == ["s"]
+        assert (await log.stats())["records"] == 0
+        assert await log.check() == []
+        assert await log.append("s", [note(4)], expect=3) == 4
+        assert [r.seq for r in await collect(log, "s", 3)] == [4]
+        # wait_for_append is unchanged: it reports the last seq, trimmed or not.
+        assert await log.wait_for_append("s", 3) == 4
+
+    async def test_trim_twice_and_below_is_a_no_op(self, log: EventLog) -> None:
+        await log.append("s", [note(i) for i in range(1, 11)], expect=0)
+        assert await log.trim("s", 6) == 6
+        assert await log.trim("s", 6) == 0
+        assert await log.trim("s", 2) == 0
+        assert await log.trim("s", 0) == 0
+        assert await log.trim("s", 8) == 2
+        info = await log.stream_info("s")
+        assert info is not None and info.first_seq == 9
+        assert [r.seq for r in await collect(log, "s", 8)] == [9, 10]
+        assert await log.check() == []
+
+    async def test_trim_beyond_the_last_seq_is_refused(self, log: EventLog) -> None:
+        await log.append("s", [note(1), note(2)], expect=0)
+        with pytest.raises(LogError) as caught:
+            await log.trim("s", 3)
+        message = str(caught.value)
+        assert "'s'" in message and "3" in message and "last seq is 2" in message
+        assert not isinstance(caught.value, TrimmedError)
+        assert [r.seq for r in await collect(log, "s")] == [1, 2]
+        with pytest.raises(LogError, match=r"'never'.*last seq is 0"):
+            await log.trim("never", 1)
+        assert await log.trim("never", 0) == 0
+        assert await log.stream_info("never") is None
+        for bad in (-1, 1.0, True, None):
+            with pytest.raises(LogError, match="'through' must be a seq"):
+                await log.trim("s", bad)  # type: ignore[arg-type]
+
+    async def test_trim_does_not_wake_waiters(self, log: EventLog) -> None:
+        await log.append("s", [note(1), note(2)], expect=0)
+        got: list[int] = []
+
+        async def wait() -> None:
+            got.append(await log.wait_for_append("s", 2))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait)
+            await anyio.wait_all_tasks_blocked()
+            with anyio.fail_after(10):
+                await log.trim("s", 2)
+                await anyio.wait_all_tasks_blocked()
+                assert got == []
+                await log.append("s", [note(3)], expect=2)
+        assert got == [3]
+
+    async def test_delete_after_trim_starts_afresh(self, log: EventLog) -> None:
+        await log.append("s", [note(i) for i in range(1, 6)], expect=0)
+        await log.trim("s", 4)
+        assert await log.delete_streams(["s"]) == 1
+        assert await log.append("s", [note(1)], expect=0) == 1
+        info = await log.stream_info("s")
+        assert info is not None and (info.first_seq, info.last_seq) == (1, 1)
+        assert [r.seq for r in await collect(log, "s")] == [1]
+        assert await log.check() == []
+
+    async def test_trim_after_close_is_refused(self, log: EventLog) -> None:
+        await log.append("s", [note(1)], expect=0)
+        await log.aclose()
+        with pytest.raises(LogClosedError):
+            await log.trim("s", 1)
+
+    async def test_trim_survives_reopen(self, log: EventLog, tmp_path: Path) -> None:
+        await log.append("s", [note(i) for i in range(1, 8)], expect=0, meta={"status": "x"})
+        await log.trim("s", 5)
+        log = await self.reopen(log, tmp_path, TYPES)
+        try:
+            info = await log.stream_info("s")
+            assert info is not None and (info.first_seq, info.last_seq) == (6, 7)
+            with pytest.raises(TrimmedError):
+                await collect(log, "s")
+            assert [r.seq for r in await collect(log, "s", 5)] == [6, 7]
+            assert await log.append("s", [note(8)], expect=7) == 8
             assert await log.check() == []
         finally:
             await log.aclose()

@@ -3,7 +3,7 @@
 The state machine checks records against a model; this checks everything else the
 protocol promises (meta merging, ``where`` matching by canonical CBOR, index-driven
 and scanned listings, empty appends, ``set_meta`` on missing streams, conflicts,
-deleting streams and appending to them again) by
+deleting streams and appending to them again, trimming and ``first_seq``) by
 comparing the two stores with each other, operation by operation.
 """
 
@@ -17,7 +17,16 @@ import anyio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from perdure.log import ANY, ConflictError, EventLog, LmdbLog, LogError, MemoryLog, NewRecord
+from perdure.log import (
+    ANY,
+    ConflictError,
+    EventLog,
+    LmdbLog,
+    LogError,
+    MemoryLog,
+    NewRecord,
+    TrimmedError,
+)
 
 from .conformance import TYPES
 
@@ -51,6 +60,8 @@ ops = st.one_of(
     ),
     st.tuples(st.just("info"), st.sampled_from(STREAMS)),
     st.tuples(st.just("delete"), st.lists(st.sampled_from(STREAMS), max_size=3)),
+    st.tuples(st.just("trim"), st.sampled_from(STREAMS), st.integers(min_value=-1, max_value=2)),
+    st.tuples(st.just("read"), st.sampled_from(STREAMS), st.integers(min_value=0, max_value=4)),
 )
 
 
@@ -79,14 +90,23 @@ async def _run(log: EventLog, op: tuple[Any, ...]) -> Any:
             return await log.set_meta(op[1], op[2])
         if op[0] == "delete":
             return await log.delete_streams(op[1])
+        if op[0] == "trim":
+            # Relative to the last seq: -1 trims all but one, 1 asks for one too many.
+            through = await log.last_seq(op[1]) + op[2]
+            return await log.trim(op[1], through) if through >= 0 else "skipped"
+        if op[0] == "read":
+            return [(r.seq, r.payload) async for r in log.read(op[1], op[2])]
         if op[0] == "list":
             return [
-                (i.stream, i.last_seq, _same(dict(i.meta))) async for i in log.streams(op[1], op[2])
+                (i.stream, i.first_seq, i.last_seq, _same(dict(i.meta)))
+                async for i in log.streams(op[1], op[2])
             ]
         info = await log.stream_info(op[1])
-        return None if info is None else (info.last_seq, _same(dict(info.meta)))
+        return None if info is None else (info.first_seq, info.last_seq, _same(dict(info.meta)))
     except ConflictError as exc:
         return ("conflict", exc.expected, exc.actual)
+    except TrimmedError as exc:
+        return ("trimmed", exc.after, exc.first_seq)
     except LogError as exc:
         return ("error", type(exc).__name__)
 

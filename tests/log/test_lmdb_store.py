@@ -1167,3 +1167,158 @@ async def test_deleted_space_is_reused_not_returned(tmp_path: Path) -> None:
         # Three rounds of ~1 MB each fit in the pages the first round used (plus slack
         # for LMDB's free list and the two meta pages), not in three times as many.
         assert stats["map_used_bytes"] < 2 * size_after_first
+
+
+# -- trim: LMDB only ---------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_client_cannot_trim(tmp_path: Path) -> None:
+    async with await open_log(tmp_path) as owner:
+        await owner.append("exec/1", [note(1)], expect=0)
+        await owner.append("signals/x", [NewRecord("signal", {})], expect=0)
+    async with await open_log(tmp_path, client=True) as client:
+        for stream in ("exec/1", "signals/x"):
+            with pytest.raises(ClientWriteError, match=repr(stream)):
+                await client.trim(stream, 1)
+        assert [r.seq for r in await collect(client, "signals/x")] == [1]
+        assert await client.last_seq("exec/1") == 1
+
+
+@pytest.mark.parametrize("chunk", [1, 2, lmdb_store.CHECK_CHUNK])
+@pytest.mark.anyio
+async def test_check_tells_a_trim_from_a_gap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    """The trimmed prefix is no fault; a record missing after it still is, and so is
+    one missing from the end, whatever the chunk size of the scan."""
+    async with await open_log(tmp_path) as log:
+        await log.append("a", [note(i) for i in range(10)], expect=0)
+        await log.append("b", [note(i) for i in range(6)], expect=0)
+        await log.append("c", [note(i) for i in range(3)], expect=0)
+        await log.trim("a", 4)
+        await log.trim("b", 2)
+        await log.trim("c", 3)
+        assert await log.check() == []
+    env, (records, _, _, _) = _raw_env(tmp_path)
+    with env.begin(write=True) as txn:
+        keys = [k for k, _ in txn.cursor(db=records)]
+        assert len(keys) == 6 + 4  # a: 5..10, b: 3..6, c: none
+        txn.delete(keys[1], db=records)  # a's seq 6
+        txn.delete(keys[9], db=records)  # b's seq 6, its last
+    env.close()
+    monkeypatch.setattr(lmdb_store, "CHECK_CHUNK", chunk)
+    async with await open_log(tmp_path) as log:
+        faults = sorted((f.stream, f.seq, f.kind, f.detail) for f in await log.check())
+        assert faults == [
+            ("a", 6, "gap", "records 6..6 missing"),
+            ("b", 6, "gap", "records 6..6 missing (index says 6)"),
+        ]
+        with pytest.raises(CorruptRecordError) as caught:
+            await collect(log, "a", 4)
+        assert (caught.value.stream, caught.value.seq) == ("a", 6)
+
+
+@pytest.mark.anyio
+async def test_check_names_a_bad_trim_mark(tmp_path: Path) -> None:
+    async with await open_log(tmp_path) as log:
+        for name in ("a", "b", "c"):
+            await log.append(name, [note(1), note(2)], expect=0)
+            await log.trim(name, 1)
+    env, (records, _, _, meta) = _raw_env(tmp_path)
+    with env.begin(write=True) as txn:
+        txn.put(b"trimmed/a", b"\x00not sealed", db=meta)
+        txn.put(b"trimmed/b", seal([5]), db=meta)  # past b's last seq, 2
+        txn.put(b"trimmed/ghost", seal([1]), db=meta)
+        # c keeps a record the trim removed.
+        c_first = [k for k, _ in txn.cursor(db=records)][-1]
+        txn.put(c_first[:4] + (1).to_bytes(8, "big"), b"x", db=records)
+    env.close()
+    async with await open_log(tmp_path) as log:
+        faults = sorted((f.stream or "", f.kind, f.detail) for f in await log.check())
+        assert faults == [
+            ("a", "gap", "records 1..1 missing"),  # its mark unreadable: seq 1 looks missing
+            ("a", "index", "its trim mark is corrupt (checksum mismatch over 11 stored bytes)"),
+            ("b", "index", "its trim mark says trimmed through seq 5, past its last seq 2"),
+            ("b", "index", "record kept although trimmed through 2"),
+            ("c", "checksum", "checksum mismatch over 1 bytes"),
+            ("c", "index", "record kept although trimmed through 1"),
+            ("ghost", "orphan", "a trim mark of a stream not indexed"),
+        ]
+        with pytest.raises(CorruptRecordError, match="trim mark"):
+            await log.stream_info("a")
+
+
+@pytest.mark.anyio
+async def test_check_during_a_trim_reports_no_gap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records trimmed after check() read the index are not reported missing."""
+    async with await open_log(tmp_path) as log:
+        await log.append("a", [note(i) for i in range(5)], expect=0)
+        await log.append("b", [note(i) for i in range(5)], expect=0)
+        original = LmdbLog._check_index
+
+        def index_then_trim(self: LmdbLog, faults: list[Any]) -> Any:
+            by_id = original(self, faults)
+            # What the writer thread would do between the scan's transactions.
+            for name, through in (("a", 3), ("b", 5)):
+                pending = lmdb_store._Pending(
+                    lmdb_store._TRIM,
+                    name,
+                    name.encode(),
+                    [],
+                    through,
+                    None,
+                    0.0,
+                    None,  # type: ignore[arg-type]
+                )
+                with self._env.begin(write=True) as txn:
+                    assert self._apply_trim(txn, pending) == through
+            return by_id
+
+        monkeypatch.setattr(LmdbLog, "_check_index", index_then_trim)
+        assert await log.check() == []
+        monkeypatch.undo()
+        assert await log.check() == []
+        info = await log.stream_info("a")
+        assert info is not None and info.first_seq == 4
+
+
+@pytest.mark.anyio
+async def test_trim_between_appends_of_one_burst(tmp_path: Path) -> None:
+    """A trim queued among many appends gets its own transaction; none is lost."""
+    async with await open_log(tmp_path) as log:
+        await log.append("inbox", [note(i) for i in range(10)], expect=0)
+        trimmed: list[int] = []
+
+        async def trim() -> None:
+            trimmed.append(await log.trim("inbox", 8))
+
+        async with anyio.create_task_group() as tg:
+            for i in range(50):
+                tg.start_soon(log.append, "inbox", [note(i)], None)
+            tg.start_soon(trim)
+            for i in range(50):
+                tg.start_soon(log.append, f"new/{i}", [note(i)], 0)
+        assert trimmed == [8]
+        assert await log.last_seq("inbox") == 60
+        assert [r.seq for r in await collect(log, "inbox", 8)] == list(range(9, 61))
+        assert await log.check() == []
+        assert (await log.stats())["records_trimmed"] == 8
+
+
+@pytest.mark.anyio
+async def test_trim_frees_space_for_reuse(tmp_path: Path) -> None:
+    """A long-lived inbox trimmed as it goes stays in the pages it first used."""
+    async with await open_log(tmp_path) as log:
+        batch = [NewRecord("note", {"pad": "x" * 400}) for _ in range(200)]
+        last = 0
+        for round in range(6):
+            last = await log.append("inbox", batch, expect=last)
+            if round == 1:
+                size_early = (await log.stats())["map_used_bytes"]
+            await log.trim("inbox", last)
+        stats = await log.stats()
+        assert stats["records"] == 0
+        assert stats["map_used_bytes"] < 2 * size_early

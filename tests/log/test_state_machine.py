@@ -1,9 +1,10 @@
 """A hypothesis state machine drives each store against a model: a dict of lists.
 
 Rules: append, stale append (must conflict and write nothing), concurrent appends at
-one expected seq (exactly one wins), concurrent ANY appends, delete streams, reopen,
-read from a random seq. Async calls go through a blocking portal, one event loop per machine run, on
-asyncio and on trio.
+one expected seq (exactly one wins), concurrent ANY appends, delete streams, trim a
+stream's front, reopen, read from a random seq (a trimmed one must raise TrimmedError).
+Async calls go through a blocking portal, one event loop per machine run, on asyncio
+and on trio.
 """
 
 from __future__ import annotations
@@ -19,7 +20,16 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from perdure.log import ANY, ConflictError, EventLog, LmdbLog, MemoryLog, NewRecord
+from perdure.log import (
+    ANY,
+    ConflictError,
+    EventLog,
+    LmdbLog,
+    LogError,
+    MemoryLog,
+    NewRecord,
+    TrimmedError,
+)
 
 from .conformance import TYPES, collect
 
@@ -28,7 +38,7 @@ streams = st.sampled_from(STREAMS)
 
 
 class LogMachine(RuleBasedStateMachine):
-    """The model: each stream's payloads in seq order."""
+    """The model: each stream's payloads in seq order, and how far each was trimmed."""
 
     backend = "asyncio"
 
@@ -39,6 +49,7 @@ class LogMachine(RuleBasedStateMachine):
         self.dir = Path(tempfile.mkdtemp(prefix="perdure-machine-"))
         self.log: EventLog = self.portal.call(self.open)
         self.model: dict[str, list[Any]] = {s: [] for s in STREAMS}
+        self.trimmed: dict[str, int] = {s: 0 for s in STREAMS}
         self.counter = 0
 
     async def open(self) -> EventLog:
@@ -145,11 +156,28 @@ class LogMachine(RuleBasedStateMachine):
         assert self.portal.call(self.log.delete_streams, chosen) == len(existing)
         for stream in chosen:
             self.model[stream] = []
+            self.trimmed[stream] = 0
 
         async def names() -> list[str]:
             return [info.stream async for info in self.log.streams()]
 
         assert self.portal.call(names) == sorted(s for s in STREAMS if self.model[s])
+
+    @rule(stream=streams, data=st.data())
+    def trim(self, stream: str, data: st.DataObject) -> None:
+        last = len(self.model[stream])
+        through = data.draw(st.integers(min_value=0, max_value=last + 1))
+        if through > last:
+            try:
+                self.portal.call(self.log.trim, stream, through)
+            except LogError as exc:
+                assert f"last seq is {last}" in str(exc)
+            else:
+                raise AssertionError(f"trim of {stream} through {through} (at {last}) accepted")
+            return
+        removed = self.portal.call(self.log.trim, stream, through)
+        assert removed == max(0, through - self.trimmed[stream])
+        self.trimmed[stream] = max(self.trimmed[stream], through)
 
     @rule()
     def reopen(self) -> None:
@@ -159,6 +187,15 @@ class LogMachine(RuleBasedStateMachine):
     def read_from_a_random_seq(self, stream: str, data: st.DataObject) -> None:
         expected = self.model[stream]
         after = data.draw(st.integers(min_value=0, max_value=len(expected) + 2))
+        trimmed = self.trimmed[stream]
+        if after < trimmed:
+            try:
+                self.portal.call(collect, self.log, stream, after)
+            except TrimmedError as exc:
+                assert (exc.stream, exc.after, exc.first_seq) == (stream, after, trimmed + 1)
+            else:
+                raise AssertionError(f"read of {stream} after {after} (trimmed {trimmed}) read")
+            return
         records = self.portal.call(collect, self.log, stream, after)
         assert [r.payload for r in records] == expected[after:]
         assert [r.seq for r in records] == list(range(after + 1, len(expected) + 1))
@@ -167,6 +204,9 @@ class LogMachine(RuleBasedStateMachine):
     def last_seqs_match_the_model(self) -> None:
         for stream in STREAMS:
             assert self.portal.call(self.log.last_seq, stream) == len(self.model[stream])
+            info = self.portal.call(self.log.stream_info, stream)
+            if info is not None:
+                assert info.first_seq == self.trimmed[stream] + 1
 
 
 class LmdbMachine(LogMachine):
