@@ -898,6 +898,8 @@ async def _inspect(ctx: _Ctx, args: argparse.Namespace) -> int:
         "status_text": describe(meta, owned=owned, pending=len(pending), agents=agents),
         "reason": meta.get("reason"),
         "confirmations": list(meta.get("confirmations") or ()),
+        # When its earliest timer fires (it sleeps in perdure.sleep), else None.
+        "wakes_at": (meta.get("timer") or (None,))[0],
         "owner_pid": owner,
         "created_at": info.created_at,
         "updated_at": info.updated_at,
@@ -991,6 +993,8 @@ def _inspect_lines(d: Mapping[str, Any]) -> list[str]:
         ("created", fmt_time(d["created_at"])),
         ("updated", fmt_time(d["updated_at"])),
     ]
+    if d["wakes_at"] is not None:
+        pairs.append(("wakes", f"{fmt_time(d['wakes_at'])} (timer)"))
     if d["parent"]:
         parent = d["parent"]
         pairs.append(("parent", f"{parent.get('execution_id')} (step {parent.get('step')})"))
@@ -1179,6 +1183,11 @@ def _blocker(b: Mapping[str, Any], child: Mapping[str, Any] | None = None) -> st
         return f"drift: {clip(str(b.get('message')), None)}"
     if kind == "signal":
         return f"signal: step {b.get('step')} {b.get('tool')} waits for signal {b.get('name')!r}"
+    if kind == "timer":
+        return (
+            f"timer: step {b.get('step')} {b.get('tool')} sleeps until "
+            f"{fmt_time(b.get('until'))} (timer {b.get('name')!r})"
+        )
     if kind == "child":
         head = f"child: step {b.get('step')} waits for child execution {b.get('child_id')}"
         if child is None:
@@ -1554,7 +1563,9 @@ async def _send(
             waits = [
                 {"name": c.waiting.get("name"), "step": c.step, "tool": c.tool}
                 for c in state.calls
-                if c.status == "waiting" and c.waiting and c.waiting.get("kind") == "signal"
+                if c.status == "waiting"
+                and c.waiting
+                and c.waiting.get("kind") in ("signal", "timer")
             ]
         resumes, effect, detail = _effect(todo, meta, reason, waits)
         records = [encode(SignalSent(eid, name, payload, by)) for name, payload in todo]
@@ -1746,7 +1757,9 @@ def _effect(
         matched = [b for b in waits if b.get("name") == name]
         if matched:
             rest = [
-                b for b in blockers if not (b.get("kind") == "signal" and b.get("name") == name)
+                b
+                for b in blockers
+                if not (b.get("kind") in ("signal", "timer") and b.get("name") == name)
             ]
             detail = f"step {matched[0].get('step')} ({matched[0].get('tool')}) waits for {name!r}"
             if rest:
@@ -1790,6 +1803,8 @@ def _blocker_name(b: Mapping[str, Any]) -> str:
         return f"{kind} {b.get('confirmation_id')}"
     if kind == "signal":
         return f"signal {b.get('name')!r}"
+    if kind == "timer":
+        return f"timer {b.get('name')!r}"
     if kind == "child":
         return f"child execution {b.get('child_id')}"
     return str(kind)
