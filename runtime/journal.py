@@ -60,8 +60,11 @@ def earliest_timer(reason: Mapping[str, Any] | None) -> tuple[float, str] | None
         return None
     found: tuple[float, str] | None = None
     for p in reason.get("pending") or (reason,):
-        if p.get("kind") == "timer":
-            timer = (float(p["until"]), str(p["name"]))
+        until = p.get("until")
+        # A number only (not a bool): what perdure.sleep records; anything else is no
+        # deadline the runtime could keep.
+        if p.get("kind") == "timer" and type(until) in (int, float):
+            timer = (float(until), str(p.get("name")))
             if found is None or timer < found:
                 found = timer
     return found

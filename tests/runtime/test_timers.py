@@ -9,7 +9,12 @@ test moves time on by replacing it and poking the timer service: nothing sleeps.
 from __future__ import annotations
 
 import datetime
+import json
 import math
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -65,16 +70,11 @@ async def hibernated(rt: Runtime, eid: str) -> bool:
 
 
 async def settled(rt: Runtime, eid: str, status: str) -> Any:
-    """Wait until ``eid`` settles with ``status`` (it resumes by itself, not by us)."""
+    """Wait until ``eid`` finishes (it resumes by itself, not by us), with ``status``."""
     with anyio.fail_after(10):
-        while True:
-            seen = await _last(rt, eid)
-            r = await rt.wait(eid)
-            if r.status == status:
-                return r
-            # Suspended still: the timer's signal is on its way; its stream's next
-            # append says the execution moved on.
-            await rt.log.wait_for_append(execution_stream(eid), after=seen)
+        r = await rt.wait(eid, until="finished")
+    assert r.status == status
+    return r
 
 
 async def timers_idle(rt: Runtime) -> None:
@@ -272,3 +272,73 @@ async def test_a_timer_fired_early_by_hand_resumes_it_and_the_timer_is_dropped(
         assert len(rt._timers) == 0
         assert await _last(rt, "e-1") == seq
     assert ran == ["before", "before", "after"]
+
+
+# -- across a real SIGKILL ------------------------------------------------------------------
+
+
+async def test_a_sleep_survives_sigkill_before_and_after_the_timer_fires(
+    data_dir: Path, tmp_path: Path, anyio_backend_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = Path(__file__).resolve().parents[2]
+    side_file = tmp_path / "side.txt"
+    env = {
+        **os.environ,
+        "PERDURE_TEST_BACKEND": anyio_backend_name,
+        "PERDURE_SIDE_FILE": str(side_file),
+    }
+
+    procs: list[subprocess.Popen[str]] = []
+
+    def worker(mode: str, **extra: str) -> subprocess.Popen[str]:
+        argv = [sys.executable, "-m", "tests.runtime.timer_worker", str(data_dir), mode]
+        proc = subprocess.Popen(
+            argv, cwd=root, stdout=subprocess.PIPE, text=True, env={**env, **extra}
+        )
+        procs.append(proc)
+        return proc
+
+    async def in_thread(fn: Callable[[], Any]) -> Any:
+        with anyio.fail_after(60):
+            return await anyio.to_thread.run_sync(fn, abandon_on_cancel=True)
+
+    try:
+        # 1. It sleeps; the process is SIGKILLed while it does.
+        proc = worker("sleep")
+        assert proc.stdout is not None
+        event = json.loads(await in_thread(proc.stdout.readline))
+        assert event["event"] == "suspended" and event["kind"] == "timer"
+        proc.send_signal(signal.SIGKILL)
+        assert await in_thread(proc.wait) == -signal.SIGKILL
+        # 2. Two hours later (by its clock) the next process fires it at open; the tool
+        # is re-run, passes its sleep, and the process dies before the call completes.
+        proc = worker("wake", PERDURE_TEST_CLOCK_OFFSET="7200")
+        assert await in_thread(proc.wait) == -signal.SIGKILL
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert side_file.read_text().splitlines() == ["before", "before", "after-sleep"]
+    # 3. A runtime here finishes it: the timer's signal is in its log, so the sleep
+    # returns at once (this clock is before the deadline: that does not matter).
+    from tests.runtime.timer_worker import dozer
+
+    monkeypatch.setenv("PERDURE_SIDE_FILE", str(side_file))
+    agent = dozer
+    async with Runtime(data_dir, durability="process", agents=[agent]) as rt:
+        r = await settled(rt, "z-1", "completed")
+        assert r.output == "awake"
+        state = await rt.state("z-1")
+        fired = [r async for r in rt.log.read(execution_stream("z-1"))]
+    assert side_file.read_text().splitlines() == [
+        "before",
+        "before",
+        "after-sleep",
+        "before",
+        "after",
+    ]
+    received = [r for r in fired if r.type == "signal.received"]
+    assert [r.payload["name"] for r in received] == ["timer:2:0"]
+    assert received[0].payload["by"] == "timer"
+    assert state.calls == [] and state.status == "completed"
