@@ -25,6 +25,7 @@ import pytest
 from perdure import Agent, Runtime, sleep, sleep_until, tool
 from perdure.events import execution_stream
 from perdure.providers import Scripted
+from perdure.status import describe
 
 pytestmark = pytest.mark.anyio
 
@@ -75,6 +76,19 @@ async def settled(rt: Runtime, eid: str, status: str) -> Any:
         r = await rt.wait(eid, until="finished")
     assert r.status == status
     return r
+
+
+async def entry_when(
+    rt: Runtime, eid: str, pred: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any]:
+    """Wait until ``eid``'s index entry satisfies ``pred`` (each append may change it)."""
+    with anyio.fail_after(10):
+        while True:
+            seen = await _last(rt, eid)  # before the check: no append is missed
+            meta = await index_entry(rt, eid)
+            if pred(meta):
+                return meta
+            await rt.log.wait_for_append(execution_stream(eid), after=seen)
 
 
 async def timers_idle(rt: Runtime) -> None:
@@ -193,10 +207,7 @@ async def test_two_sleeps_in_one_tool_wait_in_turn(open_runtime: Any) -> None:
         r = await rt.run(agent, "go", execution_id="t-1")
         assert r.suspend_reason is not None and r.suspend_reason.name == "timer:2:0"
         advance(rt, clock, 60.0)
-        with anyio.fail_after(10):
-            while ((await index_entry(rt, "t-1")).get("timer") or [0, ""])[1] != "timer:2:1":
-                await rt.log.wait_for_append(execution_stream("t-1"), after=await _last(rt, "t-1"))
-        meta = await index_entry(rt, "t-1")
+        meta = await entry_when(rt, "t-1", lambda m: (m.get("timer") or [0, ""])[1] == "timer:2:1")
         assert meta["status"] == "suspended" and meta["timer"] == [T0 + 600.0, "timer:2:1"]
         advance(rt, clock, 600.0)
         assert (await settled(rt, "t-1", "completed")).output == "done"
@@ -342,3 +353,56 @@ async def test_a_sleep_survives_sigkill_before_and_after_the_timer_fires(
     assert [r.payload["name"] for r in received] == ["timer:2:0"]
     assert received[0].payload["by"] == "timer"
     assert state.calls == [] and state.status == "completed"
+
+
+async def test_parallel_sleeps_and_an_approval_wake_in_deadline_order(open_runtime: Any) -> None:
+    ran: list[str] = []
+
+    @tool("short_nap", description="sleeps a minute")
+    def short_nap() -> str:
+        sleep(60)
+        ran.append("short")
+        return "short"
+
+    @tool("long_nap", description="sleeps ten minutes")
+    def long_nap() -> str:
+        sleep(600)
+        ran.append("long")
+        return "long"
+
+    @tool("move", description="needs an approval", requires_confirmation=True)
+    def move() -> str:
+        ran.append("moved")
+        return "moved"
+
+    turn = [Scripted.call("long_nap"), Scripted.call("short_nap"), Scripted.call("move")]
+    agent = Agent("parallel", tools=[short_nap, long_nap, move], llm=Scripted([turn, "done"]))
+    async with open_runtime(agents=[agent]) as rt:
+        clock = on_clock(rt, Clock())
+        r = await rt.run(agent, "go", execution_id="par-1")
+        assert r.suspend_reason is not None and len(r.suspend_reason.pending) == 3
+        meta = await index_entry(rt, "par-1")
+        # The earliest of its timers, whichever blocker the reason names first.
+        assert meta["timer"] == [T0 + 60.0, "timer:3:0"]
+        assert meta["reason"] == "timer"  # the first blocker, in call order
+        assert describe(meta).startswith("suspended (timer until ")
+        advance(rt, clock, 60.0)
+        meta = await entry_when(rt, "par-1", lambda m: (m.get("timer") or [0])[0] == T0 + 600.0)
+        assert ran == ["short"]
+        assert await hibernated(rt, "par-1")
+        meta = await index_entry(rt, "par-1")
+        assert meta["status"] == "suspended" and meta["timer"] == [T0 + 600.0, "timer:2:0"]
+        await rt.approve("par-1", meta["confirmations"][0])
+        advance(rt, clock, 600.0)
+        assert (await settled(rt, "par-1", "completed")).output == "done"
+    assert sorted(ran) == ["long", "moved", "short"]
+
+
+async def test_describe_names_the_timer_beside_another_reason() -> None:
+    until = T0 + 3600.0
+    local = datetime.datetime.fromtimestamp(until).strftime("%Y-%m-%d %H:%M:%S")
+    sleeping = {"status": "suspended", "reason": "timer", "timer": [until, "timer:2:0"]}
+    assert describe(sleeping) == f"suspended (timer until {local})"
+    approval = {**sleeping, "reason": "approval", "confirmations": ["c-1"]}
+    assert describe(approval) == f"suspended (approval c-1; timer until {local})"
+    assert describe({"status": "suspended", "reason": "signal"}) == "suspended (signal)"
