@@ -29,6 +29,7 @@ from perdure.errors import InvalidSignalError as InvalidSignalError
 from perdure.errors import PerdureError as PerdureError
 from perdure.errors import PromptMismatchError as PromptMismatchError
 from perdure.errors import RuntimeClosedError as RuntimeClosedError
+from perdure.errors import SignalTimeout as SignalTimeout
 from perdure.errors import ToolArgumentsError as ToolArgumentsError
 from perdure.errors import ToolError as ToolError
 from perdure.errors import UnknownAgentError as UnknownAgentError
@@ -66,6 +67,7 @@ __all__ = [
     "Result",
     "Runtime",
     "RuntimeClosedError",
+    "SignalTimeout",
     "SuspendReason",
     "Tool",
     "ToolArgumentsError",

@@ -1182,7 +1182,10 @@ def _blocker(b: Mapping[str, Any], child: Mapping[str, Any] | None = None) -> st
     if kind == "drift":
         return f"drift: {clip(str(b.get('message')), None)}"
     if kind == "signal":
-        return f"signal: step {b.get('step')} {b.get('tool')} waits for signal {b.get('name')!r}"
+        text = f"signal: step {b.get('step')} {b.get('tool')} waits for signal {b.get('name')!r}"
+        if b.get("timer"):
+            text += f", or its timeout at {fmt_time(b.get('until'))} (timer {b.get('timer')!r})"
+        return text
     if kind == "timer":
         return (
             f"timer: step {b.get('step')} {b.get('tool')} sleeps until "
@@ -1560,13 +1563,14 @@ async def _send(
         if meta.get("status") == "suspended" or any(n not in BUILTIN for n, _ in todo):
             state = _fold(info, await _history(log, info))
             reason = state.suspend_reason
-            waits = [
-                {"name": c.waiting.get("name"), "step": c.step, "tool": c.tool}
-                for c in state.calls
-                if c.status == "waiting"
-                and c.waiting
-                and c.waiting.get("kind") in ("signal", "timer")
-            ]
+            for c in state.calls:
+                if c.status != "waiting" or not c.waiting:
+                    continue
+                if c.waiting.get("kind") not in ("signal", "timer"):
+                    continue
+                waits.append({"name": c.waiting.get("name"), "step": c.step, "tool": c.tool})
+                if c.waiting.get("timer"):  # a timed wait_for_signal: its timer wakes it too
+                    waits.append({"name": c.waiting["timer"], "step": c.step, "tool": c.tool})
         resumes, effect, detail = _effect(todo, meta, reason, waits)
         records = [encode(SignalSent(eid, name, payload, by)) for name, payload in todo]
         # One append: the signals of one command arrive together or not at all.
@@ -1759,7 +1763,9 @@ def _effect(
             rest = [
                 b
                 for b in blockers
-                if not (b.get("kind") in ("signal", "timer") and b.get("name") == name)
+                if not (
+                    b.get("kind") in ("signal", "timer") and name in (b.get("name"), b.get("timer"))
+                )
             ]
             detail = f"step {matched[0].get('step')} ({matched[0].get('tool')}) waits for {name!r}"
             if rest:

@@ -165,6 +165,8 @@ def next_steps(execution_id: str, status: str, reason: Mapping[str, Any] | None)
             out.append(f"accept the new definition: {_cmd('resume', eid, '--accept-drift')}")
         elif kind == "signal":
             out.append(f"send it: {_cmd('signal', eid, str(blocker.get('name')), 'JSON')}")
+            if blocker.get("timer"):
+                out.append(f"it times out by itself at {fmt_time(blocker.get('until'))}")
         elif kind == "timer":
             name = str(blocker.get("name"))
             out.append(
@@ -286,6 +288,10 @@ def _waiting(e: Mapping[str, Any]) -> str:
     if e.get("wait") == "timer":
         until = (e.get("detail") or {}).get("until")
         return f"for timer {_text(repr(e.get('name')))} until {fmt_time(until)}"
+    detail = e.get("detail") or {}
+    if detail.get("timer"):
+        until = fmt_time(detail.get("until"))
+        return f"for signal {_text(repr(e.get('name')))}, or its timeout at {until}"
     return f"for signal {_text(repr(e.get('name')))}"
 
 

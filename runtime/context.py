@@ -17,6 +17,8 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
+from perdure.errors import SignalTimeout
+
 __all__ = [
     "SuspendExecution",
     "ToolContext",
@@ -104,7 +106,7 @@ class SuspendExecution(BaseException):
         self.detail = dict(detail)
 
 
-def wait_for_signal(name: str) -> Any:
+def wait_for_signal(name: str, *, timeout: float | None = None) -> Any:
     """Inside a tool: the payload of the signal ``name``, or suspend until it arrives.
 
     The first call suspends the execution (no task, no memory); when
@@ -113,11 +115,48 @@ def wait_for_signal(name: str) -> Any:
     ``wait_for_signal`` returns the payload. Call it before any side effect of the tool,
     and give each wait its own name (e.g. include the idempotency key): a name is
     satisfied by the first signal of that name the execution receives.
+
+    With ``timeout`` (seconds), the wait is also a durable timer (see :func:`sleep`):
+    if the timer fires first, the tool is invoked again and this call raises
+    :class:`~perdure.errors.SignalTimeout` (a signal that arrived by then wins).
     """
+    if timeout is not None:
+        _check_seconds("wait_for_signal(timeout=...)", timeout)
     ctx = current_tool_context()
+    if timeout is None:
+        if name in ctx.signals:
+            return ctx.signals[name]
+        raise SuspendExecution("signal", {"name": name, "step": ctx.step, "tool": ctx.tool})
+    # A timed wait takes a timer number as a sleep does, signal or not: the names of
+    # the timers after it are the same on every invocation.
+    n = ctx.timers[0]
+    ctx.timers[0] = n + 1
     if name in ctx.signals:
         return ctx.signals[name]
-    raise SuspendExecution("signal", {"name": name, "step": ctx.step, "tool": ctx.tool})
+    timer = timer_name(ctx.step, n)
+    if timer not in ctx.signals:
+        now = getattr(ctx.services, "wall_clock", time.time)()
+        if timeout > 0:
+            detail = {"name": name, "step": ctx.step, "tool": ctx.tool}
+            detail.update(timer=timer, until=now + float(timeout))
+            raise SuspendExecution("signal", detail)
+    raise SignalTimeout(
+        f"execution {ctx.execution_id!r} step {ctx.step} (tool {ctx.tool!r}): no signal "
+        f"{name!r} within {timeout:g}s",
+        name,
+        float(timeout),
+    )
+
+
+def _check_seconds(what: str, seconds: Any) -> None:
+    """Refuse a duration that is not a finite number of seconds >= 0."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        raise TypeError(f"perdure.{what} takes a number of seconds, not {seconds!r}")
+    if math.isnan(seconds) or math.isinf(seconds) or seconds < 0:
+        raise ValueError(
+            f"perdure.{what} takes a finite number of seconds >= 0, not {seconds!r}"
+            + ("; to wait without a deadline use wait_for_signal()" if seconds > 0 else "")
+        )
 
 
 def timer_name(step: int, n: int) -> str:
@@ -136,13 +175,7 @@ def sleep(seconds: float) -> None:
     ``sleep(0)`` returns at once. Raises TypeError for a non-number and ValueError for
     a negative, NaN or infinite duration.
     """
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
-        raise TypeError(f"perdure.sleep() takes a number of seconds, not {seconds!r}")
-    if math.isnan(seconds) or math.isinf(seconds) or seconds < 0:
-        raise ValueError(
-            f"perdure.sleep() takes a finite number of seconds >= 0, not {seconds!r}"
-            + ("; to wait without a deadline use wait_for_signal()" if seconds > 0 else "")
-        )
+    _check_seconds("sleep()", seconds)
     ctx = current_tool_context()
     _timer(ctx, lambda now: now + float(seconds))
 

@@ -63,8 +63,13 @@ def earliest_timer(reason: Mapping[str, Any] | None) -> tuple[float, str] | None
         until = p.get("until")
         # A number only (not a bool): what perdure.sleep records; anything else is no
         # deadline the runtime could keep.
-        if p.get("kind") == "timer" and type(until) in (int, float):
-            timer = (float(until), str(p.get("name")))
+        if type(until) not in (int, float):
+            continue
+        # A sleep's timer is the blocker itself; a timed wait_for_signal names its own.
+        kind = p.get("kind")
+        name = p.get("name") if kind == "timer" else p.get("timer") if kind == "signal" else None
+        if name is not None:
+            timer = (float(until), str(name))
             if found is None or timer < found:
                 found = timer
     return found

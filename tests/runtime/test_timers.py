@@ -22,7 +22,7 @@ from typing import Any
 import anyio
 import pytest
 
-from perdure import Agent, Runtime, sleep, sleep_until, tool
+from perdure import Agent, Runtime, SignalTimeout, sleep, sleep_until, tool, wait_for_signal
 from perdure.events import execution_stream
 from perdure.providers import Scripted
 from perdure.status import describe
@@ -406,3 +406,77 @@ async def test_describe_names_the_timer_beside_another_reason() -> None:
     approval = {**sleeping, "reason": "approval", "confirmations": ["c-1"]}
     assert describe(approval) == f"suspended (approval c-1; timer until {local})"
     assert describe({"status": "suspended", "reason": "signal"}) == "suspended (signal)"
+
+
+# -- wait_for_signal(name, timeout=...) -------------------------------------------------------
+
+
+def timed_waiter(ran: list[Any], timeout: float = 300.0, catch: bool = True) -> Agent:
+    def body() -> Any:
+        ran.append("invoked")
+        try:
+            payload = wait_for_signal("paid", timeout=timeout)
+        except SignalTimeout as exc:
+            if not catch:
+                raise
+            ran.append(("timeout", exc.name, exc.timeout))
+            return "gave up"
+        ran.append(("paid", payload))
+        return "paid"
+
+    return sleeper("timed", body)
+
+
+async def test_a_timed_wait_returns_the_signal_that_comes_first(open_runtime: Any) -> None:
+    ran: list[Any] = []
+    agent = timed_waiter(ran)
+    async with open_runtime(agents=[agent]) as rt:
+        clock = on_clock(rt, Clock())
+        r = await rt.run(agent, "go", execution_id="w-1")
+        assert r.suspend_reason is not None and r.suspend_reason.kind == "signal"
+        assert (r.suspend_reason.name, r.suspend_reason.timer) == ("paid", "timer:2:0")
+        meta = await index_entry(rt, "w-1")
+        assert meta["reason"] == "signal" and meta["timer"] == [T0 + 300.0, "timer:2:0"]
+        assert describe(meta).startswith("suspended (signal; timer until ")
+        await rt.signal("w-1", "paid", {"ref": 7})
+        assert (await settled(rt, "w-1", "completed")).output == "done"
+        seq = await _last(rt, "w-1")
+        advance(rt, clock, 600.0)  # the timeout passes: nothing happens
+        await timers_idle(rt)
+        assert await _last(rt, "w-1") == seq
+    assert ran == ["invoked", "invoked", ("paid", {"ref": 7})]
+
+
+async def test_a_timed_wait_raises_signal_timeout_when_the_timer_fires_first(
+    open_runtime: Any,
+) -> None:
+    ran: list[Any] = []
+    agent = timed_waiter(ran)
+    async with open_runtime(agents=[agent]) as rt:
+        clock = on_clock(rt, Clock())
+        assert (await rt.run(agent, "go", execution_id="w-2")).is_suspended
+        advance(rt, clock, 300.0)
+        assert (await settled(rt, "w-2", "completed")).output == "done"
+        tool_result = next(m for m in (await rt.state("w-2")).messages if m.role == "tool")
+    assert ran == ["invoked", "invoked", ("timeout", "paid", 300.0)]
+    assert tool_result.content == "gave up"
+
+
+async def test_an_uncaught_signal_timeout_reaches_the_model(open_runtime: Any) -> None:
+    ran: list[Any] = []
+    agent = timed_waiter(ran, timeout=0, catch=False)
+    async with open_runtime(agents=[agent]) as rt:
+        on_clock(rt, Clock())
+        r = await rt.run(agent, "go", execution_id="w-3")  # timeout 0: at once
+        tool_result = next(m for m in (await rt.state("w-3")).messages if m.role == "tool")
+    assert r.status == "completed" and ran == ["invoked"]
+    assert tool_result.content == (
+        "ERROR (SignalTimeout): execution 'w-3' step 2 (tool 'nap'): no signal 'paid' within 0s"
+    )
+
+
+async def test_a_bad_timeout_is_refused() -> None:
+    with pytest.raises(ValueError, match="-1"):
+        wait_for_signal("x", timeout=-1)
+    with pytest.raises(TypeError, match="'soon'"):
+        wait_for_signal("x", timeout="soon")  # type: ignore[arg-type]
