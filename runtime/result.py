@@ -30,7 +30,9 @@ class SuspendReason:
       ``key``); decide with ``rt.resolve``.
     - ``drift``: the agent changed since the log was written (``changes``); accept with
       ``rt.resume(execution_id, accept_drift=True)``.
-    - ``signal``: a tool waits for ``rt.signal(execution_id, name, ...)`` (``name``).
+    - ``signal``: a tool waits for ``rt.signal(execution_id, name, ...)`` (``name``);
+      with a timeout (``wait_for_signal(name, timeout=...)``) also ``until`` and
+      ``timer``, the signal its timeout fires under.
     - ``timer``: a tool sleeps (``perdure.sleep``) until ``until`` (seconds since the
       epoch); its timer's signal is ``name``. It resumes by itself then.
     - ``child``: a delegated child execution is running (``child_id``). From
