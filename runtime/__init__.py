@@ -15,6 +15,8 @@ from perdure.budget import ExecutionUsage as ExecutionUsage
 from perdure.context import current_execution_id as current_execution_id
 from perdure.context import current_idempotency_key as current_idempotency_key
 from perdure.context import current_step as current_step
+from perdure.context import sleep as sleep
+from perdure.context import sleep_until as sleep_until
 from perdure.context import wait_for_signal as wait_for_signal
 from perdure.drift import Replayer as Replayer
 from perdure.drift import ReplayReport as ReplayReport
@@ -27,6 +29,7 @@ from perdure.errors import InvalidSignalError as InvalidSignalError
 from perdure.errors import PerdureError as PerdureError
 from perdure.errors import PromptMismatchError as PromptMismatchError
 from perdure.errors import RuntimeClosedError as RuntimeClosedError
+from perdure.errors import SignalTimeout as SignalTimeout
 from perdure.errors import ToolArgumentsError as ToolArgumentsError
 from perdure.errors import ToolError as ToolError
 from perdure.errors import UnknownAgentError as UnknownAgentError
@@ -64,6 +67,7 @@ __all__ = [
     "Result",
     "Runtime",
     "RuntimeClosedError",
+    "SignalTimeout",
     "SuspendReason",
     "Tool",
     "ToolArgumentsError",
@@ -73,6 +77,8 @@ __all__ = [
     "current_idempotency_key",
     "current_step",
     "record_types",
+    "sleep",
+    "sleep_until",
     "tool",
     "wait_for_signal",
 ]

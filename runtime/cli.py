@@ -907,6 +907,8 @@ async def _inspect(ctx: _Ctx, args: argparse.Namespace) -> int:
         "status_text": describe(meta, owned=owned, pending=len(pending), agents=agents),
         "reason": meta.get("reason"),
         "confirmations": list(meta.get("confirmations") or ()),
+        # When its earliest timer fires (it sleeps in perdure.sleep), else None.
+        "wakes_at": (meta.get("timer") or (None,))[0],
         "owner_pid": owner,
         "created_at": info.created_at,
         "updated_at": info.updated_at,
@@ -1000,6 +1002,8 @@ def _inspect_lines(d: Mapping[str, Any]) -> list[str]:
         ("created", fmt_time(d["created_at"])),
         ("updated", fmt_time(d["updated_at"])),
     ]
+    if d["wakes_at"] is not None:
+        pairs.append(("wakes", f"{fmt_time(d['wakes_at'])} (timer)"))
     if d["parent"]:
         parent = d["parent"]
         pairs.append(("parent", f"{parent.get('execution_id')} (step {parent.get('step')})"))
@@ -1187,7 +1191,15 @@ def _blocker(b: Mapping[str, Any], child: Mapping[str, Any] | None = None) -> st
     if kind == "drift":
         return f"drift: {clip(str(b.get('message')), None)}"
     if kind == "signal":
-        return f"signal: step {b.get('step')} {b.get('tool')} waits for signal {b.get('name')!r}"
+        text = f"signal: step {b.get('step')} {b.get('tool')} waits for signal {b.get('name')!r}"
+        if b.get("timer"):
+            text += f", or its timeout at {fmt_time(b.get('until'))} (timer {b.get('timer')!r})"
+        return text
+    if kind == "timer":
+        return (
+            f"timer: step {b.get('step')} {b.get('tool')} sleeps until "
+            f"{fmt_time(b.get('until'))} (timer {b.get('name')!r})"
+        )
     if kind == "child":
         head = f"child: step {b.get('step')} waits for child execution {b.get('child_id')}"
         if child is None:
@@ -1577,11 +1589,14 @@ async def _send(
         if meta.get("status") == "suspended" or any(n not in BUILTIN for n, _ in todo):
             state = _fold(info, await _history(log, info))
             reason = state.suspend_reason
-            waits = [
-                {"name": c.waiting.get("name"), "step": c.step, "tool": c.tool}
-                for c in state.calls
-                if c.status == "waiting" and c.waiting and c.waiting.get("kind") == "signal"
-            ]
+            for c in state.calls:
+                if c.status != "waiting" or not c.waiting:
+                    continue
+                if c.waiting.get("kind") not in ("signal", "timer"):
+                    continue
+                waits.append({"name": c.waiting.get("name"), "step": c.step, "tool": c.tool})
+                if c.waiting.get("timer"):  # a timed wait_for_signal: its timer wakes it too
+                    waits.append({"name": c.waiting["timer"], "step": c.step, "tool": c.tool})
         resumes, effect, detail = _effect(todo, meta, reason, waits)
         records = [encode(SignalSent(eid, name, payload, by)) for name, payload in todo]
         # One append: the signals of one command arrive together or not at all.
@@ -1772,7 +1787,11 @@ def _effect(
         matched = [b for b in waits if b.get("name") == name]
         if matched:
             rest = [
-                b for b in blockers if not (b.get("kind") == "signal" and b.get("name") == name)
+                b
+                for b in blockers
+                if not (
+                    b.get("kind") in ("signal", "timer") and name in (b.get("name"), b.get("timer"))
+                )
             ]
             detail = f"step {matched[0].get('step')} ({matched[0].get('tool')}) waits for {name!r}"
             if rest:
@@ -1816,6 +1835,8 @@ def _blocker_name(b: Mapping[str, Any]) -> str:
         return f"{kind} {b.get('confirmation_id')}"
     if kind == "signal":
         return f"signal {b.get('name')!r}"
+    if kind == "timer":
+        return f"timer {b.get('name')!r}"
     if kind == "child":
         return f"child execution {b.get('child_id')}"
     return str(kind)

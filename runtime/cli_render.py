@@ -165,6 +165,14 @@ def next_steps(execution_id: str, status: str, reason: Mapping[str, Any] | None)
             out.append(f"accept the new definition: {_cmd('resume', eid, '--accept-drift')}")
         elif kind == "signal":
             out.append(f"send it: {_cmd('signal', eid, str(blocker.get('name')), 'JSON')}")
+            if blocker.get("timer"):
+                out.append(f"it times out by itself at {fmt_time(blocker.get('until'))}")
+        elif kind == "timer":
+            name = str(blocker.get("name"))
+            out.append(
+                f"it resumes by itself at {fmt_time(blocker.get('until'))}; to wake it "
+                f"now: {_cmd('signal', eid, name, '{}')}"
+            )
         elif kind == "child":
             child = str(blocker.get("child_id"))
             out.append(f"it resumes when child {child} finishes: {_cmd('inspect', child)}")
@@ -277,6 +285,13 @@ def _rejected(e: Mapping[str, Any]) -> str:
 def _waiting(e: Mapping[str, Any]) -> str:
     if e.get("wait") == "child":
         return f"for child execution {(e.get('detail') or {}).get('child_id', '?')}"
+    if e.get("wait") == "timer":
+        until = (e.get("detail") or {}).get("until")
+        return f"for timer {_text(repr(e.get('name')))} until {fmt_time(until)}"
+    detail = e.get("detail") or {}
+    if detail.get("timer"):
+        until = fmt_time(detail.get("until"))
+        return f"for signal {_text(repr(e.get('name')))}, or its timeout at {until}"
     return f"for signal {_text(repr(e.get('name')))}"
 
 
@@ -300,6 +315,8 @@ def _suspended(e: Mapping[str, Any]) -> str:
         return f"drift: {clip(str(reason.get('message', '')), _CLIP)}"
     if kind == "signal":
         return f"signal {reason.get('name')!r}"
+    if kind == "timer":
+        return f"timer {reason.get('name')!r} until {fmt_time(reason.get('until'))}"
     if kind == "child":
         return f"child {reason.get('child_id')}"
     return fmt_json(reason, _CLIP)

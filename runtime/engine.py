@@ -721,7 +721,11 @@ class Engine:
     async def _invoke(self, tool: Tool, arguments: Any) -> Any:
         attempts = tool.retries + 1
         delay = tool.retry_delay
+        ctx = _current.get()
         for attempt in range(1, attempts + 1):
+            if ctx is not None:
+                # Each attempt asks for its timers afresh: the same names every time.
+                ctx.timers[0] = 0
             try:
                 run_in_thread = self.services.run_in_thread
                 if tool.timeout is None:

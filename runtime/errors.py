@@ -18,6 +18,7 @@ __all__ = [
     "PerdureError",
     "PromptMismatchError",
     "RuntimeClosedError",
+    "SignalTimeout",
     "ToolArgumentsError",
     "ToolError",
     "UnknownAgentError",
@@ -42,6 +43,19 @@ class ToolError(PerdureError):
 
 class ToolArgumentsError(ToolError):
     """Arguments from the model do not match the tool's schema (returned to the model)."""
+
+
+class SignalTimeout(ToolError):
+    """``wait_for_signal(name, timeout=...)``: the timeout came before the signal.
+
+    Raised inside the tool, which may catch it; uncaught, the model is told, as for
+    any :class:`ToolError`. ``name`` is the signal waited for, ``timeout`` the seconds.
+    """
+
+    def __init__(self, message: str, name: str, timeout: float) -> None:
+        super().__init__(message)
+        self.name = name
+        self.timeout = timeout
 
 
 class DriftError(PerdureError):

@@ -25,7 +25,7 @@ from perdure.events import Event, encode, execution_stream
 from perdure.log.protocol import EventLog, NewRecord
 from perdure.state import ExecutionState, apply_record, apply_records
 
-__all__ = ["INDEX_DEFAULTS", "Journal", "index_meta", "load_state"]
+__all__ = ["INDEX_DEFAULTS", "Journal", "earliest_timer", "index_meta", "load_state"]
 
 
 #: The index fields an entry may lack, and the value every reader then takes (readers use
@@ -47,8 +47,32 @@ INDEX_DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "dollars": 0.0,
         "parent": None,
         "signal_seq": 0,
+        # The earliest timer a suspended execution waits for, (until, signal name):
+        # the runtime finds its timers from the index alone, without replay.
+        "timer": None,
     }
 )
+
+
+def earliest_timer(reason: Mapping[str, Any] | None) -> tuple[float, str] | None:
+    """The earliest timer among a suspension's blockers, as (until, signal name)."""
+    if not reason:
+        return None
+    found: tuple[float, str] | None = None
+    for p in reason.get("pending") or (reason,):
+        until = p.get("until")
+        # A number only (not a bool): what perdure.sleep records; anything else is no
+        # deadline the runtime could keep.
+        if type(until) not in (int, float):
+            continue
+        # A sleep's timer is the blocker itself; a timed wait_for_signal names its own.
+        kind = p.get("kind")
+        name = p.get("name") if kind == "timer" else p.get("timer") if kind == "signal" else None
+        if name is not None:
+            timer = (float(until), str(name))
+            if found is None or timer < found:
+                found = timer
+    return found
 
 
 def index_meta(state: ExecutionState) -> dict[str, Any]:
@@ -82,6 +106,7 @@ def index_meta(state: ExecutionState) -> dict[str, Any]:
         "dollars": round(usage.dollars, 6),
         "parent": state.parent["execution_id"] if state.parent else None,
         "signal_seq": state.last_signal_seq,
+        "timer": earliest_timer(reason),
     }
     delegated = state.delegated
     if delegated is not None:

@@ -30,7 +30,11 @@ class SuspendReason:
       ``key``); decide with ``rt.resolve``.
     - ``drift``: the agent changed since the log was written (``changes``); accept with
       ``rt.resume(execution_id, accept_drift=True)``.
-    - ``signal``: a tool waits for ``rt.signal(execution_id, name, ...)`` (``name``).
+    - ``signal``: a tool waits for ``rt.signal(execution_id, name, ...)`` (``name``);
+      with a timeout (``wait_for_signal(name, timeout=...)``) also ``until`` and
+      ``timer``, the signal its timeout fires under.
+    - ``timer``: a tool sleeps (``perdure.sleep``) until ``until`` (seconds since the
+      epoch); its timer's signal is ``name``. It resumes by itself then.
     - ``child``: a delegated child execution is running (``child_id``). From
       ``rt.result`` it also has ``child``: the child as of now (``status``,
       ``status_text`` such as ``"suspended (approval c-1a2b)"``, ``reason``,
@@ -166,6 +170,8 @@ class ExecutionInfo:
     #: What its finished children cost, charged to it (``dollars`` is its own spend, so
     #: summing ``dollars`` over every execution counts each dollar once).
     delegated_dollars: float = 0.0
+    #: When its earliest timer fires (seconds since the epoch), if it sleeps.
+    wakes_at: float | None = None
 
     @classmethod
     def from_index(
@@ -188,6 +194,7 @@ class ExecutionInfo:
             confirmations=tuple(meta.get("confirmations", ())),
             waiting_on=tuple(meta.get("waiting_on") or ()),
             delegated_dollars=(meta.get("delegated") or {}).get("dollars", 0.0),
+            wakes_at=(meta.get("timer") or (None,))[0],
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -208,4 +215,5 @@ class ExecutionInfo:
             "confirmations": list(self.confirmations),
             "waiting_on": list(self.waiting_on),
             "delegated_dollars": self.delegated_dollars,
+            "wakes_at": self.wakes_at,
         }

@@ -66,7 +66,7 @@ from perdure.events import (
 from perdure.execution_actor import Deliver, ExecutionActor
 from perdure.fingerprint import digest
 from perdure.inbox import InboxPump
-from perdure.journal import Journal, load_state
+from perdure.journal import Journal, earliest_timer, load_state
 from perdure.log import ConflictError, EventLog
 from perdure.log.codec import meta_value_key
 from perdure.log.protocol import ANY, Durability
@@ -97,6 +97,7 @@ from perdure.status import (
     owner_phrase,
     pending_signals,
 )
+from perdure.timers import Timer, TimerService
 from perdure.tool_threads import ToolThreads
 
 __all__ = ["ExecutionHandle", "Runtime"]
@@ -178,6 +179,10 @@ class _Services:
 
     async def run_in_thread(self, fn: Callable[[], Any]) -> Any:
         return await self._rt._tool_threads.run(fn)
+
+    def wall_clock(self) -> float:
+        """Seconds since the epoch, by the runtime's clock (timers' deadlines use it)."""
+        return self._rt._wall_clock()
 
 
 def _not_found(log: EventLog, execution_id: str) -> ExecutionNotFoundError:
@@ -304,6 +309,10 @@ class Runtime:
         self._inbox_waiters: dict[int, anyio.Event] = {}
         self._inbox_booked = anyio.Event()  # set (and replaced) when the pump writes its books
         self._sync: Any = None
+        #: The wall clock timers are set and fired by (seconds since the epoch). A test
+        #: may replace it to move time on, then ``_timers.poke()`` to make it noticed.
+        self._wall_clock: Callable[[], float] = time.time
+        self._timers = self._new_timers()
         for agent in agents:
             self.register(agent)
 
@@ -315,6 +324,7 @@ class Runtime:
         # Opened again after a close: the work at open is to be done again.
         self._recovered, self._backlog, self._ready = anyio.Event(), anyio.Event(), anyio.Event()
         self._open_failed = None
+        self._timers = self._new_timers()  # what an earlier open knew is read again
         if self._given_log is not None:
             self.log = self._given_log
         else:
@@ -962,6 +972,12 @@ class Runtime:
                 self._tg.start_soon(self._rehand_if_owed, eid)
         if status == "cancelled" and self._tg is not None:
             self._tg.start_soon(self._cancel_children, eid, state.cancel_reason or "")
+        if status == "suspended" and self._open:
+            # The index entry written with this suspension carries the same timer (see
+            # journal.index_meta), which is what the timer is checked against when due.
+            timer = earliest_timer(state.suspend_reason)
+            if timer is not None:
+                self._timers.schedule(eid, *timer)
 
     async def _post_child_outcome(self, parent: str, child: str, payload: Any) -> None:
         try:
@@ -1732,6 +1748,10 @@ class Runtime:
         await self._backlog.wait()
         await self._recover()
         self._recovered.set()
+        # After the backlog and recovery: a timer signal already in the inbox was
+        # delivered, so the index says which timers still wait.
+        assert self._tg is not None
+        self._tg.start_soon(self._run_timers)
         # A signal that came in while recovery ran may have made an execution runnable
         # after recovery looked at it; its actor waits, idle, for this.
         for eid, actor in list(self._live.items()):
@@ -1740,6 +1760,65 @@ class Runtime:
             held = eid in self._inbox_held
             if idle and not held and state is not None and state.status == "running":
                 await self._resume_at_open(eid)
+
+    # -- timers -------------------------------------------------------------------------------
+
+    def _new_timers(self) -> TimerService:
+        # The clock is looked up at each call: a test replaces _wall_clock after open.
+        return TimerService(lambda: self._wall_clock(), self._fire_timers)
+
+    async def _run_timers(self) -> None:
+        """Schedule the timers of the suspended executions in the index, then fire
+        timers as they come due (overdue ones at once), until the runtime closes."""
+        try:
+            async for info in self.log.streams(prefix="exec/", where={"status": "suspended"}):
+                timer = info.meta.get("timer")
+                if timer:
+                    self._timers.schedule(info.stream[len("exec/") :], timer[0], timer[1])
+        except Exception:
+            # The timers found so far (and those of executions that suspend from now on)
+            # still fire; the others fire at the next open.
+            log.exception(
+                "could not read every sleeping execution's timer from the index; those "
+                "missed fire when a runtime next opens the data dir"
+            )
+        await self._timers.run()
+
+    async def _fire_timers(self, timers: Iterable[Timer]) -> list[Timer]:
+        """Post the signal of each due timer whose execution still waits for it, in one
+        append (thousands may be overdue at open); the ones that could not be posted."""
+        records = []
+        failed: list[Timer] = []
+        for until, eid, name in timers:
+            try:
+                info = await self.log.stream_info(execution_stream(eid))
+            except Exception:
+                log.exception("execution %s: could not read its index entry to fire %r", eid, name)
+                failed.append((until, eid, name))
+                continue
+            # Dropped when the execution finished (a late signal would be ignored anyway),
+            # was purged, runs (it is scheduled again if it suspends on the timer), or no
+            # longer waits for this timer (fired early by hand).
+            if info is None or info.meta.get("status") != "suspended":
+                continue
+            current = info.meta.get("timer")
+            if not current or current[1] != name:
+                continue
+            records.append(
+                (until, eid, name, encode(SignalSent(eid, name, {"until": until}, "timer")))
+            )
+        if records:
+            try:
+                # As _post does, all at once: durable in the inbox, the execution resumes
+                # by the ordinary signal path.
+                await self.log.append(INBOX_STREAM, [r[3] for r in records], expect=ANY)
+            except Exception:
+                log.exception(
+                    "could not post %d due timer signal(s) to the inbox; tried again shortly",
+                    len(records),
+                )
+                failed += [r[:3] for r in records]
+        return failed
 
     async def wait_recovered(self) -> None:
         """Wait until the work done at open has run: the signals sent while no runtime

@@ -762,7 +762,10 @@ def _plan_calls(state: ExecutionState) -> Action:
                 )
         elif status == "waiting":
             waiting = c.waiting or {}
-            if waiting.get("name") in state.signals:
+            signals = state.signals
+            # A timed wait_for_signal also wakes when its timer fires (it then raises
+            # SignalTimeout in the tool); an untimed wait has no "timer".
+            if waiting.get("name") in signals or waiting.get("timer") in signals:
                 rerun.append(c)
             else:
                 blockers.append({**waiting, "step": c.step, "tool": c.tool})

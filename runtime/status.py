@@ -19,6 +19,7 @@ Nothing here takes the owner lock or writes: the owner is found by reading the p
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,7 @@ __all__ = [
     "confirmation_owner",
     "owner_phrase",
     "describe",
+    "fmt_deadline",
     "owner_pid",
     "pending_signals",
     "registered_agents",
@@ -53,7 +55,8 @@ def describe(
     pending: int = 0,
     agents: frozenset[str] | None = None,
 ) -> str:
-    """One execution's status in words, e.g. ``"suspended (approval c-1a2b)"``.
+    """One execution's status in words, e.g. ``"suspended (approval c-1a2b)"`` or
+    ``"suspended (timer until 2026-12-03 10:00:00)"`` (local time).
 
     ``meta`` is the execution's index entry. ``owned`` says whether a process owns the
     data dir (None: unknown, say nothing about it); ``pending`` is how many signals for
@@ -65,10 +68,14 @@ def describe(
     if status == "suspended":
         reason = str(meta.get("reason") or "unknown reason")
         confirmations = [str(c) for c in meta.get("confirmations") or ()]
+        timer = meta.get("timer")
         if reason in ("approval", "contract") and confirmations:
             notes.append(f"{reason} {', '.join(confirmations)}")
-        else:
+        elif not (reason == "timer" and timer):
             notes.append(reason)
+        if timer:
+            # Its earliest timer, whatever else it waits for: it wakes by itself then.
+            notes.append(f"timer until {fmt_deadline(timer[0])}")
     elif status in ("running", "queued") and owned is False:
         notes.append("no owner: resumes at next start")
     elif status in ("running", "queued") and owned and agents is not None:
@@ -80,6 +87,11 @@ def describe(
         where = "" if owned is not False else ", delivered at next start"
         notes.append(f"{pending} {noun} pending{where}")
     return f"{status} ({'; '.join(notes)})" if notes else status
+
+
+def fmt_deadline(until: float) -> str:
+    """A timer's deadline as local date and time to the second."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(until))
 
 
 #: How many generations below a child :func:`blocked_descendant` looks.

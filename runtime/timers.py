@@ -1,0 +1,123 @@
+"""Durable timers: the one task that wakes suspended executions when their time comes.
+
+A tool's ``perdure.sleep`` suspends its execution with a ``timer`` blocker (a signal
+name and a wall-clock deadline); the execution's index entry carries its earliest one
+(``journal.earliest_timer``). The owning runtime keeps every deadline it knows of in
+one heap, served by one task, however many executions sleep (a fleet may hold
+thousands): at open it reads them from the index (no replay), and adds each execution
+that settles suspended on a timer. When a deadline comes it posts the timer's signal
+to the inbox, which is durable and resumes the execution by the ordinary signal path;
+a timer whose execution finished, or no longer waits for it, is dropped.
+
+The task never sleeps longer than :data:`MAX_NAP` at a stretch before reading the wall
+clock again, so a clock that jumps (NTP, a suspended laptop) delays a timer by at most
+that much; :meth:`TimerService.poke` wakes it at once (a new earlier deadline, or a test
+that moved the clock).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+
+import anyio
+
+__all__ = ["MAX_NAP", "RETRY_AFTER", "TimerService"]
+
+log = logging.getLogger("perdure.runtime")
+
+#: The longest the service sleeps before reading the wall clock again (seconds).
+MAX_NAP = 60.0
+#: How long a timer whose signal could not be posted waits before it is tried again.
+RETRY_AFTER = 5.0
+
+#: One timer: (until, execution id, signal name); heap-ordered by deadline.
+Timer = tuple[float, str, str]
+
+
+class TimerService:
+    """A heap of deadlines and the loop that fires them through ``fire``.
+
+    ``clock()`` is the wall clock (seconds since the epoch). ``fire(timers)`` is given
+    every timer that is due, in deadline order, and posts those that still apply; it
+    returns the ones it could not post (tried again after :data:`RETRY_AFTER`).
+    """
+
+    def __init__(
+        self,
+        clock: Callable[[], float],
+        fire: Callable[[Sequence[Timer]], Awaitable[Sequence[Timer]]],
+    ) -> None:
+        self._clock = clock
+        self._fire = fire
+        # (when to fire, *timer): a retry fires later than its deadline.
+        self._heap: list[tuple[float, float, str, str]] = []
+        # What is in the heap, so an execution that settles on the same timer twice
+        # (woken by something else, suspended again) holds one entry, not two.
+        self._known: set[Timer] = set()
+        self._poked = anyio.Event()
+        # Set while the loop naps with nothing due (see idle).
+        self._idle = anyio.Event()
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def schedule(
+        self, execution_id: str, until: float, name: str, *, at: float | None = None
+    ) -> None:
+        """Fire ``name`` to ``execution_id`` at or after ``until`` (or at ``at``, a retry)."""
+        timer = (float(until), execution_id, name)
+        if timer in self._known:
+            return
+        when = timer[0] if at is None else at
+        earliest = self._heap[0][0] if self._heap else None
+        self._known.add(timer)
+        heapq.heappush(self._heap, (when, *timer))
+        if earliest is None or when < earliest:
+            self.poke()
+
+    def poke(self) -> None:
+        """Wake the loop now: it reads the clock and fires what is due."""
+        self._poked.set()
+        if self._idle.is_set():
+            self._idle = anyio.Event()
+
+    async def idle(self) -> None:
+        """Return once the loop has fired what was due when it was last poked (tests)."""
+        await self._idle.wait()
+
+    def due(self) -> list[Timer]:
+        """Take every timer whose deadline has come out of the heap, earliest first."""
+        now = self._clock()
+        heap = self._heap
+        out: list[Timer] = []
+        while heap and heap[0][0] <= now:
+            timer = heapq.heappop(heap)[1:]
+            self._known.discard(timer)
+            out.append(timer)
+        return out
+
+    async def run(self) -> None:
+        """Fire timers as they come due, until cancelled."""
+        while True:
+            # Replaced before the timers are looked at: a schedule() during the fire
+            # below pokes the new event, and the wait after it returns at once.
+            self._poked = anyio.Event()
+            due = self.due()
+            if due:
+                failed = await self._fire(due)
+                if failed:
+                    retry = self._clock() + RETRY_AFTER
+                    for until, eid, name in failed:
+                        self.schedule(eid, until, name, at=retry)
+                continue
+            nap = MAX_NAP
+            if self._heap:
+                nap = min(nap, max(0.0, self._heap[0][0] - self._clock()))
+            if not self._poked.is_set():
+                self._idle.set()
+            with anyio.move_on_after(nap):
+                await self._poked.wait()
+            if self._idle.is_set():
+                self._idle = anyio.Event()

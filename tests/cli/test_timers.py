@@ -1,0 +1,82 @@
+"""The CLI on a data dir with a sleeping execution (``perdure.sleep_until``): status,
+inspect and steps show the deadline; ``perdure signal ID timer:...`` wakes it early.
+
+Real subprocesses (``perdure(...)``), with ``TZ=UTC`` so local times read the same on
+every machine. The deadline is far in the future: nothing here waits for it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from perdure import Agent, Runtime, sleep_until, tool
+from perdure.providers import Scripted
+from tests.cli.conftest import cli_env, perdure
+
+#: 2099-06-01 08:30:00 UTC.
+DEADLINE = 4_083_985_800.0
+SHOWN = "2099-06-01 08:30:00"
+
+
+@tool("wait_for_summer", description="Sleep until the deadline")
+def wait_for_summer() -> str:
+    """Sleep durably until DEADLINE."""
+    sleep_until(DEADLINE)
+    return "summer"
+
+
+sleeper = Agent(
+    "sleeper",
+    tools=[wait_for_summer],
+    llm=Scripted([Scripted.call("wait_for_summer"), "It is summer."], record=False),
+)
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def sleeping(tmp_path: Path, request: pytest.FixtureRequest) -> Path:
+    """A data dir whose execution ``nap-1`` sleeps until DEADLINE (no owner)."""
+    path = tmp_path / "data"
+    with Runtime(path, durability="process", shutdown_timeout=2.0, backend=request.param) as rt:
+        r = rt.run(sleeper, "wait", execution_id="nap-1")
+        assert r.is_suspended and r.suspend_reason.kind == "timer"
+    return path
+
+
+def test_status_inspect_and_steps_show_the_deadline(sleeping: Path) -> None:
+    env = cli_env(TZ="UTC")
+    listed = perdure(sleeping, "status", "--json", env=env).json()
+    (item,) = listed["executions"]
+    assert item["status_text"] == f"suspended (timer until {SHOWN})"
+    assert item["reason"] == "timer" and item["wakes_at"] == DEADLINE
+    table = perdure(sleeping, "status", env=env)
+    assert table.code == 0 and f"suspended (timer until {SHOWN})" in table.out
+
+    doc = perdure(sleeping, "inspect", "nap-1", "--json", env=env).json()
+    assert doc["wakes_at"] == DEADLINE
+    assert doc["suspension"]["kind"] == "timer" and doc["suspension"]["until"] == DEADLINE
+    assert doc["suspension"]["name"] == "timer:2:0"
+    text = perdure(sleeping, "inspect", "nap-1", env=env).out
+    assert f"{SHOWN} (timer)" in text
+    assert f"timer: step 2 wait_for_summer sleeps until {SHOWN} (timer 'timer:2:0')" in text
+    assert f"it resumes by itself at {SHOWN}" in text
+    assert "perdure signal nap-1 timer:2:0 '{}'" in text
+
+    steps = perdure(sleeping, "steps", "nap-1", env=env)
+    assert steps.code == 0
+    assert f"for timer 'timer:2:0' until {SHOWN}" in steps.out
+    assert f"timer 'timer:2:0' until {SHOWN}" in steps.out.split("suspended", 1)[1]
+
+
+def test_signalling_the_timer_by_name_wakes_it_early(sleeping: Path) -> None:
+    ran = perdure(sleeping, "signal", "nap-1", "timer:2:0", "{}")
+    assert ran.code == 0, ran.err
+    assert "takes effect when a runtime with agent 'sleeper' registered opens it" in ran.out
+    assert "step 2 (wait_for_summer) waits for 'timer:2:0'" in ran.out
+    with Runtime(sleeping, durability="process", shutdown_timeout=2.0, agents=[sleeper]) as rt:
+        r = rt.wait("nap-1")
+        assert r.status == "completed" and r.output == "It is summer."
+    listed = perdure(sleeping, "status", "--json").json()
+    (item,) = listed["executions"]
+    assert item["status_text"] == "completed" and item["wakes_at"] is None

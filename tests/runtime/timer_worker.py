@@ -1,0 +1,88 @@
+"""A Runtime in its own process that sleeps in a tool, for the SIGKILL timer tests.
+
+    python -m tests.runtime.timer_worker DATA_DIR MODE
+
+The event loop is ``$PERDURE_TEST_BACKEND`` (``asyncio`` by default, or ``trio``). The
+runtime's wall clock is ``time.time() + $PERDURE_TEST_CLOCK_OFFSET`` (seconds, 0 by
+default), so a later run can be "after the deadline" without anyone waiting for it.
+Side effects are appended to ``$PERDURE_SIDE_FILE``, one fsync'd line each.
+
+Modes:
+- ``sleep``: runs execution ``z-1`` of ``dozer``, whose tool writes ``before``, sleeps an
+  hour, then writes ``after`` and returns; prints ``{"event": "suspended", "until": ...}``
+  once it sleeps, then keeps owning the data dir until it is killed.
+- ``wake``: opens the data dir (the timer is then overdue and fires at open); the tool,
+  past its sleep, writes ``after-sleep`` and SIGKILLs the process before it returns.
+
+Every line on stdout is one JSON object, flushed at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import anyio
+
+from perdure import Agent, Runtime, sleep, tool
+from perdure.providers import Scripted
+
+#: Set in a worker's environment to make ``doze`` SIGKILL its process past its sleep.
+DIE_AFTER_SLEEP = "PERDURE_TEST_DIE_AFTER_SLEEP"
+
+
+def emit(**fields: Any) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def side(line: str) -> None:
+    path = os.environ.get("PERDURE_SIDE_FILE", "")
+    if path:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+@tool("doze", description="Sleep an hour")
+def doze() -> str:
+    """Write ``before``, sleep an hour, write ``after`` (or die past the sleep in wake).
+
+    The test's own runtime runs this same tool (the same code fingerprint).
+    """
+    side("before")
+    sleep(3600)
+    if os.environ.get(DIE_AFTER_SLEEP):
+        side("after-sleep")
+        os.kill(os.getpid(), signal.SIGKILL)
+    side("after")
+    return "rested"
+
+
+dozer = Agent("dozer", tools=[doze], llm=Scripted([Scripted.call("doze"), "awake"], record=False))
+
+
+async def main(data_dir: str, mode: str) -> None:
+    offset = float(os.environ.get("PERDURE_TEST_CLOCK_OFFSET", "0"))
+    rt = Runtime(data_dir, agents=[dozer], shutdown_timeout=2.0)
+    rt._wall_clock = lambda: time.time() + offset
+    async with rt:
+        if mode == "sleep":
+            r = await rt.run(dozer, "doze off", execution_id="z-1")
+            assert r.suspend_reason is not None
+            emit(event="suspended", kind=r.suspend_reason.kind, until=r.suspend_reason.until)
+            await anyio.sleep_forever()
+        # wake: the timer fires at open; the tool kills this process past its sleep.
+        await rt.wait("z-1", until="finished")
+        emit(event="unexpected", result=(await rt.result("z-1")).status)
+
+
+if __name__ == "__main__":
+    if sys.argv[2] == "wake":
+        os.environ[DIE_AFTER_SLEEP] = "1"
+    backend = os.environ.get("PERDURE_TEST_BACKEND", "asyncio")
+    anyio.run(main, sys.argv[1], sys.argv[2], backend=backend)
