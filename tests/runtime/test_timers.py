@@ -23,7 +23,7 @@ import anyio
 import pytest
 
 from perdure import Agent, Runtime, SignalTimeout, sleep, sleep_until, tool, wait_for_signal
-from perdure.events import execution_stream
+from perdure.events import INBOX_STREAM, execution_stream
 from perdure.providers import Scripted
 from perdure.status import describe
 
@@ -137,7 +137,10 @@ async def test_sleep_suspends_and_the_timer_resumes_it_by_itself(open_runtime: A
         meta = await index_entry(rt, "n-1")
         assert meta["reason"] == "timer" and meta["timer"] == [T0 + 3600.0, "timer:2:0"]
         assert await hibernated(rt, "n-1")
+        posted = await rt.log.last_seq(INBOX_STREAM)
         advance(rt, clock, 3599.0)  # not yet
+        await timers_idle(rt)  # the service looked at the clock, and posted nothing
+        assert await rt.log.last_seq(INBOX_STREAM) == posted
         assert (await rt.result("n-1")).is_suspended
         advance(rt, clock, 1.0)
         r = await settled(rt, "n-1", "completed")
