@@ -136,7 +136,23 @@ class InboxPump(Actor):
         # is one short write, and a stop must not hang on a store that does not answer.
         with anyio.CancelScope(shield=True) as final:
             final.deadline = anyio.current_time() + 0.5
+            await self._catch_up_stored_cursor()
             await self._trim()
+
+    async def _catch_up_stored_cursor(self) -> None:
+        """Take the stored cursor from the store: a stop that cancelled the pump while
+        its books were being written left ``_stored_cursor`` behind a write that
+        committed (only the pump writes the cursor, so the store's is never ahead of
+        what is through)."""
+        try:
+            info = await self.runtime.log.stream_info(INBOX_STREAM)
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception:
+            return  # trimming less is safe: the next start trims the rest
+        if info is not None:
+            stored = int(info.meta.get("cursor", 0) or 0)
+            self._stored_cursor = max(self._stored_cursor, stored)
 
     async def _pump(self, tg: anyio.abc.TaskGroup) -> None:
         runtime = self.runtime

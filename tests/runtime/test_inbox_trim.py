@@ -276,6 +276,46 @@ async def test_a_restart_after_trims_delivers_the_backlog_once(data_dir: Path) -
         await log.aclose()
 
 
+class BooksHeldOpen(TrimWatchingLog):
+    """Once ``hold`` is set, the inbox's books commit but their write never returns to
+    the pump: a stop then cancels it between the commit and its return."""
+
+    hold = False
+    committed: anyio.Event
+
+    async def set_meta(self, stream: str, meta: Any) -> None:
+        await super().set_meta(stream, meta)
+        if self.hold and stream == INBOX_STREAM:
+            self.committed.set()
+            await anyio.sleep_forever()
+
+
+async def test_a_stop_during_the_books_write_still_trims_what_they_stored(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(inbox_module, "TRIM_IDLE", 3600.0)  # only the trim at the stop
+    log = await BooksHeldOpen.open(data_dir, types=record_types(), durability="process")
+    log.watch()
+    log.committed = anyio.Event()
+    try:
+        async with Runtime(None, log=log, agents=[waiter()], shutdown_timeout=2.0) as rt:
+            await suspend_waiters(rt, EIDS)
+            log.hold = True
+            await send(log, notes(EIDS, 0, 30))
+            with anyio.fail_after(20):
+                await log.committed.wait()
+            info = await log.stream_info(INBOX_STREAM)
+            assert info is not None
+            stored = info.meta["cursor"]
+            assert stored > 0 and info.first_seq == 1
+        # The pump never heard back from that write, but its cursor is stored: the
+        # trim at the stop takes it from the store.
+        info = await log.stream_info(INBOX_STREAM)
+        assert info is not None and info.first_seq == stored + 1
+    finally:
+        await log.aclose()
+
+
 async def test_a_stored_cursor_behind_the_trim_does_not_stop_the_runtime(
     data_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
