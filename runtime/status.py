@@ -76,6 +76,11 @@ def describe(
         if timer:
             # Its earliest timer, whatever else it waits for: it wakes by itself then.
             notes.append(f"timer until {fmt_deadline(timer[0])}")
+        if confirmations and reason not in ("approval", "contract"):
+            # The reason names the first blocker only; a call of the same turn waiting
+            # for a decision is what an operator can act on, so it is named too.
+            noun = "confirmation" if len(confirmations) == 1 else "confirmations"
+            notes.append(f"{noun} {', '.join(confirmations)}")
     elif status in ("running", "queued") and owned is False:
         notes.append("no owner: resumes at next start")
     elif status in ("running", "queued") and owned and agents is not None:

@@ -48,6 +48,19 @@ from perdure.status import describe, owner_pid
             "suspended (budget; 2 signals pending, delivered at next start)",
         ),
         ({"status": "suspended", "reason": None}, True, 0, "suspended (unknown reason)"),
+        (
+            # The reason is the first blocker; a decision waiting beside it is named too.
+            {"status": "suspended", "reason": "signal", "confirmations": ["c-3"]},
+            True,
+            0,
+            "suspended (signal; confirmation c-3)",
+        ),
+        (
+            {"status": "suspended", "reason": "budget", "confirmations": ["c-4", "c-5"]},
+            True,
+            1,
+            "suspended (budget; confirmations c-4, c-5; 1 signal pending)",
+        ),
         ({}, None, 0, "unknown"),
     ],
 )

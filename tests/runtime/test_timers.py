@@ -409,6 +409,9 @@ async def test_describe_names_the_timer_beside_another_reason() -> None:
     approval = {**sleeping, "reason": "approval", "confirmations": ["c-1"]}
     assert describe(approval) == f"suspended (approval c-1; timer until {local})"
     assert describe({"status": "suspended", "reason": "signal"}) == "suspended (signal)"
+    # A sleep first in the turn, an approval after it: both are named.
+    first = {**sleeping, "confirmations": ["c-2"]}
+    assert describe(first) == f"suspended (timer until {local}; confirmation c-2)"
 
 
 # -- wait_for_signal(name, timeout=...) -------------------------------------------------------
