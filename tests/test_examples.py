@@ -218,6 +218,38 @@ def test_approval(tmp_path: Path) -> None:
     assert "completed" in out
 
 
+def test_reminder(tmp_path: Path) -> None:
+    out = run(str(ROOT / "examples/reminder.py"), str(tmp_path / "data"), "--seconds", "1")
+    assert "sleeps until" in out and "the timer fired" in out
+    assert "completed: Order A-1001 has been delivered" in out
+
+
+def test_reminder_sleeps_through_a_kill_and_wakes_by_itself(tmp_path: Path) -> None:
+    """The timer is set in the first process, which is SIGKILLed while it sleeps; the
+    second run of the script picks the same execution up and its timer fires."""
+    data = str(tmp_path / "data")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
+    first = subprocess.Popen(
+        [sys.executable, str(ROOT / "examples/reminder.py"), data, "--seconds", "2"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=clean,
+    )
+    try:
+        assert first.stdout is not None
+        line = first.stdout.readline()
+        assert "sleeps until" in line and "holds no task" in line, line
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    # Still asleep when it opens (it then says so and waits), or overdue by then on a
+    # slow machine (the timer fires at open): either way it completes, checking once.
+    out = run(str(ROOT / "examples/reminder.py"), data, "--seconds", "2")
+    assert "completed: Order A-1001 has been delivered" in out
+    assert out.count("order A-1001: delivered") == 1
+
+
 @pytest.mark.parametrize("configured", [False, True])
 def test_openai_agent(tmp_path: Path, configured: bool) -> None:
     script = str(ROOT / "examples/openai_agent.py")
