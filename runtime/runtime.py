@@ -1748,10 +1748,10 @@ class Runtime:
         await self._backlog.wait()
         await self._recover()
         self._recovered.set()
-        # After the backlog and recovery: a timer signal already in the inbox was
-        # delivered, so the index says which timers still wait.
+        # Recovery scheduled the timers in the index (see _rewake_parents), after the
+        # backlog: a timer signal already in the inbox was delivered by then.
         assert self._tg is not None
-        self._tg.start_soon(self._run_timers)
+        self._tg.start_soon(self._timers.run)
         # A signal that came in while recovery ran may have made an execution runnable
         # after recovery looked at it; its actor waits, idle, for this.
         for eid, actor in list(self._live.items()):
@@ -1766,23 +1766,6 @@ class Runtime:
     def _new_timers(self) -> TimerService:
         # The clock is looked up at each call: a test replaces _wall_clock after open.
         return TimerService(lambda: self._wall_clock(), self._fire_timers)
-
-    async def _run_timers(self) -> None:
-        """Schedule the timers of the suspended executions in the index, then fire
-        timers as they come due (overdue ones at once), until the runtime closes."""
-        try:
-            async for info in self.log.streams(prefix="exec/", where={"status": "suspended"}):
-                timer = info.meta.get("timer")
-                if timer:
-                    self._timers.schedule(info.stream[len("exec/") :], timer[0], timer[1])
-        except Exception:
-            # The timers found so far (and those of executions that suspend from now on)
-            # still fire; the others fire at the next open.
-            log.exception(
-                "could not read every sleeping execution's timer from the index; those "
-                "missed fire when a runtime next opens the data dir"
-            )
-        await self._timers.run()
 
     async def _fire_timers(self, timers: Iterable[Timer]) -> list[Timer]:
         """Post the signal of each due timer whose execution still waits for it, in one
@@ -1880,14 +1863,21 @@ class Runtime:
 
     async def _rewake_parents(self) -> None:
         """Post the outcome of every finished child its suspended parent still waits for
-        (and cancel suspended children of cancelled parents).
+        (and cancel suspended children of cancelled parents); schedule every suspended
+        execution's timer.
 
         A child's outcome is posted to its parent after the child settles; a crash in
         between loses the post, so each open posts it again for every child a suspended
-        parent still waits on (delivery ignores a repeat).
+        parent still waits on (delivery ignores a repeat). Timers are read here, in the
+        same listing, from the index alone (a fleet may have thousands asleep).
         """
         async for info in self.log.streams(prefix="exec/", where={"status": "suspended"}):
             parent = info.stream[len("exec/") :]
+            timer = info.meta.get("timer")
+            if timer:
+                # Whatever happens below: a timer that no longer applies when due is
+                # dropped then (see _fire_timers).
+                self._timers.schedule(parent, timer[0], timer[1])
             if await self._cancel_if_orphaned(parent, info.meta):
                 continue  # a child whose own parent is gone: nothing to wake it for
             if parent in self._inbox_held:
