@@ -967,12 +967,7 @@ class LmdbLog:
         await _checkpoint_if_cancelled()
         completion = Completion()
         pending = _Pending(_SET_META, stream, stream_key, [], None, new_meta, _time(), completion)
-        self._submit(pending)
-        try:
-            await completion.wait()
-        except BaseException:
-            self._withdraw(pending)
-            raise
+        await self._submit_and_wait(pending)
 
     async def delete_streams(self, streams: Sequence[str]) -> int:
         """Delete ``streams`` atomically; see :meth:`perdure.log.EventLog.delete_streams`.
@@ -1001,12 +996,7 @@ class LmdbLog:
         pending = _Pending(
             _DELETE, first, names[first], list(names.values()), None, None, _time(), completion
         )
-        self._submit(pending)
-        try:
-            return await completion.wait()  # type: ignore[no-any-return]
-        except BaseException:
-            self._withdraw(pending)
-            raise
+        return await self._submit_and_wait(pending)  # type: ignore[no-any-return]
 
     async def trim(self, stream: str, through: int) -> int:
         """Delete ``stream``'s records up to ``through``; see :meth:`perdure.log.EventLog.trim`.
@@ -1027,9 +1017,14 @@ class LmdbLog:
         await _checkpoint_if_cancelled()
         completion = Completion()
         pending = _Pending(_TRIM, stream, stream_key, [], through, None, _time(), completion)
+        return await self._submit_and_wait(pending)  # type: ignore[no-any-return]
+
+    async def _submit_and_wait(self, pending: _Pending) -> Any:
+        """Queue ``pending`` to the writer and wait for its outcome (withdrawn if the
+        wait is cancelled before the writer took it). append() has this inline."""
         self._submit(pending)
         try:
-            return await completion.wait()  # type: ignore[no-any-return]
+            return await pending.completion.wait()
         except BaseException:
             self._withdraw(pending)
             raise
@@ -1487,13 +1482,7 @@ class LmdbLog:
         records_db = self._records
         by_meta = self._by_meta
         for name_key, sid, meta in found:
-            prefix = _ID.pack(sid)
-            cursor = txn.cursor(db=records_db)
-            if cursor.set_range(prefix):
-                # delete() moves the cursor to the next key (b"" past the end).
-                while cursor.key()[:4] == prefix:
-                    if not cursor.delete():
-                        break
+            _delete_records(txn.cursor(db=records_db), sid, 0, None)
             for field in self._indexed:
                 if field in meta:
                     key = _index_prefix(field, meta_value_key(meta[field])) + name_key
@@ -1524,14 +1513,7 @@ class LmdbLog:
             return trim_beyond_error(stream, through, last_seq)
         if through <= trimmed:
             return 0
-        prefix = _ID.pack(sid)
-        last_key = _RECORD_KEY.pack(sid, through)
-        cursor = txn.cursor(db=self._records)
-        if cursor.set_range(_RECORD_KEY.pack(sid, trimmed + 1)):
-            # delete() moves the cursor to the next key (b"" past the end).
-            while cursor.key()[:4] == prefix and cursor.key() <= last_key:
-                if not cursor.delete():
-                    break
+        _delete_records(txn.cursor(db=self._records), sid, trimmed + 1, through)
         txn.put(_TRIM_PREFIX + name_key, seal([through]), db=self._meta)
         return through - trimmed
 
@@ -2237,6 +2219,18 @@ def _last_seq_in(txn: lmdb.Transaction, streams_db: Any, name: str) -> int | Non
         return _decode_entry(name, raw)[1]  # type: ignore[no-any-return]
     except CorruptRecordError:
         return None
+
+
+def _delete_records(cursor: lmdb.Cursor, sid: int, first: int, last: int | None) -> None:
+    """Delete stream ``sid``'s records with seq ``first..last`` (``last`` None: to its
+    end; ``first`` 0: every record of the stream, a stray seq 0 included)."""
+    prefix = _ID.pack(sid)
+    last_key = _RECORD_KEY.pack(sid, last) if last is not None else None
+    if cursor.set_range(_RECORD_KEY.pack(sid, first)):
+        # delete() moves the cursor to the next key (b"" past the end).
+        while cursor.key()[:4] == prefix and (last_key is None or cursor.key() <= last_key):
+            if not cursor.delete():
+                break
 
 
 def _info(stream: str, raw: bytes, mark: bytes | None) -> StreamInfo:
