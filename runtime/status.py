@@ -19,11 +19,11 @@ Nothing here takes the owner lock or writes: the owner is found by reading the p
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from perdure.cli_render import fmt_time
 from perdure.events import INBOX_STREAM, RUNTIME_STREAM, SignalSent, decode, execution_stream
 from perdure.log.errors import CorruptRecordError, TrimmedError
 from perdure.log.protocol import EventLog, Record
@@ -35,7 +35,6 @@ __all__ = [
     "confirmation_owner",
     "owner_phrase",
     "describe",
-    "fmt_deadline",
     "owner_pid",
     "pending_signals",
     "registered_agents",
@@ -75,7 +74,7 @@ def describe(
             notes.append(reason)
         if timer:
             # Its earliest timer, whatever else it waits for: it wakes by itself then.
-            notes.append(f"timer until {fmt_deadline(timer[0])}")
+            notes.append(f"timer until {fmt_time(timer[0])}")
         if confirmations and reason not in ("approval", "contract"):
             # The reason names the first blocker only; a call of the same turn waiting
             # for a decision is what an operator can act on, so it is named too.
@@ -92,11 +91,6 @@ def describe(
         where = "" if owned is not False else ", delivered at next start"
         notes.append(f"{pending} {noun} pending{where}")
     return f"{status} ({'; '.join(notes)})" if notes else status
-
-
-def fmt_deadline(until: float) -> str:
-    """A timer's deadline as local date and time to the second."""
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(until))
 
 
 #: How many generations below a child :func:`blocked_descendant` looks.
