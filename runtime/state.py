@@ -124,6 +124,9 @@ class ExecutionState:
     inherited: Budget | None = None
     #: Per inherited limit, the execution whose budget it comes from.
     origins: dict[str, str] = field(default_factory=dict)
+    #: Limits an operator raised on this execution itself: they are no longer
+    #: inherited, so a later hand-down from the parent does not bring them back.
+    overridden: set[str] = field(default_factory=set)
     #: The limits checked: per limit the tighter of ``budget`` and ``inherited``.
     limits: Budget | None = None
     parent: dict[str, Any] | None = None
@@ -498,14 +501,19 @@ def _budget_raised(s: ExecutionState, p: Mapping[str, Any]) -> None:
     s.budget = Budget.from_dict(p["budget"])
     inherited = p.get("inherited")
     if inherited is not None:
+        # The limits the raise named are the ones it took out of what was inherited.
+        before = s.inherited.to_dict() if s.inherited is not None else {}
+        s.overridden.update(k for k in before if k not in inherited)
         s.inherited = Budget.from_dict(inherited)
     _set_limits(s)
     _recheck(s)
 
 
 def _budget_inherited(s: ExecutionState, p: Mapping[str, Any]) -> None:
-    s.inherited = Budget.from_dict(p["budget"])
-    s.origins = dict(p.get("origins") or {})
+    # What the parent hands down never replaces a limit the operator set here.
+    kept = s.overridden
+    s.inherited = Budget.from_dict({k: v for k, v in p["budget"].items() if k not in kept})
+    s.origins = {k: v for k, v in (p.get("origins") or {}).items() if k not in kept}
     _set_limits(s)
     _recheck(s)
 

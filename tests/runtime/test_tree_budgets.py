@@ -590,3 +590,59 @@ async def test_a_raise_and_a_cancel_reach_the_child_of_a_parent_whose_id_is_too_
         with anyio.fail_after(10):
             cancelled = await rt.wait(kid2, until="finished")
     assert cancelled.status == "cancelled"
+
+
+def test_a_limit_raised_on_the_child_itself_is_not_brought_back_by_a_later_hand_down() -> None:
+    """Pure: the operator's raise on the child takes that limit out of what it inherits;
+    the parent's next hand-down (its budget changed) bounds the other limits only."""
+    from perdure.events import BudgetInherited, BudgetRaised, ExecutionStarted
+    from perdure.state import ExecutionState, apply
+
+    link = {"execution_id": "p", "step": 2, "budget": {"max_dollars": 2.0, "max_llm_calls": 4}}
+    link["origins"] = {"max_dollars": "p", "max_llm_calls": "p"}
+    state = apply(ExecutionState(), ExecutionStarted("p/2", "kid", "go", "r1", {}, 10, None, link))
+    apply(state, BudgetRaised({"max_dollars": 10.0}, "op", 1, {"max_llm_calls": 4}))
+    assert state.limits == Budget(max_dollars=10.0, max_llm_calls=4)
+    handed = {"max_dollars": 3.0, "max_llm_calls": 6}
+    apply(state, BudgetInherited(handed, "p", "runtime", {"max_dollars": "p"}, 2))
+    assert state.inherited == Budget(max_llm_calls=6) and state.origins == {}
+    assert state.limits == Budget(max_dollars=10.0, max_llm_calls=6)
+
+
+async def test_the_parents_raise_after_the_childs_own_leaves_the_childs_limit_in_place(
+    open_runtime: Any,
+) -> None:
+    """The child, stopped at what it inherited, gets its own dollars raised to $4 and
+    stops there; then the parent's budget is raised a little and handed down ($2.5
+    left): the child's dollar limit stays the operator's $4, the one it is stopped on."""
+    a = worker("a", calls=8)
+    boss = orchestrator(a, budget=Budget(max_dollars=3.0))
+    async with open_runtime(pricing=PRICING) as rt:
+        settled = Settled(rt)
+        own_limit = anyio.Event()
+
+        def on_suspend(r: Any, reason: Any) -> None:
+            own = reason.kind == "budget" and "origin" not in reason.details
+            if r.execution_id == "tp-1/2" and own:
+                own_limit.set()
+
+        rt.on_suspend(on_suspend)
+        await rt.spawn(boss, "go", execution_id="tp-1")
+        with anyio.fail_after(10):
+            kid = await settled.wait(rt, "tp-1/2")
+        assert kid.suspend_reason.origin == "tp-1"  # type: ignore[union-attr]
+        await rt.resume("tp-1/2", budget=Budget(max_dollars=4.0))
+        with anyio.fail_after(10):
+            await own_limit.wait()
+        stream = execution_stream("tp-1/2")
+        start = seen = await rt.log.last_seq(stream)
+        await rt.resume("tp-1", budget=Budget(max_dollars=3.5))
+        with anyio.fail_after(10):
+            while "budget.inherited" not in [r.type async for r in rt.log.read(stream, start)]:
+                seen = await rt.log.wait_for_append(stream, after=seen)
+        kid_state = await rt.state("tp-1/2")
+        kid = await rt.result("tp-1/2")
+    assert kid_state.inherited == Budget() and kid_state.limits == Budget(max_dollars=4.0)
+    reason = kid.suspend_reason
+    assert reason is not None and reason.limit == "max_dollars" and "origin" not in reason.details
+    assert kid.usage.dollars == 4.0
