@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import functools
 import inspect
 import re
@@ -12,6 +13,7 @@ from perdure.budget import Budget
 from perdure.errors import AgentDefinitionError
 from perdure.fingerprint import digest, short, short_json
 from perdure.providers.types import Provider, ToolSpec
+from perdure.timers import timeout_seconds
 from perdure.tools import Tool
 
 __all__ = ["Agent", "Contract", "ContractViolation", "DriftPolicy"]
@@ -46,6 +48,9 @@ class Agent:
       ``delegate_to_<name>(task)`` whose call runs the sub-agent as a durable child
       execution while this one hibernates.
     - ``params``: sampling parameters passed to the provider (temperature, ...).
+    - ``execution_timeout``: seconds (or a ``timedelta``) each execution may take, time
+      queued or suspended included, before it is cancelled; a spawn may give its own
+      (see :meth:`Runtime.spawn`). Default: none.
     """
 
     def __init__(
@@ -62,6 +67,7 @@ class Agent:
         agents: Sequence[Agent] = (),
         params: Mapping[str, Any] | None = None,
         description: str | None = None,
+        execution_timeout: float | datetime.timedelta | None = None,
     ) -> None:
         if not _AGENT_NAME.match(name):
             raise AgentDefinitionError(
@@ -81,6 +87,12 @@ class Agent:
         self._model = model
         self.max_steps = max_steps
         self.budget = budget
+        try:
+            #: Default of ``Runtime.spawn(execution_timeout=...)``; not part of the
+            #: definition (changing it is not drift: a deadline is fixed at spawn).
+            self.execution_timeout = timeout_seconds(execution_timeout, "execution_timeout")
+        except (TypeError, ValueError) as exc:
+            raise AgentDefinitionError(f"agent {name!r}: {exc}") from None
         self.drift: DriftPolicy = drift
         self.params: dict[str, Any] = dict(params or {})
         self.description = description or (instructions.split("\n")[0][:200] or name)

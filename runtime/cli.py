@@ -909,6 +909,8 @@ async def _inspect(ctx: _Ctx, args: argparse.Namespace) -> int:
         "confirmations": list(meta.get("confirmations") or ()),
         # When its earliest timer fires (it sleeps in perdure.sleep), else None.
         "wakes_at": (meta.get("timer") or (None,))[0],
+        # When its execution timeout cancels it, if it has one (kept once it finished).
+        "deadline": state.deadline,
         "owner_pid": owner,
         "created_at": info.created_at,
         "updated_at": info.updated_at,
@@ -921,6 +923,7 @@ async def _inspect(ctx: _Ctx, args: argparse.Namespace) -> int:
         "error": state.error,
         "failure_kind": state.failure_kind,
         "cancel_reason": state.cancel_reason,
+        "cancelled_by": state.cancelled_by,
         "steps": state.step,
         "max_steps": state.max_steps,
         "usage": state.usage.to_dict(),
@@ -1004,6 +1007,8 @@ def _inspect_lines(d: Mapping[str, Any]) -> list[str]:
     ]
     if d["wakes_at"] is not None:
         pairs.append(("wakes", f"{fmt_time(d['wakes_at'])} (timer)"))
+    if d["deadline"] is not None:
+        pairs.append(("deadline", f"{fmt_time(d['deadline'])} (execution timeout)"))
     if d["parent"]:
         parent = d["parent"]
         pairs.append(("parent", f"{parent.get('execution_id')} (step {parent.get('step')})"))
@@ -1015,7 +1020,9 @@ def _inspect_lines(d: Mapping[str, Any]) -> list[str]:
         message = clip(f"{err.get('type')}: {err.get('message')}", None)
         pairs.append(("error", f"{d['failure_kind']}: {message}"))
     if d["cancel_reason"] is not None:
-        pairs.append(("cancelled", clip(d["cancel_reason"], None) or "(no reason given)"))
+        why = clip(d["cancel_reason"], None) or "(no reason given)"
+        by = clip(d["cancelled_by"], None) or "unknown"
+        pairs.append(("cancelled", f"{why} (by {by})"))
     steps = f"{d['steps']} (max {d['max_steps']} LLM calls), {d['records']} records"
     pairs.append(("steps", steps))
     pairs.append(

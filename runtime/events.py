@@ -86,7 +86,11 @@ class Event:
 
 @dataclass(frozen=True, slots=True)
 class ExecutionStarted(Event):
-    """An execution was accepted: its prompt, agent and the agent's fingerprint."""
+    """An execution was accepted: its prompt, agent and the agent's fingerprint.
+
+    ``deadline`` (seconds since the epoch, by the runtime's wall clock) is when its
+    execution timeout cancels it if it has not finished; None: no timeout.
+    """
 
     type: ClassVar[str] = "execution.started"
     execution_id: str
@@ -98,6 +102,7 @@ class ExecutionStarted(Event):
     budget: dict[str, Any] | None = None
     parent: dict[str, Any] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    deadline: float | None = None
 
 
 @fast_init

@@ -29,6 +29,7 @@ from perdure.journal import Journal
 from perdure.log import ConflictError
 from perdure.signals import canonical_name, translate
 from perdure.state import TERMINAL
+from perdure.timers import DEADLINE, deadline_reason
 
 if TYPE_CHECKING:
     from perdure.runtime import Runtime
@@ -221,6 +222,12 @@ class ExecutionActor(Actor):
         journal = self.journal
         assert journal is not None and self.agent is not None
         state = journal.state
+        overdue = False
+        if state.deadline is not None:
+            # Again each time it runs: a failed execution resumed keeps its deadline.
+            self.runtime._timers.schedule(self.execution_id, state.deadline, DEADLINE)
+            # Resumed past it (at open, or a failed one resumed by hand): no step runs.
+            overdue = self.runtime._wall_clock() >= state.deadline
         engine = Engine(
             self.agent,
             journal,
@@ -231,7 +238,11 @@ class ExecutionActor(Actor):
         try:
             with anyio.CancelScope() as scope:
                 self._drive_scope = scope
-                while not ctx.stopping:
+                if overdue:
+                    assert state.deadline is not None
+                    journal.stage(ExecutionCancelled(deadline_reason(state.deadline), DEADLINE))
+                    await journal.flush()
+                while not ctx.stopping and not overdue:
                     await engine.run(lambda: ctx.stopping)
                     # A signal handled while the engine was suspending can make the
                     # execution runnable again: go round instead of hibernating.

@@ -108,6 +108,9 @@ def index_meta(state: ExecutionState) -> dict[str, Any]:
         "signal_seq": state.last_signal_seq,
         "timer": earliest_timer(reason),
     }
+    if state.deadline is not None:
+        # Read at open to schedule the execution timeout, from the index alone.
+        meta["deadline"] = state.deadline
     delegated = state.delegated
     if delegated is not None:
         # Apart from its own usage above: summing "dollars" over every execution then

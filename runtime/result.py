@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -93,6 +94,12 @@ class Result:
     transcript: tuple[Message, ...] = ()
     #: What its finished delegated children used, theirs included (charged to it).
     delegated_usage: ExecutionUsage = field(default_factory=ExecutionUsage)
+    #: Why it was cancelled, as the canceller said (None unless cancelled).
+    cancel_reason: str | None = None
+    #: Who cancelled it: "api", "cli", "deadline" (its execution timeout passed), ...
+    cancelled_by: str | None = None
+    #: When its execution timeout cancels it, as a UTC datetime; None: no timeout.
+    deadline: datetime.datetime | None = None
 
     @property
     def total_usage(self) -> ExecutionUsage:
@@ -114,6 +121,11 @@ class Result:
         """True if the execution failed (see ``error``)."""
         return self.status == "failed"
 
+    @property
+    def is_cancelled(self) -> bool:
+        """True if the execution was cancelled (see ``cancel_reason``, ``cancelled_by``)."""
+        return self.status == "cancelled"
+
     @classmethod
     def from_state(cls, state: ExecutionState, status: str | None = None) -> Result:
         """A snapshot of ``state``."""
@@ -131,6 +143,9 @@ class Result:
             delegated_usage=ExecutionUsage.from_dict(state.delegated.to_dict())
             if state.delegated is not None
             else ExecutionUsage(),
+            cancel_reason=state.cancel_reason,
+            cancelled_by=state.cancelled_by,
+            deadline=_utc(state.deadline),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -145,6 +160,9 @@ class Result:
             "usage": self.usage.to_dict(),
             "delegated_usage": self.delegated_usage.to_dict(),
             "steps": self.steps,
+            "cancel_reason": self.cancel_reason,
+            "cancelled_by": self.cancelled_by,
+            "deadline": self.deadline.isoformat() if self.deadline else None,
         }
 
 
@@ -172,6 +190,8 @@ class ExecutionInfo:
     delegated_dollars: float = 0.0
     #: When its earliest timer fires (seconds since the epoch), if it sleeps.
     wakes_at: float | None = None
+    #: When its execution timeout cancels it (seconds since the epoch), if it has one.
+    deadline: float | None = None
 
     @classmethod
     def from_index(
@@ -195,6 +215,7 @@ class ExecutionInfo:
             waiting_on=tuple(meta.get("waiting_on") or ()),
             delegated_dollars=(meta.get("delegated") or {}).get("dollars", 0.0),
             wakes_at=(meta.get("timer") or (None,))[0],
+            deadline=meta.get("deadline"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -216,4 +237,9 @@ class ExecutionInfo:
             "waiting_on": list(self.waiting_on),
             "delegated_dollars": self.delegated_dollars,
             "wakes_at": self.wakes_at,
+            "deadline": self.deadline,
         }
+
+
+def _utc(when: float | None) -> datetime.datetime | None:
+    return None if when is None else datetime.datetime.fromtimestamp(when, datetime.UTC)

@@ -1750,7 +1750,10 @@ class Runtime:
         self._recovered.set()
         # Recovery scheduled the timers in the index (see _rewake_parents), after the
         # backlog: a timer signal already in the inbox was delivered by then.
-        assert self._tg is not None
+        if self._tg is None:
+            # Closed while recovery's last await returned: the close has cancelled this
+            # task, and the cancellation only lands at its next checkpoint.
+            return
         self._tg.start_soon(self._timers.run)
         # A signal that came in while recovery ran may have made an execution runnable
         # after recovery looked at it; its actor waits, idle, for this.

@@ -149,6 +149,10 @@ class ExecutionState:
     signals: dict[str, Any] = field(default_factory=dict)
     drift: list[dict[str, Any]] = field(default_factory=list)
     cancel_reason: str | None = None
+    #: Who cancelled it ("api", "cli", "deadline" for its execution timeout, ...).
+    cancelled_by: str | None = None
+    #: When its execution timeout cancels it (seconds since the epoch); None: never.
+    deadline: float | None = None
     #: Seq of the last record applied (set by the reader, not by ``apply``).
     seq: int = 0
 
@@ -388,6 +392,7 @@ def _started(s: ExecutionState, p: Mapping[str, Any]) -> None:
         s.origins = dict(parent.get("origins") or {})
     _set_limits(s)
     s.metadata = p.get("metadata") or {}
+    s.deadline = p.get("deadline")
     s.messages.append(_message("user", p["prompt"]))
     s.status = "running"
 
@@ -587,6 +592,7 @@ def _failed(s: ExecutionState, p: Mapping[str, Any]) -> None:
 def _cancelled(s: ExecutionState, p: Mapping[str, Any]) -> None:
     s.status = "cancelled"
     s.cancel_reason = p["reason"]
+    s.cancelled_by = p.get("by")
     s.suspend_reason = None
 
 

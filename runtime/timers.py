@@ -17,13 +17,23 @@ that moved the clock).
 
 from __future__ import annotations
 
+import datetime
 import heapq
 import logging
+import math
 from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 
-__all__ = ["MAX_NAP", "RETRY_AFTER", "TimerService"]
+__all__ = [
+    "DEADLINE",
+    "MAX_NAP",
+    "RETRY_AFTER",
+    "TimerService",
+    "deadline_reason",
+    "fmt_utc",
+    "timeout_seconds",
+]
 
 log = logging.getLogger("perdure.runtime")
 
@@ -34,6 +44,38 @@ RETRY_AFTER = 5.0
 
 #: One timer: (until, execution id, signal name); heap-ordered by deadline.
 Timer = tuple[float, str, str]
+
+#: The name of an execution timeout's timer: when it fires, the execution is cancelled.
+#: (A tool's timers are named "timer:<step>:<n>": the two cannot meet.)
+DEADLINE = "deadline"
+
+#: Dropped timers the heap may hold before it is rebuilt without them.
+_STALE_SLACK = 64
+
+
+def fmt_utc(when: float) -> str:
+    """``when`` (seconds since the epoch) as an ISO 8601 UTC time, to the second."""
+    return datetime.datetime.fromtimestamp(when, datetime.UTC).isoformat(timespec="seconds")
+
+
+def deadline_reason(until: float) -> str:
+    """The cancel reason recorded when an execution timeout passes."""
+    return f"its execution timeout passed (deadline {fmt_utc(until)})"
+
+
+def timeout_seconds(value: float | datetime.timedelta | None, what: str) -> float | None:
+    """``value`` (seconds or a ``timedelta``) as positive seconds; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, datetime.timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        raise TypeError(f"{what} must be seconds or a timedelta, got {type(value).__name__}")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"{what} must be a positive, finite number of seconds, got {value!r}")
+    return seconds
 
 
 class TimerService:
@@ -61,7 +103,7 @@ class TimerService:
         self._idle = anyio.Event()
 
     def __len__(self) -> int:
-        return len(self._heap)
+        return len(self._known)
 
     def schedule(
         self, execution_id: str, until: float, name: str, *, at: float | None = None
@@ -76,6 +118,23 @@ class TimerService:
         heapq.heappush(self._heap, (when, *timer))
         if earliest is None or when < earliest:
             self.poke()
+
+    def discard(self, execution_id: str, until: float, name: str) -> None:
+        """Forget a timer that no longer applies (its execution finished).
+
+        Its heap entry is skipped when it comes up, and the heap is rebuilt without
+        such entries once they outnumber the live ones: a service whose executions
+        finish long before their timeouts must not keep one entry per execution.
+        """
+        self._known.discard((float(until), execution_id, name))
+        heap = self._heap
+        if len(heap) > 2 * len(self._known) + _STALE_SLACK:
+            live = {}
+            for entry in heap:
+                if entry[1:] in self._known:
+                    live.setdefault(entry[1:], entry)  # a timer re-scheduled holds two
+            self._heap = list(live.values())
+            heapq.heapify(self._heap)
 
     def poke(self) -> None:
         """Wake the loop now: it reads the clock and fires what is due."""
@@ -94,8 +153,9 @@ class TimerService:
         out: list[Timer] = []
         while heap and heap[0][0] <= now:
             timer = heapq.heappop(heap)[1:]
-            self._known.discard(timer)
-            out.append(timer)
+            if timer in self._known:  # else discarded: it no longer applies
+                self._known.discard(timer)
+                out.append(timer)
         return out
 
     async def run(self) -> None:

@@ -180,7 +180,8 @@ def test_control_characters_from_the_log_are_shown_escaped(unicode_store: Store)
     assert len(steps.out.splitlines()) == 2 + len(entries)
     assert r"by eve\nmallory: first line\nsecond line\x1b[31m red\u2028" in steps.out
     assert "late\\x1b[2J" in steps.out and r"by eve\r\nroot" in steps.out
-    assert r"cancelled  first line\nsecond line\x1b[31m red\u2028" + "\n" in inspect.out
+    cancelled_line = r"cancelled  first line\nsecond line\x1b[31m red\u2028 (by eve\nmallory)"
+    assert cancelled_line + "\n" in inspect.out
     # JSON keeps the values exactly as recorded.
     cancelled = next(e for e in entries if e["kind"] == "cancelled")
     assert cancelled["reason"] == "first line\nsecond line\x1b[31m red\u2028"

@@ -80,3 +80,37 @@ def test_signalling_the_timer_by_name_wakes_it_early(sleeping: Path) -> None:
     listed = perdure(sleeping, "status", "--json").json()
     (item,) = listed["executions"]
     assert item["status_text"] == "completed" and item["wakes_at"] is None
+
+
+@tool("countersign", description="Needs an approval", requires_confirmation=True)
+def countersign() -> str:
+    """Never runs here: the execution is cancelled first."""
+    return "signed"
+
+
+signing = Agent(
+    "signing",
+    tools=[countersign],
+    llm=Scripted([Scripted.call("countersign"), "Signed."], record=False),
+)
+
+
+def test_status_and_inspect_show_an_execution_timeout_and_who_cancelled(tmp_path: Path) -> None:
+    path = tmp_path / "data"
+    with Runtime(path, durability="process", shutdown_timeout=2.0) as rt:
+        rt.runtime._wall_clock = lambda: DEADLINE - 3600
+        r = rt.run(signing, "sign", execution_id="tl-1", execution_timeout=3600)
+        assert r.is_suspended and r.deadline is not None
+    env = cli_env(TZ="UTC")
+    (item,) = perdure(path, "status", "--json", env=env).json()["executions"]
+    assert item["deadline"] == DEADLINE
+    doc = perdure(path, "inspect", "tl-1", "--json", env=env).json()
+    assert doc["deadline"] == DEADLINE and doc["cancelled_by"] is None
+    text = perdure(path, "inspect", "tl-1", env=env).out
+    assert f"deadline   {SHOWN} (execution timeout)" in text
+    assert perdure(path, "cancel", "tl-1", "--reason", "not needed").code == 0
+    with Runtime(path, durability="process", shutdown_timeout=2.0, agents=[signing]) as rt:
+        by = rt.wait("tl-1").cancelled_by
+    assert by is not None and by.startswith("cli:")  # cli:user@host
+    text = perdure(path, "inspect", "tl-1", env=env).out
+    assert f"cancelled  not needed (by {by})" in text

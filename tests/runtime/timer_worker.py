@@ -13,6 +13,9 @@ Modes:
   once it sleeps, then keeps owning the data dir until it is killed.
 - ``wake``: opens the data dir (the timer is then overdue and fires at open); the tool,
   past its sleep, writes ``after-sleep`` and SIGKILLs the process before it returns.
+- ``deadline``: runs execution ``d-1`` of ``signer`` with an execution timeout of an
+  hour; its tool needs an approval, so it suspends; prints ``{"event": "suspended",
+  "deadline": ...}``, then keeps owning the data dir until it is killed.
 
 Every line on stdout is one JSON object, flushed at once.
 """
@@ -66,15 +69,30 @@ def doze() -> str:
 dozer = Agent("dozer", tools=[doze], llm=Scripted([Scripted.call("doze"), "awake"], record=False))
 
 
+@tool("sign", description="Sign the contract", requires_confirmation=True)
+def sign() -> str:
+    """Write ``signed`` (it never should: the deadline passes before an approval)."""
+    side("signed")
+    return "signed"
+
+
+signer = Agent("signer", tools=[sign], llm=Scripted([Scripted.call("sign"), "done"], record=False))
+
+
 async def main(data_dir: str, mode: str) -> None:
     offset = float(os.environ.get("PERDURE_TEST_CLOCK_OFFSET", "0"))
-    rt = Runtime(data_dir, agents=[dozer], shutdown_timeout=2.0)
+    rt = Runtime(data_dir, agents=[dozer, signer], shutdown_timeout=2.0)
     rt._wall_clock = lambda: time.time() + offset
     async with rt:
         if mode == "sleep":
             r = await rt.run(dozer, "doze off", execution_id="z-1")
             assert r.suspend_reason is not None
             emit(event="suspended", kind=r.suspend_reason.kind, until=r.suspend_reason.until)
+            await anyio.sleep_forever()
+        if mode == "deadline":
+            r = await rt.run(signer, "sign it", execution_id="d-1", execution_timeout=3600)
+            assert r.deadline is not None and r.suspend_reason is not None
+            emit(event="suspended", kind=r.suspend_reason.kind, deadline=r.deadline.timestamp())
             await anyio.sleep_forever()
         # wake: the timer fires at open; the tool kills this process past its sleep.
         await rt.wait("z-1", until="finished")
