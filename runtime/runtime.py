@@ -97,7 +97,7 @@ from perdure.status import (
     owner_phrase,
     pending_signals,
 )
-from perdure.timers import Timer, TimerService
+from perdure.timers import DEADLINE, Timer, TimerService, deadline_reason, timeout_seconds
 from perdure.tool_threads import ToolThreads
 
 __all__ = ["ExecutionHandle", "Runtime"]
@@ -596,11 +596,17 @@ class Runtime:
         execution_id: str | None = None,
         budget: Budget | None = None,
         metadata: Mapping[str, Any] | None = None,
+        execution_timeout: float | datetime.timedelta | None = None,
         _parent: Mapping[str, Any] | None = None,
     ) -> ExecutionHandle:
         """Start an execution; returns once its first record is durable.
 
         ``budget`` replaces the agent's budget for this execution, as a whole.
+        ``execution_timeout`` (seconds or a ``timedelta``; default the agent's) bounds
+        the whole execution, time queued or suspended included: if it has not finished
+        by then, it is cancelled (``cancelled_by == "deadline"``), its children with it.
+        The deadline is fixed here, in the start record: it survives restarts, and a
+        deadline that passed while no runtime ran cancels the execution at the next open.
 
         An existing ``execution_id`` with the same prompt resumes that execution (or
         returns it, if it is finished); with a different prompt it is an error. For an
@@ -634,6 +640,10 @@ class Runtime:
                 await self._schedule(eid)
             return ExecutionHandle(eid, self)
         effective = budget if budget is not None else definition_agent.budget
+        timeout = timeout_seconds(execution_timeout, "execution_timeout")
+        if timeout is None:
+            timeout = definition_agent.execution_timeout
+        deadline = self._wall_clock() + timeout if timeout is not None else None
         started = ExecutionStarted(
             execution_id=eid,
             agent=definition_agent.name,
@@ -644,6 +654,7 @@ class Runtime:
             budget=effective.to_dict() if effective else None,
             parent=dict(_parent) if _parent else None,
             metadata=dict(metadata or {}),
+            deadline=deadline,
         )
         journal = Journal(self.log, ExecutionState(), eid)
         journal.stage(started)
@@ -674,6 +685,8 @@ class Runtime:
             if took_slot:
                 self._release(eid)
             raise
+        if deadline is not None:
+            self._timers.schedule(eid, deadline, DEADLINE)
         if has_slot:
             await self._start_actor(eid, drive=True)
         else:
@@ -737,14 +750,21 @@ class Runtime:
         execution_id: str | None = None,
         budget: Budget | None = None,
         metadata: Mapping[str, Any] | None = None,
+        execution_timeout: float | datetime.timedelta | None = None,
     ) -> Result:
         """Spawn, then wait until the execution completes, suspends or fails.
 
         The Result is settled: its status is completed, suspended, failed or cancelled,
-        never running or queued (see :meth:`wait`).
+        never running or queued (see :meth:`wait`). For ``execution_timeout`` see
+        :meth:`spawn`.
         """
         handle = await self.spawn(
-            agent, prompt, execution_id=execution_id, budget=budget, metadata=metadata
+            agent,
+            prompt,
+            execution_id=execution_id,
+            budget=budget,
+            metadata=metadata,
+            execution_timeout=execution_timeout,
         )
         return await self.wait(handle.execution_id)
 
@@ -941,6 +961,8 @@ class Runtime:
         if state.status == "running":
             return
         self._release(eid)
+        if state.deadline is not None and state.status in _FINISHED:
+            self._timers.discard(eid, state.deadline, DEADLINE)
         if eid in self._queued:  # settled while it waited (cancelled): it must not start
             self._queued.discard(eid)
             self._queue.remove(eid)
@@ -1782,6 +1804,14 @@ class Runtime:
                 log.exception("execution %s: could not read its index entry to fire %r", eid, name)
                 failed.append((until, eid, name))
                 continue
+            if name == DEADLINE:
+                if info is None or info.meta.get("status") in _FINISHED:
+                    continue
+                if info.meta.get("deadline") != until:
+                    continue  # purged, and spawned again under the same id
+                cancel = SignalSent(eid, "cancel", {"reason": deadline_reason(until)}, DEADLINE)
+                records.append((until, eid, name, encode(cancel)))
+                continue
             # Dropped when the execution finished (a late signal would be ignored anyway),
             # was purged, runs (it is scheduled again if it suspends on the timer), or no
             # longer waits for this timer (fired early by hand).
@@ -1827,6 +1857,8 @@ class Runtime:
             async for info in self.log.streams(prefix="exec/", where={"status": status}):
                 eid = info.stream[len("exec/") :]
                 agent = info.meta.get("agent", "")
+                if info.meta.get("deadline") is not None:
+                    self._timers.schedule(eid, info.meta["deadline"], DEADLINE)
                 if await self._cancel_if_orphaned(eid, info.meta):
                     continue
                 if agent in self._agents:
@@ -1881,6 +1913,8 @@ class Runtime:
                 # Whatever happens below: a timer that no longer applies when due is
                 # dropped then (see _fire_timers).
                 self._timers.schedule(parent, timer[0], timer[1])
+            if info.meta.get("deadline") is not None:
+                self._timers.schedule(parent, info.meta["deadline"], DEADLINE)
             if await self._cancel_if_orphaned(parent, info.meta):
                 continue  # a child whose own parent is gone: nothing to wake it for
             if parent in self._inbox_held:
@@ -1934,6 +1968,7 @@ class Runtime:
         *,
         execution_id: str | None = None,
         budget: Budget | None = None,
+        execution_timeout: float | datetime.timedelta | None = None,
     ) -> AsyncIterator[Any]:
         """Run an execution and yield what happens as it happens.
 
@@ -1983,7 +2018,9 @@ class Runtime:
         try:
             await self._caught_up()
             before = await self.log.stream_info(execution_stream(eid))
-            await self.spawn(agent, prompt, execution_id=eid, budget=budget)
+            await self.spawn(
+                agent, prompt, execution_id=eid, budget=budget, execution_timeout=execution_timeout
+            )
             settled = before is not None and before.meta.get("status") not in ("running", "queued")
             if settled and not sent:
                 yield await self.result(eid)  # settled already: replay streams nothing
