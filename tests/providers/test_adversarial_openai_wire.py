@@ -19,6 +19,7 @@ pytest.importorskip(
 )
 
 from perdure.providers import (
+    BadRequestError,
     LLMRequest,
     LLMResponse,
     MalformedResponseError,
@@ -410,3 +411,408 @@ async def test_arguments_only_a_lenient_parser_takes_are_invalid(
     text = '{"temperature": ' + constant + "}"
     response = await complete(openai_server, completion(None, [("call_a", "set", text)]).body())
     assert response.message.tool_calls == (ToolCall("call_a", "set", text),)
+
+
+# -- tool-call ids: missing, empty, repeated ----------------------------------------------
+
+
+def with_calls(*calls: dict[str, Any], finish: str | None = "tool_calls") -> dict[str, Any]:
+    message = {"role": "assistant", "content": None, "tool_calls": list(calls)}
+    return {"choices": [{"index": 0, "message": message, "finish_reason": finish}]}
+
+
+def call(call_id: str | None, name: str, arguments: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": "function", "function": {"name": name, "arguments": arguments}}
+    if call_id is not None:
+        out["id"] = call_id
+    return out
+
+
+async def answer(
+    server: OpenAIServer, calls: list[dict[str, Any]], streaming: bool, finish: str | None
+) -> LLMResponse:
+    """The response to REQUEST when the server sends ``calls`` (whole, or one per chunk)."""
+    if not streaming:
+        return await complete(server, with_calls(*calls, finish=finish))
+    pieces = [{**c, "index": i} for i, c in enumerate(calls)]
+    return final(await stream(server, [chunk({"tool_calls": pieces}), chunk({}, finish)]))
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["complete", "stream"])
+async def test_a_turn_whose_calls_share_an_id_gets_one_id_per_call(
+    openai_server: OpenAIServer, streaming: bool
+) -> None:
+    # Servers that give every call of a turn the same id: two results under one id
+    # would be indistinguishable in the next request.
+    calls = [
+        call("call_x", "get_weather", '{"location": "Paris"}'),
+        call("call_x", "get_weather", '{"location": "Oslo"}'),
+        call("", "get_time", ""),
+        call(None, "get_time", "{}"),
+    ]
+    response = await answer(openai_server, calls, streaming, "tool_calls")
+    assert [c.id for c in response.message.tool_calls] == [
+        "call_x",
+        "call_x_1",
+        "call_2",
+        "call_3",
+    ]
+    assert [c.arguments for c in response.message.tool_calls] == [
+        {"location": "Paris"},
+        {"location": "Oslo"},
+        {},
+        {},
+    ]
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["complete", "stream"])
+async def test_ids_an_earlier_turn_used_are_not_given_again(
+    openai_server: OpenAIServer, streaming: bool
+) -> None:
+    # A server without ids would make "call_0" the first call of every turn; one that
+    # numbers calls per turn repeats its own. Anthropic (a Fallback's next member)
+    # refuses a conversation whose tool_use ids repeat.
+    earlier = ToolCall("call_0", "get_weather", {"location": "Paris"})
+    request = LLMRequest(
+        model="",
+        messages=(
+            Message("user", "Weather in Paris, then Oslo?"),
+            Message("assistant", "", tool_calls=(earlier,)),
+            Message("tool", "sunny", tool_call_id="call_0"),
+        ),
+    )
+    body = with_calls(call(None, "get_weather", {"location": "Oslo"}), call("call_0", "f", "{}"))
+    async with OpenAI("m", base_url=openai_server.base_url, api_key=KEY, retry=ONE_TRY) as provider:
+        if streaming:
+            pieces = [
+                {**c, "index": i} for i, c in enumerate(body["choices"][0]["message"]["tool_calls"])
+            ]
+            openai_server.push(SSEReply([chunk({"tool_calls": pieces}), chunk({}, "tool_calls")]))
+            first = final([e async for e in provider.stream(request)])
+            openai_server.push(SSEReply([chunk({"tool_calls": pieces}), chunk({}, "tool_calls")]))
+            again = final([e async for e in provider.stream(request)])
+        else:
+            openai_server.push(JSONReply(body), JSONReply(body))
+            first = await provider.complete(request)
+            again = await provider.complete(request)
+    assert [c.id for c in first.message.tool_calls] == ["call_1", "call_0_2"]
+    # derived, not drawn: the same conversation and answer give the same ids
+    assert again == first
+
+
+# -- arguments ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["complete", "stream"])
+@pytest.mark.parametrize(
+    ("sent", "kept"),
+    [
+        ({"location": "Paris"}, {"location": "Paris"}),  # an object, not a string
+        ("", {}),  # a tool without arguments
+        ('{"location": "Par', '{"location": "Par'),  # cut short: kept for the runtime
+        ("[1, 2]", "[1, 2]"),  # JSON, but not an object
+    ],
+    ids=["object", "empty", "invalid-json", "not-an-object"],
+)
+async def test_arguments_as_servers_send_them(
+    openai_server: OpenAIServer, streaming: bool, sent: Any, kept: Any
+) -> None:
+    response = await answer(openai_server, [call("c", "get_weather", sent)], streaming, "stop")
+    assert response.message.tool_calls == (ToolCall("c", "get_weather", kept),)
+
+
+# -- finish reasons -----------------------------------------------------------------------
+
+
+FINISHES = [
+    ("stop", True, "tool_calls"),  # vLLM with a named tool_choice, older Ollama
+    (None, True, "tool_calls"),
+    ("function_call", True, "tool_calls"),
+    ("eos", True, "tool_calls"),
+    ("eos_token", True, "tool_calls"),  # text-generation-inference before 2.2
+    ("end_turn", True, "tool_calls"),  # a gateway passing Anthropic's word through
+    ("length", True, "length"),  # cut short: said so even with (broken) calls
+    ("eos_token", False, "stop"),
+    ("stop_sequence", False, "stop"),
+    ("content_filter", False, "content_filter"),
+]
+
+
+@pytest.mark.parametrize(
+    ("streaming", "finish", "calls", "expected"),
+    [
+        (streaming, *case)
+        for streaming in (False, True)
+        for case in FINISHES
+        # A stream must say that it finished: one that does not is taken as cut.
+        if not (streaming and case[0] is None)
+    ],
+)
+async def test_finish_reasons_as_servers_send_them(
+    openai_server: OpenAIServer,
+    streaming: bool,
+    finish: str | None,
+    calls: bool,
+    expected: str,
+) -> None:
+    if calls:
+        response = await answer(openai_server, [call("c", "get_time", "{}")], streaming, finish)
+        assert response.message.tool_calls == (ToolCall("c", "get_time", {}),)
+    elif streaming:
+        response = final(
+            await stream(openai_server, [chunk({"content": "Done."}), chunk({}, finish)])
+        )
+    else:
+        body = completion("Done.").body()
+        body["choices"][0]["finish_reason"] = finish
+        response = await complete(openai_server, body)
+    assert response.finish_reason == expected
+
+
+async def test_a_legacy_function_call_is_a_tool_call(openai_server: OpenAIServer) -> None:
+    # The API before tools: message.function_call, one call, no id.
+    message = {
+        "role": "assistant",
+        "content": None,
+        "function_call": {"name": "get_weather", "arguments": '{"location": "Paris"}'},
+    }
+    body = {"choices": [{"message": message, "finish_reason": "function_call"}]}
+    response = await complete(openai_server, body)
+    assert response.message.tool_calls == (
+        ToolCall("call_0", "get_weather", {"location": "Paris"}),
+    )
+    assert response.finish_reason == "tool_calls"
+    events = await stream(
+        openai_server,
+        [
+            chunk({"function_call": {"name": "get_weather", "arguments": '{"location": '}}),
+            chunk({"function_call": {"arguments": '"Paris"}'}}),
+            chunk({}, "function_call"),
+        ],
+    )
+    assert final(events).message == response.message
+    assert final(events).finish_reason == "tool_calls"
+
+
+# -- streams ------------------------------------------------------------------------------
+
+
+async def test_chunks_without_choices_are_skipped_wherever_they_come(
+    openai_server: OpenAIServer,
+) -> None:
+    # Azure sends its prompt filter results first, in a chunk with no choices; usage
+    # chunks have none; some proxies send keep-alive chunks with none in between.
+    events = await stream(
+        openai_server,
+        [
+            raw({"model": "", "choices": [], "prompt_filter_results": [{"prompt_index": 0}]}),
+            chunk({"role": "assistant", "content": "Sun"}),
+            raw({"model": "served-model", "choices": []}),
+            chunk({"content": "ny."}),
+            chunk({}, "stop"),
+            raw({"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 2}}),
+        ],
+    )
+    response = final(events)
+    assert response.message.content == "Sunny." and response.usage == Usage(9, 2)
+    assert response.model == "served-model"
+
+
+@pytest.mark.parametrize(
+    "usage_chunks",
+    [
+        # usage: null in every chunk but the last (OpenAI's own shape with include_usage)
+        [raw({"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 2}})],
+        # running totals in every chunk (vLLM's continuous_usage_stats): the last counts
+        [
+            raw({"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 1}}),
+            raw({"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 2}}),
+        ],
+        # Groq, under its own field, in the finishing chunk
+        [
+            raw(
+                {
+                    "choices": [],
+                    "x_groq": {
+                        "id": "req_1",
+                        "usage": {"prompt_tokens": 9, "completion_tokens": 2},
+                    },
+                }
+            )
+        ],
+    ],
+    ids=["final-chunk", "running-totals", "x_groq"],
+)
+async def test_usage_wherever_the_server_puts_it(
+    openai_server: OpenAIServer, usage_chunks: list[SSEEvent]
+) -> None:
+    nulls = [chunk({"content": "Sunny."}, usage=None), chunk({}, "stop")]
+    body_with_null = json.loads(nulls[0].data)
+    body_with_null["usage"] = None
+    events = await stream(
+        openai_server, [SSEEvent(json.dumps(body_with_null)), nulls[1], *usage_chunks]
+    )
+    assert final(events).usage == Usage(9, 2)
+
+
+async def test_usage_null_throughout_is_no_usage(openai_server: OpenAIServer) -> None:
+    def null_usage(delta: dict[str, Any], finish: str | None = None) -> SSEEvent:
+        body = json.loads(chunk(delta, finish).data)
+        body["usage"] = None
+        return SSEEvent(json.dumps(body))
+
+    events = await stream(openai_server, [null_usage({"content": "Hi."}), null_usage({}, "stop")])
+    assert final(events).usage == Usage()
+    body = completion("Hi.").body()
+    body["usage"] = None
+    assert (await complete(openai_server, body)).usage == Usage()
+
+
+async def test_null_and_empty_content_stream_no_empty_deltas(openai_server: OpenAIServer) -> None:
+    events = await stream(
+        openai_server,
+        [
+            chunk({"role": "assistant", "content": None}),
+            chunk({"content": ""}),
+            chunk({"content": "Hi."}),
+            chunk({"content": None}, "stop"),
+        ],
+    )
+    assert [e for e in events if isinstance(e, TextDelta)] == [TextDelta("Hi.")]
+    assert final(events).message.content == "Hi."
+
+
+async def test_a_stream_naming_no_model_records_the_requested_one(
+    openai_server: OpenAIServer,
+) -> None:
+    events = await stream(
+        openai_server,
+        [
+            raw({"choices": [{"index": 0, "delta": {"content": "Hi."}}]}),
+            raw({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+        ],
+    )
+    assert final(events).model == "m"
+
+
+def refusing_stream_options(status: int, body: dict[str, Any]) -> Any:
+    """A server that answers ``body`` with ``status`` whenever stream_options is sent."""
+
+    def handler(request: Any) -> Any:
+        if "stream_options" in request.json:
+            return JSONReply(body, status=status)
+        return completion("Sunny.")
+
+    return handler
+
+
+REFUSALS = {
+    # Azure AI model inference
+    "azure-400": (
+        400,
+        {
+            "error": {
+                "code": "extra_parameters_not_allowed",
+                "message": "Extra parameters ['stream_options'] are not allowed when "
+                "extra-parameters is not set or set to be 'error'.",
+            }
+        },
+    ),
+    # Mistral's API: a validation error whose message is not even a string
+    "mistral-422": (
+        422,
+        {
+            "object": "error",
+            "message": {
+                "detail": [
+                    {
+                        "type": "extra_forbidden",
+                        "loc": ["body", "stream_options", "include_usage"],
+                        "msg": "Extra inputs are not permitted",
+                    }
+                ]
+            },
+            "type": "invalid_request_error",
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("refusal", sorted(REFUSALS))
+async def test_a_server_refusing_stream_options_is_asked_again_without_them_once(
+    refusal: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    status, body = REFUSALS[refusal]
+    with OpenAIServer(refusing_stream_options(status, body)) as server:
+        async with OpenAI("m", base_url=server.base_url, api_key=KEY, retry=ONE_TRY) as provider:
+            with caplog.at_level("DEBUG", logger="perdure.providers"):
+                first = final([e async for e in provider.stream(REQUEST)])
+            second = final([e async for e in provider.stream(REQUEST)])
+        sent = [r.json for r in server.chat_requests]
+    assert first.message.content == second.message.content == "Sunny."
+    # asked with them, at once again without, and never with them again
+    assert ["stream_options" in body for body in sent] == [True, False, False]
+    assert sent[0]["messages"] == sent[1]["messages"]
+    said = [r.getMessage() for r in caplog.records if "stream_options" in r.getMessage()]
+    assert len(said) == 1 and "streaming without it from now on" in said[0]
+    assert server.base_url in said[0] and KEY not in caplog.text
+
+
+async def test_other_bad_requests_on_a_stream_are_not_asked_again() -> None:
+    body = {"error": {"message": "Unknown model 'm'", "type": "invalid_request_error"}}
+    with OpenAIServer(lambda r: JSONReply(body, status=400)) as server:
+        async with OpenAI("m", base_url=server.base_url, api_key=KEY, retry=ONE_TRY) as provider:
+            with pytest.raises(BadRequestError, match="Unknown model"):
+                [e async for e in provider.stream(REQUEST)]
+            with pytest.raises(BadRequestError):
+                [e async for e in provider.stream(REQUEST)]
+        sent = [r.json for r in server.chat_requests]
+    assert ["stream_options" in b for b in sent] == [True, True]  # still asked for usage
+
+
+# -- reasoning ----------------------------------------------------------------------------
+
+
+async def test_reasoning_fields_are_left_out_of_the_message(openai_server: OpenAIServer) -> None:
+    # DeepSeek and vLLM before 0.10 send reasoning_content; vLLM and OpenRouter reasoning.
+    body = completion("Sunny.").body()
+    body["choices"][0]["message"]["reasoning_content"] = "Let me think."
+    body["choices"][0]["message"]["reasoning"] = "Let me think."
+    response = await complete(openai_server, body)
+    assert response.message == Message("assistant", "Sunny.")
+    events = await stream(
+        openai_server,
+        [
+            chunk({"role": "assistant", "content": None, "reasoning_content": "Let me"}),
+            chunk({"content": None, "reasoning": " think."}),
+            chunk({"content": "Calling.", "reasoning_content": None}),
+            chunk({"tool_calls": [piece(0, "call_t", "get_time", "{}")]}),
+            chunk({}, "tool_calls"),
+        ],
+    )
+    assert [e.text for e in events if isinstance(e, TextDelta)] == ["Calling."]
+    assert final(events).message == Message(
+        "assistant", "Calling.", tool_calls=(ToolCall("call_t", "get_time", {}),)
+    )
+
+
+async def test_a_server_wanting_its_reasoning_back_says_how_to_do_without(
+    openai_server: OpenAIServer,
+) -> None:
+    said = (
+        "Missing `reasoning_content` field in the assistant message at message index 2. "
+        "For more information, please refer to "
+        "https://api-docs.deepseek.com/guides/thinking_mode#tool-calls"
+    )
+    body = {"error": {"message": said, "type": "invalid_request_error", "code": None}}
+    openai_server.push(JSONReply(body, status=400), JSONReply(body, status=400))
+    async with OpenAI("m", base_url=openai_server.base_url, api_key=KEY, retry=ONE_TRY) as provider:
+        with pytest.raises(BadRequestError) as caught:
+            await provider.complete(REQUEST)
+        with pytest.raises(BadRequestError) as streamed:
+            [e async for e in provider.stream(REQUEST)]
+    for err in (caught.value, streamed.value):
+        message = str(err)
+        assert "Missing `reasoning_content`" in message
+        assert "'thinking': {'type': 'disabled'}" in message
+    assert len(openai_server.chat_requests) == 2  # not retried, nor asked again
