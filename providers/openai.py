@@ -46,6 +46,7 @@ from perdure.providers.streams import (
     arguments_json,
     distinct_call_ids,
     parse_arguments,
+    used_call_ids,
 )
 from perdure.providers.types import (
     LLMRequest,
@@ -201,7 +202,7 @@ class OpenAI(SDKProvider):
         completion = await self._sdk_call(
             model, functools.partial(create, **self._arguments(request, model))
         )
-        return self._response(completion, model, _call_ids(request))
+        return self._response(completion, model, used_call_ids(request.messages))
 
     async def _stream_once(self, request: LLMRequest) -> AsyncIterator[StreamEvent]:
         model = request.model or self.model
@@ -274,7 +275,7 @@ class OpenAI(SDKProvider):
             model=served or model,
             provider=self.name,
             where=self.base_url,
-            taken=_call_ids(request),
+            taken=used_call_ids(request.messages),
         )
         yield ResponseCompleted(response)
 
@@ -530,11 +531,6 @@ def _refuses_stream_options(err: BadRequestError) -> bool:
     """True if a 400/422 says the server does not take ``stream_options``."""
     detail = err.detail.lower()
     return err.status in (400, 422) and ("stream_options" in detail or "include_usage" in detail)
-
-
-def _call_ids(request: LLMRequest) -> frozenset[str]:
-    """The tool-call ids the conversation in ``request`` already uses."""
-    return frozenset(c.id for m in request.messages for c in m.tool_calls)
 
 
 def _first_choice(choices: list[Any]) -> Any:

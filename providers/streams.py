@@ -35,6 +35,7 @@ __all__ = [
     "closing",
     "arguments_json",
     "distinct_call_ids",
+    "used_call_ids",
     "events_from_response",
     "parse_arguments",
     "shallow",
@@ -150,6 +151,11 @@ def distinct_call_ids(ids: Sequence[str | None], taken: Iterable[str] = ()) -> l
             used.add(call_id)
         out.append(call_id)
     return out
+
+
+def used_call_ids(messages: Iterable[Message]) -> frozenset[str]:
+    """The tool-call ids a conversation already uses (``taken`` for :func:`distinct_call_ids`)."""
+    return frozenset(call.id for message in messages for call in message.tool_calls)
 
 
 def events_from_response(response: LLMResponse) -> Iterator[StreamEvent]:
