@@ -248,7 +248,9 @@ class OpenAI(SDKProvider):
                         assembler.add_tool_call(event)
                         yield event
                     reason = _field(choice, "finish_reason")
-                    if reason is not None:
+                    # Older Ollama builds send "" on every chunk, the last included: it
+                    # must count as a finish, but never mask a real reason sent before.
+                    if reason or (reason == "" and finish is None):
                         finish = reason
         if finish is None and not received:
             headers = getattr(getattr(stream, "response", None), "headers", None) or {}
@@ -350,7 +352,7 @@ class OpenAI(SDKProvider):
         if not raw_calls and _field(legacy, "name"):
             # The pre-tools API, still spoken by some servers: one call, without an id.
             raw_calls = [{"type": "function", "function": legacy}]
-        ids = distinct_call_ids([_text(_field(raw, "id")) for raw in raw_calls], taken)
+        ids = distinct_call_ids([_call_id(_field(raw, "id")) for raw in raw_calls], taken)
         calls = tuple(
             self._tool_call(raw, position, call_id, model)
             for position, (raw, call_id) in enumerate(zip(raw_calls, ids, strict=True))
@@ -385,7 +387,7 @@ class OpenAI(SDKProvider):
 
     def _tool_call_delta(self, piece: Any, indices: _StreamIndices) -> ToolCallDelta:
         index = _field(piece, "index")
-        call_id = _text(_field(piece, "id")) or None
+        call_id = _call_id(_field(piece, "id")) or None
         function = _field(piece, "function")
         name = _text(_field(function, "name")) or None
         arguments = _field(function, "arguments")
@@ -531,6 +533,13 @@ def _refuses_stream_options(err: BadRequestError) -> bool:
     """True if a 400/422 says the server does not take ``stream_options``."""
     detail = err.detail.lower()
     return err.status in (400, 422) and ("stream_options" in detail or "include_usage" in detail)
+
+
+def _call_id(value: Any) -> str:
+    """A tool call's id as sent: text, or a number some servers send (``""`` if neither)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return _text(value)
 
 
 def _first_choice(choices: list[Any]) -> Any:

@@ -68,13 +68,16 @@ def finish_reason_from_openai(reason: object, *, has_tool_calls: bool) -> str:
     tools; such a turn is reported as ``"tool_calls"`` so callers need check one value.
     The other words servers use for a natural end (text-generation-inference's
     ``"eos_token"`` and ``"stop_sequence"``, ``"eos"``, Anthropic's ``"end_turn"`` passed
-    through by gateways) are reported as ``"stop"``. ``"length"`` and
-    ``"content_filter"`` are kept as they are, tool calls or not: they say the answer
-    was cut.
+    through by gateways) are reported as ``"stop"``, and so is ``"tool_calls"`` when no
+    call came. ``"length"`` and ``"content_filter"`` are kept as they are, tool calls or
+    not: they say the answer was cut.
     """
-    if has_tool_calls and (reason is None or reason in _ENDED or reason == "function_call"):
+    calling = reason in ("tool_calls", "function_call")
+    if has_tool_calls and (reason is None or reason in _ENDED or calling):
         return "tool_calls"
-    if reason in _ENDED:
+    if reason in _ENDED or calling:
+        # Calling tools, it says, but no call came (one the server could not parse
+        # reached us as text, if at all): the turn ended without calls.
         return "stop"
     if isinstance(reason, str) and reason:
         return reason

@@ -33,7 +33,7 @@ from perdure.providers import (
     ToolCallDelta,
     Usage,
 )
-from tests.support.http_server import JSONReply, SSEEvent, SSEReply
+from tests.support.http_server import JSONReply, RawReply, SSEEvent, SSEReply
 from tests.support.openai_server import OpenAIServer, completion
 
 pytestmark = pytest.mark.anyio
@@ -421,7 +421,7 @@ def with_calls(*calls: dict[str, Any], finish: str | None = "tool_calls") -> dic
     return {"choices": [{"index": 0, "message": message, "finish_reason": finish}]}
 
 
-def call(call_id: str | None, name: str, arguments: Any) -> dict[str, Any]:
+def call(call_id: Any, name: str, arguments: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"type": "function", "function": {"name": name, "arguments": arguments}}
     if call_id is not None:
         out["id"] = call_id
@@ -532,8 +532,11 @@ FINISHES = [
     ("eos_token", True, "tool_calls"),  # text-generation-inference before 2.2
     ("end_turn", True, "tool_calls"),  # a gateway passing Anthropic's word through
     ("length", True, "length"),  # cut short: said so even with (broken) calls
+    ("", True, "tool_calls"),  # older Ollama: "" for "not yet", the last chunk too
     ("eos_token", False, "stop"),
     ("stop_sequence", False, "stop"),
+    ("tool_calls", False, "stop"),  # it said so, but no call came
+    ("", False, "stop"),
     ("content_filter", False, "content_filter"),
 ]
 
@@ -816,3 +819,46 @@ async def test_a_server_wanting_its_reasoning_back_says_how_to_do_without(
         assert "Missing `reasoning_content`" in message
         assert "'thinking': {'type': 'disabled'}" in message
     assert len(openai_server.chat_requests) == 2  # not retried, nor asked again
+
+
+async def test_blank_finish_reasons_on_every_chunk_neither_mask_nor_make_a_finish(
+    openai_server: OpenAIServer,
+) -> None:
+    # Older Ollama builds send finish_reason "" on every chunk: such a stream has
+    # finished when it ends, and a real reason sent before a trailing "" stands.
+    events = await stream(
+        openai_server,
+        [
+            chunk({"content": "Cut"}, ""),
+            chunk({"content": " short"}, "length"),
+            chunk({}, ""),
+        ],
+    )
+    assert final(events).finish_reason == "length"
+    assert final(events).message.content == "Cut short"
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["complete", "stream"])
+async def test_a_numeric_tool_call_id_is_kept_as_text(
+    openai_server: OpenAIServer, streaming: bool
+) -> None:
+    response = await answer(openai_server, [call(7, "get_time", "{}")], streaming, "tool_calls")
+    assert response.message.tool_calls == (ToolCall("7", "get_time", {}),)
+
+
+async def test_sse_comments_between_chunks_are_ignored(openai_server: OpenAIServer) -> None:
+    # OpenRouter keeps slow streams alive with ": OPENROUTER PROCESSING" comment lines.
+    body = b"".join(
+        [
+            b": OPENROUTER PROCESSING\n\n",
+            chunk({"role": "assistant", "content": "Sun"}).encode(),
+            b": OPENROUTER PROCESSING\n\n",
+            chunk({"content": "ny."}).encode(),
+            chunk({}, "stop").encode(),
+            b"data: [DONE]\n\n",
+        ]
+    )
+    openai_server.push(RawReply(body, content_type="text/event-stream"))
+    async with OpenAI("m", base_url=openai_server.base_url, api_key=KEY, retry=ONE_TRY) as provider:
+        events = [e async for e in provider.stream(REQUEST)]
+    assert final(events).message.content == "Sunny."
