@@ -333,7 +333,7 @@ class OpenAI(SDKProvider):
         choices = _field(completion, "choices")
         if not isinstance(choices, list) or not choices:
             # Some servers answer an error with HTTP 200: what they said is the clue.
-            said = _text(_field(_field(completion, "error"), "message"))
+            said = _said(_field(completion, "error"))
             said = f" (the body says: {redact(said, self._secrets)!r})" if said else ""
             raise self._malformed(f"the response has no 'choices'{said}", model)
         choice = _first_choice(choices)
@@ -513,9 +513,16 @@ def _said(body: Any) -> str:
     """What an error body says: its ``message`` (OpenAI's shape) or ``detail`` (FastAPI's).
 
     Either may be a structure rather than text (Mistral's and vLLM's validation errors
-    are lists of problems): then its JSON, which names the offending field. ``""`` when
-    the body says nothing.
+    are lists of problems): then its JSON, which names the offending field. ``body`` is
+    what the SDK kept (the ``error`` member when there is one): a string when that
+    member is one (text-generation-inference and LM Studio send ``{"error": "..."}``)
+    or when the body is not JSON (kept too, unless it is markup: a proxy's HTML page
+    says nothing useful). ``""`` when the body says nothing. Not cut here: a cut could
+    halve a secret, which the caller redacts whole first.
     """
+    if isinstance(body, str):
+        text = body.strip()
+        return "" if text.startswith("<") else text
     if not isinstance(body, Mapping):
         return ""
     said = body.get("message")

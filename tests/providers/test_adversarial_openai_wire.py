@@ -862,3 +862,41 @@ async def test_sse_comments_between_chunks_are_ignored(openai_server: OpenAIServ
     async with OpenAI("m", base_url=openai_server.base_url, api_key=KEY, retry=ONE_TRY) as provider:
         events = [e async for e in provider.stream(REQUEST)]
     assert final(events).message.content == "Sunny."
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "said"),
+    [
+        # text-generation-inference: the error member is the message itself
+        (
+            422,
+            {"error": "Input validation error: `temperature` must be strictly positive"},
+            "Input validation error: `temperature` must be strictly positive",
+        ),
+        # a FastAPI server's own 404 (wrong base_url path)
+        (404, {"detail": "Not Found"}, "Not Found"),
+        # vLLM's validation errors: a list of problems naming the field
+        (
+            400,
+            {"object": "error", "message": [{"loc": ["body", "top_k"], "msg": "bad"}]},
+            '[{"loc": ["body", "top_k"], "msg": "bad"}]',
+        ),
+    ],
+    ids=["tgi-string-error", "fastapi-detail", "structured-message"],
+)
+async def test_what_an_error_body_says_is_quoted_whatever_its_shape(
+    openai_server: OpenAIServer, status: int, body: dict[str, Any], said: str
+) -> None:
+    openai_server.push(JSONReply(body, status=status))
+    async with OpenAI("m", base_url=openai_server.base_url, api_key=KEY, retry=ONE_TRY) as provider:
+        with pytest.raises(BadRequestError) as caught:
+            await provider.complete(REQUEST)
+    assert caught.value.detail == said and caught.value.status == status
+
+
+async def test_an_error_string_sent_with_status_200_is_quoted(openai_server: OpenAIServer) -> None:
+    # LM Studio and llama.cpp-based apps, with no model loaded
+    body = {"error": f"No models loaded (key {KEY})"}
+    with pytest.raises(MalformedResponseError) as caught:
+        await complete(openai_server, body)
+    assert "the body says: 'No models loaded (key [REDACTED])'" in str(caught.value)
