@@ -18,6 +18,7 @@ import functools
 import json
 import logging
 import os
+import re
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -96,9 +97,11 @@ class OpenAI(SDKProvider):
       with ``"tool_calls"`` whatever word the server used for a natural end.
     - Streams: tool-call pieces without an index, several calls all numbered 0, a whole
       call in one piece, chunks with no choices, usage in any chunk (or under Groq's
-      ``x_groq``), or never. ``stream_options`` asks for usage; a server that refuses it
-      with a 400/422 is asked again without it, and this instance never sends it again
-      (said once in a DEBUG log line).
+      ``x_groq``), or never.
+    - Requests: ``stream_options`` (asking for usage) and ``content: null`` in a turn of
+      tool calls alone are OpenAI's shape, which some servers refuse with a 400/422;
+      then the request is sent again at once without it, and this instance never sends
+      it again (said once in a DEBUG log line).
     - Content as a list of parts (text parts are joined), null content, a refusal
       (kept as the text), no ``model`` (the requested one is recorded as the server).
     - Reasoning (``reasoning_content`` from DeepSeek and older vLLM, ``reasoning`` from
@@ -130,9 +133,10 @@ class OpenAI(SDKProvider):
         self.timeout = timeout
         self.params: dict[str, Any] = dict(params or {})
         self._sdk = sdk
-        # Cleared, for the life of this instance, by the first server that refuses
-        # stream_options (see _open_stream).
+        # Each cleared, for the life of this instance, by the first refusal of what it
+        # stands for (see _send): stream_options, and content: null beside tool calls.
         self._stream_usage = True
+        self._null_content = True
         if client is not None:
             # with_options copies the client and shares its connection pool.
             raw = client.with_options(max_retries=0)
@@ -184,10 +188,12 @@ class OpenAI(SDKProvider):
     # -- one attempt -------------------------------------------------------------
 
     def _arguments(self, request: LLMRequest, model: str) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {
-            "model": model,
-            "messages": to_openai_messages(request.messages),
-        }
+        messages = to_openai_messages(request.messages)
+        if not self._null_content:
+            for message in messages:
+                if message.get("content", "") is None:
+                    message["content"] = ""
+        kwargs: dict[str, Any] = {"model": model, "messages": messages}
         if request.tools:
             kwargs["tools"] = to_openai_tools(request.tools)
         params = {**self.params, **request.params}
@@ -198,15 +204,12 @@ class OpenAI(SDKProvider):
 
     async def _complete_once(self, request: LLMRequest) -> LLMResponse:
         model = request.model or self.model
-        create = self._clients.get().chat.completions.create
-        completion = await self._sdk_call(
-            model, functools.partial(create, **self._arguments(request, model))
-        )
+        completion = await self._send(request, model, stream=False)
         return self._response(completion, model, used_call_ids(request.messages))
 
     async def _stream_once(self, request: LLMRequest) -> AsyncIterator[StreamEvent]:
         model = request.model or self.model
-        stream = await self._open_stream(self._arguments(request, model), model)
+        stream = await self._send(request, model, stream=True)
 
         assembler = ResponseAssembler()
         indices = _StreamIndices()
@@ -281,38 +284,57 @@ class OpenAI(SDKProvider):
         )
         yield ResponseCompleted(response)
 
-    async def _open_stream(self, arguments: dict[str, Any], model: str) -> Any:
-        """The SDK stream for a request, asking for the usage chunk where the server allows.
+    async def _send(self, request: LLMRequest, model: str, *, stream: bool) -> Any:
+        """The SDK's answer to ``request`` (a stream if ``stream``), in a shape the server takes.
 
-        ``stream_options`` is how OpenAI is asked to report usage at the end of a
-        stream; some OpenAI-compatible servers refuse the field with a 400 or 422
-        (Mistral's API, Azure AI model inference, Bedrock behind Databricks or a
-        gateway). Then the request is sent again at once without it, and this instance
-        never sends it again: such a stream reports the usage the server sends
-        unasked, or none.
+        Two fields of OpenAI's own request shape are refused by some OpenAI-compatible
+        servers with a 400 or 422: ``stream_options``, which asks for usage at the end
+        of a stream (Mistral's API, Azure AI model inference, Bedrock behind Databricks
+        or a gateway), and ``content: null`` in an assistant turn that only calls
+        tools (older Ollama and LM Studio builds want ``""``). On such a refusal the
+        request is sent again at once without it, and this instance never sends it
+        again (each adaptation is made once, so this loop ends). Without
+        ``stream_options``, a stream reports the usage the server sends unasked, or none.
         """
         create = self._clients.get().chat.completions.create
-        if self._stream_usage:
-            asking = functools.partial(
-                create, **arguments, stream=True, stream_options={"include_usage": True}
-            )
+        while True:
+            arguments = self._arguments(request, model)
+            if stream:
+                arguments["stream"] = True
+                if self._stream_usage:
+                    arguments["stream_options"] = {"include_usage": True}
             try:
-                return await self._sdk_call(model, asking)
+                return await self._sdk_call(model, functools.partial(create, **arguments))
             except BadRequestError as err:
-                if not _refuses_stream_options(err):
+                if not self._adapt(err, arguments, model):
                     raise
-                refusal = err.detail
+
+    def _adapt(self, err: BadRequestError, sent: dict[str, Any], model: str) -> bool:
+        """Stop sending what ``err`` refuses, if it is one of the fields :meth:`_send` names."""
+        if "stream_options" in sent and _refuses(err, _STREAM_OPTIONS_WORDS):
             self._stream_usage = False
-            # The detail is already redacted; the key is never in it.
-            log.debug(
-                "%s (model %r) at %s refused stream_options (%s): streaming without it "
-                "from now on, so usage is only what the server sends unasked",
-                self.name,
-                model,
-                self.base_url,
-                refusal,
-            )
-        return await self._sdk_call(model, functools.partial(create, **arguments, stream=True))
+            what, instead = "stream_options", "usage is then only what the server sends unasked"
+        elif (
+            self._null_content
+            and any(m.get("content", "") is None for m in sent["messages"])
+            and _refuses(err, _NULL_CONTENT_WORDS)
+        ):
+            self._null_content = False
+            what, instead = "content: null", 'an assistant turn of tool calls alone has content ""'
+        else:
+            return False
+        # The detail is already redacted; the key is never in it.
+        log.debug(
+            "%s (model %r) at %s refused %s (%s): asking again without it, and never sending "
+            "it again from this provider; %s",
+            self.name,
+            model,
+            self.base_url,
+            what,
+            err.detail,
+            instead,
+        )
+        return True
 
     # -- wire format -> canonical ------------------------------------------------
 
@@ -536,10 +558,19 @@ def _said(body: Any) -> str:
         return ""
 
 
-def _refuses_stream_options(err: BadRequestError) -> bool:
-    """True if a 400/422 says the server does not take ``stream_options``."""
-    detail = err.detail.lower()
-    return err.status in (400, 422) and ("stream_options" in detail or "include_usage" in detail)
+#: What a server's refusal of stream_options says (Azure, Mistral, Bedrock gateways).
+_STREAM_OPTIONS_WORDS = re.compile(r"stream_options|include_usage", re.IGNORECASE)
+#: What a refusal of content: null says: Ollama "invalid message content type: <nil>",
+#: LM Studio "'content' field must be a string or an array of objects", pydantic servers
+#: "content ... Input should be a valid string".
+_NULL_CONTENT_WORDS = re.compile(
+    r"content.*(<nil>|\bnull\b|\bnone\b|must be a string|valid string)", re.IGNORECASE | re.DOTALL
+)
+
+
+def _refuses(err: BadRequestError, words: re.Pattern[str]) -> bool:
+    """True if ``err`` is a 400/422 whose explanation matches ``words``."""
+    return err.status in (400, 422) and bool(words.search(err.detail))
 
 
 def _call_id(value: Any) -> str:

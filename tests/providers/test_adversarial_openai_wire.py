@@ -757,7 +757,7 @@ async def test_a_server_refusing_stream_options_is_asked_again_without_them_once
     assert ["stream_options" in body for body in sent] == [True, False, False]
     assert sent[0]["messages"] == sent[1]["messages"]
     said = [r.getMessage() for r in caplog.records if "stream_options" in r.getMessage()]
-    assert len(said) == 1 and "streaming without it from now on" in said[0]
+    assert len(said) == 1 and "asking again without it, and never sending it again" in said[0]
     assert server.base_url in said[0] and KEY not in caplog.text
 
 
@@ -900,3 +900,65 @@ async def test_an_error_string_sent_with_status_200_is_quoted(openai_server: Ope
     with pytest.raises(MalformedResponseError) as caught:
         await complete(openai_server, body)
     assert "the body says: 'No models loaded (key [REDACTED])'" in str(caught.value)
+
+
+TOOL_TURN = LLMRequest(
+    model="",
+    messages=(
+        Message("user", "Time?"),
+        Message("assistant", "", tool_calls=(ToolCall("call_t", "get_time", {}),)),
+        Message("tool", "12:00", tool_call_id="call_t"),
+    ),
+)
+
+NULL_REFUSALS = {
+    "ollama": "invalid message content type: <nil>",
+    "lm-studio": "Invalid 'content': 'content' field must be a string or an array of objects.",
+}
+
+
+@pytest.mark.parametrize("refusal", sorted(NULL_REFUSALS))
+@pytest.mark.parametrize("streaming", [False, True], ids=["complete", "stream"])
+async def test_a_server_refusing_null_content_gets_an_empty_string_from_then_on(
+    refusal: str, streaming: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    # OpenAI's own shape for a turn of tool calls alone is content: null; older Ollama
+    # and LM Studio builds refuse it (and this one refuses stream_options too).
+    def handler(request: Any) -> Any:
+        body = request.json
+        if "stream_options" in body:
+            return JSONReply({"detail": "Extra inputs: stream_options"}, status=422)
+        if any(m.get("content", "") is None for m in body["messages"]):
+            return JSONReply({"error": {"message": NULL_REFUSALS[refusal]}}, status=400)
+        return completion("It is noon.")
+
+    with OpenAIServer(handler) as server:
+        async with OpenAI("m", base_url=server.base_url, api_key=KEY, retry=ONE_TRY) as provider:
+            for _ in range(2):
+                with caplog.at_level("DEBUG", logger="perdure.providers"):
+                    if streaming:
+                        response = final([e async for e in provider.stream(TOOL_TURN)])
+                    else:
+                        response = await provider.complete(TOOL_TURN)
+                assert response.message.content == "It is noon."
+        sent = [r.json for r in server.chat_requests]
+    contents = [b["messages"][1]["content"] for b in sent]
+    if streaming:  # refused stream_options, then null; then never either again
+        assert contents == [None, None, "", ""]
+        assert ["stream_options" in b for b in sent] == [True, False, False, False]
+    else:
+        assert contents == [None, "", ""]
+    assert all(b["messages"][1]["tool_calls"][0]["id"] == "call_t" for b in sent)
+    said = [r.getMessage() for r in caplog.records if "refused content: null" in r.getMessage()]
+    assert len(said) == 1 and KEY not in caplog.text
+
+
+async def test_a_bad_request_naming_null_is_not_adapted_to_when_nothing_was_null(
+    openai_server: OpenAIServer,
+) -> None:
+    body = {"error": {"message": "'content' must not be null in message 0"}}
+    openai_server.push(JSONReply(body, status=400))
+    async with OpenAI("m", base_url=openai_server.base_url, api_key=KEY, retry=ONE_TRY) as provider:
+        with pytest.raises(BadRequestError, match="must not be null"):
+            await provider.complete(REQUEST)  # no null content in it: nothing to change
+    assert len(openai_server.chat_requests) == 1
