@@ -103,7 +103,8 @@ class OpenAI(SDKProvider):
       then the request is sent again at once without it, and this instance never sends
       it again (said once in a DEBUG log line).
     - Content as a list of parts (text parts are joined), null content, a refusal
-      (kept as the text), no ``model`` (the requested one is recorded as the server).
+      (kept as the text), no ``model`` (the requested one is recorded as the one that
+      served).
     - Reasoning (``reasoning_content`` from DeepSeek and older vLLM, ``reasoning`` from
       vLLM and OpenRouter, thinking parts in a content list) is left out of the
       canonical message: it is neither streamed as text nor recorded, and never sent
