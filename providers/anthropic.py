@@ -22,6 +22,7 @@ import functools
 import json
 import os
 from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from perdure.providers.clients import LoopClient, plain_http_client, without_url_credentials
@@ -38,7 +39,12 @@ from perdure.providers.errors import (
 )
 from perdure.providers.retry import RetryPolicy, parse_retry_after
 from perdure.providers.sdk_provider import END, SDKProvider
-from perdure.providers.streams import ResponseAssembler, parse_arguments
+from perdure.providers.streams import (
+    ResponseAssembler,
+    distinct_call_ids,
+    parse_arguments,
+    used_call_ids,
+)
 from perdure.providers.types import (
     LLMRequest,
     LLMResponse,
@@ -175,7 +181,7 @@ class Anthropic(SDKProvider):
         reply = await self._sdk_call(
             model, functools.partial(create, **self._arguments(request, model))
         )
-        return self._response(reply, model)
+        return self._response(reply, model, used_call_ids(request.messages))
 
     async def _stream_once(self, request: LLMRequest) -> AsyncIterator[StreamEvent]:
         model = request.model or self.model
@@ -262,12 +268,13 @@ class Anthropic(SDKProvider):
                 model=served or model,
                 provider=self.name,
                 where=self.base_url,
+                taken=used_call_ids(request.messages),
             )
         )
 
     # -- wire format -> canonical ------------------------------------------------
 
-    def _response(self, reply: Any, model: str) -> LLMResponse:
+    def _response(self, reply: Any, model: str, taken: frozenset[str]) -> LLMResponse:
         blocks = _field(reply, "content")
         if not isinstance(blocks, list):
             raise MalformedResponseError(
@@ -299,6 +306,10 @@ class Anthropic(SDKProvider):
                     )
                 )
             # Thinking and server-tool blocks carry nothing the canonical format holds.
+        # Repeated ids (Kimi's Anthropic-compatible endpoint reuses them) made distinct,
+        # as the stream's assembler does.
+        ids = distinct_call_ids([c.id for c in calls], taken)
+        calls = [replace(c, id=call_id) for c, call_id in zip(calls, ids, strict=True)]
         usage = _field(reply, "usage")
         return LLMResponse(
             message=Message(role="assistant", content="".join(texts), tool_calls=tuple(calls)),

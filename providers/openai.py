@@ -15,7 +15,10 @@ it as an async context manager, when done.
 from __future__ import annotations
 
 import functools
+import json
+import logging
 import os
+import re
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -23,6 +26,7 @@ from urllib.parse import urlsplit
 from perdure.providers.clients import LoopClient, plain_http_client, without_url_credentials
 from perdure.providers.errors import (
     AuthenticationError,
+    BadRequestError,
     MalformedResponseError,
     ProviderError,
     ProviderUnavailableError,
@@ -38,7 +42,13 @@ from perdure.providers.openai_format import (
 )
 from perdure.providers.retry import RetryPolicy, parse_retry_after
 from perdure.providers.sdk_provider import END, SDKProvider
-from perdure.providers.streams import ResponseAssembler, arguments_json, parse_arguments
+from perdure.providers.streams import (
+    ResponseAssembler,
+    arguments_json,
+    distinct_call_ids,
+    parse_arguments,
+    used_call_ids,
+)
 from perdure.providers.types import (
     LLMRequest,
     LLMResponse,
@@ -58,6 +68,8 @@ if TYPE_CHECKING:
 
 __all__ = ["OpenAI"]
 
+log = logging.getLogger("perdure.providers")
+
 _UNSET: Any = object()
 
 #: What local servers get as a key when none is configured: the client insists on one.
@@ -73,6 +85,33 @@ class OpenAI(SDKProvider):
     parameters (``temperature``, ``max_tokens``, ...) that each request's ``params``
     override; they are sent as fields of the request body. ``client`` is an existing
     ``openai.AsyncOpenAI`` to use instead of creating one (its retries are turned off).
+
+    What OpenAI-compatible servers send that OpenAI does not is read, not refused:
+
+    - Tool calls: a missing, empty or repeated id is replaced by one derived from the
+      conversation and the call's position (:func:`~perdure.providers.streams.distinct_call_ids`;
+      never random, so a replayed request is the one first sent). Arguments may come as
+      a JSON string, an object, an empty string (no arguments) or as text that is not
+      a JSON object, which is kept verbatim for the runtime to report back to the model.
+      A legacy ``function_call`` counts as one tool call. A turn with tool calls finishes
+      with ``"tool_calls"`` whatever word the server used for a natural end.
+    - Streams: tool-call pieces without an index, several calls all numbered 0, a whole
+      call in one piece, chunks with no choices, usage in any chunk (or under Groq's
+      ``x_groq``), or never.
+    - Requests: ``stream_options`` (asking for usage) and ``content: null`` in a turn of
+      tool calls alone are OpenAI's shape, which some servers refuse with a 400/422;
+      then the request is sent again at once without it, and this instance never sends
+      it again (said once in a DEBUG log line).
+    - Content as a list of parts (text parts are joined), null content, a refusal
+      (kept as the text), no ``model`` (the requested one is recorded as the one that
+      served).
+    - Reasoning (``reasoning_content`` from DeepSeek and older vLLM, ``reasoning`` from
+      vLLM and OpenRouter, thinking parts in a content list) is left out of the
+      canonical message: it is neither streamed as text nor recorded, and never sent
+      back. The log keeps what the conversation needs, and most servers ignore
+      reasoning sent back. DeepSeek's thinking mode is the exception: with tools, it
+      answers 400 when a turn's reasoning is not sent back; that error says to turn
+      thinking off (``params={"thinking": {"type": "disabled"}}``).
     """
 
     def __init__(
@@ -95,6 +134,10 @@ class OpenAI(SDKProvider):
         self.timeout = timeout
         self.params: dict[str, Any] = dict(params or {})
         self._sdk = sdk
+        # Each cleared, for the life of this instance, by the first refusal of what it
+        # stands for (see _send): stream_options, and content: null beside tool calls.
+        self._stream_usage = True
+        self._null_content = True
         if client is not None:
             # with_options copies the client and shares its connection pool.
             raw = client.with_options(max_retries=0)
@@ -146,10 +189,12 @@ class OpenAI(SDKProvider):
     # -- one attempt -------------------------------------------------------------
 
     def _arguments(self, request: LLMRequest, model: str) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {
-            "model": model,
-            "messages": to_openai_messages(request.messages),
-        }
+        messages = to_openai_messages(request.messages)
+        if not self._null_content:
+            for message in messages:
+                if message.get("content", "") is None:
+                    message["content"] = ""
+        kwargs: dict[str, Any] = {"model": model, "messages": messages}
         if request.tools:
             kwargs["tools"] = to_openai_tools(request.tools)
         params = {**self.params, **request.params}
@@ -160,24 +205,12 @@ class OpenAI(SDKProvider):
 
     async def _complete_once(self, request: LLMRequest) -> LLMResponse:
         model = request.model or self.model
-        create = self._clients.get().chat.completions.create
-        completion = await self._sdk_call(
-            model, functools.partial(create, **self._arguments(request, model))
-        )
-        return self._response(completion, model)
+        completion = await self._send(request, model, stream=False)
+        return self._response(completion, model, used_call_ids(request.messages))
 
     async def _stream_once(self, request: LLMRequest) -> AsyncIterator[StreamEvent]:
         model = request.model or self.model
-        create = self._clients.get().chat.completions.create
-        stream = await self._sdk_call(
-            model,
-            functools.partial(
-                create,
-                **self._arguments(request, model),
-                stream=True,
-                stream_options={"include_usage": True},
-            ),
-        )
+        stream = await self._send(request, model, stream=True)
 
         assembler = ResponseAssembler()
         indices = _StreamIndices()
@@ -191,7 +224,8 @@ class OpenAI(SDKProvider):
             while (chunk := await self._sdk_next(model, chunks)) is not END:
                 received += 1
                 served = served or _text(_field(chunk, "model"))
-                chunk_usage = _field(chunk, "usage")
+                # Groq has sent usage under its own x_groq field, in the last chunk.
+                chunk_usage = _field(chunk, "usage") or _field(_field(chunk, "x_groq"), "usage")
                 if chunk_usage is not None:
                     usage = self._usage(chunk_usage, model)
                 choices = self._items(_field(chunk, "choices"), "a chunk's 'choices'", model)
@@ -209,12 +243,18 @@ class OpenAI(SDKProvider):
                         assembler.add_text(text)
                         yield TextDelta(text)
                     pieces = self._items(_field(delta, "tool_calls"), "'tool_calls'", model)
+                    legacy = _field(delta, "function_call")
+                    if not pieces and legacy is not None:
+                        # The pre-tools API: one call per turn, streamed in pieces.
+                        pieces = [{"index": 0, "function": legacy}]
                     for piece in pieces:
                         event = self._tool_call_delta(piece, indices)
                         assembler.add_tool_call(event)
                         yield event
                     reason = _field(choice, "finish_reason")
-                    if reason is not None:
+                    # Older Ollama builds send "" on every chunk, the last included: it
+                    # must count as a finish, but never mask a real reason sent before.
+                    if reason or (reason == "" and finish is None):
                         finish = reason
         if finish is None and not received:
             headers = getattr(getattr(stream, "response", None), "headers", None) or {}
@@ -241,8 +281,61 @@ class OpenAI(SDKProvider):
             model=served or model,
             provider=self.name,
             where=self.base_url,
+            taken=used_call_ids(request.messages),
         )
         yield ResponseCompleted(response)
+
+    async def _send(self, request: LLMRequest, model: str, *, stream: bool) -> Any:
+        """The SDK's answer to ``request`` (a stream if ``stream``), in a shape the server takes.
+
+        Two fields of OpenAI's own request shape are refused by some OpenAI-compatible
+        servers with a 400 or 422: ``stream_options``, which asks for usage at the end
+        of a stream (Mistral's API, Azure AI model inference, Bedrock behind Databricks
+        or a gateway), and ``content: null`` in an assistant turn that only calls
+        tools (older Ollama and LM Studio builds want ``""``). On such a refusal the
+        request is sent again at once without it, and this instance never sends it
+        again (each adaptation is made once, so this loop ends). Without
+        ``stream_options``, a stream reports the usage the server sends unasked, or none.
+        """
+        create = self._clients.get().chat.completions.create
+        while True:
+            arguments = self._arguments(request, model)
+            if stream:
+                arguments["stream"] = True
+                if self._stream_usage:
+                    arguments["stream_options"] = {"include_usage": True}
+            try:
+                return await self._sdk_call(model, functools.partial(create, **arguments))
+            except BadRequestError as err:
+                if not self._adapt(err, arguments, model):
+                    raise
+
+    def _adapt(self, err: BadRequestError, sent: dict[str, Any], model: str) -> bool:
+        """Stop sending what ``err`` refuses, if it is one of the fields :meth:`_send` names."""
+        if "stream_options" in sent and _refuses(err, _STREAM_OPTIONS_WORDS):
+            self._stream_usage = False
+            what, instead = "stream_options", "usage is then only what the server sends unasked"
+        elif (
+            self._null_content
+            and any(m.get("content", "") is None for m in sent["messages"])
+            and _refuses(err, _NULL_CONTENT_WORDS)
+        ):
+            self._null_content = False
+            what, instead = "content: null", 'an assistant turn of tool calls alone has content ""'
+        else:
+            return False
+        # The detail is already redacted; the key is never in it.
+        log.debug(
+            "%s (model %r) at %s refused %s (%s): asking again without it, and never sending "
+            "it again from this provider; %s",
+            self.name,
+            model,
+            self.base_url,
+            what,
+            err.detail,
+            instead,
+        )
+        return True
 
     # -- wire format -> canonical ------------------------------------------------
 
@@ -259,11 +352,11 @@ class OpenAI(SDKProvider):
             raise self._malformed(f"{what} is a {type(value).__name__}, not a list", model)
         return value
 
-    def _response(self, completion: Any, model: str) -> LLMResponse:
+    def _response(self, completion: Any, model: str, taken: frozenset[str]) -> LLMResponse:
         choices = _field(completion, "choices")
         if not isinstance(choices, list) or not choices:
             # Some servers answer an error with HTTP 200: what they said is the clue.
-            said = _text(_field(_field(completion, "error"), "message"))
+            said = _said(_field(completion, "error"))
             said = f" (the body says: {redact(said, self._secrets)!r})" if said else ""
             raise self._malformed(f"the response has no 'choices'{said}", model)
         choice = _first_choice(choices)
@@ -277,11 +370,15 @@ class OpenAI(SDKProvider):
         content = _content_text(raw_content)
         if content is None:
             raise self._malformed(f"'content' is a {type(raw_content).__name__}, not text", model)
+        raw_calls = self._items(_field(message, "tool_calls"), "'tool_calls'", model)
+        legacy = _field(message, "function_call")
+        if not raw_calls and _field(legacy, "name"):
+            # The pre-tools API, still spoken by some servers: one call, without an id.
+            raw_calls = [{"type": "function", "function": legacy}]
+        ids = distinct_call_ids([_call_id(_field(raw, "id")) for raw in raw_calls], taken)
         calls = tuple(
-            self._tool_call(raw, position, model)
-            for position, raw in enumerate(
-                self._items(_field(message, "tool_calls"), "'tool_calls'", model)
-            )
+            self._tool_call(raw, position, call_id, model)
+            for position, (raw, call_id) in enumerate(zip(raw_calls, ids, strict=True))
         )
         return LLMResponse(
             message=Message(role="assistant", content=content, tool_calls=calls),
@@ -293,7 +390,7 @@ class OpenAI(SDKProvider):
             provider=self.name,
         )
 
-    def _tool_call(self, raw: Any, position: int, model: str) -> ToolCall:
+    def _tool_call(self, raw: Any, position: int, call_id: str, model: str) -> ToolCall:
         function = _field(raw, "function") or _field(raw, "custom")
         name = _field(function, "name")
         if not isinstance(name, str) or not name:
@@ -309,16 +406,11 @@ class OpenAI(SDKProvider):
             parsed = {}
         else:
             parsed = str(arguments)
-        call_id = _field(raw, "id")
-        return ToolCall(
-            id=call_id if isinstance(call_id, str) and call_id else f"call_{position}",
-            name=name,
-            arguments=parsed,
-        )
+        return ToolCall(id=call_id, name=name, arguments=parsed)
 
     def _tool_call_delta(self, piece: Any, indices: _StreamIndices) -> ToolCallDelta:
         index = _field(piece, "index")
-        call_id = _text(_field(piece, "id")) or None
+        call_id = _call_id(_field(piece, "id")) or None
         function = _field(piece, "function")
         name = _text(_field(function, "name")) or None
         arguments = _field(function, "arguments")
@@ -347,16 +439,17 @@ class OpenAI(SDKProvider):
         sdk = self._sdk
         common: dict[str, Any] = {"provider": self.name, "model": model}
         if isinstance(err, sdk.APIStatusError):
-            body = err.body
-            message = _field(body, "message") if isinstance(body, Mapping) else None
-            detail = redact(message if isinstance(message, str) else err.message, self._secrets)
-            return error_for_status(
+            detail = redact(_said(err.body) or err.message, self._secrets)
+            failure = error_for_status(
                 err.status_code,
                 detail,
                 code=err.code,
                 retry_after=parse_retry_after(err.response.headers),
                 **common,
             )
+            if isinstance(failure, BadRequestError) and "reasoning_content" in detail:
+                failure.hint = _REASONING_HINT
+            return failure
         if isinstance(err, sdk.APITimeoutError):
             return ProviderUnavailableError(
                 f"no response within the {self.timeout:g} s timeout from {self.base_url}",
@@ -428,6 +521,64 @@ class _StreamIndices:
         self._next = max(self._next, position + 1)
         self._last = position
         return position
+
+
+#: What to do when a server wants reasoning sent back (see the class docstring).
+_REASONING_HINT = (
+    "the server wants each assistant turn's reasoning_content sent back (DeepSeek's "
+    "thinking mode does, for turns that call tools), and perdure keeps no reasoning in "
+    "the conversation: turn thinking off, e.g. OpenAI(..., params={'thinking': "
+    "{'type': 'disabled'}}), or use a model without it; not retried"
+)
+
+
+def _said(body: Any) -> str:
+    """What an error body says: its ``message`` (OpenAI's shape) or ``detail`` (FastAPI's).
+
+    Either may be a structure rather than text (Mistral's and vLLM's validation errors
+    are lists of problems): then its JSON, which names the offending field. ``body`` is
+    what the SDK kept (the ``error`` member when there is one): a string when that
+    member is one (text-generation-inference and LM Studio send ``{"error": "..."}``)
+    or when the body is not JSON (kept too, unless it is markup: a proxy's HTML page
+    says nothing useful). ``""`` when the body says nothing. Not cut here: a cut could
+    halve a secret, which the caller redacts whole first.
+    """
+    if isinstance(body, str):
+        text = body.strip()
+        return "" if text.startswith("<") else text
+    if not isinstance(body, Mapping):
+        return ""
+    said = body.get("message")
+    if said is None:
+        said = body.get("detail")
+    if said is None or isinstance(said, str):
+        return said or ""
+    try:
+        return json.dumps(said, ensure_ascii=False, default=str)
+    except (TypeError, ValueError, RecursionError):
+        return ""
+
+
+#: What a server's refusal of stream_options says (Azure, Mistral, Bedrock gateways).
+_STREAM_OPTIONS_WORDS = re.compile(r"stream_options|include_usage", re.IGNORECASE)
+#: What a refusal of content: null says: Ollama "invalid message content type: <nil>",
+#: LM Studio "'content' field must be a string or an array of objects", pydantic servers
+#: "content ... Input should be a valid string".
+_NULL_CONTENT_WORDS = re.compile(
+    r"content.*(<nil>|\bnull\b|\bnone\b|must be a string|valid string)", re.IGNORECASE | re.DOTALL
+)
+
+
+def _refuses(err: BadRequestError, words: re.Pattern[str]) -> bool:
+    """True if ``err`` is a 400/422 whose explanation matches ``words``."""
+    return err.status in (400, 422) and bool(words.search(err.detail))
+
+
+def _call_id(value: Any) -> str:
+    """A tool call's id as sent: text, or a number some servers send (``""`` if neither)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return _text(value)
 
 
 def _first_choice(choices: list[Any]) -> Any:

@@ -63,11 +63,26 @@ def to_openai_tools(tools: Sequence[ToolSpec]) -> list[dict[str, Any]]:
 def finish_reason_from_openai(reason: object, *, has_tool_calls: bool) -> str:
     """The canonical finish reason (OpenAI's vocabulary is the canonical one).
 
-    Some OpenAI-compatible servers answer ``"stop"`` (or nothing) for a turn that calls
+    Some OpenAI-compatible servers answer ``"stop"`` (or nothing, or the legacy
+    ``"function_call"``, or their own word for a natural end) for a turn that calls
     tools; such a turn is reported as ``"tool_calls"`` so callers need check one value.
+    The other words servers use for a natural end (text-generation-inference's
+    ``"eos_token"`` and ``"stop_sequence"``, ``"eos"``, Anthropic's ``"end_turn"`` passed
+    through by gateways) are reported as ``"stop"``, and so is ``"tool_calls"`` when no
+    call came. ``"length"`` and ``"content_filter"`` are kept as they are, tool calls or
+    not: they say the answer was cut.
     """
-    if has_tool_calls and reason in (None, "stop", "function_call"):
+    calling = reason in ("tool_calls", "function_call")
+    if has_tool_calls and (reason is None or reason in _ENDED or calling):
         return "tool_calls"
+    if reason in _ENDED or calling:
+        # Calling tools, it says, but no call came (one the server could not parse
+        # reached us as text, if at all): the turn ended without calls.
+        return "stop"
     if isinstance(reason, str) and reason:
         return reason
     return "stop"
+
+
+#: The words OpenAI-compatible servers use for an answer that ended by itself.
+_ENDED = frozenset({"", "stop", "eos", "eos_token", "stop_sequence", "end_turn", "tool_use"})

@@ -6,13 +6,14 @@
 - :class:`ResponseAssembler` accumulates text and tool-call deltas (by index) into the
   final response: what the OpenAI and Anthropic adapters build while streaming.
 - :func:`parse_arguments` decodes tool-call arguments, keeping invalid JSON verbatim.
+- :func:`distinct_call_ids` gives every tool call of a turn an id of its own.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -33,6 +34,8 @@ __all__ = [
     "ResponseAssembler",
     "closing",
     "arguments_json",
+    "distinct_call_ids",
+    "used_call_ids",
     "events_from_response",
     "parse_arguments",
     "shallow",
@@ -108,6 +111,53 @@ def arguments_json(arguments: dict[str, Any] | str) -> str:
     return json.dumps(arguments, ensure_ascii=False, separators=(",", ":"))
 
 
+def distinct_call_ids(ids: Sequence[str | None], taken: Iterable[str] = ()) -> list[str]:
+    """The ids of one turn's tool calls, each present and unique, derived deterministically.
+
+    ``ids`` are what the server sent, in call order; ``taken`` the ids already used in
+    the conversation (the ids of earlier turns' calls). An id that is present and new is
+    kept. A missing or empty one becomes ``call_N`` and one already used becomes
+    ``ID_N``, where ``N`` counts the calls of the conversation up to this one (so the
+    first call of a first turn is ``call_0``), raised until the id is new. Nothing
+    random: the same conversation and the same answer give the same ids, so a request
+    rebuilt from the log is the one first sent.
+
+    Why it matters: each tool result is paired with its call by this id in the next
+    request. Some servers send no id (older llama.cpp builds, Jan), one id for every
+    call of a turn, or the same ids in every turn; two results under one id are
+    indistinguishable to the model, and Anthropic refuses a conversation whose
+    ``tool_use`` ids repeat (which a :class:`~perdure.providers.Fallback` may send it).
+    """
+    used = set(taken)
+    first = len(used)
+    kept: list[str | None] = []
+    for given in ids:
+        # Every id worth keeping is reserved before any is made up, so a made-up id
+        # never takes one the server gives a later call of the turn.
+        if given and given not in used:
+            used.add(given)
+            kept.append(given)
+        else:
+            kept.append(None)
+    out: list[str] = []
+    for position, (given, call_id) in enumerate(zip(ids, kept, strict=True)):
+        if call_id is None:
+            base = given or "call"
+            number = first + position
+            call_id = f"{base}_{number}"
+            while call_id in used:
+                number += 1
+                call_id = f"{base}_{number}"
+            used.add(call_id)
+        out.append(call_id)
+    return out
+
+
+def used_call_ids(messages: Iterable[Message]) -> frozenset[str]:
+    """The tool-call ids a conversation already uses (``taken`` for :func:`distinct_call_ids`)."""
+    return frozenset(call.id for message in messages for call in message.tool_calls)
+
+
 def events_from_response(response: LLMResponse) -> Iterator[StreamEvent]:
     """The stream a provider without native streaming yields for ``response``."""
     for word in split_words(response.message.content):
@@ -150,35 +200,37 @@ class ResponseAssembler:
         """The text so far."""
         return "".join(self._text)
 
-    def tool_calls(self) -> tuple[ToolCall, ...]:
+    def tool_calls(self, taken: Iterable[str] = ()) -> tuple[ToolCall, ...]:
         """The tool calls so far, in index order, arguments decoded.
 
-        A call whose name has not arrived (yet) has the name ``""``; :meth:`build`
-        refuses such a call.
+        Ids are made present and unique by :func:`distinct_call_ids` (``taken``: the
+        ids the conversation already uses). A call whose name has not arrived (yet) has
+        the name ``""``; :meth:`build` refuses such a call.
         """
-        calls = []
-        for position, index in enumerate(sorted(self._calls)):
-            call_id, name, pieces = self._calls[index]
-            calls.append(
-                ToolCall(
-                    # A server that never sent an id still gets a stable, unique one.
-                    id=call_id or f"call_{position}",
-                    name=name or "",
-                    arguments=parse_arguments("".join(pieces)),
-                )
-            )
-        return tuple(calls)
+        entries = [self._calls[index] for index in sorted(self._calls)]
+        ids = distinct_call_ids([entry[0] for entry in entries], taken)
+        return tuple(
+            ToolCall(id=call_id, name=name or "", arguments=parse_arguments("".join(pieces)))
+            for call_id, (_, name, pieces) in zip(ids, entries, strict=True)
+        )
 
     def build(
-        self, *, finish_reason: str, usage: Usage, model: str, provider: str, where: str = ""
+        self,
+        *,
+        finish_reason: str,
+        usage: Usage,
+        model: str,
+        provider: str,
+        where: str = "",
+        taken: Iterable[str] = (),
     ) -> LLMResponse:
-        """The assembled response.
+        """The assembled response (``taken``: see :meth:`tool_calls`).
 
         Raises :class:`MalformedResponseError` for a tool call that never got a name, as
         the non-streaming paths do for an unnamed call (``where``, e.g. the server's URL,
         is named in the message).
         """
-        calls = self.tool_calls()
+        calls = self.tool_calls(taken)
         for position, call in enumerate(calls):
             if not call.name:
                 origin = f" (from {where})" if where else ""

@@ -28,7 +28,7 @@ from perdure.providers import (
     ToolCall,
     Usage,
 )
-from tests.support.anthropic_server import AnthropicServer
+from tests.support.anthropic_server import AnthropicServer, message
 from tests.support.http_server import JSONReply, SSEEvent, SSEReply
 
 pytestmark = pytest.mark.anyio
@@ -214,3 +214,17 @@ async def test_a_tool_input_nested_absurdly_deep_is_kept_as_text(
     response = await answer(anthropic_server, JSONReply(body), streaming=False)
     (call,) = response.message.tool_calls
     assert isinstance(call.arguments, str) and call.arguments.startswith('{"a": [[[')
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["complete", "stream"])
+async def test_tool_use_ids_repeated_in_a_turn_are_made_distinct(
+    anthropic_server: AnthropicServer, streaming: bool
+) -> None:
+    # Kimi's Anthropic-compatible endpoint gives parallel calls one id ("grep:3"); the
+    # next request would carry two tool_results for it, which the API refuses.
+    uses = [("grep:3", "grep", {"q": "a"}), ("grep:3", "grep", {"q": "b"})]
+    response = await answer(anthropic_server, message("", uses), streaming)
+    assert response.message.tool_calls == (
+        ToolCall("grep:3", "grep", {"q": "a"}),
+        ToolCall("grep:3_1", "grep", {"q": "b"}),
+    )

@@ -2,13 +2,15 @@
 
 Each harness builds a provider that answers successive calls with successive scripted
 turns, through whatever that provider really talks to: Scripted and CallableProvider
-in process, OpenAI and Anthropic over HTTP to their fake servers, and a Fallback whose
+in process, OpenAI and Anthropic over HTTP to their fake servers (OpenAI's twice: once
+as OpenAI answers, once as loosely compatible servers do), and a Fallback whose
 primary is an OpenAI endpoint that is down.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -41,10 +43,12 @@ from perdure.providers import (
     ToolSpec,
     Usage,
 )
+from perdure.providers.streams import split_words
 from tests.providers.conftest import SleepRecorder
 from tests.support import anthropic_server as anthropic_wire
 from tests.support import openai_server as openai_wire
 from tests.support.anthropic_server import AnthropicServer
+from tests.support.http_server import JSONReply, RecordedRequest, SSEEvent, SSEReply
 from tests.support.openai_server import OpenAIServer
 
 pytestmark = pytest.mark.anyio
@@ -133,6 +137,55 @@ def openai(turns: list[Turn], ctx: Context) -> Provider:
     )
 
 
+def _loose_reply(turn: Turn, streaming: bool) -> Any:
+    """``turn`` as OpenAI-compatible servers often send it (see openai_loose)."""
+    if turn.fail is not None:
+        return _openai_reply(turn)
+    usage = {"prompt_tokens": USAGE[0], "completion_tokens": USAGE[1]}
+    if not streaming:
+        # text-generation-inference's shape: arguments as objects, "stop" with calls,
+        # no model, no response id, no choice index.
+        message: dict[str, Any] = {"role": "assistant", "content": turn.text or None}
+        if turn.calls:
+            message["tool_calls"] = [
+                {"id": i, "type": "function", "function": {"name": n, "arguments": a}}
+                for i, n, a in turn.calls
+            ]
+        return JSONReply(
+            {"choices": [{"message": message, "finish_reason": "stop"}], "usage": usage}
+        )
+    # Older Ollama's: finish_reason "" on every chunk, each whole call in one piece and
+    # all numbered 0, usage in the finishing chunk, no model.
+    deltas: list[dict[str, Any]] = [{"role": "assistant", "content": ""}]
+    deltas += [{"content": word} for word in split_words(turn.text)]
+    for i, n, a in turn.calls:
+        function = {"name": n, "arguments": json.dumps(a)}
+        deltas.append(
+            {"tool_calls": [{"index": 0, "id": i, "type": "function", "function": function}]}
+        )
+    chunks = [{"choices": [{"delta": d, "finish_reason": ""}]} for d in deltas]
+    chunks.append({"choices": [{"delta": {}, "finish_reason": "stop"}], "usage": usage})
+    return SSEReply([SSEEvent(json.dumps(c)) for c in chunks] + [SSEEvent("[DONE]")])
+
+
+def openai_loose(turns: list[Turn], ctx: Context) -> Provider:
+    # The OpenAI provider against a server that strays from the format as real ones do,
+    # and refuses stream_options (as Azure AI model inference does).
+    server: OpenAIServer = ctx.fixture("openai_server")
+    queue = list(turns)
+
+    def handler(request: RecordedRequest) -> Any:
+        body = request.json
+        if body.get("stream") and "stream_options" in body:
+            return openai_wire.error(400, "Extra parameters ['stream_options'] are not allowed")
+        return _loose_reply(queue.pop(0), streaming=bool(body.get("stream")))
+
+    server.handler = handler
+    return ctx.closing(
+        OpenAI("gpt-test", base_url=server.base_url, api_key="sk-conformance", retry=ctx.retry)
+    )
+
+
 def _anthropic_reply(turn: Turn) -> Any:
     if turn.fail == "retryable":
         return anthropic_wire.error(529, "Overloaded", type="overloaded_error")
@@ -165,6 +218,7 @@ HARNESSES: dict[str, Callable[[list[Turn], Context], Provider]] = {
     "scripted": scripted,
     "callable": callable_,
     "openai": openai,
+    "openai-loose": openai_loose,
     "anthropic": anthropic,
     "fallback": fallback,
 }

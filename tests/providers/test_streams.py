@@ -16,6 +16,7 @@ from perdure.providers import (
 )
 from perdure.providers.streams import (
     ResponseAssembler,
+    distinct_call_ids,
     events_from_response,
     parse_arguments,
     split_words,
@@ -52,6 +53,8 @@ calls = st.lists(
         arguments=arguments | st.just("{not json"),
     ),
     max_size=3,
+    # As every response perdure builds has them (distinct_call_ids sees to it).
+    unique_by=lambda call: call.id,
 )
 
 
@@ -101,3 +104,36 @@ def test_a_streamed_tool_call_without_a_name_is_malformed_as_when_not_streamed()
     assembler.add_tool_call(ToolCallDelta(index=1, id="b", arguments='{"x": 1}'))
     with pytest.raises(MalformedResponseError, match="streamed tool call 1 has no function name"):
         assembler.build(finish_reason="tool_calls", usage=Usage(), model="m", provider="p")
+
+
+server_ids = st.lists(st.none() | st.sampled_from(["", "a", "b", "call_0", "call_1", "a_1"]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(ids=server_ids, taken=st.sets(st.sampled_from(["a", "call_0", "call_2", "a_1", "x"])))
+def test_distinct_call_ids_are_present_new_and_deterministic(
+    ids: list[str | None], taken: set[str]
+) -> None:
+    out = distinct_call_ids(ids, taken)
+    assert len(out) == len(ids)
+    assert all(out) and len(set(out)) == len(out) and not set(out) & taken
+    # an id the server sent that is new to the conversation is kept as sent
+    for position, given_id in enumerate(ids):
+        if given_id and given_id not in taken and given_id not in ids[:position]:
+            assert out[position] == given_id
+    assert distinct_call_ids(ids, sorted(taken)) == out  # a function of its inputs only
+
+
+def test_distinct_call_ids_examples() -> None:
+    assert distinct_call_ids([None, ""]) == ["call_0", "call_1"]
+    assert distinct_call_ids(["x", "x", "x"]) == ["x", "x_1", "x_2"]
+    # a later turn numbers on from the calls before it, and never reuses their ids
+    assert distinct_call_ids([None, "call_0"], {"call_0", "call_1"}) == ["call_2", "call_0_3"]
+
+
+def test_the_assembler_gives_a_repeated_id_a_new_one() -> None:
+    assembler = ResponseAssembler()
+    assembler.add_tool_call(ToolCallDelta(index=0, id="dup", name="f", arguments="{}"))
+    assembler.add_tool_call(ToolCallDelta(index=1, id="dup", name="g", arguments="{}"))
+    assert [c.id for c in assembler.tool_calls()] == ["dup", "dup_1"]
+    assert [c.id for c in assembler.tool_calls(taken={"dup"})] == ["dup_1", "dup_2"]
