@@ -1,0 +1,261 @@
+"""SIGKILL anywhere in scenarios that combine features, compared with a crash-free run.
+
+The worker is ``combined_worker.py``: (a) delegation to a child that needs an approval,
+the parent's budget used up by the child and raised, then two concurrent calls, one of
+them not idempotent; (b) a durable sleep on a wall clock the worker moves, then a
+``wait_for_signal`` with a timeout whose signal the test sends through the CLI while no
+process owns the dir, and beside it a second execution cancelled while suspended; (c)
+``max_concurrency=2`` with six executions queued. Hypothesis kills the worker right
+after any of its durable writes to the log (every record boundary, the inbox's
+included: the crash-free run's count bounds the draw) or inside any side-effecting
+tool call, before or after its effect; then restarts it until the scenario is done.
+
+Against the crash-free run: the same status, output, error, steps and transcript (byte
+for byte, tool call ids included) for every execution, the same usage (model and tool
+calls, tokens, dollars; own and delegated) and index rows; in the tools' ledger, every
+effect exactly once per idempotency key, no key for two different calls, no call under
+two keys, and every key one the log issued; nothing left running or queued, no signal
+left in the inbox, and ``perdure health`` clean.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from perdure.events import record_types
+from perdure.log import LmdbLog
+
+ROOT = Path(__file__).resolve().parents[2]
+BACKEND = st.sampled_from(["asyncio", "trio"])
+#: Each example starts two to four worker processes and three CLI ones (about a second
+#: each on a shared 2-core box): six per scenario keep the file near a minute.
+MATRIX = settings(
+    max_examples=6,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+FINISHED = {"completed", "failed", "cancelled"}
+
+
+def run_worker(
+    base: Path, scenario: str, crash: str, backend: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.runtime.combined_worker",
+            str(base / "data"),
+            str(base / "ledger"),
+            scenario,
+            crash,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PERDURE_TEST_BACKEND": backend},
+    )
+
+
+def perdure(base: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The ``perdure`` CLI on the scenario's data dir, as an operator would run it."""
+    return subprocess.run(
+        [sys.executable, "-m", "perdure.cli", "--data-dir", str(base / "data"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def run_until_done(base: Path, scenario: str, crashes: list[str], backend: str) -> dict[str, Any]:
+    """Run the worker with each crash spec in turn, then without, until it is done.
+
+    When scenario b's worker says it waits for the payment signal, the test sends it
+    through the CLI (exactly once: asking again would mean the signal was lost).
+    """
+    pending = list(crashes)
+    sent = False
+    writes = 0
+    for _ in range(len(crashes) + 3):
+        crash = pending.pop(0) if pending else "none"
+        proc = run_worker(base, scenario, crash, backend)
+        if proc.returncode == -signal.SIGKILL and crash != "none":
+            continue
+        assert proc.returncode == 0, (
+            f"scenario {scenario} worker with crash={crash} exited {proc.returncode}:\n"
+            f"{proc.stderr[-3000:]}"
+        )
+        doc = json.loads(proc.stdout.strip().splitlines()[-1])
+        writes += doc["writes"]
+        if "waiting" in doc:
+            assert scenario == "b" and not sent, f"the worker waits for {doc} again"
+            cli = perdure(base, "signal", "b-1", "paid:o-1", '{"ref": "p-1"}', "--json")
+            assert cli.returncode == 0, cli.stdout + cli.stderr
+            assert json.loads(cli.stdout)["owner_pid"] is None  # sent while none runs
+            sent = True
+            continue
+        assert scenario != "b" or sent
+        return {**doc, "writes": writes}
+    raise AssertionError(f"scenario {scenario} never finished")
+
+
+def ledger(base: Path) -> list[tuple[str, str, str, str]]:
+    path = base / "ledger"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [tuple(line.split("\t")) for line in lines]  # type: ignore[misc]
+
+
+def call_of(key: str) -> str:
+    """``execution:step`` of an idempotency key (its last part is the execution's run)."""
+    return key.rsplit(":", 1)[0]
+
+
+def keys_issued(base: Path) -> set[str]:
+    """Every idempotency key a ``tool.started`` record of the log carries."""
+
+    async def read() -> set[str]:
+        log = await LmdbLog.open(base / "data", types=record_types(), client=True)
+        try:
+            out: set[str] = set()
+            async for info in log.streams(prefix="exec/"):
+                async for rec in log.read(info.stream):
+                    if rec.type == "tool.started":
+                        out.add(rec.payload["key"])
+            return out
+        finally:
+            await log.aclose()
+
+    return anyio.run(read)
+
+
+def effects_by_call(base: Path) -> dict[str, tuple[str, str]]:
+    """Check the ledger as a payment API's books; return each call's (tool, arguments)."""
+    lines = ledger(base)
+    per_key = Counter(key for kind, key, _, _ in lines if kind == "effect")
+    assert all(n == 1 for n in per_key.values()), f"an effect applied twice: {per_key}"
+    calls: dict[str, set[tuple[str, str]]] = {}
+    for _, key, name, args in lines:
+        calls.setdefault(key, set()).add((name, args))
+    reused = {key: what for key, what in calls.items() if len(what) > 1}
+    assert not reused, f"one idempotency key used for different calls: {reused}"
+    by_call = Counter(call_of(key) for key in calls)
+    assert all(n == 1 for n in by_call.values()), f"one call ran under two keys: {by_call}"
+    attempted = {key for kind, key, _, _ in lines if kind == "attempt"}
+    assert attempted == set(per_key), "an attempt without its effect, or the reverse"
+    assert set(per_key) <= keys_issued(base), "a tool ran under a key the log never issued"
+    return {call_of(key): next(iter(what)) for key, what in calls.items()}
+
+
+def check_data_dir(base: Path) -> None:
+    """Nothing running or queued, no signal left in the inbox, ``perdure health`` clean."""
+    status = perdure(base, "status", "--json")
+    assert status.returncode == 0, status.stdout + status.stderr
+    rows = json.loads(status.stdout)["executions"]
+    left = {r["execution_id"]: r["status_text"] for r in rows if r["status"] not in FINISHED}
+    assert not left, f"executions left unfinished: {left}"
+    pending = {r["execution_id"]: r["pending_signals"] for r in rows if r["pending_signals"]}
+    assert not pending, f"signals left in the inbox: {pending}"
+    health = perdure(base, "health", "--json")
+    assert health.returncode == 0 and json.loads(health.stdout)["ok"], health.stdout
+
+
+_references: dict[str, tuple[dict[str, Any], dict[str, tuple[str, str]]]] = {}
+
+
+def reference(
+    scenario: str, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[dict[str, Any], dict[str, tuple[str, str]]]:
+    """The crash-free run of a scenario: its final document and its ledger's calls."""
+    if scenario not in _references:
+        base = tmp_path_factory.mktemp(f"reference-{scenario}")
+        doc = run_until_done(base, scenario, [], "asyncio")
+        check_data_dir(base)
+        _references[scenario] = doc, effects_by_call(base)
+    return _references[scenario]
+
+
+def crash_points(writes: int, tools: int) -> st.SearchStrategy[str]:
+    """After the n-th durable write of a process, or inside its n-th tool call."""
+    return st.one_of(
+        st.integers(1, writes).map(lambda n: f"write:{n}"),
+        st.tuples(st.sampled_from(["tool-before", "tool-after"]), st.integers(1, tools)).map(
+            lambda t: f"{t[0]}:{t[1]}"
+        ),
+    )
+
+
+def check_scenario(
+    scenario: str, data: st.DataObject, backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    expected, expected_calls = reference(scenario, tmp_path_factory)
+    points = crash_points(expected["writes"], len(expected_calls))
+    crashes = data.draw(st.lists(points, min_size=1, max_size=2), label="crashes")
+    base = tmp_path_factory.mktemp(f"crash-{scenario}")
+    got = run_until_done(base, scenario, crashes, backend)
+    for eid, want in expected["results"].items():
+        assert got["results"][eid] == want, f"{eid} diverged after crashes {crashes}"
+    assert got["results"].keys() == expected["results"].keys()
+    assert got["index"] == expected["index"], f"index rows diverged after crashes {crashes}"
+    assert effects_by_call(base) == expected_calls
+    check_data_dir(base)
+
+
+def test_the_reference_runs_do_what_the_scenarios_say(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Each crash-free run goes through every feature it is meant to combine."""
+    a, a_calls = reference("a", tmp_path_factory)
+    assert a["results"]["a-1"]["status"] == "completed"
+    assert a["results"]["a-1"]["delegated_usage"]["llm_calls"] == 2  # charged by the child
+    assert a["results"]["a-1"]["usage"]["llm_calls"] == 3  # past its first limit of 3
+    assert sorted(name for name, _ in a_calls.values()) == ["log_entry", "pay", "sign"]
+    b, b_calls = reference("b", tmp_path_factory)
+    assert b["results"]["b-1"]["output"] == (
+        'done: rested | settle({"order": "o-1", "ref": "p-1"}) ok'
+    )
+    assert b["results"]["b-2"]["status"] == "cancelled"
+    assert sorted(name for name, _ in b_calls.values()) == ["prepare", "settle"]
+    c, c_calls = reference("c", tmp_path_factory)
+    assert {r["status"] for r in c["results"].values()} == {"completed"}
+    assert len(c_calls) == 6
+
+
+@pytest.mark.slow
+@MATRIX
+@given(data=st.data(), backend=BACKEND)
+def test_delegation_approval_budget_raise_and_a_non_idempotent_call_survive_any_crash(
+    data: st.DataObject, backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    check_scenario("a", data, backend, tmp_path_factory)
+
+
+@pytest.mark.slow
+@MATRIX
+@given(data=st.data(), backend=BACKEND)
+def test_a_sleep_a_signal_sent_while_dead_and_a_cancel_survive_any_crash(
+    data: st.DataObject, backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    check_scenario("b", data, backend, tmp_path_factory)
+
+
+@pytest.mark.slow
+@MATRIX
+@given(data=st.data(), backend=BACKEND)
+def test_six_executions_queued_behind_two_slots_survive_any_crash(
+    data: st.DataObject, backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    check_scenario("c", data, backend, tmp_path_factory)
