@@ -8,7 +8,8 @@ CRASH is ``none`` or ``<where>:<n>``, firing once in this process, with where on
   (an append to any stream, the inbox's included, a meta update or a trim): every
   record boundary of the scenario is a crash point;
 - ``tool-before`` / ``tool-after``: inside the n-th side-effecting tool call this
-  process makes, before / after its effect reached LEDGER.
+  process makes, before / after its effect reached LEDGER;
+- ``llm``: inside the n-th model call this process makes.
 
 LEDGER is an append-only file (O_APPEND, fsync'd) that the tools use as a payment API
 would: every invocation appends ``attempt<TAB>key<TAB>name<TAB>args``; the effect
@@ -23,10 +24,14 @@ models, priced so that dollars are counted):
 - ``b``: ``b-1`` sleeps an hour durably (the runtime's wall clock is this process's own
   clock, which the worker moves past the deadline), then waits for signal
   ``paid:o-1`` (timeout ten minutes). Once it waits, the worker prints
-  ``{"waiting": ...}`` and exits, for the test to send the signal through the CLI while
-  no process owns the dir. Beside it, ``b-2`` makes a call, then waits for a signal that
+  ``{"waiting": ...}`` and exits (below), for the test to send the signal through the
+  CLI while no process owns the dir. Beside it, ``b-2`` makes a call, then waits for a signal that
   never comes, and the worker cancels it while it is suspended.
 - ``c``: ``max_concurrency=2`` and six executions spawned in order, each one call.
+
+With ``$PERDURE_TEST_DRIVE=cli``, the worker sends none of the approvals, raises,
+resolves or cancels itself: it prints ``{"waiting": [CLI arguments]}`` and exits, and
+the test runs that ``perdure`` command while no process owns the dir.
 
 When every execution is finished the worker prints ``{"results": ..., "index": ...,
 "writes": n}`` and exits 0. The event loop is ``$PERDURE_TEST_BACKEND`` (asyncio by
@@ -61,10 +66,15 @@ from perdure.log import LmdbLog
 from perdure.providers import LLMRequest, Price, Pricing, Scripted
 
 _lock = threading.Lock()
-_counts = {"write": 0, "tool": 0}
+_counts = {"write": 0, "tool": 0, "llm": 0}
 CRASH: tuple[str, int] = ("none", 0)
 LEDGER = ""
 BACKEND = os.environ.get("PERDURE_TEST_BACKEND", "asyncio")
+BY_CLI = os.environ.get("PERDURE_TEST_DRIVE") == "cli"
+
+
+class Operator(Exception):
+    """Raised by a scenario that needs the operator's CLI command ``args`` to go on."""
 
 
 def die() -> None:
@@ -133,6 +143,8 @@ def scripted(*turns: Any) -> Scripted:
     """A model that answers turn k with ``turns[k]``, then with what the tools returned."""
 
     def script(request: LLMRequest) -> Any:
+        if ("llm", _count("llm")) == CRASH:
+            die()
         turn = turn_of(request)
         return turns[turn] if turn < len(turns) else answer(request)
 
@@ -215,18 +227,25 @@ async def scenario_a(rt: Runtime) -> list[str]:
         reason = r.suspend_reason
         assert reason is not None
         if reason.kind == "budget":
+            if BY_CLI:
+                raise Operator("resume", "a-1", "--max-llm-calls", "10")
             try:
                 await rt.resume("a-1", budget=Budget(max_llm_calls=10), wait=False, by="worker")
             except InvalidSignalError:
                 pass  # raised already
         elif reason.kind == "unknown_outcome":
+            if BY_CLI:
+                raise Operator("resolve", "a-1", "--retry")
             await rt.resolve("a-1", retry=True, by="worker")
         elif reason.kind == "child":
             child = await rt.wait("a-1/2")
             if child.is_suspended:
                 assert child.suspend_reason is not None
                 assert child.suspend_reason.kind == "approval", child.suspend_reason
-                await approve(rt, "a-1/2", child.suspend_reason.confirmation_id)
+                cid = child.suspend_reason.confirmation_id
+                if BY_CLI:
+                    raise Operator("approve", "a-1/2", cid)
+                await approve(rt, "a-1/2", cid)
                 await moved_on(rt, "a-1/2", child)
                 continue
         else:
@@ -290,12 +309,14 @@ holder = Agent(
 B = ["b-1", "b-2"]
 
 
-async def scenario_b(rt: Runtime, clock: Clock) -> list[str] | None:
+async def scenario_b(rt: Runtime, clock: Clock) -> list[str]:
     await rt.spawn(napper, "nap, then settle o-1", execution_id="b-1")
     await rt.spawn(holder, "prepare and hold the box", execution_id="b-2")
     r2 = await rt.wait("b-2")
     if r2.is_suspended:
         assert r2.suspend_reason is not None and r2.suspend_reason.kind == "signal", r2
+        if BY_CLI:
+            raise Operator("cancel", "b-2", "--reason", "no longer needed")
         await rt.cancel("b-2", "no longer needed", by="worker")
         await rt.wait("b-2", until="finished")
     while True:
@@ -309,7 +330,8 @@ async def scenario_b(rt: Runtime, clock: Clock) -> list[str] | None:
             rt._timers.poke()
             await moved_on(rt, "b-1", r)  # the timer fires through the inbox
         elif reason.kind == "signal" and reason.name == "paid:o-1":
-            return None  # the test sends it while no process owns the dir
+            # always sent while no process owns the dir
+            raise Operator("signal", "b-1", "paid:o-1", '{"ref": "p-1"}')
         else:
             raise AssertionError(f"b-1 suspended unexpectedly: {reason.to_dict()}")
 
@@ -324,6 +346,8 @@ def job(name: str) -> str:
 
 
 def job_script(request: LLMRequest) -> Any:
+    if ("llm", _count("llm")) == CRASH:
+        die()
     if turn_of(request) == 0:
         return Scripted.call("job", name=request.messages[-1].content)
     return answer(request)
@@ -355,15 +379,16 @@ async def main_async(data_dir: str, scenario: str) -> None:
     )
     rt._wall_clock = clock
     async with rt:
-        with anyio.fail_after(60):
-            if scenario == "a":
-                ids: list[str] | None = await scenario_a(rt)
-            elif scenario == "b":
-                ids = await scenario_b(rt, clock)
-            else:
-                ids = await scenario_c(rt)
-        if ids is None:
-            print(json.dumps({"waiting": "paid:o-1", "writes": _counts["write"]}), flush=True)
+        try:
+            with anyio.fail_after(60):
+                if scenario == "a":
+                    ids = await scenario_a(rt)
+                elif scenario == "b":
+                    ids = await scenario_b(rt, clock)
+                else:
+                    ids = await scenario_c(rt)
+        except Operator as needed:
+            print(json.dumps({"waiting": needed.args, "writes": _counts["write"]}), flush=True)
             return
         results = {eid: snapshot(await rt.result(eid)) for eid in ids}
         index = {}
