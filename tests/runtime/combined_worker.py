@@ -9,7 +9,8 @@ CRASH is ``none`` or ``<where>:<n>``, firing once in this process, with where on
   record boundary of the scenario is a crash point;
 - ``tool-before`` / ``tool-after``: inside the n-th side-effecting tool call this
   process makes, before / after its effect reached LEDGER;
-- ``llm``: inside the n-th model call this process makes.
+- ``llm``: inside the n-th model call this process makes;
+- ``spawned``: (scenario c) right after the n-th ``spawn`` of the driver returned.
 
 LEDGER is an append-only file (O_APPEND, fsync'd) that the tools use as a payment API
 would: every invocation appends ``attempt<TAB>key<TAB>name<TAB>args``; the effect
@@ -66,7 +67,7 @@ from perdure.log import LmdbLog
 from perdure.providers import LLMRequest, Price, Pricing, Scripted
 
 _lock = threading.Lock()
-_counts = {"write": 0, "tool": 0, "llm": 0}
+_counts = {"write": 0, "tool": 0, "llm": 0, "spawned": 0}
 CRASH: tuple[str, int] = ("none", 0)
 LEDGER = ""
 BACKEND = os.environ.get("PERDURE_TEST_BACKEND", "asyncio")
@@ -360,6 +361,8 @@ C = [f"c-{n}" for n in range(6)]
 async def scenario_c(rt: Runtime) -> list[str]:
     for eid in C:
         await rt.spawn(queued, eid, execution_id=eid)
+        if ("spawned", _count("spawned")) == CRASH:
+            die()
     for eid in C:
         await rt.wait(eid, until="finished")
     return C

@@ -296,3 +296,25 @@ def test_six_executions_queued_behind_two_slots_survive_any_crash(
     data: st.DataObject, backend: str, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     check_scenario("c", data, backend, "api", tmp_path_factory)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_killed_with_executions_queued_and_running_each_runs_once_as_without_the_kill(
+    backend: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Killed right after the fourth of six spawns: some executions hold the slots, some
+    wait in the queue, two are not spawned yet. (Each spawn waits for its own commit and
+    an execution's four appends come one after another, so by then the first may be
+    done, the second still runs and the fourth waits.) The restart starts the queue
+    again, in order, the driver spawns the last two behind it, and the end is the
+    crash-free run's."""
+    expected, expected_calls = reference("c", "api", tmp_path_factory)
+    proc = run_worker(tmp_path, "c", "spawned:4", backend, "api")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    statuses = Counter(read_log(tmp_path)[1].values())
+    assert statuses["queued"] >= 1 and statuses["running"] >= 1, statuses
+    assert statuses["running"] <= 2 and sum(statuses.values()) == 4, statuses
+    got = run_until_done(tmp_path, "c", [], backend, "api")
+    assert got["results"] == expected["results"] and got["index"] == expected["index"]
+    assert effects_by_call(tmp_path) == expected_calls
+    check_data_dir(tmp_path)
