@@ -23,7 +23,8 @@ models, priced so that dollars are counted):
   concurrent calls, ``pay`` declared ``idempotent=False`` (an in-doubt call is resolved
   ``retry``: the ledger deduplicates it) and ``log_entry``; then the answer.
 - ``b``: ``b-1`` sleeps an hour durably (the runtime's wall clock is this process's own
-  clock, which the worker moves past the deadline), then waits for signal
+  clock, ``$PERDURE_TEST_CLOCK_OFFSET`` seconds ahead of time.time(), which the worker
+  moves past the deadline), then waits for signal
   ``paid:o-1`` (timeout ten minutes). Once it waits, the worker prints
   ``{"waiting": ...}`` and exits (below), for the test to send the signal through the
   CLI while no process owns the dir. Beside it, ``b-2`` makes a call, then waits for a signal that
@@ -261,7 +262,8 @@ class Clock:
     """This process's wall clock, which the driver moves on past a timer's deadline."""
 
     def __init__(self) -> None:
-        self.offset = 0.0
+        # a run may start "later" (past a deadline set by an earlier one) without waiting
+        self.offset = float(os.environ.get("PERDURE_TEST_CLOCK_OFFSET", "0"))
 
     def __call__(self) -> float:
         return time.time() + self.offset

@@ -52,7 +52,7 @@ FINISHED = {"completed", "failed", "cancelled"}
 
 
 def run_worker(
-    base: Path, scenario: str, crash: str, backend: str, drive: str
+    base: Path, scenario: str, crash: str, backend: str, drive: str, offset: float = 0.0
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
@@ -68,7 +68,12 @@ def run_worker(
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "PERDURE_TEST_BACKEND": backend, "PERDURE_TEST_DRIVE": drive},
+        env={
+            **os.environ,
+            "PERDURE_TEST_BACKEND": backend,
+            "PERDURE_TEST_DRIVE": drive,
+            "PERDURE_TEST_CLOCK_OFFSET": str(offset),
+        },
     )
 
 
@@ -84,7 +89,7 @@ def perdure(base: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def run_until_done(
-    base: Path, scenario: str, crashes: list[str], backend: str, drive: str
+    base: Path, scenario: str, crashes: list[str], backend: str, drive: str, late: bool = False
 ) -> dict[str, Any]:
     """Run the worker with each crash spec in turn, then without, until it is done.
 
@@ -92,14 +97,18 @@ def run_until_done(
     every approval, raise, resolve and cancel when ``drive`` is ``cli``), the test runs
     that ``perdure`` command while no process owns the dir, and returns the commands it
     ran with the final document. Asking for the same command twice would mean one was
-    lost: that fails.
+    lost: that fails. With ``late``, every run after the payment signal was sent starts
+    two hours on (its clock is past every deadline the scenario sets, the wait's timeout
+    included): the signal, already in the inbox, must still win over the timeout.
     """
     pending = list(crashes)
     sent: list[list[str]] = []
     writes = 0
     for _ in range(len(crashes) + 8):
         crash = pending.pop(0) if pending else "none"
-        proc = run_worker(base, scenario, crash, backend, drive)
+        paid = any(c[0] == "signal" for c in sent)
+        offset = 7200.0 if late and paid else 0.0
+        proc = run_worker(base, scenario, crash, backend, drive, offset)
         if proc.returncode == -signal.SIGKILL and crash != "none":
             continue
         assert proc.returncode == 0, (
@@ -214,6 +223,7 @@ def check_scenario(
     backend: str,
     drive: str,
     tmp_path_factory: pytest.TempPathFactory,
+    late: bool = False,
 ) -> None:
     expected, expected_calls = reference(scenario, drive, tmp_path_factory)
     llm_calls = sum(r["usage"]["llm_calls"] for r in expected["results"].values()) + sum(
@@ -222,7 +232,7 @@ def check_scenario(
     points = crash_points(expected["writes"], len(expected_calls), llm_calls)
     crashes = data.draw(st.lists(points, min_size=1, max_size=2), label="crashes")
     base = tmp_path_factory.mktemp(f"crash-{scenario}")
-    got = run_until_done(base, scenario, crashes, backend, drive)
+    got = run_until_done(base, scenario, crashes, backend, drive, late)
     for eid, want in expected["results"].items():
         assert got["results"][eid] == want, f"{eid} diverged after crashes {crashes}"
     assert got["results"].keys() == expected["results"].keys()
@@ -282,11 +292,16 @@ def test_delegation_approval_budget_raise_and_a_non_idempotent_call_survive_any_
 
 @pytest.mark.slow
 @MATRIX
-@given(data=st.data(), backend=BACKEND, drive=DRIVE)
+@given(data=st.data(), backend=BACKEND, drive=DRIVE, late=st.booleans())
 def test_a_sleep_a_signal_sent_while_dead_and_a_cancel_survive_any_crash(
-    data: st.DataObject, backend: str, drive: str, tmp_path_factory: pytest.TempPathFactory
+    data: st.DataObject,
+    backend: str,
+    drive: str,
+    late: bool,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    check_scenario("b", data, backend, drive, tmp_path_factory)
+    """``late``: the runs after the signal start past the wait's timeout; it still wins."""
+    check_scenario("b", data, backend, drive, tmp_path_factory, late)
 
 
 @pytest.mark.slow
