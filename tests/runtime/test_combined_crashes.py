@@ -42,7 +42,8 @@ ROOT = Path(__file__).resolve().parents[2]
 BACKEND = st.sampled_from(["asyncio", "trio"])
 #: Each example starts two to five worker processes and one to three CLI ones (about a
 #: second each on a shared 2-core box): four per scenario keep the file near a minute and
-#: a half. ``PERDURE_COMBINED_EXAMPLES=200`` explores more, by hand.
+#: a half. ``PERDURE_COMBINED_EXAMPLES=200`` explores more, by hand, and
+#: ``PERDURE_COMBINED_KILLS=4`` kills up to four runs in a row (two by default).
 MATRIX = settings(
     max_examples=int(os.environ.get("PERDURE_COMBINED_EXAMPLES", "4")),
     deadline=None,
@@ -230,7 +231,8 @@ def check_scenario(
         r["delegated_usage"]["llm_calls"] for r in expected["results"].values()
     )
     points = crash_points(expected["writes"], len(expected_calls), llm_calls)
-    crashes = data.draw(st.lists(points, min_size=1, max_size=2), label="crashes")
+    kills = int(os.environ.get("PERDURE_COMBINED_KILLS", "2"))
+    crashes = data.draw(st.lists(points, min_size=1, max_size=kills), label="crashes")
     base = tmp_path_factory.mktemp(f"crash-{scenario}")
     got = run_until_done(base, scenario, crashes, backend, drive, late)
     for eid, want in expected["results"].items():
