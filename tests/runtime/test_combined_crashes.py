@@ -7,8 +7,12 @@ them not idempotent; (b) a durable sleep on a wall clock the worker moves, then 
 process owns the dir, and beside it a second execution cancelled while suspended; (c)
 ``max_concurrency=2`` with six executions queued. Hypothesis kills the worker right
 after any of its durable writes to the log (every record boundary, the inbox's
-included: the crash-free run's count bounds the draw) or inside any side-effecting
-tool call, before or after its effect; then restarts it until the scenario is done.
+included: the crash-free run's count bounds the draw), inside any model call, or inside
+any side-effecting tool call, before or after its effect; then restarts it until the
+scenario is done. Hypothesis also draws the event loop, and who decides: the worker
+through the API, or the test through the ``perdure`` CLI while no process owns the dir
+(approve, resume with a raise, resolve, cancel); and in (b) whether the runs after the
+signal start two hours late, past the wait's timeout (the signal must still win).
 
 Against the crash-free run: the same status, output, error, steps and transcript (byte
 for byte, tool call ids included) for every execution, the same usage (model and tool
