@@ -24,11 +24,11 @@ models, priced so that dollars are counted):
   ``retry``: the ledger deduplicates it) and ``log_entry``; then the answer.
 - ``b``: ``b-1`` sleeps an hour durably (the runtime's wall clock is this process's own
   clock, ``$PERDURE_TEST_CLOCK_OFFSET`` seconds ahead of time.time(), which the worker
-  moves past the deadline), then waits for signal
-  ``paid:o-1`` (timeout ten minutes). Once it waits, the worker prints
-  ``{"waiting": ...}`` and exits (below), for the test to send the signal through the
-  CLI while no process owns the dir. Beside it, ``b-2`` makes a call, then waits for a signal that
-  never comes, and the worker cancels it while it is suspended.
+  moves past the deadline), then waits for signal ``paid:o-1`` (timeout ten minutes).
+  Once it waits, the worker prints ``{"waiting": ...}`` and exits (below), for the test
+  to send the signal through the CLI while no process owns the dir. Beside it, ``b-2``
+  makes a call, then waits for a signal that never comes; once ``b-1`` is done, the
+  worker cancels ``b-2``, suspended all along.
 - ``c``: ``max_concurrency=2`` and six executions spawned in order, each one call.
 
 With ``$PERDURE_TEST_DRIVE=cli``, the worker sends none of the approvals, raises,
@@ -315,17 +315,10 @@ B = ["b-1", "b-2"]
 async def scenario_b(rt: Runtime, clock: Clock) -> list[str]:
     await rt.spawn(napper, "nap, then settle o-1", execution_id="b-1")
     await rt.spawn(holder, "prepare and hold the box", execution_id="b-2")
-    r2 = await rt.wait("b-2")
-    if r2.is_suspended:
-        assert r2.suspend_reason is not None and r2.suspend_reason.kind == "signal", r2
-        if BY_CLI:
-            raise Operator("cancel", "b-2", "--reason", "no longer needed")
-        await rt.cancel("b-2", "no longer needed", by="worker")
-        await rt.wait("b-2", until="finished")
     while True:
         r = await rt.wait("b-1")
         if not r.is_suspended:
-            return B
+            break
         reason = r.suspend_reason
         assert reason is not None
         if reason.kind == "timer":
@@ -337,6 +330,15 @@ async def scenario_b(rt: Runtime, clock: Clock) -> list[str]:
             raise Operator("signal", "b-1", "paid:o-1", '{"ref": "p-1"}')
         else:
             raise AssertionError(f"b-1 suspended unexpectedly: {reason.to_dict()}")
+    # b-2 has waited all along (across the restarts too): cancel it now
+    r2 = await rt.wait("b-2")
+    if r2.is_suspended:
+        assert r2.suspend_reason is not None and r2.suspend_reason.kind == "signal", r2
+        if BY_CLI:
+            raise Operator("cancel", "b-2", "--reason", "no longer needed")
+        await rt.cancel("b-2", "no longer needed", by="worker")
+        await rt.wait("b-2", until="finished")
+    return B
 
 
 # -- c: max_concurrency=2, six queued ------------------------------------------------------

@@ -4,7 +4,7 @@ The worker is ``combined_worker.py``: (a) delegation to a child that needs an ap
 the parent's budget used up by the child and raised, then two concurrent calls, one of
 them not idempotent; (b) a durable sleep on a wall clock the worker moves, then a
 ``wait_for_signal`` with a timeout whose signal the test sends through the CLI while no
-process owns the dir, and beside it a second execution cancelled while suspended; (c)
+process owns the dir, then the cancel of a second execution suspended all along; (c)
 ``max_concurrency=2`` with six executions queued. Hypothesis kills the worker right
 after any of its durable writes to the log (every record boundary, the inbox's
 included: the crash-free run's count bounds the draw), inside any model call, or inside
@@ -276,8 +276,8 @@ def test_the_reference_runs_do_what_the_scenarios_say(
         "resume",
     ]
     assert [c[0] for c in reference("b", "cli", tmp_path_factory)[0]["sent"]] == [
-        "cancel",
         "signal",
+        "cancel",
     ]
     c, c_calls = reference("c", "api", tmp_path_factory)
     assert {r["status"] for r in c["results"].values()} == {"completed"}
