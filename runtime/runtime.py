@@ -972,12 +972,14 @@ class Runtime:
                 self._tg.start_soon(self._rehand_if_owed, eid)
         if status == "cancelled" and self._tg is not None:
             self._tg.start_soon(self._cancel_children, eid, state.cancel_reason or "")
-        if status == "suspended" and self._open:
-            # The index entry written with this suspension carries the same timer (see
-            # journal.index_meta), which is what the timer is checked against when due.
-            timer = earliest_timer(state.suspend_reason)
-            if timer is not None:
-                self._timers.schedule(eid, *timer)
+        # The index entry written with this suspension carries the same timer (see
+        # journal.index_meta), which is what the timer is checked against when due.
+        timer = earliest_timer(state.suspend_reason) if status == "suspended" else None
+        # Any other timer of it no longer applies (its signal came first, it finished,
+        # it was cancelled): dropped now, not kept until its deadline.
+        self._timers.forget(eid, keep=None if timer is None else (timer[0], eid, timer[1]))
+        if timer is not None and self._open:
+            self._timers.schedule(eid, *timer)
 
     async def _post_child_outcome(self, parent: str, child: str, payload: Any) -> None:
         try:
