@@ -15,6 +15,8 @@ sleeps.
 
 from __future__ import annotations
 
+import gc
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,10 +35,14 @@ from perdure import (
     tool,
     wait_for_signal,
 )
+from perdure.engine import Engine
 from perdure.events import INBOX_STREAM
+from perdure.execution_actor import ExecutionActor
 from perdure.inbox import InboxPump
+from perdure.journal import Journal
 from perdure.log.lmdb_store import _CACHE_GENERATION, _MAX_CACHED_ENTRIES
 from perdure.providers import LLMRequest, Scripted, TerminalProviderError
+from perdure.state import ExecutionState
 from perdure.timers import _SLACK, TimerService
 
 pytestmark = pytest.mark.anyio
@@ -84,6 +90,10 @@ class Agents:
 
     def all(self) -> list[Agent]:
         return list(self.by_name.values())
+
+
+def provider_down(request: LLMRequest) -> Any:
+    return TerminalProviderError("the model is down")
 
 
 def make_agents(*, block_wire: bool = False) -> Agents:
@@ -152,7 +162,8 @@ def make_agents(*, block_wire: bool = False) -> Agents:
     made = [
         Agent("soak-plain", tools=[work], llm=scripted(Scripted.call("work", n=1), "done")),
         Agent("soak-tool-fails", tools=[explode], llm=scripted(Scripted.call("explode"), "noted")),
-        Agent("soak-llm-fails", llm=scripted(TerminalProviderError("the model is down"))),
+        # a fresh error per call, as a real provider raises (see the scripted test below)
+        Agent("soak-llm-fails", llm=Scripted(provider_down, record=False)),
         Agent("soak-hang", tools=[hang], llm=scripted(Scripted.call("hang"), "done")),
         Agent(
             "soak-approval",
@@ -220,7 +231,21 @@ def footprint(rt: Runtime) -> dict[str, int]:
         "tool thread queue": len(rt._tool_threads._queue),
         "log append waiters": len(log_._waiters),  # type: ignore[attr-defined]
         "tasks": len(anyio.get_running_tasks()),
+        **alive(ExecutionActor, Engine, Journal, ExecutionState),
     }
+
+
+def alive(*kinds: type) -> dict[str, int]:
+    """How many objects of each kind are still reachable: an execution's actor, engine,
+    journal and state belong to it alone, so none may outlive it (kept by a traceback,
+    a closure, a callback), whatever container holds it."""
+    gc.collect()
+    counts = dict.fromkeys(kinds, 0)
+    for obj in gc.get_objects():
+        kind = type(obj)
+        if kind in counts:
+            counts[kind] += 1
+    return {f"{kind.__name__} objects": n for kind, n in counts.items()}
 
 
 #: What each container holds when the runtime is idle: nothing per execution.
@@ -249,6 +274,10 @@ IDLE = {
     "tool thread queue": 0,
     # the inbox pump's tail waits for the inbox stream to grow
     "log append waiters": 1,
+    "ExecutionActor objects": 0,
+    "Engine objects": 0,
+    "Journal objects": 0,
+    "ExecutionState objects": 0,
 }
 
 
@@ -453,6 +482,14 @@ async def resolve_in_doubt(rt: Runtime, eids: list[str]) -> None:
         assert (await rt.wait(eid)).status == "completed"
 
 
+@pytest.fixture(autouse=True)
+def no_warnings_kept(caplog: pytest.LogCaptureFixture) -> None:
+    """pytest keeps every log record of a test, and a record keeps its arguments: the
+    provider error of a failed execution, whose traceback holds that execution's
+    engine. The runtime's warnings are not what these tests look at."""
+    caplog.set_level(logging.ERROR, logger="perdure")
+
+
 async def test_nothing_is_kept_per_execution_once_it_settles(data_dir: Path) -> None:
     doubt = [f"doubt-{i}" for i in range(PER_PATH * 2)]
     await leave_calls_in_doubt(data_dir, doubt)
@@ -583,3 +620,18 @@ async def test_the_timer_heap_stays_within_twice_the_timers_that_apply() -> None
     assert timers._heap == [] and timers._by_execution == {}
     timers.forget("e-0")  # nothing left of it: a no-op
     assert len(timers) == 0
+
+
+async def test_a_scripted_error_raised_for_many_executions_keeps_none_of_them(
+    data_dir: Path,
+) -> None:
+    """A script of one exception instance raises that instance at every call; each
+    raise used to add its frames to the traceback the instance keeps, and with them
+    every failed execution's engine, journal and state."""
+    agent = Agent("down", llm=scripted(TerminalProviderError("the model is down")))
+    async with Runtime(data_dir, durability="process", agents=[agent]) as rt:
+        for i in range(30):
+            assert (await rt.run(agent, "go", execution_id=f"d-{i}")).status == "failed"
+        await quiesce(rt)
+        # the last raise's traceback stays on the instance until the next one
+        assert all(n <= 1 for n in alive(Engine, Journal, ExecutionState).values())
