@@ -635,3 +635,45 @@ async def test_a_scripted_error_raised_for_many_executions_keeps_none_of_them(
         await quiesce(rt)
         # the last raise's traceback stays on the instance until the next one
         assert all(n <= 1 for n in alive(Engine, Journal, ExecutionState).values())
+
+
+async def test_signals_delivered_behind_a_held_one_are_not_kept(data_dir: Path) -> None:
+    """One execution whose deliveries keep failing holds the inbox cursor (its signal
+    must be retried, at the next start too); the signals other executions took
+    meanwhile must not pile up in memory while it is held."""
+    from perdure.events import execution_stream, record_types
+    from perdure.log import LmdbLog
+    from tests.runtime.test_suspension import FlakyLog
+
+    agents = make_agents()
+    flaky = FlakyLog(await LmdbLog.open(data_dir, types=record_types(), durability="process"))
+    try:
+        async with Runtime(log=flaky, agents=agents.all(), shutdown_timeout=2.0) as rt:  # type: ignore[arg-type]
+            waiter = agents["soak-signal"]
+            assert (await rt.run(waiter, "go", execution_id="held")).is_suspended
+            await quiesce(rt)
+            flaky.stream, flaky.failures = execution_stream("held"), float("inf")
+            assert await rt.signal("held", "go", {}) == "held"
+            count = 100
+            for i in range(count):
+                assert (await rt.run(waiter, "go", execution_id=f"w-{i}")).is_suspended
+                assert await rt.signal(f"w-{i}", "go", {}) == "delivered"
+                assert (await rt.wait(f"w-{i}")).status == "completed"
+            last = await rt.log.last_seq(INBOX_STREAM)
+            with anyio.fail_after(10):
+                while True:  # until the pump's books show everything after it through
+                    booked = rt._inbox_booked
+                    info = await rt.log.stream_info(INBOX_STREAM)
+                    assert info is not None
+                    if info.meta.get("through", 0) >= last:
+                        break
+                    await booked.wait()
+            assert rt._inbox_cursor < last  # still held: the cursor waits for it
+            assert rt._inbox_held == {"held"} and len(rt._inbox_held_seqs) == 1
+            assert rt._inbox_done == set()  # through, all of them, and known to be
+            flaky.failures = 0  # the store recovers: it is delivered, nothing was lost
+            with anyio.fail_after(10):
+                assert (await rt.wait("held", until="finished")).status == "completed"
+            assert await left_behind(rt, len(anyio.get_running_tasks())) == {}
+    finally:
+        await flaky.aclose()
