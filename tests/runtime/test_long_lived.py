@@ -381,7 +381,7 @@ async def drive_round(rt: Runtime, agents: Agents, clock: Clock, tag: str, n: in
         assert r.status == "failed" and "the model is down" in str(r.error)
 
     # Cancelled while running (a slot each: max_concurrency queues the rest, and those
-    # are cancelled while queued), then the hold is let go for nobody.
+    # are cancelled while queued); the hold is let go once no tool waits on it.
     agents.hold = anyio.Event()
     agents.holding.clear()
     for eid in ids("hang"):
@@ -554,11 +554,15 @@ async def test_a_timer_is_dropped_when_its_execution_stops_waiting_for_it(
         assert len(rt._timers) == 1
 
 
-def test_the_sync_runtime_keeps_nothing_per_execution(data_dir: Path) -> None:
-    """The same through the blocking facade (its portal thread, its stream pumps)."""
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_the_sync_runtime_keeps_nothing_per_execution(data_dir: Path, backend: Any) -> None:
+    """The same through the blocking facade (its portal thread, its stream pumps), on
+    either event loop it runs."""
     agents = make_agents()
     clock = Clock()
-    with Runtime(data_dir, durability="process", shutdown_timeout=2.0, agents=agents.all()) as sync:
+    with Runtime(
+        data_dir, durability="process", shutdown_timeout=2.0, agents=agents.all(), backend=backend
+    ) as sync:
         rt = sync.runtime
         portal = sync._open_portal()
         portal.call(setattr, rt, "_wall_clock", clock)
