@@ -149,7 +149,9 @@ class Scripted:
             if isinstance(reply, ProviderError):
                 reply.provider = reply.provider or self.name
                 reply.model = reply.model or model
-            raise reply
+            # The one instance is raised at every call: without this, each raise adds
+            # its frames to the traceback it keeps, and with them every execution.
+            raise reply.with_traceback(None)
         if isinstance(reply, LLMResponse):
             return replace(reply, model=reply.model or model, provider=reply.provider or self.name)
         if isinstance(reply, str):

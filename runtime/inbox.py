@@ -216,7 +216,7 @@ class InboxPump(Actor):
                 self._stored_cursor = cursor
                 booked, runtime._inbox_booked = runtime._inbox_booked, anyio.Event()
                 booked.set()
-            runtime._inbox_moved(cursor)
+            runtime._inbox_moved(cursor, through)
             if self._stored_cursor >= self._trim_due:
                 # After set_meta returned: the cursor trimmed through is durable, so no
                 # restart can find its stored cursor behind what was trimmed. (The log
@@ -334,6 +334,9 @@ class InboxPump(Actor):
             failed = await self._deliver_lane(target, lane)
             if failed is not None:
                 delay = self._hold(target, lane, failed)
+                # Not kept while this worker waits for its next lane: its traceback
+                # holds the frames, and the actor, of the delivery that failed.
+                failed = None
                 assert self._tg is not None
                 self._tg.start_soon(self._retry_later, target, delay)
             elif lane.signals:

@@ -304,6 +304,9 @@ class Runtime:
         # The inbox pump's progress (see perdure.inbox), for rt.signal to wait on.
         self._inbox_cursor = 0
         self._inbox_done: set[int] = set()  # through (taken or refused) beyond the cursor
+        # Every inbox signal up to it is through, but those of held executions: it
+        # moves on while one is held, the cursor does not (see _inbox_moved).
+        self._inbox_past = 0
         self._inbox_held: set[str] = set()  # executions whose signals wait for a retry
         self._inbox_held_seqs: set[int] = set()  # their signals
         self._inbox_waiters: dict[int, anyio.Event] = {}
@@ -961,8 +964,6 @@ class Runtime:
         if state.status == "running":
             return
         self._release(eid)
-        if state.deadline is not None and state.status in _FINISHED:
-            self._timers.discard(eid, state.deadline, DEADLINE)
         if eid in self._queued:  # settled while it waited (cancelled): it must not start
             self._queued.discard(eid)
             self._queue.remove(eid)
@@ -994,12 +995,17 @@ class Runtime:
                 self._tg.start_soon(self._rehand_if_owed, eid)
         if status == "cancelled" and self._tg is not None:
             self._tg.start_soon(self._cancel_children, eid, state.cancel_reason or "")
-        if status == "suspended" and self._open:
-            # The index entry written with this suspension carries the same timer (see
-            # journal.index_meta), which is what the timer is checked against when due.
-            timer = earliest_timer(state.suspend_reason)
-            if timer is not None:
-                self._timers.schedule(eid, *timer)
+        # The index entry written with this suspension carries the same timer (see
+        # journal.index_meta), which is what the timer is checked against when due.
+        timer = earliest_timer(state.suspend_reason) if status == "suspended" else None
+        keep = [] if timer is None else [(timer[0], eid, timer[1])]
+        if state.deadline is not None and status not in _FINISHED:
+            keep.append((state.deadline, eid, DEADLINE))  # its execution timeout, still on
+        # Any other timer of it no longer applies (its signal came first, it finished,
+        # it was cancelled): dropped now, not kept until its deadline.
+        self._timers.forget(eid, keep=keep)
+        if timer is not None and self._open:
+            self._timers.schedule(eid, *timer)
 
     async def _post_child_outcome(self, parent: str, child: str, payload: Any) -> None:
         try:
@@ -1426,23 +1432,25 @@ class Runtime:
 
     async def _delivered(self, seq: int) -> SignalStatus:
         """Wait until inbox signal ``seq`` is through or held (see perdure.inbox)."""
-        if (
-            self._inbox_cursor < seq
-            and seq not in self._inbox_done
-            and seq not in self._inbox_held_seqs
-        ):
+        if not self._inbox_is_through(seq) and seq not in self._inbox_held_seqs:
             event = self._inbox_waiters[seq] = anyio.Event()
             try:
                 await event.wait()
             finally:
                 del self._inbox_waiters[seq]
-        if self._inbox_cursor >= seq or seq in self._inbox_done:
+        if self._inbox_is_through(seq):
             return "delivered"
         return "held" if seq in self._inbox_held_seqs else "pending"
 
+    def _inbox_is_through(self, seq: int) -> bool:
+        """Inbox signal ``seq`` is through: taken, turned down or refused."""
+        if seq <= self._inbox_cursor or seq in self._inbox_done:
+            return True
+        return seq <= self._inbox_past and seq not in self._inbox_held_seqs
+
     def _inbox_reset(self, cursor: int) -> None:
         """A (new) pump starts at ``cursor``: what an earlier one held is tried again."""
-        self._inbox_cursor = cursor
+        self._inbox_cursor = self._inbox_past = cursor
         self._inbox_done.clear()
         self._inbox_held.clear()
         self._inbox_held_seqs.clear()
@@ -1450,7 +1458,7 @@ class Runtime:
     def _inbox_through(self, seq: int) -> None:
         """The pump got inbox signal ``seq`` through: taken, turned down or refused."""
         self._inbox_held_seqs.discard(seq)
-        if seq > self._inbox_cursor:
+        if seq > self._inbox_past:  # (at or below it, through once not held)
             self._inbox_done.add(seq)
         event = self._inbox_waiters.get(seq)
         if event is not None:
@@ -1464,11 +1472,16 @@ class Runtime:
             if event is not None:
                 event.set()
 
-    def _inbox_moved(self, cursor: int) -> None:
-        """The pump's cursor: every inbox signal up to it is through."""
-        if cursor > self._inbox_cursor:
-            self._inbox_cursor = cursor
-            self._inbox_done = {s for s in self._inbox_done if s > cursor}
+    def _inbox_moved(self, cursor: int, through: int) -> None:
+        """The pump's cursor (every inbox signal up to it is through) and its
+        ``through`` (every one up to it but those of held executions)."""
+        self._inbox_cursor = max(self._inbox_cursor, cursor)
+        if through > self._inbox_past:
+            # Forgotten here, known through by _inbox_past: while one execution's
+            # signals are held, the cursor stays behind them, and the signals others
+            # took meanwhile would otherwise pile up here until it is delivered.
+            self._inbox_past = through
+            self._inbox_done = {s for s in self._inbox_done if s > through}
 
     def _backlog_delivered(self) -> None:
         self._backlog.set()

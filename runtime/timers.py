@@ -21,7 +21,7 @@ import datetime
 import heapq
 import logging
 import math
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 
 import anyio
 
@@ -42,15 +42,15 @@ MAX_NAP = 60.0
 #: How long a timer whose signal could not be posted waits before it is tried again.
 RETRY_AFTER = 5.0
 
+#: How many dropped entries the heap may hold beyond as many as it has live ones.
+_SLACK = 64
+
 #: One timer: (until, execution id, signal name); heap-ordered by deadline.
 Timer = tuple[float, str, str]
 
 #: The name of an execution timeout's timer: when it fires, the execution is cancelled.
 #: (A tool's timers are named "timer:<step>:<n>": the two cannot meet.)
 DEADLINE = "deadline"
-
-#: Dropped timers the heap may hold before it is rebuilt without them.
-_STALE_SLACK = 64
 
 
 def fmt_utc(when: float) -> str:
@@ -95,14 +95,19 @@ class TimerService:
         self._fire = fire
         # (when to fire, *timer): a retry fires later than its deadline.
         self._heap: list[tuple[float, float, str, str]] = []
-        # What is in the heap, so an execution that settles on the same timer twice
-        # (woken by something else, suspended again) holds one entry, not two.
-        self._known: set[Timer] = set()
+        # The timers that still apply, each with when its heap entry fires: an
+        # execution that settles on the same timer twice (woken by something else,
+        # suspended again) holds one entry, not two. A heap entry whose timer is not
+        # here was dropped (see forget): it is skipped, and compacted away in bulk.
+        self._known: dict[Timer, float] = {}
+        # Each execution's timers in _known, so that forget need not scan the heap.
+        self._by_execution: dict[str, set[Timer]] = {}
         self._poked = anyio.Event()
         # Set while the loop naps with nothing due (see idle).
         self._idle = anyio.Event()
 
     def __len__(self) -> int:
+        """How many timers still apply (dropped ones awaiting compaction aside)."""
         return len(self._known)
 
     def schedule(
@@ -114,27 +119,40 @@ class TimerService:
             return
         when = timer[0] if at is None else at
         earliest = self._heap[0][0] if self._heap else None
-        self._known.add(timer)
+        self._known[timer] = when
+        self._by_execution.setdefault(execution_id, set()).add(timer)
         heapq.heappush(self._heap, (when, *timer))
         if earliest is None or when < earliest:
             self.poke()
 
-    def discard(self, execution_id: str, until: float, name: str) -> None:
-        """Forget a timer that no longer applies (its execution finished).
+    def forget(self, execution_id: str, keep: Collection[Timer] = ()) -> None:
+        """Drop ``execution_id``'s timers but those in ``keep``: it no longer waits for them.
 
-        Its heap entry is skipped when it comes up, and the heap is rebuilt without
-        such entries once they outnumber the live ones: a service whose executions
-        finish long before their timeouts must not keep one entry per execution.
+        An execution that got its signal before its timeout, or finished, or was
+        cancelled, would otherwise hold its entry until the deadline (a week on, for a
+        week-long timeout): a service pushing many executions through would keep
+        every one of those. Dropped entries are skipped when they come up, and the heap
+        is rebuilt once they outnumber the live ones (emptied once none is live), so
+        it holds at most twice the timers that apply, plus :data:`_SLACK`.
         """
-        self._known.discard((float(until), execution_id, name))
+        timers = self._by_execution.pop(execution_id, None)
+        if not timers:
+            return
+        kept = {timer for timer in timers if timer in keep}
+        for timer in timers - kept:
+            del self._known[timer]
+        if kept:
+            self._by_execution[execution_id] = kept
         heap = self._heap
-        if len(heap) > 2 * len(self._known) + _STALE_SLACK:
-            live = {}
-            for entry in heap:
-                if entry[1:] in self._known:
-                    live.setdefault(entry[1:], entry)  # a timer re-scheduled holds two
-            self._heap = list(live.values())
+        if not self._known:
+            heap.clear()
+        elif len(heap) > 2 * len(self._known) + _SLACK:
+            self._heap = [e for e in heap if self._applies(e)]
             heapq.heapify(self._heap)
+
+    def _applies(self, entry: tuple[float, float, str, str]) -> bool:
+        """The heap entry is its timer's current one (not dropped, not superseded)."""
+        return self._known.get(entry[1:]) == entry[0]
 
     def poke(self) -> None:
         """Wake the loop now: it reads the clock and fires what is due."""
@@ -151,11 +169,19 @@ class TimerService:
         now = self._clock()
         heap = self._heap
         out: list[Timer] = []
-        while heap and heap[0][0] <= now:
+        while heap:
+            if not self._applies(heap[0]):
+                heapq.heappop(heap)  # dropped: taken off as soon as it is on top
+                continue
+            if heap[0][0] > now:
+                break
             timer = heapq.heappop(heap)[1:]
-            if timer in self._known:  # else discarded: it no longer applies
-                self._known.discard(timer)
-                out.append(timer)
+            del self._known[timer]
+            same = self._by_execution[timer[1]]
+            same.discard(timer)
+            if not same:
+                del self._by_execution[timer[1]]
+            out.append(timer)
         return out
 
     async def run(self) -> None:
