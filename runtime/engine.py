@@ -495,8 +495,13 @@ class Engine:
             value = getattr(exc, attr, None)
             if value is not None:
                 error[attr] = value
+        # The text, not the exception: a handler that keeps records (a MemoryHandler,
+        # pytest's capture) would keep its traceback, and with it this whole engine.
         log.warning(
-            "execution %s step %d: LLM call failed: %s", state.execution_id, state.step + 1, exc
+            "execution %s step %d: LLM call failed: %s",
+            state.execution_id,
+            state.step + 1,
+            str(exc),
         )
         self.journal.stage(ExecutionFailed("llm", error, state.step + 1))
         await self.journal.flush()

@@ -702,3 +702,20 @@ async def test_signals_delivered_behind_a_held_one_are_not_kept(data_dir: Path) 
             assert await left_behind(rt, len(anyio.get_running_tasks())) == {}
     finally:
         await flaky.aclose()
+
+
+async def test_a_logging_handler_that_keeps_records_keeps_no_failed_execution(
+    data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The warning logged for a failed LLM call is kept by a handler that keeps records
+    (pytest's capture here, a MemoryHandler in a service): it must carry the error's
+    text, not the exception, whose traceback would keep the execution's engine."""
+    caplog.set_level(logging.WARNING, logger="perdure")
+    agent = Agent("down-logged", llm=Scripted(provider_down, record=False))
+    async with Runtime(data_dir, durability="process", agents=[agent]) as rt:
+        for i in range(10):
+            assert (await rt.run(agent, "go", execution_id=f"l-{i}")).status == "failed"
+        await quiesce(rt)
+        kept = [r for r in caplog.records if "LLM call failed" in r.getMessage()]
+        assert len(kept) == 10
+        assert alive(rt)["Engine objects"] == 0
