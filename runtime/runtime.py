@@ -474,7 +474,8 @@ class Runtime:
 
         Registering a different agent object under a name already registered replaces it
         (that is how a deploy brings new code); drift detection then compares the new
-        definition against each execution's log.
+        definition against each execution's log. Executions that start from then on use
+        it; those running go on with the one they started with.
         """
         todo = [agent]
         while todo:
@@ -484,10 +485,12 @@ class Runtime:
             new = a.name not in self._agents
             self._agents[a.name] = a
             todo.extend(a.agents)
-            if self._open and self._tg is not None:
+            if new and self._open and self._tg is not None:
+                # Only a name not known before can have executions left alone for want
+                # of it; a service that builds its Agent per request (spawn registers
+                # it) must not have every spawn list that agent's running executions.
                 self._tg.start_soon(self._recover_agent, a.name)
-                if new:
-                    self._publish_agents()
+                self._publish_agents()
 
     def _publish_agents(self) -> None:
         """Write the registered agents' names to the index (one writer at a time)."""

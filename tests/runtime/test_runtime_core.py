@@ -810,3 +810,25 @@ async def test_an_execution_that_completes_while_the_runtime_closes_still_fires_
     assert sorted(seen) == [("async", "late-1"), ("sync", "late-1")], seen
     async with open_runtime(agents=[closing]) as rt:
         assert (await rt.wait("late-1")).status == "completed"
+
+
+async def test_an_agent_built_per_request_is_looked_up_in_the_index_once(
+    open_runtime: Any,
+) -> None:
+    """A service that builds its Agent for each request (spawn registers it) replaces
+    the registered object each time; only the first registration of the name looks for
+    executions left alone for want of it, not every spawn."""
+    looked: list[str] = []
+    async with open_runtime() as rt:
+        recover = rt._recover_agent
+
+        async def counting(name: str) -> None:
+            looked.append(name)
+            await recover(name)
+
+        rt._recover_agent = counting  # type: ignore[method-assign]
+        for i in range(5):
+            agent = Agent("per-request", llm=Scripted([f"answer {i}"], record=False))
+            r = await rt.run(agent, "go", execution_id=f"pr-{i}")
+            assert r.output == f"answer {i}" and rt.agent("per-request") is agent
+    assert looked == ["per-request"]
