@@ -51,6 +51,10 @@ class Agent:
     - ``execution_timeout``: seconds (or a ``timedelta``) each execution may take, time
       queued or suspended included, before it is cancelled; a spawn may give its own
       (see :meth:`Runtime.spawn`). Default: none.
+    - ``approval_timeout``: how long a call of any of its tools may wait for a person's
+      decision (a confirmation, or a contract override) before it is rejected and the
+      model told; a tool's own ``@tool(approval_timeout=...)`` takes precedence.
+      Default: none (a decision is waited for for ever).
     """
 
     def __init__(
@@ -68,6 +72,7 @@ class Agent:
         params: Mapping[str, Any] | None = None,
         description: str | None = None,
         execution_timeout: float | datetime.timedelta | None = None,
+        approval_timeout: float | datetime.timedelta | None = None,
     ) -> None:
         if not _AGENT_NAME.match(name):
             raise AgentDefinitionError(
@@ -91,6 +96,8 @@ class Agent:
             #: Default of ``Runtime.spawn(execution_timeout=...)``; not part of the
             #: definition (changing it is not drift: a deadline is fixed at spawn).
             self.execution_timeout = timeout_seconds(execution_timeout, "execution_timeout")
+            #: For calls whose tool sets none; fixed per call when it starts to wait.
+            self.approval_timeout = timeout_seconds(approval_timeout, "approval_timeout")
         except (TypeError, ValueError) as exc:
             raise AgentDefinitionError(f"agent {name!r}: {exc}") from None
         self.drift: DriftPolicy = drift

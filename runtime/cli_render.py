@@ -142,6 +142,10 @@ def next_steps(execution_id: str, status: str, reason: Mapping[str, Any] | None)
             verb = "override the contract" if kind == "contract" else "approve"
             out.append(f"{verb}: {_cmd('approve', eid, cid)} [--note TEXT]")
             out.append(f"reject: {_cmd('reject', eid, cid, '--reason', 'WHY')}")
+            if blocker.get("until") is not None:
+                out.append(
+                    f"undecided, {cid} is rejected by itself at {fmt_time(blocker['until'])}"
+                )
         elif kind == "budget":
             flag = _BUDGET_FLAGS.get(str(blocker.get("limit")), "--max-llm-calls")
             origin = blocker.get("origin")
@@ -268,6 +272,8 @@ def _approval(e: Mapping[str, Any]) -> str:
     gate = e.get("gate")
     why = f"contract {e.get('contract')!r}: {e.get('message')}" if gate == "contract" else gate
     decided = e.get("decision") or "pending"
+    if e.get("expires") is not None:
+        decided += f"; rejected if undecided at {fmt_time(e['expires'])}"
     args = fmt_json(e.get("arguments"), 80)
     return f"{e['tool']} {args} needs {why}; confirmation {e['confirmation_id']} ({decided})"
 

@@ -160,6 +160,7 @@ class _Builder:
                 gate=e.kind,
                 contract=e.contract,
                 message=e.message,
+                expires=e.expires,
                 decision=None,
             )
         elif isinstance(e, ApprovalGranted | ApprovalRejected):

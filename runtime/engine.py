@@ -89,6 +89,10 @@ class EngineServices(Protocol):
         """Run a sync tool call in one of the runtime's worker threads."""
         ...
 
+    def wall_clock(self) -> float:
+        """The runtime's wall clock, seconds since the epoch (timers and expiries)."""
+        ...
+
 
 class Conversation(Sequence[Message]):
     """The messages of a request: the system message, then the live conversation.
@@ -541,6 +545,7 @@ class Engine:
                             "contract",
                             contract=name,
                             message=message,
+                            expires=self._approval_expiry(tool),
                         )
                     )
                     continue
@@ -553,12 +558,22 @@ class Engine:
                             arguments,
                             "approval",
                             message=f"tool {tool.name!r} requires confirmation",
+                            expires=self._approval_expiry(tool),
                         )
                     )
                     continue
             self._stage_start(call, tool, attempt=1)
             to_run.append(call)
         return to_run
+
+    def _approval_expiry(self, tool: Tool) -> float | None:
+        """When a call of ``tool`` that starts to wait for a decision now is rejected."""
+        timeout = tool.approval_timeout
+        if timeout is None:
+            timeout = self.agent.approval_timeout
+        if timeout is None:
+            return None
+        return self.services.wall_clock() + timeout
 
     def _unknown_tool(self, call: Call, message: str) -> None:
         """Record that ``call`` names no tool of the agent (the model is told)."""

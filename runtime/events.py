@@ -158,7 +158,9 @@ class ApprovalRequested(Event):
     """A tool call needs a person's decision before it may run.
 
     ``kind`` is ``approval`` (the tool requires confirmation) or ``contract`` (a
-    contract blocked the call; approving it is an override).
+    contract blocked the call; approving it is an override). ``expires`` (seconds since
+    the epoch, by the runtime's wall clock) is when the call is rejected if nobody
+    decided by then (the tool's or the agent's ``approval_timeout``); None waits for ever.
     """
 
     type: ClassVar[str] = "approval.requested"
@@ -169,6 +171,7 @@ class ApprovalRequested(Event):
     kind: str
     contract: str | None = None
     message: str = ""
+    expires: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -54,6 +54,10 @@ INDEX_DEFAULTS: Mapping[str, Any] = MappingProxyType(
 )
 
 
+#: The blockers other than a sleep that may carry a timer ("until" and "timer").
+_TIMED = frozenset({"signal", "approval", "contract"})
+
+
 def earliest_timer(reason: Mapping[str, Any] | None) -> tuple[float, str] | None:
     """The earliest timer among a suspension's blockers, as (until, signal name)."""
     if not reason:
@@ -65,9 +69,10 @@ def earliest_timer(reason: Mapping[str, Any] | None) -> tuple[float, str] | None
         # deadline the runtime could keep.
         if type(until) not in (int, float):
             continue
-        # A sleep's timer is the blocker itself; a timed wait_for_signal names its own.
+        # A sleep's timer is the blocker itself; a timed wait_for_signal names its own,
+        # as does an approval (or contract override) with a timeout.
         kind = p.get("kind")
-        name = p.get("name") if kind == "timer" else p.get("timer") if kind == "signal" else None
+        name = p.get("name") if kind == "timer" else p.get("timer") if kind in _TIMED else None
         if name is not None:
             timer = (float(until), str(name))
             if found is None or timer < found:

@@ -19,9 +19,10 @@ class SuspendReason:
     """Why an execution waits. ``kind`` is one of:
 
     - ``approval``: a tool requires confirmation (``confirmation_id``, ``tool``,
-      ``arguments``); decide with ``rt.approve`` / ``rt.reject``.
+      ``arguments``); decide with ``rt.approve`` / ``rt.reject``. With an approval
+      timeout, also ``until`` (when it is rejected undecided) and ``timer``.
     - ``contract``: a contract blocked a call (``contract``, ``message``); approve to
-      override, reject to tell the model.
+      override, reject to tell the model (``until`` and ``timer`` as for approval).
     - ``budget``: a limit was reached (``limit``, ``limit_value``, ``used``, counting
       what its finished children used, ``delegated``); raise it with
       ``rt.resume(execution_id, budget=Budget(...))``. When the limit is what its

@@ -97,7 +97,15 @@ from perdure.status import (
     owner_phrase,
     pending_signals,
 )
-from perdure.timers import DEADLINE, Timer, TimerService, deadline_reason, timeout_seconds
+from perdure.timers import (
+    APPROVAL_TIMER,
+    DEADLINE,
+    Timer,
+    TimerService,
+    approval_expired_reason,
+    deadline_reason,
+    timeout_seconds,
+)
 from perdure.tool_threads import ToolThreads
 
 __all__ = ["ExecutionHandle", "Runtime"]
@@ -1836,9 +1844,16 @@ class Runtime:
             current = info.meta.get("timer")
             if not current or current[1] != name:
                 continue
-            records.append(
-                (until, eid, name, encode(SignalSent(eid, name, {"until": until}, "timer")))
-            )
+            if name.startswith(APPROVAL_TIMER):
+                # The call is rejected as rt.reject would; a decision that came first
+                # makes this signal.ignored on delivery (the timer checked above is only
+                # as fresh as the index).
+                cid = name[len(APPROVAL_TIMER) :]
+                payload = {"confirmation_id": cid, "reason": approval_expired_reason(until)}
+                signal = SignalSent(eid, "reject", payload, "timeout")
+            else:
+                signal = SignalSent(eid, name, {"until": until}, "timer")
+            records.append((until, eid, name, encode(signal)))
         if records:
             try:
                 # As _post does, all at once: durable in the inbox, the execution resumes

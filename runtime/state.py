@@ -50,6 +50,7 @@ from perdure.events import (
 from perdure.log.protocol import Record
 from perdure.providers.fast_init import fast_init, fast_new
 from perdure.providers.types import Message, ToolCall
+from perdure.timers import approval_timer
 
 __all__ = [
     "TERMINAL",
@@ -468,7 +469,12 @@ def _approval_requested(s: ExecutionState, p: Mapping[str, Any]) -> None:
     call = _call(s, p["step"])
     call.status = "approval"
     call.confirmation_id = p["confirmation_id"]
-    call.gate = {"kind": p["kind"], "contract": p.get("contract"), "message": p.get("message", "")}
+    call.gate = {
+        "kind": p["kind"],
+        "contract": p.get("contract"),
+        "message": p.get("message", ""),
+        "expires": p.get("expires"),
+    }
 
 
 def _approval_granted(s: ExecutionState, p: Mapping[str, Any]) -> None:
@@ -785,17 +791,21 @@ def _plan_calls(state: ExecutionState) -> Action:
                 blockers.append({**waiting, "step": c.step, "tool": c.tool})
         elif status == "approval":
             gate = c.gate or {}
-            blockers.append(
-                {
-                    "kind": gate.get("kind", "approval"),
-                    "step": c.step,
-                    "tool": c.tool,
-                    "arguments": c.arguments,
-                    "confirmation_id": c.confirmation_id,
-                    "contract": gate.get("contract"),
-                    "message": gate.get("message", ""),
-                }
-            )
+            blocker = {
+                "kind": gate.get("kind", "approval"),
+                "step": c.step,
+                "tool": c.tool,
+                "arguments": c.arguments,
+                "confirmation_id": c.confirmation_id,
+                "contract": gate.get("contract"),
+                "message": gate.get("message", ""),
+            }
+            expires = gate.get("expires")
+            if expires is not None:
+                # As a timed wait's: the runtime keeps the timer, which rejects the call.
+                blocker["until"] = expires
+                blocker["timer"] = approval_timer(c.confirmation_id or "")
+            blockers.append(blocker)
     if admit or rerun:
         return Run(tuple(admit), tuple(rerun))
     reason = dict(blockers[0])

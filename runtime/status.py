@@ -27,6 +27,7 @@ from perdure.cli_render import fmt_time
 from perdure.events import INBOX_STREAM, RUNTIME_STREAM, SignalSent, decode, execution_stream
 from perdure.log.errors import CorruptRecordError, TrimmedError
 from perdure.log.protocol import EventLog, Record
+from perdure.timers import APPROVAL_TIMER
 
 __all__ = [
     "STATUSES",
@@ -72,7 +73,10 @@ def describe(
             notes.append(f"{reason} {', '.join(confirmations)}")
         elif not (reason == "timer" and timer):
             notes.append(reason)
-        if timer:
+        if timer and str(timer[1]).startswith(APPROVAL_TIMER):
+            # An approval timeout: what happens then is a rejection, not a wake-up.
+            notes.append(f"expires {fmt_time(timer[0])}")
+        elif timer:
             # Its earliest timer, whatever else it waits for: it wakes by itself then.
             notes.append(f"timer until {fmt_time(timer[0])}")
         if confirmations and reason not in ("approval", "contract"):

@@ -26,10 +26,13 @@ from collections.abc import Awaitable, Callable, Collection, Sequence
 import anyio
 
 __all__ = [
+    "APPROVAL_TIMER",
     "DEADLINE",
     "MAX_NAP",
     "RETRY_AFTER",
     "TimerService",
+    "approval_expired_reason",
+    "approval_timer",
     "deadline_reason",
     "fmt_utc",
     "timeout_seconds",
@@ -51,6 +54,20 @@ Timer = tuple[float, str, str]
 #: The name of an execution timeout's timer: when it fires, the execution is cancelled.
 #: (A tool's timers are named "timer:<step>:<n>": the two cannot meet.)
 DEADLINE = "deadline"
+
+#: The prefix of an approval timeout's timer, "approval:<confirmation id>": when it
+#: fires, the call is rejected (by "timeout") unless someone decided first.
+APPROVAL_TIMER = "approval:"
+
+
+def approval_timer(confirmation_id: str) -> str:
+    """The timer name of the approval timeout of ``confirmation_id``."""
+    return APPROVAL_TIMER + confirmation_id
+
+
+def approval_expired_reason(expires: float) -> str:
+    """The rejection reason recorded (and shown to the model) when an approval expires."""
+    return f"no decision was made before the approval timeout ({fmt_utc(expires)})"
 
 
 def fmt_utc(when: float) -> str:

@@ -15,6 +15,7 @@ returned is closed, never left for the garbage collector to warn about.
 from __future__ import annotations
 
 import copy
+import datetime
 import functools
 import inspect
 import re
@@ -34,6 +35,7 @@ from perdure.json_schema import (
     validate,
 )
 from perdure.providers.types import ToolSpec
+from perdure.timers import timeout_seconds
 
 __all__ = ["Tool", "fresh_arguments", "tool"]
 
@@ -49,6 +51,7 @@ class Tool:
 
     __slots__ = (
         "__dict__",
+        "approval_timeout",
         "description",
         "fn",
         "idempotent",
@@ -73,6 +76,7 @@ class Tool:
         retries: int = 0,
         retry_delay: float = 0.5,
         parameters: Mapping[str, Any] | None = None,
+        approval_timeout: float | datetime.timedelta | None = None,
     ) -> None:
         self.fn = fn
         self.name = name or _default_name(fn)
@@ -101,6 +105,12 @@ class Tool:
             )
         self.retries = retries
         self.retry_delay = retry_delay
+        try:
+            # Not part of the definition (changing it is not drift): each call's expiry is
+            # fixed in its approval.requested record when it starts to wait.
+            self.approval_timeout = timeout_seconds(approval_timeout, "approval_timeout")
+        except (TypeError, ValueError) as exc:
+            raise AgentDefinitionError(f"tool {self.name!r}: {exc}") from None
         self.parameters = (
             dict(parameters)
             if parameters is not None
@@ -283,6 +293,7 @@ def tool(
     timeout: float | None = None,
     retries: int = 0,
     retry_delay: float = 0.5,
+    approval_timeout: float | datetime.timedelta | None = None,
 ) -> Callable[[Callable[..., Any]], Tool]: ...
 
 
@@ -295,6 +306,7 @@ def tool(
     timeout: float | None = None,
     retries: int = 0,
     retry_delay: float = 0.5,
+    approval_timeout: float | datetime.timedelta | None = None,
 ) -> Tool | Callable[[Callable[..., Any]], Tool]:
     """Declare a tool: ``@tool`` or ``@tool("name", description=..., ...)``.
 
@@ -308,6 +320,11 @@ def tool(
     - ``retries``: extra attempts after an exception (``ToolError`` excepted), with
       exponential delays from ``retry_delay``, all under the same idempotency key.
       Refused for ``idempotent=False`` tools: an exception may follow the effect.
+    - ``approval_timeout``: seconds (or a ``timedelta``) a call of this tool may wait
+      for a person's decision (its confirmation, or an override of a contract that
+      blocked it); when it passes undecided, the call is rejected (``by="timeout"``)
+      and the model is told, as for ``rt.reject``. None (the default) waits for ever,
+      unless the agent sets ``Agent(approval_timeout=...)``.
     """
     if callable(name):
         return Tool(name)
@@ -322,6 +339,7 @@ def tool(
             timeout=timeout,
             retries=retries,
             retry_delay=retry_delay,
+            approval_timeout=approval_timeout,
         )
 
     return wrap

@@ -7,6 +7,7 @@ every machine. The deadline is far in the future: nothing here waits for it.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -114,3 +115,29 @@ def test_status_and_inspect_show_an_execution_timeout_and_who_cancelled(tmp_path
     assert by is not None and by.startswith("cli:")  # cli:user@host
     text = perdure(path, "inspect", "tl-1", env=env).out
     assert f"cancelled  not needed (by {by})" in text
+
+
+@tool("wire", description="Wire money", requires_confirmation=True, approval_timeout=86_400)
+def wire() -> str:
+    """Needs a person's yes within a day."""
+    return "wired"
+
+
+wirer = Agent("wirer", tools=[wire], llm=Scripted([Scripted.call("wire"), "Wired."], record=False))
+
+
+def test_an_approval_timeout_shows_when_the_call_is_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "data"
+    with Runtime(path, durability="process", shutdown_timeout=2.0) as rt:
+        r = rt.run(wirer, "wire it", execution_id="wire-1")
+        assert r.suspend_reason is not None and r.suspend_reason.kind == "approval"
+        cid, expires = r.suspend_reason.confirmation_id, r.suspend_reason.until
+    shown = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(expires))
+    env = cli_env(TZ="UTC")
+    (item,) = perdure(path, "status", "--json", env=env).json()["executions"]
+    assert item["status_text"] == f"suspended (approval {cid}; expires {shown})"
+    assert item["wakes_at"] == expires
+    text = perdure(path, "inspect", "wire-1", env=env).out
+    assert f"undecided, {cid} is rejected by itself at {shown}" in text
+    steps = perdure(path, "steps", "wire-1", env=env).out
+    assert f"confirmation {cid} (pending; rejected if undecided at {shown})" in steps

@@ -16,6 +16,9 @@ Modes:
 - ``deadline``: runs execution ``d-1`` of ``signer`` with an execution timeout of an
   hour; its tool needs an approval, so it suspends; prints ``{"event": "suspended",
   "deadline": ...}``, then keeps owning the data dir until it is killed.
+- ``approval``: runs execution ``a-1`` of ``expiring``, whose tool needs an approval
+  within an hour; prints ``{"event": "suspended", "until": ...}`` (the expiry), then
+  keeps owning the data dir until it is killed.
 
 Every line on stdout is one JSON object, flushed at once.
 """
@@ -79,9 +82,21 @@ def sign() -> str:
 signer = Agent("signer", tools=[sign], llm=Scripted([Scripted.call("sign"), "done"], record=False))
 
 
+@tool("sign_soon", description="Sign it", requires_confirmation=True, approval_timeout=3600)
+def sign_soon() -> str:
+    """Write ``signed`` (it never should: the approval expires undecided)."""
+    side("signed")
+    return "signed"
+
+
+expiring = Agent(
+    "expiring", tools=[sign_soon], llm=Scripted([Scripted.call("sign_soon"), "ok"], record=False)
+)
+
+
 async def main(data_dir: str, mode: str) -> None:
     offset = float(os.environ.get("PERDURE_TEST_CLOCK_OFFSET", "0"))
-    rt = Runtime(data_dir, agents=[dozer, signer], shutdown_timeout=2.0)
+    rt = Runtime(data_dir, agents=[dozer, signer, expiring], shutdown_timeout=2.0)
     rt._wall_clock = lambda: time.time() + offset
     async with rt:
         if mode == "sleep":
@@ -93,6 +108,11 @@ async def main(data_dir: str, mode: str) -> None:
             r = await rt.run(signer, "sign it", execution_id="d-1", execution_timeout=3600)
             assert r.deadline is not None and r.suspend_reason is not None
             emit(event="suspended", kind=r.suspend_reason.kind, deadline=r.deadline.timestamp())
+            await anyio.sleep_forever()
+        if mode == "approval":
+            r = await rt.run(expiring, "sign it", execution_id="a-1")
+            assert r.suspend_reason is not None
+            emit(event="suspended", kind=r.suspend_reason.kind, until=r.suspend_reason.until)
             await anyio.sleep_forever()
         # wake: the timer fires at open; the tool kills this process past its sleep.
         await rt.wait("z-1", until="finished")
