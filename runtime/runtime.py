@@ -98,11 +98,11 @@ from perdure.status import (
     pending_signals,
 )
 from perdure.timers import (
+    APPROVAL_EXPIRED,
     APPROVAL_TIMER,
     DEADLINE,
     Timer,
     TimerService,
-    approval_expired_reason,
     deadline_reason,
     timeout_seconds,
 )
@@ -1849,7 +1849,7 @@ class Runtime:
                 # makes this signal.ignored on delivery (the timer checked above is only
                 # as fresh as the index).
                 cid = name[len(APPROVAL_TIMER) :]
-                payload = {"confirmation_id": cid, "reason": approval_expired_reason(until)}
+                payload = {"confirmation_id": cid, "reason": APPROVAL_EXPIRED}
                 signal = SignalSent(eid, "reject", payload, "timeout")
             else:
                 signal = SignalSent(eid, name, {"until": until}, "timer")

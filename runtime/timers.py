@@ -26,12 +26,12 @@ from collections.abc import Awaitable, Callable, Collection, Sequence
 import anyio
 
 __all__ = [
+    "APPROVAL_EXPIRED",
     "APPROVAL_TIMER",
     "DEADLINE",
     "MAX_NAP",
     "RETRY_AFTER",
     "TimerService",
-    "approval_expired_reason",
     "approval_timer",
     "deadline_reason",
     "fmt_utc",
@@ -65,9 +65,10 @@ def approval_timer(confirmation_id: str) -> str:
     return APPROVAL_TIMER + confirmation_id
 
 
-def approval_expired_reason(expires: float) -> str:
-    """The rejection reason recorded (and shown to the model) when an approval expires."""
-    return f"no decision was made before the approval timeout ({fmt_utc(expires)})"
+#: The rejection reason recorded (and shown to the model) when an approval expires. No
+#: time in it: what the model is told is the same whenever the call expired (the expiry
+#: is in the approval.requested record, which the CLI shows).
+APPROVAL_EXPIRED = "no decision came before its approval timeout; the call was not made"
 
 
 def fmt_utc(when: float) -> str:

@@ -28,7 +28,10 @@ models, priced so that dollars are counted):
   Once it waits, the worker prints ``{"waiting": ...}`` and exits (below), for the test
   to send the signal through the CLI while no process owns the dir. Beside it, ``b-2``
   makes a call, then waits for a signal that never comes; once ``b-1`` is done, the
-  worker cancels ``b-2``, suspended all along.
+  worker cancels ``b-2``, suspended all along. And ``b-3`` asks to call ``order``, whose
+  approval times out after half an hour: nobody decides it; once ``b-2`` is cancelled,
+  the worker moves its clock past the expiry (if the nap's move did not already) and
+  the call is rejected by the timer, the model told, and ``b-3`` answers.
 - ``c``: ``max_concurrency=2`` and six executions spawned in order, each one call.
 
 With ``$PERDURE_TEST_DRIVE=cli``, the worker sends none of the approvals, raises,
@@ -309,12 +312,22 @@ holder = Agent(
     tools=[prepare, hold],
     llm=scripted(Scripted.call("prepare", item="box"), Scripted.call("hold", item="box")),
 )
-B = ["b-1", "b-2"]
+
+
+@tool(requires_confirmation=True, approval_timeout=1800)
+def order(item: str) -> str:
+    """Order an item (a person must agree within half an hour)."""
+    return effect("order", item=item)
+
+
+asker = Agent("asker", tools=[order], llm=scripted(Scripted.call("order", item="crate")))
+B = ["b-1", "b-2", "b-3"]
 
 
 async def scenario_b(rt: Runtime, clock: Clock) -> list[str]:
     await rt.spawn(napper, "nap, then settle o-1", execution_id="b-1")
     await rt.spawn(holder, "prepare and hold the box", execution_id="b-2")
+    await rt.spawn(asker, "order a crate", execution_id="b-3")
     while True:
         r = await rt.wait("b-1")
         if not r.is_suspended:
@@ -338,6 +351,14 @@ async def scenario_b(rt: Runtime, clock: Clock) -> list[str]:
             raise Operator("cancel", "b-2", "--reason", "no longer needed")
         await rt.cancel("b-2", "no longer needed", by="worker")
         await rt.wait("b-2", until="finished")
+    # b-3's approval was never decided: past its expiry, the timer rejects it
+    r3 = await rt.wait("b-3")
+    if r3.is_suspended:
+        reason = r3.suspend_reason
+        assert reason is not None and reason.kind == "approval" and reason.until, r3
+        clock.move_past(reason.until)
+        rt._timers.poke()
+        await rt.wait("b-3", until="finished")
     return B
 
 
@@ -372,7 +393,7 @@ async def scenario_c(rt: Runtime) -> list[str]:
     return C
 
 
-AGENTS = {"a": [boss], "b": [napper, holder], "c": [queued]}
+AGENTS = {"a": [boss], "b": [napper, holder, asker], "c": [queued]}
 
 
 async def main_async(data_dir: str, scenario: str) -> None:

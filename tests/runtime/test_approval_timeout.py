@@ -69,8 +69,7 @@ async def test_an_undecided_approval_is_rejected_when_it_expires_and_the_model_i
         events = [e async for e in rt.log.read(execution_stream("ax-1"))]
     assert ran == []
     assert seen == [
-        "REJECTED by timeout: no decision was made before the approval timeout "
-        "(2026-12-01T13:00:00+00:00)"
+        "REJECTED by timeout: no decision came before its approval timeout; the call was not made"
     ]
     rejected = [e for e in events if e.type == "approval.rejected"]
     assert [(e.payload["by"], e.payload["confirmation_id"]) for e in rejected] == [
@@ -242,3 +241,27 @@ async def test_an_approval_timeout_survives_sigkill_and_rejects_at_the_next_open
     assert next(m.content for m in r.transcript if m.role == "tool").startswith(
         "REJECTED by timeout"
     )
+
+
+async def test_a_childs_approval_expires_while_its_parent_hibernates(open_runtime: Any) -> None:
+    """The child is rejected by its timer, answers, and the parent resumes with it."""
+    ran: list[str] = []
+    seen: list[str] = []
+    child = payer(ran, seen, timeout=900)
+    boss = Agent(
+        "boss",
+        llm=Scripted([Scripted.call("delegate_to_payer", task="pay"), "boss done"]),
+        agents=[child],
+    )
+    async with open_runtime(agents=[boss]) as rt:
+        clock = on_clock(rt, Clock())
+        r = await rt.run(boss, "go", execution_id="ax-7")
+        assert r.is_suspended and r.suspend_reason.kind == "child"  # type: ignore[union-attr]
+        kid = await rt.result("ax-7/2")
+        assert kid.suspend_reason is not None and kid.suspend_reason.until == T0 + 900
+        advance(rt, clock, 901)
+        r = await settled(rt, "ax-7", "completed")
+        kid = await rt.result("ax-7/2")
+    assert ran == [] and r.output == "boss done"
+    assert kid.status == "completed" and kid.output == "done"
+    assert seen[0].startswith("REJECTED by timeout")

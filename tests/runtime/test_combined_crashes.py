@@ -4,7 +4,8 @@ The worker is ``combined_worker.py``: (a) delegation to a child that needs an ap
 the parent's budget used up by the child and raised, then two concurrent calls, one of
 them not idempotent; (b) a durable sleep on a wall clock the worker moves, then a
 ``wait_for_signal`` with a timeout whose signal the test sends through the CLI while no
-process owns the dir, then the cancel of a second execution suspended all along; (c)
+process owns the dir, then the cancel of a second execution suspended all along, and a
+third's approval that nobody decides, rejected when its approval timeout passes; (c)
 ``max_concurrency=2`` with six executions queued. Hypothesis kills the worker right
 after any of its durable writes to the log (every record boundary, the inbox's
 included: the crash-free run's count bounds the draw), inside any model call, or inside
@@ -270,6 +271,10 @@ def test_the_reference_runs_do_what_the_scenarios_say(
             'done: rested | settle({"order": "o-1", "ref": "p-1"}) ok'
         )
         assert b["results"]["b-2"]["status"] == "cancelled"
+        assert b["results"]["b-3"]["output"] == (
+            "done: REJECTED by timeout: no decision came before its approval timeout; the "
+            "call was not made"
+        )
         assert sorted(name for name, _ in b_calls.values()) == ["prepare", "settle"]
     assert [c[0] for c in reference("a", "cli", tmp_path_factory)[0]["sent"]] == [
         "approve",
