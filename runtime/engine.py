@@ -549,7 +549,8 @@ class Engine:
                         )
                     )
                     continue
-                if tool.requires_confirmation:
+                why = tool.confirmation_needed(arguments)
+                if why is not None:
                     self.journal.stage(
                         ApprovalRequested(
                             call.step,
@@ -557,7 +558,7 @@ class Engine:
                             tool.name,
                             arguments,
                             "approval",
-                            message=f"tool {tool.name!r} requires confirmation",
+                            message=why,
                             expires=self._approval_expiry(tool),
                         )
                     )

@@ -37,7 +37,10 @@ from perdure.json_schema import (
 from perdure.providers.types import ToolSpec
 from perdure.timers import timeout_seconds
 
-__all__ = ["Tool", "fresh_arguments", "tool"]
+__all__ = ["ConfirmationRule", "Tool", "fresh_arguments", "tool"]
+
+#: A rule that says whether one call (given its arguments) needs a person's confirmation.
+ConfirmationRule = Callable[[dict[str, Any]], Any]
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -70,7 +73,7 @@ class Tool:
         *,
         name: str | None = None,
         description: str | None = None,
-        requires_confirmation: bool = False,
+        requires_confirmation: bool | ConfirmationRule = False,
         idempotent: bool = True,
         timeout: float | None = None,
         retries: int = 0,
@@ -86,6 +89,20 @@ class Tool:
                 f"digits, '_' or '-'"
             )
         self.description = description if description is not None else doc_summary(callable_doc(fn))
+        if not isinstance(requires_confirmation, bool):
+            if not callable(requires_confirmation):
+                raise AgentDefinitionError(
+                    f"tool {self.name!r}: requires_confirmation must be True, False or a "
+                    f"function of the call's arguments, got "
+                    f"{type(requires_confirmation).__name__}"
+                )
+            if inspect.iscoroutinefunction(callable_function(requires_confirmation)):
+                # Its verdict would be a coroutine, which nothing awaits: refused here
+                # rather than blocking (or waving through) every call at run time.
+                raise AgentDefinitionError(
+                    f"tool {self.name!r}: requires_confirmation must be a plain function "
+                    f"(def, not async def): it is called before each call of the tool"
+                )
         self.requires_confirmation = requires_confirmation
         self.idempotent = idempotent
         if timeout is not None and timeout <= 0:
@@ -134,6 +151,38 @@ class Tool:
     def spec(self) -> ToolSpec:
         """What the model is told about this tool."""
         return ToolSpec(self.name, self.description, self.parameters)
+
+    def confirmation_needed(self, arguments: Mapping[str, Any]) -> str | None:
+        """Why a call with these (checked) arguments waits for a person, or None.
+
+        A rule that raises, or returns an awaitable, makes the call wait too: a check
+        that cannot run must not let the call through; the message says it broke.
+        """
+        rule = self.requires_confirmation
+        if rule is True:
+            return f"tool {self.name!r} requires confirmation"
+        if rule is False:
+            return None
+        try:
+            # A copy: the arguments are recorded, the rule must not change them.
+            verdict = rule(dict(fresh_arguments(arguments)))
+        except Exception as exc:
+            return (
+                f"tool {self.name!r}: its requires_confirmation rule raised "
+                f"{type(exc).__name__}: {exc} (a bug in the rule; the call waits for a "
+                f"decision: approve or reject it)"
+            )
+        if inspect.isawaitable(verdict):
+            close = getattr(verdict, "close", None)
+            if close is not None:
+                close()
+            return (
+                f"tool {self.name!r}: its requires_confirmation rule returned an awaitable "
+                f"(rules are plain functions), so the call waits for a decision"
+            )
+        if verdict:
+            return f"tool {self.name!r} requires confirmation for these arguments"
+        return None
 
     def check_arguments(self, arguments: Any) -> dict[str, Any]:
         """The arguments as a dict if they match the schema; else ToolArgumentsError."""
@@ -288,7 +337,7 @@ def tool(
     name: str | None = None,
     *,
     description: str | None = None,
-    requires_confirmation: bool = False,
+    requires_confirmation: bool | ConfirmationRule = False,
     idempotent: bool = True,
     timeout: float | None = None,
     retries: int = 0,
@@ -301,7 +350,7 @@ def tool(
     name: str | Callable[..., Any] | None = None,
     *,
     description: str | None = None,
-    requires_confirmation: bool = False,
+    requires_confirmation: bool | ConfirmationRule = False,
     idempotent: bool = True,
     timeout: float | None = None,
     retries: int = 0,
@@ -312,6 +361,10 @@ def tool(
 
     - ``requires_confirmation``: the execution suspends before the call until a person
       approves (``rt.approve``) or rejects it (``rt.reject``, returned to the model).
+      ``True`` for every call, or a plain function of the call's (validated) arguments
+      that says whether this call needs it (``lambda a: a["amount"] > 1000``); its
+      verdict is recorded (the call's ``approval.requested``, or its start), so replay
+      never asks it again. A rule that raises makes the call wait, the message saying so.
     - ``idempotent``: if the process dies inside the call, re-invoke it with the same
       idempotency key on recovery (True), or suspend with reason ``unknown_outcome`` for
       a person to decide (False).

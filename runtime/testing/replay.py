@@ -172,6 +172,8 @@ class _Counting:
             agents=[self.agent(a) for a in agent.agents],
             params=agent.params,
             description=agent.description,
+            execution_timeout=agent.execution_timeout,
+            approval_timeout=agent.approval_timeout,
         )
         clone.contracts.update(agent.contracts)
         return clone
@@ -203,6 +205,7 @@ class _Counting:
             retries=t.retries,
             retry_delay=t.retry_delay,
             parameters=t.parameters,
+            approval_timeout=t.approval_timeout,
         )
 
 

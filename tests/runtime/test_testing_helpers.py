@@ -9,7 +9,7 @@ import anyio
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from perdure import Agent, current_idempotency_key, tool
+from perdure import Agent, Budget, Tool, current_idempotency_key, tool
 from perdure.providers import LLMRequest, Scripted
 from perdure.testing import check_crash_replay, crash_points
 
@@ -268,3 +268,45 @@ async def test_a_crash_point_lands_in_the_same_place_when_two_children_are_waite
             assert check.crashed.output == "ha: ha found x; hb: hb found x"
             assert check.crashes_happened == len(points)
             assert len(check.attempts) == 4  # two delegate calls, two lookups
+
+
+def test_the_helpers_copy_of_an_agent_keeps_every_setting_of_it_and_its_tools() -> None:
+    """check_crash_replay runs a copy of the agent whose tools count their runs: a
+    setting the copy dropped (a timeout, say) would make the helper test another agent."""
+    import inspect as _inspect
+
+    from perdure.testing.replay import _Counting
+
+    @tool(
+        "pay",
+        description="pay",
+        requires_confirmation=True,
+        idempotent=False,
+        timeout=5,
+        approval_timeout=60,
+    )
+    def pay(amount: float) -> str:
+        return "paid"
+
+    original = Agent(
+        "payer",
+        "be careful",
+        tools=[pay],
+        llm=Scripted(["done"]),
+        max_steps=7,
+        budget=Budget(max_llm_calls=3),
+        drift="warn",
+        params={"temperature": 0},
+        description="pays",
+        execution_timeout=3600,
+        approval_timeout=120,
+    )
+    copy = _Counting().agent(original)
+    skip = {"self", "tools", "agents", "llm", "model"}
+    for name in _inspect.signature(Agent.__init__).parameters:
+        if name not in skip:
+            assert getattr(copy, name) == getattr(original, name), name
+    copied = copy.tools["pay"]
+    for name in _inspect.signature(Tool.__init__).parameters:
+        if name not in ("self", "fn"):
+            assert getattr(copied, name) == getattr(pay, name), name
