@@ -13,6 +13,7 @@ from perdure.budget import Budget
 from perdure.errors import AgentDefinitionError
 from perdure.fingerprint import digest, short, short_json
 from perdure.providers.types import Provider, ToolSpec
+from perdure.state import DELEGATE_PREFIX
 from perdure.timers import timeout_seconds
 from perdure.tools import Tool
 
@@ -203,7 +204,7 @@ class DelegateTool(Tool):
         self.agent = agent
         super().__init__(
             _delegate,
-            name=f"delegate_to_{agent.name}"[:64],
+            name=f"{DELEGATE_PREFIX}{agent.name}"[:64],
             description=(
                 f"Hand a task to the {agent.name!r} agent and get its answer. {agent.description}"
             ).strip(),

@@ -29,7 +29,7 @@ import re
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
@@ -88,7 +88,7 @@ from perdure.signals import (
     precheck,
     resume_problem,
 )
-from perdure.state import TERMINAL, ExecutionState, budget_grant, limit_origin
+from perdure.state import TERMINAL, ExecutionState, budget_grant, delegate_steps, limit_origin
 from perdure.status import (
     STATUSES,
     blocked_descendant,
@@ -999,6 +999,9 @@ class Runtime:
             waited = _waiting_on(state.suspend_reason)
             if waited:
                 self._tg.start_soon(self._rewake_if_finished, eid, waited)
+                if state.limits is not None and self._open:
+                    # A sibling may have just finished with part of its share unused.
+                    self._tg.start_soon(self._rebalance, waited)
             reason = state.suspend_reason or {}
             if reason.get("kind") == "budget" and reason.get("parent") and self._open:
                 # On a limit it inherited: a raise above may not have come down to it
@@ -1070,9 +1073,14 @@ class Runtime:
         )
 
     async def _post_to_children(
-        self, parent: str, name: str, payload: Mapping[str, Any], failed: str
+        self,
+        parent: str,
+        name: str,
+        payload: Mapping[str, Any] | Callable[[str], Mapping[str, Any]],
+        failed: str,
     ) -> None:
-        """Post signal ``name`` to every unfinished child of ``parent``, as the runtime.
+        """Post signal ``name`` to every unfinished child of ``parent``, as the runtime
+        (``payload``, or ``payload(child id)`` for each its own).
 
         A failure is logged, never raised: ``failed`` says what went wrong and what the
         next open makes good.
@@ -1082,7 +1090,9 @@ class Runtime:
                 async for info in self.log.streams(prefix=execution_stream(prefix)):
                     meta = info.meta
                     if meta.get("parent") == parent and meta.get("status") not in _FINISHED:
-                        await self._post(info.stream[len("exec/") :], name, payload, "runtime")
+                        child = info.stream[len("exec/") :]
+                        data = payload(child) if callable(payload) else payload
+                        await self._post(child, name, data, "runtime")
         except Exception:
             log.exception("execution %s %s", parent, failed)
 
@@ -1654,7 +1664,7 @@ class Runtime:
             info = await self.log.stream_info(execution_stream(child))
             if info is None:
                 link: dict[str, Any] = {"execution_id": parent, "step": ctx.step}
-                grant = budget_grant(await self._live_state(parent))
+                grant = budget_grant(await self._live_state(parent), ctx.step)
                 if grant is not None:
                     # What the parent has left now bounds the child (and its own
                     # children); recorded in the child's start, so replay agrees.
@@ -1700,15 +1710,23 @@ class Runtime:
         Taken from ``state`` now, before anything else can change it. A crash before the
         children have it is made good at the next open (see :meth:`_rehand_budget`).
         """
-        grant = budget_grant(state) or {"budget": {}, "origins": {}}
+        none = {"budget": {}, "origins": {}}
+        grant = budget_grant(state) or none
+        # Children of the current turn's delegate calls get their share (see budget_grant).
+        shares = {step: budget_grant(state, step) or none for step in delegate_steps(state)}
         if self._tg is not None and self._open:
-            self._tg.start_soon(self._hand_down_budget, eid, grant)
+            self._tg.start_soon(self._hand_down_budget, eid, grant, shares)
 
-    async def _hand_down_budget(self, parent: str, grant: Mapping[str, Any]) -> None:
+    async def _hand_down_budget(
+        self, parent: str, grant: Mapping[str, Any], shares: Mapping[int, Mapping[str, Any]]
+    ) -> None:
+        def payload(child: str) -> Mapping[str, Any]:
+            return {**shares.get(_child_step(parent, child), grant), "parent": parent}
+
         await self._post_to_children(
             parent,
             "parent_budget",
-            {**grant, "parent": parent},
+            payload,
             "changed its budget, but handing it down to its children failed; they get it "
             "when a runtime next opens the data dir",
         )
@@ -1743,7 +1761,8 @@ class Runtime:
                 return
             parent_id = str(child.parent["execution_id"])
             parent = await load_state(self.log, parent_id)
-            grant = budget_grant(parent)
+            step = child.parent.get("step")
+            grant = budget_grant(parent, step if isinstance(step, int) else None)
             if parent.status in TERMINAL or grant is None:
                 return
             offered = grant["budget"].get(limit)
@@ -1753,6 +1772,21 @@ class Runtime:
                 )
                 return
             child = parent
+
+    async def _rebalance(self, children: Sequence[str]) -> None:
+        """Children suspended on a share of their parent's budget get a new one: the
+        parent settled on them (one of their siblings finished, say: what it left
+        unused is shared by those still running; see budget_grant)."""
+        for child in children:
+            try:
+                info = await self.log.stream_info(execution_stream(child))
+            except Exception:
+                # Checked again when it next suspends, or at the next open.
+                log.exception("execution %s: could not read its index entry", child)
+                continue
+            meta = info.meta if info is not None else {}
+            if meta.get("status") == "suspended" and meta.get("reason") == "budget":
+                await self._rehand_if_owed(child)
 
     async def _rehand_if_owed(self, eid: str) -> None:
         """:meth:`_rehand_owed` for a child that just suspended on what it inherited."""
@@ -2091,6 +2125,15 @@ def _child_id(parent: str, step: int, variant: int) -> str:
     if len(parent) + len(suffix) > _MAX_ID:
         return f"{parent[:200]}~{digest(parent)}{suffix}"
     return parent + suffix
+
+
+def _child_step(parent: str, child: str) -> int | None:
+    """The step of ``parent``'s call that ``child`` (an id from :func:`_child_id`) runs."""
+    for prefix in _children_prefixes(parent):
+        if child.startswith(prefix):
+            step = child[len(prefix) :].split("~", 1)[0]
+            return int(step) if step.isdigit() else None
+    return None
 
 
 def _children_prefixes(parent: str) -> tuple[str, ...]:

@@ -53,6 +53,7 @@ from perdure.providers.types import Message, ToolCall
 from perdure.timers import approval_timer
 
 __all__ = [
+    "DELEGATE_PREFIX",
     "TERMINAL",
     "Call",
     "CallLLM",
@@ -65,6 +66,7 @@ __all__ = [
     "apply_record",
     "apply_records",
     "budget_grant",
+    "delegate_steps",
     "limit_origin",
     "plan",
     "tool_message",
@@ -859,13 +861,45 @@ def limit_origin(state: ExecutionState, limit: str) -> str:
     return state.execution_id
 
 
-def budget_grant(state: ExecutionState) -> dict[str, Any] | None:
-    """What ``state``'s execution has left to hand a child it delegates to, now.
+def budget_grant(state: ExecutionState, step: int | None = None) -> dict[str, Any] | None:
+    """What ``state``'s execution has left to hand the child it delegates to at ``step``.
 
     ``{"budget": limits, "origins": {limit: execution id}}``, or None without limits.
+    When several delegate calls of the current turn are unfinished (their children run
+    at once), each child is handed its share of what is left, not all of it: together
+    they can then not spend more than the parent has. Shares are equal; a count's
+    remainder goes to the earliest calls, so a share of nothing falls only where there
+    is less left than children. As siblings finish, what they did not use is handed to
+    the ones still running (see ``Runtime._rebalance``). ``step`` None: all that is left.
     """
     limits = state.limits
     if limits is None:
         return None
     left = limits.left(state.total_usage).to_dict()
+    if step is not None:
+        sharers = delegate_steps(state)
+        if len(sharers) > 1 and step in sharers:
+            left = _share(left, len(sharers), sharers.index(step))
     return {"budget": left, "origins": {k: limit_origin(state, k) for k in left}}
+
+
+#: The name prefix of the tools that delegate to a sub-agent (``agent.DelegateTool``).
+DELEGATE_PREFIX = "delegate_to_"
+
+
+def delegate_steps(state: ExecutionState) -> list[int]:
+    """The steps of the current turn's unfinished delegate calls, in call order."""
+    return sorted(
+        c.step for c in state.calls if c.status != "done" and c.tool.startswith(DELEGATE_PREFIX)
+    )
+
+
+def _share(left: Mapping[str, Any], n: int, i: int) -> dict[str, Any]:
+    """The ``i``-th of ``n`` shares of each limit in ``left``."""
+    out: dict[str, Any] = {}
+    for name, value in left.items():
+        if name == "max_dollars":
+            out[name] = value / n
+        else:
+            out[name] = value // n + (1 if i < value % n else 0)
+    return out
