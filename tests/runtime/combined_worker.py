@@ -33,6 +33,10 @@ models, priced so that dollars are counted):
   the worker moves its clock past the expiry (if the nap's move did not already) and
   the call is rejected by the timer, the model told, and ``b-3`` answers.
 - ``c``: ``max_concurrency=2`` and six executions spawned in order, each one call.
+- ``d``: ``d-1`` (``max_llm_calls=8``) delegates to ``quick`` (two model calls) and
+  ``slow`` (four) in one turn: of the 7 calls left, ``quick`` is handed 4 and ``slow``
+  3, so ``slow`` runs into its share unless ``quick`` finished first; either way it is
+  handed what ``quick`` left (5) and finishes, and ``d-1`` answers with its last call.
 
 With ``$PERDURE_TEST_DRIVE=cli``, the worker sends none of the approvals, raises,
 resolves or cancels itself: it prints ``{"waiting": [CLI arguments]}`` and exits, and
@@ -393,7 +397,33 @@ async def scenario_c(rt: Runtime) -> list[str]:
     return C
 
 
-AGENTS = {"a": [boss], "b": [napper, holder, asker], "c": [queued]}
+# -- d: two children delegated in one turn share their parent's budget -----------------------
+
+quick = Agent("quick", tools=[job], llm=scripted(Scripted.call("job", name="quick")))
+slow = Agent(
+    "slow", tools=[job], llm=scripted(*(Scripted.call("job", name=f"slow-{n}") for n in range(3)))
+)
+fan = Agent(
+    "fan",
+    agents=[quick, slow],
+    llm=scripted(
+        [
+            Scripted.call("delegate_to_quick", task="one job"),
+            Scripted.call("delegate_to_slow", task="three jobs"),
+        ]
+    ),
+    budget=Budget(max_llm_calls=8),
+)
+D = ["d-1", "d-1/2", "d-1/3"]
+
+
+async def scenario_d(rt: Runtime) -> list[str]:
+    await rt.spawn(fan, "fan out", execution_id="d-1")
+    await rt.wait("d-1", until="finished")
+    return D
+
+
+AGENTS = {"a": [boss], "b": [napper, holder, asker], "c": [queued], "d": [fan]}
 
 
 async def main_async(data_dir: str, scenario: str) -> None:
@@ -413,8 +443,10 @@ async def main_async(data_dir: str, scenario: str) -> None:
                     ids = await scenario_a(rt)
                 elif scenario == "b":
                     ids = await scenario_b(rt, clock)
-                else:
+                elif scenario == "c":
                     ids = await scenario_c(rt)
+                else:
+                    ids = await scenario_d(rt)
         except Operator as needed:
             print(json.dumps({"waiting": needed.args, "writes": _counts["write"]}), flush=True)
             return

@@ -6,11 +6,12 @@ them not idempotent; (b) a durable sleep on a wall clock the worker moves, then 
 ``wait_for_signal`` with a timeout whose signal the test sends through the CLI while no
 process owns the dir, then the cancel of a second execution suspended all along, and a
 third's approval that nobody decides, rejected when its approval timeout passes; (c)
-``max_concurrency=2`` with six executions queued. Hypothesis kills the worker right
-after any of its durable writes to the log (every record boundary, the inbox's
-included: the crash-free run's count bounds the draw), inside any model call, or inside
-any side-effecting tool call, before or after its effect; then restarts it until the
-scenario is done. Hypothesis also draws the event loop, and who decides: the worker
+``max_concurrency=2`` with six executions queued; (d) two children delegated in one
+turn sharing their parent's budget, one handed what the other left. Hypothesis kills
+the worker right after any of its durable writes to the log (every record boundary, the
+inbox's included: the crash-free run's count bounds the draw), inside any model call,
+or inside any side-effecting tool call, before or after its effect; then restarts it
+until the scenario is done. Hypothesis also draws the event loop, and who decides: the worker
 through the API, or the test through the ``perdure`` CLI while no process owns the dir
 (approve, resume with a raise, resolve, cancel); and in (b) whether the runs after the
 signal start two hours late, past the wait's timeout (the signal must still win).
@@ -287,6 +288,16 @@ def test_the_reference_runs_do_what_the_scenarios_say(
     c, c_calls = reference("c", "api", tmp_path_factory)
     assert {r["status"] for r in c["results"].values()} == {"completed"}
     assert len(c_calls) == 6
+    d, d_calls = reference("d", "api", tmp_path_factory)
+    assert {r["status"] for r in d["results"].values()} == {"completed"}
+    assert d["results"]["d-1"]["usage"]["llm_calls"] == 2
+    assert d["results"]["d-1"]["delegated_usage"]["llm_calls"] == 6  # 8 in all, none past
+    assert sorted(d_calls.values()) == [
+        ("job", '{"name": "quick"}'),
+        ("job", '{"name": "slow-0"}'),
+        ("job", '{"name": "slow-1"}'),
+        ("job", '{"name": "slow-2"}'),
+    ]
 
 
 DRIVE = st.sampled_from(["api", "cli"])
@@ -313,6 +324,15 @@ def test_a_sleep_a_signal_sent_while_dead_and_a_cancel_survive_any_crash(
 ) -> None:
     """``late``: the runs after the signal start past the wait's timeout; it still wins."""
     check_scenario("b", data, backend, drive, tmp_path_factory, late)
+
+
+@pytest.mark.slow
+@MATRIX
+@given(data=st.data(), backend=BACKEND)
+def test_two_children_sharing_their_parents_budget_survive_any_crash(
+    data: st.DataObject, backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    check_scenario("d", data, backend, "api", tmp_path_factory)
 
 
 @pytest.mark.slow
