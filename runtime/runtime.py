@@ -319,6 +319,11 @@ class Runtime:
         self._inbox_held_seqs: set[int] = set()  # their signals
         self._inbox_waiters: dict[int, anyio.Event] = {}
         self._inbox_booked = anyio.Event()  # set (and replaced) when the pump writes its books
+        # Hand-downs of budget shares in flight (see _rehanding), for perdure.testing to
+        # wait out: a child suspended on its share may be about to be handed more.
+        self._rehands = 0
+        self._rehands_done = anyio.Event()  # set (and replaced) when the last one ends
+        self._rehand_seq = 0  # the inbox seq of the latest share they posted
         self._sync: Any = None
         #: The wall clock timers are set and fired by (seconds since the epoch). A test
         #: may replace it to move time on, then ``_timers.poke()`` to make it noticed.
@@ -1001,12 +1006,12 @@ class Runtime:
                 self._tg.start_soon(self._rewake_if_finished, eid, waited)
                 if state.limits is not None and self._open:
                     # A sibling may have just finished with part of its share unused.
-                    self._tg.start_soon(self._rebalance, waited)
+                    self._start_rehand(self._rebalance, waited)
             reason = state.suspend_reason or {}
             if reason.get("kind") == "budget" and reason.get("parent") and self._open:
                 # On a limit it inherited: a raise above may not have come down to it
                 # (it ran, or waited for an approval, when a crash cut the hand-down).
-                self._tg.start_soon(self._rehand_if_owed, eid)
+                self._start_rehand(self._rehand_if_owed, eid)
         if status == "cancelled" and self._tg is not None:
             self._tg.start_soon(self._cancel_children, eid, state.cancel_reason or "")
         # The index entry written with this suspension carries the same timer (see
@@ -1767,11 +1772,36 @@ class Runtime:
                 return
             offered = grant["budget"].get(limit)
             if offered is None or offered > now:
-                await self._post(
+                seq = await self._post(
                     child.execution_id, "parent_budget", {**grant, "parent": parent_id}, "runtime"
                 )
+                self._rehand_seq = max(self._rehand_seq, seq)
                 return
             child = parent
+
+    def _start_rehand(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """Start a hand-down check (``_rebalance``, ``_rehand_if_owed``), counted from
+        now, not from when its task first runs (see _rehands_settled)."""
+        assert self._tg is not None
+        self._rehands += 1
+        self._tg.start_soon(self._rehanding, fn, *args)
+
+    async def _rehanding(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+        try:
+            await fn(*args)
+        finally:
+            self._rehands -= 1
+            if not self._rehands:
+                self._rehands_done.set()
+                self._rehands_done = anyio.Event()
+
+    async def _rehands_settled(self) -> None:
+        """Wait until no hand-down check runs and the shares they posted are delivered
+        (for perdure.testing: a child suspended on its share may be handed more)."""
+        while self._rehands:
+            await self._rehands_done.wait()
+        if self._rehand_seq:
+            await self._delivered(self._rehand_seq)
 
     async def _rebalance(self, children: Sequence[str]) -> None:
         """Children suspended on a share of their parent's budget get a new one: the

@@ -448,6 +448,7 @@ async def _drive(
         if not result.is_suspended or reason is None:
             return result
         progress = in_flight = stuck = False
+        held: list[tuple[str, Result]] = []  # the suspended children, as they were
         for blocker in reason.pending:
             cid = blocker.get("confirmation_id")
             child = blocker.get("child_id") if blocker.get("kind") == "child" else None
@@ -462,18 +463,28 @@ async def _drive(
                 done = await _drive(rt, str(child), approve, settles, approved)
                 if done.is_suspended:
                     stuck = True
+                    held.append((str(child), done))
                 else:
                     in_flight = True  # its outcome is on its way to the parent
             else:
                 stuck = True
         if progress:
             continue
-        if stuck:
-            # What this helper cannot decide (a signal, a budget, an unknown outcome)
-            # ends the run, as a suspension does without children.
-            return await rt.result(eid)
         if in_flight:
+            # First the finished children's outcomes: taking one may hand what that
+            # child left of a shared budget to a sibling suspended on its share.
             await settles.after(eid, seen)
+            continue
+        if stuck:
+            await rt._rehands_settled()
+            for child, before in held:
+                now = await rt.result(child)
+                if (now.status, now.suspend_reason) != (before.status, before.suspend_reason):
+                    break  # handed more of its parent's budget: it runs again
+            else:
+                # What this helper cannot decide (a signal, a budget, an unknown outcome)
+                # ends the run, as a suspension does without children.
+                return await rt.result(eid)
 
 
 def _same(a: Result, b: Result) -> bool:

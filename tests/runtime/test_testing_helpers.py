@@ -310,3 +310,44 @@ def test_the_helpers_copy_of_an_agent_keeps_every_setting_of_it_and_its_tools() 
     for name in _inspect.signature(Tool.__init__).parameters:
         if name not in ("self", "fn"):
             assert getattr(copied, name) == getattr(pay, name), name
+
+
+def make_sharing() -> Agent:
+    """A boss (7 model calls in all) that delegates to two workers in one turn: of the 6
+    calls left, each is handed 3; ``long`` needs 4, so it runs into its share and is
+    handed what ``short`` left (5 of them) once the boss takes ``short``'s outcome."""
+
+    def worker(name: str, calls: int) -> Agent:
+        @tool(name=f"step_{name}")
+        def step(n: int) -> int:
+            return n
+
+        def script(request: LLMRequest) -> Any:
+            turn = sum(m.role == "assistant" for m in request.messages)
+            return Scripted.call(f"step_{name}", n=turn) if turn < calls - 1 else f"{name} done"
+
+        return Agent(name, tools=[step], llm=Scripted(script, record=False))
+
+    turn = [
+        Scripted.call("delegate_to_short", task="a"),
+        Scripted.call("delegate_to_long", task="b"),
+    ]
+    return Agent(
+        "boss",
+        llm=Scripted([turn, "both done"], record=False),
+        agents=[worker("short", 1), worker("long", 4)],
+        budget=Budget(max_llm_calls=7),
+    )
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(points=crash_points(max_step=13))
+def test_children_sharing_a_budget_are_driven_through_a_share_handed_down(
+    points: list[int],
+) -> None:
+    """A child suspended on its share of the parent's budget is not where the run ends:
+    the helper waits for the share its sibling left to be handed down."""
+    check = anyio.run(check_crash_replay, make_sharing, "go", points)
+    check.assert_ok()
+    assert check.reference.status == "completed" and check.crashed.output == "both done"
+    assert check.crashed.total_usage.llm_calls == 7
