@@ -319,7 +319,7 @@ class Runtime:
         self._inbox_held_seqs: set[int] = set()  # their signals
         self._inbox_waiters: dict[int, anyio.Event] = {}
         self._inbox_booked = anyio.Event()  # set (and replaced) when the pump writes its books
-        # Hand-downs of budget shares in flight (see _rehanding), for perdure.testing to
+        # Hand-downs of budget shares in flight (see _start_rehand), for perdure.testing to
         # wait out: a child suspended on its share may be about to be handed more.
         self._rehands = 0
         self._rehands_done = anyio.Event()  # set (and replaced) when the last one ends
@@ -340,6 +340,7 @@ class Runtime:
         # Opened again after a close: the work at open is to be done again.
         self._recovered, self._backlog, self._ready = anyio.Event(), anyio.Event(), anyio.Event()
         self._open_failed = None
+        self._rehands = self._rehand_seq = 0  # a close cancels those in flight uncounted
         self._timers = self._new_timers()  # what an earlier open knew is read again
         if self._given_log is not None:
             self.log = self._given_log
