@@ -71,7 +71,14 @@ class ExecutionActor(Actor):
         self.runtime._actor_started(self.execution_id, self)
         state = self.journal.state
         if state.status == "running" and self.want_drive:
-            self._start_drive()
+            # Started to drive, but the slot may have gone while it started: a start
+            # that waited for the previous incarnation to stop saw that one's stop give
+            # the slot back. Without one it waits in the queue like any other.
+            if self.runtime._try_acquire(self.execution_id):
+                self._start_drive()
+            else:
+                self._stop()
+                await self.runtime._enqueue(self.execution_id)
         elif state.status != "running" and self.want_drive:
             # Started to drive but there is nothing to do: it settled meanwhile, and
             # whoever settled it fired the callbacks. Only the slot goes back.

@@ -902,7 +902,10 @@ class Runtime:
                 return None
             spec = ChildSpec(
                 key,
-                lambda: ExecutionActor(self, eid, agent, drive=eid in self._slots),
+                # To drive even if the slot went while this start waited (the stop of
+                # the incarnation before gives it back): the actor takes one again or
+                # queues, or finds the execution settled and stops.
+                lambda: ExecutionActor(self, eid, agent, drive=drive or eid in self._slots),
                 restart="transient",
                 shutdown=self.shutdown_timeout,
                 max_restarts=self.max_restarts,

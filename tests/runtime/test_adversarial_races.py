@@ -437,3 +437,43 @@ async def test_a_signal_that_queues_an_execution_while_a_slot_frees_does_not_str
     assert done.status == "completed" and done.output == "b done", done
     info = await log.stream_info(execution_stream("b-1"))
     assert info is not None and info.meta["status"] == "completed"
+
+
+async def test_recovery_resuming_an_execution_as_it_settles_leaves_no_idle_actor(
+    anyio_backend: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Recovery at open lists an execution spawned meanwhile as running and resumes it
+    just as it fails. It takes a slot, waits for the stopping actor, whose stop gives
+    that slot back; the fresh actor then started without a slot, so it did not drive,
+    found nothing to do and never stopped: an actor alive for good, in the way of
+    every later start of that execution (seen under load, once in a few hundred runs).
+
+    The window is held open here: the failed execution's actor is kept in its
+    ``on_stop`` until recovery's resume is waiting for it.
+    """
+    from perdure.execution_actor import ExecutionActor
+    from perdure.providers import TerminalProviderError
+
+    stopping, release = anyio.Event(), anyio.Event()
+    on_stop = ExecutionActor.on_stop
+
+    async def held_stop(self: ExecutionActor, reason: Any) -> None:
+        if self.execution_id == "d-1" and not release.is_set():
+            stopping.set()
+            await release.wait()
+        await on_stop(self, reason)
+
+    monkeypatch.setattr(ExecutionActor, "on_stop", held_stop)
+    down = Agent("down", llm=Scripted([TerminalProviderError("the model is down")]))
+    async with Runtime(log=MemoryLog(record_types()), agents=[down]) as rt:
+        with anyio.fail_after(20):
+            await rt.wait_recovered()
+            assert (await rt.run(down, "go", execution_id="d-1")).status == "failed"
+            await stopping.wait()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(rt._resume_at_open, "d-1")  # what recovery does with it
+                await anyio.wait_all_tasks_blocked()  # it waits for the stopping actor
+                release.set()
+            assert await hibernated(rt, "d-1")
+            assert not rt._slots
+            assert (await rt.result("d-1")).status == "failed"
