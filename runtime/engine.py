@@ -16,7 +16,6 @@ copying it, and a request's fingerprint is computed once per agent definition.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 import secrets
 import time
@@ -63,7 +62,7 @@ from perdure.providers.types import (
     Usage,
 )
 from perdure.state import Call, CallLLM, Fail, Idle, Run, Suspend, plan
-from perdure.tools import Tool, fresh_arguments
+from perdure.tools import Tool, closed_awaitable, fresh_arguments
 
 __all__ = ["Conversation", "Engine", "EngineServices", "plain_value"]
 
@@ -596,12 +595,7 @@ class Engine:
                     f"contract {name!r} raised {type(exc).__name__}: {exc} (a bug in the "
                     f"contract, not a violation; fix it, then approve or reject this call)"
                 )
-            if inspect.isawaitable(verdict):
-                # An async contract's checks would never run: the call is blocked, never
-                # waved through by the coroutine object's truthiness.
-                close = getattr(verdict, "close", None)
-                if close is not None:
-                    close()
+            if closed_awaitable(verdict):
                 return name, (
                     f"contract {name!r} returned an awaitable; contracts are plain functions "
                     f"(def, not async def), so its check did not run"

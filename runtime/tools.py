@@ -37,7 +37,7 @@ from perdure.json_schema import (
 from perdure.providers.types import ToolSpec
 from perdure.timers import timeout_seconds
 
-__all__ = ["ConfirmationRule", "Tool", "fresh_arguments", "tool"]
+__all__ = ["ConfirmationRule", "Tool", "closed_awaitable", "fresh_arguments", "tool"]
 
 #: A rule that says whether one call (given its arguments) needs a person's confirmation.
 ConfirmationRule = Callable[[dict[str, Any]], Any]
@@ -172,10 +172,7 @@ class Tool:
                 f"{type(exc).__name__}: {exc} (a bug in the rule; the call waits for a "
                 f"decision: approve or reject it)"
             )
-        if inspect.isawaitable(verdict):
-            close = getattr(verdict, "close", None)
-            if close is not None:
-                close()
+        if closed_awaitable(verdict):
             return (
                 f"tool {self.name!r}: its requires_confirmation rule returned an awaitable "
                 f"(rules are plain functions), so the call waits for a decision"
@@ -288,6 +285,22 @@ def _default_name(fn: Callable[..., Any]) -> str:
         fn = fn.func
     name = getattr(fn, "__name__", None)
     return name if isinstance(name, str) else type(fn).__name__
+
+
+def closed_awaitable(value: object) -> bool:
+    """Whether a check's verdict is an awaitable (the check is ``async def``); closed
+    first, so Python does not warn that it was never awaited.
+
+    Checks (contracts, confirmation rules) are plain functions whose verdict is taken
+    as a bool, and a coroutine object is truthy: the caller blocks the call instead of
+    letting an unrun check decide it.
+    """
+    if not inspect.isawaitable(value):
+        return False
+    close = getattr(value, "close", None)
+    if close is not None:
+        close()
+    return True
 
 
 def fresh_arguments(arguments: Mapping[str, Any]) -> Mapping[str, Any]:

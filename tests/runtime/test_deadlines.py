@@ -9,11 +9,6 @@ Time is the runtime's ``_wall_clock``, moved by hand (see test_timers): nothing 
 from __future__ import annotations
 
 import datetime
-import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +19,7 @@ from perdure import Agent, AgentDefinitionError, Runtime, tool
 from perdure.events import INBOX_STREAM
 from perdure.providers import Scripted
 from tests.runtime.test_timers import T0, Clock, advance, index_entry, on_clock, settled
+from tests.runtime.timer_worker import suspended_then_killed
 
 pytestmark = pytest.mark.anyio
 
@@ -228,27 +224,9 @@ async def test_a_deadline_survives_sigkill_and_cancels_at_the_next_open(
     """The deadline is in the start record: a process SIGKILLed while the execution
     waits for its approval loses nothing, and a runtime opened after the deadline (by
     its clock) cancels it, the approval never given."""
-    root = Path(__file__).resolve().parents[2]
     side_file = tmp_path / "side.txt"
-    env = {
-        **os.environ,
-        "PERDURE_TEST_BACKEND": anyio_backend_name,
-        "PERDURE_SIDE_FILE": str(side_file),
-    }
-    argv = [sys.executable, "-m", "tests.runtime.timer_worker", str(data_dir), "deadline"]
-    proc = subprocess.Popen(argv, cwd=root, stdout=subprocess.PIPE, text=True, env=env)
-    try:
-        assert proc.stdout is not None
-        with anyio.fail_after(60):
-            line = await anyio.to_thread.run_sync(proc.stdout.readline, abandon_on_cancel=True)
-        event = json.loads(line)
-        assert event["event"] == "suspended" and event["kind"] == "approval"
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    event = await suspended_then_killed(data_dir, "deadline", side_file, anyio_backend_name)
+    assert event["kind"] == "approval"
     from tests.runtime.timer_worker import signer as worker_signer
 
     rt = Runtime(data_dir, durability="process", agents=[worker_signer])

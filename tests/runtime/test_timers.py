@@ -9,7 +9,6 @@ test moves time on by replacing it and poking the timer service: nothing sleeps.
 from __future__ import annotations
 
 import datetime
-import json
 import math
 import os
 import signal
@@ -26,6 +25,7 @@ from perdure import Agent, Runtime, SignalTimeout, sleep, sleep_until, tool, wai
 from perdure.events import INBOX_STREAM, execution_stream
 from perdure.providers import Scripted
 from perdure.status import describe
+from tests.runtime.timer_worker import suspended_then_killed
 
 pytestmark = pytest.mark.anyio
 
@@ -318,12 +318,8 @@ async def test_a_sleep_survives_sigkill_before_and_after_the_timer_fires(
 
     try:
         # 1. It sleeps; the process is SIGKILLed while it does.
-        proc = worker("sleep")
-        assert proc.stdout is not None
-        event = json.loads(await in_thread(proc.stdout.readline))
-        assert event["event"] == "suspended" and event["kind"] == "timer"
-        proc.send_signal(signal.SIGKILL)
-        assert await in_thread(proc.wait) == -signal.SIGKILL
+        event = await suspended_then_killed(data_dir, "sleep", side_file, anyio_backend_name)
+        assert event["kind"] == "timer"
         # 2. Two hours later (by its clock) the next process fires it at open; the tool
         # is re-run, passes its sleep, and the process dies before the call completes.
         proc = worker("wake", PERDURE_TEST_CLOCK_OFFSET="7200")

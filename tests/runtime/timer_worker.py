@@ -28,8 +28,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -39,6 +41,38 @@ from perdure.providers import Scripted
 
 #: Set in a worker's environment to make ``doze`` SIGKILL its process past its sleep.
 DIE_AFTER_SLEEP = "PERDURE_TEST_DIE_AFTER_SLEEP"
+
+
+async def suspended_then_killed(
+    data_dir: Path, mode: str, side_file: Path, backend: str, **env: str
+) -> dict[str, Any]:
+    """Run this worker in ``mode`` (a mode that suspends) until it reports its
+    execution suspended, SIGKILL it there, and return that report.
+
+    For the tests: ``env`` is added to the worker's environment.
+    """
+    root = Path(__file__).resolve().parents[2]
+    argv = [sys.executable, "-m", "tests.runtime.timer_worker", str(data_dir), mode]
+    environ = {
+        **os.environ,
+        "PERDURE_TEST_BACKEND": backend,
+        "PERDURE_SIDE_FILE": str(side_file),
+        **env,
+    }
+    proc = subprocess.Popen(argv, cwd=root, stdout=subprocess.PIPE, text=True, env=environ)
+    try:
+        assert proc.stdout is not None
+        with anyio.fail_after(60):
+            line = await anyio.to_thread.run_sync(proc.stdout.readline, abandon_on_cancel=True)
+        event: dict[str, Any] = json.loads(line)
+        assert event["event"] == "suspended", event
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+        return event
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def emit(**fields: Any) -> None:
