@@ -113,6 +113,15 @@ class Agent:
             self._add_tool(DelegateTool(sub))
 
     def _add_tool(self, t: Tool) -> None:
+        if t.name.startswith(DELEGATE_PREFIX) and not isinstance(t, DelegateTool):
+            # The runtime tells delegations apart by this prefix (a turn's budget is
+            # shared among its delegate calls): a tool of the user's under it would
+            # take a share of the children's budget.
+            raise AgentDefinitionError(
+                f"agent {self.name!r}: tool {t.name!r}: names starting with "
+                f"{DELEGATE_PREFIX!r} are reserved for the tools that hand work to the "
+                f"agents in agents=[...]; rename the tool"
+            )
         if t.name in self.tools:
             raise AgentDefinitionError(f"agent {self.name!r}: two tools are named {t.name!r}")
         self.tools[t.name] = t

@@ -332,3 +332,20 @@ async def test_a_result_nested_too_deep_to_read_back_is_a_tool_error_not_an_unre
         "which the log would not read back; return a flatter value (or a JSON string)"
     )
     assert replayed.messages == list(live.transcript)  # the log reads back whole
+
+
+def test_a_tool_named_like_a_delegation_is_refused() -> None:
+    """The delegate_to_ prefix marks the tools made for agents=[...]: the runtime shares
+    a turn's budget among them, so a tool of the user's there would take a share."""
+
+    @tool("delegate_to_payments")
+    def pay() -> str:
+        """Pay."""
+        return "paid"
+
+    with pytest.raises(AgentDefinitionError, match="'delegate_to_' are reserved") as info:
+        Agent("clerk", tools=[pay])
+    assert "agent 'clerk'" in str(info.value) and "rename the tool" in str(info.value)
+    payments = Agent("payments")
+    boss = Agent("boss", agents=[payments])  # the tool made for a sub-agent is fine
+    assert "delegate_to_payments" in boss.tools
