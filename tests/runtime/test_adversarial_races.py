@@ -477,3 +477,58 @@ async def test_recovery_resuming_an_execution_as_it_settles_leaves_no_idle_actor
             assert await hibernated(rt, "d-1")
             assert not rt._slots
             assert (await rt.result("d-1")).status == "failed"
+
+
+async def test_a_queued_execution_whose_old_actor_is_still_stopping_is_not_stranded(
+    anyio_backend: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """max_concurrency=1: B's signal makes it runnable while A holds the slot, so B
+    queues and its actor stops. When A ends, the queue gives B the slot and waits for
+    B's old actor to finish stopping; that stop gave the slot back, and the fresh actor
+    started without one: it never drove, and B stayed "queued" for good while C, queued
+    after it, ran. Now B takes its turn again (after C, who was next in the queue).
+    """
+    from perdure import wait_for_signal
+    from perdure.execution_actor import ExecutionActor
+
+    gate, stopping, release = anyio.Event(), anyio.Event(), anyio.Event()
+    hold = False
+    on_stop = ExecutionActor.on_stop
+
+    async def held_stop(self: ExecutionActor, reason: Any) -> None:
+        if hold and self.execution_id == "b-1" and not release.is_set():
+            stopping.set()
+            await release.wait()
+        await on_stop(self, reason)
+
+    monkeypatch.setattr(ExecutionActor, "on_stop", held_stop)
+
+    @tool
+    async def hold_slot() -> str:
+        await gate.wait()
+        return "held"
+
+    @tool
+    async def approval() -> str:
+        return str(wait_for_signal("go"))
+
+    a = Agent("a", tools=[hold_slot], llm=Scripted([Scripted.call("hold_slot"), "a done"]))
+    b = Agent(
+        "b", tools=[approval], llm=Scripted([Scripted.call("approval"), "b done"], record=False)
+    )
+    c = Agent("c", llm=Scripted(["c done"]))
+    async with Runtime(log=MemoryLog(record_types()), max_concurrency=1) as rt:
+        with anyio.fail_after(20):
+            assert (await rt.run(b, "go", execution_id="b-1")).is_suspended
+            await rt.spawn(a, "go", execution_id="a-1")  # takes the only slot
+            hold = True
+            await rt.signal("b-1", "go", "yes")  # B can run, has no slot: it queues
+            await stopping.wait()  # ... and its actor is stopping
+            await rt.spawn(c, "go", execution_id="c-1")  # queued after B
+            gate.set()
+            assert (await rt.wait("a-1")).status == "completed"
+            await anyio.wait_all_tasks_blocked()  # the queue waits for B's old actor
+            release.set()
+            done_b, done_c = await rt.wait("b-1"), await rt.wait("c-1")
+    assert (done_b.status, done_b.output) == ("completed", "b done"), done_b
+    assert (done_c.status, done_c.output) == ("completed", "c done"), done_c
