@@ -107,6 +107,7 @@ from perdure.status import (
     pending_signals,
     registered_agents,
 )
+from perdure.timers import decider
 
 __all__ = ["CliError", "build_parser", "console_command", "main", "run"]
 
@@ -1682,9 +1683,10 @@ async def _decided(
             step = f", step {e['step']}" if e.get("step") else ""
             status = str(info.meta.get("status"))
             now = f"; the execution is {status}" if status in TERMINAL else ""
+            by = decider(e.get("by"), lambda by: clip(str(by), 80))
             return (
-                f"confirmation {cid!r} of execution {eid!r} was already {verb} by "
-                f"{clip(str(e.get('by')), 80)} (seq {e['seq']}{step}){now}; a confirmation "
+                f"confirmation {cid!r} of execution {eid!r} was already {verb} by {by} "
+                f"(seq {e['seq']}{step}){now}; a confirmation "
                 f"is decided once, so nothing was sent; see 'perdure steps {eid}'"
             )
     chain = await confirmation_owner(log, eid, cid)

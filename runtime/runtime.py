@@ -99,11 +99,13 @@ from perdure.status import (
 )
 from perdure.timers import (
     APPROVAL_EXPIRED,
+    APPROVAL_TIMEOUT_BY,
     APPROVAL_TIMER,
     DEADLINE,
     Timer,
     TimerService,
     deadline_reason,
+    decider,
     timeout_seconds,
 )
 from perdure.tool_threads import ToolThreads
@@ -1441,7 +1443,8 @@ class Runtime:
             now = f"; the execution is {status}" if status in _FINISHED else ""
             return (
                 f"confirmation {cid!r} of execution {eid!r} was already {verb} by "
-                f"{p.get('by')!r} (seq {decided.seq}){now}; a confirmation is decided once, "
+                f"{decider(p.get('by'))} (seq {decided.seq}){now}; a confirmation is "
+                f"decided once, "
                 f"so nothing was sent"
             )
         chain = await confirmation_owner(self.log, eid, cid)
@@ -1918,7 +1921,7 @@ class Runtime:
                 # as fresh as the index).
                 cid = name[len(APPROVAL_TIMER) :]
                 payload = {"confirmation_id": cid, "reason": APPROVAL_EXPIRED}
-                signal = SignalSent(eid, "reject", payload, "timeout")
+                signal = SignalSent(eid, "reject", payload, APPROVAL_TIMEOUT_BY)
             else:
                 signal = SignalSent(eid, name, {"until": until}, "timer")
             records.append((until, eid, name, encode(signal)))

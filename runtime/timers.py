@@ -27,6 +27,7 @@ import anyio
 
 __all__ = [
     "APPROVAL_EXPIRED",
+    "APPROVAL_TIMEOUT_BY",
     "APPROVAL_TIMER",
     "DEADLINE",
     "MAX_NAP",
@@ -34,6 +35,7 @@ __all__ = [
     "TimerService",
     "approval_timer",
     "deadline_reason",
+    "decider",
     "fmt_utc",
     "timeout_seconds",
 ]
@@ -59,6 +61,9 @@ DEADLINE = "deadline"
 #: fires, the call is rejected (by "timeout") unless someone decided first.
 APPROVAL_TIMER = "approval:"
 
+#: Who an approval timeout's rejection is recorded as coming from.
+APPROVAL_TIMEOUT_BY = "timeout"
+
 
 def approval_timer(confirmation_id: str) -> str:
     """The timer name of the approval timeout of ``confirmation_id``."""
@@ -69,6 +74,14 @@ def approval_timer(confirmation_id: str) -> str:
 #: time in it: what the model is told is the same whenever the call expired (the expiry
 #: is in the approval.requested record, which the CLI shows).
 APPROVAL_EXPIRED = "no decision came before its approval timeout; the call was not made"
+
+
+def decider(by: object, show: Callable[[object], str] = repr) -> str:
+    """Who decided a confirmation, for a message: ``show(by)``, or the approval
+    timeout itself when nobody decided in time."""
+    if by == APPROVAL_TIMEOUT_BY:
+        return "its approval timeout (nobody decided in time)"
+    return show(by)
 
 
 def fmt_utc(when: float) -> str:

@@ -10,11 +10,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import anyio
 import pytest
 
 from perdure import Agent, Runtime, sleep_until, tool
 from perdure.providers import Scripted
 from tests.cli.conftest import cli_env, perdure
+from tests.runtime.test_timers import Clock, on_clock, settled
 
 #: 2099-06-01 08:30:00 UTC.
 DEADLINE = 4_083_985_800.0
@@ -141,3 +143,17 @@ def test_an_approval_timeout_shows_when_the_call_is_rejected(tmp_path: Path) -> 
     assert f"undecided, {cid} is rejected by itself at {shown}" in text
     steps = perdure(path, "steps", "wire-1", env=env).out
     assert f"confirmation {cid} (pending; rejected if undecided at {shown})" in steps
+
+    async def past_the_expiry() -> None:  # the next start, a day later by its clock
+        rt = Runtime(path, durability="process", shutdown_timeout=2.0, agents=[wirer])
+        on_clock(rt, Clock(expires + 1))
+        async with rt:
+            await settled(rt, "wire-1", "completed")
+
+    anyio.run(past_the_expiry)
+    late = perdure(path, "approve", "wire-1", cid)
+    assert late.code == 1, late
+    assert (
+        f"confirmation {cid!r} of execution 'wire-1' was already rejected by its approval "
+        f"timeout (nobody decided in time) (seq "
+    ) in late.err

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from perdure import Agent, AgentDefinitionError, Runtime, tool
+from perdure import Agent, AgentDefinitionError, InvalidSignalError, Runtime, tool
 from perdure.events import INBOX_STREAM, execution_stream
 from perdure.providers import Scripted
 from perdure.providers.types import LLMRequest
@@ -62,6 +62,11 @@ async def test_an_undecided_approval_is_rejected_when_it_expires_and_the_model_i
         r = await settled(rt, "ax-1", "completed")
         assert len(rt._timers) == 0
         events = [e async for e in rt.log.read(execution_stream("ax-1"))]
+        with pytest.raises(InvalidSignalError) as late:  # a person, too late
+            await rt.approve("ax-1", reason.confirmation_id)
+    assert "already rejected by its approval timeout (nobody decided in time) (seq" in str(
+        late.value
+    )
     assert ran == []
     assert seen == [
         "REJECTED by timeout: no decision came before its approval timeout; the call was not made"
