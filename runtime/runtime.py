@@ -343,6 +343,12 @@ class Runtime:
         self._recovered, self._backlog, self._ready = anyio.Event(), anyio.Event(), anyio.Event()
         self._open_failed = None
         self._rehands = self._rehand_seq = 0  # a close cancels those in flight uncounted
+        # Who runs and who waits is read from the index again (recovery), as at a first
+        # open: a queue kept from the last open would go ahead of what was running then.
+        self._slots.clear()
+        self._queue.clear()
+        self._queued.clear()
+        self._draining = False
         self._timers = self._new_timers()  # what an earlier open knew is read again
         if self._given_log is not None:
             self.log = self._given_log

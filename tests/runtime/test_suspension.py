@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import logging
 import tracemalloc
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
@@ -22,6 +23,7 @@ from perdure import (
     ContractViolation,
     InvalidSignalError,
     Result,
+    Runtime,
     current_idempotency_key,
     tool,
     wait_for_signal,
@@ -1074,6 +1076,42 @@ async def test_after_a_restart_interrupted_and_queued_executions_start_before_ne
     started.clear()
     async with open_runtime(max_concurrency=1, agents=[agent]) as rt:
         await rt.spawn(agent, "c", execution_id="c")  # at once, before recovery is done
+        with anyio.fail_after(10):
+            for name in ("a", "b", "c"):
+                assert (await rt.wait(name)).status == "completed"
+    assert started == ["a", "b", "c"]
+
+
+async def test_a_runtime_object_opened_again_keeps_first_come_first_served(
+    data_dir: Path,
+) -> None:
+    """The same Runtime object, closed and opened again: the queue of the last open is
+    read from the index again, not kept, so the execution that was running when it
+    closed starts first, as after a restart (the kept queue let b and c go first)."""
+    started: list[str] = []
+    hold = anyio.Event()
+    holding = True
+
+    @tool
+    async def work(name: str) -> str:
+        started.append(name)
+        if holding:
+            await hold.wait()  # never set: the runtime closes under it
+        return name
+
+    agent = calling_once("fifo-again", work)
+    rt = Runtime(
+        data_dir, durability="process", max_concurrency=1, shutdown_timeout=2.0, agents=[agent]
+    )
+    async with rt:
+        for name in ("a", "b", "c"):
+            await rt.spawn(agent, name, execution_id=name)
+        with anyio.fail_after(10):
+            while started != ["a"]:
+                await anyio.wait_all_tasks_blocked()
+    holding = False
+    started.clear()
+    async with rt:
         with anyio.fail_after(10):
             for name in ("a", "b", "c"):
                 assert (await rt.wait(name)).status == "completed"
