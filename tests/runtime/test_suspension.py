@@ -1048,23 +1048,33 @@ async def test_approving_a_grandchilds_confirmation_on_the_root_names_its_owner(
     assert done.status == "completed" and ran == [("savings", 5000.0)]
 
 
+class FirstRunHeld:
+    """A ``work(name)`` tool that records each call and, while :attr:`holding`, never
+    returns (the runtime is closed under it)."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.holding = True
+        self._never = anyio.Event()
+
+    def tool(self) -> Any:
+        @tool
+        async def work(name: str) -> str:
+            self.started.append(name)
+            if self.holding:
+                await self._never.wait()
+            return name
+
+        return work
+
+
 async def test_after_a_restart_interrupted_and_queued_executions_start_before_new_ones(
     open_runtime: Any,
 ) -> None:
     """First come, first served across a restart: a spawn made the moment the runtime
     opens again does not take the slot of an execution the crash interrupted."""
-    started: list[str] = []
-    hold = anyio.Event()
-    holding = True
-
-    @tool
-    async def work(name: str) -> str:
-        started.append(name)
-        if holding:
-            await hold.wait()  # never set: the runtime closes under it
-        return name
-
-    agent = calling_once("fifo", work)
+    first = FirstRunHeld()
+    started, agent = first.started, calling_once("fifo", first.tool())
     async with open_runtime(max_concurrency=1, agents=[agent]) as rt:
         for name in ("a", "b"):
             await rt.spawn(agent, name, execution_id=name)
@@ -1072,7 +1082,7 @@ async def test_after_a_restart_interrupted_and_queued_executions_start_before_ne
             while started != ["a"]:
                 await anyio.wait_all_tasks_blocked()
         assert [e.execution_id for e in await rt.executions(status="queued")] == ["b"]
-    holding = False
+    first.holding = False
     started.clear()
     async with open_runtime(max_concurrency=1, agents=[agent]) as rt:
         await rt.spawn(agent, "c", execution_id="c")  # at once, before recovery is done
@@ -1088,18 +1098,8 @@ async def test_a_runtime_object_opened_again_keeps_first_come_first_served(
     """The same Runtime object, closed and opened again: the queue of the last open is
     read from the index again, not kept, so the execution that was running when it
     closed starts first, as after a restart (the kept queue let b and c go first)."""
-    started: list[str] = []
-    hold = anyio.Event()
-    holding = True
-
-    @tool
-    async def work(name: str) -> str:
-        started.append(name)
-        if holding:
-            await hold.wait()  # never set: the runtime closes under it
-        return name
-
-    agent = calling_once("fifo-again", work)
+    first = FirstRunHeld()
+    started, agent = first.started, calling_once("fifo-again", first.tool())
     rt = Runtime(
         data_dir, durability="process", max_concurrency=1, shutdown_timeout=2.0, agents=[agent]
     )
@@ -1109,7 +1109,7 @@ async def test_a_runtime_object_opened_again_keeps_first_come_first_served(
         with anyio.fail_after(10):
             while started != ["a"]:
                 await anyio.wait_all_tasks_blocked()
-    holding = False
+    first.holding = False
     started.clear()
     async with rt:
         with anyio.fail_after(10):
