@@ -1686,8 +1686,8 @@ async def _decided(
             by = decider(e.get("by"), lambda by: clip(str(by), 80))
             return (
                 f"confirmation {cid!r} of execution {eid!r} was already {verb} by {by} "
-                f"(seq {e['seq']}{step}){now}; a confirmation "
-                f"is decided once, so nothing was sent; see 'perdure steps {eid}'"
+                f"(seq {e['seq']}{step}){now}; a confirmation is decided once, so nothing "
+                f"was sent; see 'perdure steps {eid}'"
             )
     chain = await confirmation_owner(log, eid, cid)
     if chain is None:

@@ -1450,8 +1450,7 @@ class Runtime:
             return (
                 f"confirmation {cid!r} of execution {eid!r} was already {verb} by "
                 f"{decider(p.get('by'))} (seq {decided.seq}){now}; a confirmation is "
-                f"decided once, "
-                f"so nothing was sent"
+                f"decided once, so nothing was sent"
             )
         chain = await confirmation_owner(self.log, eid, cid)
         if chain is None:

@@ -388,19 +388,9 @@ class HeldMetaLog(YieldingLog):
         await self._log.set_meta(stream, meta)
 
 
-async def test_a_signal_that_queues_an_execution_while_a_slot_frees_does_not_strand_it(
-    anyio_backend: Any,
-) -> None:
-    """max_concurrency=1: B waits for a signal while A holds the slot. B's signal comes;
-    B must queue, and its "queued" status write takes its time (a slow store); A ends
-    meanwhile and frees the slot. B used to be queued before that write, so the queue
-    made B's old actor drive an instant before it stopped: B stopped after one step,
-    out of the queue, "queued" in the index, and nothing ever started it again.
-
-    Not covered before: the slot freeing while a signal's execution is being queued
-    (seen only under load, in the two-deep delegation test).
-    """
-    gate = anyio.Event()
+def holder_and_waiter(gate: anyio.Event) -> tuple[Agent, Agent]:
+    """Agent ``a`` holds its slot in a tool until ``gate`` is set, then says "a done";
+    agent ``b`` waits for the signal "go" in a tool, then says "b done"."""
 
     @tool
     async def hold() -> str:
@@ -417,6 +407,23 @@ async def test_a_signal_that_queues_an_execution_while_a_slot_frees_does_not_str
     b = Agent(
         "b", tools=[approval], llm=Scripted([Scripted.call("approval"), "b done"], record=False)
     )
+    return a, b
+
+
+async def test_a_signal_that_queues_an_execution_while_a_slot_frees_does_not_strand_it(
+    anyio_backend: Any,
+) -> None:
+    """max_concurrency=1: B waits for a signal while A holds the slot. B's signal comes;
+    B must queue, and its "queued" status write takes its time (a slow store); A ends
+    meanwhile and frees the slot. B used to be queued before that write, so the queue
+    made B's old actor drive an instant before it stopped: B stopped after one step,
+    out of the queue, "queued" in the index, and nothing ever started it again.
+
+    Not covered before: the slot freeing while a signal's execution is being queued
+    (seen only under load, in the two-deep delegation test).
+    """
+    gate = anyio.Event()
+    a, b = holder_and_waiter(gate)
     log = HeldMetaLog(MemoryLog(record_types()))
     async with Runtime(log=log, max_concurrency=1, shutdown_timeout=2.0) as rt:  # type: ignore[arg-type]
         with anyio.fail_after(20):
@@ -488,7 +495,6 @@ async def test_a_queued_execution_whose_old_actor_is_still_stopping_is_not_stran
     started without one: it never drove, and B stayed "queued" for good while C, queued
     after it, ran. Now B takes its turn again (after C, who was next in the queue).
     """
-    from perdure import wait_for_signal
     from perdure.execution_actor import ExecutionActor
 
     gate, stopping, release = anyio.Event(), anyio.Event(), anyio.Event()
@@ -503,19 +509,7 @@ async def test_a_queued_execution_whose_old_actor_is_still_stopping_is_not_stran
 
     monkeypatch.setattr(ExecutionActor, "on_stop", held_stop)
 
-    @tool
-    async def hold_slot() -> str:
-        await gate.wait()
-        return "held"
-
-    @tool
-    async def approval() -> str:
-        return str(wait_for_signal("go"))
-
-    a = Agent("a", tools=[hold_slot], llm=Scripted([Scripted.call("hold_slot"), "a done"]))
-    b = Agent(
-        "b", tools=[approval], llm=Scripted([Scripted.call("approval"), "b done"], record=False)
-    )
+    a, b = holder_and_waiter(gate)
     c = Agent("c", llm=Scripted(["c done"]))
     async with Runtime(log=MemoryLog(record_types()), max_concurrency=1) as rt:
         with anyio.fail_after(20):
